@@ -1,0 +1,838 @@
+"""
+Doge: a small language model with Dynamic Mask Attention and Cross-Domain Mixture of Experts.
+
+This one file is the whole model, written to be read top to bottom. Doge is a decoder-only
+transformer that differs from a GPT in three places:
+
+1. Learnable residuals. Each block scales its residual stream by a learned vector before adding
+   the sublayer output: h = input_residual * h + attn(norm(h)), and the same around the MLP.
+2. Dynamic Mask Attention (DMAttn). Every key gets an additive bias computed from its *value*
+   vector, dt = exp(A * softplus(dt_proj(v))), the same for every query (a zero-order-hold step
+   of a state space model, read as an attention bias). When a query sees more than
+   keep_window_size keys, it keeps only the keep_window_size keys with the largest bias. Because
+   the bias does not depend on the query, the kept sets are nested as the sequence grows, so
+   generation needs at most keep_window_size cached keys per layer: constant memory and time
+   per token, like a state space model, with the quality of attention.
+3. Cross-Domain Mixture of Experts (CDMoE, optional). A dense SwiGLU "shared expert" plus many
+   tiny experts (one down vector and one up vector each), chosen per token by product-key
+   routing. A dense checkpoint upcycles into a CDMoE one without changing its function.
+
+Papers: "Wonderful Matrices" (Shi et al., 2024, the Doge architecture), "Trainable Dynamic Mask
+Sparse Attention" (DMAttn), Mixture of a Million Experts / product keys (He 2024, Lample et al.
+2019), Switch Transformers (the load-balancing loss), WSD schedules (Hu et al., MiniCPM).
+
+The reference implementation is `DogeForCausalLM` in Hugging Face transformers; parameter names
+here follow its checkpoints, so loading and saving are a rename plus shape checks. Two things
+differ on purpose: ties in the top-keep_window_size choice are broken deterministically (larger
+bias first, then the later key), and CDMoE routes each token by its own router scores.
+"""
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+def default_rope_scaling():
+    return {"rope_type": "dynamic", "factor": 4.0}
+
+
+@dataclass
+class DogeConfig:
+    vocab_size: int = 32768
+    hidden_size: int = 256  # D, the width of the residual stream
+    intermediate_size: int = 512  # width of the SwiGLU MLP (the shared expert in CDMoE)
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 2  # H query heads
+    num_key_value_heads: int = 1  # Hkv key/value heads (grouped-query attention when < H)
+    head_dim: int | None = None  # d; None means hidden_size // num_attention_heads
+    hidden_dropout: float = 0.0  # dropout on each sublayer's output before the residual add
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02  # std of the normal init of every matrix and embedding
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True  # lm_head shares embed_tokens' weight
+    max_position_embeddings: int = 2048  # dynamic RoPE starts stretching past this length
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = field(default_factory=default_rope_scaling)  # None or dynamic NTK
+    keep_window_size: int = 2048  # W: each query attends to at most this many keys
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # checkpoint layout: transformers' Doge normalises q and k per head and shares one dynamic
+    # bias per key/value head; the older SmallDoges layout has no q/k norms and one bias per
+    # query head. from_pretrained detects which from the weights.
+    qk_norm: bool = True
+    dt_per_query_head: bool = False
+    # Cross-Domain Mixture of Experts
+    is_moe: bool = False
+    num_experts: int = 16384  # a perfect square: product-key routing picks (row, column) pairs
+    num_experts_per_tok: int = 64
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss while training
+    bos_token_id: int | None = 0
+    eos_token_id: int | list | None = 1
+    pad_token_id: int | None = 2
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                                 f"num_attention_heads {self.num_attention_heads}")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads {self.num_key_value_heads} does not divide "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.keep_window_size < 1:
+            raise ValueError(f"keep_window_size must be at least 1, got {self.keep_window_size}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ("default", "dynamic"):
+            raise ValueError(f"rope_type {rope_type!r} is not supported (use 'default' or 'dynamic')")
+        if self.is_moe:
+            if math.isqrt(self.num_experts) ** 2 != self.num_experts:
+                raise ValueError(f"num_experts {self.num_experts} must be a perfect square")
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be between "
+                                 f"1 and num_experts {self.num_experts}")
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, raw):
+        """Read a Hugging Face config.json dict: either RoPE spelling, unknown keys ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in raw.items() if key in known}
+        if values.get("num_key_value_heads") is None:  # transformers: absent means plain MHA
+            values["num_key_value_heads"] = values.get("num_attention_heads",
+                                                       cls.num_attention_heads)
+        rope = raw.get("rope_parameters")  # transformers 5.x spelling
+        if isinstance(rope, dict):
+            values["rope_theta"] = rope.get("rope_theta", values.get("rope_theta", 10000.0))
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            values["rope_scaling"] = None if rope_type == "default" else {
+                key: value for key, value in rope.items() if key != "rope_theta"}
+        elif values.get("rope_scaling") and "type" in values["rope_scaling"]:
+            values["rope_scaling"] = {"rope_type": values["rope_scaling"]["type"],
+                                      **values["rope_scaling"]}
+        return cls(**values)
+
+    def to_dict(self):
+        """The config.json that transformers' DogeForCausalLM reads."""
+        values = asdict(self)
+        rope_scaling = values.pop("rope_scaling") or {"rope_type": "default"}
+        values["rope_parameters"] = {"rope_theta": values.pop("rope_theta"), **rope_scaling}
+        return {"architectures": ["DogeForCausalLM"], "model_type": "doge", **values}
+
+
+# Published shapes (SmallDoges). All use tied embeddings, 2048 positions, dynamic RoPE x4.
+PRESETS = {
+    "doge-20m": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                     num_attention_heads=2, num_key_value_heads=1),
+    "doge-60m": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=16,
+                     num_attention_heads=4, num_key_value_heads=2),
+    "doge-160m": dict(hidden_size=768, intermediate_size=1536, num_hidden_layers=24,
+                      num_attention_heads=6, num_key_value_heads=3),
+    "doge-320m": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=32,
+                      num_attention_heads=8, num_key_value_heads=4),
+    "doge-40m-moe": dict(vocab_size=128256, hidden_size=256, intermediate_size=768,
+                         num_hidden_layers=8, num_attention_heads=2, num_key_value_heads=1,
+                         is_moe=True, num_experts=1024, num_experts_per_tok=8),
+}
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+class RMSNorm(nn.Module):
+    """y = weight * x / sqrt(mean(x^2) + eps), normalised in float32 and cast back first."""
+
+    def __init__(self, size, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings (rotate-half convention, dynamic NTK scaling)
+
+
+def rope_cos_sin(config, positions, total_length, dtype):
+    """cos and sin, each (T, head_dim // 2), for the given positions.
+
+    Dynamic NTK: once the sequence (total_length) is longer than max_position_embeddings, the
+    base grows so the lowest frequencies stretch over the longer context. The base depends on the
+    current length only (transformers remembers the largest length seen; we do not)."""
+    dim = config.head_dim
+    base = config.rope_theta
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") == "dynamic" and total_length > config.max_position_embeddings:
+        factor = scaling["factor"]
+        stretch = factor * total_length / config.max_position_embeddings - (factor - 1)
+        base = base * stretch ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, device=positions.device).float() / dim
+    inv_freq = 1.0 / base ** exponents  # (d/2,)
+    angles = positions.float()[:, None] * inv_freq  # (T, d/2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs (i, i + d/2) of x (..., T, d) by the position's angles."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dynamic Mask Attention
+#
+# Every attention path below computes the same function: query row i attends to the keys j <= i
+# with logit q.k / sqrt(d) + dt[j], restricted to the keep_window_size "best" visible keys, where
+# best means larger dt, and among equal dt the later key. The paths differ only in cost:
+#   short    T <= W, no cache: one fused causal SDPA, the bias folded into q and k.
+#   blocked  anything longer, or appending to a cache: queries in blocks; a block's candidates
+#            are the best W keys before it (the "state") plus its own keys. Memory O(T * W).
+#   decode   one new token against a full cache: replace the worst cached key in place.
+
+
+def rank_keys(dt, positions):
+    """Order keys best first: larger dt first, the later position first among equal dt.
+    dt, positions: (B, Hb, C). Returns the permutation (B, Hb, C)."""
+    latest_first = positions.argsort(dim=-1, descending=True)
+    by_dt = dt.gather(-1, latest_first).argsort(dim=-1, descending=True, stable=True)
+    return latest_first.gather(-1, by_dt)
+
+
+def fold_bias(q, k, v, dt, scale):
+    """Append a channel so that SDPA's q.k picks up the per-key bias: q gets 1, k gets dt / scale.
+    Channels are padded to a multiple of 8, the fused kernels' favourite widths."""
+    head_dim = q.shape[-1]
+    pad = (-(head_dim + 1)) % 8
+    q = F.pad(torch.cat((q, torch.ones_like(q[..., :1])), dim=-1), (0, pad))
+    k = F.pad(torch.cat((k, (dt / scale).unsqueeze(-1).to(k.dtype)), dim=-1), (0, pad))
+    return q, k, F.pad(v, (0, pad + 1))
+
+
+def attend_short(q, k, v, dt, scale):
+    """T <= W with nothing cached: every visible key is kept, so the mask is causal + bias.
+    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T)."""
+    groups = q.shape[1] // k.shape[1]  # query heads per bias head
+    k, v, dt = (t.repeat_interleave(groups, dim=1) for t in (k, v, dt))  # (B, H, T, ...)
+    head_dim = q.shape[-1]
+    q, k, v = fold_bias(q, k, v, dt, scale)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out[..., :head_dim]
+
+
+def attend_block(q, k, v, dt, positions, state, keep_window_size, scale):
+    """Queries at `positions` attend to the cached state plus their own keys.
+
+    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T); positions (T,);
+    state: (k, v, dt, pos) of the best <= W earlier keys, shapes (B, Hb, n, ...).
+    Returns out (B, H, T, d) and the new state: the best W of state and block together."""
+    batch, heads, length, head_dim = q.shape
+    bias_heads = k.shape[1]
+    groups = heads // bias_heads
+    state_k, state_v, state_dt, state_pos = state
+    block_pos = positions.expand(batch, bias_heads, length)
+    cand_pos = torch.cat((state_pos, block_pos), dim=-1)  # (B, Hb, C)
+    order = rank_keys(torch.cat((state_dt, dt), dim=-1), cand_pos)  # (B, Hb, C), best first
+    cand_pos = cand_pos.gather(-1, order)
+    cand_dt = torch.cat((state_dt, dt), dim=-1).gather(-1, order)
+    take = order.unsqueeze(-1).expand(-1, -1, -1, head_dim)
+    cand_k = torch.cat((state_k, k), dim=2).gather(2, take)  # (B, Hb, C, d)
+    cand_v = torch.cat((state_v, v), dim=2).gather(2, take)
+    # row i keeps the first W candidates (in best-first order) that it can see
+    visible = cand_pos.unsqueeze(-2) <= positions[:, None]  # (B, Hb, T, C)
+    keep = visible & (visible.cumsum(dim=-1) <= keep_window_size)
+    # the query heads sharing a bias head become extra rows: (B, Hb, G*T, d)
+    q_rows = q.reshape(batch, bias_heads, groups * length, head_dim)
+    keep = keep.repeat(1, 1, groups, 1)  # (B, Hb, G*T, C)
+    q_rows, cand_k, cand_v = fold_bias(q_rows, cand_k, cand_v, cand_dt, scale)
+    out = F.scaled_dot_product_attention(q_rows, cand_k, cand_v, attn_mask=keep, scale=scale)
+    out = out[..., :head_dim].reshape(batch, heads, length, head_dim)
+    new_state = tuple(t[:, :, :keep_window_size] for t in
+                      (cand_k[..., :head_dim], cand_v[..., :head_dim], cand_dt, cand_pos))
+    return out, new_state
+
+
+QUERY_BLOCK = 512  # queries per block on the blocked path: memory O(block * (W + block)) a head
+
+
+def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
+    """Attention of T new queries at positions start.. over the cached state and their own keys.
+    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T); state as in attend_block, or None.
+    Returns out (B, H, T, d) and the new state (the best <= W keys seen so far)."""
+    batch, bias_heads, length = dt.shape
+    positions = torch.arange(start, start + length, device=q.device)
+    outs = []
+    if state is None:  # the first W queries see at most W keys: everything visible is kept
+        first = min(keep_window_size, length)
+        outs.append(attend_short(q[:, :, :first], k[:, :, :first], v[:, :, :first],
+                                 dt[:, :, :first], scale))
+        state = (k[:, :, :first], v[:, :, :first], dt[:, :, :first],
+                 positions[:first].expand(batch, bias_heads, first))
+    else:
+        first = 0
+    for begin in range(first, length, QUERY_BLOCK):
+        end = min(begin + QUERY_BLOCK, length)
+        out, state = attend_block(q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end],
+                                  dt[:, :, begin:end], positions[begin:end], state,
+                                  keep_window_size, scale)
+        outs.append(out)
+    return torch.cat(outs, dim=2), state
+
+
+def attend_cached(q, k, v, dt, scale):
+    """One new query per head against cached keys that are all visible and all kept.
+    q (B, H, 1, d); k, v (B, Hb, n, d); dt (B, Hb, n)."""
+    batch, heads, _, head_dim = q.shape
+    bias_heads = k.shape[1]
+    q_rows = q.view(batch, bias_heads, heads // bias_heads, head_dim)  # (B, Hb, G, d)
+    bias = dt.unsqueeze(2).to(q.dtype)  # (B, Hb, 1, n), the same for every row
+    out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=bias, scale=scale)
+    return out.view(batch, heads, 1, head_dim)
+
+
+class LayerCache:
+    """The best <= W keys (with values, dt and positions) one attention layer has seen.
+
+    Buffers hold W + 1 slots; slot W is a discard slot, so a decode step writes unconditionally:
+    into the next free slot, into the slot of the key it evicts, or (when the new key is itself
+    the worst) into the discard slot, which attention never reads."""
+
+    def __init__(self, batch, bias_heads, window, head_dim, device, dtype):
+        self.window = window
+        self.size = 0
+        self.k = torch.zeros(batch, bias_heads, window + 1, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.dt = torch.zeros(batch, bias_heads, window + 1, device=device, dtype=dtype)
+        self.pos = torch.zeros(batch, bias_heads, window + 1, device=device, dtype=torch.long)
+
+    def state(self):
+        if self.size == 0:
+            return None
+        return self.k[:, :, :self.size], self.v[:, :, :self.size], \
+            self.dt[:, :, :self.size], self.pos[:, :, :self.size]
+
+    def store(self, state):
+        size = state[0].shape[2]
+        for buffer, values in zip((self.k, self.v, self.dt, self.pos), state):
+            buffer[:, :, :size] = values
+        self.size = size
+
+    def insert(self, k, v, dt, position):
+        """Add one key: k, v (B, Hb, 1, d), dt (B, Hb, 1). Once full, it replaces the worst key
+        (lowest dt, the oldest among equals) if it is at least as good (being later, it wins ties)."""
+        if self.size < self.window:
+            slot = torch.full_like(dt, self.size, dtype=torch.long)  # (B, Hb, 1)
+            self.size += 1
+        else:
+            cached_dt, cached_pos = self.dt[:, :, :self.window], self.pos[:, :, :self.window]
+            worst_dt = cached_dt.min(dim=-1, keepdim=True).values  # (B, Hb, 1)
+            oldest_worst = torch.where(cached_dt == worst_dt, cached_pos,
+                                       torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)
+            slot = torch.where(dt >= worst_dt, oldest_worst, self.window)
+        self.k.scatter_(2, slot.unsqueeze(-1).expand_as(k), k)
+        self.v.scatter_(2, slot.unsqueeze(-1).expand_as(v), v)
+        self.dt.scatter_(2, slot, dt)
+        self.pos.scatter_(2, slot, torch.full_like(slot, position))
+
+
+class DogeCache:
+    """Everything generation keeps between steps: one LayerCache per layer and the length so far."""
+
+    def __init__(self, config, batch, device, dtype):
+        bias_heads = config.num_attention_heads if config.dt_per_query_head \
+            else config.num_key_value_heads
+        self.length = 0
+        self.layers = [LayerCache(batch, bias_heads, config.keep_window_size, config.head_dim,
+                                  device, dtype) for _ in range(config.num_hidden_layers)]
+
+
+class DynamicMaskAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        heads, kv_heads, head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                     config.head_dim)
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        # one dynamic bias per key/value head (transformers layout) or per query head (older)
+        self.bias_heads = heads if config.dt_per_query_head else kv_heads
+        self.keep_window_size = config.keep_window_size
+        self.scale = head_dim ** -0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
+        self.A = nn.Parameter(torch.zeros(self.bias_heads))
+        self.dt_proj = nn.Linear(kv_heads * head_dim, self.bias_heads, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, config.hidden_size, bias=bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, start=0):
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim)
+        values = self.v_proj(x)  # (B, T, Hkv*d)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, d)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, d)
+        v = values.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        # the dynamic mask: one bias per key from its values, a zero-order-hold step size
+        dt = torch.exp(self.A * F.softplus(self.dt_proj(values))).transpose(1, 2)  # (B, Hb, T)
+        repeats = self.bias_heads // self.kv_heads  # > 1 only in the per-query-head layout
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        if cache is not None and length == 1:
+            cache.insert(k, v, dt, start)
+            out = attend_cached(q, *(t[:, :, :cache.size] for t in (cache.k, cache.v, cache.dt)),
+                                self.scale)
+        else:
+            state = cache.state() if cache is not None else None
+            out, state = dynamic_mask_attention(q, k, v, dt, start, state,
+                                                self.keep_window_size, self.scale)
+            if cache is not None:
+                cache.store(state)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+# ----------------------------------------------------------------------------------------------
+# MLP and Cross-Domain Mixture of Experts
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class CDMoE(MLP):
+    """The MLP as a shared expert, plus num_experts tiny experts e, each computing
+    silu(down_embed[e] . x) * up_embed[e], of which each token uses num_experts_per_tok.
+
+    Product-key routing: the experts form a num_keys x num_keys grid; router_gate scores the rows
+    (sx) and the columns (sy) and expert (i, j) scores sx[i] + sy[j]. The best k pairs only ever
+    use the best k rows and the best k columns, so only k x k sums are formed."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_keys = math.isqrt(config.num_experts)
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.router_gate = nn.Linear(config.hidden_size, 2 * self.num_keys, bias=False)
+        self.down_embed = nn.Embedding(config.num_experts, config.hidden_size)
+        self.up_embed = nn.Embedding(config.num_experts, config.hidden_size)
+
+    def forward(self, x, router_stats=None):
+        tokens = x.reshape(-1, x.shape[-1])  # (N, D)
+        # each token's own scores: the first num_keys score rows, the next num_keys columns
+        scores = self.router_gate(tokens).view(-1, 2, self.num_keys)  # (N, 2, K)
+        per_axis = min(self.top_k, self.num_keys)
+        row_scores, rows = scores[:, 0].topk(per_axis, dim=-1)  # (N, k)
+        col_scores, cols = scores[:, 1].topk(per_axis, dim=-1)
+        pair_scores = (row_scores.unsqueeze(-1) + col_scores.unsqueeze(-2)).flatten(1)  # (N, k*k)
+        top_scores, pairs = pair_scores.topk(self.top_k, dim=-1)  # (N, top_k)
+        experts = rows.gather(1, pairs // per_axis) * self.num_keys + cols.gather(1, pairs % per_axis)
+        weights = top_scores.softmax(dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        down = self.down_embed(experts)  # (N, top_k, D)
+        gates = F.silu(torch.bmm(down, tokens.unsqueeze(-1)).squeeze(-1)) * weights  # (N, top_k)
+        routed = torch.bmm(gates.unsqueeze(1), self.up_embed(experts)).squeeze(1)  # (N, D)
+        if router_stats is not None:
+            router_stats.append(self.routing_stats(scores, experts))
+        return super().forward(x) + routed.view_as(x)
+
+    def routing_stats(self, scores, experts):
+        """What the load-balancing loss needs from this layer: how often each expert was chosen,
+        and the summed router probability of each expert. The probability of expert (i, j) under
+        a softmax over all K*K pair scores factorises into softmax(sx)[i] * softmax(sy)[j]."""
+        counts = torch.bincount(experts.flatten(), minlength=self.num_keys ** 2).float()
+        row_probs, col_probs = scores.float().softmax(dim=-1).unbind(dim=1)  # (N, K) each
+        prob_sums = (row_probs.t() @ col_probs).flatten()  # (K*K,) summed over tokens
+        return counts, prob_sums, scores.shape[0]
+
+
+def load_balancing_loss(router_stats, num_experts, top_k):
+    """Switch Transformer loss pooled over all layers, as the reference does:
+    num_experts * sum_e (fraction of routing slots given to e) * (mean router probability of e).
+    It is 1 when routing is uniform and grows as it concentrates."""
+    counts = sum(stats[0] for stats in router_stats)
+    prob_sums = sum(stats[1] for stats in router_stats)
+    tokens = sum(stats[2] for stats in router_stats)
+    return num_experts * torch.sum(counts / (tokens * top_k) * prob_sums / tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer whose residual stream is rescaled by learned vectors."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dropout = config.hidden_dropout
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DynamicMaskAttention(config)
+        self.input_residual = nn.Parameter(torch.ones(config.hidden_size))
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = CDMoE(config) if config.is_moe else MLP(config)
+        self.post_attention_residual = nn.Parameter(torch.ones(config.hidden_size))
+
+    def forward(self, x, cos, sin, cache=None, start=0, router_stats=None):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        x = self.input_residual * x + F.dropout(attn, self.dropout, self.training)
+        mlp_in = self.post_attention_layernorm(x)
+        mlp = self.mlp(mlp_in, router_stats) if isinstance(self.mlp, CDMoE) else self.mlp(mlp_in)
+        return self.post_attention_residual * x + F.dropout(mlp, self.dropout, self.training)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: the output projection and cross-entropy, a chunk of rows at a time
+#
+# At vocabulary 32768 the logits dominate a small model's activations: (B*T, V) floats, then a
+# log-softmax copy, then a gradient of the same size. Here each chunk of rows goes through
+# logits -> loss -> d(loss)/d(logits) -> gradients of hidden and weight before the next chunk, so
+# no full-size logits gradient ever exists (and full logits only when asked for).
+
+
+def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
+    """hidden (N, D), weight (V, D), targets (N,) with -1 ignored.
+    Returns mean loss, logits (N, V) or None, and the gradients of the mean loss wrt hidden and
+    weight (None unless compute_grads)."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    kept = targets != -1
+    count = kept.sum().clamp(min=1)
+    safe_targets = targets.clamp(min=0)
+    chunk = max(1, 2 ** 23 // vocab)  # about 32 MB of float32 logits at a time
+    loss = torch.zeros((), device=hidden.device)
+    logits_out = grad_hidden = grad_weight = None
+    if compute_grads:
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, device=weight.device)
+    for begin in range(0, rows, chunk):
+        end = min(begin + chunk, rows)
+        h, target, weight_rows = hidden[begin:end], safe_targets[begin:end], kept[begin:end]
+        logits = F.linear(h, weight)  # (n, V)
+        if keep_logits:
+            if logits_out is None:
+                logits_out = logits.new_empty(rows, vocab)
+            logits_out[begin:end] = logits
+        logits = logits.float()
+        log_norm = logits.logsumexp(dim=-1)  # (n,)
+        target_logits = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+        loss += ((log_norm - target_logits) * weight_rows).sum()
+        if compute_grads:  # d loss / d logits = (softmax - onehot) * kept / count, in place
+            grad = logits.sub_(log_norm.unsqueeze(1)).exp_()
+            grad[torch.arange(end - begin, device=grad.device), target] -= 1
+            grad *= (weight_rows / count).unsqueeze(1)
+            grad = grad.to(h.dtype)
+            grad_hidden[begin:end] = grad @ weight.to(h.dtype)
+            grad_weight += (grad.t() @ h).float()
+    if compute_grads:
+        grad_weight = grad_weight.to(weight.dtype)
+    return loss / count, logits_out, grad_hidden, grad_weight
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Autograd wrapper: the gradients are computed during the forward pass, chunk by chunk, and
+    the backward pass only scales them by the incoming gradient of the loss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, keep_logits):
+        loss, logits, grad_hidden, grad_weight = cross_entropy_chunks(
+            hidden, weight, targets, keep_logits, compute_grads=True)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        if logits is not None:
+            ctx.mark_non_differentiable(logits)
+        return loss, logits
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logits):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+@torch.compiler.disable  # a Python loop over chunks; compiling it would unroll every chunk
+def linear_cross_entropy(hidden, weight, targets, keep_logits=True):
+    """Mean cross-entropy of hidden @ weight.T against targets (-1 ignored), and the logits."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(hidden, weight, targets, keep_logits)
+    loss, logits, _, _ = cross_entropy_chunks(hidden, weight, targets, keep_logits, False)
+    return loss, logits
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Doge(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """
+        | tensor                                             | init                         |
+        |----------------------------------------------------|------------------------------|
+        | every nn.Linear weight, embed_tokens, down/up_embed | normal(0, initializer_range) |
+        | every bias, A                                      | zeros (A = 0: dt = 1, no mask preference) |
+        | RMSNorm weights, input/post_attention_residual     | ones                         |
+        """
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, DynamicMaskAttention):
+                nn.init.zeros_(module.A)
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            if isinstance(module, Block):
+                nn.init.ones_(module.input_residual)
+                nn.init.ones_(module.post_attention_residual)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, idx, cache=None, router_stats=None):
+        """The final normalised hidden states (B, T, D) of tokens idx (B, T), which continue the
+        cached sequence when a cache is given."""
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"idx must be a (B, T) int64 tensor, got {tuple(idx.shape)} {idx.dtype}")
+        start = cache.length if cache is not None else 0
+        x = self.embed_tokens(idx)  # (B, T, D)
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+        cos, sin = rope_cos_sin(self.config, positions, start + idx.shape[1], x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, start,
+                      router_stats)
+        if cache is not None:
+            cache.length += idx.shape[1]
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, cache=None, keep_logits=True):
+        """logits (B, T, V) and loss. targets[b, t] is the token after idx[b, t], -1 ignored; the
+        loss is their mean cross-entropy plus, for MoE in training, the weighted load-balancing
+        loss. With targets, logits carry no gradient (the loss does), and keep_logits=False skips
+        them altogether (training needs only the loss)."""
+        moe_training = self.config.is_moe and self.training
+        router_stats = [] if moe_training and targets is not None else None
+        hidden = self.hidden_states(idx, cache, router_stats)
+        if targets is None:
+            return self.lm_head(hidden), None
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+        loss, logits = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight,
+                                            targets.flatten(), keep_logits)
+        if router_stats:
+            loss = loss + self.config.router_aux_loss_coef * load_balancing_loss(
+                router_stats, self.config.num_experts, self.config.num_experts_per_tok)
+        return (logits.view(*idx.shape, -1) if logits is not None else None), loss
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None):
+        """Load a Hugging Face format Doge directory (either checkpoint layout)."""
+        return load_pretrained(path, device, dtype)
+
+    def save_pretrained(self, path):
+        """Write a Hugging Face format directory that transformers loads (same layout as ours)."""
+        save_pretrained(self, path)
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 repetition_penalty=1.0, eos_token_id=None):
+        """idx (B, T) -> (B, T + new) token ids. temperature 0 is greedy. A row that emits an
+        eos id is finished and is padded with that id; generation stops when all are."""
+        new_tokens = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
+                                               repetition_penalty, eos_token_id))
+        return torch.cat([idx, *new_tokens], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        repetition_penalty=1.0, eos_token_id=None):
+        """Yield the next tokens (B, 1) one step at a time (see generate). Decoding keeps at most
+        keep_window_size keys per layer, so each step costs the same however long the text."""
+        eos_ids = torch.tensor([] if eos_token_id is None else
+                               [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id,
+                               dtype=torch.long, device=idx.device)
+        cache = DogeCache(self.config, idx.shape[0], idx.device, self.lm_head.weight.dtype)
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        seen = idx
+        logits = self.lm_head(self.hidden_states(idx, cache)[:, -1])  # (B, V)
+        for step in range(max_new_tokens):
+            token = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
+            if len(eos_ids):
+                token = torch.where(finished, eos_ids[0], token)
+                finished |= torch.isin(token, eos_ids)
+            yield token.unsqueeze(1)
+            if step == max_new_tokens - 1 or finished.all():
+                return
+            seen = torch.cat((seen, token.unsqueeze(1)), dim=1) if repetition_penalty != 1.0 \
+                else seen
+            logits = self.lm_head(self.hidden_states(token.unsqueeze(1), cache)[:, -1])
+
+
+def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):
+    """Pick the next token (B,) from logits (B, V) given the tokens seen so far (B, T)."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:  # make seen tokens less likely, whatever the logit's sign
+        previous = logits.gather(1, seen)
+        previous = torch.where(previous < 0, previous * repetition_penalty,
+                               previous / repetition_penalty)
+        logits = logits.scatter(1, seen, previous)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_best = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # keep the smallest set of tokens with mass >= top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: Hugging Face format import and export, and dense -> MoE upcycling
+
+
+def hf_name(name):
+    """Our parameter name -> the checkpoint's (everything but lm_head sits under "model.")."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def atomic_write(path, write):
+    """Call write(temp_path), then rename over path, so a crash never leaves a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write(temp_path)
+        os.replace(temp_path, path)
+    finally:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+
+
+def read_weights(path):
+    """All tensors of a model directory: model.safetensors (possibly sharded) or pytorch_model.bin."""
+    safetensors_path = os.path.join(path, "model.safetensors")
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    bin_path = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(safetensors_path) or os.path.exists(index_path):
+        from safetensors.torch import load_file
+        if os.path.exists(safetensors_path):
+            return load_file(safetensors_path)
+        with open(index_path) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return {name: tensor for shard in shards
+                for name, tensor in load_file(os.path.join(path, shard)).items()}
+    if os.path.exists(bin_path):
+        return torch.load(bin_path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path} holds no model.safetensors or pytorch_model.bin")
+
+
+def load_pretrained(path, device="cpu", dtype=None):
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path} is not a model directory: no config.json there")
+    with open(config_path) as f:
+        raw = json.load(f)
+    weights = {name.removeprefix("model."): tensor for name, tensor in read_weights(path).items()}
+    # which of the two published layouts: q/k norms present, and one A per query or per kv head
+    heads = raw.get("num_attention_heads", DogeConfig.num_attention_heads)
+    kv_heads = raw.get("num_key_value_heads") or heads
+    first_A = weights.get("layers.0.self_attn.A")
+    layout = {"num_key_value_heads": kv_heads,
+              "qk_norm": "layers.0.self_attn.q_norm.weight" in weights,
+              "dt_per_query_head": first_A is not None and first_A.numel() == heads != kv_heads,
+              "tie_word_embeddings": raw.get("tie_word_embeddings", "lm_head.weight" not in weights)}
+    config = DogeConfig.from_dict({**raw, **layout})
+    model = Doge(config)
+    state = {}
+    for name, expected in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if name not in weights:
+            raise ValueError(f"{path}: missing tensor {hf_name(name)}")
+        if weights[name].shape != expected.shape:
+            raise ValueError(f"{path}: tensor {hf_name(name)} has shape {tuple(weights[name].shape)},"
+                             f" expected {tuple(expected.shape)} from config.json")
+        state[name] = weights[name]
+    model.load_state_dict(state, strict=False)
+    return model.to(device=device, dtype=dtype)
+
+
+def save_pretrained(model, path):
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    tied = model.config.tie_word_embeddings
+    tensors = {hf_name(name): tensor.detach().cpu().contiguous()
+               for name, tensor in model.state_dict().items()
+               if not (tied and name == "lm_head.weight")}
+    atomic_write(os.path.join(path, "model.safetensors"),
+                 lambda temp: save_file(tensors, temp, metadata={"format": "pt"}))
+    config_text = json.dumps(model.config.to_dict(), indent=2)
+    atomic_write(os.path.join(path, "config.json"), lambda temp: open(temp, "w").write(config_text))
+
+
+def upcycle_to_moe(model, num_experts, num_experts_per_tok, **config_overrides):
+    """A CDMoE Doge that computes exactly the dense model's function: the dense MLPs become the
+    shared experts, the router and down vectors are random, and the up vectors are zero, so the
+    routed experts add nothing until training moves them."""
+    config = DogeConfig(**{**asdict(model.config), "is_moe": True, "num_experts": num_experts,
+                           "num_experts_per_tok": num_experts_per_tok, **config_overrides})
+    weight = model.lm_head.weight
+    moe = Doge(config).to(device=weight.device, dtype=weight.dtype)
+    missing, unexpected = moe.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(".mlp.router_gate." in name or "_embed." in name
+                                  for name in missing), (missing, unexpected)
+    with torch.no_grad():
+        for layer in moe.layers:
+            layer.mlp.up_embed.weight.zero_()
+    return moe
