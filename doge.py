@@ -524,6 +524,9 @@ class Block(nn.Module):
 # no full-size logits gradient ever exists (and full logits only when asked for).
 
 
+LOSS_CHUNK_ELEMENTS = 2 ** 23  # logits per chunk: 32 MB of float32
+
+
 def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
     """hidden (N, D), weight (V, D), targets (N,) with -1 ignored.
     Returns mean loss, logits (N, V) or None, and the gradients of the mean loss wrt hidden and
@@ -532,7 +535,7 @@ def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
     kept = targets != -1
     count = kept.sum().clamp(min=1)
     safe_targets = targets.clamp(min=0)
-    chunk = max(1, 2 ** 23 // vocab)  # about 32 MB of float32 logits at a time
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // vocab)
     loss = torch.zeros((), device=hidden.device)
     logits_out = grad_hidden = grad_weight = None
     if compute_grads:

@@ -93,7 +93,8 @@ def naive_forward(model, idx):
             q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
         q, k, v = rope(q.transpose(1, 2)), rope(k.transpose(1, 2)), v.transpose(1, 2)
         dt = torch.exp(attn.A * F.softplus(values @ attn.dt_proj.weight.t())).transpose(1, 2)
-        keep = keep_mask(dt, causal[None, None], config.keep_window_size)  # (B, Hb, T, T)
+        keep = keep_mask(dt, causal[None, None], config.keep_window_size).expand(
+            batch, dt.shape[1], length, length)  # (B, Hb, T, T)
         # every query head h uses kv head h // (H / Hkv) and bias head h // (H / Hb)
         k = k.repeat_interleave(heads // kv_heads, 1)
         v = v.repeat_interleave(heads // kv_heads, 1)

@@ -1,0 +1,276 @@
+"""The model on its own: configs, invariants, the attention paths, the cache, the loss, sampling."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import doge
+import oracle
+from oracle import naive_forward, randomize, tiny_config
+
+
+def random_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return randomize(doge.Doge(tiny_config(rope_scaling=None, **overrides)), seed).eval()
+
+
+# --- config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(hidden_size=30, num_attention_heads=4), "not divisible by num_attention_heads"),
+    (dict(num_attention_heads=4, num_key_value_heads=3), "does not divide"),
+    (dict(is_moe=True, num_experts=16, num_experts_per_tok=17), "num_experts_per_tok 17"),
+    (dict(is_moe=True, num_experts=15, num_experts_per_tok=2), "perfect square"),
+    (dict(keep_window_size=0), "keep_window_size"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type 'yarn'"),
+])
+def test_invalid_configs_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        doge.DogeConfig(**overrides)
+
+
+@pytest.mark.parametrize("name, millions", [
+    ("doge-20m", 13.1), ("doge-60m", 54.6), ("doge-160m", 152.7), ("doge-320m", 335.8),
+    ("doge-40m-moe", 43.5)])
+def test_presets_have_the_published_sizes(name, millions):
+    with torch.device("meta"):
+        model = doge.Doge(doge.DogeConfig.from_preset(name))
+    assert round(model.num_params() / 1e6, 1) == pytest.approx(millions, abs=0.1)
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="unknown preset 'doge-1b'"):
+        doge.DogeConfig.from_preset("doge-1b")
+
+
+# --- the forward pass
+
+
+def test_shapes_and_bad_input():
+    model = random_model()
+    logits, loss = model(torch.randint(0, 97, (3, 11)))
+    assert logits.shape == (3, 11, 97) and loss is None
+    with pytest.raises(ValueError, match=r"\(B, T\) int64"):
+        model(torch.randint(0, 97, (11,)))
+    with pytest.raises(ValueError, match="targets shape"):
+        model(torch.randint(0, 97, (2, 5)), torch.randint(0, 97, (2, 4)))
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(qk_norm=False, dt_per_query_head=True)])
+def test_blocked_attention_matches_naive_oracle_across_blocks(monkeypatch, layout):
+    monkeypatch.setattr(doge, "QUERY_BLOCK", 5)  # many blocks, including a ragged last one
+    model = random_model(**layout)
+    idx = torch.randint(0, 97, (2, 43))
+    idx[:, 20:30] = idx[:, 0:10]  # repeated tokens tie in layer 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], naive_forward(model, idx), atol=1e-4, rtol=0)
+
+
+def test_dense_model_is_causal():
+    model = random_model()
+    idx = torch.randint(0, 97, (1, 30))
+    edited = idx.clone()
+    edited[0, 20:] = (idx[0, 20:] + 1) % 97
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0][:, :20], model(edited)[0][:, :20],
+                                   atol=1e-5, rtol=0)
+        assert (model(idx)[0][:, 20:] - model(edited)[0][:, 20:]).abs().max() > 1e-3
+
+
+def test_zero_A_is_a_sliding_window_of_the_last_keys(monkeypatch):
+    """At initialisation every dt is 1: the tie rule makes DMAttn a sliding window."""
+    model = random_model()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.A.zero_()
+    idx = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        ours = model(idx)[0]
+    window = model.config.keep_window_size
+    monkeypatch.setattr(oracle, "keep_mask", lambda dt, visible, size: visible & (
+        torch.arange(visible.shape[-1])[None, :] > torch.arange(visible.shape[-2])[:, None] - window))
+    torch.testing.assert_close(ours, naive_forward(model, idx), atol=1e-4, rtol=0)
+
+
+# --- the bounded cache
+
+
+def decode_one_by_one(model, idx, prompt_length):
+    cache = doge.DogeCache(model.config, idx.shape[0], "cpu", torch.float32)
+    with torch.no_grad():
+        steps = [model(idx[:, :prompt_length], cache=cache)[0]]
+        for t in range(prompt_length, idx.shape[1]):
+            steps.append(model(idx[:, t:t + 1], cache=cache)[0])
+            assert all(layer.size <= model.config.keep_window_size for layer in cache.layers)
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(qk_norm=False, dt_per_query_head=True)])
+@pytest.mark.parametrize("prompt_length", [3, 20])
+def test_cached_decoding_equals_full_recompute(layout, prompt_length):
+    model = random_model(**layout)
+    # distinct tokens: an exact dt tie between a key computed in a batch and one computed alone
+    # is not bit-stable (the two matmuls round differently); exact ties are tested with A = 0
+    idx = torch.stack([torch.randperm(97)[:40] for _ in range(2)])
+    with torch.no_grad():
+        full = model(idx)[0]
+    torch.testing.assert_close(decode_one_by_one(model, idx, prompt_length), full,
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prompt_length", [3, 20])
+def test_cached_decoding_with_every_dt_tied(prompt_length):
+    model = random_model()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.A.zero_()  # dt = 1 for every key, in any rounding
+        idx = torch.randint(0, 97, (2, 40))
+        full = model(idx)[0]
+    torch.testing.assert_close(decode_one_by_one(model, idx, prompt_length), full,
+                               atol=1e-4, rtol=0)
+
+
+def test_cache_takes_multi_token_chunks():
+    model = random_model()
+    idx = torch.randperm(97)[:30].unsqueeze(0)  # distinct tokens, see above
+    cache = doge.DogeCache(model.config, 1, "cpu", torch.float32)
+    with torch.no_grad():
+        chunks = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 5), (5, 6), (6, 19), (19, 30))]
+        torch.testing.assert_close(torch.cat(chunks, dim=1), model(idx)[0], atol=1e-4, rtol=0)
+
+
+def test_cache_evicts_lowest_dt_then_oldest():
+    layer = doge.LayerCache(1, 1, 3, 2, "cpu", torch.float32)
+    for position, dt in enumerate([5.0, 1.0, 1.0]):
+        layer.insert(torch.full((1, 1, 1, 2), float(position)), torch.zeros(1, 1, 1, 2),
+                     torch.tensor([[[dt]]]), position)
+    layer.insert(torch.full((1, 1, 1, 2), 3.0), torch.zeros(1, 1, 1, 2), torch.tensor([[[1.0]]]), 3)
+    assert sorted(layer.pos[0, 0, :3].tolist()) == [0, 2, 3]  # the older of the two 1.0s left
+    layer.insert(torch.full((1, 1, 1, 2), 4.0), torch.zeros(1, 1, 1, 2), torch.tensor([[[0.5]]]), 4)
+    assert sorted(layer.pos[0, 0, :3].tolist()) == [0, 2, 3]  # worse than all: not kept
+    assert layer.size == 3
+
+
+# --- the loss
+
+
+@pytest.mark.parametrize("chunk_elements", [2 ** 23, 97 * 7])
+def test_chunked_loss_matches_plain_cross_entropy(monkeypatch, chunk_elements):
+    monkeypatch.setattr(doge, "LOSS_CHUNK_ELEMENTS", chunk_elements)  # one chunk, or many
+    model = random_model().train()
+    plain = random_model().train()
+    idx = torch.randint(0, 97, (2, 20))
+    targets = torch.randint(0, 97, (2, 20))
+    targets[0, :4] = -1
+    logits, loss = model(idx, targets)
+    loss.backward()
+    expected = F.cross_entropy(plain(idx)[0].flatten(0, 1), targets.flatten(), ignore_index=-1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logits, plain(idx)[0].detach())
+    for (name, a), (_, b) in zip(model.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert model(idx, targets, keep_logits=False)[0] is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, targets)[1], expected)
+
+
+# --- mixture of experts
+
+
+def test_upcycled_moe_computes_the_dense_function():
+    dense = random_model()
+    moe = doge.upcycle_to_moe(dense, num_experts=16, num_experts_per_tok=4)
+    assert moe.config.is_moe and moe.layers[0].mlp.down_embed.weight.shape == (16, 32)
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(idx)[0], dense(idx)[0], atol=1e-6, rtol=0)
+        moe.layers[0].mlp.up_embed.weight.normal_()  # the experts do matter once trained
+        assert (moe(idx)[0] - dense(idx)[0]).abs().max() > 1e-3
+
+
+def test_moe_rows_are_independent():
+    model = random_model(is_moe=True, num_experts=16, num_experts_per_tok=4)
+    idx = torch.randint(0, 97, (3, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0][1:2], model(idx[1:2])[0], atol=1e-6, rtol=0)
+
+
+def test_product_key_routing_picks_the_best_pairs():
+    model = random_model(is_moe=True, num_experts=16, num_experts_per_tok=3)
+    moe = model.layers[0].mlp
+    x = torch.randn(5, 32)
+    scores = moe.router_gate(x).view(5, 2, 4)
+    all_pairs = (scores[:, 0, :, None] + scores[:, 1, None, :]).flatten(1)  # every expert
+    expected = all_pairs.topk(3).indices.sort().values
+    chosen = []
+    moe.down_embed.register_forward_hook(lambda m, i, o: chosen.append(i[0]))
+    moe(x.view(5, 1, 32))
+    assert torch.equal(chosen[0].sort().values, expected)
+
+
+# --- generation
+
+
+def test_greedy_equals_top_k_1_and_tiny_top_p():
+    model = random_model()
+    prompt = torch.randint(0, 97, (2, 4))
+    greedy = model.generate(prompt, 12, temperature=0)
+    assert torch.equal(model.generate(prompt, 12, top_k=1), greedy)
+    assert torch.equal(model.generate(prompt, 12, top_p=1e-6), greedy)
+
+
+def test_sampling_is_reproducible_under_a_seed():
+    model = random_model()
+    prompt = torch.randint(0, 97, (1, 4))
+    torch.manual_seed(7)
+    first = model.generate(prompt, 20, temperature=1.0, top_k=20, top_p=0.9)
+    torch.manual_seed(7)
+    assert torch.equal(model.generate(prompt, 20, temperature=1.0, top_k=20, top_p=0.9), first)
+
+
+def test_repetition_penalty_by_hand():
+    logits = torch.tensor([[2.0, -2.0, 1.5, 0.0]])
+    seen = torch.tensor([[0, 1]])
+    # penalised: 2.0 / 2 = 1.0 and -2.0 * 2 = -4.0, so token 2 (1.5) wins
+    assert doge.sample_next(logits, seen, 0, None, None, 2.0).tolist() == [2]
+    assert doge.sample_next(logits, seen, 0, None, None, 1.0).tolist() == [0]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    draws = torch.cat([doge.sample_next(logits, None, 1.0, None, 0.7, 1.0) for _ in range(300)])
+    assert set(draws.tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
+
+
+def test_finished_rows_pad_with_eos_and_generation_stops():
+    model = random_model()
+    prompt = torch.randint(0, 97, (2, 4))
+    greedy = model.generate(prompt, 10, temperature=0)
+    eos = greedy[0, 6].item()  # row 0 emits this token at its third step
+    out = model.generate(prompt, 10, temperature=0, eos_token_id=[eos, 1000])
+    first_eos = (out[0, 4:] == eos).nonzero()[0].item()
+    assert (out[0, 4 + first_eos:] == eos).all()
+    if not (out[1, 4:] == eos).any():  # row 1 keeps going until max_new_tokens
+        assert out.shape[1] == 14 and torch.equal(out[1], greedy[1])
+    single = model.generate(prompt[:1], 10, temperature=0, eos_token_id=eos)
+    assert single.shape[1] == 4 + first_eos + 1  # alone, it stops at eos
+
+
+def test_stream_yields_the_same_tokens_as_generate():
+    model = random_model()
+    prompt = torch.randint(0, 97, (1, 4))
+    streamed = list(model.generate_stream(prompt, 9, temperature=0))
+    assert len(streamed) == 9 and all(t.shape == (1, 1) for t in streamed)
+    assert torch.equal(torch.cat([prompt, *streamed], 1), model.generate(prompt, 9, temperature=0))
+
+
+def test_bfloat16_weights_generate():
+    model = random_model().to(torch.bfloat16)
+    out = model.generate(torch.randint(0, 97, (1, 4)), 20, temperature=0)
+    assert out.shape == (1, 24) and out.dtype == torch.long
+    with torch.no_grad():
+        logits = model(out)[0]
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
