@@ -301,12 +301,13 @@ def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
 
 def attend_cached(q, k, v, dt, scale):
     """One new query per head against cached keys that are all visible and all kept.
-    q (B, H, 1, d); k, v (B, Hb, n, d); dt (B, Hb, n)."""
+    q (B, H, 1, d); k, v (B, Hb, n, d); dt (B, Hb, n). Plain matmuls: at one query row these
+    few small ops cost less than a fused kernel's set-up."""
     batch, heads, _, head_dim = q.shape
     bias_heads = k.shape[1]
     q_rows = q.view(batch, bias_heads, heads // bias_heads, head_dim)  # (B, Hb, G, d)
-    bias = dt.unsqueeze(2).to(q.dtype)  # (B, Hb, 1, n), the same for every row
-    out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=bias, scale=scale)
+    logits = torch.matmul(q_rows, k.transpose(-1, -2)) * scale + dt.unsqueeze(2)  # (B, Hb, G, n)
+    out = torch.matmul(logits.float().softmax(dim=-1).to(v.dtype), v)  # (B, Hb, G, d)
     return out.view(batch, heads, 1, head_dim)
 
 
@@ -673,7 +674,8 @@ class Doge(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None):
-        """Load a Hugging Face format Doge directory (either checkpoint layout)."""
+        """Load a Hugging Face format Doge directory (either layout), a train.py checkpoint file,
+        or a train.py out_dir (its newest checkpoint)."""
         return load_pretrained(path, device, dtype)
 
     def save_pretrained(self, path):
@@ -703,7 +705,10 @@ class Doge(nn.Module):
         cache = DogeCache(self.config, idx.shape[0], idx.device, self.lm_head.weight.dtype)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         seen = idx
-        logits = self.lm_head(self.hidden_states(idx, cache)[:, -1])  # (B, V)
+        # a vector-matrix product reads a (D, V) matrix row by row several times faster than
+        # F.linear reads the (V, D) weight; the copy costs about one decoding step
+        output_matrix = self.lm_head.weight.t().contiguous()  # (D, V)
+        logits = self.hidden_states(idx, cache)[:, -1] @ output_matrix  # (B, V)
         for step in range(max_new_tokens):
             token = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
             if len(eos_ids):
@@ -714,7 +719,7 @@ class Doge(nn.Module):
                 return
             seen = torch.cat((seen, token.unsqueeze(1)), dim=1) if repetition_penalty != 1.0 \
                 else seen
-            logits = self.lm_head(self.hidden_states(token.unsqueeze(1), cache)[:, -1])
+            logits = self.hidden_states(token.unsqueeze(1), cache)[:, -1] @ output_matrix
 
 
 def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):
@@ -780,10 +785,34 @@ def read_weights(path):
     raise FileNotFoundError(f"{path} holds no model.safetensors or pytorch_model.bin")
 
 
+def latest_checkpoint(out_dir):
+    """The newest train.py checkpoint (ckpt_STEP.pt) in out_dir, or None."""
+    names = sorted(name for name in os.listdir(out_dir)
+                   if name.startswith("ckpt_") and name.endswith(".pt"))
+    return os.path.join(out_dir, names[-1]) if names else None
+
+
+def load_checkpoint(path, device="cpu", dtype=None):
+    """The model of a train.py checkpoint file (model_config plus the uncompiled state dict)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise ValueError(f"{path} is not a train.py checkpoint (no 'model' entry)")
+    model = Doge(DogeConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device=device, dtype=dtype)
+
+
 def load_pretrained(path, device="cpu", dtype=None):
+    """A Hugging Face directory, a train.py checkpoint file, or an out_dir (its newest one)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return load_checkpoint(path, device, dtype)
     config_path = os.path.join(path, "config.json")
+    if os.path.isdir(path) and not os.path.exists(config_path) and latest_checkpoint(path):
+        return load_checkpoint(latest_checkpoint(path), device, dtype)
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{path} is not a model directory: no config.json there")
+        raise FileNotFoundError(f"{path} is not a model directory: no config.json there "
+                                f"(nor a train.py checkpoint)")
     with open(config_path) as f:
         raw = json.load(f)
     weights = {name.removeprefix("model."): tensor for name, tensor in read_weights(path).items()}

@@ -274,3 +274,20 @@ def test_bfloat16_weights_generate():
     with torch.no_grad():
         logits = model(out)[0]
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_from_pretrained_reads_train_checkpoints(tmp_path):
+    import dataclasses
+    model = random_model()
+    for step in (100, 200):
+        torch.save({"model": model.state_dict(), "step": step,
+                    "model_config": dataclasses.asdict(model.config)},
+                   tmp_path / f"ckpt_{step:06d}.pt")
+        with torch.no_grad():
+            model.layers[0].input_residual.add_(1.0)  # the newer checkpoint differs
+    newest = doge.Doge.from_pretrained(tmp_path)
+    older = doge.Doge.from_pretrained(tmp_path / "ckpt_000100.pt")
+    assert torch.equal(newest.layers[0].input_residual, older.layers[0].input_residual + 1)
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a train.py checkpoint"):
+        doge.Doge.from_pretrained(tmp_path / "other.pt")

@@ -1,0 +1,269 @@
+"""
+Side-by-side benchmarks: our Doge against transformers' DogeForCausalLM (sdpa) on the same weights
+and shapes, reported as ratios. Every measurement runs in a fresh subprocess so peak memory is its
+own. CPU float32 here; on a CUDA machine the model cases run in bfloat16 on the GPU.
+
+    python bench.py                      # every case (several minutes on 2 CPU cores)
+    python bench.py --cases=train,decode # some of them
+    python bench.py --threads=2          # torch threads per process (default 2)
+
+Cases: train (training step tokens/s at B=4 T=512 and B=1 T=2048), long (forward and training
+step at T=8192 with keep_window_size 2048: time and peak memory), decode (batch-1 greedy
+decoding of 256 tokens, and the fraction of memory bandwidth it reaches), window (4000 generated
+tokens with keep_window_size 1024: ms/token before and after the window fills), moe (CDMoE
+forward+backward with 1024 experts, top 8), tokenize (prepare_data against bare SentencePiece).
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import doge
+
+# ----------------------------------------------------------------------------------------------
+# Shared set-up
+
+
+def device_and_dtype():
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    return "cpu", torch.float32
+
+
+def make_models(which, config_overrides=None):
+    """Doge-20M-shaped model, A randomised so the dynamic mask is not constant; for "ref" the
+    same weights loaded into transformers."""
+    device, dtype = device_and_dtype()
+    config = doge.DogeConfig.from_preset("doge-20m", **(config_overrides or {}))
+    torch.manual_seed(0)
+    model = doge.Doge(config)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.A.normal_()
+    if which == "ref":
+        from transformers import DogeForCausalLM
+        with tempfile.TemporaryDirectory() as directory:
+            model.save_pretrained(directory)
+            model = DogeForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
+    return model.to(device=device, dtype=dtype)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def current_rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def loss_of(model, which, idx):
+    if which == "ref":
+        return model(idx, labels=idx).loss
+    targets = torch.cat((idx[:, 1:], torch.full_like(idx[:, :1], -1)), dim=1)
+    return model(idx, targets, keep_logits=False)[1]
+
+
+def best_time(function, repeats):
+    function()  # warm up
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        function()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases: each runs in its own process and returns a dict of numbers
+
+
+def case_train(which, batch, length):
+    model = make_models(which).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx = torch.randint(0, 32768, (batch, length), device=model.lm_head.weight.device)
+
+    def step():
+        loss_of(model, which, idx).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {"tokens_per_sec": batch * length / best_time(step, 3)}
+
+
+def case_long(which, mode):
+    """T=8192, keep_window_size 2048: a forward pass with full logits, or forward+backward."""
+    model = make_models(which).train(mode == "train")
+    idx = torch.randint(0, 32768, (1, 8192), device=model.lm_head.weight.device)
+    before = current_rss_mb()
+    start = time.perf_counter()
+    if mode == "train":
+        loss_of(model, which, idx).backward()
+    else:
+        with torch.no_grad():
+            logits = model(idx)[0] if which == "ours" else model(idx).logits
+            del logits
+    sync()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mb": peak_rss_mb() - before}
+
+
+def generate_timestamps(model, which, prompt, new_tokens):
+    """Greedy decoding; the wall-clock time at which each new token was ready."""
+    stamps = []
+    if which == "ours":
+        for _ in model.generate_stream(prompt, new_tokens, temperature=0):
+            sync()
+            stamps.append(time.perf_counter())
+        return stamps
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   logits_processor=LogitsProcessorList([Stamp()]))
+    return stamps
+
+
+def case_decode(which):
+    model = make_models(which).eval()
+    prompt = torch.randint(0, 32768, (1, 8), device=model.lm_head.weight.device)
+    tokens_per_sec = 0.0
+    for _ in range(3):
+        stamps = generate_timestamps(model, which, prompt, 257)
+        tokens_per_sec = max(tokens_per_sec, 256 / (stamps[-1] - stamps[0]))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"tokens_per_sec": tokens_per_sec, "weight_mb": weight_bytes / 2 ** 20,
+            "weight_gb_per_sec": weight_bytes * tokens_per_sec / 1e9,
+            "copy_gb_per_sec": memory_bandwidth()}
+
+
+def memory_bandwidth():
+    """GB/s a large copy moves (bytes read + bytes written), the ceiling for decoding."""
+    source = torch.ones(64 * 2 ** 20)  # 256 MB
+    target = torch.empty_like(source)
+    seconds = best_time(lambda: target.copy_(source), 5)
+    return 2 * source.numel() * 4 / seconds / 1e9
+
+
+def case_window(which):
+    model = make_models(which, {"keep_window_size": 1024}).eval()
+    prompt = torch.randint(0, 32768, (1, 8), device=model.lm_head.weight.device)
+    stamps = generate_timestamps(model, which, prompt, 4001)
+    first, rest = (stamps[1000] - stamps[0]) / 1000, (stamps[4000] - stamps[1000]) / 3000
+    return {"ms_first_1000": first * 1e3, "ms_1000_to_4000": rest * 1e3,
+            "later/first": rest / first}  # 1.0 means flat: the cache stopped growing
+
+
+def case_moe(which):
+    device, dtype = device_and_dtype()
+    config = doge.DogeConfig.from_preset("doge-40m-moe", vocab_size=32768)
+    torch.manual_seed(0)
+    moe = doge.CDMoE(config)
+    if which == "ref":
+        from transformers import DogeConfig as ReferenceConfig
+        from transformers.models.doge.modeling_doge import DogeCDMoE
+        state = moe.state_dict()
+        moe = DogeCDMoE(ReferenceConfig(**{k: v for k, v in config.to_dict().items()
+                                           if k in ("hidden_size", "intermediate_size", "is_moe",
+                                                    "num_experts", "num_experts_per_tok")}))
+        moe.load_state_dict(state)
+    moe = moe.to(device=device, dtype=dtype)
+    x = torch.randn(4, 512, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
+
+    def step():
+        out = moe(x)
+        (out[0] if isinstance(out, tuple) else out).square().mean().backward()
+
+    before = current_rss_mb()
+    seconds = best_time(step, 3)
+    return {"seconds": seconds, "peak_mb": peak_rss_mb() - before}
+
+
+def case_tokenize():
+    import bench_tokenize
+    return bench_tokenize.measure()
+
+
+CASES = {
+    "train": [("train_b4_t512", case_train, (4, 512)), ("train_b1_t2048", case_train, (1, 2048))],
+    "long": [("forward_t8192", case_long, ("forward",)), ("train_t8192", case_long, ("train",))],
+    "decode": [("decode_256", case_decode, ())],
+    "window": [("window_4000", case_window, ())],
+    "moe": [("moe_e1024_top8", case_moe, ())],
+}
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+def run_worker(name, which, threads):
+    """Run one case in a fresh process and return its numbers."""
+    command = [sys.executable, __file__, f"--worker={name}", f"--which={which}",
+               f"--threads={threads}"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"bench case {name} ({which}) failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def ratio_rows(name, ours, ref):
+    rows = []
+    for key in ours:
+        comparable = any(unit in key for unit in ("per_sec", "seconds", "ms_", "_mb"))
+        if comparable and key in ref and ref[key]:
+            higher_is_better = "per_sec" in key
+            ratio = ours[key] / ref[key] if higher_is_better else ref[key] / ours[key]
+            rows.append((name, key, ours[key], ref[key], ratio))
+        else:
+            rows.append((name, key, ours[key], None, None))
+    return rows
+
+
+def main():
+    args = dict(arg.lstrip("-").split("=", 1) for arg in sys.argv[1:])
+    threads = int(args.get("threads", 2))
+    torch.set_num_threads(threads)
+    if "worker" in args:
+        for cases in CASES.values():
+            for name, function, parameters in cases:
+                if name == args["worker"]:
+                    print(json.dumps(function(args["which"], *parameters)))
+        return
+    selected = args.get("cases", ",".join([*CASES, "tokenize"])).split(",")
+    device, dtype = device_and_dtype()
+    print(f"# bench.py on {device} ({dtype}), {threads} threads, torch {torch.__version__}")
+    print(f"{'case':<16} {'metric':<18} {'ours':>10} {'reference':>10} {'ratio':>7}")
+    for group in selected:
+        if group == "tokenize":
+            for key, value in case_tokenize().items():
+                print(f"{'tokenize':<16} {key:<18} {value:>10.3g}")
+            continue
+        for name, _, _ in CASES[group]:
+            ours, ref = run_worker(name, "ours", threads), run_worker(name, "ref", threads)
+            for row in ratio_rows(name, ours, ref):
+                ref_text = f"{row[3]:>10.4g}" if row[3] is not None else f"{'':>10}"
+                ratio_text = f"{row[4]:>6.2f}x" if row[4] is not None else ""
+                print(f"{row[0]:<16} {row[1]:<18} {row[2]:>10.4g} {ref_text} {ratio_text}",
+                      flush=True)
+    print("ratio: ours/reference for rates, reference/ours for seconds, ms and MB (>1 is better)")
+
+
+if __name__ == "__main__":
+    main()
