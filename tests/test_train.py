@@ -1,0 +1,524 @@
+"""train.py and configurator.py on CPU with tiny models: learning, exact resume, branching a WSD
+decay, DDP equality (two gloo processes), the schedule, config errors, shard errors, checkpoints."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train  # noqa: E402
+from configurator import apply_config  # noqa: E402
+from train import TrainConfig, wsd_lr  # noqa: E402
+
+VOCAB = 256
+TINY = ["--model=None", f"--vocab_size={VOCAB}", "--hidden_size=32", "--intermediate_size=64",
+        "--num_hidden_layers=2", "--num_attention_heads=2", "--num_key_value_heads=1",
+        "--block_size=32", "--batch_size=4", "--total_batch_size=256",  # 2 micro-steps
+        "--learning_rate=1e-2", "--warmup_iters=2", "--decay_iters=0", "--eval_iters=2",
+        "--log_interval=1", "--eval_interval=0", "--save_interval=0", "--device=cpu",
+        "--compile=False", "--seed=0"]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and much faster than on two when the machine is
+    busy with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_shard(path, tokens):
+    """The shard format (REFERENCE.md §5): 256 int32 header [magic, 1, count], uint16 tokens."""
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def markov_stream(length, seed):
+    """A learnable stream: the next token is a fixed function of the previous one 80% of the
+    time, uniform otherwise (entropy about 1.6 nats, against ln 256 = 5.5 for a blind guess)."""
+    rng = np.random.default_rng(seed)
+    successor = np.random.default_rng(0).permutation(VOCAB)
+    tokens = np.empty(length, dtype=np.int64)
+    tokens[0] = 0
+    noise = rng.random(length) < 0.2
+    random_tokens = rng.integers(0, VOCAB, length)
+    for i in range(1, length):
+        tokens[i] = random_tokens[i] if noise[i] else successor[tokens[i - 1]]
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("data")
+    write_shard(directory / "synth_val_000000.bin", markov_stream(20_000, seed=1))
+    write_shard(directory / "synth_train_000001.bin", markov_stream(60_000, seed=2))
+    write_shard(directory / "synth_train_000002.bin", markov_stream(50_000, seed=3))
+    return str(directory)
+
+
+def run(data_dir, out_dir, *args):
+    train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, *args])
+    return read_log(out_dir)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(records):
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def one_line_exit(excinfo):
+    message = str(excinfo.value.code)
+    assert "\n" not in message and message.startswith("error:"), message
+    return message
+
+
+# ----------------------------------------------------------------------------------------------
+# the schedule
+
+
+def test_wsd_boundaries():
+    cfg = TrainConfig(max_iters=100, warmup_iters=10, decay_iters=20, learning_rate=1.0,
+                      min_lr_ratio=0.1)
+    assert wsd_lr(0, cfg) == pytest.approx(0.1)  # warmup starts at lr / warmup_iters
+    assert wsd_lr(4, cfg) == pytest.approx(0.5)
+    assert wsd_lr(9, cfg) == pytest.approx(1.0)  # warmup done
+    assert wsd_lr(10, cfg) == wsd_lr(50, cfg) == wsd_lr(79, cfg) == 1.0  # stable
+    assert wsd_lr(80, cfg) == pytest.approx(1.0)  # the decay starts from the full rate
+    assert wsd_lr(90, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert wsd_lr(99, cfg) == pytest.approx(0.1 + 0.9 / 20)
+    assert wsd_lr(100, cfg) == pytest.approx(0.1)  # ends at min_lr_ratio * learning_rate
+    lrs = [wsd_lr(step, cfg) for step in range(101)]
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:11]))
+    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+    # no warmup, no decay: constant; to zero by default
+    assert wsd_lr(0, TrainConfig(warmup_iters=0, learning_rate=2.0)) == 2.0
+    flat = TrainConfig(max_iters=10, warmup_iters=0, decay_iters=0, learning_rate=2.0)
+    assert [wsd_lr(s, flat) for s in range(10)] == [2.0] * 10
+    assert wsd_lr(8000, TrainConfig()) == 0.0 and wsd_lr(7200, TrainConfig()) == 8e-3
+    # a decay longer than the run (e.g. --max_iters=20 on a config made for more) starts at once
+    short = TrainConfig(max_iters=20, warmup_iters=0, decay_iters=60, learning_rate=1.0)
+    assert wsd_lr(0, short) == 1.0 and wsd_lr(10, short) == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+
+def test_configurator_types_and_sources(tmp_path):
+    config_file = tmp_path / "conf.py"
+    config_file.write_text("import math\n_scratch = 3\nmax_iters = 2 * 50\n"
+                           "learning_rate = 1  # an int is fine for a float\nout_dir = 'out/x'\n")
+    cfg = apply_config(TrainConfig(), [str(config_file), "--max_iters=7", "--compile",
+                                       "--data_dir=some/dir", "--resume_ckpt=None",
+                                       "--sample_prompt='1e3'", "--out_dir=1e3"])
+    assert cfg.max_iters == 7  # the command line comes after the file
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.compile is True and cfg.data_dir == "some/dir" and cfg.resume_ckpt is None
+    assert cfg.sample_prompt == "1e3" and cfg.out_dir == "1e3"
+    assert TrainConfig().max_iters == 8000  # the defaults are untouched
+    # dicts, None defaults and several targets at once
+    settings, other = apply_config([{"a": 1, "b": None}, {"c": (0.9, 0.95)}],
+                                   ["--b={'x': 1}", "--c=[0.8, 0.9]"])
+    assert settings == {"a": 1, "b": {"x": 1}} and other == {"c": (0.8, 0.9)}
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--max_itres=5"], ["unknown setting 'max_itres'", "max_iters", "learning_rate"]),
+    (["--max_iters=abc"], ["'max_iters'", "expected int", "'abc'"]),
+    (["--max_iters=1.5"], ["expected int"]),
+    (["--wandb_log=1"], ["expected bool"]),
+    (["--learning_rate=fast"], ["expected float"]),
+    (["--hidden_size=big"], ["'hidden_size'", "expected int"]),
+    (["max_iters=5"], ["unexpected argument"]),
+    (["missing_config.py"], ["not found"]),
+])
+def test_config_errors_are_one_line(argv, words):
+    with pytest.raises(SystemExit) as excinfo:
+        apply_config([TrainConfig(), train.ModelOverrides()], argv)
+    message = one_line_exit(excinfo)
+    for word in words:
+        assert word in message
+
+
+def test_config_file_errors(tmp_path):
+    unknown = tmp_path / "unknown.py"
+    unknown.write_text("max_iters = 10\nlearnin_rate = 0.1\n")
+    with pytest.raises(SystemExit) as excinfo:
+        apply_config(TrainConfig(), [str(unknown)])
+    assert "'learnin_rate'" in one_line_exit(excinfo) and "unknown.py" in str(excinfo.value)
+    broken = tmp_path / "broken.py"
+    broken.write_text("max_iters = (\n")
+    with pytest.raises(SystemExit) as excinfo:
+        apply_config(TrainConfig(), [str(broken)])
+    assert "SyntaxError" in one_line_exit(excinfo)
+
+
+def test_main_refuses_bad_settings(tmp_path, data_dir):
+    for args, words in [(["--nope=1"], ["unknown setting", "batch_size"]),
+                        (["--total_batch_size=200"], ["total_batch_size 200", "multiple"]),
+                        (["--dtype=float16"], ["dtype"]),
+                        (["--model=doge-7b"], ["unknown model preset", "doge-20m"]),
+                        (["--num_attention_heads=3"], ["model settings"]),
+                        (["--init_from=resume"], ["no checkpoint"])]:
+        with pytest.raises(SystemExit) as excinfo:
+            run(data_dir, tmp_path / "bad", *args)
+        message = one_line_exit(excinfo)
+        assert all(word in message for word in words), message
+
+
+def test_every_config_file_is_valid():
+    config_dir = os.path.join(ROOT, "config")
+    names = sorted(n for n in os.listdir(config_dir) if n.endswith(".py"))
+    assert {"train_doge_tiny.py", "train_doge_20m.py", "train_doge_60m.py", "train_doge_160m.py",
+            "train_doge_320m.py", "train_doge_40m_moe.py"} <= set(names)
+    for name in names:
+        cfg, model = apply_config([TrainConfig(), train.ModelOverrides()],
+                                  [os.path.join(config_dir, name)])
+        train.check_config(cfg)
+        assert cfg.total_batch_size % (cfg.batch_size * cfg.block_size) == 0, name
+        overrides = {k: v for k, v in vars(model).items() if v is not None}
+        preset = train.PRESETS[cfg.model] if cfg.model else {}
+        train.DogeConfig(**{**preset, **overrides})  # a valid model
+    recipe = apply_config(TrainConfig(), [os.path.join(config_dir, "train_doge_20m.py")])
+    assert (recipe.max_iters, recipe.total_batch_size, recipe.block_size, recipe.learning_rate,
+            recipe.warmup_iters, recipe.decay_iters, recipe.min_lr_ratio, recipe.weight_decay,
+            recipe.beta1, recipe.beta2, recipe.adam_eps, recipe.grad_clip, recipe.dtype,
+            recipe.compile) == (8000, 524288, 2048, 8e-3, 800, 800, 0.0, 0.01, 0.9, 0.95, 1e-8,
+                                1.0, "bfloat16", True)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def test_truncated_shard_is_a_clear_error(tmp_path):
+    write_shard(tmp_path / "t_val_000000.bin", markov_stream(5000, 1))
+    write_shard(tmp_path / "t_train_000001.bin", markov_stream(5000, 2))
+    path = tmp_path / "t_train_000001.bin"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(SystemExit) as excinfo:
+        run(tmp_path, tmp_path / "out")
+    message = one_line_exit(excinfo)
+    assert "t_train_000001.bin" in message and "truncated" in message
+
+
+def test_missing_data_dir_says_how_to_make_it(tmp_path):
+    with pytest.raises(SystemExit) as excinfo:
+        run(tmp_path / "nowhere", tmp_path / "out")
+    assert "prepare_data.py" in one_line_exit(excinfo)
+
+
+def test_loader_is_the_same_stream_for_any_number_of_processes(data_dir):
+    """One process with 4 micro-steps reads what 2 processes with 2 micro-steps each read, or
+    4 processes with one, crossing shards the same way; the order is shuffled (a batch is not
+    one stretch of text) but fixed by the seed, and every sequence of a shard comes once."""
+    def rows(world, micro_steps, steps=40):
+        loaders = [train.ShardLoader(data_dir, "train", 16, 32, rank, world, VOCAB)
+                   for rank in range(world)]
+        out = []
+        for _ in range(steps):
+            batches = [loader.next_batch(micro_steps) for loader in loaders]
+            for m in range(micro_steps):  # the window's rows in order: m * world + rank
+                out += [torch.cat((x[m], y[m][:, -1:]), dim=1) for x, y in batches]
+        return torch.stack(out), loaders[0].state_dict()
+    single, state = rows(1, 4)
+    assert torch.equal(single, rows(2, 2)[0]) and torch.equal(single, rows(4, 1)[0])
+    assert state["shard"] == 1 and state["epoch"] == 0  # moved to the second shard
+    x, y = train.ShardLoader(data_dir, "train", 2, 16, 0, 1, VOCAB).next_batch(1)
+    assert torch.equal(x[0, :, 1:], y[0, :, :-1])  # targets are the next tokens
+    # shuffled: 1874 sequences of 32 in the first shard, each once, not in order
+    loader = train.ShardLoader(data_dir, "train", 2, 32, 0, 1, VOCAB, seed=5)
+    shard = train.read_shard(loader.paths[0])
+    start_of = {shard[i:i + 32].astype(np.int64).tobytes(): i for i in range(0, 1874 * 32, 32)}
+    starts = [start_of[sequence.numpy().tobytes()]
+              for _ in range(1874 // 2) for sequence in loader.next_batch(1)[0][0]]
+    assert sorted(starts) == list(range(0, 1874 * 32, 32)) and starts != sorted(starts)
+    again = train.ShardLoader(data_dir, "train", 2, 32, 0, 1, VOCAB, seed=5).next_batch(1)
+    other = train.ShardLoader(data_dir, "train", 2, 32, 0, 1, VOCAB, seed=6).next_batch(1)
+    assert start_of[again[0][0, 0].numpy().tobytes()] == starts[0]
+    assert not torch.equal(again[0], other[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def test_loss_falls_on_held_out_data(tmp_path, data_dir):
+    records = run(data_dir, tmp_path / "out", "--max_iters=150", "--warmup_iters=10",
+                  "--decay_iters=30", "--eval_interval=50", "--eval_iters=4")
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert sorted(val) == [0, 50, 100, 150]
+    assert val[0] > 5.0  # about ln 256 at initialisation
+    assert val[150] < 2.5 and val[150] < 0.5 * val[0]
+    last = records[-1]
+    assert {"step", "loss", "lr", "tokens_per_sec", "val_loss", "mfu"} <= set(last)
+    assert last["tokens"] == 150 * 256
+    assert os.path.isfile(tmp_path / "out" / "ckpt_000150.pt")  # the end always saves
+    assert not os.path.exists(tmp_path / "out" / "tokenizer.model")  # the data has none
+    run_record = os.listdir(tmp_path / "out" / "runs")
+    with open(tmp_path / "out" / "runs" / run_record[0]) as f:
+        record = json.load(f)
+    assert "doge.py" in record["source"] and record["versions"]["torch"] == torch.__version__
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path, data_dir, monkeypatch):
+    """Ctrl-C during step 5 saves ckpt_000005 and stops; resuming then matches a run that was
+    never stopped exactly: every loss, the final weights and optimizer state. Dropout is on, so
+    the RNG state has to come back too."""
+    args = ["--max_iters=9", "--decay_iters=4", "--hidden_dropout=0.1", "--eval_interval=3"]
+    full = run(data_dir, tmp_path / "full", *args)
+
+    real_wsd_lr = train.wsd_lr
+
+    def interrupt_at_step_4(step, cfg):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_wsd_lr(step, cfg)
+    monkeypatch.setattr(train, "wsd_lr", interrupt_at_step_4)
+    handler = signal.getsignal(signal.SIGINT)
+    run(data_dir, tmp_path / "part", *args)
+    monkeypatch.setattr(train, "wsd_lr", real_wsd_lr)
+    assert sorted(os.listdir(tmp_path / "part"))[:1] == ["ckpt_000005.pt"]
+    assert not os.path.exists(tmp_path / "part" / "ckpt_000009.pt")
+    assert signal.getsignal(signal.SIGINT) is handler  # the handlers are restored
+
+    resumed = run(data_dir, tmp_path / "part", *args, "--init_from=resume")
+    assert losses(resumed) == losses(full) and len(losses(full)) == 9
+    assert [r.get("val_loss") for r in resumed if r["step"] > 5] == \
+        [r.get("val_loss") for r in full if r["step"] > 5]
+    a, b = load(tmp_path / "full" / "ckpt_000009.pt"), load(tmp_path / "part" / "ckpt_000009.pt")
+    assert_same_tensors(a["model"], b["model"])
+    for key in a["optimizer"]["state"]:
+        assert_same_tensors(a["optimizer"]["state"][key], b["optimizer"]["state"][key])
+    assert a["data_position"] == b["data_position"] and a["step"] == b["step"] == 9
+    assert set(a) >= {"model", "model_config", "optimizer", "step", "train_config",
+                      "data_position", "rng"}
+
+
+def test_branching_a_decay_from_a_stable_checkpoint(tmp_path, data_dir):
+    """A long constant-rate run saved at step 8; a decay branched from there with new
+    max_iters/decay_iters is exactly the run that planned that decay from the start."""
+    stable = tmp_path / "stable"
+    run(data_dir, stable, "--max_iters=12", "--decay_iters=0", "--save_interval=4")
+    branch = run(data_dir, tmp_path / "branch", "--init_from=resume",
+                 f"--resume_ckpt={stable / 'ckpt_000008.pt'}", "--max_iters=11", "--decay_iters=3")
+    planned = run(data_dir, tmp_path / "planned", "--max_iters=11", "--decay_iters=3")
+    assert sorted(losses(branch)) == [9, 10, 11]
+    assert [losses(branch)[s] for s in (9, 10, 11)] == [losses(planned)[s] for s in (9, 10, 11)]
+    assert [r["lr"] for r in branch] == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])
+    assert_same_tensors(load(tmp_path / "branch" / "ckpt_000011.pt")["model"],
+                        load(tmp_path / "planned" / "ckpt_000011.pt")["model"])
+    # branching into the stable run's own directory would mix two schedules' checkpoints
+    with pytest.raises(SystemExit) as excinfo:
+        run(data_dir, stable, "--init_from=resume", f"--resume_ckpt={stable / 'ckpt_000008.pt'}",
+            "--max_iters=11", "--decay_iters=3")
+    assert "new out_dir" in one_line_exit(excinfo)
+
+
+def test_the_tokenizer_goes_beside_the_checkpoints(tmp_path, data_dir):
+    """sample.py looks for the tokenizer in out_dir."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "tokenizer.model").write_bytes(b"a sentencepiece model")
+    run(data, tmp_path / "out", "--max_iters=1")
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"a sentencepiece model"
+
+
+def test_a_new_run_never_mixes_with_an_old_one(tmp_path, data_dir):
+    out = tmp_path / "out"
+    run(data_dir, out, "--max_iters=3", "--save_interval=1")
+    with pytest.raises(SystemExit) as excinfo:
+        run(data_dir, out, "--max_iters=2")
+    assert "overwrite=True" in one_line_exit(excinfo)
+    records = run(data_dir, out, "--max_iters=2", "--overwrite")
+    assert sorted(n for n in os.listdir(out) if n.startswith("ckpt")) == \
+        ["ckpt_000002.pt"]  # the old run's ckpt_000001 and ckpt_000003 are gone
+    assert [r["step"] for r in records] == [0, 1, 2]  # and so is its log
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_match_one(tmp_path, data_dir):
+    """Two gloo processes with a micro-step each see the same tokens as one process with two
+    micro-steps, so the losses (means over all micro-batches and processes) agree."""
+    args = [f"--data_dir={data_dir}", *TINY, "--max_iters=6", "--eval_interval=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+               os.path.join(ROOT, "train.py"), *args, f"--out_dir={tmp_path / 'ddp'}"]
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = read_log(tmp_path / "ddp")
+    single = run(data_dir, tmp_path / "single", "--max_iters=6", "--eval_interval=3",
+                 "--eval_iters=4")  # 2 processes x 2 validation batches
+    assert sorted(losses(ddp)) == list(range(1, 7))
+    for step, loss in losses(single).items():
+        assert losses(ddp)[step] == pytest.approx(loss, abs=1e-5), step
+    val_single = [r["val_loss"] for r in single if "val_loss" in r]
+    val_ddp = [r["val_loss"] for r in ddp if "val_loss" in r]
+    assert val_ddp == pytest.approx(val_single, abs=1e-5) and len(val_ddp) == 3
+    a, b = load(tmp_path / "ddp" / "ckpt_000006.pt"), load(tmp_path / "single" / "ckpt_000006.pt")
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], atol=1e-5, rtol=1e-4)
+    assert len(a["rng"]) == 2  # each process's RNG state
+
+
+def test_bfloat16_autocast_and_moe_train(tmp_path, data_dir):
+    """The GPU settings that also run on a CPU: bf16 autocast (weights stay float32), and a
+    CDMoE model from scratch, whose training loss includes the load-balancing term."""
+    records = run(data_dir, tmp_path / "bf16", "--max_iters=3", "--dtype=bfloat16",
+                  "--is_moe=True", "--num_experts=16", "--num_experts_per_tok=2")
+    assert all(np.isfinite(loss) for loss in losses(records).values())
+    saved = load(tmp_path / "bf16" / "ckpt_000003.pt")
+    assert saved["model"]["embed_tokens.weight"].dtype == torch.float32
+    assert saved["model_config"]["is_moe"] and saved["train_config"]["dtype"] == "bfloat16"
+
+
+def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    model = train.Doge(train.DogeConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1))
+    cfg = TrainConfig()
+    optimizer = train.configure_optimizer(model, cfg, "cpu")
+    path = tmp_path / "ckpt_000001.pt"
+    train.save_checkpoint(str(path), model, optimizer, 1, cfg, {"shard": 0}, master=True)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def crash_half_way(obj, target):
+        real_save(obj, target)
+        with open(target, "r+b") as f:
+            f.truncate(100)
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash_half_way)
+    with pytest.raises(OSError):
+        train.save_checkpoint(str(path), model, optimizer, 2, cfg, {"shard": 0}, master=True)
+    assert path.read_bytes() == before  # the old checkpoint is intact
+    assert os.listdir(tmp_path) == ["ckpt_000001.pt"]  # and no partial file is left behind
+    assert load(path)["step"] == 1
+    assert train.find_latest_checkpoint(str(tmp_path)) == str(path)
+    (tmp_path / "ckpt_000010.pt").write_bytes(before)
+    (tmp_path / "ckpt_000009.pt").write_bytes(before)
+    assert train.find_latest_checkpoint(str(tmp_path)).endswith("ckpt_000010.pt")
+
+
+def test_weight_decay_groups():
+    model = train.Doge(train.DogeConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1, is_moe=True, num_experts=4,
+                                        num_experts_per_tok=2))
+    optimizer = train.configure_optimizer(model, TrainConfig(weight_decay=0.1), "cpu")
+    decayed, plain = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert {"embed_tokens.weight", "layers.0.mlp.up_embed.weight"} <= decayed_names
+    assert "layers.0.self_attn.q_proj.weight" in decayed_names
+    assert {"layers.0.self_attn.A", "layers.0.input_residual", "norm.weight",
+            "layers.0.self_attn.q_norm.weight"} <= plain_names
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_init_from_weights_and_upcycling(tmp_path, data_dir):
+    """A checkpoint file, an out_dir and a Hugging Face directory all start a new run from the
+    same weights (the step-0 validation loss is the dense model's); upcycling to a CDMoE keeps
+    the function, then trains."""
+    dense = run(data_dir, tmp_path / "dense", "--max_iters=4")
+    dense_val = [r["val_loss"] for r in dense if "val_loss" in r][-1]
+    ckpt = tmp_path / "dense" / "ckpt_000004.pt"
+    model = train.Doge(train.DogeConfig(**load(ckpt)["model_config"]))
+    model.load_state_dict(load(ckpt)["model"])
+    model.save_pretrained(str(tmp_path / "hf"))
+    assert train.Doge.from_pretrained(str(ckpt)).config.num_hidden_layers == 2  # doge.py reads it
+    for source, out in [(ckpt, "from_ckpt"), (tmp_path / "dense", "from_dir"),
+                        (tmp_path / "hf", "from_hf")]:
+        records = run(data_dir, tmp_path / out, f"--init_from={source}", "--max_iters=1")
+        assert records[0]["step"] == 0
+        assert records[0]["val_loss"] == pytest.approx(dense_val, abs=1e-5)
+    moe = run(data_dir, tmp_path / "moe", f"--init_from={ckpt}", "--upcycle_experts=16",
+              "--upcycle_experts_per_tok=2", "--max_iters=2")
+    assert moe[0]["val_loss"] == pytest.approx(dense_val, abs=1e-5)
+    saved = load(tmp_path / "moe" / "ckpt_000002.pt")
+    assert saved["model_config"]["is_moe"] and saved["model_config"]["num_experts"] == 16
+    assert np.isfinite(losses(moe)[2])
+
+
+def test_optional_loss_plot_and_wandb(tmp_path, data_dir, monkeypatch):
+    """matplotlib and wandb stay optional: without them nothing is drawn or sent; with them (here
+    stand-ins recording the calls) loss.png is drawn at each evaluation and every record is sent."""
+    import types
+    run(data_dir, tmp_path / "plain", "--max_iters=2")
+    assert not os.path.exists(tmp_path / "plain" / "loss.png")
+    with pytest.raises(SystemExit) as excinfo:
+        run(data_dir, tmp_path / "nowandb", "--max_iters=1", "--wandb_log")
+    assert "pip install wandb" in one_line_exit(excinfo)
+
+    calls = []
+
+    class Figure:
+        def tight_layout(self):
+            pass
+
+        def savefig(self, path, format, dpi):
+            calls.append(("savefig", format))
+            with open(path, "wb") as f:
+                f.write(b"\x89PNG")
+
+    class Axes:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: calls.append((name, args))
+
+    pyplot = types.SimpleNamespace(subplots=lambda figsize: (Figure(), Axes()),
+                                   close=lambda fig: None)
+    matplotlib = types.SimpleNamespace(use=lambda backend: None, pyplot=pyplot)
+    wandb = types.SimpleNamespace(init=lambda **kwargs: calls.append(("init", kwargs["project"])),
+                                  log=lambda record, step: calls.append(("log", step)),
+                                  finish=lambda: calls.append(("finish",)))
+    monkeypatch.setitem(sys.modules, "matplotlib", matplotlib)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    run(data_dir, tmp_path / "drawn", "--max_iters=2", "--eval_interval=1", "--wandb_log")
+    assert (tmp_path / "drawn" / "loss.png").read_bytes() == b"\x89PNG"
+    assert calls.count(("savefig", "png")) == 2  # after the evaluations at steps 1 and 2
+    assert ("init", "doge") in calls and calls[-1] == ("finish",)
+    assert [c[1] for c in calls if c[0] == "log"] == [0, 1, 2]

@@ -1,0 +1,833 @@
+"""
+Train a Doge: on a CPU, on one GPU, or on several with DDP.
+
+    python train.py config/train_doge_tiny.py                  # a few minutes on a laptop CPU
+    python train.py config/train_doge_20m.py                   # the Doge-20M recipe on one GPU
+    torchrun --standalone --nproc_per_node=8 train.py config/train_doge_20m.py
+    python train.py config/train_doge_20m.py --init_from=resume          # continue the newest
+    python train.py config/train_doge_20m.py --init_from=resume \\
+        --resume_ckpt=out/doge-20m/ckpt_004000.pt --max_iters=4800 --out_dir=out/doge-20m-d4k
+                                                                # branch a WSD decay at step 4000
+
+Settings are the fields of TrainConfig below plus every DogeConfig field, given flat
+(--hidden_size=128), from a config file and then --key=value overrides (configurator.py).
+
+What a run does, top to bottom in main(): read the settings; set up DDP when launched by torchrun
+(NCCL on GPUs, gloo on CPUs); build or load the model (scratch, resume, a Hugging Face Doge
+directory or one of our checkpoints; optionally upcycled to a CDMoE); then loop: one optimizer
+step of gradient accumulation over memory-mapped shards, the WSD learning rate, a log line, an
+evaluation, a checkpoint. The loop ends at max_iters with a final evaluation and checkpoint.
+
+Files in out_dir: ckpt_{step:06d}.pt (model, optimizer, step, configs, data position, every RNG
+state; written to a temporary file and renamed), log.jsonl (one object per logged step),
+loss.png (if matplotlib is installed), runs/*.json (settings, versions and the source of
+train.py and doge.py for each launch) and a copy of the data's tokenizer (for sample.py).
+"""
+
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import apply_config
+from doge import PRESETS, Doge, DogeConfig, atomic_write, upcycle_to_moe
+from prepare_data import (DEFAULT_DATA_DIR, list_shards, load_tokenizer, prepare_default, read_meta,
+                          read_shard)
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"  # checkpoints, log.jsonl, loss.png and the record of each launch
+    data_dir: str = DEFAULT_DATA_DIR  # *_train_*.bin and *_val_*.bin shards and meta.json
+    init_from: str = "scratch"  # 'scratch', 'resume', a Hugging Face Doge dir, or a ckpt_*.pt file
+    resume_ckpt: str | None = None  # with init_from='resume': this checkpoint, not out_dir's newest
+    overwrite: bool = False  # a new run (not 'resume') may delete the checkpoints in out_dir
+    # model: a preset, then any DogeConfig field given flat (--hidden_size=128) overrides it
+    model: str | None = "doge-20m"  # a name from doge.PRESETS; None: DogeConfig's own defaults
+    upcycle_experts: int = 0  # > 0: make the loaded dense model a CDMoE with this many experts
+    upcycle_experts_per_tok: int = 8  # experts each token uses in the upcycled CDMoE
+    # batch: gradient accumulation = total_batch_size / (batch_size * block_size * processes)
+    batch_size: int = 16  # micro-batch: sequences per forward pass on each process
+    block_size: int = 2048  # tokens per sequence
+    total_batch_size: int = 524288  # tokens per optimizer step, all micro-steps and processes
+    # AdamW and the warmup-stable-decay (WSD) schedule
+    max_iters: int = 8000  # optimizer steps in the whole run
+    learning_rate: float = 8e-3  # the stable-phase (peak) learning rate
+    warmup_iters: int = 800  # linear warmup over the first warmup_iters steps
+    decay_iters: int = 800  # linear decay over the last decay_iters steps before max_iters
+    min_lr_ratio: float = 0.0  # the decay ends at min_lr_ratio * learning_rate
+    weight_decay: float = 0.01  # on matrices and embeddings; never on norms, residuals, A, biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250  # evaluate every this many steps (and at 0 and the end); 0: end only
+    eval_iters: int = 20  # validation micro-batches per process in each evaluation
+    log_interval: int = 10  # a log line every this many steps (and at the end)
+    save_interval: int = 1000  # a checkpoint every this many steps (and at the end); 0: end only
+    sample_tokens: int = 0  # > 0: print a sample this many tokens long at the end
+    sample_prompt: str = ""  # the sample's prompt; empty: start a new document
+    wandb_log: bool = False  # also log to Weights & Biases (pip install wandb)
+    wandb_project: str = "doge"
+    wandb_run_name: str = "doge"
+    # system
+    device: str = "auto"  # 'auto': cuda if there is one, else cpu; or 'cpu', 'cuda', 'cuda:1'
+    dtype: str = "auto"  # 'auto': bfloat16 autocast where supported, else float32; or either one
+    compile: bool | str = "auto"  # torch.compile the model; 'auto': on for CUDA, off elsewhere
+    seed: int = 1337
+    peak_flops: float = 0.0  # one device's peak FLOP/s for MFU; 0: a table of GPUs, a CPU estimate
+
+
+def model_overrides_dataclass():
+    """Every DogeConfig field as a setting whose default None means "the preset's value"."""
+    return dataclasses.make_dataclass(
+        "ModelOverrides", [(f.name, f.type | None, None) for f in dataclasses.fields(DogeConfig)])
+
+
+ModelOverrides = model_overrides_dataclass()
+
+
+def check_config(cfg):
+    """Refuse settings that cannot work, with one line each."""
+    def need(ok, message):
+        if not ok:
+            raise SystemExit(f"error: {message}")
+    need(cfg.init_from in ("scratch", "resume") or os.path.exists(cfg.init_from),
+         f"init_from {cfg.init_from!r} is not 'scratch', 'resume' or an existing path")
+    need(cfg.dtype in ("auto", "bfloat16", "float32"),
+         f"dtype {cfg.dtype!r} is not 'auto', 'bfloat16' or 'float32'")
+    need(cfg.compile in (True, False, "auto"),
+         f"compile {cfg.compile!r} is not True, False or 'auto'")
+    for key in ("batch_size", "block_size", "total_batch_size", "eval_iters", "log_interval"):
+        need(getattr(cfg, key) >= 1, f"{key} must be at least 1, got {getattr(cfg, key)}")
+    for key in ("max_iters", "warmup_iters", "decay_iters", "eval_interval", "save_interval",
+                "upcycle_experts", "sample_tokens"):
+        need(getattr(cfg, key) >= 0, f"{key} must not be negative, got {getattr(cfg, key)}")
+    need(0.0 <= cfg.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    need(cfg.resume_ckpt is None or cfg.init_from == "resume",
+         "resume_ckpt needs init_from='resume' (to start from a checkpoint's weights alone, give "
+         "it as init_from=PATH)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning rate and optimizer
+
+
+def wsd_lr(step, cfg):
+    """Learning rate of optimizer step `step` (0-based), warmup-stable-decay:
+    linear warmup to learning_rate over the first warmup_iters steps (step 0 takes
+    learning_rate / warmup_iters), constant, then linear decay over the last decay_iters steps
+    before max_iters: learning_rate at step max_iters - decay_iters, min_lr_ratio * learning_rate
+    at max_iters (a decay longer than the run starts at step 0; where warmup and decay overlap,
+    the lower rate wins). A pure function of the step and the settings, so a resumed run follows
+    the same schedule, and a run resumed with new max_iters/decay_iters branches a decay."""
+    multiplier = 1.0
+    if step < cfg.warmup_iters:
+        multiplier = (step + 1) / cfg.warmup_iters
+    decay_iters = min(cfg.decay_iters, cfg.max_iters)
+    if decay_iters > 0 and step >= cfg.max_iters - decay_iters:
+        left = max(cfg.max_iters - step, 0) / decay_iters  # 1 where the decay starts, 0 at the end
+        multiplier = min(multiplier, cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * left)
+    return cfg.learning_rate * multiplier
+
+
+def configure_optimizer(model, cfg, device_type):
+    """AdamW with weight decay on the matrices and embeddings (every tensor of 2 or more dims)
+    and none on vectors: RMSNorm weights, the residual scales, A and biases. model.parameters()
+    lists the tied lm_head / embed_tokens weight once. Fused kernels on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.adam_eps, fused=device_type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+class ShardLoader:
+    """Batches of sequences from memory-mapped shards, in a shuffled order fixed by the seed and
+    the same whatever the number of processes.
+
+    A shard is read as sequences of block_size + 1 tokens (inputs, and targets shifted by one)
+    starting at multiples of block_size, in a random order fixed by (seed, epoch, shard), so a
+    batch mixes many documents even in a small corpus. Each call takes the next micro_steps *
+    world_size rows of batch_size sequences of that order; process `rank` gets rows rank,
+    rank + world_size, ..., one per micro-step. Shards are read in turn: when the current one has
+    too few sequences left, the next one starts (after the last, the first again, in a new
+    order: the next epoch). The position is three ints, saved in checkpoints."""
+
+    def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
+                 seed=0):
+        try:
+            paths = list_shards(data_dir, split)
+            self.shards = [read_shard(path) for path in paths]
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        self.paths = paths
+        self.batch_size, self.block_size = batch_size, block_size
+        self.rank, self.world_size = rank, world_size
+        self.vocab_size, self.seed = vocab_size, seed
+        self.reset()
+
+    def reset(self):
+        self.load_state_dict({"shard": 0, "offset": 0, "epoch": 0})
+
+    def state_dict(self):
+        return {"shard": self.shard, "offset": self.offset, "epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        if not 0 <= state["shard"] < len(self.shards):
+            raise SystemExit(f"error: the checkpoint's data position is in shard {state['shard']}"
+                             f" but there are {len(self.shards)} shards")
+        self.shard, self.offset, self.epoch = state["shard"], state["offset"], state["epoch"]
+        self.order = None  # the current shard's order of sequences, made when first needed
+
+    def sequence_order(self):
+        if self.order is None:
+            count = (len(self.shards[self.shard]) - 1) // self.block_size
+            rng = np.random.default_rng([self.seed, self.epoch, self.shard])
+            self.order = rng.permutation(count)
+        return self.order
+
+    def next_batch(self, micro_steps):
+        """x, y: int64 (micro_steps, batch_size, block_size), this process's rows."""
+        batch, length = self.batch_size, self.block_size
+        need = micro_steps * self.world_size * batch  # sequences, all processes together
+        if self.offset + need > len(self.sequence_order()):
+            self.load_state_dict({"shard": (self.shard + 1) % len(self.shards), "offset": 0,
+                                  "epoch": self.epoch + (self.shard + 1 == len(self.shards))})
+            if need > len(self.sequence_order()):
+                raise SystemExit(f"error: shard {self.paths[self.shard]} holds "
+                                 f"{len(self.shards[self.shard])} tokens, fewer than the "
+                                 f"{need * length + 1} one step reads; use a smaller "
+                                 f"total_batch_size or batch_size")
+        rows = [self.offset + (m * self.world_size + self.rank) * batch for m in range(micro_steps)]
+        starts = np.concatenate([self.order[row:row + batch] for row in rows]) * length
+        tokens = self.shards[self.shard][starts[:, None] + np.arange(length + 1)]  # (M*B, T+1)
+        self.offset += need
+        if tokens.max() >= self.vocab_size:
+            raise SystemExit(f"error: {self.paths[self.shard]} holds token id {tokens.max()}, "
+                             f"outside the model's vocabulary of {self.vocab_size}")
+        tokens = torch.from_numpy(tokens.astype(np.int64)).view(micro_steps, batch, length + 1)
+        return tokens[..., :-1].contiguous(), tokens[..., 1:].contiguous()
+
+
+def to_device(tensor, device):
+    """On CUDA: through pinned memory, without waiting for the copy (the host reads on)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def ensure_data(data_dir, master, ddp):
+    """The data directory's meta.json (a dict, maybe empty). The default corpus is made if it is
+    missing; any other missing data directory is refused with a hint."""
+    try:
+        list_shards(data_dir, "train")
+        missing = None
+    except ValueError as e:
+        missing = e
+    if missing and os.path.abspath(data_dir) != os.path.abspath(DEFAULT_DATA_DIR):
+        raise SystemExit(f"error: {missing} (make it with `python prepare_data.py "
+                         f"--input=YOUR_TEXT --out_dir={data_dir}`, or use the default corpus: "
+                         f"data_dir={DEFAULT_DATA_DIR})")
+    if missing and master:
+        print(f"no data in {data_dir}: preparing the default corpus there", file=sys.stderr)
+        try:
+            prepare_default(data_dir)
+        except ValueError as e:
+            raise SystemExit(f"error: preparing the default corpus: {e}") from None
+    if ddp:  # the others wait for the master's preparation
+        dist.barrier()
+    try:
+        return read_meta(data_dir) or {}
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation, checkpoints, logging
+
+
+@torch.no_grad()
+def evaluate(model, loader, eval_iters, device, autocast, ddp):
+    """Mean validation loss over eval_iters micro-batches on every process, averaged over all of
+    them. The loader starts from the beginning of the split each time, so evaluations compare."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(eval_iters):
+        x, y = loader.next_batch(1)
+        with autocast:
+            _, loss = model(to_device(x[0], device), to_device(y[0], device), keep_logits=False)
+        total += loss.float()
+    total /= eval_iters
+    if ddp:
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    model.train()
+    return total.item()
+
+
+def rng_state():
+    """Every RNG state as plain Python values (lists of ints), which gather between processes and
+    load with torch.load(weights_only=True)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (name, keys.tolist(), position, has_gauss, gauss),
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()]
+            if torch.cuda.is_initialized() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def save_checkpoint(path, model, optimizer, step, cfg, data_position, master, **extra):
+    """Write ckpt (on the master process), atomically. Called by every process: the RNG states
+    of all of them are gathered so that a resume restores each one."""
+    rng = rng_state()
+    if dist.is_initialized():
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, rng)
+        rng = states
+    else:
+        rng = [rng]
+    if not master:
+        return
+    checkpoint = {"model": model.state_dict(),  # the plain module: no DDP, no torch.compile
+                  "model_config": asdict(model.config),
+                  "optimizer": optimizer.state_dict(),
+                  "step": step,
+                  "train_config": asdict(cfg),
+                  "data_position": data_position,
+                  "rng": rng,
+                  **extra}
+    atomic_write(path, lambda temp: torch.save(checkpoint, temp))
+
+
+CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)\.pt$")
+
+
+def list_checkpoints(out_dir):
+    """{step: path} of the ckpt_{step}.pt files in out_dir."""
+    found = {}
+    for path in glob.glob(os.path.join(out_dir, "ckpt_*.pt")):
+        match = CHECKPOINT_NAME.search(os.path.basename(path))
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def find_latest_checkpoint(out_dir):
+    """The ckpt_{step}.pt in out_dir with the largest step, or None."""
+    checkpoints = list_checkpoints(out_dir)
+    return checkpoints[max(checkpoints)] if checkpoints else None
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def build_model(config_dict, overrides, state=None, source=""):
+    """A Doge from a config dict plus overrides, with the given weights if any."""
+    try:
+        model = Doge(DogeConfig(**{**config_dict, **overrides}))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: model settings: {e}") from None
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise SystemExit(f"error: the weights of {source} do not fit the model settings: "
+                             f"{lines[1] if len(lines) > 1 else lines[0]}") from None
+    return model
+
+
+def flops_per_token(model, block_size):
+    """Training FLOPs per token (forward and backward, 3x forward) as nanoGPT and PaLM count
+    them: 6 per weight the token is multiplied by, plus 12 * layers * heads * head_dim * the
+    keys each query attends to (here at most keep_window_size). A CDMoE token uses only
+    num_experts_per_tok of its experts' vectors; embedding lookups are free unless tied."""
+    config = model.config
+    weights = sum(p.numel() for p in model.parameters())
+    if not config.tie_word_embeddings:
+        weights -= model.embed_tokens.weight.numel()
+    if config.is_moe:  # only the chosen experts' down and up vectors
+        weights -= 2 * config.num_hidden_layers * (config.num_experts - config.num_experts_per_tok
+                                                   ) * config.hidden_size
+    keys = min(block_size, config.keep_window_size)
+    return 6 * weights + 12 * config.num_hidden_layers * config.num_attention_heads * \
+        config.head_dim * keys
+
+
+# Dense bfloat16 tensor-core peaks (FLOP/s, FP32 accumulate) from the vendors' data sheets; the
+# most specific name first. float32 runs (TF32) count half of it. Other GPUs: give peak_flops.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+                  "L40S": 362e12, "L4": 121e12, "RTX 4090": 165.2e12, "RTX 4080": 97.5e12,
+                  "RTX 3090": 71e12, "RTX 6000 Ada": 364e12, "RTX A6000": 155e12}
+
+
+def cpu_peak_flops(threads):
+    """A rough float32 peak for a CPU: threads x clock x FLOPs per cycle (two FMA pipes of 8 floats
+    with AVX2, and of 16 with AVX-512 on Intel; AMD Zen 4 runs AVX-512 at AVX2 width)."""
+    clock, flops_per_cycle = 3.0e9, 32
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        clock = float(re.search(r"cpu MHz\s*:\s*([\d.]+)", info).group(1)) * 1e6
+        flags = re.search(r"flags\s*:(.*)", info).group(1).split()
+        intel = "GenuineIntel" in info
+        flops_per_cycle = 64 if intel and "avx512f" in flags else 32 if "fma" in flags else 16
+    except (OSError, AttributeError, ValueError):
+        pass
+    return threads * clock * flops_per_cycle
+
+
+def peak_flops(device_type, dtype):
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops if dtype == torch.bfloat16 else flops / 2
+        return 0.0  # unknown GPU: MFU not reported (give peak_flops=...)
+    return cpu_peak_flops(torch.get_num_threads())
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def plot_losses(path, records):
+    """loss.png: train and val loss against tokens, if matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("val_loss", "val")):
+        points = [(r["tokens"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda temp: fig.savefig(temp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def write_run_record(cfg, model_config, argv, world_size, device):
+    """out_dir/runs/<time>.json: settings, versions and this code, so a result can be redone."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    source = {}
+    for name in ("train.py", "doge.py", "configurator.py"):
+        with open(os.path.join(here, name)) as f:
+            source[name] = f.read()
+    record = {"argv": argv, "train_config": asdict(cfg), "model_config": asdict(model_config),
+              "world_size": world_size, "device": str(device),
+              "device_name": torch.cuda.get_device_name() if device.type == "cuda"
+              else platform.processor() or platform.machine(),
+              "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                           "numpy": np.__version__, "cuda": torch.version.cuda,
+                           "platform": platform.platform()},
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "source": source}
+    os.makedirs(os.path.join(cfg.out_dir, "runs"), exist_ok=True)
+    name = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}.json"
+    path = os.path.join(cfg.out_dir, "runs", name)
+    atomic_write(path, lambda temp: open(temp, "w").write(json.dumps(record, indent=1)))
+
+
+def copy_tokenizer(data_dir, out_dir, meta):
+    """The data's tokenizer files beside the checkpoints, where sample.py and an exported model
+    look for them."""
+    names = {meta.get("tokenizer", {}).get("path"), "tokenizer.model", "tokenizer.json",
+             "tokenizer_config.json", "chat_template.jinja"}
+    for name in sorted(filter(None, names)):
+        source = os.path.join(data_dir, name)
+        if os.path.isfile(source):
+            atomic_write(os.path.join(out_dir, name),
+                         lambda temp: shutil.copyfile(source, temp))
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step and save a
+    checkpoint; a second one interrupts at once. Under DDP every process learns of it at the same
+    step (a tiny all-reduce on a CPU group), so they all save and stop together."""
+
+    def __init__(self, ddp, backend):
+        self.requested = False
+        self.group = None
+        if ddp:  # NCCL would need a GPU tensor and a sync; a gloo group keeps it on the host
+            self.group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step with a checkpoint (again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    def __call__(self):
+        if self.group is None:
+            return self.requested
+        flag = torch.tensor([int(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training run
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, model_settings = apply_config([TrainConfig(), ModelOverrides()], argv)
+    check_config(cfg)
+    overrides = {k: v for k, v in asdict(model_settings).items() if v is not None}
+
+    # processes and devices: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
+    master = rank == 0
+    device_name = cfg.device
+    if device_name == "auto":
+        device_name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    elif device_name == "cuda" and ddp:
+        device_name = f"cuda:{local_rank}"
+    device = torch.device(device_name)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if ddp:
+        dist.init_process_group(backend=backend)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if master else (lambda *a: None)
+    tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
+    if cfg.total_batch_size % tokens_per_micro_step:
+        raise SystemExit(f"error: total_batch_size {cfg.total_batch_size} is not a multiple of "
+                         f"batch_size * block_size * processes = {cfg.batch_size} * "
+                         f"{cfg.block_size} * {world_size} = {tokens_per_micro_step}")
+    grad_accum = cfg.total_batch_size // tokens_per_micro_step
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() \
+            else torch.float32
+    else:
+        dtype = getattr(torch, cfg.dtype)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 \
+        else contextlib.nullcontext()
+    use_compile = device.type == "cuda" if cfg.compile == "auto" else cfg.compile
+
+    earlier = list(list_checkpoints(cfg.out_dir).values())
+    if cfg.init_from != "resume" and earlier:  # a new run: never mix two runs in one out_dir
+        if not cfg.overwrite:
+            raise SystemExit(f"error: {cfg.out_dir} already holds a run's checkpoints: continue it "
+                             f"with init_from='resume', choose another out_dir, or give "
+                             f"overwrite=True to delete them")
+        if ddp:
+            dist.barrier()  # every process has looked before the master deletes
+        if master:
+            for path in earlier + glob.glob(os.path.join(cfg.out_dir, "log.jsonl")):
+                os.remove(path)
+            say(f"overwrite: deleted the {len(earlier)} checkpoints in {cfg.out_dir}")
+    meta = ensure_data(cfg.data_dir, master, ddp)
+    tokens_of_data = {"vocab_size": meta.get("vocab_size"), "bos_token_id": meta.get("bos_id"),
+                      "eos_token_id": meta.get("eos_id")}
+
+    # the model: from scratch, resumed, or initialised from saved weights
+    torch.manual_seed(cfg.seed)
+    checkpoint, start_step = None, 0
+    if cfg.init_from == "scratch":
+        if cfg.model is not None and cfg.model not in PRESETS:
+            raise SystemExit(f"error: unknown model preset {cfg.model!r}; choose one of "
+                             f"{', '.join(sorted(PRESETS))}, or model=None")
+        config = dict(PRESETS[cfg.model]) if cfg.model else {}
+        for key, value in tokens_of_data.items():
+            if value is not None and key not in overrides:  # the data's tokenizer decides
+                config[key] = value
+        model = build_model(config, overrides)
+    elif cfg.init_from == "resume":
+        path = cfg.resume_ckpt or find_latest_checkpoint(cfg.out_dir)
+        if path is None:
+            raise SystemExit(f"error: no checkpoint to resume in {cfg.out_dir}; start with "
+                             f"init_from='scratch' or give resume_ckpt=PATH")
+        checkpoint = load_checkpoint(path)
+        model = build_model(checkpoint["model_config"], overrides, checkpoint["model"], path)
+        start_step = checkpoint["step"]
+        say(f"resuming from {path} at step {start_step}")
+    else:  # weights only: a Hugging Face Doge directory, an out_dir, or one of our checkpoints
+        path = cfg.init_from
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            path = find_latest_checkpoint(path) or path
+        if os.path.isdir(path):
+            try:
+                loaded = Doge.from_pretrained(path)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"error: init_from {path}: {e}") from None
+            model = build_model(asdict(loaded.config), overrides, loaded.state_dict(), path) \
+                if overrides else loaded
+        else:
+            weights = load_checkpoint(path)
+            model = build_model(weights["model_config"], overrides, weights["model"], path)
+        say(f"initialised from the weights of {path}")
+    if cfg.upcycle_experts and not model.config.is_moe:
+        if checkpoint is not None:
+            raise SystemExit("error: upcycling makes new parameters, so it cannot resume an "
+                             "optimizer: give the dense checkpoint as init_from=PATH instead")
+        model = upcycle_to_moe(model, cfg.upcycle_experts, cfg.upcycle_experts_per_tok)
+        say(f"upcycled to a CDMoE with {cfg.upcycle_experts} experts, "
+            f"{cfg.upcycle_experts_per_tok} per token")
+    if "vocab_size" in meta and meta["vocab_size"] > model.config.vocab_size:
+        raise SystemExit(f"error: the data's vocabulary ({meta['vocab_size']} tokens, "
+                         f"{cfg.data_dir}/meta.json) does not fit the model's vocab_size "
+                         f"{model.config.vocab_size}")
+    model.to(device)
+    optimizer = configure_optimizer(model, cfg, device.type)
+
+    train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.block_size, rank,
+                               world_size, model.config.vocab_size, cfg.seed)
+    val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.block_size, rank,
+                             world_size, model.config.vocab_size, cfg.seed)
+    records = []  # everything logged, for loss.png
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if checkpoint is not None:
+        if start_step > cfg.max_iters:
+            raise SystemExit(f"error: the checkpoint is at step {start_step}, past max_iters "
+                             f"{cfg.max_iters}")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        train_loader.load_state_dict(checkpoint["data_position"])
+        before = checkpoint["train_config"]
+        schedule = ("max_iters", "decay_iters", "min_lr_ratio", "learning_rate", "warmup_iters")
+        changed = {k: (before.get(k), getattr(cfg, k)) for k in schedule
+                   if before.get(k) != getattr(cfg, k)}
+        if changed:
+            say("branching: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+            if max(list_checkpoints(cfg.out_dir), default=0) > start_step:
+                raise SystemExit(f"error: {cfg.out_dir} holds checkpoints after step {start_step} "
+                                 f"from the other schedule; branch into a new out_dir")
+        if master and os.path.isfile(log_path):  # forget what was logged after the checkpoint
+            with open(log_path) as f:
+                records = [r for r in map(json.loads, f) if r["step"] <= start_step]
+            atomic_write(log_path, lambda temp: open(temp, "w").write(
+                "".join(json.dumps(r) + "\n" for r in records)))
+
+    raw_model = model  # what is saved and sampled from
+    if use_compile:
+        model = torch.compile(model)
+    eval_model = model
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # bookkeeping
+    flops = flops_per_token(raw_model, cfg.block_size)
+    peak = (cfg.peak_flops or peak_flops(device.type, dtype)) * world_size
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        write_run_record(cfg, raw_model.config, argv, world_size, device)
+        copy_tokenizer(cfg.data_dir, cfg.out_dir, meta)
+        log_file = open(log_path, "a")
+    say(f"{raw_model.num_params() / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs per token | "
+        f"{world_size} process(es) on {device.type}, {str(dtype).removeprefix('torch.')}, "
+        f"compile {use_compile} | {grad_accum} micro-steps of {cfg.batch_size} x {cfg.block_size}"
+        f" per step ({cfg.total_batch_size} tokens)")
+    wandb = None
+    if cfg.wandb_log and master:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: wandb_log=True needs wandb: pip install wandb") from None
+        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
+                   config={**asdict(cfg), **asdict(raw_model.config)})
+    progress = None
+    if master and sys.stderr.isatty():
+        from tqdm import tqdm
+        progress = tqdm(total=cfg.max_iters, initial=start_step, unit="step", dynamic_ncols=True)
+    write_line = progress.write if progress is not None else print if master else lambda line: None
+
+    def fetch():
+        """The next step's micro-batches, on their way to the device."""
+        x, y = train_loader.next_batch(grad_accum)
+        return to_device(x, device), to_device(y, device)
+
+    def log(record):
+        records.append(record)
+        if master:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            if wandb is not None:
+                wandb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
+
+    if checkpoint is not None:
+        rng = checkpoint["rng"]
+        if len(rng) == world_size:
+            set_rng_state(rng[rank])
+        else:
+            say(f"note: the checkpoint has the RNG states of {len(rng)} processes, this run "
+                f"{world_size}: reseeding instead")
+            torch.manual_seed(cfg.seed + start_step + rank)
+    else:
+        torch.manual_seed(cfg.seed + rank)  # dropout differs between processes
+    step = start_step
+    data_position = train_loader.state_dict()  # where the next step's data begins
+    x, y = fetch()
+    if checkpoint is None and step < cfg.max_iters:  # the loss before any training
+        val_loss = evaluate(eval_model, val_loader, cfg.eval_iters, device, autocast, ddp)
+        write_line(f"step {step:6d}/{cfg.max_iters} | val loss {val_loss:.4f}")
+        log({"step": step, "tokens": 0, "val_loss": val_loss})
+    window_start, window_steps = time.perf_counter(), 0
+    stopped = False
+    raw_model.train()
+    with StopRequest(ddp, backend) as stop:  # Ctrl-C: finish the step, save, stop
+        while step < cfg.max_iters and not stopped:
+            lr = wsd_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)  # summed on the device: no sync here
+            for micro_step in range(grad_accum):
+                if ddp:  # average gradients across processes once, after the last micro-step
+                    model.require_backward_grad_sync = micro_step == grad_accum - 1
+                with autocast:
+                    _, loss = model(x[micro_step], y[micro_step], keep_logits=False)
+                step_loss += loss.detach()
+                (loss / grad_accum).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                       cfg.grad_clip or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            data_position = train_loader.state_dict()
+            x, y = fetch()  # the host reads on while the device works
+            step += 1
+            window_steps += 1
+            if progress is not None:
+                progress.update(1)
+            stopped = stop()
+            last = step == cfg.max_iters
+
+            # log, evaluate, save
+            record, parts = {}, [f"step {step:6d}/{cfg.max_iters}"]
+            if step % cfg.log_interval == 0 or last or stopped:
+                step_loss /= grad_accum
+                if ddp:  # the mean over every micro-batch of every process
+                    dist.all_reduce(step_loss)
+                    step_loss /= world_size
+                train_loss = step_loss.item()  # the one host-device sync of a logged step
+                elapsed = time.perf_counter() - window_start
+                tokens_per_sec = window_steps * cfg.total_batch_size / elapsed
+                mfu = flops * tokens_per_sec / peak if peak else None
+                record = {"step": step, "tokens": step * cfg.total_batch_size,
+                          "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                          "tokens_per_sec": tokens_per_sec, "mfu": mfu, "time": time.time()}
+                parts += [f"loss {train_loss:.4f}", f"lr {lr:.2e}",
+                          f"norm {record['grad_norm']:.2f}", f"{tokens_per_sec:,.0f} tok/s"]
+                parts += [f"MFU {mfu:.1%}"] if mfu is not None else []
+                parts += [f"ETA {format_duration((cfg.max_iters - step) * elapsed / window_steps)}"]
+                if progress is not None:
+                    progress.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
+            if (cfg.eval_interval and step % cfg.eval_interval == 0 or last) and not stopped:
+                record.setdefault("step", step)
+                record.setdefault("tokens", step * cfg.total_batch_size)
+                record["val_loss"] = evaluate(eval_model, val_loader, cfg.eval_iters, device,
+                                              autocast, ddp)
+                parts.append(f"val loss {record['val_loss']:.4f}")
+            if record:
+                write_line(" | ".join(parts))
+                log(record)
+            saved = cfg.save_interval and step % cfg.save_interval == 0 or last or stopped
+            if saved:
+                path = os.path.join(cfg.out_dir, f"ckpt_{step:06d}.pt")
+                save_checkpoint(path, raw_model, optimizer, step, cfg, data_position, master,
+                                tokens=step * cfg.total_batch_size,
+                                val_loss=record.get("val_loss"))
+                if stopped:
+                    say(f"saved {path}")
+            if "val_loss" in record and master:
+                plot_losses(os.path.join(cfg.out_dir, "loss.png"), records)
+            if record or saved:  # time the next window from here
+                window_start, window_steps = time.perf_counter(), 0
+
+    if progress is not None:
+        progress.close()
+    if master:
+        log_file.close()
+        if wandb is not None:
+            wandb.finish()
+    if cfg.sample_tokens and master and not stopped:
+        print_sample(raw_model, cfg, meta, device)
+    if ddp:
+        dist.destroy_process_group()
+
+
+def print_sample(model, cfg, meta, device):
+    """Generate from the trained model and print the text (stdout)."""
+    path = os.path.join(cfg.data_dir, meta.get("tokenizer", {}).get("path", "tokenizer.model"))
+    if not os.path.isfile(path):
+        print(f"no tokenizer at {path}: no sample", file=sys.stderr)
+        return
+    tokenizer = load_tokenizer(path)
+    # in the shards every document follows the end-of-text token of the one before
+    start = [tokenizer.eot_id] + (tokenizer.encode([cfg.sample_prompt])[0] if cfg.sample_prompt
+                                  else [])
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([start], device=device), cfg.sample_tokens,
+                             temperature=0.8, top_k=50, eos_token_id=tokenizer.eot_id)
+    print("-" * 36 + " sample " + "-" * 36)
+    print(tokenizer.decode(out[0, 1:].tolist()))
+    print("-" * 80, flush=True)
+
+
+if __name__ == "__main__":
+    main()
