@@ -1,0 +1,1030 @@
+"""
+Turn raw text into what train.py reads: a tokenizer plus pre-tokenized binary shards.
+
+    python prepare_data.py                       # offline: the running Python's stdlib source -> data/default/
+    python prepare_data.py --input notes/ 'books/*.txt' --doc_sep='\\n\\n' --out_dir=data/books --vocab_size=8192
+    python prepare_data.py --input corpus.jsonl --tokenizer=path/to/Doge-20M --out_dir=data/continued
+    python prepare_data.py --source=HuggingFaceTB/smollm-corpus:cosmopedia-v2 --max_tokens=4e9   # datasets + network
+
+What it writes in --out_dir:
+
+    tokenizer.model            SentencePiece BPE with byte fallback, trained on a bounded sample
+                               (or a copy of --tokenizer: a .model, or a Hugging Face tokenizer.json)
+    <name>_val_000000.bin      the first --val_tokens tokens of the stream: the validation split
+    <name>_train_000001.bin    the rest, at most --shard_tokens per file
+    meta.json                  tokenizer, vocab_size, bos/eos ids, token counts, source; "complete" once done
+
+Shards follow the llm.c convention: a header of 256 int32 [20240520, version, num_tokens, 0, ...], then the
+tokens, uint16 (version 1) or, for vocabularies above 65536, uint32 (version 2). Every document ends with the
+end-of-text (eos) token, so reading the shards in index order (val first) and splitting on it gives the
+documents back, exactly: the tokenizer is lossless (identity normalisation, byte fallback).
+
+Tokenizing runs in --workers processes. Long documents are cut into pieces of a few KB at line starts, where
+the tokenizer never merges across (checked on the data at start-up): because SentencePiece is several times
+slower on one multi-megabyte string and because one huge file should still keep every worker busy.
+"""
+
+import argparse
+import ast
+import contextlib
+import glob
+import gzip
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import platform
+import random
+import re
+import socket
+import sys
+import sysconfig
+import tempfile
+import time
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from itertools import chain
+from typing import Callable, Optional
+from urllib.parse import urlparse
+
+import numpy as np
+from tqdm import tqdm
+
+DEFAULT_DATA_DIR = "data/default"
+META_FILE = "meta.json"
+
+# -----------------------------------------------------------------------------
+# Shard format: shared with train.py (write_shard, read_shard, list_shards)
+
+SHARD_MAGIC = 20240520
+HEADER_INTS = 256  # the header is 256 int32 = 1024 bytes
+HEADER_BYTES = HEADER_INTS * 4
+VERSION_OF_DTYPE = {np.dtype(np.uint16): 1, np.dtype(np.uint32): 2}
+DTYPE_OF_VERSION = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+SHARD_FILE = re.compile(r"^(?P<name>.+)_(?P<split>train|val)_(?P<index>\d{6})\.bin$")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+REBUILD_HINT = "re-run prepare_data.py to rebuild it"
+
+
+def dtype_for_vocab(vocab_size, dtype=None):
+    """Token dtype for a vocabulary: uint16 up to 65536 entries, else uint32 (or the dtype asked for, if it fits)."""
+    if dtype is None:
+        dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
+    dtype = np.dtype(dtype)
+    if dtype not in VERSION_OF_DTYPE:
+        raise ValueError(f"dtype must be uint16 or uint32, not {dtype}")
+    if vocab_size > np.iinfo(dtype).max + 1:
+        raise ValueError(f"a vocabulary of {vocab_size:,} tokens does not fit {dtype} "
+                         f"(at most {np.iinfo(dtype).max + 1:,}); use --dtype=uint32 or leave --dtype unset")
+    return dtype
+
+
+def shard_dtype(chunks):
+    """uint16 and uint32 arrays keep their dtype; other integers become uint16 when every value fits, else uint32."""
+    dtypes = {chunk.dtype for chunk in chunks}
+    if dtypes and dtypes <= set(VERSION_OF_DTYPE):
+        return max(dtypes, key=lambda d: d.itemsize)
+    if any(d.kind not in "iu" for d in dtypes):
+        raise ValueError(f"token arrays must hold integers, not {sorted(str(d) for d in dtypes)}")
+    nonempty = [chunk for chunk in chunks if chunk.size]
+    low = min((int(chunk.min()) for chunk in nonempty), default=0)
+    high = max((int(chunk.max()) for chunk in nonempty), default=0)
+    if low < 0 or high >= 1 << 32:
+        raise ValueError(f"token ids must lie in [0, 2**32), got values from {low} to {high}")
+    return np.dtype(np.uint16) if high < 1 << 16 else np.dtype(np.uint32)
+
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """Open path for binary writing under a temporary name in the same directory, synced and renamed to path
+    only when the block completes: a file that exists under its real name is complete."""
+    directory, filename = os.path.split(os.path.abspath(path))
+    fd, temp_path = tempfile.mkstemp(dir=directory, prefix=filename + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temp_path)
+        raise
+
+
+def write_shard_chunks(path, chunks):
+    """Write the arrays in `chunks` one after another as a single shard, atomically."""
+    chunks = [np.asarray(chunk).ravel() for chunk in chunks]
+    dtype = shard_dtype(chunks)
+    num_tokens = sum(chunk.size for chunk in chunks)
+    if num_tokens > np.iinfo(np.int32).max:
+        raise ValueError(f"{path}: {num_tokens:,} tokens do not fit the int32 token count of the header")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, VERSION_OF_DTYPE[dtype], num_tokens)
+    with atomic_open(path) as f:
+        f.write(header.tobytes())
+        for chunk in chunks:
+            f.write(chunk.astype(dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def write_shard(path, tokens: np.ndarray):
+    """Write one shard atomically: header [20240520, version, num_tokens, 0 ...] then the tokens. uint16 tokens
+    give version 1, uint32 version 2; other integer arrays are stored as uint16 when they fit, else uint32."""
+    write_shard_chunks(path, [tokens])
+
+
+def read_shard(path) -> np.ndarray:
+    """Memory-map the tokens of a shard (read-only), after checking magic, version and that the file size
+    matches the token count. Any problem raises ValueError naming the file."""
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the shard ({e.strerror or e}); {REBUILD_HINT}") from None
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte header "
+                         f"(truncated); {REBUILD_HINT}")
+    magic, version, num_tokens = (int(x) for x in header[:3])
+    if magic != SHARD_MAGIC:
+        raise ValueError(f"{path}: not a token shard (magic number {magic}, expected {SHARD_MAGIC}); {REBUILD_HINT}")
+    if version not in DTYPE_OF_VERSION:
+        raise ValueError(f"{path}: unknown shard version {version} (1 = uint16 tokens, 2 = uint32); {REBUILD_HINT}")
+    dtype = DTYPE_OF_VERSION[version]
+    expected = HEADER_BYTES + num_tokens * dtype.itemsize
+    if num_tokens < 0 or size != expected:
+        raise ValueError(f"{path}: the header says {num_tokens:,} tokens ({expected:,} bytes) but the file has "
+                         f"{size:,} bytes (truncated or corrupt); {REBUILD_HINT}")
+    if num_tokens == 0:
+        return np.zeros(0, dtype=dtype)  # np.memmap cannot map zero bytes
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+
+
+def read_meta(data_dir):
+    """The meta.json of a data directory as a dict, or None when there is none."""
+    path = os.path.join(data_dir, META_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); re-run prepare_data.py") from None
+
+
+def list_shards(data_dir, split) -> list:
+    """Paths of the `split` ('train' or 'val') shards of a data directory, in index order. meta.json, when
+    present, is the authority: an unfinished preparation or a missing shard is an error, not a smaller dataset."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    meta = read_meta(data_dir)
+    if meta is not None and not meta.get("complete"):
+        raise ValueError(f"{data_dir}: an earlier prepare_data.py run did not finish; re-run prepare_data.py")
+    if meta is not None and "shards" in meta:
+        paths = [os.path.join(data_dir, filename) for filename in meta["shards"][split]]
+        missing = [path for path in paths if not os.path.exists(path)]
+        if missing:
+            raise ValueError(f"{missing[0]}: listed in {META_FILE} but missing; re-run prepare_data.py")
+    else:  # shards made by hand or by another tool: take what is there
+        matches = [SHARD_FILE.match(f) for f in os.listdir(data_dir)] if os.path.isdir(data_dir) else []
+        matches = sorted((int(m["index"]), m.string) for m in matches if m and m["split"] == split)
+        paths = [os.path.join(data_dir, filename) for _, filename in matches]
+    if not paths:
+        raise ValueError(f"{data_dir}: no {split} shards (files named <name>_{split}_000000.bin); "
+                         f"run prepare_data.py first")
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# Documents: where the text comes from. Each reader yields the documents of one input as str.
+
+STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")  # what a directory walk picks up
+
+
+def stdlib_files():
+    """The .py files of the running Python's standard library minus its test suites (about 12 MB for 3.11), in a
+    fixed shuffled order: the validation split is the start of the stream, and should be a fair sample rather than
+    the alphabetically first modules."""
+    root = sysconfig.get_paths()["stdlib"]
+    paths = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in STDLIB_SKIP_DIRS and not d.startswith("."))
+        paths += [os.path.join(directory, f) for f in sorted(files) if f.endswith(".py")]
+    random.Random(0).shuffle(paths)
+    return root, paths
+
+
+def find_input_files(patterns):
+    """Expand --input: files as given, globs, directories walked (sorted, picking .txt/.jsonl/.parquet)."""
+    files = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if re.search(r"[*?[]", pattern) else [pattern]
+        if not matches:
+            raise ValueError(f"--input {pattern}: no files match")
+        for match in matches:
+            if os.path.isdir(match):
+                found = walk_directory(match)
+                if not found:
+                    raise ValueError(f"{match}: no {', '.join(INPUT_SUFFIXES)} files in this directory")
+                files += found
+            elif os.path.isfile(match):
+                files.append(match)
+            else:
+                raise ValueError(f"{match}: no such file or directory")
+    for path in files:
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"{path}: not readable (permission denied)")
+    return list(dict.fromkeys(files))  # a file named twice is read once
+
+
+def walk_directory(root):
+    found = []
+    for directory, subdirs, filenames in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        found += [os.path.join(directory, f) for f in sorted(filenames)
+                  if f.endswith(INPUT_SUFFIXES) and not f.startswith(".")]
+    return found
+
+
+def open_text(path):
+    # newline="" keeps \r\n and lone \r as they are: documents must come back byte for byte
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def read_documents(path, doc_sep=None, text_field="text"):
+    """Documents of one file: .jsonl (one per line, field text_field), .parquet (column text_field), anything
+    else is plain text, one document per file or split on doc_sep. Empty documents are skipped."""
+    name = path[:-3] if path.endswith(".gz") else path
+    try:
+        if name.endswith(".jsonl"):
+            yield from read_jsonl(path, text_field)
+        elif name.endswith(".parquet"):
+            yield from read_parquet(path, text_field)
+        else:
+            with open_text(path) as f:
+                text = f.read()
+            yield from (doc for doc in (text.split(doc_sep) if doc_sep else [text]) if doc)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 (byte {e.start}: {e.object[e.start:e.start + 4]!r}); "
+                         f"convert it to UTF-8 first") from None
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def read_jsonl(path, text_field):
+    with open_text(path) as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get(text_field, ""), (str, type(None))) \
+                    or text_field not in row:
+                found = list(row) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+                raise ValueError(f"{path}:{line_number}: no text field {text_field!r} (found {found}); "
+                                 f"name the field with --text_field")
+            if row[text_field]:
+                yield row[text_field]
+
+
+def read_parquet(path, text_field):
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise ValueError(f"{path}: reading .parquet files needs the optional pyarrow package "
+                         f"(pip install pyarrow)") from None
+    try:
+        parquet_file = pyarrow.parquet.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own error types for damaged files
+        raise ValueError(f"{path}: not a readable parquet file ({one_line(e)})") from None
+    columns = parquet_file.schema_arrow.names
+    if text_field not in columns:
+        raise ValueError(f"{path}: no column {text_field!r} (found {columns}); name it with --text_field")
+    for batch in parquet_file.iter_batches(columns=[text_field], batch_size=1024):
+        yield from (text for text in batch.column(0).to_pylist() if text)
+
+
+def open_source(name, text_field="text", split="train"):
+    """Stream a Hugging Face data set, given as NAME or NAME:CONFIG, with the optional `datasets` package.
+    Everything that can fail without data fails here, at once: the package, the network, the name."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"--source {name}: streaming a data set needs the optional `datasets` package "
+                         f"(pip install datasets); for local files use --input") from None
+    path, _, config = name.partition(":")
+    if not os.path.exists(path):  # a local data set directory needs no network
+        check_hub_reachable(name)
+    try:
+        rows = iter(datasets.load_dataset(path, config or None, split=split, streaming=True))
+    except Exception as e:  # datasets raises many kinds: bad name, bad config, network, auth
+        raise ValueError(f"--source {name}: cannot open it ({one_line(e)})") from None
+    return source_documents(name, rows, text_field)
+
+
+def source_documents(name, rows, text_field):
+    for row in rows:
+        if text_field not in row:
+            raise ValueError(f"--source {name}: rows have no field {text_field!r} (found {list(row)}); "
+                             f"name it with --text_field")
+        if row[text_field]:
+            yield row[text_field]
+
+
+def check_hub_reachable(name, timeout=5.0):
+    """Fail fast without network, instead of letting `datasets` retry for minutes."""
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(variable, "").lower() in ("1", "true", "yes", "on"):
+            raise ValueError(f"--source {name}: {variable} is set, so the hub cannot be reached; "
+                             f"use --input with local files")
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"--source {name}: cannot reach {host}:{port} ({e.strerror or e}); --source needs "
+                         f"network access, use --input for local files") from None
+
+
+def one_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: train SentencePiece BPE, or load a .model / tokenizer.json. Both give the same small record.
+
+@dataclass
+class Tokenizer:
+    kind: str  # "sentencepiece" or "huggingface"
+    vocab_size: int  # ids are 0 .. vocab_size - 1
+    eot_id: int  # end of text: closes every document in the shards
+    bos_id: Optional[int]
+    encode: Callable  # list of str -> list of lists of ids, no special tokens added
+    decode: Callable  # ids -> str
+    token_to_id: Callable  # token text -> id, or None when the vocabulary has no such token
+
+
+# Every option here is about getting the text back exactly (or fast, or small).
+SENTENCEPIECE_OPTIONS = dict(
+    model_type="bpe",
+    byte_fallback=True,  # characters outside the vocabulary become UTF-8 byte pieces: never <unk>
+    normalization_rule_name="identity",  # no NFKC: text comes back as it went in
+    add_dummy_prefix=False,  # no invented space at the start of the text
+    remove_extra_whitespaces=False,  # keep indentation, runs of spaces, trailing spaces
+    allow_whitespace_only_pieces=True,  # an indentation of 8 spaces is one piece, not 8
+    split_digits=True,  # numbers digit by digit, as in Llama
+    character_coverage=0.9995,  # the rarest characters go to byte pieces
+    max_sentence_length=1 << 14,  # bytes; the trainer is given lines of at most 4096 characters
+    hard_vocab_limit=False,  # a tiny corpus gets a smaller vocabulary instead of an error
+    shuffle_input_sentence=True,
+    input_sentence_size=5_000_000,  # lines; a bound on training time whatever --sample_bytes says
+    unk_id=0, bos_id=1, pad_id=-1,
+    minloglevel=2,  # SentencePiece logs hundreds of lines otherwise
+)
+EOT_TOKENS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eos|>")  # searched in tokenizer.json
+BOS_TOKENS = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+META_SYMBOL = "\u2581"  # "▁": SentencePiece's stand-in for a space
+
+
+def train_sentencepiece(sample, vocab_size, eos_id=2):
+    """Train SentencePiece BPE on the lines of the sample documents; returns the model file's bytes.
+    Lines go in without their line break, so no piece contains "\\n": a newline is always its own byte piece,
+    and cutting documents at line starts never changes the tokens."""
+    # SentencePiece leaves out lines longer than max_sentence_length bytes: slice them (minified text, CJK).
+    lines = [line[i:i + 4096] for doc in sample for line in doc.splitlines() for i in range(0, len(line), 4096)]
+    if vocab_size < 260:
+        raise ValueError(f"--vocab_size={vocab_size} is too small: the 256 byte pieces and unk, bos, eos come first")
+    if eos_id in (0, 1) or not 0 <= eos_id < vocab_size:
+        raise ValueError(f"--eos_id={eos_id} must lie in [2, vocab_size): 0 is unk and 1 is bos")
+    if not lines:
+        raise ValueError("the tokenizer's training sample holds no text, only line breaks")
+    try:
+        return run_sentencepiece_trainer(lines, vocab_size, eos_id)
+    except ValueError as e:
+        if "required_chars" not in str(e):
+            raise
+    # The vocabulary cannot hold every character that 99.95% coverage asks for (text in Chinese, say, with a
+    # vocabulary of 512): train on the commonest characters only, cutting lines at the others, which byte
+    # pieces encode as they encode any character the tokenizer never saw.
+    counts = Counter(chain.from_iterable(lines))
+    keep = {char for char, _ in counts.most_common(max(1, (vocab_size - 259) // 2))}
+    rare = re.compile("[" + re.escape("".join(set(counts) - keep)) + "]+")
+    return run_sentencepiece_trainer([part for line in lines for part in rare.split(line) if part], vocab_size, eos_id)
+
+
+def run_sentencepiece_trainer(lines, vocab_size, eos_id):
+    import sentencepiece
+
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, eos_id=eos_id,
+            num_threads=available_cpus(), **SENTENCEPIECE_OPTIONS)
+    except RuntimeError as e:  # SentencePiece reports bad settings as "INTERNAL: file(line) [check] message"
+        reason = str(e).split("] ", 1)[-1].strip() or str(e).strip()
+        raise ValueError(f"training the tokenizer failed: {reason} "
+                         f"(--vocab_size={vocab_size}, --eos_id={eos_id}; unk is 0, bos 1)") from None
+    return model.getvalue()
+
+
+def load_tokenizer(path, eot_token=None, parse_special_tokens=False) -> Tokenizer:
+    """A SentencePiece .model, or a Hugging Face tokenizer.json (or a model directory holding one).
+    parse_special_tokens: text that spells a special token (a chat template's <|start_header_id|>) is encoded as
+    that token, as prompts need; off for data, where such text must stay text. SentencePiece never parses its
+    control pieces (<s>, </s>) from text, so there it changes nothing."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"--tokenizer {path}: no such file")
+    if path.endswith(".json"):
+        return load_huggingface_tokenizer(path, eot_token, parse_special_tokens)
+    return load_sentencepiece(path, eot_token)
+
+
+def load_sentencepiece(path, eot_token=None):
+    import sentencepiece
+
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"--tokenizer {path}: not a SentencePiece model ({one_line(e)})") from None
+    if eot_token is not None:
+        eot_id = processor.piece_to_id(eot_token)
+        if eot_id == processor.unk_id() and eot_token != processor.id_to_piece(eot_id):
+            raise ValueError(f"--tokenizer {path}: no end-of-text token {eot_token!r} (--eot_token)")
+    else:
+        eot_id = processor.eos_id()
+        if eot_id < 0:
+            raise ValueError(f"--tokenizer {path}: the model has no eos piece; name an end-of-text piece "
+                             f"with --eot_token")
+    bos_id = processor.bos_id() if processor.bos_id() >= 0 else None
+
+    def token_to_id(piece):
+        piece_id = processor.piece_to_id(piece)
+        return None if piece_id == processor.unk_id() and piece != processor.id_to_piece(piece_id) else piece_id
+
+    return Tokenizer("sentencepiece", processor.get_piece_size(), eot_id, bos_id, sentencepiece_encoder(processor),
+                     lambda ids: processor.decode(np.asarray(ids).tolist()), token_to_id)
+
+
+def sentencepiece_encoder(processor):
+    """SentencePiece's encode, made lossless for text that contains "▁" itself: SentencePiece would decode
+    it as a space, so such text is encoded around it, and "▁" is spelled with its three UTF-8 byte pieces."""
+    meta_symbol_ids = [processor.piece_to_id(f"<0x{byte:02X}>") for byte in META_SYMBOL.encode()]
+    has_byte_pieces = all(processor.is_byte(i) for i in meta_symbol_ids)
+
+    def encode_around_meta_symbol(text):
+        parts = text.split(META_SYMBOL)
+        ids = processor.encode(parts[0])
+        for part in parts[1:]:
+            ids += meta_symbol_ids + processor.encode(part)
+        return ids
+
+    def encode(texts):
+        ids = processor.encode(texts, num_threads=1)  # parallelism comes from worker processes
+        if has_byte_pieces:
+            for i, text in enumerate(texts):
+                if META_SYMBOL in text:
+                    ids[i] = encode_around_meta_symbol(text)
+        return ids
+
+    return encode
+
+
+def load_huggingface_tokenizer(path, eot_token=None, parse_special_tokens=False):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
+    try:
+        import tokenizers
+    except ImportError:
+        raise ValueError(f"--tokenizer {path}: a tokenizer.json needs the optional `tokenizers` package "
+                         f"(pip install tokenizers)") from None
+    try:
+        hf_tokenizer = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise ValueError(f"--tokenizer {path}: not a tokenizer.json ({one_line(e)})") from None
+    # In data, text that happens to spell "<|end_of_text|>" must stay text, or it would end a document.
+    with contextlib.suppress(AttributeError):  # tokenizers < 0.15 lacks the switch
+        hf_tokenizer.encode_special_tokens = not parse_special_tokens
+    candidates = [eot_token] if eot_token is not None else EOT_TOKENS
+    eot_id = next((hf_tokenizer.token_to_id(t) for t in candidates if hf_tokenizer.token_to_id(t) is not None), None)
+    if eot_id is None:
+        raise ValueError(f"--tokenizer {path}: no end-of-text token ({', '.join(candidates)}); "
+                         f"name one with --eot_token")
+    bos_id = next((hf_tokenizer.token_to_id(t) for t in BOS_TOKENS if hf_tokenizer.token_to_id(t) is not None), None)
+
+    def encode(texts):
+        return [encoding.ids for encoding in hf_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(ids):
+        return hf_tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
+
+    return Tokenizer("huggingface", hf_tokenizer.get_vocab_size(with_added_tokens=True), eot_id, bos_id,
+                     encode, decode, hf_tokenizer.token_to_id)
+
+
+LOSSLESS_PROBE = "def f(x):\n\tif x:  # ok\r\n        return 'héllo wörld 日本語 🙂'\n\n\x00\x7f \u2028▁ end  "
+
+
+def is_lossless(tokenizer):
+    return tokenizer.decode(list(chain.from_iterable(tokenizer.encode([LOSSLESS_PROBE])))) == LOSSLESS_PROBE
+
+
+# -----------------------------------------------------------------------------
+# Cutting long documents where tokenizers never merge across
+
+# Where a long text may be cut, most permissive first: at line starts (before a line with visible text) or
+# before a single space between words. Our SentencePiece models and Llama-3-style byte-level BPE never merge
+# across either; GPT-2-style pre-tokenizers join runs of newlines and indentation, so the second rule keeps
+# to a newline between two visible characters. choose_cut_rule() checks them on the data.
+CUT_RULES = (
+    re.compile(r"(?<=\n)(?=[ \t]*\S)|(?<=\S)(?= \S)"),
+    re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)"),
+)
+
+
+def split_text(text, max_chars, cut_rule=CUT_RULES[0]):
+    """Cut text into pieces of max_chars / 2 to max_chars characters at places cut_rule allows (a piece is
+    longer only where the text offers none). No cuts when max_chars or cut_rule is None."""
+    if max_chars is None or cut_rule is None or len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        low = start + max_chars // 2
+        match = cut_rule.search(text, low, start + max_chars) or cut_rule.search(text, low)
+        if match is None:
+            break
+        pieces.append(text[start:match.start()])
+        start = match.start()
+    pieces.append(text[start:])
+    return pieces
+
+
+def choose_cut_rule(tokenizer, sample):
+    """Index of the first of CUT_RULES that leaves the tokens of the data unchanged (whole text against cut
+    pieces), or None: then documents are encoded whole, e.g. for a model that adds a dummy prefix."""
+    text = "".join(sample)[:1 << 16] + LOSSLESS_PROBE
+    whole = list(tokenizer.encode([text])[0])
+    for index, cut_rule in enumerate(CUT_RULES):
+        if list(chain.from_iterable(tokenizer.encode(split_text(text, 64, cut_rule)))) == whole:
+            return index
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing in worker processes
+
+PIECE_CHARS = 2048  # what one encode call sees: a few lines, where SentencePiece runs at full speed
+TASK_CHARS = 1 << 18  # what one worker task holds: big enough that passing it between processes costs little
+_worker = {}  # this process's tokenizer, loaded by its first task
+
+
+def encode_task(task, settings):
+    """task: a list of (text, ends_a_document); settings: (tokenizer path, eot_token, dtype, cut rule index).
+    Returns the tokens, with an end-of-text token after every document's last text, and how many documents
+    ended."""
+    if _worker.get("settings") != settings:
+        tokenizer_path, eot_token, dtype, cut_rule_index = settings
+        tokenizer = load_tokenizer(tokenizer_path, eot_token)
+        _worker.update(settings=settings, encode=tokenizer.encode, eot_id=tokenizer.eot_id, dtype=np.dtype(dtype),
+                       cut_rule=None if cut_rule_index is None else CUT_RULES[cut_rule_index])
+    texts, ends = [], []
+    for text, ends_document in task:
+        pieces = split_text(text, PIECE_CHARS, _worker["cut_rule"])
+        texts += pieces
+        ends += [False] * (len(pieces) - 1) + [ends_document]
+    eot = [_worker["eot_id"]]
+    ids = []
+    for piece_ids, end in zip(_worker["encode"](texts), ends):
+        ids.append(piece_ids)
+        if end:
+            ids.append(eot)
+    count = sum(map(len, ids))
+    try:
+        tokens = np.fromiter(chain.from_iterable(ids), dtype=_worker["dtype"], count=count)
+    except (OverflowError, ValueError):
+        raise ValueError(f"the tokenizer produced an id that does not fit {_worker['dtype']}: "
+                         f"its vocabulary and dtype disagree") from None
+    return tokens, sum(ends)
+
+
+def make_tasks(documents, task_chars, cut_rule):
+    """Group documents into tasks of about task_chars, cutting long ones so that every worker gets work even
+    when the input is one huge document."""
+    task, size = [], 0
+    for doc in documents:
+        parts = split_text(doc, task_chars, cut_rule)
+        for i, part in enumerate(parts):
+            task.append((part, i == len(parts) - 1))
+            size += len(part)
+            if size >= task_chars:
+                yield task
+                task, size = [], 0
+    if task:
+        yield task
+
+
+def start_workers(workers):
+    """A pool of `workers` processes, started at once so that their start-up (an interpreter, numpy and the
+    tokenizer library each: about half a second) overlaps the sampling and tokenizer training; for one worker,
+    a stand-in: then everything runs in this process.
+    spawn, not fork: the caller (train.py) may have threads running (torch), and fork with threads can hang.
+    concurrent.futures, not multiprocessing.Pool: a worker that cannot start is an error, not a restart loop."""
+    if workers == 1:
+        return contextlib.nullcontext()
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
+    for _ in range(workers):
+        pool.submit(int)  # each submission to an idle pool starts one more process
+    return pool
+
+
+def encode_in_order(tasks, pool, workers, settings):
+    """Yield encode_task(task, settings) for every task, in order, computed in the pool (or here when pool is
+    None) with only a few tasks in flight, so memory stays bounded whatever the input size."""
+    if pool is None:
+        _worker.clear()  # the tokenizer file may have been rebuilt under the same name since the last call
+        yield from (encode_task(task, settings) for task in tasks)
+        return
+    in_flight = deque()
+    try:
+        for task in tasks:
+            in_flight.append(pool.submit(encode_task, task, settings))
+            if len(in_flight) > 2 * workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+    except BrokenProcessPool:
+        raise ValueError("a tokenizer worker process died (out of memory? or, called from a script, that "
+                         "script lacks `if __name__ == '__main__':`); --workers=1 runs in-process") from None
+    finally:
+        for future in in_flight:  # stopping early (--max_tokens, an error): drop what is not needed
+            future.cancel()
+
+
+def shard_end(position, val_tokens, shard_tokens):
+    """Stream position where the shard holding the token at `position` ends: val shards end at multiples of
+    shard_tokens and at val_tokens; train shards every shard_tokens after that."""
+    if position < val_tokens:
+        return min(val_tokens, (position // shard_tokens + 1) * shard_tokens)
+    return val_tokens + ((position - val_tokens) // shard_tokens + 1) * shard_tokens
+
+
+def write_shards(results, out_dir, name, val_tokens, shard_tokens, max_tokens=None, eot_id=None):
+    """Cut the token stream into shards: the first val_tokens tokens are validation, the rest train. A shard may
+    end inside a document; the next shard carries on. With max_tokens, stop at the first document end past it."""
+    shards = {"val": [], "train": []}
+    total, documents, pending = 0, 0, []
+    start = time.perf_counter()
+    bar = tqdm(desc="tokenizing", unit=" docs", file=sys.stderr, dynamic_ncols=True)
+
+    def flush():
+        split = "val" if total <= val_tokens else "train"
+        filename = f"{name}_{split}_{len(shards['val']) + len(shards['train']):06d}.bin"
+        write_shard_chunks(os.path.join(out_dir, filename), pending)
+        shards[split].append((filename, sum(len(chunk) for chunk in pending)))
+        pending.clear()
+
+    for tokens, documents_ended in results:
+        reached_max = max_tokens and total + len(tokens) >= max_tokens
+        if reached_max:  # keep up to the first end of text at or past max_tokens
+            first = max(0, max_tokens - total - 1)
+            ends = np.flatnonzero(tokens[first:] == eot_id)
+            reached_max = len(ends) > 0
+            if reached_max:
+                tokens = tokens[:first + ends[0] + 1]
+                documents_ended = int(np.count_nonzero(tokens == eot_id))
+        documents += documents_ended
+        while len(tokens):
+            end = shard_end(total, val_tokens, shard_tokens)
+            pending.append(tokens[:end - total])
+            tokens = tokens[end - total:]
+            total += len(pending[-1])
+            if total == end:
+                flush()
+        bar.update(documents_ended)
+        bar.set_postfix_str(f"{total:,} tokens, {total / (time.perf_counter() - start):,.0f} tok/s", refresh=False)
+        if reached_max:
+            break
+    if pending:
+        flush()
+    bar.close()
+    return dict(shards=shards, documents=documents, tokens=total, seconds=time.perf_counter() - start)
+
+
+# -----------------------------------------------------------------------------
+# The whole preparation
+
+def available_cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_val_tokens(input_bytes, max_tokens):
+    """About 5% of the data (at a typical 4 bytes per token), at most 10M tokens."""
+    estimates = [n for n in (input_bytes and input_bytes // 4, max_tokens) if n]
+    return max(1, min([10_000_000] + [n // 20 for n in estimates]))
+
+
+def files_digest(files):
+    """Changes when any input file is added, removed or modified."""
+    stats = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
+def sample_files(files, read, sample_chars):
+    """About sample_chars of text spread over all input files (each gives a share proportional to its size),
+    so that the tokenizer sees every kind of input, not only the first file."""
+    sizes = [os.path.getsize(path) for path in files]
+    sample = []
+    for path, size in zip(files, sizes):
+        quota = sample_chars * size / max(1, sum(sizes))
+        taken = 0
+        with contextlib.closing(read(path)) as documents:
+            for doc in documents:
+                if taken >= quota:
+                    break
+                sample.append(doc[:max(1, int(quota - taken))])
+                taken += len(sample[-1])
+    return sample
+
+
+def take_head(documents, sample_chars):
+    """The first sample_chars of a stream that can be read only once, and the whole stream again."""
+    head, size = [], 0
+    for doc in documents:
+        head.append(doc)
+        size += len(doc)
+        if size >= sample_chars:
+            break
+    return head, chain(head, documents)
+
+
+def up_to_date(out_dir, settings):
+    """True when out_dir holds a finished preparation made with exactly these settings and inputs."""
+    try:
+        meta = read_meta(out_dir)
+        if not meta or not meta.get("complete") or meta.get("settings") != settings:
+            return False
+        for split in ("val", "train"):
+            for filename, num_tokens in zip(meta["shards"][split], meta["shard_tokens"][split]):
+                if len(read_shard(os.path.join(out_dir, filename))) != num_tokens:
+                    return False
+        return os.path.exists(os.path.join(out_dir, meta["tokenizer"]["path"]))
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def write_file_atomically(path, data: bytes):
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def write_meta(out_dir, meta):
+    write_file_atomically(os.path.join(out_dir, META_FILE), (json.dumps(meta, indent=2) + "\n").encode())
+
+
+def start_rebuild(out_dir, settings):
+    """Mark out_dir as unfinished first (list_shards refuses it from then on), then remove what an earlier run
+    left: its shards, temporary files and tokenizer."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_meta(out_dir, dict(complete=False, settings=settings))
+    for filename in os.listdir(out_dir):
+        if left_by_earlier_run(filename):
+            os.remove(os.path.join(out_dir, filename))
+
+
+def left_by_earlier_run(filename):
+    """Shards, tokenizer files, and temporary files of those or of meta.json (a killed run leaves them)."""
+    if filename.endswith(".tmp"):  # atomic_open names them <file>.<random>.tmp
+        filename = filename.rsplit(".", 2)[0]
+        if filename == META_FILE:
+            return True
+    return bool(SHARD_FILE.match(filename)) or filename in TOKENIZER_FILES
+
+
+def describe_input(inputs, source, source_split, text_field):
+    """Where the text comes from, without reading it: (files or None for a stream, description, default shard
+    name, total input bytes or None, digest of the files)."""
+    if source:
+        description = f"--source {source} (split {source_split}, field {text_field!r})"
+        return None, description, source.split("/")[-1].replace(":", "-"), None, None
+    if inputs:
+        files = find_input_files(inputs)
+        description = f"--input {' '.join(inputs)} ({len(files)} files)"
+        name = os.path.splitext(os.path.basename(files[0].removesuffix(".gz")))[0] if len(files) == 1 else "input"
+    else:
+        root, files = stdlib_files()
+        description = f"Python {platform.python_version()} standard library: {len(files)} .py files in {root}"
+        name = "stdlib"
+    return files, description, name, sum(os.path.getsize(path) for path in files), files_digest(files)
+
+
+def install_tokenizer(out_dir, tokenizer_file, tokenizer_bytes, sample, vocab_size, eos_id):
+    """Put the tokenizer into out_dir: a copy of --tokenizer, or a SentencePiece model trained on the sample.
+    Returns its path there."""
+    if tokenizer_file is None:
+        log(f"training a SentencePiece BPE tokenizer (vocab {vocab_size:,}) on a "
+            f"{sum(len(doc) for doc in sample) / 1e6:.1f} MB sample")
+        tokenizer_path = os.path.join(out_dir, "tokenizer.model")
+        write_file_atomically(tokenizer_path, train_sentencepiece(sample, vocab_size, eos_id))
+        return tokenizer_path
+    tokenizer_path = os.path.join(out_dir, os.path.basename(tokenizer_file))
+    write_file_atomically(tokenizer_path, tokenizer_bytes)
+    config_file = os.path.join(os.path.dirname(tokenizer_file), "tokenizer_config.json")
+    if tokenizer_file.endswith(".json") and os.path.isfile(config_file):  # the chat template lives there
+        with open(config_file, "rb") as f:
+            write_file_atomically(os.path.join(out_dir, "tokenizer_config.json"), f.read())
+    return tokenizer_path
+
+
+def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="train", text_field="text",
+            doc_sep=None, name=None, vocab_size=32768, tokenizer=None, eot_token=None, eos_id=2,
+            sample_bytes=8_000_000, val_tokens=None, shard_tokens=100_000_000, max_tokens=None, dtype=None,
+            workers=None, force=False):
+    """Build out_dir from local files (inputs), a streamed data set (source) or by default the Python standard
+    library. Returns the meta dict, also written to out_dir/meta.json. Problems raise ValueError, and every
+    one that can be found without reading all the text is found before out_dir is touched."""
+    check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens, workers)
+    workers = workers or available_cpus()
+    files, description, default_name, input_bytes, inputs_digest = describe_input(inputs, source, source_split,
+                                                                                  text_field)
+    name = re.sub(r"[^A-Za-z0-9.-]+", "-", name or default_name).strip("-") or "data"
+    val_tokens = default_val_tokens(input_bytes, max_tokens) if val_tokens is None else val_tokens
+    tokenizer_file = tokenizer_bytes = None
+    if tokenizer is None:
+        dtype_for_vocab(vocab_size, dtype)
+    else:
+        tokenizer_file = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else tokenizer
+        dtype_for_vocab(load_tokenizer(tokenizer_file, eot_token).vocab_size, dtype)
+        with open(tokenizer_file, "rb") as f:
+            tokenizer_bytes = f.read()  # now: it may live in out_dir, which is cleaned before the copy
+
+    # Everything that decides the output: when none of it changed, the existing data is reused.
+    settings = dict(
+        source=description, inputs=inputs_digest, source_split=source_split if source else None,
+        text_field=text_field, doc_sep=doc_sep, name=name, val_tokens=val_tokens, shard_tokens=shard_tokens,
+        max_tokens=max_tokens, dtype=dtype, eot_token=eot_token,
+        tokenizer=hashlib.sha256(tokenizer_bytes).hexdigest() if tokenizer else None,
+        vocab_size=None if tokenizer else vocab_size, eos_id=None if tokenizer else eos_id,
+        sample_bytes=None if tokenizer else sample_bytes, format=1)
+    if not force and up_to_date(out_dir, settings):
+        log(f"{out_dir} is already prepared from {description} with these settings; --force rebuilds it")
+        return read_meta(out_dir)
+
+    def read(path):
+        return read_documents(path, doc_sep, text_field)
+
+    stream = open_source(source, text_field, source_split) if source else None  # fails at once if it must
+    with start_workers(workers) as pool:
+        sample_chars = 1 << 16 if tokenizer else sample_bytes  # with --tokenizer: enough to check cutting
+        if source:
+            sample, documents = take_head(stream, sample_chars)
+        else:
+            sample, documents = sample_files(files, read, sample_chars), chain.from_iterable(map(read, files))
+        if not sample:
+            raise ValueError(f"no text in the input: {description} holds no non-empty document")
+
+        start_rebuild(out_dir, settings)
+        tokenizer_path = install_tokenizer(out_dir, tokenizer_file, tokenizer_bytes, sample, vocab_size, eos_id)
+        loaded = load_tokenizer(tokenizer_path, eot_token)
+        token_dtype = dtype_for_vocab(loaded.vocab_size, dtype)
+        if not is_lossless(loaded):
+            log(f"warning: {tokenizer_path} changes text (it normalises it): documents will not decode back exactly")
+        cut_rule_index = choose_cut_rule(loaded, sample)
+        if cut_rule_index is None:
+            log("warning: this tokenizer merges across lines and words, so documents are encoded whole (slower)")
+
+        log(f"tokenizing {description} with {workers} worker{'s' * (workers > 1)} into {out_dir}")
+        tasks = make_tasks(documents, TASK_CHARS, None if cut_rule_index is None else CUT_RULES[cut_rule_index])
+        settings_of_workers = (tokenizer_path, eot_token, token_dtype.name, cut_rule_index)
+        with contextlib.closing(encode_in_order(tasks, pool, workers, settings_of_workers)) as results:
+            written = write_shards(results, out_dir, name, val_tokens, shard_tokens, max_tokens, loaded.eot_id)
+    if written["tokens"] <= val_tokens:
+        raise ValueError(f"only {written['tokens']:,} tokens in all, and the first --val_tokens={val_tokens:,} go "
+                         f"to validation: nothing is left for training; lower --val_tokens or add text")
+
+    shards = written["shards"]
+    meta = dict(
+        complete=True, source=description, settings=settings,
+        tokenizer=dict(kind=loaded.kind, path=os.path.basename(tokenizer_path), trained=tokenizer is None,
+                       origin=os.path.abspath(tokenizer_file) if tokenizer else None),
+        vocab_size=loaded.vocab_size, bos_id=loaded.bos_id, eos_id=loaded.eot_id,
+        dtype=token_dtype.name, shard_version=VERSION_OF_DTYPE[token_dtype], documents=written["documents"],
+        tokens={split: sum(n for _, n in shards[split]) for split in shards},
+        shards={split: [filename for filename, _ in shards[split]] for split in shards},
+        shard_tokens={split: [n for _, n in shards[split]] for split in shards},
+        tokens_per_second=round(written["tokens"] / written["seconds"]), python=platform.python_version())
+    write_meta(out_dir, meta)
+    log(f"wrote {meta['tokens']['val']:,} val + {meta['tokens']['train']:,} train tokens "
+        f"({written['documents']:,} documents) in {len(shards['val']) + len(shards['train'])} shards "
+        f"to {out_dir} ({meta['tokens_per_second']:,} tokens/s)")
+    return meta
+
+
+def prepare_default(out_dir=DEFAULT_DATA_DIR, **kwargs):
+    """The default corpus (the Python standard library's source) in out_dir; reuses it when already there."""
+    return prepare(out_dir=out_dir, **kwargs)
+
+
+def check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens, workers):
+    if inputs and source:
+        raise ValueError("give --input or --source, not both")
+    positive = dict(vocab_size=vocab_size, sample_bytes=sample_bytes, shard_tokens=shard_tokens,
+                    max_tokens=max_tokens, workers=workers)
+    for key, value in positive.items():
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"--{key} must be a positive integer, not {value!r}")
+    if val_tokens is not None and (not isinstance(val_tokens, int) or val_tokens < 0):
+        raise ValueError(f"--val_tokens must be an integer >= 0, not {val_tokens!r}")
+    if shard_tokens > np.iinfo(np.int32).max:
+        raise ValueError(f"--shard_tokens must fit the int32 header: at most {np.iinfo(np.int32).max:,}")
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Command line: --key=value or --key value; values are Python literals or bare strings (see REFERENCE.md §7)
+
+def literal(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def as_int(text):
+    value = literal(text)
+    if isinstance(value, float) and value.is_integer():  # --max_tokens=4e9
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+    return value
+
+
+def as_str(text):
+    value = literal(text)
+    return value if isinstance(value, str) else text
+
+
+def as_separator(text):
+    """--doc_sep='\\n\\n' arrives with a real backslash from the shell: read escapes as Python would."""
+    value = literal(text)
+    if isinstance(value, str) and value != text:
+        return value
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def as_bool(text):
+    value = literal(text)
+    if not isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"not True or False: {text!r}")
+    return value
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--input", dest="inputs", nargs="+", metavar="PATH",
+        help="local .txt (one document per file, or split on --doc_sep), .jsonl, .parquet files, "
+             "directories or globs; default: the Python standard library's source")
+    add("--source", type=as_str, help="stream a Hugging Face data set NAME or NAME:CONFIG (needs `datasets`)")
+    add("--source_split", type=as_str, default="train", help="split of --source to stream")
+    add("--text_field", type=as_str, default="text", help="field holding the text in .jsonl, .parquet, --source")
+    add("--doc_sep", type=as_separator, nargs="?", const="\n\n",
+        help="split .txt files into documents on this string (escapes like \\n are read); bare: a blank line")
+    add("--out_dir", type=as_str, default=DEFAULT_DATA_DIR)
+    add("--name", type=as_str, help="shard name prefix (default from the input: stdlib, the file name, ...)")
+    add("--vocab_size", type=as_int, default=32768, help="size of the SentencePiece vocabulary to train")
+    add("--tokenizer", type=as_str, help="reuse a SentencePiece .model, or a tokenizer.json (or a directory with one)")
+    add("--eot_token", type=as_str, help="end-of-text token (default: eos of a .model; <|end_of_text|>, </s>, ...)")
+    add("--eos_id", type=as_int, default=2, help="id of eos (end of text) in a trained tokenizer; unk is 0, bos 1")
+    add("--sample_bytes", type=as_int, default=8_000_000, help="text the tokenizer is trained on")
+    add("--val_tokens", type=as_int, help="tokens in the validation split (default about 5%%, at most 10M)")
+    add("--shard_tokens", type=as_int, default=100_000_000, help="tokens per shard file")
+    add("--max_tokens", type=as_int, help="stop after the first document end past this many tokens")
+    add("--dtype", type=as_str, choices=["uint16", "uint32"], help="token dtype (default from the vocabulary size)")
+    add("--workers", type=as_int, default=available_cpus(), help="tokenizer processes")
+    add("--force", type=as_bool, nargs="?", const=True, default=False,
+        help="rebuild even when out_dir already holds this exact preparation")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return prepare(**vars(args))
+    except ValueError as e:
+        raise SystemExit(f"prepare_data.py: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
