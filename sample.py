@@ -1,0 +1,264 @@
+"""
+Talk to a Doge: text continuation or chat, from a train.py run or a Hugging Face Doge directory.
+
+    python sample.py                                     # the newest checkpoint of the tiny demo
+    python sample.py --out_dir=out/doge-20m --start="def fib(n):" --num_samples=3
+    python sample.py --init_from=models/Doge-20M --start=FILE:prompt.txt --temperature=0
+    python sample.py --init_from=models/Doge-20M-Instruct --chat          # interactive
+    python sample.py --init_from=models/Doge-20M-Instruct --chat --start="Hi, who are you?"
+
+Generated text goes to stdout as it is produced; everything else (loading, tokens/s) to stderr.
+A Hugging Face directory needs config.json, the weights and tokenizer.json (read with the optional
+`tokenizers` package); chat needs its chat template (tokenizer_config.json or chat_template.jinja,
+rendered with the optional `jinja2` package). transformers is not needed.
+"""
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from configurator import apply_config
+from doge import Doge
+from prepare_data import load_tokenizer
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out/doge-tiny"  # a train.py run: its newest checkpoint is used
+    init_from: str = ""  # instead: a Hugging Face Doge directory or a checkpoint file
+    start: str = ""  # the prompt, or FILE:path to read it from a file
+    num_samples: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = 200
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    chat: bool = False  # chat with an Instruct model using its chat template
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def model_location(cfg):
+    path = cfg.init_from or cfg.out_dir
+    if not os.path.exists(path):
+        hint = ("train one with `python train.py config/train_doge_tiny.py`, or give "
+                "--init_from=DIR with a Hugging Face Doge directory")
+        raise SystemExit(f"error: no checkpoint found: {path} does not exist; {hint}")
+    return path
+
+
+def load_model(path, device, dtype):
+    try:
+        return Doge.from_pretrained(path, device=device, dtype=dtype).eval()
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def tokenizer_directory(path):
+    """Where the tokenizer lies: beside the weights (a model directory, or a checkpoint's out_dir)."""
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
+def load_text_tokenizer(directory, vocab_size):
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if os.path.exists(os.path.join(directory, name)):
+            try:
+                tokenizer = load_tokenizer(os.path.join(directory, name), parse_special_tokens=True)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+            break
+    else:
+        raise SystemExit(f"error: no tokenizer.json or tokenizer.model in {directory}")
+    if tokenizer.vocab_size > vocab_size:
+        raise SystemExit(f"error: the tokenizer in {directory} has {tokenizer.vocab_size} tokens but "
+                         f"the model only {vocab_size}: they do not belong together")
+    return tokenizer
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def token_text(value):
+    """tokenizer_config.json writes special tokens as strings or as {"content": ...} objects."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def stop_ids(model, tokenizer, directory):
+    """Every id that ends generation: config.json's and generation_config.json's eos ids, and the
+    tokenizer's own end-of-text and end-of-turn tokens."""
+    ids = {tokenizer.eot_id}
+    for value in (model.config.eos_token_id,
+                  read_json(os.path.join(directory, "generation_config.json")).get("eos_token_id")):
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    tokenizer_config = read_json(os.path.join(directory, "tokenizer_config.json"))
+    for text in (token_text(tokenizer_config.get("eos_token")), "<|eot_id|>", "<|end_of_text|>"):
+        if text is not None and tokenizer.token_to_id(text) is not None:
+            ids.add(tokenizer.token_to_id(text))
+    return sorted(ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat template (Llama-3 style for Doge: <|start_header_id|>role<|end_header_id|>\n\ntext<|eot_id|>)
+
+
+def load_chat_template(directory):
+    """The Jinja chat template of a model directory, or None."""
+    tokenizer_config = read_json(os.path.join(directory, "tokenizer_config.json"))
+    template = tokenizer_config.get("chat_template")
+    jinja_path = os.path.join(directory, "chat_template.jinja")  # transformers 5.x writes it apart
+    if template is None and os.path.exists(jinja_path):
+        with open(jinja_path) as f:
+            template = f.read()
+    if isinstance(template, list):  # several named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is None:
+        return None
+    return {"template": template, "bos_token": token_text(tokenizer_config.get("bos_token")) or "",
+            "eos_token": token_text(tokenizer_config.get("eos_token")) or ""}
+
+
+def render_chat(chat_template, messages):
+    """The prompt text for a conversation, ending where the assistant's answer begins."""
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise SystemExit("error: --chat needs the optional jinja2 package (pip install jinja2)")
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
+    return environment.from_string(chat_template["template"]).render(
+        messages=messages, add_generation_prompt=True, bos_token=chat_template["bos_token"],
+        eos_token=chat_template["eos_token"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation with streaming
+
+
+def stream_reply(model, tokenizer, prompt_ids, cfg, stop, device):
+    """Generate after prompt_ids, printing text as it comes; returns the new text."""
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    new_ids, printed = [], ""
+    start_time = time.perf_counter()
+    for token in model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                       cfg.top_p, cfg.repetition_penalty, stop):
+        token = token.item()
+        if token in stop:
+            break
+        new_ids.append(token)
+        text = tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    seconds = time.perf_counter() - start_time
+    text = tokenizer.decode(new_ids)
+    sys.stdout.write(text[len(printed):] + "\n")
+    sys.stdout.flush()
+    log(f"[{len(new_ids)} tokens, {len(new_ids) / max(seconds, 1e-9):.1f} tokens/s]")
+    return text
+
+
+def chat_loop(model, tokenizer, chat_template, cfg, stop, device):
+    messages = []
+    questions = [cfg.start] if cfg.start else None
+    if questions is None:
+        log("chat: type a message; /reset starts over, /exit (or Ctrl-D) quits")
+    while True:
+        if questions is not None:
+            if not questions:
+                return
+            question = questions.pop()
+        else:
+            try:
+                question = input("> ")
+            except EOFError:
+                return
+            if question.strip() == "/exit":
+                return
+            if question.strip() == "/reset":
+                messages = []
+                log("(conversation cleared)")
+                continue
+        messages.append({"role": "user", "content": question})
+        prompt_ids = tokenizer.encode([render_chat(chat_template, messages)])[0]
+        answer = stream_reply(model, tokenizer, prompt_ids, cfg, stop, device)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def document_start(tokenizer):
+    """The token a document follows: begin-of-text for a Hugging Face tokenizer (as transformers
+    adds it), end-of-text for ours (prepare_data.py separates documents with it)."""
+    if tokenizer.kind == "huggingface" and tokenizer.bos_id is not None:
+        return tokenizer.bos_id
+    return tokenizer.eot_id
+
+
+def resolve_device_dtype(cfg):
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if cfg.dtype == "auto":
+        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if cfg.dtype not in names:
+        raise SystemExit(f"error: dtype {cfg.dtype!r}: choose auto, {', '.join(names)}")
+    return device, names[cfg.dtype]
+
+
+def read_prompt(start):
+    if not start.startswith("FILE:"):
+        return start
+    try:
+        with open(start[len("FILE:"):], encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise SystemExit(f"error: --start={start}: {e.strerror}") from None
+
+
+def main(argv=None):
+    cfg = apply_config(SampleConfig(), sys.argv[1:] if argv is None else argv)
+    cfg.start = read_prompt(cfg.start)
+    device, dtype = resolve_device_dtype(cfg)
+    torch.manual_seed(cfg.seed)
+    path = model_location(cfg)
+    model = load_model(path, device, dtype)
+    directory = tokenizer_directory(path)
+    tokenizer = load_text_tokenizer(directory, model.config.vocab_size)
+    stop = stop_ids(model, tokenizer, directory)
+    log(f"loaded {path}: {model.num_params() / 1e6:.1f}M parameters on {device} ({dtype})")
+    if cfg.chat:
+        chat_template = load_chat_template(directory)
+        if chat_template is None:
+            raise SystemExit(f"error: {directory} has no chat template (tokenizer_config.json "
+                             f"'chat_template' or chat_template.jinja): --chat needs an Instruct model")
+        chat_loop(model, tokenizer, chat_template, cfg, stop, device)
+        return
+    prompt_ids = [document_start(tokenizer)] + (tokenizer.encode([cfg.start])[0] if cfg.start else [])
+    for _ in range(cfg.num_samples):
+        sys.stdout.write(cfg.start)
+        stream_reply(model, tokenizer, prompt_ids, cfg, stop, device)
+        if cfg.num_samples > 1:
+            print("---------------")
+
+
+if __name__ == "__main__":
+    main()
