@@ -11,10 +11,12 @@ Cases: train (training step tokens/s at B=4 T=512 and B=1 T=2048), long (forward
 step at T=8192 with keep_window_size 2048: time and peak memory), decode (batch-1 greedy
 decoding of 256 tokens, and the fraction of memory bandwidth it reaches), window (4000 generated
 tokens with keep_window_size 1024: ms/token before and after the window fills), moe (CDMoE
-forward+backward with 1024 experts, top 8), tokenize (prepare_data against bare SentencePiece).
+forward+backward with 1024 experts, top 8), tiny (train.py's tokens/s and MFU on the CPU demo
+config), tokenize (prepare_data end to end against bare SentencePiece encode, same processes).
 """
 
 import json
+import multiprocessing
 import os
 import resource
 import subprocess
@@ -25,6 +27,7 @@ import time
 import torch
 
 import doge
+import prepare_data
 
 # ----------------------------------------------------------------------------------------------
 # Shared set-up
@@ -196,9 +199,68 @@ def case_moe(which):
     return {"seconds": seconds, "peak_mb": peak_rss_mb() - before}
 
 
-def case_tokenize():
-    import bench_tokenize
-    return bench_tokenize.measure()
+_bare_processor = None  # the SentencePiece model of a baseline worker process
+
+
+def _bare_init(model_path):
+    global _bare_processor
+    import sentencepiece
+    _bare_processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+
+
+def _bare_encode(lines):
+    return sum(map(len, _bare_processor.encode(lines, num_threads=1)))  # a count: the ids stay in the worker
+
+
+def bench_tokenize(target_mb=36, workers=None, vocab_size=32768, rounds=3):
+    """End-to-end prepare_data tokenization throughput against bare SentencePieceProcessor.encode over the same
+    text's lines, with the same number of processes.
+
+    The text is the standard library's source repeated to about target_mb, given to prepare_data twice: as a
+    .jsonl of many documents, and as one huge .txt document (the case that needs cutting). The end-to-end time
+    is all of prepare_data.main with a ready tokenizer: listing and reading files, the start-up checks, starting
+    the worker processes, encoding, writing shards and meta.json. The baseline gets its processes started and
+    the model loaded before its clock starts, and keeps the ids in the workers. Each measurement runs `rounds`
+    times, interleaved, and the best time counts, since other work on the machine only ever slows a run down."""
+    workers = workers or prepare_data.available_cpus()
+    _, files = prepare_data.stdlib_files()
+    documents = [doc for path in files for doc in prepare_data.read_documents(path)]
+    documents *= max(1, round(target_mb * 1e6 / sum(map(len, documents))))
+    text = "".join(documents)
+    megabytes = len(text.encode()) / 1e6
+    lines = text.splitlines(keepends=True)
+    chunks = [lines[i * len(lines) // workers:(i + 1) * len(lines) // workers] for i in range(workers)]
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"bench_tokenize: training a {vocab_size}-token tokenizer on the standard library", file=sys.stderr)
+        prepare_data.main([f"--out_dir={tmp}/tok", f"--vocab_size={vocab_size}", "--workers=1",
+                           "--max_tokens=1000", "--val_tokens=100"])
+        model = os.path.join(tmp, "tok", "tokenizer.model")
+        inputs = {"many documents (.jsonl)": f"{tmp}/docs.jsonl", "one huge document (.txt)": f"{tmp}/one.txt"}
+        with open(inputs["many documents (.jsonl)"], "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": doc}) + "\n" for doc in documents)
+        with open(inputs["one huge document (.txt)"], "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+        best = {}  # label -> best seconds
+        with multiprocessing.get_context("spawn").Pool(workers, _bare_init, (model,)) as pool:
+            pool.map(_bare_encode, [["warm up"]] * workers)
+            for _ in range(rounds):
+                start = time.perf_counter()
+                bare_tokens = sum(pool.map(_bare_encode, chunks))
+                best["bare"] = min(best.get("bare", float("inf")), time.perf_counter() - start)
+                for label, path in inputs.items():
+                    start = time.perf_counter()
+                    meta = prepare_data.main(["--input", path, f"--tokenizer={model}", f"--out_dir={tmp}/out",
+                                              f"--workers={workers}", "--force"])
+                    best[label] = min(best.get(label, float("inf")), time.perf_counter() - start)
+                    tokens = meta["tokens"]["val"] + meta["tokens"]["train"] - meta["documents"]  # minus end-of-text
+                    assert tokens == bare_tokens, (label, tokens, bare_tokens)  # cutting never changes the tokens
+
+    result = {"megabytes": megabytes, "bare_mb_per_sec": megabytes / best["bare"]}
+    for label, key in (("many documents (.jsonl)", "jsonl"), ("one huge document (.txt)", "one_doc")):
+        result[f"{key}_mb_per_sec"] = megabytes / best[label]
+        result[f"{key}_vs_bare"] = best["bare"] / best[label]
+    return result
 
 
 CASES = {
@@ -208,6 +270,21 @@ CASES = {
     "window": [("window_4000", case_window, ())],
     "moe": [("moe_e1024_top8", case_moe, ())],
 }
+
+def bench_tiny_training():
+    """train.py's own figures for the CPU demo (config/train_doge_tiny.py), 30 steps."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        command = [sys.executable, "train.py", "config/train_doge_tiny.py", "--max_iters=30",
+                   f"--out_dir={out_dir}", "--eval_interval=0", "--eval_iters=1",
+                   "--log_interval=10", "--sample_tokens=0"]
+        result = subprocess.run(command, capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)))
+        if result.returncode != 0:
+            raise SystemExit(f"train.py failed:\n{result.stderr[-2000:]}")
+        with open(os.path.join(out_dir, "log.jsonl")) as f:
+            records = [json.loads(line) for line in f if '"tokens_per_sec"' in line]
+    return {"tokens_per_sec": records[-1]["tokens_per_sec"], "mfu": records[-1]["mfu"]}
+
 
 # ----------------------------------------------------------------------------------------------
 # Driver
@@ -246,14 +323,15 @@ def main():
                 if name == args["worker"]:
                     print(json.dumps(function(args["which"], *parameters)))
         return
-    selected = args.get("cases", ",".join([*CASES, "tokenize"])).split(",")
+    selected = args.get("cases", ",".join([*CASES, "tiny", "tokenize"])).split(",")
     device, dtype = device_and_dtype()
     print(f"# bench.py on {device} ({dtype}), {threads} threads, torch {torch.__version__}")
     print(f"{'case':<16} {'metric':<18} {'ours':>10} {'reference':>10} {'ratio':>7}")
     for group in selected:
-        if group == "tokenize":
-            for key, value in case_tokenize().items():
-                print(f"{'tokenize':<16} {key:<18} {value:>10.3g}")
+        if group in ("tiny", "tokenize"):
+            numbers = bench_tiny_training() if group == "tiny" else bench_tokenize()
+            for key, value in numbers.items():
+                print(f"{group:<16} {key:<18} {value:>10.4g}", flush=True)
             continue
         for name, _, _ in CASES[group]:
             ours, ref = run_worker(name, "ours", threads), run_worker(name, "ref", threads)
