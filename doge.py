@@ -166,6 +166,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # the same arithmetic in one fused call
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -390,10 +392,15 @@ class DynamicMaskAttention(nn.Module):
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache=None, start=0):
-        batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.heads, self.head_dim)
-        k = self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim)
-        values = self.v_proj(x)  # (B, T, Hkv*d)
+        out = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, cache, start)
+        return self.o_proj(out)
+
+    def attend(self, q, k, values, cos, sin, cache=None, start=0):
+        """Attention from the projections q (B, T, H*d), k and values (B, T, Hkv*d) to the
+        heads' outputs (B, T, H*d), before o_proj."""
+        batch, length, _ = q.shape
+        q = q.view(batch, length, self.heads, self.head_dim)
+        k = k.view(batch, length, self.kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, d)
@@ -401,8 +408,9 @@ class DynamicMaskAttention(nn.Module):
         v = values.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         # the dynamic mask: one bias per key from its values, a zero-order-hold step size
         dt = torch.exp(self.A * F.softplus(self.dt_proj(values))).transpose(1, 2)  # (B, Hb, T)
-        repeats = self.bias_heads // self.kv_heads  # > 1 only in the per-query-head layout
-        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        if self.bias_heads != self.kv_heads:  # per-query-head layout: each head its own keys
+            repeats = self.bias_heads // self.kv_heads
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         if cache is not None and length == 1:
             cache.insert(k, v, dt, start)
             out = attend_cached(q, *(t[:, :, :cache.size] for t in (cache.k, cache.v, cache.dt)),
@@ -413,7 +421,7 @@ class DynamicMaskAttention(nn.Module):
                                                 self.keep_window_size, self.scale)
             if cache is not None:
                 cache.store(state)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return out.transpose(1, 2).reshape(batch, length, -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,6 +460,10 @@ class CDMoE(MLP):
         self.up_embed = nn.Embedding(config.num_experts, config.hidden_size)
 
     def forward(self, x, router_stats=None):
+        return super().forward(x) + self.routed_experts(x, router_stats)
+
+    def routed_experts(self, x, router_stats=None):
+        """The routed experts' sum for each token of x (..., D)."""
         tokens = x.reshape(-1, x.shape[-1])  # (N, D)
         # each token's own scores: the first num_keys score rows, the next num_keys columns
         scores = self.router_gate(tokens).view(-1, 2, self.num_keys)  # (N, 2, K)
@@ -469,7 +481,7 @@ class CDMoE(MLP):
         routed = torch.bmm(gates.unsqueeze(1), self.up_embed(experts)).squeeze(1)  # (N, D)
         if router_stats is not None:
             router_stats.append(self.routing_stats(scores, experts))
-        return super().forward(x) + routed.view_as(x)
+        return routed.view_as(x)
 
     def routing_stats(self, scores, experts):
         """What the load-balancing loss needs from this layer: how often each expert was chosen,
@@ -705,10 +717,8 @@ class Doge(nn.Module):
         cache = DogeCache(self.config, idx.shape[0], idx.device, self.lm_head.weight.dtype)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         seen = idx
-        # a vector-matrix product reads a (D, V) matrix row by row several times faster than
-        # F.linear reads the (V, D) weight; the copy costs about one decoding step
-        output_matrix = self.lm_head.weight.t().contiguous()  # (D, V)
-        logits = self.hidden_states(idx, cache)[:, -1] @ output_matrix  # (B, V)
+        step_weights = self.decoding_weights()
+        logits = self.hidden_states(idx, cache)[:, -1] @ step_weights[-1]  # (B, V)
         for step in range(max_new_tokens):
             token = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
             if len(eos_ids):
@@ -719,7 +729,56 @@ class Doge(nn.Module):
                 return
             seen = torch.cat((seen, token.unsqueeze(1)), dim=1) if repetition_penalty != 1.0 \
                 else seen
-            logits = self.hidden_states(token.unsqueeze(1), cache)[:, -1] @ output_matrix
+            logits = self.decode_step(token, cache, step_weights)
+
+
+    @torch.no_grad()
+    def decoding_weights(self):
+        """The weights of a one-token step, fused and transposed. Decoding one token reads every
+        weight once, and x @ W streams through a contiguous (in, out) matrix several times faster
+        than F.linear through the (out, in) weight; fusing q/k/v and gate/up halves the number of
+        small products per layer. Made once per generate call (copying costs about one step)."""
+        packed = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            packed.append([torch.cat(weights).t().contiguous() for weights in (
+                (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),
+                (attn.o_proj.weight,), (mlp.gate_proj.weight, mlp.up_proj.weight),
+                (mlp.down_proj.weight,))])
+        return packed, self.lm_head.weight.t().contiguous()  # [.., (D, V)]
+
+    def decode_step(self, token, cache, step_weights):
+        """Logits (B, V) after one more token (B,) of the cached sequence: what forward computes
+        for it, with the fused weights and the fewest small operations per layer."""
+        config, (packed, output_matrix) = self.config, step_weights
+        start = cache.length
+        x = self.embed_tokens(token)  # (B, D)
+        cos, sin = rope_cos_sin(config, torch.tensor([start], device=token.device), start + 1,
+                                x.dtype)
+        sizes = (config.num_attention_heads * config.head_dim,
+                 config.num_key_value_heads * config.head_dim,
+                 config.num_key_value_heads * config.head_dim)
+        for layer, layer_cache, (qkv, o, gate_up, down) in zip(self.layers, cache.layers, packed):
+            attn, mlp = layer.self_attn, layer.mlp
+            q, k, values = add_bias(layer.input_layernorm(x) @ qkv, attn.q_proj, attn.k_proj,
+                                    attn.v_proj).unsqueeze(1).split(sizes, dim=-1)
+            out = attn.attend(q, k, values, cos, sin, layer_cache, start)[:, 0]  # (B, H*d)
+            x = layer.input_residual * x + add_bias(out @ o, attn.o_proj)
+            h = layer.post_attention_layernorm(x)
+            gate, up = add_bias(h @ gate_up, mlp.gate_proj, mlp.up_proj).chunk(2, dim=-1)
+            h_out = add_bias((F.silu(gate) * up) @ down, mlp.down_proj)
+            if isinstance(mlp, CDMoE):
+                h_out = h_out + mlp.routed_experts(h)
+            x = layer.post_attention_residual * x + h_out
+        cache.length += 1
+        return self.norm(x) @ output_matrix
+
+
+def add_bias(y, *linears):
+    """y plus the concatenated biases of the linears it fuses, if they have any."""
+    if linears[0].bias is None:
+        return y
+    return y + torch.cat([linear.bias for linear in linears])
 
 
 def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):

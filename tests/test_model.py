@@ -291,3 +291,19 @@ def test_from_pretrained_reads_train_checkpoints(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a train.py checkpoint"):
         doge.Doge.from_pretrained(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("overrides", [dict(attention_bias=True, mlp_bias=True),
+                                       dict(is_moe=True, num_experts=16, num_experts_per_tok=4),
+                                       dict(qk_norm=False, dt_per_query_head=True)])
+def test_fused_decode_step_equals_forward(overrides):
+    """generate's one-token step (fused, transposed weights) against the plain forward pass."""
+    model = random_model(**overrides)
+    idx = torch.randperm(97)[:30].view(2, 15)
+    cache = doge.DogeCache(model.config, 2, "cpu", torch.float32)
+    weights = model.decoding_weights()
+    with torch.no_grad():
+        steps = [model(idx[:, :4], cache=cache)[0][:, -1]]
+        steps += [model.decode_step(idx[:, t], cache, weights) for t in range(4, 15)]
+        full = model(idx)[0][:, 3:]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-4, rtol=0)
