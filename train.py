@@ -22,6 +22,21 @@ Files in out_dir: ckpt_{step:06d}.pt (model, optimizer, step, configs, data posi
 state; written to a temporary file and renamed), log.jsonl (one object per logged step),
 loss.png (if matplotlib is installed), runs/*.json (settings, versions and the source of
 train.py and doge.py for each launch) and a copy of the data's tokenizer (for sample.py).
+
+Instruction tuning (SFT) is the same loop with other batches: sft_data (jsonl files of
+{"messages": [{"role", "content"}, ...]}, or a Hugging Face data set) replaces the shards.
+
+    python train.py config/sft_doge_tiny.py                    # the tiny demo, made a chat model
+    python train.py config/sft_doge_20m.py                     # Doge-20M -> Doge-20M-Instruct
+    python sample.py --init_from=out/doge-tiny-sft/hf --chat
+
+Conversations are rendered with the chat template (the model's own, or Doge's Llama-3 style
+one), one conversation per row, right-padded: our attention has no document mask, so packing
+would let conversations see each other. Only the assistant's tokens carry a loss. A tokenizer
+without the template's special tokens gets them as new ids (the embedding grows, new rows start
+at the mean embedding). Besides the checkpoints, out_dir then holds the chat tokenizer
+(tokenizer.json, tokenizer_config.json) and, at the end, hf/: the model as a Hugging Face
+directory that transformers and sample.py --chat both load.
 """
 
 import contextlib
@@ -35,10 +50,12 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -47,8 +64,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
 from doge import PRESETS, Doge, DogeConfig, atomic_write, upcycle_to_moe
-from prepare_data import (DEFAULT_DATA_DIR, list_shards, load_tokenizer, prepare_default, read_meta,
-                          read_shard)
+from prepare_data import (DEFAULT_DATA_DIR, find_input_files, list_shards, load_tokenizer, one_line,
+                          open_text, prepare_default, read_meta, read_shard)
+from sample import (load_chat_template, load_text_tokenizer, read_json, render_chat,
+                    tokenizer_directory)
+from sample import main as sample_main
 
 # ----------------------------------------------------------------------------------------------
 # Settings
@@ -87,7 +107,14 @@ class TrainConfig:
     log_interval: int = 10  # a log line every this many steps (and at the end)
     save_interval: int = 1000  # a checkpoint every this many steps (and at the end); 0: end only
     sample_tokens: int = 0  # > 0: print a sample this many tokens long at the end
-    sample_prompt: str = ""  # the sample's prompt; empty: start a new document
+    sample_prompt: str = ""  # the sample's prompt (SFT: the user's message); empty: a new document
+    # instruction tuning (SFT): conversations instead of shards, from init_from's weights
+    sft_data: str = ""  # '': pretraining. Else jsonl files (comma-separated paths or globs) of
+    # {"messages": [{"role": ..., "content": ...}, ...]} lines, or a Hugging Face data set
+    # NAME[:CONFIG] (its 'train' split; needs the `datasets` package and the network)
+    sft_val_data: str = ""  # the same forms; '': the data set's 'test' split, or 1 in 20 of
+    # sft_data's conversations held out (at most 1000; with fewer than 20, sft_data itself)
+    sft_epochs: float = 0.0  # > 0: max_iters becomes this many passes over the conversations
     wandb_log: bool = False  # also log to Weights & Biases (pip install wandb)
     wandb_project: str = "doge"
     wandb_run_name: str = "doge"
@@ -113,8 +140,7 @@ def check_config(cfg):
     def need(ok, message):
         if not ok:
             raise SystemExit(f"error: {message}")
-    need(cfg.init_from in ("scratch", "resume") or os.path.exists(cfg.init_from),
-         f"init_from {cfg.init_from!r} is not 'scratch', 'resume' or an existing path")
+    need(cfg.init_from != "", "init_from is empty: give 'scratch', 'resume' or a path")
     need(cfg.dtype in ("auto", "bfloat16", "float32"),
          f"dtype {cfg.dtype!r} is not 'auto', 'bfloat16' or 'float32'")
     need(cfg.compile in (True, False, "auto"),
@@ -125,6 +151,10 @@ def check_config(cfg):
                 "upcycle_experts", "sample_tokens"):
         need(getattr(cfg, key) >= 0, f"{key} must not be negative, got {getattr(cfg, key)}")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    need(cfg.sft_epochs >= 0, f"sft_epochs must not be negative, got {cfg.sft_epochs}")
+    need(not (cfg.sft_data and cfg.init_from == "scratch"),
+         "sft_data fine-tunes a trained model: give init_from=PATH (one of our checkpoints or "
+         "out_dirs, or a Hugging Face Doge directory), or 'resume'")
     need(cfg.resume_ckpt is None or cfg.init_from == "resume",
          "resume_ckpt needs init_from='resume' (to start from a checkpoint's weights alone, give "
          "it as init_from=PATH)")
@@ -177,7 +207,8 @@ class ShardLoader:
     world_size rows of batch_size sequences of that order; process `rank` gets rows rank,
     rank + world_size, ..., one per micro-step. Shards are read in turn: when the current one has
     too few sequences left, the next one starts (after the last, the first again, in a new
-    order: the next epoch). The position is three ints, saved in checkpoints."""
+    order: the next epoch). The position is three ints, saved in checkpoints. step_tokens: the
+    tokens the last next_batch read, all processes together."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
                  seed=0):
@@ -228,6 +259,7 @@ class ShardLoader:
         starts = np.concatenate([self.order[row:row + batch] for row in rows]) * length
         tokens = self.shards[self.shard][starts[:, None] + np.arange(length + 1)]  # (M*B, T+1)
         self.offset += need
+        self.step_tokens = need * length
         if tokens.max() >= self.vocab_size:
             raise SystemExit(f"error: {self.paths[self.shard]} holds token id {tokens.max()}, "
                              f"outside the model's vocabulary of {self.vocab_size}")
@@ -240,6 +272,19 @@ def to_device(tensor, device):
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def micro_step_weights(y, world_size):
+    """What each micro-step's mean loss is multiplied by before backward: its supervised targets
+    (not -1) over those of the whole step, all micro-steps and processes, times world_size (DDP
+    averages gradients over processes). The step's gradient is then that of the mean loss over
+    every supervised target of the step, however they fall into micro-batches: 1 / grad_accum
+    each in pretraining, where every target counts. y: the step's micro-batches of targets."""
+    counts = torch.stack([(targets != -1).sum() for targets in y]).float()  # (micro_steps,)
+    total = counts.sum()
+    if dist.is_initialized():  # every process's targets count (a scalar, on the device)
+        dist.all_reduce(total)
+    return counts * world_size / total.clamp(min=1)
 
 
 def ensure_data(data_dir, master, ddp):
@@ -269,27 +314,451 @@ def ensure_data(data_dir, master, ddp):
 
 
 # ----------------------------------------------------------------------------------------------
+# Instruction tuning (SFT): conversations, the chat tokenizer, the export
+#
+# Packing several conversations into one row would let them attend to each other (our attention
+# has no document mask), so each conversation is a row of its own: right-padded, which changes
+# nothing before the padding (attention is causal), and cut after block_size tokens (counted and
+# reported). The rows of a step are sorted by length before they are dealt into micro-batches,
+# so little of a micro-batch is padding.
+
+# Doge's chat format (Llama-3 style), for models whose tokenizer brings no template of its own
+DOGE_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] "
+    "+ '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}")
+CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+PAD_MULTIPLE = 16  # micro-batches are padded to a multiple of this many tokens
+
+
+def sentencepiece_as_tokenizers(path):
+    """Our SentencePiece BPE model (prepare_data.py: byte fallback, identity normalisation, no
+    dummy prefix) as a `tokenizers` BPE giving the same ids, so that transformers can load it: the
+    vocabulary in id order, and a merge for every split of a piece into two pieces, ranked by the
+    piece's score (SentencePiece BPE merges the adjacent pair whose union scores best). Spaces
+    become "▁" as in SentencePiece. One difference: text holding "▁" itself, which
+    prepare_data.py spells with byte pieces, reads here as a space."""
+    import sentencepiece
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=path)
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    plain = {piece for i, piece in enumerate(pieces)  # never made from text by merging
+             if not (processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i)
+                     or processor.is_unused(i))}
+    merges = sorted((-processor.get_score(vocab[piece]), vocab[piece], k, piece[:k], piece[k:])
+                    for piece in plain for k in range(1, len(piece))
+                    if piece[:k] in plain and piece[k:] in plain)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges],
+                                     unk_token=pieces[processor.unk_id()], byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "),
+                                           decoders.ByteFallback(), decoders.Fuse()])
+    return tokenizer
+
+
+def chat_tokenizer(source_dir):
+    """The chat tokenizer of an SFT run, made from the starting model's (in source_dir): its
+    tokenizer.json, or our SentencePiece tokenizer.model converted, and its tokenizer_config.json.
+    A tokenizer with a chat template keeps it; one without gets the Doge template, with
+    <|begin_of_text|> as bos, <|eot_id|> as eos, and the template's special tokens that its
+    vocabulary lacks (new ids after the last). Returns the `tokenizers.Tokenizer`, the
+    tokenizer_config dict and the ids of the added tokens."""
+    try:
+        from tokenizers import AddedToken, Tokenizer
+    except ImportError:
+        raise SystemExit("error: sft_data needs the `tokenizers` package (pip install "
+                         "tokenizers)") from None
+    json_path, model_path = (os.path.join(source_dir, name)
+                             for name in ("tokenizer.json", "tokenizer.model"))
+    if os.path.isfile(json_path):
+        tokenizer = Tokenizer.from_file(json_path)
+    elif os.path.isfile(model_path):
+        tokenizer = sentencepiece_as_tokenizers(model_path)
+    else:
+        raise SystemExit(f"error: no tokenizer.json or tokenizer.model in {source_dir}, beside "
+                         f"the weights to fine-tune")
+    config = read_json(os.path.join(source_dir, "tokenizer_config.json"))
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    own_template = load_chat_template(source_dir)
+    if own_template is not None:  # chat_template.jinja, if that is where it was, goes inline
+        return tokenizer, {**config, "chat_template": own_template["template"]}, []
+    missing = [token for token in CHAT_TOKENS if tokenizer.token_to_id(token) is None]
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                  for token in missing])
+    config = {**config, "chat_template": DOGE_CHAT_TEMPLATE, "bos_token": CHAT_TOKENS[0],
+              "eos_token": "<|eot_id|>"}
+    return tokenizer, config, [tokenizer.token_to_id(token) for token in missing]
+
+
+def add_token_rows(model, vocab_size, new_ids):
+    """The model with an embedding (and lm_head) of at least vocab_size rows, where the rows of
+    the new token ids hold the mean of the other rows: a token the model knows nothing of starts
+    as an average token (and, tied, with an average logit), not as noise unlike anything."""
+    config = DogeConfig(**{**asdict(model.config),
+                           "vocab_size": max(vocab_size, model.config.vocab_size)})
+    state = model.state_dict()
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        old = state[name]
+        known = torch.ones(len(old), dtype=torch.bool)
+        known[[i for i in new_ids if i < len(old)]] = False
+        mean = old[known].float().mean(dim=0).to(old.dtype)
+        rows = torch.cat([old, mean.expand(config.vocab_size - len(old), -1)])  # (V', D)
+        rows[new_ids] = mean
+        state[name] = rows
+    grown = Doge(config)
+    grown.load_state_dict(state)
+    return grown
+
+
+RENDER_SEPARATOR = "\x00<|next rendering|>\x00"
+
+
+def render_many(chat_template, items):
+    """render_chat (sample.py) of many (messages, add_generation_prompt) pairs in one call: the
+    template runs in a loop that binds both names for each pair. (render_chat on its own always
+    adds the generation prompt, and compiles the template anew at each call: 1.5 ms, hours for
+    smoltalk.)"""
+    loop = ("{% for messages, add_generation_prompt in messages %}" + chat_template["template"]
+            + RENDER_SEPARATOR + "{% endfor %}")
+    texts = render_chat({**chat_template, "template": loop}, items).split(RENDER_SEPARATOR)
+    if len(texts) != len(items) + 1:
+        raise SystemExit(f"error: a conversation holds the text {RENDER_SEPARATOR!r}")
+    return texts[:-1]
+
+
+def assistant_spans(chat_template, conversations):
+    """Each conversation as text, with the character spans of the assistant's turns in it. Found
+    by rendering prefix by prefix: a turn starts where its prompt ends (the conversation before it
+    plus the generation prompt: what sample.py --chat gives the model) and ends where the
+    conversation up to and including it ends. So what is supervised is exactly what the model has
+    to write: the content and the template's end of turn (<|eot_id|>)."""
+    items = []
+    for messages in conversations:
+        items.append((messages, False))
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                items += [(messages[:i], True), (messages[:i + 1], False)]
+    texts, rendered = iter(render_many(chat_template, items)), []
+    for messages in conversations:
+        text, spans = next(texts), []
+        for message in messages:
+            if message["role"] == "assistant":
+                prompt, through = next(texts), next(texts)
+                if not (text.startswith(through) and through.startswith(prompt)):
+                    raise SystemExit("error: the chat template does not render a conversation as "
+                                     "its prompts followed by the answers, so the assistant's "
+                                     "turns cannot be found in it")
+                spans.append((len(prompt), len(through)))
+        rendered.append((text, spans))
+    return rendered
+
+
+def tokenize_conversations(conversations, tokenizer, chat_template, block_size):
+    """Examples (ids int32, supervised bool) of at most block_size + 1 tokens, and counts. Each
+    piece of text between span boundaries is encoded on its own, as sample.py encodes a prompt
+    that ends where the answer begins; the text after the last answer is left out. Conversations
+    with nothing supervised within block_size + 1 tokens are dropped."""
+    examples, counts = [], {"conversations": len(conversations), "truncated": 0, "dropped": 0,
+                            "tokens": 0, "supervised": 0}
+    for begin in range(0, len(conversations), 1024):
+        pieces, layout = [], []  # layout: per conversation, (its first piece, pieces)
+        for text, spans in assistant_spans(chat_template, conversations[begin:begin + 1024]):
+            cuts = [0, *(i for span in spans for i in span)]
+            layout.append((len(pieces), len(cuts) - 1))
+            pieces += [text[a:b] for a, b in zip(cuts, cuts[1:])]
+        encoded = tokenizer.encode(pieces)
+        for first, count in layout:
+            ids = [i for piece in encoded[first:first + count] for i in piece]
+            supervised = [k % 2 == 1 for k in range(count) for _ in encoded[first + k]]
+            if len(ids) > block_size + 1:
+                counts["truncated"] += 1
+                ids, supervised = ids[:block_size + 1], supervised[:block_size + 1]
+            if not any(supervised[1:]):
+                counts["dropped"] += 1
+                continue
+            examples.append((np.array(ids, dtype=np.int32), np.array(supervised)))
+            counts["tokens"] += len(ids) - 1
+            counts["supervised"] += sum(supervised[1:])
+    return examples, counts
+
+
+def check_messages(messages, where):
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages)):
+        raise SystemExit(f"error: {where}: 'messages' must be a non-empty list of "
+                         f"{{\"role\": str, \"content\": str}} objects")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_jsonl_conversations(path):
+    conversations = []
+    try:
+        with open_text(path) as f:
+            for line_number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"error: {where}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict) or "messages" not in row:
+                    found = list(row) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+                    raise SystemExit(f"error: {where}: no 'messages' (found {found}); each line "
+                                     f"must be {{\"messages\": [{{\"role\": \"user\", \"content\": "
+                                     f"\"...\"}}, {{\"role\": \"assistant\", ...}}]}}")
+                conversations.append(check_messages(row["messages"], where))
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path}: cannot read ({one_line(e)})") from None
+    return conversations
+
+
+def hub_unreachable():
+    """Why the Hugging Face hub cannot be reached, or None. Without the network `datasets` retries
+    for minutes; offline (HF_DATASETS_OFFLINE=1) it reads its cache at once: nothing to check."""
+    if any(os.environ.get(variable, "").lower() in ("1", "true", "yes", "on")
+           for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        port = url.port or (80 if url.scheme == "http" else 443)
+        socket.create_connection((url.hostname, port), timeout=5.0).close()
+    except OSError as e:
+        return f"cannot reach {url.hostname} ({e.strerror or e})"
+    return None
+
+
+def read_conversations(source, setting):
+    """{split: conversations} from jsonl files ('train' only) or a Hugging Face data set (all of
+    its splits). source: comma-separated paths or globs, or NAME[:CONFIG]."""
+    patterns = [pattern.strip() for pattern in source.split(",") if pattern.strip()]
+    local = any(os.path.exists(p) or re.search(r"[*?[]", p) or ".json" in p for p in patterns)
+    if local:
+        try:
+            files = find_input_files(patterns)
+        except ValueError as e:
+            raise SystemExit(f"error: {setting}: {e}".replace("--input ", "")) from None
+        return {"train": [c for path in files for c in read_jsonl_conversations(path)]}
+    try:
+        import datasets
+    except ImportError:
+        raise SystemExit(f"error: {setting}={source!r} is not a local file, and reading it as a "
+                         f"Hugging Face data set needs the `datasets` package (pip install "
+                         f"datasets); or give jsonl files") from None
+    name, _, config = source.partition(":")
+    reason = hub_unreachable() if not os.path.exists(name) else None
+    if reason:
+        raise SystemExit(f"error: {setting}={source!r} is not a local file, and as a Hugging Face "
+                         f"data set it needs the network: {reason}; give jsonl files, or set "
+                         f"HF_DATASETS_OFFLINE=1 to read the data set from the local cache")
+    try:
+        splits = datasets.load_dataset(name, config or None)
+    except Exception as e:  # datasets raises many kinds: bad name, bad config, network
+        raise SystemExit(f"error: {setting}={source!r}: cannot load it ({one_line(e)})") from None
+    return {split: [check_messages(row.get("messages"), f"{source}[{split}][{i}]")
+                    for i, row in enumerate(rows)] for split, rows in splits.items()}
+
+
+def sft_conversations(cfg):
+    """(training conversations, validation conversations) as the settings ask."""
+    data = read_conversations(cfg.sft_data, "sft_data")
+    if "train" not in data or not data["train"]:
+        raise SystemExit(f"error: sft_data={cfg.sft_data!r} holds no training conversations")
+    train_set = data["train"]
+    if cfg.sft_val_data:
+        val_set = read_conversations(cfg.sft_val_data, "sft_val_data")
+        val_set = val_set.get("test") or val_set.get("train") or []
+    elif data.get("test"):
+        val_set = data["test"]
+    elif len(train_set) >= 20:  # hold out 1 in 20, chosen by the seed
+        order = np.random.default_rng([cfg.seed, 20]).permutation(len(train_set))
+        held_out = set(order[:min(1000, len(train_set) // 20)].tolist())
+        val_set = [c for i, c in enumerate(train_set) if i in held_out]
+        train_set = [c for i, c in enumerate(train_set) if i not in held_out]
+    else:
+        val_set = train_set
+    if not val_set:
+        raise SystemExit(f"error: sft_val_data={cfg.sft_val_data!r} holds no conversations")
+    return train_set, val_set
+
+
+class ConversationLoader:
+    """Batches of conversations, one per row, in a shuffled order fixed by the seed and the same
+    whatever the number of processes (the interface of ShardLoader).
+
+    The conversations are an endless stream of epochs, each in its own order fixed by (seed,
+    epoch). A step takes the next micro_steps * world_size * batch_size of them, sorts them by
+    length and deals them out: micro-step m of process r gets rows (m * world_size + r) *
+    batch_size onwards. Sorting keeps the step's conversations, and so its loss (the mean over
+    every supervised token of the step), and makes each micro-batch's rows alike in length. A
+    micro-batch is padded to its longest row, rounded up to a multiple of PAD_MULTIPLE (at most
+    block_size), so x and y are lists of micro_steps tensors (batch_size, length). The position
+    is one int, saved in checkpoints with the number of conversations."""
+
+    def __init__(self, examples, batch_size, block_size, rank, world_size, seed=0):
+        self.examples, self.lengths = examples, np.array([len(ids) - 1 for ids, _ in examples])
+        self.batch_size, self.block_size = batch_size, block_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.reset()
+
+    def __len__(self):
+        return len(self.examples)
+
+    def reset(self):
+        self.position, self.order_epoch = 0, None
+
+    def state_dict(self):
+        return {"position": self.position, "conversations": len(self.examples)}
+
+    def load_state_dict(self, state):
+        if state.get("conversations") != len(self.examples):
+            raise SystemExit(f"error: the checkpoint was made reading {state.get('conversations')}"
+                             f" conversations, these settings give {len(self.examples)}: resume "
+                             f"with the same sft_data, block_size and seed")
+        self.position = state["position"]
+
+    def take(self, count):
+        """The indices of the next `count` conversations of the stream."""
+        taken = []
+        while len(taken) < count:
+            epoch, offset = divmod(self.position, len(self.examples))
+            if self.order_epoch != epoch:
+                self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self))
+                self.order_epoch = epoch
+            part = self.order[offset:offset + count - len(taken)]
+            taken += part.tolist()
+            self.position += len(part)
+        return taken
+
+    def next_batch(self, micro_steps):
+        rows = self.batch_size
+        chosen = sorted(self.take(micro_steps * self.world_size * rows),
+                        key=lambda i: self.lengths[i])
+        self.step_tokens = int(self.lengths[chosen].sum())
+        xs, ys = [], []
+        for m in range(micro_steps):
+            start = (m * self.world_size + self.rank) * rows
+            x, y = collate([self.examples[i] for i in chosen[start:start + rows]], self.block_size)
+            xs.append(x)
+            ys.append(y)
+        return xs, ys
+
+
+def collate(examples, block_size, length=None):
+    """x, y (rows, length) int64 of conversations: inputs right-padded with 0, targets the next
+    token where it is supervised and -1 elsewhere (padding included)."""
+    if length is None:
+        longest = max(len(ids) - 1 for ids, _ in examples)
+        length = min(block_size, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    x = torch.zeros(len(examples), length, dtype=torch.long)
+    y = torch.full((len(examples), length), -1, dtype=torch.long)
+    for row, (ids, supervised) in enumerate(examples):
+        ids, supervised = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(supervised)
+        n = len(ids) - 1
+        x[row, :n] = ids[:-1]
+        y[row, :n] = torch.where(supervised[1:], ids[1:], -1)
+    return x, y
+
+
+def prepare_sft(cfg, model, source_path, resuming, master, ddp, say):
+    """Make the chat tokenizer in out_dir and the model's vocabulary fit it (a new run; resuming,
+    the tokenizer lies beside the checkpoint already), then read and tokenize the conversations.
+    source_path: the weights the run starts from. Returns the model, the training and validation
+    examples."""
+    source_dir = tokenizer_directory(source_path)
+    if resuming and master and os.path.abspath(source_dir) != os.path.abspath(cfg.out_dir):
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # branching into a new out_dir
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            atomic_write(os.path.join(cfg.out_dir, name),
+                         lambda temp: shutil.copyfile(os.path.join(source_dir, name), temp))
+    if not resuming:
+        tokenizer, tokenizer_config, added = chat_tokenizer(source_dir)
+        if master:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            atomic_write(os.path.join(cfg.out_dir, "tokenizer.json"), tokenizer.save)
+            text = json.dumps(tokenizer_config, indent=2, ensure_ascii=False)
+            atomic_write(os.path.join(cfg.out_dir, "tokenizer_config.json"),
+                         lambda temp: open(temp, "w", encoding="utf-8").write(text))
+        size = tokenizer.get_vocab_size(with_added_tokens=True)
+        if added or size > model.config.vocab_size:
+            model = add_token_rows(model, size, added)
+            say(f"sft: added {', '.join(tokenizer.id_to_token(i) for i in added) or 'no tokens'}"
+                f" (ids {min(added, default=size)}+), vocab_size {model.config.vocab_size}")
+    if ddp:
+        dist.barrier()  # the master has written the tokenizer
+    tokenizer = load_text_tokenizer(cfg.out_dir, model.config.vocab_size)
+    chat_template = load_chat_template(cfg.out_dir)
+    eos = [tokenizer.token_to_id(t) for t in ("<|eot_id|>", "<|end_of_text|>")]
+    eos = list(dict.fromkeys(i for i in (*eos, tokenizer.eot_id) if i is not None))
+    model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_id, eos
+    if ddp and not master:
+        dist.barrier()  # a data set from the hub: the master downloads it, the others then read
+    train_set, val_set = sft_conversations(cfg)
+    if ddp and master:
+        dist.barrier()
+    start = time.perf_counter()
+    splits = []
+    for name, conversations in (("train", train_set), ("val", val_set)):
+        examples, counts = tokenize_conversations(conversations, tokenizer, chat_template,
+                                                  cfg.block_size)
+        say(f"sft {name}: {counts['conversations']:,} conversations, {counts['truncated']:,} cut "
+            f"at block_size {cfg.block_size}, {counts['dropped']:,} dropped (no answer within "
+            f"it); {counts['tokens']:,} tokens, {counts['supervised']:,} supervised")
+        if not examples:
+            raise SystemExit(f"error: no {name} conversation has an assistant turn within "
+                             f"block_size {cfg.block_size} tokens")
+        splits.append(examples)
+    say(f"sft: tokenized in {time.perf_counter() - start:.1f}s")
+    return model, *splits
+
+
+def export_hf(model, out_dir):
+    """out_dir/hf: the model as a Hugging Face directory (config.json, model.safetensors) with the
+    chat tokenizer and a generation_config.json whose eos ids end an answer."""
+    directory = os.path.join(out_dir, "hf")
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        atomic_write(os.path.join(directory, name),
+                     lambda temp: shutil.copyfile(os.path.join(out_dir, name), temp))
+    generation = {"bos_token_id": model.config.bos_token_id,
+                  "eos_token_id": model.config.eos_token_id}
+    atomic_write(os.path.join(directory, "generation_config.json"),
+                 lambda temp: open(temp, "w").write(json.dumps(generation, indent=2)))
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------
 # Evaluation, checkpoints, logging
 
 
 @torch.no_grad()
 def evaluate(model, loader, eval_iters, device, autocast, ddp):
-    """Mean validation loss over eval_iters micro-batches on every process, averaged over all of
-    them. The loader starts from the beginning of the split each time, so evaluations compare."""
+    """Mean validation loss per supervised target over eval_iters micro-batches on every process,
+    all of them together. The loader starts from the beginning of the split each time, so
+    evaluations compare."""
     model.eval()
     loader.reset()
-    total = torch.zeros((), device=device)
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for _ in range(eval_iters):
         x, y = loader.next_batch(1)
+        x, y = to_device(x[0], device), to_device(y[0], device)
         with autocast:
-            _, loss = model(to_device(x[0], device), to_device(y[0], device), keep_logits=False)
-        total += loss.float()
-    total /= eval_iters
+            _, loss = model(x, y, keep_logits=False)
+        targets = (y != -1).sum()
+        total += loss.float() * targets
+        count += targets
     if ddp:
         dist.all_reduce(total)
-        total /= dist.get_world_size()
+        dist.all_reduce(count)
     model.train()
-    return total.item()
+    return (total / count.clamp(min=1)).item()
 
 
 def rng_state():
@@ -583,7 +1052,7 @@ def main(argv=None):
             for path in earlier + glob.glob(os.path.join(cfg.out_dir, "log.jsonl")):
                 os.remove(path)
             say(f"overwrite: deleted the {len(earlier)} checkpoints in {cfg.out_dir}")
-    meta = ensure_data(cfg.data_dir, master, ddp)
+    meta = {} if cfg.sft_data else ensure_data(cfg.data_dir, master, ddp)
     tokens_of_data = {"vocab_size": meta.get("vocab_size"), "bos_token_id": meta.get("bos_id"),
                       "eos_token_id": meta.get("eos_id")}
 
@@ -610,6 +1079,9 @@ def main(argv=None):
         say(f"resuming from {path} at step {start_step}")
     else:  # weights only: a Hugging Face Doge directory, an out_dir, or one of our checkpoints
         path = cfg.init_from
+        if not os.path.exists(path):
+            raise SystemExit(f"error: init_from {path!r} is not 'scratch', 'resume' or an "
+                             f"existing path")
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             path = find_latest_checkpoint(path) or path
         if os.path.isdir(path):
@@ -630,6 +1102,9 @@ def main(argv=None):
         model = upcycle_to_moe(model, cfg.upcycle_experts, cfg.upcycle_experts_per_tok)
         say(f"upcycled to a CDMoE with {cfg.upcycle_experts} experts, "
             f"{cfg.upcycle_experts_per_tok} per token")
+    if cfg.sft_data:  # the chat tokenizer, the vocabulary to fit it, the conversations
+        model, train_examples, val_examples = prepare_sft(cfg, model, path, checkpoint is not None,
+                                                          master, ddp, say)
     if "vocab_size" in meta and meta["vocab_size"] > model.config.vocab_size:
         raise SystemExit(f"error: the data's vocabulary ({meta['vocab_size']} tokens, "
                          f"{cfg.data_dir}/meta.json) does not fit the model's vocab_size "
@@ -637,19 +1112,34 @@ def main(argv=None):
     model.to(device)
     optimizer = configure_optimizer(model, cfg, device.type)
 
-    train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.block_size, rank,
-                               world_size, model.config.vocab_size, cfg.seed)
-    val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.block_size, rank,
-                             world_size, model.config.vocab_size, cfg.seed)
+    if cfg.sft_data:
+        train_loader, val_loader = (
+            ConversationLoader(examples, cfg.batch_size, cfg.block_size, rank, world_size, cfg.seed)
+            for examples in (train_examples, val_examples))
+        if cfg.sft_epochs:  # each step reads grad_accum * batch_size rows on every process
+            steps = math.ceil(cfg.sft_epochs * len(train_loader) /
+                              (grad_accum * cfg.batch_size * world_size))
+            say(f"sft: {cfg.sft_epochs:g} epochs of {len(train_loader):,} conversations are "
+                f"{steps:,} steps (max_iters)")
+            cfg = dataclasses.replace(cfg, max_iters=steps)
+    else:
+        train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.block_size, rank,
+                                   world_size, model.config.vocab_size, cfg.seed)
+        val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.block_size, rank,
+                                 world_size, model.config.vocab_size, cfg.seed)
     records = []  # everything logged, for loss.png
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if checkpoint is not None:
         if start_step > cfg.max_iters:
             raise SystemExit(f"error: the checkpoint is at step {start_step}, past max_iters "
                              f"{cfg.max_iters}")
+        before = checkpoint["train_config"]
+        if bool(before.get("sft_data")) != bool(cfg.sft_data):
+            raise SystemExit(f"error: {'an SFT' if before.get('sft_data') else 'a pretraining'} "
+                             f"checkpoint resumes only as one (to fine-tune a pretrained model, "
+                             f"give its checkpoint as init_from=PATH)")
         optimizer.load_state_dict(checkpoint["optimizer"])
         train_loader.load_state_dict(checkpoint["data_position"])
-        before = checkpoint["train_config"]
         schedule = ("max_iters", "decay_iters", "min_lr_ratio", "learning_rate", "warmup_iters")
         changed = {k: (before.get(k), getattr(cfg, k)) for k in schedule
                    if before.get(k) != getattr(cfg, k)}
@@ -677,7 +1167,8 @@ def main(argv=None):
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_run_record(cfg, raw_model.config, argv, world_size, device)
-        copy_tokenizer(cfg.data_dir, cfg.out_dir, meta)
+        if not cfg.sft_data:  # an SFT run wrote its chat tokenizer there already
+            copy_tokenizer(cfg.data_dir, cfg.out_dir, meta)
         log_file = open(log_path, "a")
     say(f"{raw_model.num_params() / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs per token | "
         f"{world_size} process(es) on {device.type}, {str(dtype).removeprefix('torch.')}, "
@@ -698,9 +1189,11 @@ def main(argv=None):
     write_line = progress.write if progress is not None else print if master else lambda line: None
 
     def fetch():
-        """The next step's micro-batches, on their way to the device."""
+        """The next step's micro-batches, on their way to the device, each micro-step's weight
+        in the step's loss, and the tokens read (all processes, padding left out)."""
         x, y = train_loader.next_batch(grad_accum)
-        return to_device(x, device), to_device(y, device)
+        x, y = [to_device(t, device) for t in x], [to_device(t, device) for t in y]
+        return x, y, micro_step_weights(y, world_size), train_loader.step_tokens
 
     def log(record):
         records.append(record)
@@ -721,13 +1214,14 @@ def main(argv=None):
     else:
         torch.manual_seed(cfg.seed + rank)  # dropout differs between processes
     step = start_step
+    tokens = checkpoint.get("tokens", step * cfg.total_batch_size) if checkpoint else 0
     data_position = train_loader.state_dict()  # where the next step's data begins
-    x, y = fetch()
+    x, y, weights, step_tokens = fetch()
     if checkpoint is None and step < cfg.max_iters:  # the loss before any training
         val_loss = evaluate(eval_model, val_loader, cfg.eval_iters, device, autocast, ddp)
         write_line(f"step {step:6d}/{cfg.max_iters} | val loss {val_loss:.4f}")
         log({"step": step, "tokens": 0, "val_loss": val_loss})
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
     stopped = False
     raw_model.train()
     with StopRequest(ddp, backend) as stop:  # Ctrl-C: finish the step, save, stop
@@ -741,14 +1235,16 @@ def main(argv=None):
                     model.require_backward_grad_sync = micro_step == grad_accum - 1
                 with autocast:
                     _, loss = model(x[micro_step], y[micro_step], keep_logits=False)
-                step_loss += loss.detach()
-                (loss / grad_accum).backward()
+                step_loss += loss.detach() * weights[micro_step]
+                (loss * weights[micro_step]).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
                                                        cfg.grad_clip or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            tokens += step_tokens
+            window_tokens += step_tokens
             data_position = train_loader.state_dict()
-            x, y = fetch()  # the host reads on while the device works
+            x, y, weights, step_tokens = fetch()  # the host reads on while the device works
             step += 1
             window_steps += 1
             if progress is not None:
@@ -759,15 +1255,14 @@ def main(argv=None):
             # log, evaluate, save
             record, parts = {}, [f"step {step:6d}/{cfg.max_iters}"]
             if step % cfg.log_interval == 0 or last or stopped:
-                step_loss /= grad_accum
-                if ddp:  # the mean over every micro-batch of every process
+                if ddp:  # the mean over every supervised target of every process
                     dist.all_reduce(step_loss)
                     step_loss /= world_size
                 train_loss = step_loss.item()  # the one host-device sync of a logged step
                 elapsed = time.perf_counter() - window_start
-                tokens_per_sec = window_steps * cfg.total_batch_size / elapsed
+                tokens_per_sec = window_tokens / elapsed
                 mfu = flops * tokens_per_sec / peak if peak else None
-                record = {"step": step, "tokens": step * cfg.total_batch_size,
+                record = {"step": step, "tokens": tokens,
                           "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                           "tokens_per_sec": tokens_per_sec, "mfu": mfu, "time": time.time()}
                 parts += [f"loss {train_loss:.4f}", f"lr {lr:.2e}",
@@ -778,7 +1273,7 @@ def main(argv=None):
                     progress.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
             if (cfg.eval_interval and step % cfg.eval_interval == 0 or last) and not stopped:
                 record.setdefault("step", step)
-                record.setdefault("tokens", step * cfg.total_batch_size)
+                record.setdefault("tokens", tokens)
                 record["val_loss"] = evaluate(eval_model, val_loader, cfg.eval_iters, device,
                                               autocast, ddp)
                 parts.append(f"val loss {record['val_loss']:.4f}")
@@ -789,14 +1284,14 @@ def main(argv=None):
             if saved:
                 path = os.path.join(cfg.out_dir, f"ckpt_{step:06d}.pt")
                 save_checkpoint(path, raw_model, optimizer, step, cfg, data_position, master,
-                                tokens=step * cfg.total_batch_size,
+                                tokens=tokens,
                                 val_loss=record.get("val_loss"))
                 if stopped:
                     say(f"saved {path}")
             if "val_loss" in record and master:
                 plot_losses(os.path.join(cfg.out_dir, "loss.png"), records)
             if record or saved:  # time the next window from here
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
 
     if progress is not None:
         progress.close()
@@ -804,7 +1299,12 @@ def main(argv=None):
         log_file.close()
         if wandb is not None:
             wandb.finish()
-    if cfg.sample_tokens and master and not stopped:
+    if cfg.sft_data and master and not stopped:
+        directory = export_hf(raw_model, cfg.out_dir)
+        say(f"exported {directory}: transformers and sample.py --chat load it")
+        if cfg.sample_tokens:
+            print_chat_sample(directory, cfg, device)
+    elif cfg.sample_tokens and master and not stopped:
         print_sample(raw_model, cfg, meta, device)
     if ddp:
         dist.destroy_process_group()
@@ -826,6 +1326,16 @@ def print_sample(model, cfg, meta, device):
                              temperature=0.8, top_k=50, eos_token_id=tokenizer.eot_id)
     print("-" * 36 + " sample " + "-" * 36)
     print(tokenizer.decode(out[0, 1:].tolist()))
+    print("-" * 80, flush=True)
+
+
+def print_chat_sample(directory, cfg, device):
+    """Ask the exported chat model sample_prompt through sample.py, greedily (stdout)."""
+    print("-" * 36 + " sample " + "-" * 36)
+    print(f"user: {cfg.sample_prompt or 'Hello!'}", flush=True)
+    sample_main([f"--init_from={directory}", "--chat", f"--start={cfg.sample_prompt or 'Hello!'}",
+                 f"--max_new_tokens={cfg.sample_tokens}", "--temperature=0",
+                 f"--device={device}"])
     print("-" * 80, flush=True)
 
 
