@@ -30,6 +30,7 @@ bias first, then the later key), and CDMoE routes each token by its own router s
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 
@@ -845,10 +846,12 @@ def read_weights(path):
 
 
 def latest_checkpoint(out_dir):
-    """The newest train.py checkpoint (ckpt_STEP.pt) in out_dir, or None."""
-    names = sorted(name for name in os.listdir(out_dir)
-                   if name.startswith("ckpt_") and name.endswith(".pt"))
-    return os.path.join(out_dir, names[-1]) if names else None
+    """The train.py checkpoint ckpt_STEP.pt in out_dir with the largest step, or None."""
+    if not os.path.isdir(out_dir):
+        return None
+    steps = {int(match.group(1)): name for name in os.listdir(out_dir)
+             if (match := re.fullmatch(r"ckpt_(\d+)\.pt", name))}
+    return os.path.join(out_dir, steps[max(steps)]) if steps else None
 
 
 def load_checkpoint(path, device="cpu", dtype=None):

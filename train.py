@@ -63,7 +63,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
-from doge import PRESETS, Doge, DogeConfig, atomic_write, upcycle_to_moe
+from doge import PRESETS, Doge, DogeConfig, atomic_write, latest_checkpoint, upcycle_to_moe
 from prepare_data import (DEFAULT_DATA_DIR, find_input_files, list_shards, load_tokenizer, one_line,
                           open_text, prepare_default, read_meta, read_shard)
 from sample import (load_chat_template, load_text_tokenizer, read_json, render_chat,
@@ -817,12 +817,6 @@ def list_checkpoints(out_dir):
     return found
 
 
-def find_latest_checkpoint(out_dir):
-    """The ckpt_{step}.pt in out_dir with the largest step, or None."""
-    checkpoints = list_checkpoints(out_dir)
-    return checkpoints[max(checkpoints)] if checkpoints else None
-
-
 def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -1069,7 +1063,7 @@ def main(argv=None):
                 config[key] = value
         model = build_model(config, overrides)
     elif cfg.init_from == "resume":
-        path = cfg.resume_ckpt or find_latest_checkpoint(cfg.out_dir)
+        path = cfg.resume_ckpt or latest_checkpoint(cfg.out_dir)
         if path is None:
             raise SystemExit(f"error: no checkpoint to resume in {cfg.out_dir}; start with "
                              f"init_from='scratch' or give resume_ckpt=PATH")
@@ -1083,7 +1077,7 @@ def main(argv=None):
             raise SystemExit(f"error: init_from {path!r} is not 'scratch', 'resume' or an "
                              f"existing path")
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            path = find_latest_checkpoint(path) or path
+            path = latest_checkpoint(path) or path
         if os.path.isdir(path):
             try:
                 loaded = Doge.from_pretrained(path)

@@ -435,10 +435,10 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     assert path.read_bytes() == before  # the old checkpoint is intact
     assert os.listdir(tmp_path) == ["ckpt_000001.pt"]  # and no partial file is left behind
     assert load(path)["step"] == 1
-    assert train.find_latest_checkpoint(str(tmp_path)) == str(path)
+    assert train.latest_checkpoint(str(tmp_path)) == str(path)
     (tmp_path / "ckpt_000010.pt").write_bytes(before)
     (tmp_path / "ckpt_000009.pt").write_bytes(before)
-    assert train.find_latest_checkpoint(str(tmp_path)).endswith("ckpt_000010.pt")
+    assert train.latest_checkpoint(str(tmp_path)).endswith("ckpt_000010.pt")
 
 
 def test_weight_decay_groups():
