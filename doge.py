@@ -856,7 +856,7 @@ def latest_checkpoint(out_dir):
 
 def load_checkpoint(path, device="cpu", dtype=None):
     """The model of a train.py checkpoint file (model_config plus the uncompiled state dict)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise ValueError(f"{path} is not a train.py checkpoint (no 'model' entry)")
     model = Doge(DogeConfig(**checkpoint["model_config"]))
