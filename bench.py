@@ -168,8 +168,11 @@ def memory_bandwidth():
 def case_window(which):
     model = make_models(which, {"keep_window_size": 1024}).eval()
     prompt = torch.randint(0, 32768, (1, 8), device=model.lm_head.weight.device)
-    stamps = generate_timestamps(model, which, prompt, 4001)
-    first, rest = (stamps[1000] - stamps[0]) / 1000, (stamps[4000] - stamps[1000]) / 3000
+    first = rest = float("inf")
+    for _ in range(3):  # best of three for each phase: this machine's speed drifts by 20%
+        stamps = generate_timestamps(model, which, prompt, 4001)
+        first = min(first, (stamps[1000] - stamps[0]) / 1000)
+        rest = min(rest, (stamps[4000] - stamps[1000]) / 3000)
     return {"ms_first_1000": first * 1e3, "ms_1000_to_4000": rest * 1e3,
             "later/first": rest / first}  # 1.0 means flat: the cache stopped growing
 

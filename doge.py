@@ -302,16 +302,19 @@ def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
     return torch.cat(outs, dim=2), state
 
 
-def attend_cached(q, k, v, dt, scale):
+def attend_cached(q, k, values_t, dt, scale):
     """One new query per head against cached keys that are all visible and all kept.
-    q (B, H, 1, d); k, v (B, Hb, n, d); dt (B, Hb, n). Plain matmuls: at one query row these
-    few small ops cost less than a fused kernel's set-up."""
+    q (B, H, 1, d); k (B, Hb, n, d); values_t (B, Hb, d, n), the values transposed; dt (B, Hb, n).
+    Both products take the form (contiguous cache rows) @ (a few columns), which the BLAS kernels
+    read about twice as fast as q @ k^T and p @ v: past the window, these reads of W keys per
+    layer are the only cost a step adds (measured with bench.py's window case)."""
     batch, heads, _, head_dim = q.shape
     bias_heads = k.shape[1]
-    q_rows = q.view(batch, bias_heads, heads // bias_heads, head_dim)  # (B, Hb, G, d)
-    logits = torch.matmul(q_rows, k.transpose(-1, -2)) * scale + dt.unsqueeze(2)  # (B, Hb, G, n)
-    out = torch.matmul(logits.float().softmax(dim=-1).to(v.dtype), v)  # (B, Hb, G, d)
-    return out.view(batch, heads, 1, head_dim)
+    q_columns = q.view(batch, bias_heads, heads // bias_heads, head_dim).transpose(-1, -2)
+    logits = torch.matmul(k, q_columns) * scale + dt.unsqueeze(-1)  # (B, Hb, n, G)
+    probs = logits.float().softmax(dim=-2).to(values_t.dtype)
+    out = torch.matmul(values_t, probs)  # (B, Hb, d, G)
+    return out.transpose(-1, -2).reshape(batch, heads, 1, head_dim)
 
 
 class LayerCache:
@@ -319,27 +322,29 @@ class LayerCache:
 
     Buffers hold W + 1 slots; slot W is a discard slot, so a decode step writes unconditionally:
     into the next free slot, into the slot of the key it evicts, or (when the new key is itself
-    the worst) into the discard slot, which attention never reads."""
+    the worst) into the discard slot, which attention never reads. Values are kept transposed,
+    one row per channel, for attend_cached."""
 
     def __init__(self, batch, bias_heads, window, head_dim, device, dtype):
         self.window = window
         self.size = 0
         self.k = torch.zeros(batch, bias_heads, window + 1, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+        self.values_t = torch.zeros(batch, bias_heads, head_dim, window + 1, device=device,
+                                    dtype=dtype)
         self.dt = torch.zeros(batch, bias_heads, window + 1, device=device, dtype=dtype)
         self.pos = torch.zeros(batch, bias_heads, window + 1, device=device, dtype=torch.long)
 
     def state(self):
         if self.size == 0:
             return None
-        return self.k[:, :, :self.size], self.v[:, :, :self.size], \
+        return self.k[:, :, :self.size], self.values_t[..., :self.size].transpose(-1, -2), \
             self.dt[:, :, :self.size], self.pos[:, :, :self.size]
 
     def store(self, state):
-        size = state[0].shape[2]
-        for buffer, values in zip((self.k, self.v, self.dt, self.pos), state):
-            buffer[:, :, :size] = values
-        self.size = size
+        k, v, dt, pos = state
+        self.size = size = k.shape[2]
+        self.k[:, :, :size], self.values_t[..., :size] = k, v.transpose(-1, -2)
+        self.dt[:, :, :size], self.pos[:, :, :size] = dt, pos
 
     def insert(self, k, v, dt, position):
         """Add one key: k, v (B, Hb, 1, d), dt (B, Hb, 1). Once full, it replaces the worst key
@@ -354,7 +359,8 @@ class LayerCache:
                                        torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)
             slot = torch.where(dt >= worst_dt, oldest_worst, self.window)
         self.k.scatter_(2, slot.unsqueeze(-1).expand_as(k), k)
-        self.v.scatter_(2, slot.unsqueeze(-1).expand_as(v), v)
+        value_column = v.transpose(-1, -2)  # (B, Hb, d, 1)
+        self.values_t.scatter_(3, slot.unsqueeze(-2).expand_as(value_column), value_column)
         self.dt.scatter_(2, slot, dt)
         self.pos.scatter_(2, slot, torch.full_like(slot, position))
 
@@ -414,8 +420,9 @@ class DynamicMaskAttention(nn.Module):
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         if cache is not None and length == 1:
             cache.insert(k, v, dt, start)
-            out = attend_cached(q, *(t[:, :, :cache.size] for t in (cache.k, cache.v, cache.dt)),
-                                self.scale)
+            size = cache.size
+            out = attend_cached(q, cache.k[:, :, :size], cache.values_t[..., :size],
+                                cache.dt[:, :, :size], self.scale)
         else:
             state = cache.state() if cache is not None else None
             out, state = dynamic_mask_attention(q, k, v, dt, start, state,

@@ -142,14 +142,22 @@ def test_cache_takes_multi_token_chunks():
 
 def test_cache_evicts_lowest_dt_then_oldest():
     layer = doge.LayerCache(1, 1, 3, 2, "cpu", torch.float32)
+
+    def insert(position, dt):  # key channels hold the position, value channels position + 10
+        layer.insert(torch.full((1, 1, 1, 2), float(position)),
+                     torch.full((1, 1, 1, 2), position + 10.0), torch.tensor([[[dt]]]), position)
+
     for position, dt in enumerate([5.0, 1.0, 1.0]):
-        layer.insert(torch.full((1, 1, 1, 2), float(position)), torch.zeros(1, 1, 1, 2),
-                     torch.tensor([[[dt]]]), position)
-    layer.insert(torch.full((1, 1, 1, 2), 3.0), torch.zeros(1, 1, 1, 2), torch.tensor([[[1.0]]]), 3)
+        insert(position, dt)
+    insert(3, 1.0)
     assert sorted(layer.pos[0, 0, :3].tolist()) == [0, 2, 3]  # the older of the two 1.0s left
-    layer.insert(torch.full((1, 1, 1, 2), 4.0), torch.zeros(1, 1, 1, 2), torch.tensor([[[0.5]]]), 4)
+    insert(4, 0.5)
     assert sorted(layer.pos[0, 0, :3].tolist()) == [0, 2, 3]  # worse than all: not kept
     assert layer.size == 3
+    k, v, dt, pos = layer.state()  # each key's value and dt moved with it
+    assert k[0, 0].tolist() == [[p, p] for p in pos[0, 0].tolist()]
+    assert v[0, 0].tolist() == [[p + 10, p + 10] for p in pos[0, 0].tolist()]
+    assert dt[0, 0].tolist() == [{0: 5.0, 2: 1.0, 3: 1.0}[p] for p in pos[0, 0].tolist()]
 
 
 # --- the loss
