@@ -158,8 +158,15 @@ PRESETS = {
 # RMSNorm
 
 
+def rms_norm(x, weight, eps):
+    """y = weight * x / sqrt(mean(x^2) + eps) over the last dim, in float32 and cast back first.
+    Written out: F.rms_norm costs more on the small inputs of decoding."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
-    """y = weight * x / sqrt(mean(x^2) + eps), normalised in float32 and cast back first."""
 
     def __init__(self, size, eps):
         super().__init__()
@@ -167,10 +174,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # written out: F.rms_norm costs several times more on the small inputs of decoding
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +182,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(config, positions, total_length, dtype):
-    """cos and sin, each (T, head_dim // 2), for the given positions.
+    """cos and sin, each (T, head_dim), for the given positions, in the form apply_rope takes.
 
     Dynamic NTK: once the sequence (total_length) is longer than max_position_embeddings, the
     base grows so the lowest frequencies stretch over the longer context. The base depends on the
@@ -193,13 +197,15 @@ def rope_cos_sin(config, positions, total_length, dtype):
     exponents = torch.arange(0, dim, 2, device=positions.device).float() / dim
     inv_freq = 1.0 / base ** exponents  # (d/2,)
     angles = positions.float()[:, None] * inv_freq  # (T, d/2)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate channel pairs (i, i + d/2) of x (..., T, d) by the position's angles."""
+    """Rotate channel pairs (i, i + d/2) of x (..., T, d) by the position's angles:
+    (a, b) -> (a cos - b sin, b cos + a sin), computed as x * cos + (b, a) * (-sin, sin)."""
     first, second = x.chunk(2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    return x * cos + torch.cat((second, first), dim=-1) * sin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,19 +405,21 @@ class DynamicMaskAttention(nn.Module):
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache=None, start=0):
-        out = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, cache, start)
-        return self.o_proj(out)
+        qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1)
+        return self.o_proj(self.attend(qk, self.v_proj(x), cos, sin, cache, start))
 
-    def attend(self, q, k, values, cos, sin, cache=None, start=0):
-        """Attention from the projections q (B, T, H*d), k and values (B, T, Hkv*d) to the
-        heads' outputs (B, T, H*d), before o_proj."""
-        batch, length, _ = q.shape
-        q = q.view(batch, length, self.heads, self.head_dim)
-        k = k.view(batch, length, self.kv_heads, self.head_dim)
+    def attend(self, qk, values, cos, sin, cache=None, start=0):
+        """Attention from the projections qk (B, T, (H + Hkv) * d), queries then keys, and
+        values (B, T, Hkv*d) to the heads' outputs (B, T, H*d), before o_proj. Queries and keys
+        take the same per-head norm and rotation, so they go through them as one stack of heads."""
+        batch, length, _ = qk.shape
+        qk = qk.view(batch, length, self.heads + self.kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, d)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, d)
+            weight = torch.cat((self.q_norm.weight.expand(self.heads, -1),
+                                self.k_norm.weight.expand(self.kv_heads, -1)))  # (H + Hkv, d)
+            qk = rms_norm(qk, weight, self.q_norm.eps)
+        qk = apply_rope(qk.transpose(1, 2), cos, sin)  # (B, H + Hkv, T, d)
+        q, k = qk.split((self.heads, self.kv_heads), dim=1)
         v = values.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         # the dynamic mask: one bias per key from its values, a zero-order-hold step size
         dt = torch.exp(self.A * F.softplus(self.dt_proj(values))).transpose(1, 2)  # (B, Hb, T)
@@ -763,14 +771,13 @@ class Doge(nn.Module):
         x = self.embed_tokens(token)  # (B, D)
         cos, sin = rope_cos_sin(config, torch.tensor([start], device=token.device), start + 1,
                                 x.dtype)
-        sizes = (config.num_attention_heads * config.head_dim,
-                 config.num_key_value_heads * config.head_dim,
-                 config.num_key_value_heads * config.head_dim)
+        value_size = config.num_key_value_heads * config.head_dim
+        sizes = (config.num_attention_heads * config.head_dim + value_size, value_size)
         for layer, layer_cache, (qkv, o, gate_up, down) in zip(self.layers, cache.layers, packed):
             attn, mlp = layer.self_attn, layer.mlp
-            q, k, values = add_bias(layer.input_layernorm(x) @ qkv, attn.q_proj, attn.k_proj,
-                                    attn.v_proj).unsqueeze(1).split(sizes, dim=-1)
-            out = attn.attend(q, k, values, cos, sin, layer_cache, start)[:, 0]  # (B, H*d)
+            qk, values = add_bias(layer.input_layernorm(x) @ qkv, attn.q_proj, attn.k_proj,
+                                  attn.v_proj).unsqueeze(1).split(sizes, dim=-1)
+            out = attn.attend(qk, values, cos, sin, layer_cache, start)[:, 0]  # (B, H*d)
             x = layer.input_residual * x + add_bias(out @ o, attn.o_proj)
             h = layer.post_attention_layernorm(x)
             gate, up = add_bias(h @ gate_up, mlp.gate_proj, mlp.up_proj).chunk(2, dim=-1)
