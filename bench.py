@@ -1,7 +1,9 @@
 """
 Side-by-side benchmarks: our Doge against transformers' DogeForCausalLM (sdpa) on the same weights
-and shapes, reported as ratios. Every measurement runs in a fresh subprocess so peak memory is its
-own. CPU float32 here; on a CUDA machine the model cases run in bfloat16 on the GPU.
+and shapes, reported as ratios. Every case runs in a fresh subprocess; the memory cases (long, moe)
+run each model in its own, so peak memory is its own, while the speed-only cases (train, decode,
+window) hold both models and time them in turns, best of several rounds each. CPU float32 here;
+on a CUDA machine the model cases run in bfloat16 on the GPU.
 
     python bench.py                      # every case (several minutes on 2 CPU cores)
     python bench.py --cases=train,decode # some of them
@@ -91,20 +93,41 @@ def best_time(function, repeats):
 
 
 # ----------------------------------------------------------------------------------------------
-# Cases: each runs in its own process and returns a dict of numbers
+# Cases: each runs in its own process and returns a dict of numbers. Speed-only cases hold both
+# models and run them in turns (returning {"ours": ..., "ref": ...}): this machine's speed drifts
+# by 20% within seconds to minutes, and taking turns exposes both to the same drift.
+
+WHICH = ("ours", "ref")
 
 
-def case_train(which, batch, length):
-    model = make_models(which).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    idx = torch.randint(0, 32768, (batch, length), device=model.lm_head.weight.device)
+def in_turns(measures, rounds):
+    """Call each model's measure() in turns, `rounds` times; keep each key's smallest value (the
+    keys are times: other work on the machine only ever slows a run down)."""
+    best = {which: {} for which in measures}
+    for _ in range(rounds):
+        for which, measure in measures.items():
+            for key, value in measure().items():
+                best[which][key] = min(best[which].get(key, float("inf")), value)
+    return best
 
-    def step():
-        loss_of(model, which, idx).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    return {"tokens_per_sec": batch * length / best_time(step, 3)}
+def case_train(batch, length):
+    def training_step(which):
+        model = make_models(which).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        idx = torch.randint(0, 32768, (batch, length), device=model.lm_head.weight.device)
+
+        def step():
+            loss_of(model, which, idx).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # warm up
+        return lambda: {"seconds": best_time(step, 1)}
+
+    best = in_turns({which: training_step(which) for which in WHICH}, rounds=5)
+    return {which: {"tokens_per_sec": batch * length / best[which]["seconds"]}
+            for which in WHICH}
 
 
 def case_long(which, mode):
@@ -144,17 +167,24 @@ def generate_timestamps(model, which, prompt, new_tokens):
     return stamps
 
 
-def case_decode(which):
-    model = make_models(which).eval()
-    prompt = torch.randint(0, 32768, (1, 8), device=model.lm_head.weight.device)
-    tokens_per_sec = 0.0
-    for _ in range(3):
-        stamps = generate_timestamps(model, which, prompt, 257)
-        tokens_per_sec = max(tokens_per_sec, 256 / (stamps[-1] - stamps[0]))
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"tokens_per_sec": tokens_per_sec, "weight_mb": weight_bytes / 2 ** 20,
-            "weight_gb_per_sec": weight_bytes * tokens_per_sec / 1e9,
-            "copy_gb_per_sec": memory_bandwidth()}
+def case_decode():
+    models = {which: make_models(which).eval() for which in WHICH}
+    prompt = torch.randint(0, 32768, (1, 8), device=models["ours"].lm_head.weight.device)
+
+    def decoding(which):
+        stamps = generate_timestamps(models[which], which, prompt, 257)
+        return {"seconds": stamps[-1] - stamps[0]}
+
+    best = in_turns({which: lambda which=which: decoding(which) for which in WHICH}, rounds=3)
+    weight_bytes = sum(p.numel() * p.element_size() for p in models["ours"].parameters())
+    copy_gb_per_sec = memory_bandwidth()
+    results = {}
+    for which in WHICH:
+        tokens_per_sec = 256 / best[which]["seconds"]
+        results[which] = {"tokens_per_sec": tokens_per_sec, "weight_mb": weight_bytes / 2 ** 20,
+                          "weight_gb_per_sec": weight_bytes * tokens_per_sec / 1e9,
+                          "copy_gb_per_sec": copy_gb_per_sec}
+    return results
 
 
 def memory_bandwidth():
@@ -165,16 +195,21 @@ def memory_bandwidth():
     return 2 * source.numel() * 4 / seconds / 1e9
 
 
-def case_window(which):
-    model = make_models(which, {"keep_window_size": 1024}).eval()
-    prompt = torch.randint(0, 32768, (1, 8), device=model.lm_head.weight.device)
-    first = rest = float("inf")
-    for _ in range(3):  # best of three for each phase: this machine's speed drifts by 20%
-        stamps = generate_timestamps(model, which, prompt, 4001)
-        first = min(first, (stamps[1000] - stamps[0]) / 1000)
-        rest = min(rest, (stamps[4000] - stamps[1000]) / 3000)
-    return {"ms_first_1000": first * 1e3, "ms_1000_to_4000": rest * 1e3,
-            "later/first": rest / first}  # 1.0 means flat: the cache stopped growing
+def case_window():
+    models = {which: make_models(which, {"keep_window_size": 1024}).eval() for which in WHICH}
+    prompt = torch.randint(0, 32768, (1, 8), device=models["ours"].lm_head.weight.device)
+
+    def generation(which):
+        stamps = generate_timestamps(models[which], which, prompt, 4001)
+        return {"first": (stamps[1000] - stamps[0]) / 1000,
+                "rest": (stamps[4000] - stamps[1000]) / 3000}
+
+    best = in_turns({which: lambda which=which: generation(which) for which in WHICH}, rounds=3)
+    return {which: {"ms_first_1000": best[which]["first"] * 1e3,
+                    "ms_1000_to_4000": best[which]["rest"] * 1e3,
+                    # 1.0 means flat: the cache stopped growing
+                    "later/first": best[which]["rest"] / best[which]["first"]}
+            for which in WHICH}
 
 
 def case_moe(which):
@@ -273,6 +308,7 @@ CASES = {
     "window": [("window_4000", case_window, ())],
     "moe": [("moe_e1024_top8", case_moe, ())],
 }
+IN_TURNS = ("train", "decode", "window")  # cases that run both models in one process
 
 def bench_tiny_training():
     """train.py's own figures for the CPU demo (config/train_doge_tiny.py), 30 steps."""
@@ -324,7 +360,8 @@ def main():
         for cases in CASES.values():
             for name, function, parameters in cases:
                 if name == args["worker"]:
-                    print(json.dumps(function(args["which"], *parameters)))
+                    which = () if args["which"] == "both" else (args["which"],)
+                    print(json.dumps(function(*which, *parameters)))
         return
     selected = args.get("cases", ",".join([*CASES, "tiny", "tokenize"])).split(",")
     device, dtype = device_and_dtype()
@@ -337,7 +374,11 @@ def main():
                 print(f"{group:<16} {key:<18} {value:>10.4g}", flush=True)
             continue
         for name, _, _ in CASES[group]:
-            ours, ref = run_worker(name, "ours", threads), run_worker(name, "ref", threads)
+            if group in IN_TURNS:
+                both = run_worker(name, "both", threads)
+                ours, ref = both["ours"], both["ref"]
+            else:
+                ours, ref = run_worker(name, "ours", threads), run_worker(name, "ref", threads)
             for row in ratio_rows(name, ours, ref):
                 ref_text = f"{row[3]:>10.4g}" if row[3] is not None else f"{'':>10}"
                 ratio_text = f"{row[4]:>6.2f}x" if row[4] is not None else ""
