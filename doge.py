@@ -736,7 +736,8 @@ class Doge(nn.Module):
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         seen = idx
         step_weights = self.decoding_weights()
-        logits = self.hidden_states(idx, cache)[:, -1] @ step_weights[-1]  # (B, V)
+        logits = output_logits(self.hidden_states(idx, cache)[:, -1], step_weights[-1],
+                               self.lm_head.out_features)  # (B, V)
         for step in range(max_new_tokens):
             token = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
             if len(eos_ids):
@@ -763,12 +764,18 @@ class Doge(nn.Module):
                 (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),
                 (attn.o_proj.weight,), (mlp.gate_proj.weight, mlp.up_proj.weight),
                 (mlp.down_proj.weight,))])
-        return packed, self.lm_head.weight.t().contiguous()  # [.., (D, V)]
+        # The output matrix, the largest by far, as column blocks (n, D, V/n), one per CPU thread:
+        # a batched product gives each thread its own block, while one matrix-vector product
+        # reads the whole matrix at about the speed of one thread.
+        output = self.lm_head.weight.t()  # (D, V)
+        blocks = torch.get_num_threads() if output.device.type == "cpu" else 1
+        output = F.pad(output, (0, -output.shape[1] % blocks))  # V padded to a multiple of n
+        return packed, output.view(output.shape[0], blocks, -1).transpose(0, 1).contiguous()
 
     def decode_step(self, token, cache, step_weights):
         """Logits (B, V) after one more token (B,) of the cached sequence: what forward computes
         for it, with the fused weights and the fewest small operations per layer."""
-        config, (packed, output_matrix) = self.config, step_weights
+        config, (packed, output_blocks) = self.config, step_weights
         start = cache.length
         x = self.embed_tokens(token)  # (B, D)
         cos, sin = rope_cos_sin(config, torch.tensor([start], device=token.device), start + 1,
@@ -788,7 +795,15 @@ class Doge(nn.Module):
                 h_out = h_out + mlp.routed_experts(h)
             x = layer.post_attention_residual * x + h_out
         cache.length += 1
-        return self.norm(x) @ output_matrix
+        return output_logits(self.norm(x), output_blocks, self.lm_head.out_features)
+
+
+def output_logits(h, output_blocks, vocab_size):
+    """Logits (B, V) from final hidden states h (B, D) and the output matrix as column blocks
+    (n, D, V'/n) from decoding_weights, V' >= V the padded vocabulary."""
+    blocks = output_blocks.shape[0]
+    logits = torch.bmm(h.expand(blocks, *h.shape), output_blocks)  # (n, B, V'/n)
+    return logits.transpose(0, 1).reshape(h.shape[0], -1)[:, :vocab_size]
 
 
 def add_bias(y, *linears):

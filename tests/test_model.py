@@ -301,6 +301,23 @@ def test_from_pretrained_reads_train_checkpoints(tmp_path):
         doge.Doge.from_pretrained(tmp_path / "other.pt")
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_output_layer_blocks_equal_the_plain_product(threads):
+    """decoding_weights splits the output matrix into one column block per thread (3 blocks do
+    not divide the 97-token vocabulary: padded); the logits are those of h @ W^T."""
+    model = random_model()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, output_blocks = model.decoding_weights()
+    finally:
+        torch.set_num_threads(previous)
+    assert output_blocks.shape == (threads, model.config.hidden_size, -(-97 // threads))
+    h = torch.randn(2, model.config.hidden_size)
+    torch.testing.assert_close(doge.output_logits(h, output_blocks, 97),
+                               h @ model.lm_head.weight.t(), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("overrides", [dict(attention_bias=True, mlp_bias=True),
                                        dict(is_moe=True, num_experts=16, num_experts_per_tok=4),
                                        dict(qk_norm=False, dt_per_query_head=True)])
