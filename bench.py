@@ -175,7 +175,7 @@ def case_decode():
         stamps = generate_timestamps(models[which], which, prompt, 257)
         return {"seconds": stamps[-1] - stamps[0]}
 
-    best = in_turns({which: lambda which=which: decoding(which) for which in WHICH}, rounds=3)
+    best = in_turns({which: lambda which=which: decoding(which) for which in WHICH}, rounds=5)
     weight_bytes = sum(p.numel() * p.element_size() for p in models["ours"].parameters())
     copy_gb_per_sec = memory_bandwidth()
     results = {}
