@@ -311,8 +311,8 @@ def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
 def attend_cached(q, k, values_t, dt, scale):
     """One new query per head against cached keys that are all visible and all kept.
     q (B, H, 1, d); k (B, Hb, n, d); values_t (B, Hb, d, n), the values transposed; dt (B, Hb, n).
-    Both products multiply the contiguous cache by a few contiguous columns, the layout the BLAS
-    kernels read fastest (measured on CPU: up to 3x faster than q @ k^T and p @ v once the cache
+    Both products multiply the contiguous cache by a few columns, each column contiguous: the
+    layout the BLAS kernels read fastest (measured on CPU: up to 3x faster than q @ k^T and p @ v once the cache
     has left the CPU caches). Past the window, reading W keys and values per layer is the only
     cost a step adds, so this read sets how flat time per token stays."""
     batch, heads, _, head_dim = q.shape
