@@ -312,9 +312,9 @@ def attend_cached(q, k, values_t, dt, scale):
     """One new query per head against cached keys that are all visible and all kept.
     q (B, H, 1, d); k (B, Hb, n, d); values_t (B, Hb, d, n), the values transposed; dt (B, Hb, n).
     Both products multiply the contiguous cache by a few columns, each column contiguous: the
-    layout the BLAS kernels read fastest (measured on CPU: up to 3x faster than q @ k^T and p @ v once the cache
-    has left the CPU caches). Past the window, reading W keys and values per layer is the only
-    cost a step adds, so this read sets how flat time per token stays."""
+    layout the BLAS kernels read fastest (measured on CPU: up to 3x faster than q @ k^T and p @ v
+    once the cache has left the CPU caches). Past the window, reading W keys and values per layer
+    is the only cost a step adds, so this read sets how flat time per token stays."""
     batch, heads, _, head_dim = q.shape
     bias_heads, size = k.shape[1], k.shape[2]
     q_columns = q.reshape(batch * bias_heads, heads // bias_heads, head_dim).transpose(1, 2)
