@@ -122,7 +122,7 @@ def case_train(batch, length):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        step()  # warm up
+        # each round warms up with one step (the other model has just run), then times one
         return lambda: {"seconds": best_time(step, 1)}
 
     best = in_turns({which: training_step(which) for which in WHICH}, rounds=5)

@@ -750,7 +750,6 @@ class Doge(nn.Module):
                 else seen
             logits = self.decode_step(token, cache, step_weights)
 
-
     @torch.no_grad()
     def decoding_weights(self):
         """The weights of a one-token step, fused and transposed. Decoding one token reads every
@@ -858,6 +857,14 @@ def atomic_write(path, write):
             os.remove(temp_path)
 
 
+def atomic_write_text(path, text):
+    """Write text (UTF-8) to path through atomic_write."""
+    def write(temp_path):
+        with open(temp_path, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def read_weights(path):
     """All tensors of a model directory: model.safetensors (possibly sharded) or pytorch_model.bin."""
     safetensors_path = os.path.join(path, "model.safetensors")
@@ -901,8 +908,9 @@ def load_pretrained(path, device="cpu", dtype=None):
     if os.path.isfile(path):
         return load_checkpoint(path, device, dtype)
     config_path = os.path.join(path, "config.json")
-    if os.path.isdir(path) and not os.path.exists(config_path) and latest_checkpoint(path):
-        return load_checkpoint(latest_checkpoint(path), device, dtype)
+    newest = None if os.path.exists(config_path) else latest_checkpoint(path)
+    if newest:
+        return load_checkpoint(newest, device, dtype)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path} is not a model directory: no config.json there "
                                 f"(nor a train.py checkpoint)")
@@ -943,7 +951,7 @@ def save_pretrained(model, path):
     atomic_write(os.path.join(path, "model.safetensors"),
                  lambda temp: save_file(tensors, temp, metadata={"format": "pt"}))
     config_text = json.dumps(model.config.to_dict(), indent=2)
-    atomic_write(os.path.join(path, "config.json"), lambda temp: open(temp, "w").write(config_text))
+    atomic_write_text(os.path.join(path, "config.json"), config_text)
 
 
 def upcycle_to_moe(model, num_experts, num_experts_per_tok, **config_overrides):

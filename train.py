@@ -63,7 +63,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
-from doge import PRESETS, Doge, DogeConfig, atomic_write, latest_checkpoint, upcycle_to_moe
+from doge import (PRESETS, Doge, DogeConfig, atomic_write, atomic_write_text, latest_checkpoint,
+                  upcycle_to_moe)
 from prepare_data import (DEFAULT_DATA_DIR, find_input_files, list_shards, load_tokenizer, one_line,
                           open_text, prepare_default, read_meta, read_shard)
 from sample import (load_chat_template, load_text_tokenizer, read_json, render_chat,
@@ -684,8 +685,7 @@ def prepare_sft(cfg, model, source_path, resuming, master, ddp, say):
             os.makedirs(cfg.out_dir, exist_ok=True)
             atomic_write(os.path.join(cfg.out_dir, "tokenizer.json"), tokenizer.save)
             text = json.dumps(tokenizer_config, indent=2, ensure_ascii=False)
-            atomic_write(os.path.join(cfg.out_dir, "tokenizer_config.json"),
-                         lambda temp: open(temp, "w", encoding="utf-8").write(text))
+            atomic_write_text(os.path.join(cfg.out_dir, "tokenizer_config.json"), text)
         size = tokenizer.get_vocab_size(with_added_tokens=True)
         if added or size > model.config.vocab_size:
             model = add_token_rows(model, size, added)
@@ -729,8 +729,8 @@ def export_hf(model, out_dir):
                      lambda temp: shutil.copyfile(os.path.join(out_dir, name), temp))
     generation = {"bos_token_id": model.config.bos_token_id,
                   "eos_token_id": model.config.eos_token_id}
-    atomic_write(os.path.join(directory, "generation_config.json"),
-                 lambda temp: open(temp, "w").write(json.dumps(generation, indent=2)))
+    atomic_write_text(os.path.join(directory, "generation_config.json"),
+                      json.dumps(generation, indent=2))
     return directory
 
 
@@ -937,7 +937,7 @@ def write_run_record(cfg, model_config, argv, world_size, device):
     os.makedirs(os.path.join(cfg.out_dir, "runs"), exist_ok=True)
     name = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}.json"
     path = os.path.join(cfg.out_dir, "runs", name)
-    atomic_write(path, lambda temp: open(temp, "w").write(json.dumps(record, indent=1)))
+    atomic_write_text(path, json.dumps(record, indent=1))
 
 
 def copy_tokenizer(data_dir, out_dir, meta):
@@ -1145,8 +1145,7 @@ def main(argv=None):
         if master and os.path.isfile(log_path):  # forget what was logged after the checkpoint
             with open(log_path) as f:
                 records = [r for r in map(json.loads, f) if r["step"] <= start_step]
-            atomic_write(log_path, lambda temp: open(temp, "w").write(
-                "".join(json.dumps(r) + "\n" for r in records)))
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
 
     raw_model = model  # what is saved and sampled from
     if use_compile:
