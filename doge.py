@@ -883,13 +883,18 @@ def read_weights(path):
     raise FileNotFoundError(f"{path} holds no model.safetensors or pytorch_model.bin")
 
 
-def latest_checkpoint(out_dir):
-    """The train.py checkpoint ckpt_STEP.pt in out_dir with the largest step, or None."""
+def list_checkpoints(out_dir):
+    """{step: path} of the train.py checkpoints ckpt_STEP.pt in out_dir ({} if it is missing)."""
     if not os.path.isdir(out_dir):
-        return None
-    steps = {int(match.group(1)): name for name in os.listdir(out_dir)
-             if (match := re.fullmatch(r"ckpt_(\d+)\.pt", name))}
-    return os.path.join(out_dir, steps[max(steps)]) if steps else None
+        return {}
+    return {int(match.group(1)): os.path.join(out_dir, name) for name in os.listdir(out_dir)
+            if (match := re.fullmatch(r"ckpt_(\d+)\.pt", name))}
+
+
+def latest_checkpoint(out_dir):
+    """The train.py checkpoint in out_dir with the largest step, or None."""
+    steps = list_checkpoints(out_dir)
+    return steps[max(steps)] if steps else None
 
 
 def load_checkpoint(path, device="cpu", dtype=None):

@@ -41,7 +41,6 @@ directory that transformers and sample.py --chat both load.
 
 import contextlib
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -64,7 +63,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
 from doge import (PRESETS, Doge, DogeConfig, atomic_write, atomic_write_text, latest_checkpoint,
-                  upcycle_to_moe)
+                  list_checkpoints, upcycle_to_moe)
 from prepare_data import (DEFAULT_DATA_DIR, find_input_files, list_shards, load_tokenizer, one_line,
                           open_text, prepare_default, read_meta, read_shard)
 from sample import (load_chat_template, load_text_tokenizer, read_json, render_chat,
@@ -804,19 +803,6 @@ def save_checkpoint(path, model, optimizer, step, cfg, data_position, master, **
     atomic_write(path, lambda temp: torch.save(checkpoint, temp))
 
 
-CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)\.pt$")
-
-
-def list_checkpoints(out_dir):
-    """{step: path} of the ckpt_{step}.pt files in out_dir."""
-    found = {}
-    for path in glob.glob(os.path.join(out_dir, "ckpt_*.pt")):
-        match = CHECKPOINT_NAME.search(os.path.basename(path))
-        if match:
-            found[int(match.group(1))] = path
-    return found
-
-
 def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -1043,7 +1029,8 @@ def main(argv=None):
         if ddp:
             dist.barrier()  # every process has looked before the master deletes
         if master:
-            for path in earlier + glob.glob(os.path.join(cfg.out_dir, "log.jsonl")):
+            log_path = os.path.join(cfg.out_dir, "log.jsonl")
+            for path in earlier + ([log_path] if os.path.exists(log_path) else []):
                 os.remove(path)
             say(f"overwrite: deleted the {len(earlier)} checkpoints in {cfg.out_dir}")
     meta = {} if cfg.sft_data else ensure_data(cfg.data_dir, master, ddp)
