@@ -674,10 +674,8 @@ def prepare_sft(cfg, model, source_path, resuming, master, ddp, say):
     examples."""
     source_dir = tokenizer_directory(source_path)
     if resuming and master and os.path.abspath(source_dir) != os.path.abspath(cfg.out_dir):
-        for name in ("tokenizer.json", "tokenizer_config.json"):  # branching into a new out_dir
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            atomic_write(os.path.join(cfg.out_dir, name),
-                         lambda temp: shutil.copyfile(os.path.join(source_dir, name), temp))
+        # branching into a new out_dir
+        copy_files(source_dir, cfg.out_dir, ("tokenizer.json", "tokenizer_config.json"))
     if not resuming:
         tokenizer, tokenizer_config, added = chat_tokenizer(source_dir)
         if master:
@@ -723,9 +721,7 @@ def export_hf(model, out_dir):
     chat tokenizer and a generation_config.json whose eos ids end an answer."""
     directory = os.path.join(out_dir, "hf")
     model.save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        atomic_write(os.path.join(directory, name),
-                     lambda temp: shutil.copyfile(os.path.join(out_dir, name), temp))
+    copy_files(out_dir, directory, ("tokenizer.json", "tokenizer_config.json"))
     generation = {"bos_token_id": model.config.bos_token_id,
                   "eos_token_id": model.config.eos_token_id}
     atomic_write_text(os.path.join(directory, "generation_config.json"),
@@ -931,11 +927,16 @@ def copy_tokenizer(data_dir, out_dir, meta):
     look for them."""
     names = {meta.get("tokenizer", {}).get("path"), "tokenizer.model", "tokenizer.json",
              "tokenizer_config.json", "chat_template.jinja"}
-    for name in sorted(filter(None, names)):
-        source = os.path.join(data_dir, name)
-        if os.path.isfile(source):
-            atomic_write(os.path.join(out_dir, name),
-                         lambda temp: shutil.copyfile(source, temp))
+    copy_files(data_dir, out_dir, [name for name in sorted(filter(None, names))
+                                   if os.path.isfile(os.path.join(data_dir, name))])
+
+
+def copy_files(source_dir, target_dir, names):
+    """Copy the named files of source_dir into target_dir, each written atomically."""
+    os.makedirs(target_dir, exist_ok=True)
+    for name in names:
+        atomic_write(os.path.join(target_dir, name),
+                     lambda temp: shutil.copyfile(os.path.join(source_dir, name), temp))
 
 
 class StopRequest:
