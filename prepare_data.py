@@ -927,11 +927,6 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
     return meta
 
 
-def prepare_default(out_dir=DEFAULT_DATA_DIR, **kwargs):
-    """The default corpus (the Python standard library's source) in out_dir; reuses it when already there."""
-    return prepare(out_dir=out_dir, **kwargs)
-
-
 def check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens, workers):
     if inputs and source:
         raise ValueError("give --input or --source, not both")

@@ -65,7 +65,7 @@ from configurator import apply_config
 from doge import (PRESETS, Doge, DogeConfig, atomic_write, atomic_write_text, latest_checkpoint,
                   list_checkpoints, upcycle_to_moe)
 from prepare_data import (DEFAULT_DATA_DIR, find_input_files, list_shards, load_tokenizer, one_line,
-                          open_text, prepare_default, read_meta, read_shard)
+                          open_text, prepare, read_meta, read_shard)
 from sample import (load_chat_template, load_text_tokenizer, read_json, render_chat,
                     tokenizer_directory)
 from sample import main as sample_main
@@ -302,7 +302,7 @@ def ensure_data(data_dir, master, ddp):
     if missing and master:
         print(f"no data in {data_dir}: preparing the default corpus there", file=sys.stderr)
         try:
-            prepare_default(data_dir)
+            prepare(data_dir)  # no inputs: the default corpus
         except ValueError as e:
             raise SystemExit(f"error: preparing the default corpus: {e}") from None
     if ddp:  # the others wait for the master's preparation

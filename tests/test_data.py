@@ -305,8 +305,8 @@ def test_default_corpus_is_the_standard_library(tmp_path):
     assert not any({"test", "tests", "idle_test", "site-packages"} & set(parts) for parts in relative)
     assert ["argparse.py"] in relative and 5e6 < sum(os.path.getsize(p) for p in files) < 5e7
     out = tmp_path / "default"
-    meta = prepare_data.prepare_default(out_dir=str(out), vocab_size=1000, sample_bytes=300_000,
-                                        max_tokens=20_000, workers=1)
+    meta = prepare_data.prepare(out_dir=str(out), vocab_size=1000, sample_bytes=300_000,
+                                max_tokens=20_000, workers=1)
     assert meta["source"].startswith("Python ") and "standard library" in meta["source"]
     assert list_shards(out, "val")[0].endswith("stdlib_val_000000.bin")
     decoded = decoded_documents(out)
