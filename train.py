@@ -1065,17 +1065,13 @@ def main(argv=None):
             raise SystemExit(f"error: init_from {path!r} is not 'scratch', 'resume' or an "
                              f"existing path")
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            path = latest_checkpoint(path) or path
-        if os.path.isdir(path):
-            try:
-                loaded = Doge.from_pretrained(path)
-            except (OSError, ValueError) as e:
-                raise SystemExit(f"error: init_from {path}: {e}") from None
-            model = build_model(asdict(loaded.config), overrides, loaded.state_dict(), path) \
-                if overrides else loaded
-        else:
-            weights = load_checkpoint(path)
-            model = build_model(weights["model_config"], overrides, weights["model"], path)
+            path = latest_checkpoint(path) or path  # an out_dir: name the checkpoint it gives
+        try:
+            loaded = Doge.from_pretrained(path)  # a checkpoint file or a Hugging Face directory
+        except Exception as e:  # torch.load of a damaged file raises many kinds
+            raise SystemExit(f"error: init_from {path}: {one_line(e)}") from None
+        model = build_model(asdict(loaded.config), overrides, loaded.state_dict(), path) \
+            if overrides else loaded
         say(f"initialised from the weights of {path}")
     if cfg.upcycle_experts and not model.config.is_moe:
         if checkpoint is not None:
