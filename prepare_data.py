@@ -338,19 +338,36 @@ def source_documents(name, rows, text_field):
             yield row[text_field]
 
 
-def check_hub_reachable(name, timeout=5.0):
-    """Fail fast without network, instead of letting `datasets` retry for minutes."""
+def hub_offline_setting():
+    """The HF_*_OFFLINE variable that is set (datasets then reads only its cache), or None."""
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(variable, "").lower() in ("1", "true", "yes", "on"):
-            raise ValueError(f"--source {name}: {variable} is set, so the hub cannot be reached; "
-                             f"use --input with local files")
+            return variable
+    return None
+
+
+def hub_unreachable(timeout=5.0):
+    """Why the Hugging Face hub's host cannot be reached, or None. Without the network `datasets`
+    retries for minutes, so callers check first."""
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        raise ValueError(f"--source {name}: cannot reach {host}:{port} ({e.strerror or e}); --source needs "
-                         f"network access, use --input for local files") from None
+        return f"cannot reach {host}:{port} ({e.strerror or e})"
+    return None
+
+
+def check_hub_reachable(name):
+    """Fail fast when --source cannot stream: offline, or no network."""
+    variable = hub_offline_setting()
+    if variable:
+        raise ValueError(f"--source {name}: {variable} is set, so the hub cannot be reached; "
+                         f"use --input with local files")
+    reason = hub_unreachable()
+    if reason:
+        raise ValueError(f"--source {name}: {reason}; --source needs network access, use --input "
+                         f"for local files")
 
 
 def one_line(error):

@@ -49,12 +49,10 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -64,8 +62,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import apply_config
 from doge import (PRESETS, Doge, DogeConfig, atomic_write, atomic_write_text, latest_checkpoint,
                   list_checkpoints, upcycle_to_moe)
-from prepare_data import (DEFAULT_DATA_DIR, find_input_files, list_shards, load_tokenizer, one_line,
-                          open_text, prepare, read_meta, read_shard)
+from prepare_data import (DEFAULT_DATA_DIR, find_input_files, hub_offline_setting, hub_unreachable,
+                          list_shards, load_tokenizer, one_line, open_text, prepare, read_meta,
+                          read_shard)
 from sample import (load_chat_template, load_text_tokenizer, read_json, render_chat,
                     tokenizer_directory)
 from sample import main as sample_main
@@ -520,21 +519,6 @@ def read_jsonl_conversations(path):
     return conversations
 
 
-def hub_unreachable():
-    """Why the Hugging Face hub cannot be reached, or None. Without the network `datasets` retries
-    for minutes; offline (HF_DATASETS_OFFLINE=1) it reads its cache at once: nothing to check."""
-    if any(os.environ.get(variable, "").lower() in ("1", "true", "yes", "on")
-           for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return None
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        port = url.port or (80 if url.scheme == "http" else 443)
-        socket.create_connection((url.hostname, port), timeout=5.0).close()
-    except OSError as e:
-        return f"cannot reach {url.hostname} ({e.strerror or e})"
-    return None
-
-
 def read_conversations(source, setting):
     """{split: conversations} from jsonl files ('train' only) or a Hugging Face data set (all of
     its splits). source: comma-separated paths or globs, or NAME[:CONFIG]."""
@@ -553,7 +537,9 @@ def read_conversations(source, setting):
                          f"Hugging Face data set needs the `datasets` package (pip install "
                          f"datasets); or give jsonl files") from None
     name, _, config = source.partition(":")
-    reason = hub_unreachable() if not os.path.exists(name) else None
+    # offline, datasets reads its cache at once: nothing to check
+    local = os.path.exists(name) or hub_offline_setting()
+    reason = None if local else hub_unreachable()
     if reason:
         raise SystemExit(f"error: {setting}={source!r} is not a local file, and as a Hugging Face "
                          f"data set it needs the network: {reason}; give jsonl files, or set "
