@@ -452,13 +452,17 @@ def run_sentencepiece_trainer(lines, vocab_size, eos_id):
     return model.getvalue()
 
 
+def tokenizer_file(path):
+    """--tokenizer names a file, or a model directory whose tokenizer.json is meant."""
+    return os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+
+
 def load_tokenizer(path, eot_token=None, parse_special_tokens=False) -> Tokenizer:
     """A SentencePiece .model, or a Hugging Face tokenizer.json (or a model directory holding one).
     parse_special_tokens: text that spells a special token (a chat template's <|start_header_id|>) is encoded as
     that token, as prompts need; off for data, where such text must stay text. SentencePiece never parses its
     control pieces (<s>, </s>) from text, so there it changes nothing."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
+    path = tokenizer_file(path)
     if not os.path.isfile(path):
         raise ValueError(f"--tokenizer {path}: no such file")
     if path.endswith(".json"):
@@ -842,19 +846,19 @@ def describe_input(inputs, source, source_split, text_field):
     return files, description, name, sum(os.path.getsize(path) for path in files), files_digest(files)
 
 
-def install_tokenizer(out_dir, tokenizer_file, tokenizer_bytes, sample, vocab_size, eos_id):
+def install_tokenizer(out_dir, source_file, tokenizer_bytes, sample, vocab_size, eos_id):
     """Put the tokenizer into out_dir: a copy of --tokenizer, or a SentencePiece model trained on the sample.
     Returns its path there."""
-    if tokenizer_file is None:
+    if source_file is None:
         log(f"training a SentencePiece BPE tokenizer (vocab {vocab_size:,}) on a "
             f"{sum(len(doc) for doc in sample) / 1e6:.1f} MB sample")
         tokenizer_path = os.path.join(out_dir, "tokenizer.model")
         write_file_atomically(tokenizer_path, train_sentencepiece(sample, vocab_size, eos_id))
         return tokenizer_path
-    tokenizer_path = os.path.join(out_dir, os.path.basename(tokenizer_file))
+    tokenizer_path = os.path.join(out_dir, os.path.basename(source_file))
     write_file_atomically(tokenizer_path, tokenizer_bytes)
-    config_file = os.path.join(os.path.dirname(tokenizer_file), "tokenizer_config.json")
-    if tokenizer_file.endswith(".json") and os.path.isfile(config_file):  # the chat template lives there
+    config_file = os.path.join(os.path.dirname(source_file), "tokenizer_config.json")
+    if source_file.endswith(".json") and os.path.isfile(config_file):  # the chat template lives there
         with open(config_file, "rb") as f:
             write_file_atomically(os.path.join(out_dir, "tokenizer_config.json"), f.read())
     return tokenizer_path
@@ -873,13 +877,13 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
                                                                                   text_field)
     name = re.sub(r"[^A-Za-z0-9.-]+", "-", name or default_name).strip("-") or "data"
     val_tokens = default_val_tokens(input_bytes, max_tokens) if val_tokens is None else val_tokens
-    tokenizer_file = tokenizer_bytes = None
+    source_tokenizer = tokenizer_file(tokenizer) if tokenizer else None
+    tokenizer_bytes = None
     if tokenizer is None:
         dtype_for_vocab(vocab_size, dtype)
     else:
-        tokenizer_file = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else tokenizer
-        dtype_for_vocab(load_tokenizer(tokenizer_file, eot_token).vocab_size, dtype)
-        with open(tokenizer_file, "rb") as f:
+        dtype_for_vocab(load_tokenizer(source_tokenizer, eot_token).vocab_size, dtype)
+        with open(source_tokenizer, "rb") as f:
             tokenizer_bytes = f.read()  # now: it may live in out_dir, which is cleaned before the copy
 
     # Everything that decides the output: when none of it changed, the existing data is reused.
@@ -908,7 +912,7 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
             raise ValueError(f"no text in the input: {description} holds no non-empty document")
 
         start_rebuild(out_dir, settings)
-        tokenizer_path = install_tokenizer(out_dir, tokenizer_file, tokenizer_bytes, sample, vocab_size, eos_id)
+        tokenizer_path = install_tokenizer(out_dir, source_tokenizer, tokenizer_bytes, sample, vocab_size, eos_id)
         loaded = load_tokenizer(tokenizer_path, eot_token)
         token_dtype = dtype_for_vocab(loaded.vocab_size, dtype)
         if not is_lossless(loaded):
@@ -930,7 +934,7 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
     meta = dict(
         complete=True, source=description, settings=settings,
         tokenizer=dict(kind=loaded.kind, path=os.path.basename(tokenizer_path), trained=tokenizer is None,
-                       origin=os.path.abspath(tokenizer_file) if tokenizer else None),
+                       origin=os.path.abspath(source_tokenizer) if tokenizer else None),
         vocab_size=loaded.vocab_size, bos_id=loaded.bos_id, eos_id=loaded.eot_id,
         dtype=token_dtype.name, shard_version=VERSION_OF_DTYPE[token_dtype], documents=written["documents"],
         tokens={split: sum(n for _, n in shards[split]) for split in shards},
