@@ -180,15 +180,15 @@ def stream_reply(model, tokenizer, prompt_ids, cfg, stop, device):
 
 
 def chat_loop(model, tokenizer, chat_template, cfg, stop, device):
-    messages = []
-    questions = [cfg.start] if cfg.start else None
-    if questions is None:
+    """One answer to --start, or a conversation typed at the prompt."""
+    if not cfg.start:
         log("chat: type a message; /reset starts over, /exit (or Ctrl-D) quits")
+    messages = []
     while True:
-        if questions is not None:
-            if not questions:
+        if cfg.start:
+            if messages:  # --start gets its one answer
                 return
-            question = questions.pop()
+            question = cfg.start
         else:
             try:
                 question = input("> ")
