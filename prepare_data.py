@@ -276,22 +276,32 @@ def read_documents(path, doc_sep=None, text_field="text"):
         raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
-def read_jsonl(path, text_field):
+def jsonl_rows(path):
+    """(where, row) for each non-blank line of a .jsonl file; where is "path:line"."""
     with open_text(path) as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{line_number}"
             try:
-                row = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field, ""), (str, type(None))) \
-                    or text_field not in row:
-                found = list(row) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
-                raise ValueError(f"{path}:{line_number}: no text field {text_field!r} (found {found}); "
-                                 f"name the field with --text_field")
-            if row[text_field]:
-                yield row[text_field]
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+
+
+def found_keys(row):
+    """What a JSON row holds, for an error message."""
+    return list(row) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+
+
+def read_jsonl(path, text_field):
+    for where, row in jsonl_rows(path):
+        if not isinstance(row, dict) or text_field not in row \
+                or not isinstance(row[text_field], (str, type(None))):
+            raise ValueError(f"{where}: no text field {text_field!r} (found {found_keys(row)}); "
+                             f"name the field with --text_field")
+        if row[text_field]:
+            yield row[text_field]
 
 
 def read_parquet(path, text_field):

@@ -62,9 +62,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import apply_config
 from doge import (PRESETS, Doge, DogeConfig, atomic_write, atomic_write_text, latest_checkpoint,
                   list_checkpoints, upcycle_to_moe)
-from prepare_data import (DEFAULT_DATA_DIR, find_input_files, hub_offline_setting, hub_unreachable,
-                          list_shards, load_tokenizer, one_line, open_text, prepare, read_meta,
-                          read_shard)
+from prepare_data import (DEFAULT_DATA_DIR, find_input_files, found_keys, hub_offline_setting,
+                          hub_unreachable, jsonl_rows, list_shards, load_tokenizer, one_line,
+                          prepare, read_meta, read_shard)
 from sample import (load_chat_template, load_text_tokenizer, read_json, render_chat,
                     tokenizer_directory)
 from sample import main as sample_main
@@ -499,23 +499,16 @@ def check_messages(messages, where):
 def read_jsonl_conversations(path):
     conversations = []
     try:
-        with open_text(path) as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"error: {where}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or "messages" not in row:
-                    found = list(row) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
-                    raise SystemExit(f"error: {where}: no 'messages' (found {found}); each line "
-                                     f"must be {{\"messages\": [{{\"role\": \"user\", \"content\": "
-                                     f"\"...\"}}, {{\"role\": \"assistant\", ...}}]}}")
-                conversations.append(check_messages(row["messages"], where))
+        for where, row in jsonl_rows(path):
+            if not isinstance(row, dict) or "messages" not in row:
+                raise SystemExit(f"error: {where}: no 'messages' (found {found_keys(row)}); each "
+                                 f"line must be {{\"messages\": [{{\"role\": \"user\", \"content\": "
+                                 f"\"...\"}}, {{\"role\": \"assistant\", ...}}]}}")
+            conversations.append(check_messages(row["messages"], where))
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: {path}: cannot read ({one_line(e)})") from None
+    except ValueError as e:  # a line that is not JSON
+        raise SystemExit(f"error: {e}") from None
     return conversations
 
 
