@@ -160,10 +160,10 @@ PRESETS = {
 
 def rms_norm(x, weight, eps):
     """y = weight * x / sqrt(mean(x^2) + eps) over the last dim, in float32 and cast back first.
-    Written out: F.rms_norm costs more on the small inputs of decoding."""
+    weight None leaves the scaling out (decoding folds it into the next matrix)."""
     x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    return normed if weight is None else weight * normed
 
 
 class RMSNorm(nn.Module):
@@ -206,6 +206,13 @@ def apply_rope(x, cos, sin):
     (a, b) -> (a cos - b sin, b cos + a sin), computed as x * cos + (b, a) * (-sin, sin)."""
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat((second, first), dim=-1) * sin
+
+
+def rope_matrix(cos, sin):
+    """apply_rope at one position as a (d, d) matrix R, x @ R == apply_rope(x, cos, sin), from
+    that position's cos and sin (d,): R[j, j] = cos[j] and R[(j + d/2) % d, j] = sin[j]. Decoding
+    builds it once per step and rotates every layer's queries and keys with one product."""
+    return torch.diag(cos) + torch.diag(sin).roll(cos.shape[0] // 2, dims=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,23 +317,24 @@ def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
 
 def attend_cached(q, k, values_t, dt, scale):
     """One new query per head against cached keys that are all visible and all kept.
-    q (B, H, 1, d); k (B, Hb, n, d); values_t (B, Hb, d, n), the values transposed; dt (B, Hb, n).
+    q (B, H, d); k (R, n, d), values_t (R, d, n) (the values transposed) and dt (R, n), with one
+    row per (sequence, bias head): R = B * Hb. Returns the heads' outputs (B, H*d).
     Both products multiply the contiguous cache by a few columns, each column contiguous: the
     layout the BLAS kernels read fastest (measured on CPU: up to 3x faster than q @ k^T and p @ v
     once the cache has left the CPU caches). Past the window, reading W keys and values per layer
     is the only cost a step adds, so this read sets how flat time per token stays."""
-    batch, heads, _, head_dim = q.shape
-    bias_heads, size = k.shape[1], k.shape[2]
-    q_columns = q.reshape(batch * bias_heads, heads // bias_heads, head_dim).transpose(1, 2)
-    logits = torch.bmm(k.flatten(0, 1), q_columns).transpose(1, 2).contiguous()  # (B*Hb, G, n)
-    logits = logits * scale + dt.reshape(batch * bias_heads, 1, size)
-    probs = logits.float().softmax(dim=-1).to(values_t.dtype)
-    out = torch.bmm(values_t.flatten(0, 1), probs.transpose(1, 2))  # (B*Hb, d, G)
-    return out.transpose(1, 2).reshape(batch, heads, 1, head_dim)
+    batch, heads, head_dim = q.shape
+    rows = dt.shape[0]
+    q_columns = q.reshape(rows, -1, head_dim).transpose(1, 2)  # (R, d, G): G heads share a row
+    logits = torch.baddbmm(dt.unsqueeze(-1), k, q_columns, alpha=scale)  # (R, n, G)
+    probs = logits.transpose(1, 2).float().softmax(dim=-1).to(values_t.dtype)  # (R, G, n)
+    out = torch.bmm(values_t, probs.transpose(1, 2))  # (R, d, G)
+    return out.transpose(1, 2).reshape(batch, heads * head_dim)
 
 
 class LayerCache:
-    """The best <= W keys (with values, dt and positions) one attention layer has seen.
+    """The best <= W keys (with values, dt and positions) one attention layer has seen, one row
+    per (sequence, bias head).
 
     Buffers hold W + 1 slots; slot W is a discard slot, so a decode step writes unconditionally:
     into the next free slot, into the slot of the key it evicts, or (when the new key is itself
@@ -336,41 +344,48 @@ class LayerCache:
     def __init__(self, batch, bias_heads, window, head_dim, device, dtype):
         self.window = window
         self.size = 0
-        self.k = torch.zeros(batch, bias_heads, window + 1, head_dim, device=device, dtype=dtype)
-        self.values_t = torch.zeros(batch, bias_heads, head_dim, window + 1, device=device,
-                                    dtype=dtype)
-        self.dt = torch.zeros(batch, bias_heads, window + 1, device=device, dtype=dtype)
-        self.pos = torch.zeros(batch, bias_heads, window + 1, device=device, dtype=torch.long)
+        self.heads_shape = (batch, bias_heads)
+        rows = batch * bias_heads
+        self.k = torch.zeros(rows, window + 1, head_dim, device=device, dtype=dtype)
+        self.values_t = torch.zeros(rows, head_dim, window + 1, device=device, dtype=dtype)
+        self.dt = torch.zeros(rows, window + 1, device=device, dtype=dtype)
+        self.pos = torch.zeros(rows, window + 1, device=device, dtype=torch.long)
+
+    def kept(self):
+        """The cached keys (R, n, d), values transposed (R, d, n) and dt (R, n), as attend_cached
+        takes them: views, no copies."""
+        return self.k[:, :self.size], self.values_t[..., :self.size], self.dt[:, :self.size]
 
     def state(self):
+        """The cache as dynamic_mask_attention's state: k, v (B, Hb, n, d), dt, pos (B, Hb, n)."""
         if self.size == 0:
             return None
-        return self.k[:, :, :self.size], self.values_t[..., :self.size].transpose(-1, -2), \
-            self.dt[:, :, :self.size], self.pos[:, :, :self.size]
+        keys, values_t, dt = self.kept()
+        return tuple(t.unflatten(0, self.heads_shape) for t in
+                     (keys, values_t.transpose(1, 2), dt, self.pos[:, :self.size]))
 
     def store(self, state):
-        k, v, dt, pos = state
-        self.size = size = k.shape[2]
-        self.k[:, :, :size], self.values_t[..., :size] = k, v.transpose(-1, -2)
-        self.dt[:, :, :size], self.pos[:, :, :size] = dt, pos
+        k, v, dt, pos = (t.flatten(0, 1) for t in state)
+        self.size = size = k.shape[1]
+        self.k[:, :size], self.values_t[..., :size] = k, v.transpose(1, 2)
+        self.dt[:, :size], self.pos[:, :size] = dt, pos
 
     def insert(self, k, v, dt, position):
-        """Add one key: k, v (B, Hb, 1, d), dt (B, Hb, 1). Once full, it replaces the worst key
-        (lowest dt, the oldest among equals) if it is at least as good (being later, it wins ties)."""
+        """Add one key per row: k, v (R, d), dt (R,). Once full, it replaces the worst key (lowest
+        dt, the oldest among equals) if it is at least as good (being later, it wins ties)."""
         if self.size < self.window:
-            slot = torch.full_like(dt, self.size, dtype=torch.long)  # (B, Hb, 1)
+            slot = torch.full((dt.shape[0], 1), self.size, device=dt.device)  # (R, 1)
             self.size += 1
         else:
-            cached_dt, cached_pos = self.dt[:, :, :self.window], self.pos[:, :, :self.window]
-            worst_dt = cached_dt.min(dim=-1, keepdim=True).values  # (B, Hb, 1)
+            cached_dt, cached_pos = self.dt[:, :self.window], self.pos[:, :self.window]
+            worst_dt = cached_dt.min(dim=-1, keepdim=True).values  # (R, 1)
             oldest_worst = torch.where(cached_dt == worst_dt, cached_pos,
                                        torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)
-            slot = torch.where(dt >= worst_dt, oldest_worst, self.window)
-        self.k.scatter_(2, slot.unsqueeze(-1).expand_as(k), k)
-        value_column = v.transpose(-1, -2)  # (B, Hb, d, 1)
-        self.values_t.scatter_(3, slot.unsqueeze(-2).expand_as(value_column), value_column)
-        self.dt.scatter_(2, slot, dt)
-        self.pos.scatter_(2, slot, torch.full_like(slot, position))
+            slot = torch.where(dt.unsqueeze(-1) >= worst_dt, oldest_worst, self.window)
+        self.k.scatter_(1, slot.unsqueeze(-1).expand(-1, -1, k.shape[-1]), k.unsqueeze(1))
+        self.values_t.scatter_(2, slot.unsqueeze(1).expand(-1, v.shape[-1], -1), v.unsqueeze(-1))
+        self.dt.scatter_(1, slot, dt.unsqueeze(-1))
+        self.pos.scatter_(1, slot, position)
 
 
 class DogeCache:
@@ -407,39 +422,45 @@ class DynamicMaskAttention(nn.Module):
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache=None, start=0):
+        """x (B, T, D) at positions start.. -> (B, T, D). With a cache, the tokens continue the
+        cached sequence, and the cache is updated."""
+        batch, length, _ = x.shape
+        # queries and keys take the same per-head norm and rotation: one stack of heads
         qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1)
-        return self.o_proj(self.attend(qk, self.v_proj(x), cos, sin, cache, start))
-
-    def attend(self, qk, values, cos, sin, cache=None, start=0):
-        """Attention from the projections qk (B, T, (H + Hkv) * d), queries then keys, and
-        values (B, T, Hkv*d) to the heads' outputs (B, T, H*d), before o_proj. Queries and keys
-        take the same per-head norm and rotation, so they go through them as one stack of heads."""
-        batch, length, _ = qk.shape
         qk = qk.view(batch, length, self.heads + self.kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
-            weight = torch.cat((self.q_norm.weight.expand(self.heads, -1),
-                                self.k_norm.weight.expand(self.kv_heads, -1)))  # (H + Hkv, d)
-            qk = rms_norm(qk, weight, self.q_norm.eps)
+        norm_weight = self.qk_norm_weight()  # (H + Hkv, d)
+        if norm_weight is not None:
+            qk = rms_norm(qk, norm_weight, self.q_norm.eps)
         qk = apply_rope(qk.transpose(1, 2), cos, sin)  # (B, H + Hkv, T, d)
         q, k = qk.split((self.heads, self.kv_heads), dim=1)
+        values = self.v_proj(x)
         v = values.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        # the dynamic mask: one bias per key from its values, a zero-order-hold step size
-        dt = torch.exp(self.A * F.softplus(self.dt_proj(values))).transpose(1, 2)  # (B, Hb, T)
-        if self.bias_heads != self.kv_heads:  # per-query-head layout: each head its own keys
-            repeats = self.bias_heads // self.kv_heads
-            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        if cache is not None and length == 1:
-            cache.insert(k, v, dt, start)
-            size = cache.size
-            out = attend_cached(q, cache.k[:, :, :size], cache.values_t[..., :size],
-                                cache.dt[:, :, :size], self.scale)
-        else:
-            state = cache.state() if cache is not None else None
-            out, state = dynamic_mask_attention(q, k, v, dt, start, state,
-                                                self.keep_window_size, self.scale)
-            if cache is not None:
-                cache.store(state)
-        return out.transpose(1, 2).reshape(batch, length, -1)
+        dt = self.dynamic_bias(self.dt_proj(values)).transpose(1, 2)  # (B, Hb, T)
+        state = cache.state() if cache is not None else None
+        out, state = dynamic_mask_attention(q, self.to_bias_heads(k), self.to_bias_heads(v), dt,
+                                            start, state, self.keep_window_size, self.scale)
+        if cache is not None:
+            cache.store(state)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def qk_norm_weight(self):
+        """The per-head RMSNorm weights of the stacked heads (H + Hkv, d), or None (older layout)."""
+        if not hasattr(self, "q_norm"):
+            return None
+        return torch.cat((self.q_norm.weight.expand(self.heads, -1),
+                          self.k_norm.weight.expand(self.kv_heads, -1)))
+
+    def dynamic_bias(self, dt_logits):
+        """The dynamic mask's bias of each key, dt = exp(A * softplus(dt_proj(v))): a
+        zero-order-hold step size per bias head, from dt_proj's output (..., Hb)."""
+        return torch.exp(self.A * F.softplus(dt_logits))
+
+    def to_bias_heads(self, keys):
+        """Keys or values (B, Hkv, ...) as one head per bias head (B, Hb, ...): in the older
+        layout every query head has its own dt, so its own copy of the keys."""
+        if self.bias_heads == self.kv_heads:
+            return keys
+        return keys.repeat_interleave(self.bias_heads // self.kv_heads, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -735,9 +756,13 @@ class Doge(nn.Module):
         cache = DogeCache(self.config, idx.shape[0], idx.device, self.lm_head.weight.dtype)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         seen = idx
-        step_weights = self.decoding_weights()
-        logits = output_logits(self.hidden_states(idx, cache)[:, -1], step_weights[-1],
-                               self.lm_head.out_features)  # (B, V)
+        # The model runs in inference mode, which skips the bookkeeping no_grad still does (version
+        # counters, view tracking; about a tenth of a small model's step). Tokens are sampled
+        # outside it, so callers get ordinary tensors that they may use in training.
+        with torch.inference_mode():
+            step_weights = self.decoding_weights()
+            logits = output_logits(self.hidden_states(idx, cache)[:, -1], step_weights[-1],
+                                   self.lm_head.out_features)  # (B, V)
         for step in range(max_new_tokens):
             token = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
             if len(eos_ids):
@@ -748,53 +773,95 @@ class Doge(nn.Module):
                 return
             seen = torch.cat((seen, token.unsqueeze(1)), dim=1) if repetition_penalty != 1.0 \
                 else seen
-            logits = self.decode_step(token, cache, step_weights)
+            with torch.inference_mode():
+                logits = self.decode_step(token, cache, step_weights)
 
     @torch.no_grad()
     def decoding_weights(self):
-        """The weights of a one-token step, fused and transposed. Decoding one token reads every
-        weight once, and x @ W streams through a contiguous (in, out) matrix several times faster
-        than F.linear through the (out, in) weight; fusing q/k/v and gate/up halves the number of
-        small products per layer. Made once per generate call (copying costs about one step)."""
-        packed = []
+        """The weights of a one-token step, rearranged once per generate call (it costs about one
+        step). Decoding one token reads every weight once, so the layout decides its speed:
+        - transposed to (in, out): x @ W streams through a contiguous matrix several times faster
+          than F.linear through the (out, in) weight;
+        - fused: q, k, v and dt side by side, gate and up side by side: fewer, larger products;
+        - dt_proj folded into v_proj: dt_proj(v_proj(x)) = x @ (W_dt W_v)^T + (W_dt b_v + b_dt);
+        - the input and post-attention RMSNorm weights folded into the rows of the matrix after
+          them: (w * x) @ M = x @ (w[:, None] * M).
+        Returns one dict of (matrix, bias) pairs per layer, and the output matrix in blocks."""
+        layers = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            packed.append([torch.cat(weights).t().contiguous() for weights in (
-                (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),
-                (attn.o_proj.weight,), (mlp.gate_proj.weight, mlp.up_proj.weight),
-                (mlp.down_proj.weight,))])
+            dt_weight = attn.dt_proj.weight.float() @ attn.v_proj.weight.float()  # (Hb, D)
+            dt_bias = None if attn.dt_proj.bias is None else \
+                attn.dt_proj.weight.float() @ attn.v_proj.bias.float() + attn.dt_proj.bias.float()
+            dtype = attn.v_proj.weight.dtype
+            qkv_dt = [(linear.weight, linear.bias) for linear in (attn.q_proj, attn.k_proj,
+                                                                  attn.v_proj)]
+            qkv_dt.append((dt_weight.to(dtype), None if dt_bias is None else dt_bias.to(dtype)))
+            layers.append({
+                "qkv_dt": fuse_linears(qkv_dt, layer.input_layernorm.weight),
+                "qk_norm": attn.qk_norm_weight(),
+                "o": fuse_linears([(attn.o_proj.weight, attn.o_proj.bias)]),
+                "gate_up": fuse_linears([(mlp.gate_proj.weight, mlp.gate_proj.bias),
+                                         (mlp.up_proj.weight, mlp.up_proj.bias)],
+                                        layer.post_attention_layernorm.weight),
+                "down": fuse_linears([(mlp.down_proj.weight, mlp.down_proj.bias)])})
         # The output matrix, the largest by far, as column blocks (n, D, V/n), one per CPU thread:
         # a batched product gives each thread its own block, while one matrix-vector product
         # reads the whole matrix at about the speed of one thread.
         output = self.lm_head.weight.t()  # (D, V)
         blocks = torch.get_num_threads() if output.device.type == "cpu" else 1
         output = F.pad(output, (0, -output.shape[1] % blocks))  # V padded to a multiple of n
-        return packed, output.view(output.shape[0], blocks, -1).transpose(0, 1).contiguous()
+        return layers, output.view(output.shape[0], blocks, -1).transpose(0, 1).contiguous()
 
     def decode_step(self, token, cache, step_weights):
         """Logits (B, V) after one more token (B,) of the cached sequence: what forward computes
-        for it, with the fused weights and the fewest small operations per layer."""
-        config, (packed, output_blocks) = self.config, step_weights
-        start = cache.length
+        for it, with decoding_weights' matrices and the fewest small operations per layer (each
+        costs a few microseconds, as long as the products of a small model's step)."""
+        config, (layer_weights, output_blocks) = self.config, step_weights
+        heads, kv_heads, head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                     config.head_dim)
+        eps, start = config.rms_norm_eps, cache.length
         x = self.embed_tokens(token)  # (B, D)
-        cos, sin = rope_cos_sin(config, torch.tensor([start], device=token.device), start + 1,
+        batch = x.shape[0]
+        cos, sin = rope_cos_sin(config, torch.tensor([start], device=x.device), start + 1,
                                 x.dtype)
-        value_size = config.num_key_value_heads * config.head_dim
-        sizes = (config.num_attention_heads * config.head_dim + value_size, value_size)
-        for layer, layer_cache, (qkv, o, gate_up, down) in zip(self.layers, cache.layers, packed):
+        rotation = rope_matrix(cos[0], sin[0])  # (d, d), the same for every layer
+        for layer, layer_cache, weights in zip(self.layers, cache.layers, layer_weights):
             attn, mlp = layer.self_attn, layer.mlp
-            qk, values = add_bias(layer.input_layernorm(x) @ qkv, attn.q_proj, attn.k_proj,
-                                  attn.v_proj).unsqueeze(1).split(sizes, dim=-1)
-            out = attn.attend(qk, values, cos, sin, layer_cache, start)[:, 0]  # (B, H*d)
-            x = layer.input_residual * x + add_bias(out @ o, attn.o_proj)
-            h = layer.post_attention_layernorm(x)
-            gate, up = add_bias(h @ gate_up, mlp.gate_proj, mlp.up_proj).chunk(2, dim=-1)
-            h_out = add_bias((F.silu(gate) * up) @ down, mlp.down_proj)
+            qk, values, dt_logits = fused_linear(rms_norm(x, None, eps), *weights["qkv_dt"]).split(
+                ((heads + kv_heads) * head_dim, kv_heads * head_dim, attn.bias_heads), dim=-1)
+            qk = qk.view(batch, heads + kv_heads, head_dim)
+            if weights["qk_norm"] is not None:
+                qk = rms_norm(qk, weights["qk_norm"], eps)
+            q, k = (qk @ rotation).split((heads, kv_heads), dim=1)
+            k = attn.to_bias_heads(k).flatten(0, 1)  # (B*Hb, d), the cache's rows
+            v = attn.to_bias_heads(values.view(batch, kv_heads, head_dim)).flatten(0, 1)
+            layer_cache.insert(k, v, attn.dynamic_bias(dt_logits).flatten(), start)
+            out = attend_cached(q, *layer_cache.kept(), attn.scale)  # (B, H*d)
+            x = torch.addcmul(fused_linear(out, *weights["o"]), layer.input_residual, x)
+            h = rms_norm(x, None, eps)
+            gate, up = fused_linear(h, *weights["gate_up"]).chunk(2, dim=-1)
+            mlp_out = fused_linear(F.silu(gate) * up, *weights["down"])
             if isinstance(mlp, CDMoE):
-                h_out = h_out + mlp.routed_experts(h)
-            x = layer.post_attention_residual * x + h_out
+                mlp_out = mlp_out + mlp.routed_experts(layer.post_attention_layernorm.weight * h)
+            x = torch.addcmul(mlp_out, layer.post_attention_residual, x)
         cache.length += 1
         return output_logits(self.norm(x), output_blocks, self.lm_head.out_features)
+
+
+def fuse_linears(linears, norm_weight=None):
+    """One (in, out) matrix and bias for linear maps given as (weight (out, in), bias) pairs that
+    read the same input, optionally after an RMSNorm whose weight is folded into the rows."""
+    matrix = torch.cat([weight for weight, _ in linears]).t()
+    if norm_weight is not None:
+        matrix = norm_weight[:, None] * matrix
+    biases = [bias for _, bias in linears]
+    return matrix.contiguous(), None if biases[0] is None else torch.cat(biases)
+
+
+def fused_linear(x, matrix, bias):
+    """x (B, in) @ matrix (in, out) + bias, as one operation."""
+    return x @ matrix if bias is None else torch.addmm(bias, x, matrix)
 
 
 def output_logits(h, output_blocks, vocab_size):
@@ -803,13 +870,6 @@ def output_logits(h, output_blocks, vocab_size):
     blocks = output_blocks.shape[0]
     logits = torch.bmm(h.expand(blocks, *h.shape), output_blocks)  # (n, B, V'/n)
     return logits.transpose(0, 1).reshape(h.shape[0], -1)[:, :vocab_size]
-
-
-def add_bias(y, *linears):
-    """y plus the concatenated biases of the linears it fuses, if they have any."""
-    if linears[0].bias is None:
-        return y
-    return y + torch.cat([linear.bias for linear in linears])
 
 
 def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):

@@ -97,11 +97,14 @@ def test_zero_A_is_a_sliding_window_of_the_last_keys(monkeypatch):
 
 
 def decode_one_by_one(model, idx, prompt_length):
+    """Logits at every position the way generate makes them: the prompt through forward with a
+    cache, then one decode_step (fused weights, in-place eviction) per token."""
     cache = doge.DogeCache(model.config, idx.shape[0], "cpu", torch.float32)
+    weights = model.decoding_weights()
     with torch.no_grad():
         steps = [model(idx[:, :prompt_length], cache=cache)[0]]
         for t in range(prompt_length, idx.shape[1]):
-            steps.append(model(idx[:, t:t + 1], cache=cache)[0])
+            steps.append(model.decode_step(idx[:, t], cache, weights).unsqueeze(1))
             assert all(layer.size <= model.config.keep_window_size for layer in cache.layers)
     return torch.cat(steps, dim=1)
 
@@ -144,15 +147,15 @@ def test_cache_evicts_lowest_dt_then_oldest():
     layer = doge.LayerCache(1, 1, 3, 2, "cpu", torch.float32)
 
     def insert(position, dt):  # key channels hold the position, value channels position + 10
-        layer.insert(torch.full((1, 1, 1, 2), float(position)),
-                     torch.full((1, 1, 1, 2), position + 10.0), torch.tensor([[[dt]]]), position)
+        layer.insert(torch.full((1, 2), float(position)), torch.full((1, 2), position + 10.0),
+                     torch.tensor([dt]), position)
 
     for position, dt in enumerate([5.0, 1.0, 1.0]):
         insert(position, dt)
     insert(3, 1.0)
-    assert sorted(layer.pos[0, 0, :3].tolist()) == [0, 2, 3]  # the older of the two 1.0s left
+    assert sorted(layer.pos[0, :3].tolist()) == [0, 2, 3]  # the older of the two 1.0s left
     insert(4, 0.5)
-    assert sorted(layer.pos[0, 0, :3].tolist()) == [0, 2, 3]  # worse than all: not kept
+    assert sorted(layer.pos[0, :3].tolist()) == [0, 2, 3]  # worse than all: not kept
     assert layer.size == 3
     k, v, dt, pos = layer.state()  # each key's value and dt moved with it
     assert k[0, 0].tolist() == [[p, p] for p in pos[0, 0].tolist()]
@@ -322,13 +325,28 @@ def test_output_layer_blocks_equal_the_plain_product(threads):
                                        dict(is_moe=True, num_experts=16, num_experts_per_tok=4),
                                        dict(qk_norm=False, dt_per_query_head=True)])
 def test_fused_decode_step_equals_forward(overrides):
-    """generate's one-token step (fused, transposed weights) against the plain forward pass."""
+    """generate's one-token step (fused, transposed weights, biases and the dt projection folded
+    in) against the plain forward pass, for biases, MoE and the older layout."""
     model = random_model(**overrides)
     idx = torch.randperm(97)[:30].view(2, 15)
-    cache = doge.DogeCache(model.config, 2, "cpu", torch.float32)
-    weights = model.decoding_weights()
     with torch.no_grad():
-        steps = [model(idx[:, :4], cache=cache)[0][:, -1]]
-        steps += [model.decode_step(idx[:, t], cache, weights) for t in range(4, 15)]
-        full = model(idx)[0][:, 3:]
-    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-4, rtol=0)
+        full = model(idx)[0]
+    torch.testing.assert_close(decode_one_by_one(model, idx, 4), full, atol=1e-4, rtol=0)
+
+
+def test_rope_matrix_is_apply_rope():
+    config = tiny_config()
+    cos, sin = doge.rope_cos_sin(config, torch.tensor([5]), 6, torch.float32)
+    x = torch.randn(3, config.head_dim)
+    torch.testing.assert_close(x @ doge.rope_matrix(cos[0], sin[0]), doge.apply_rope(x, cos, sin))
+
+
+def test_generated_tokens_can_feed_training():
+    """generate runs the model in inference mode; the tokens it returns must still be ordinary
+    tensors (an inference tensor cannot be saved for backward, e.g. by the embedding)."""
+    model = random_model()
+    out = model.generate(torch.tensor([[1, 2, 3]]), 5, temperature=0)
+    assert not out.is_inference()
+    model.train()
+    model(out[:, :-1], out[:, 1:])[1].backward()
+    assert model.embed_tokens.weight.grad is not None
