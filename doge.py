@@ -590,18 +590,25 @@ def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
     count = kept.sum().clamp(min=1)
     safe_targets = targets.clamp(min=0)
     chunk = max(1, LOSS_CHUNK_ELEMENTS // vocab)
+    # The products write into tensors kept across chunks (out=, addmm_): on CPU a fresh 64 MB
+    # tensor per chunk costs page faults, about 5% of a training step. Autocast skips such calls,
+    # so the products' dtype is chosen here: autocast's when it is on, else hidden's.
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    weight_t = weight.to(dtype).t()  # (D, V)
+    logits_buffer = hidden.new_empty(min(chunk, rows), vocab, dtype=dtype)
     loss = torch.zeros((), device=hidden.device)
     logits_out = grad_hidden = grad_weight = None
+    if keep_logits:
+        logits_out = hidden.new_empty(rows, vocab, dtype=dtype)
     if compute_grads:
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, device=weight.device)
     for begin in range(0, rows, chunk):
         end = min(begin + chunk, rows)
-        h, target, weight_rows = hidden[begin:end], safe_targets[begin:end], kept[begin:end]
-        logits = F.linear(h, weight)  # (n, V)
+        h, target, weight_rows = hidden[begin:end].to(dtype), safe_targets[begin:end], kept[begin:end]
+        logits = torch.mm(h, weight_t, out=logits_buffer[:end - begin])  # (n, V)
         if keep_logits:
-            if logits_out is None:
-                logits_out = logits.new_empty(rows, vocab)
             logits_out[begin:end] = logits
         logits = logits.float()
         target_logits = logits.gather(1, target.unsqueeze(1)).squeeze(1)  # (n,)
@@ -616,9 +623,12 @@ def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
             row_scale = weight_rows / count  # (n,)
             grad = exps.mul_((row_scale / sums).unsqueeze(1))
             grad[torch.arange(end - begin, device=grad.device), target] -= row_scale
-            grad = grad.to(h.dtype)
-            grad_hidden[begin:end] = grad @ weight.to(h.dtype)
-            grad_weight += (grad.t() @ h).float()
+            grad = grad.to(dtype)
+            grad_hidden[begin:end] = grad @ weight_t.t()
+            if dtype == grad_weight.dtype:
+                grad_weight.addmm_(grad.t(), h)
+            else:  # low-precision products, summed in float32
+                grad_weight += (grad.t() @ h).float()
     if compute_grads:
         grad_weight = grad_weight.to(weight.dtype)
     return loss / count, logits_out, grad_hidden, grad_weight
