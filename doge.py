@@ -807,21 +807,16 @@ class Doge(nn.Module):
         layers = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            dt_weight = attn.dt_proj.weight.float() @ attn.v_proj.weight.float()  # (Hb, D)
-            dt_bias = None if attn.dt_proj.bias is None else \
-                attn.dt_proj.weight.float() @ attn.v_proj.bias.float() + attn.dt_proj.bias.float()
-            dtype = attn.v_proj.weight.dtype
-            qkv_dt = [(linear.weight, linear.bias) for linear in (attn.q_proj, attn.k_proj,
-                                                                  attn.v_proj)]
-            qkv_dt.append((dt_weight.to(dtype), None if dt_bias is None else dt_bias.to(dtype)))
+            q, k, v, o, gate, up, down = ((linear.weight, linear.bias) for linear in (
+                attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+            dt = composed_linear(attn.dt_proj, attn.v_proj)
             layers.append({
-                "qkv_dt": fuse_linears(qkv_dt, layer.input_layernorm.weight),
+                "qkv_dt": fuse_linears([q, k, v, dt], layer.input_layernorm.weight),
                 "qk_norm": attn.qk_norm_weight(),
-                "o": fuse_linears([(attn.o_proj.weight, attn.o_proj.bias)]),
-                "gate_up": fuse_linears([(mlp.gate_proj.weight, mlp.gate_proj.bias),
-                                         (mlp.up_proj.weight, mlp.up_proj.bias)],
-                                        layer.post_attention_layernorm.weight),
-                "down": fuse_linears([(mlp.down_proj.weight, mlp.down_proj.bias)])})
+                "o": fuse_linears([o]),
+                "gate_up": fuse_linears([gate, up], layer.post_attention_layernorm.weight),
+                "down": fuse_linears([down])})
         # The output matrix, the largest by far, as column blocks (n, D, V/n), one per CPU thread:
         # a batched product gives each thread its own block, while one matrix-vector product
         # reads the whole matrix at about the speed of one thread.
@@ -864,6 +859,14 @@ class Doge(nn.Module):
             x = torch.addcmul(mlp_out, layer.post_attention_residual, x)
         cache.length += 1
         return output_logits(self.norm(x), output_blocks, self.lm_head.out_features)
+
+
+def composed_linear(outer, inner):
+    """outer(inner(x)) as one (weight, bias) pair: (W_o W_i, W_o b_i + b_o), made in float32."""
+    weight = outer.weight.float() @ inner.weight.float()
+    bias = None if inner.bias is None else outer.weight.float() @ inner.bias.float() + outer.bias
+    dtype = inner.weight.dtype
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def fuse_linears(linears, norm_weight=None):
