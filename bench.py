@@ -125,7 +125,7 @@ def case_train(batch, length):
         # each round warms up with one step (the other model has just run), then times one
         return lambda: {"seconds": best_time(step, 1)}
 
-    best = in_turns({which: training_step(which) for which in WHICH}, rounds=5)
+    best = in_turns({which: training_step(which) for which in WHICH}, rounds=10)
     return {which: {"tokens_per_sec": batch * length / best[which]["seconds"]}
             for which in WHICH}
 
