@@ -65,7 +65,7 @@ HEADER_BYTES = HEADER_INTS * 4
 VERSION_OF_DTYPE = {np.dtype(np.uint16): 1, np.dtype(np.uint32): 2}
 DTYPE_OF_VERSION = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 SHARD_FILE = re.compile(r"^(?P<name>.+)_(?P<split>train|val)_(?P<index>\d{6})\.bin$")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 REBUILD_HINT = "re-run prepare_data.py to rebuild it"
 
 
@@ -867,10 +867,11 @@ def install_tokenizer(out_dir, source_file, tokenizer_bytes, sample, vocab_size,
         return tokenizer_path
     tokenizer_path = os.path.join(out_dir, os.path.basename(source_file))
     write_file_atomically(tokenizer_path, tokenizer_bytes)
-    config_file = os.path.join(os.path.dirname(source_file), "tokenizer_config.json")
-    if source_file.endswith(".json") and os.path.isfile(config_file):  # the chat template lives there
-        with open(config_file, "rb") as f:
-            write_file_atomically(os.path.join(out_dir, "tokenizer_config.json"), f.read())
+    for name in ("tokenizer_config.json", "chat_template.jinja"):  # where a chat template lives
+        companion = os.path.join(os.path.dirname(source_file), name)
+        if source_file.endswith(".json") and os.path.isfile(companion):
+            with open(companion, "rb") as f:
+                write_file_atomically(os.path.join(out_dir, name), f.read())
     return tokenizer_path
 
 

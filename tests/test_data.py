@@ -397,6 +397,7 @@ def byte_level_tokenizer(path, documents=None, vocab_size=400, filler=0, style="
     path.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    (path / "chat_template.jinja").write_text("{{ messages }}")  # transformers 5.x keeps it apart
     return tokenizer
 
 
@@ -408,7 +409,8 @@ def test_huggingface_tokenizer_json(tmp_path):
                f"--out_dir={out}", "--workers=2")
     assert meta["tokenizer"]["kind"] == "huggingface" and meta["tokenizer"]["path"] == "tokenizer.json"
     assert meta["eos_id"] == hf.token_to_id("<|end_of_text|>") and meta["bos_id"] == hf.token_to_id("<|begin_of_text|>")
-    assert (out / "tokenizer_config.json").exists()  # the chat template comes along
+    assert (out / "tokenizer_config.json").exists()  # the chat template comes along, either file
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
     # documents that spell "<|end_of_text|>" stay whole: it is encoded as text, not as the special token
     assert sum("<|end_of_text|>" in doc for doc in documents) > 0
     assert decoded_documents(out) == documents and meta["documents"] == len(documents)
