@@ -106,6 +106,12 @@ class DogeConfig:
                 raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be between "
                                  f"1 and num_experts {self.num_experts}")
 
+    @property
+    def bias_heads(self):
+        """Hb, the heads with a dynamic bias of their own: one per key/value head (transformers
+        layout) or one per query head (the older layout, dt_per_query_head)."""
+        return self.num_attention_heads if self.dt_per_query_head else self.num_key_value_heads
+
     @classmethod
     def from_preset(cls, name, **overrides):
         if name not in PRESETS:
@@ -392,11 +398,10 @@ class DogeCache:
     """Everything generation keeps between steps: one LayerCache per layer and the length so far."""
 
     def __init__(self, config, batch, device, dtype):
-        bias_heads = config.num_attention_heads if config.dt_per_query_head \
-            else config.num_key_value_heads
         self.length = 0
-        self.layers = [LayerCache(batch, bias_heads, config.keep_window_size, config.head_dim,
-                                  device, dtype) for _ in range(config.num_hidden_layers)]
+        self.layers = [LayerCache(batch, config.bias_heads, config.keep_window_size,
+                                  config.head_dim, device, dtype)
+                       for _ in range(config.num_hidden_layers)]
 
 
 class DynamicMaskAttention(nn.Module):
@@ -406,8 +411,7 @@ class DynamicMaskAttention(nn.Module):
         heads, kv_heads, head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                      config.head_dim)
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        # one dynamic bias per key/value head (transformers layout) or per query head (older)
-        self.bias_heads = heads if config.dt_per_query_head else kv_heads
+        self.bias_heads = config.bias_heads
         self.keep_window_size = config.keep_window_size
         self.scale = head_dim ** -0.5
         bias = config.attention_bias
