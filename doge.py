@@ -929,12 +929,18 @@ def hf_name(name):
 
 
 def atomic_write(path, write):
-    """Call write(temp_path), then rename over path, so a crash never leaves a partial file."""
+    """Call write(temp_path), sync it to disk, then rename over path: a crash (even a power loss)
+    never leaves a partial file under the real name."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, temp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
     os.close(fd)
     try:
         write(temp_path)
+        fd = os.open(temp_path, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temp_path, path)
     finally:
         if os.path.exists(temp_path):

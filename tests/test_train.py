@@ -413,6 +413,16 @@ def test_bfloat16_autocast_and_moe_train(tmp_path, data_dir):
     assert saved["model_config"]["is_moe"] and saved["train_config"]["dtype"] == "bfloat16"
 
 
+def test_atomic_write_syncs_the_file_before_renaming_it(tmp_path, monkeypatch):
+    """A rename that reaches the disk before the data can leave an empty file after a power loss."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    train.atomic_write_text(str(tmp_path / "run.json"), "{}")
+    assert events == ["fsync", "replace"]
+    assert os.listdir(tmp_path) == ["run.json"] and (tmp_path / "run.json").read_text() == "{}"
+
+
 def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     model = train.Doge(train.DogeConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                         num_hidden_layers=1, num_attention_heads=2,
