@@ -80,7 +80,7 @@ def _keys(defaults):
     return list(defaults)
 
 
-def _parse_value(text):
+def parse_value(text):
     """A Python literal if it is one, else the text itself as a string."""
     try:
         return ast.literal_eval(text)
@@ -129,7 +129,7 @@ def apply_config(defaults, argv):
         if arg.startswith("--"):
             key, has_value, text = arg[2:].partition("=")
             if has_value:
-                settings.append((key, _parse_value(text), arg, text))
+                settings.append((key, parse_value(text), arg, text))
             else:  # a bare --flag
                 settings.append((key, True, arg, None))
         elif arg.endswith(".py") or os.path.isfile(arg):

@@ -25,7 +25,6 @@ slower on one multi-megabyte string and because one huge file should still keep 
 """
 
 import argparse
-import ast
 import contextlib
 import glob
 import gzip
@@ -52,6 +51,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 from tqdm import tqdm
+
+from configurator import parse_value
 
 DEFAULT_DATA_DIR = "data/default"
 META_FILE = "meta.json"
@@ -980,15 +981,8 @@ def log(message):
 # -----------------------------------------------------------------------------
 # Command line: --key=value or --key value; values are Python literals or bare strings (see REFERENCE.md §7)
 
-def literal(text):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def as_int(text):
-    value = literal(text)
+    value = parse_value(text)
     if isinstance(value, float) and value.is_integer():  # --max_tokens=4e9
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -997,20 +991,20 @@ def as_int(text):
 
 
 def as_str(text):
-    value = literal(text)
+    value = parse_value(text)
     return value if isinstance(value, str) else text
 
 
 def as_separator(text):
     """--doc_sep='\\n\\n' arrives with a real backslash from the shell: read escapes as Python would."""
-    value = literal(text)
+    value = parse_value(text)
     if isinstance(value, str) and value != text:
         return value
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
 def as_bool(text):
-    value = literal(text)
+    value = parse_value(text)
     if not isinstance(value, bool):
         raise argparse.ArgumentTypeError(f"not True or False: {text!r}")
     return value

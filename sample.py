@@ -89,10 +89,17 @@ def load_text_tokenizer(directory, vocab_size):
 
 
 def read_json(path):
+    """The JSON object in path, or {} when there is no such file; an unreadable one is an error."""
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path}: unreadable ({e})") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"error: {path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def token_text(value):

@@ -163,3 +163,12 @@ def test_clear_errors(tmp_path, model_dir):
         sample.main([f"--init_from={small}"])
     with pytest.raises(SystemExit, match="unknown setting 'temprature'"):
         sample.main(["--temprature=0"])
+    (small / "tokenizer.json").write_text((model_dir / "tokenizer.json").read_text())
+    config = dataclasses.replace(config, vocab_size=300)
+    doge.Doge(config).save_pretrained(small)
+    (small / "generation_config.json").write_text('{"eos_token_id": 1,')  # cut short
+    with pytest.raises(SystemExit, match="generation_config.json: unreadable"):
+        sample.main([f"--init_from={small}", "--max_new_tokens=2"])
+    (small / "generation_config.json").write_text("[1]")
+    with pytest.raises(SystemExit, match="generation_config.json: expected a JSON object"):
+        sample.main([f"--init_from={small}", "--max_new_tokens=2"])
