@@ -230,7 +230,8 @@ def rope_matrix(cos, sin):
 #   short    T <= W, no cache: one fused causal SDPA, the bias folded into q and k.
 #   blocked  anything longer, or appending to a cache: queries in blocks; a block's candidates
 #            are the best W keys before it (the "state") plus its own keys. Memory O(T * W).
-#   decode   one new token against a full cache: replace the worst cached key in place.
+#   decode   generate's one-token step (Doge.decode_step): the new key takes a free slot of the
+#            cache or, once W are kept, the slot of the worst key, in place.
 
 
 def rank_keys(dt, positions):
