@@ -600,7 +600,7 @@ def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
     # so the products' dtype is chosen here: autocast's when it is on, else hidden's.
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    weight_t = weight.to(dtype).t()  # (D, V)
+    product_weight = weight.to(dtype)  # (V, D)
     logits_buffer = hidden.new_empty(min(chunk, rows), vocab, dtype=dtype)
     loss = torch.zeros((), device=hidden.device)
     logits_out = grad_hidden = grad_weight = None
@@ -611,8 +611,9 @@ def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
         grad_weight = torch.zeros(weight.shape, device=weight.device)
     for begin in range(0, rows, chunk):
         end = min(begin + chunk, rows)
-        h, target, weight_rows = hidden[begin:end].to(dtype), safe_targets[begin:end], kept[begin:end]
-        logits = torch.mm(h, weight_t, out=logits_buffer[:end - begin])  # (n, V)
+        h, target, weight_rows = hidden[begin:end].to(dtype), safe_targets[begin:end], \
+            kept[begin:end]
+        logits = torch.mm(h, product_weight.t(), out=logits_buffer[:end - begin])  # (n, V)
         if keep_logits:
             logits_out[begin:end] = logits
         logits = logits.float()
@@ -629,7 +630,7 @@ def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
             grad = exps.mul_((row_scale / sums).unsqueeze(1))
             grad[torch.arange(end - begin, device=grad.device), target] -= row_scale
             grad = grad.to(dtype)
-            grad_hidden[begin:end] = grad @ weight_t.t()
+            grad_hidden[begin:end] = grad @ product_weight
             if dtype == grad_weight.dtype:
                 grad_weight.addmm_(grad.t(), h)
             else:  # low-precision products, summed in float32

@@ -868,11 +868,12 @@ def install_tokenizer(out_dir, source_file, tokenizer_bytes, sample, vocab_size,
         return tokenizer_path
     tokenizer_path = os.path.join(out_dir, os.path.basename(source_file))
     write_file_atomically(tokenizer_path, tokenizer_bytes)
-    for name in ("tokenizer_config.json", "chat_template.jinja"):  # where a chat template lives
-        companion = os.path.join(os.path.dirname(source_file), name)
-        if source_file.endswith(".json") and os.path.isfile(companion):
-            with open(companion, "rb") as f:
-                write_file_atomically(os.path.join(out_dir, name), f.read())
+    if source_file.endswith(".json"):  # a chat template lives beside it, in either file
+        for name in ("tokenizer_config.json", "chat_template.jinja"):
+            companion = os.path.join(os.path.dirname(source_file), name)
+            if os.path.isfile(companion):
+                with open(companion, "rb") as f:
+                    write_file_atomically(os.path.join(out_dir, name), f.read())
     return tokenizer_path
 
 
