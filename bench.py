@@ -314,9 +314,9 @@ CASES = {
 IN_TURNS = ("train", "decode", "window")  # cases that run both models in one process
 
 def bench_tiny_training():
-    """train.py's own figures for the CPU demo (config/train_doge_tiny.py), 30 steps."""
+    """train.py's own figures for the CPU demo (config/doge_tiny.py), 30 steps."""
     with tempfile.TemporaryDirectory() as out_dir:
-        command = [sys.executable, "train.py", "config/train_doge_tiny.py", "--max_iters=30",
+        command = [sys.executable, "train.py", "config/doge_tiny.py", "--max_iters=30",
                    f"--out_dir={out_dir}", "--eval_interval=0", "--eval_iters=1",
                    "--log_interval=10", "--sample_tokens=0"]
         result = subprocess.run(command, capture_output=True, text=True,

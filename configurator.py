@@ -1,7 +1,7 @@
 """
 Settings from the command line: an optional config file, then --key=value overrides.
 
-    python train.py config/train_doge_tiny.py --max_iters=200 --learning_rate=3e-3 --compile
+    python train.py config/doge_tiny.py --max_iters=200 --learning_rate=3e-3 --compile
 
 - A config file is a Python file of plain assignments (`max_iters = 8000`). It runs in its own
   namespace; names starting with an underscore, modules, functions and classes are left out, and
@@ -88,11 +88,17 @@ def parse_value(text):
         return text
 
 
+def config_files():
+    """The recipe files in the project's config/ folder, sorted."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+    return sorted(name for name in os.listdir(folder) if name.endswith(".py"))
+
+
 def _read_config_file(path):
     """{name: value} of the plain assignments in a config file."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: config file {path!r} not found (arguments are a config file "
-                         f"and --key=value overrides)")
+        raise SystemExit(f"error: config file {path!r} not found; config/ holds: "
+                         f"{', '.join(config_files())}")
     namespace = {"__file__": os.path.abspath(path), "__name__": "__config__"}
     try:
         with open(path) as f:

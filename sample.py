@@ -54,7 +54,7 @@ def log(message):
 def model_location(cfg):
     path = cfg.init_from or cfg.out_dir
     if not os.path.exists(path):
-        hint = ("train one with `python train.py config/train_doge_tiny.py`, or give "
+        hint = ("train one with `python train.py config/doge_tiny.py`, or give "
                 "--init_from=DIR with a Hugging Face Doge directory")
         raise SystemExit(f"error: no checkpoint found: {path} does not exist; {hint}")
     return path

@@ -1,11 +1,11 @@
 """
 Train a Doge: on a CPU, on one GPU, or on several with DDP.
 
-    python train.py config/train_doge_tiny.py                  # a few minutes on a laptop CPU
-    python train.py config/train_doge_20m.py                   # the Doge-20M recipe on one GPU
-    torchrun --standalone --nproc_per_node=8 train.py config/train_doge_20m.py
-    python train.py config/train_doge_20m.py --init_from=resume          # continue the newest
-    python train.py config/train_doge_20m.py --init_from=resume \\
+    python train.py config/doge_tiny.py                  # a few minutes on a laptop CPU
+    python train.py config/doge_20m.py                   # the Doge-20M recipe on one GPU
+    torchrun --standalone --nproc_per_node=8 train.py config/doge_20m.py
+    python train.py config/doge_20m.py --init_from=resume          # continue the newest
+    python train.py config/doge_20m.py --init_from=resume \\
         --resume_ckpt=out/doge-20m/ckpt_004000.pt --max_iters=4800 --out_dir=out/doge-20m-d4k
                                                                 # branch a WSD decay at step 4000
 

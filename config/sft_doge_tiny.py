@@ -1,8 +1,8 @@
-# The tiny demo's model (config/train_doge_tiny.py) made a chat model on CPU in a few minutes:
+# The tiny demo's model (config/doge_tiny.py) made a chat model on CPU in a few minutes:
 # supervised fine-tuning on config/sft_doge_tiny.jsonl, 64 short conversations asking what 32
 # of Python's builtin functions do, answered with the first sentence of their docstrings (two
 # phrasings of each question, some with a system message, some two rounds long).
-#     python train.py config/train_doge_tiny.py        # first: the base model in out/doge-tiny
+#     python train.py config/doge_tiny.py        # first: the base model in out/doge-tiny
 #     python train.py config/sft_doge_tiny.py
 #     python sample.py --init_from=out/doge-tiny-sft/hf --chat --start="What is len() for?"
 # The run adds the chat tokens to the SentencePiece vocabulary and writes out/doge-tiny-sft/hf,

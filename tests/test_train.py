@@ -162,7 +162,7 @@ def test_configurator_types_and_sources(tmp_path):
     (["--learning_rate=fast"], ["expected float"]),
     (["--hidden_size=big"], ["'hidden_size'", "expected int"]),
     (["max_iters=5"], ["unexpected argument"]),
-    (["missing_config.py"], ["not found"]),
+    (["missing_config.py"], ["not found", "doge_20m.py", "doge_tiny.py", "sft_doge_tiny.py"]),
 ])
 def test_config_errors_are_one_line(argv, words):
     with pytest.raises(SystemExit) as excinfo:
@@ -201,8 +201,8 @@ def test_main_refuses_bad_settings(tmp_path, data_dir):
 def test_every_config_file_is_valid():
     config_dir = os.path.join(ROOT, "config")
     names = sorted(n for n in os.listdir(config_dir) if n.endswith(".py"))
-    assert {"train_doge_tiny.py", "train_doge_20m.py", "train_doge_60m.py", "train_doge_160m.py",
-            "train_doge_320m.py", "train_doge_40m_moe.py"} <= set(names)
+    assert {"doge_tiny.py", "doge_20m.py", "doge_60m.py", "doge_160m.py",
+            "doge_320m.py", "doge_40m_moe.py"} <= set(names)
     for name in names:
         cfg, model = apply_config([TrainConfig(), train.ModelOverrides()],
                                   [os.path.join(config_dir, name)])
@@ -211,7 +211,7 @@ def test_every_config_file_is_valid():
         overrides = {k: v for k, v in vars(model).items() if v is not None}
         preset = train.PRESETS[cfg.model] if cfg.model else {}
         train.DogeConfig(**{**preset, **overrides})  # a valid model
-    recipe = apply_config(TrainConfig(), [os.path.join(config_dir, "train_doge_20m.py")])
+    recipe = apply_config(TrainConfig(), [os.path.join(config_dir, "doge_20m.py")])
     assert (recipe.max_iters, recipe.total_batch_size, recipe.block_size, recipe.learning_rate,
             recipe.warmup_iters, recipe.decay_iters, recipe.min_lr_ratio, recipe.weight_decay,
             recipe.beta1, recipe.beta2, recipe.adam_eps, recipe.grad_clip, recipe.dtype,

@@ -1,7 +1,7 @@
 # A small Doge trained on the default corpus (the Python standard library's own source, prepared
 # by prepare_data.py into data/default on first use) in a few minutes on a laptop CPU, then a
 # sample of what it writes.
-#     python train.py config/train_doge_tiny.py
+#     python train.py config/doge_tiny.py
 # The vocabulary comes from data/default/meta.json (the corpus' tokenizer).
 
 out_dir = "out/doge-tiny"

@@ -1,8 +1,8 @@
 # Doge-20M, the published recipe (REFERENCE.md §3): 8k steps of 0.5M tokens at T=2048 (4.2B
 # tokens), AdamW (0.9, 0.95) eps 1e-8 wd 0.01, clip 1.0, WSD with 800 warmup and 800 decay steps
 # to 0, bf16, compiled. Sized for one 24 GB RTX 4090:
-#     python train.py config/train_doge_20m.py
-#     torchrun --standalone --nproc_per_node=8 train.py config/train_doge_20m.py
+#     python train.py config/doge_20m.py
+#     torchrun --standalone --nproc_per_node=8 train.py config/doge_20m.py
 # Data: a pretraining corpus in the Doge tokenizer's 32768 tokens, e.g.
 #     python prepare_data.py --source=HuggingFaceTB/smollm-corpus:cosmopedia-v2 \
 #         --tokenizer=path/to/Doge-20M --out_dir=data/smollm --max_tokens=4.3e9
