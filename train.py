@@ -735,6 +735,28 @@ def evaluate(model, loader, eval_iters, device, autocast, ddp):
     return (total / count.clamp(min=1)).item()
 
 
+def finite_weights(model):
+    """1.0 when every parameter is finite, else nan (one host sync)."""
+    finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+    return 1.0 if finite.item() else math.nan
+
+
+def stop_if_diverged(step, cfg, **values):
+    """A run whose loss, gradient norm or weights became nan or inf stops with one line naming the
+    step, the value, the newest checkpoint (checkpoints are only written with finite weights) and
+    what to try, instead of training on and saving nan weights."""
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if not bad:
+        return
+    newest = latest_checkpoint(cfg.out_dir)
+    where = (f"the newest checkpoint, {newest}, has finite weights (resume from it with "
+             f"init_from=resume and a new schedule)") if newest else "no checkpoint was saved yet"
+    what = ", ".join(f"{name.replace('_', ' ')} is {value}" for name, value in bad.items())
+    raise SystemExit(
+        f"error: the run diverged at step {step}: {what}; {where}; try a lower learning_rate (now {cfg.learning_rate:g}), or grad_clip "
+        f"(now {cfg.grad_clip:g}), or a longer warmup_iters (now {cfg.warmup_iters})")
+
+
 def rng_state():
     """Every RNG state as plain Python values (lists of ints), which gather between processes and
     load with torch.load(weights_only=True)."""
@@ -1227,6 +1249,7 @@ def main(argv=None):
                 parts += [f"ETA {format_duration((cfg.max_iters - step) * elapsed / window_steps)}"]
                 if progress is not None:
                     progress.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
+                stop_if_diverged(step, cfg, loss=train_loss, grad_norm=record["grad_norm"])
             if (cfg.eval_interval and step % cfg.eval_interval == 0 or last) and not stopped:
                 record.setdefault("step", step)
                 record.setdefault("tokens", tokens)
@@ -1237,7 +1260,9 @@ def main(argv=None):
                 write_line(" | ".join(parts))
                 log(record)
             saved = cfg.save_interval and step % cfg.save_interval == 0 or last or stopped
-            if saved:
+            if saved:  # never a checkpoint of non-finite weights, logged step or not
+                stop_if_diverged(step, cfg, grad_norm=grad_norm.item(),
+                                 a_weight=finite_weights(raw_model))
                 path = os.path.join(cfg.out_dir, f"ckpt_{step:06d}.pt")
                 save_checkpoint(path, raw_model, optimizer, step, cfg, data_position, master,
                                 tokens=tokens,

@@ -327,6 +327,28 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, data_dir, monkeypatch):
                       "data_position", "rng"}
 
 
+@pytest.mark.parametrize("logged", [True, False])
+def test_a_diverging_run_stops_without_saving_nan_weights(tmp_path, data_dir, logged):
+    """lr 30 without clipping turns this model's weights to nan at step 3 (2 steps of warm-up
+    towards it are still finite). Logged every step, the loss reveals it; logged only at the end,
+    the check before each save must."""
+    out_dir = tmp_path / "diverged"
+    with pytest.raises(SystemExit) as excinfo:
+        run(data_dir, out_dir, "--learning_rate=30", "--warmup_iters=20", "--max_iters=40",
+            "--grad_clip=0", "--save_interval=1" if not logged else "--save_interval=2",
+            "--log_interval=1" if logged else "--log_interval=1000")
+    message = one_line_exit(excinfo)
+    checkpoints = sorted(out_dir.glob("ckpt_*.pt"))
+    assert checkpoints, "the steps before the divergence saved checkpoints"
+    for path in checkpoints:
+        weights = torch.load(path, weights_only=False)["model"]
+        assert all(tensor.isfinite().all() for tensor in weights.values()), path
+    assert "diverged at step" in message and "nan" in message and str(checkpoints[-1]) in message
+    assert "learning_rate" in message and "grad_clip" in message
+    steps = [record["step"] for record in read_log(out_dir) if "loss" in record]
+    assert all(step < int(message.split("step ")[1].split(":")[0]) for step in steps)
+
+
 def test_branching_a_decay_from_a_stable_checkpoint(tmp_path, data_dir):
     """A long constant-rate run saved at step 8; a decay branched from there with new
     max_iters/decay_iters is exactly the run that planned that decay from the start."""
