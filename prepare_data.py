@@ -398,6 +398,10 @@ class Tokenizer:
     encode: Callable  # list of str -> list of lists of ids, no special tokens added
     decode: Callable  # ids -> str
     token_to_id: Callable  # token text -> id, or None when the vocabulary has no such token
+    # str -> the ids a prompt is given to the model as: for a tokenizer.json, what transformers'
+    # tokenizer(text) gives (its post-processor adds whatever special tokens it names, perhaps none);
+    # for our SentencePiece models, the end-of-text token first, as every document follows one in the shards.
+    encode_prompt: Callable
 
 
 # Every option here is about getting the text back exactly (or fast, or small).
@@ -503,8 +507,10 @@ def load_sentencepiece(path, eot_token=None):
         piece_id = processor.piece_to_id(piece)
         return None if piece_id == processor.unk_id() and piece != processor.id_to_piece(piece_id) else piece_id
 
-    return Tokenizer("sentencepiece", processor.get_piece_size(), eot_id, bos_id, sentencepiece_encoder(processor),
-                     lambda ids: processor.decode(np.asarray(ids).tolist()), token_to_id)
+    encode = sentencepiece_encoder(processor)
+    return Tokenizer("sentencepiece", processor.get_piece_size(), eot_id, bos_id, encode,
+                     lambda ids: processor.decode(np.asarray(ids).tolist()), token_to_id,
+                     lambda text: [eot_id] + encode([text])[0])
 
 
 def sentencepiece_encoder(processor):
@@ -558,8 +564,11 @@ def load_huggingface_tokenizer(path, eot_token=None, parse_special_tokens=False)
     def decode(ids):
         return hf_tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
 
+    def encode_prompt(text):
+        return hf_tokenizer.encode(text, add_special_tokens=True).ids
+
     return Tokenizer("huggingface", hf_tokenizer.get_vocab_size(with_added_tokens=True), eot_id, bos_id,
-                     encode, decode, hf_tokenizer.token_to_id)
+                     encode, decode, hf_tokenizer.token_to_id, encode_prompt)
 
 
 LOSSLESS_PROBE = "def f(x):\n\tif x:  # ok\r\n        return 'héllo wörld 日本語 🙂'\n\n\x00\x7f \u2028▁ end  "

@@ -213,12 +213,11 @@ def chat_loop(model, tokenizer, chat_template, cfg, stop, device):
         messages.append({"role": "assistant", "content": answer})
 
 
-def document_start(tokenizer):
-    """The token a document follows: begin-of-text for a Hugging Face tokenizer (as transformers
-    adds it), end-of-text for ours (prepare_data.py separates documents with it)."""
-    if tokenizer.kind == "huggingface" and tokenizer.bos_id is not None:
-        return tokenizer.bos_id
-    return tokenizer.eot_id
+def prompt_ids(tokenizer, text):
+    """The prompt as the model is given it (see Tokenizer.encode_prompt). An empty prompt of a
+    tokenizer.json that adds nothing starts from its begin-of-text token (or end-of-text)."""
+    ids = tokenizer.encode_prompt(text)
+    return ids or [tokenizer.eot_id if tokenizer.bos_id is None else tokenizer.bos_id]
 
 
 def resolve_device_dtype(cfg):
@@ -259,10 +258,10 @@ def main(argv=None):
                              f"'chat_template' or chat_template.jinja): --chat needs an Instruct model")
         chat_loop(model, tokenizer, chat_template, cfg, stop, device)
         return
-    prompt_ids = [document_start(tokenizer)] + (tokenizer.encode([cfg.start])[0] if cfg.start else [])
+    start_ids = prompt_ids(tokenizer, cfg.start)
     for _ in range(cfg.num_samples):
         sys.stdout.write(cfg.start)
-        stream_reply(model, tokenizer, prompt_ids, cfg, stop, device)
+        stream_reply(model, tokenizer, start_ids, cfg, stop, device)
         if cfg.num_samples > 1:
             print("---------------")
 

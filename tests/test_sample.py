@@ -3,6 +3,7 @@ template written here) and as a train.py checkpoint, driven through main()."""
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -73,22 +74,55 @@ def test_chat_prompt_equals_the_template_string(model_dir):
     assert tokenizer.token_to_id("<|eot_id|>") in ids
 
 
-def test_greedy_output_equals_generate(model_dir, capsys):
-    out = run(capsys, f"--init_from={model_dir}", "--start=hello world", "--temperature=0",
-              "--max_new_tokens=20")
-    model = doge.Doge.from_pretrained(model_dir)
-    tokenizer = sample.load_text_tokenizer(str(model_dir), model.config.vocab_size)
-    stop = sample.stop_ids(model, tokenizer, str(model_dir))
-    prompt = tokenizer.encode(["hello world"])[0]
+def with_bos_post_processor(model_dir, directory):
+    """model_dir's files, its tokenizer.json given a post-processor that puts <|begin_of_text|>
+    before every text (as Llama-3's does); model_dir's own tokenizer.json has none."""
+    from tokenizers import Tokenizer, processors
+    shutil.copytree(model_dir, directory)
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    bos = "<|begin_of_text|>"
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, 0)])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+@pytest.mark.parametrize("bos_post_processor", [False, True])
+def test_prompt_and_greedy_continuation_equal_transformers(model_dir, capsys, tmp_path,
+                                                           bos_post_processor):
+    """The prompt is what transformers' tokenizer(prompt) gives (the post-processor decides about
+    <|begin_of_text|>), and the greedy continuation is the reference's, token for token."""
+    transformers = pytest.importorskip("transformers")
+    from oracle import reference_class
+    directory = with_bos_post_processor(model_dir, tmp_path / "bos") if bos_post_processor \
+        else model_dir
+    prompt = "hello world, how"
+    reference_tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(directory / "tokenizer.json"))
+    expected_ids = reference_tokenizer(prompt)["input_ids"]
+    tokenizer = sample.load_text_tokenizer(str(directory), 10 ** 6)
     bos = tokenizer.token_to_id("<|begin_of_text|>")
-    generated = model.generate(torch.tensor([[bos] + prompt]), 20, temperature=0)[0, len(prompt) + 1:]
-    new_ids = []
-    for token in generated.tolist():
-        if token in stop:
-            break
-        new_ids.append(token)
-    assert out.out == "hello world" + tokenizer.decode(new_ids) + "\n"
+    assert sample.prompt_ids(tokenizer, prompt) == expected_ids
+    assert (expected_ids[0] == bos) == bos_post_processor  # the two kinds really differ
+    reference = reference_class().from_pretrained(directory).eval()
+    with torch.no_grad():
+        generated = reference.generate(torch.tensor([expected_ids]), max_new_tokens=20,
+                                       do_sample=False)[0, len(expected_ids):].tolist()
+    stop = sample.stop_ids(doge.Doge.from_pretrained(directory), tokenizer, str(directory))
+    new_ids = [token for token in generated[:next(
+        (i for i, t in enumerate(generated) if t in stop), len(generated))]]
+    out = run(capsys, f"--init_from={directory}", f"--start={prompt}", "--temperature=0",
+              "--max_new_tokens=20")
+    assert out.out == prompt + tokenizer.decode(new_ids) + "\n"
     assert "tokens/s" in out.err and "tokens/s" not in out.out
+
+
+def test_our_sentencepiece_prompt_follows_end_of_text(tmp_path):
+    from prepare_data import load_tokenizer, train_sentencepiece
+    (tmp_path / "tokenizer.model").write_bytes(train_sentencepiece(CORPUS, 300))
+    tokenizer = load_tokenizer(str(tmp_path / "tokenizer.model"))
+    assert sample.prompt_ids(tokenizer, "the quick") == [2] + tokenizer.encode(["the quick"])[0]
+    assert sample.prompt_ids(tokenizer, "") == [2]  # documents follow end-of-text in the shards
 
 
 def test_sampling_is_reproducible_under_a_seed(model_dir, capsys):
