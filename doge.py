@@ -138,10 +138,11 @@ class DogeConfig:
         return cls(**values)
 
     def to_dict(self):
-        """The config.json that transformers' DogeForCausalLM reads."""
+        """The config.json that transformers' DogeForCausalLM reads, RoPE in both spellings:
+        transformers 5.x reads rope_parameters, 4.x rope_theta and rope_scaling."""
         values = asdict(self)
-        rope_scaling = values.pop("rope_scaling") or {"rope_type": "default"}
-        values["rope_parameters"] = {"rope_theta": values.pop("rope_theta"), **rope_scaling}
+        values["rope_parameters"] = {"rope_theta": values["rope_theta"],
+                                     **(values["rope_scaling"] or {"rope_type": "default"})}
         return {"architectures": ["DogeForCausalLM"], "model_type": "doge", **values}
 
 

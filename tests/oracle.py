@@ -39,6 +39,15 @@ def tie_rule_prepare_dynamic_mask(self, hidden_states, dt_states, keep_window_si
     return bias.masked_fill(~keep, torch.finfo(hidden_states.dtype).min)
 
 
+def assert_close_to_scale(actual, expected, tol=1e-5):
+    """Every |actual - expected| at most tol times the largest |expected|: a tolerance that
+    scales with the values, so it holds for every BLAS build and thread count (each sums in its
+    own order; float32 rounding is about 1e-7 of the sums' size, and grows with depth)."""
+    scale = expected.detach().abs().max().item()
+    error = (actual.detach() - expected.detach()).abs().max().item()
+    assert error <= tol * scale, f"max error {error:.3g} > {tol:g} x max |expected| {scale:.3g}"
+
+
 def reference_class():
     """transformers' DogeForCausalLM with the tie rule installed."""
     from transformers.models.doge import modeling_doge

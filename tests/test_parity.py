@@ -1,5 +1,6 @@
 """Parity with transformers' DogeForCausalLM (ties pinned, see oracle.py) on tiny random models."""
 
+import inspect
 import json
 import os
 
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import doge
-from oracle import naive_forward, randomize, reference_class, tiny_config
+from oracle import assert_close_to_scale, naive_forward, randomize, reference_class, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,13 +41,15 @@ CASES = {
 def test_logits_match_reference(tmp_path, case):
     model, reference = pair(tmp_path, **CASES[case])
     torch.manual_seed(1)
-    for length in (40, 6):  # past keep_window_size (8) and within it
+    # within keep_window_size (8), then past it; in this order because some transformers
+    # releases (5.0) keep a dynamic RoPE base grown by a longer call for later, shorter ones
+    for length in (6, 40):
         idx = torch.randint(0, 97, (2, length))
         idx[:, 3:6] = idx[:, 0:3]  # repeated tokens tie in layer 0's dt
         with torch.no_grad():
             ours, _ = model(idx)
             theirs = reference(idx).logits
-        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+        assert_close_to_scale(ours, theirs)
 
 
 def test_old_rope_spelling_is_read(tmp_path):
@@ -62,7 +65,7 @@ def test_old_rope_spelling_is_read(tmp_path):
     reference = reference_class().from_pretrained(tmp_path, attn_implementation="eager").eval()
     idx = torch.randint(0, 97, (1, 40))
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(idx)[0], reference(idx).logits, atol=1e-4, rtol=0)
+        assert_close_to_scale(reloaded(idx)[0], reference(idx).logits)
         torch.testing.assert_close(reloaded(idx)[0], model(idx)[0], atol=0, rtol=0)
 
 
@@ -94,19 +97,35 @@ def test_ignored_targets_match_reference_ignore_index(tmp_path):
         torch.testing.assert_close(model(idx, targets)[1], reference(idx, labels=labels).loss)
 
 
+MOE = dict(is_moe=True, num_experts=16, num_experts_per_tok=3, intermediate_size=24)
+
+
 def moe_pair(tmp_path):
-    return pair(tmp_path, is_moe=True, num_experts=16, num_experts_per_tok=3,
-                intermediate_size=24)
+    """As pair, for a CDMoE model; skipped where the reference cannot run one at all."""
+    model, reference = pair(tmp_path, **MOE)
+    try:
+        with torch.no_grad():
+            reference(torch.zeros(1, 2, dtype=torch.long))
+    except TypeError as e:
+        if "tuple" not in str(e):
+            raise
+        pytest.skip(f"transformers {transformers.__version__}: DogeCDMoE.forward returns "
+                    f"(hidden_states, router_logits) and DogeDecoderLayer passes the tuple on, so "
+                    f"every MoE forward fails ({e}): a reference defect")
+    return model, reference
 
 
 def reference_decode_logits(reference, idx):
     """The reference fed one token at a time through its cache: the one mode in which its CDMoE
-    routes each token by its own scores (batch 1)."""
+    routes each token by its own scores (batch 1). The cache argument is `cache` in newer
+    transformers, `past_key_values` (deprecated there) in older ones."""
+    parameters = inspect.signature(reference.forward).parameters
+    cache_argument = "cache" if "cache" in parameters else "past_key_values"
     cache = transformers.DynamicCache(config=reference.config)
     steps = []
     with torch.no_grad():
         for t in range(idx.shape[1]):
-            out = reference(idx[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = reference(idx[:, t:t + 1], use_cache=True, **{cache_argument: cache})
             steps.append(out.logits)
     return torch.cat(steps, dim=1)
 
@@ -118,7 +137,7 @@ def test_moe_logits_match_reference_token_by_token(tmp_path):
         ours, _ = model(idx)
     for row in range(2):
         expected = reference_decode_logits(reference, idx[row:row + 1])
-        torch.testing.assert_close(ours[row:row + 1], expected, atol=1e-4, rtol=0)
+        assert_close_to_scale(ours[row:row + 1], expected)
 
 
 def test_moe_is_causal_unlike_reference_full_forward(tmp_path):
@@ -128,8 +147,7 @@ def test_moe_is_causal_unlike_reference_full_forward(tmp_path):
     edited[0, 12] = (idx[0, 12] + 1) % 97
     with torch.no_grad():
         # (not bit-exact: the edit reorders the candidate keys, and so the float sums)
-        torch.testing.assert_close(model(idx)[0][:, :12], model(edited)[0][:, :12],
-                                   atol=1e-5, rtol=0)
+        assert_close_to_scale(model(idx)[0][:, :12], model(edited)[0][:, :12])
         # the reference's router mixes tokens: an earlier position sees the edit (the defect)
         changed = reference(idx).logits[:, :12] - reference(edited).logits[:, :12]
     assert changed.abs().max() > 1e-4
@@ -137,7 +155,11 @@ def test_moe_is_causal_unlike_reference_full_forward(tmp_path):
 
 def test_moe_aux_loss_matches_reference_formula(tmp_path):
     from transformers.models.doge.modeling_doge import load_balancing_loss_func
-    model, _ = moe_pair(tmp_path)
+    if "scatter(" not in inspect.getsource(load_balancing_loss_func):
+        pytest.skip(f"transformers {transformers.__version__}: load_balancing_loss_func averages "
+                    f"the routing softmax by candidate position, not by expert id (a reference "
+                    f"defect, fixed in later releases by scattering it to the experts' ids)")
+    model, _ = pair(tmp_path, **MOE)
     model.train()
     scores = []
     hooks = [layer.mlp.router_gate.register_forward_hook(lambda m, i, out: scores.append(out))
@@ -186,7 +208,7 @@ def test_older_layout_matches_hand_written_oracle_and_round_trips(tmp_path):
     idx = torch.randint(0, 97, (2, 40))
     idx[:, 10:20] = idx[:, 0:10]
     with torch.no_grad():
-        torch.testing.assert_close(model(idx)[0], naive_forward(model, idx), atol=1e-4, rtol=0)
+        assert_close_to_scale(model(idx)[0], naive_forward(model, idx))
     model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     assert not any("q_norm" in name for name in weights)
