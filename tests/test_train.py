@@ -519,6 +519,8 @@ def test_optional_loss_plot_and_wandb(tmp_path, data_dir, monkeypatch):
     """matplotlib and wandb stay optional: without them nothing is drawn or sent; with them (here
     stand-ins recording the calls) loss.png is drawn at each evaluation and every record is sent."""
     import types
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: import fails
+    monkeypatch.setitem(sys.modules, "wandb", None)
     run(data_dir, tmp_path / "plain", "--max_iters=2")
     assert not os.path.exists(tmp_path / "plain" / "loss.png")
     with pytest.raises(SystemExit) as excinfo:
