@@ -27,6 +27,7 @@ differ on purpose: ties in the top-keep_window_size choice are broken determinis
 bias first, then the later key), and CDMoE routes each token by its own router scores.
 """
 
+import functools
 import json
 import math
 import os
@@ -253,15 +254,83 @@ def fold_bias(q, k, v, dt, scale):
     return q, k, F.pad(v, (0, pad + 1))
 
 
+def product_dtype(tensor):
+    """The dtype tensor's products run in: autocast's when it is on for tensor's device, else
+    tensor's own."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
+# The exact T <= W path on CUDA: "folded" (issue 13 measured it at 1.31 ms forward+backward per
+# layer at Doge-20M shapes on an H200, against 0.73 ms for a plain causal flash call), "flex" or
+# "additive". Not yet measured against each other: bench.py --cases=gpu times all three.
+CUDA_SHORT_ATTENTION = "folded"
+
+
 def attend_short(q, k, v, dt, scale):
     """T <= W with nothing cached: every visible key is kept, so the mask is causal + bias.
-    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T)."""
+    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T). The one place that picks the path by
+    device: the folded bias on CPU (the fastest there), CUDA_SHORT_ATTENTION on CUDA."""
+    if q.is_cuda and CUDA_SHORT_ATTENTION == "flex":
+        return attend_short_flex(q, k, v, dt, scale)
+    if q.is_cuda and CUDA_SHORT_ATTENTION == "additive":
+        return attend_short_additive(q, k, v, dt, scale)
+    return attend_short_folded(q, k, v, dt, scale)
+
+
+def in_product_dtype(*tensors):
+    """The tensors in the dtype their products run in (product_dtype of the first). Under
+    autocast SDPA would cast its inputs anyway: casting first is exact and moves fewer bytes
+    through the folding (and FlexAttention, not autocast's, needs one dtype)."""
+    dtype = product_dtype(tensors[0])
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def attend_short_folded(q, k, v, dt, scale):
+    """attend_short as one fused causal SDPA call, the bias folded into q and k (fold_bias)."""
+    q, k, v = in_product_dtype(q, k, v)
     groups = q.shape[1] // k.shape[1]  # query heads per bias head
     k, v, dt = (t.repeat_interleave(groups, dim=1) for t in (k, v, dt))  # (B, H, T, ...)
     head_dim = q.shape[-1]
     q, k, v = fold_bias(q, k, v, dt, scale)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return out[..., :head_dim]
+
+
+def causal(batch, head, query, key):
+    return query >= key
+
+
+def attend_short_flex(q, k, v, dt, scale):
+    """attend_short as FlexAttention: dt[key] added to each score in float32, a causal block mask,
+    the head dim unpadded, GQA without copies. Fast only compiled (torch.compile of the model);
+    on CPU it runs forward only (no backward there in torch 2.14)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    q, k, v = in_product_dtype(q, k, v)
+    batch, heads, length, _ = q.shape
+    groups = heads // k.shape[1]
+
+    def add_bias(score, batch, head, query, key):
+        return score + dt[batch, head // groups, key]
+
+    mask = create_block_mask(causal, None, None, length, length, device=q.device)
+    return flex_attention(q, k, v, score_mod=add_bias, block_mask=mask, scale=scale,
+                          enable_gqa=groups > 1)
+
+
+def attend_short_additive(q, k, v, dt, scale):
+    """attend_short as SDPA with an explicit float mask, dt[key] where causal and -inf elsewhere
+    (B, Hb, T, T): the memory-efficient kernel, no padding, but a T x T mask and its gradient."""
+    q, k, v = in_product_dtype(q, k, v)
+    batch, heads, length, head_dim = q.shape
+    bias_heads = k.shape[1]
+    groups = heads // bias_heads
+    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)  # (T, T)
+    bias = dt.unsqueeze(-2).masked_fill(future, float("-inf")).to(q.dtype)  # (B, Hb, T, T)
+    if bias_heads > 1 and groups > 1:  # one mask per query head; one bias head broadcasts
+        bias = bias.repeat_interleave(groups, dim=1)  # (B, H, T, T)
+    k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))  # (B, H, T, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 def attend_block(q, k, v, dt, positions, state, keep_window_size, scale):
@@ -599,8 +668,7 @@ def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
     # The products write into tensors kept across chunks (out=, addmm_): on CPU a fresh 64 MB
     # tensor per chunk costs page faults, about 5% of a training step. Autocast skips such calls,
     # so the products' dtype is chosen here: autocast's when it is on, else hidden's.
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    dtype = product_dtype(hidden)
     product_weight = weight.to(dtype)  # (V, D)
     logits_buffer = hidden.new_empty(min(chunk, rows), vocab, dtype=dtype)
     loss = torch.zeros((), device=hidden.device)
@@ -641,13 +709,90 @@ def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
     return loss / count, logits_out, grad_hidden, grad_weight
 
 
+# On CUDA the loss runs chunks of about this many logits (8192 rows at V=32768) through one
+# compiled function (loss_chunk): a CPU-style loop of small kernels per chunk took 43% of a GPU
+# training step (issue 13); compiled, inductor fuses the log-sum-exp and the gradient into a few
+# kernels that keep the chunk's logits in the products' dtype (no float32 copy).
+COMPILED_LOSS_CHUNK_ELEMENTS = 2 ** 28
+
+
+def loss_chunk(h, weight, targets, row_scale, keep_logits, compute_grads):
+    """One chunk of the loss, written for torch.compile. h (n, D) and weight (V, D) in the
+    products' dtype; targets (n,), none -1; row_scale (n,) float32: 1 / count for a supervised
+    row, 0 for an ignored one. Returns the chunk's share of the mean loss, its logits (n, V) or
+    None, and the gradients of the mean loss wrt h (n, D, products' dtype) and wrt weight (V, D,
+    float32), or None, None."""
+    logits = h @ weight.t()  # (n, V)
+    logits32 = logits.float()
+    log_norm = logits32.logsumexp(dim=-1)  # (n,)
+    target_logits = logits32.gather(1, targets.unsqueeze(1)).squeeze(1)  # (n,)
+    loss = ((log_norm - target_logits) * row_scale).sum()
+    kept_logits = logits if keep_logits else None
+    if not compute_grads:
+        return loss, kept_logits, None, None
+    # d loss / d logits = (softmax - onehot) * row_scale
+    onehot = torch.arange(weight.shape[0], device=h.device) == targets.unsqueeze(1)  # (n, V)
+    grad = ((logits32 - log_norm.unsqueeze(1)).exp() - onehot.float()) * row_scale.unsqueeze(1)
+    grad = grad.to(h.dtype)
+    return loss, kept_logits, grad @ weight, (grad.t() @ h).float()
+
+
+@functools.cache
+def compiled_loss_chunk():
+    """loss_chunk compiled, once per process (compiling is deferred to the first CUDA loss)."""
+    return torch.compile(loss_chunk)
+
+
+def compiled_cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
+    """cross_entropy_chunks (same arguments and results) as a loop over compiled_loss_chunk. Every
+    chunk has the same number of rows, the last one padded with ignored rows, so one compiled
+    graph serves every length (SFT's micro-batches vary) without recompiling."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    chunk = min(rows, max(1, COMPILED_LOSS_CHUNK_ELEMENTS // vocab))
+    kept = targets != -1
+    row_scale = kept / kept.sum().clamp(min=1)  # (N,) float32
+    safe_targets = targets.clamp(min=0)
+    dtype = product_dtype(hidden)
+    product_weight = weight.to(dtype)  # (V, D)
+    run_chunk = compiled_loss_chunk()
+    loss = torch.zeros((), device=hidden.device)
+    logits_out = hidden.new_empty(rows, vocab, dtype=dtype) if keep_logits else None
+    grad_hidden = torch.empty_like(hidden) if compute_grads else None
+    grad_weight = torch.zeros(weight.shape, device=weight.device) if compute_grads else None
+    for begin in range(0, rows, chunk):
+        end = min(begin + chunk, rows)
+        h, target, scale = (hidden[begin:end].to(dtype), safe_targets[begin:end],
+                            row_scale[begin:end])
+        pad = chunk - (end - begin)
+        if pad:  # the last chunk's missing rows: zeros with row_scale 0, no loss, no gradient
+            h, target, scale = F.pad(h, (0, 0, 0, pad)), F.pad(target, (0, pad)), \
+                F.pad(scale, (0, pad))
+        chunk_loss, logits, chunk_grad_hidden, chunk_grad_weight = run_chunk(
+            h, product_weight, target, scale, keep_logits, compute_grads)
+        loss += chunk_loss
+        if keep_logits:
+            logits_out[begin:end] = logits[:end - begin]
+        if compute_grads:
+            grad_hidden[begin:end] = chunk_grad_hidden[:end - begin]
+            grad_weight += chunk_grad_weight
+    if compute_grads:
+        grad_weight = grad_weight.to(weight.dtype)
+    return loss, logits_out, grad_hidden, grad_weight
+
+
+def chunked_loss(hidden):
+    """The chunked loss for hidden's device (the one place that picks): the compiled chunks on
+    CUDA, the CPU-tuned loop (cross_entropy_chunks, faster there) elsewhere."""
+    return compiled_cross_entropy_chunks if hidden.is_cuda else cross_entropy_chunks
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Autograd wrapper: the gradients are computed during the forward pass, chunk by chunk, and
     the backward pass only scales them by the incoming gradient of the loss."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, keep_logits):
-        loss, logits, grad_hidden, grad_weight = cross_entropy_chunks(
+        loss, logits, grad_hidden, grad_weight = chunked_loss(hidden)(
             hidden, weight, targets, keep_logits, compute_grads=True)
         ctx.save_for_backward(grad_hidden, grad_weight)
         if logits is not None:
@@ -665,7 +810,7 @@ def linear_cross_entropy(hidden, weight, targets, keep_logits=True):
     """Mean cross-entropy of hidden @ weight.T against targets (-1 ignored), and the logits."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(hidden, weight, targets, keep_logits)
-    loss, logits, _, _ = cross_entropy_chunks(hidden, weight, targets, keep_logits, False)
+    loss, logits, _, _ = chunked_loss(hidden)(hidden, weight, targets, keep_logits, False)
     return loss, logits
 
 
