@@ -601,7 +601,10 @@ class CDMoE(MLP):
         """What the load-balancing loss needs from this layer: how often each expert was chosen,
         and the summed router probability of each expert. The probability of expert (i, j) under
         a softmax over all K*K pair scores factorises into softmax(sx)[i] * softmax(sy)[j]."""
-        counts = torch.bincount(experts.flatten(), minlength=self.num_keys ** 2).float()
+        # a scatter, not bincount: on CUDA bincount reads the largest index back to the host
+        experts = experts.flatten()
+        counts = scores.new_zeros(self.num_keys ** 2, dtype=torch.float32).index_add_(
+            0, experts, torch.ones_like(experts, dtype=torch.float32))  # (K*K,)
         row_probs, col_probs = scores.float().softmax(dim=-1).unbind(dim=1)  # (N, K) each
         prob_sums = (row_probs.t() @ col_probs).flatten()  # (K*K,) summed over tokens
         return counts, prob_sums, scores.shape[0]
