@@ -8,13 +8,19 @@ on a CUDA machine the model cases run in bfloat16 on the GPU.
     python bench.py                      # every case (several minutes on 2 CPU cores)
     python bench.py --cases=train,decode # some of them
     python bench.py --threads=2          # torch threads per process (default 2)
+    python bench.py --cases=gpu          # the GPU cases (CUDA only; under 5 minutes on one GPU)
 
 Cases: train (training step tokens/s at B=4 T=512 and B=1 T=2048), long (forward and training
 step at T=8192 with keep_window_size 2048: time and peak memory), decode (batch-1 greedy
 decoding of 256 tokens, and the fraction of memory bandwidth it reaches), window (4000 generated
 tokens with keep_window_size 1024: ms/token before and after the window fills), moe (CDMoE
 forward+backward with 1024 experts, top 8), tiny (train.py's tokens/s and MFU on the CPU demo
-config), tokenize (prepare_data end to end against bare SentencePiece encode, same processes).
+config), tokenize (prepare_data end to end against bare SentencePiece encode, same processes),
+gpu (CUDA only, never part of the default run on a CPU: the compiled training step of both
+models at B=16 T=2048 in bf16 autocast with fused AdamW, tokens/s and peak GPU memory; the exact
+T <= keep_window_size attention paths side by side; train.py's tokens/s and MFU on
+config/doge_20m.py). Without CUDA, --cases=gpu prints one line and exits with status 2. A case
+that fails prints its error and the others still run; the exit status is then 1.
 """
 
 import json
@@ -25,8 +31,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 import doge
 import prepare_data
@@ -41,10 +50,11 @@ def device_and_dtype():
     return "cpu", torch.float32
 
 
-def make_models(which, config_overrides=None):
+def make_models(which, config_overrides=None, dtype=None):
     """Doge-20M-shaped model, A randomised so the dynamic mask is not constant; for "ref" the
-    same weights loaded into transformers."""
-    device, dtype = device_and_dtype()
+    same weights loaded into transformers. dtype: the weights' (default device_and_dtype's)."""
+    device, default_dtype = device_and_dtype()
+    dtype = dtype or default_dtype
     config = doge.DogeConfig.from_preset("doge-20m", **(config_overrides or {}))
     torch.manual_seed(0)
     model = doge.Doge(config)
@@ -304,42 +314,224 @@ def bench_tokenize(target_mb=36, workers=None, vocab_size=32768, rounds=3):
     return result
 
 
-CASES = {
-    "train": [("train_b4_t512", case_train, (4, 512)), ("train_b1_t2048", case_train, (1, 2048))],
-    "long": [("forward_t8192", case_long, ("forward",)), ("train_t8192", case_long, ("train",))],
-    "decode": [("decode_256", case_decode, ())],
-    "window": [("window_4000", case_window, ())],
-    "moe": [("moe_e1024_top8", case_moe, ())],
-}
-IN_TURNS = ("train", "decode", "window")  # cases that run both models in one process
+# ----------------------------------------------------------------------------------------------
+# GPU cases (--cases=gpu): CUDA only, each in a process of its own. They run on a CPU too, slowly
+# and at whatever sizes they are given, which is how the tests check them.
 
-def bench_tiny_training():
-    """train.py's own figures for the CPU demo (config/doge_tiny.py), 30 steps."""
+
+def gpu_peak_mb():
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
+
+
+def mean_time(function, repeats):
+    """Seconds per call over `repeats` calls in a row: the GPU works through them as a queue, as
+    in training, with one wait at the end."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def host_syncs(function):
+    """How often function makes the host wait for the GPU, as torch.cuda's sync debug mode sees it
+    (.item(), copies to the host, nonzero, ...); None off CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            function()
+            sync()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
+def case_gpu_train(which, batch, length, steps=10, compiled=True, config_overrides=None):
+    """One training step as train.py takes it on a GPU: float32 weights, bf16 autocast, the model
+    compiled, fused AdamW. tokens/s over `steps` steps in a row, peak GPU memory, and the host
+    syncs of one step (ours should make none)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = make_models(which, config_overrides, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    step_model = torch.compile(model) if compiled else model
+    vocab_size = model.config.vocab_size
+    idx = torch.randint(0, vocab_size, (batch, length), device=device)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = loss_of(step_model, which, idx)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # compiles, then warms up
+        step()
+    syncs = host_syncs(step)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = mean_time(step, steps)
+    result = {"tokens_per_sec": batch * length / seconds, "peak_mb": gpu_peak_mb(),
+              "host_syncs": syncs}
+    return {key: value for key, value in result.items() if value is not None}
+
+
+def attention_reference(q, k, v, dt, scale):
+    """The T <= W attention in float32 with an explicit causal mask, the oracle of the paths."""
+    groups = q.shape[1] // k.shape[1]
+    k, v, dt = (t.float().repeat_interleave(groups, dim=1) for t in (k, v, dt))
+    logits = q.float() @ k.transpose(-1, -2) * scale + dt.unsqueeze(-2)  # (B, H, T, T)
+    future = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
+    return logits.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
+
+
+def flash_without_bias(q, k, v, dt, scale):
+    """Plain causal SDPA, the dynamic bias left out: not exact, the floor to measure against."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def case_gpu_attention(batch, length, heads=2, bias_heads=1, head_dim=128, repeats=20,
+                       compiled=True):
+    """Doge's exact T <= keep_window_size attention paths side by side (doge.attend_short_*, and
+    plain causal flash as the floor), forward+backward of one layer at Doge-20M's shapes, each
+    compiled on its own: ms per call, and the largest error of the output and of every gradient
+    against the float32 oracle (max |a - b| / max |b|). A path that fails reports its error."""
+    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, bias_heads, length, head_dim, device=device, dtype=dtype)
+            for _ in range(2))
+    dt = torch.rand(batch, bias_heads, length, device=device) * 3  # float32, as the model has it
+    inputs = [t.requires_grad_() for t in (q, k, v, dt)]
+    grad_out = torch.randn_like(q)
+    scale = head_dim ** -0.5
+
+    def outputs_and_grads(attend):
+        out = attend(*inputs, scale)
+        out.backward(grad_out)
+        results = [out.detach(), *(t.grad for t in inputs)]
+        for t in inputs:
+            t.grad = None
+        return results
+
+    expected = outputs_and_grads(attention_reference)
+    paths = {"folded": doge.attend_short_folded, "flex": doge.attend_short_flex,
+             "additive": doge.attend_short_additive, "flash_no_bias": flash_without_bias}
+    result = {}
+    for name, attend in paths.items():
+        try:
+            attend = torch.compile(attend) if compiled else attend
+            actual = outputs_and_grads(attend)  # compiles, and the error
+            outputs_and_grads(attend)
+            result[f"{name}_ms"] = mean_time(lambda: outputs_and_grads(attend), repeats) * 1e3
+            result[f"{name}_error"] = max(
+                ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                for a, b in zip(actual, expected) if b is not None and a is not None)
+        except Exception as e:  # noqa: BLE001 - a path that cannot run here is a result too
+            result[f"{name}_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
+    return result
+
+
+def write_synthetic_data(directory, vocab_size, train_tokens=2 ** 21 + 1, val_tokens=2 ** 16 + 1,
+                         seed=0):
+    """A data directory train.py reads: uniform random tokens in one train and one val shard,
+    and a meta.json that names them (speed does not depend on what the tokens say)."""
+    rng = np.random.default_rng(seed)
+    shards = {"train": ["synthetic_train_000001.bin"], "val": ["synthetic_val_000000.bin"]}
+    for split, count in (("train", train_tokens), ("val", val_tokens)):
+        tokens = rng.integers(0, vocab_size, count).astype(np.uint16 if vocab_size <= 2 ** 16
+                                                           else np.uint32)
+        prepare_data.write_shard(os.path.join(directory, shards[split][0]), tokens)
+    prepare_data.write_meta(directory, {"complete": True, "vocab_size": vocab_size,
+                                        "shards": shards,
+                                        "tokens": {"train": train_tokens, "val": val_tokens}})
+
+
+def train_py_figures(args):
+    """train.py's tokens/s and MFU in the last log window of a run with these arguments."""
     with tempfile.TemporaryDirectory() as out_dir:
-        command = [sys.executable, "train.py", "config/doge_tiny.py", "--max_iters=30",
-                   f"--out_dir={out_dir}", "--eval_interval=0", "--eval_iters=1",
-                   "--log_interval=10", "--sample_tokens=0"]
+        command = [sys.executable, "train.py", *args, f"--out_dir={out_dir}", "--sample_tokens=0"]
         result = subprocess.run(command, capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__)))
         if result.returncode != 0:
             raise SystemExit(f"train.py failed:\n{result.stderr[-2000:]}")
-        with open(os.path.join(out_dir, "log.jsonl")) as f:
-            records = [json.loads(line) for line in f if '"tokens_per_sec"' in line]
+        return last_log_window(out_dir)
+
+
+def last_log_window(out_dir):
+    """tokens/s and MFU of the last logged window in out_dir/log.jsonl."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f if '"tokens_per_sec"' in line]
     return {"tokens_per_sec": records[-1]["tokens_per_sec"], "mfu": records[-1]["mfu"]}
+
+
+def case_gpu_train_py(iters, vocab_size=32768, args=("config/doge_20m.py",)):
+    """train.py on a recipe (the 20M one: 16 micro-steps of 16 x 2048 tokens a step) over
+    synthetic shards: tokens/s and MFU of its last log window (the first holds the compile)."""
+    with tempfile.TemporaryDirectory() as data_dir:
+        write_synthetic_data(data_dir, vocab_size)
+        return train_py_figures([*args, f"--data_dir={data_dir}", f"--max_iters={iters}",
+                                 f"--log_interval={max(1, iters // 3)}", "--eval_interval=0",
+                                 "--eval_iters=1", "--save_interval=0"])
+
+
+def bench_tiny_training():
+    """train.py's own figures for the CPU demo (config/doge_tiny.py), 30 steps."""
+    return train_py_figures(["config/doge_tiny.py", "--max_iters=30", "--eval_interval=0",
+                             "--eval_iters=1", "--log_interval=10"])
+
+
+# Each case: (name, function, arguments, how it runs). "turns": both models in one process,
+# timed in turns (the function returns {"ours": ..., "ref": ...}); "apart": each model in a
+# process of its own (peak memory its own); "alone": no reference, one process.
+CASES = {
+    "train": [("train_b4_t512", case_train, (4, 512), "turns"),
+              ("train_b1_t2048", case_train, (1, 2048), "turns")],
+    "long": [("forward_t8192", case_long, ("forward",), "apart"),
+             ("train_t8192", case_long, ("train",), "apart")],
+    "decode": [("decode_256", case_decode, (), "turns")],
+    "window": [("window_4000", case_window, (), "turns")],
+    "moe": [("moe_e1024_top8", case_moe, (), "apart")],
+    # CUDA only; more GPU cases go on this list
+    "gpu": [("gpu_train_b16", case_gpu_train, (16, 2048), "apart"),
+            ("gpu_attn_t2048", case_gpu_attention, (16, 2048), "alone"),
+            ("gpu_train_py_20m", case_gpu_train_py, (12,), "alone")],
+}
 
 
 # ----------------------------------------------------------------------------------------------
 # Driver
 
 
+class CaseFailed(Exception):
+    """A case's process failed; the message is the last line of its error."""
+
+
 def run_worker(name, which, threads):
-    """Run one case in a fresh process and return its numbers."""
+    """Run one case in a fresh process and return its numbers. If it fails, its error's tail goes
+    to stderr and CaseFailed is raised."""
     command = [sys.executable, __file__, f"--worker={name}", f"--which={which}",
                f"--threads={threads}"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"bench case {name} ({which}) failed:\n{result.stderr[-2000:]}")
+        print(f"bench case {name} ({which}) failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+        lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+        raise CaseFailed(lines[-1])
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def case_numbers(name, mode, threads):
+    """(ours, ref) of one case, run as its mode says (see CASES); ref is {} for a case alone."""
+    if mode == "turns":
+        both = run_worker(name, "both", threads)
+        return both["ours"], both["ref"]
+    if mode == "apart":
+        return run_worker(name, "ours", threads), run_worker(name, "ref", threads)
+    return run_worker(name, "alone", threads), {}
 
 
 def ratio_rows(name, ours, ref):
@@ -355,39 +547,74 @@ def ratio_rows(name, ours, ref):
     return rows
 
 
+def print_row(name, key, ours, ref=None, ratio=None):
+    def text(value):
+        return f"{value:>10}" if isinstance(value, str) else f"{'n/a':>10}" if value is None \
+            else f"{value:>10.4g}"
+    ref_text = text(ref) if ref is not None else f"{'':>10}"
+    ratio_text = f"{ratio:>6.2f}x" if ratio is not None else ""
+    print(f"{name:<16} {key:<18} {text(ours)} {ref_text} {ratio_text}".rstrip(), flush=True)
+
+
+def run_group(cases, threads):
+    """Run the cases and print their rows; a case that fails prints one line and the next one
+    runs. Returns the number that failed."""
+    failed = 0
+    for name, _, _, mode in cases:
+        try:
+            ours, ref = case_numbers(name, mode, threads)
+        except CaseFailed as e:
+            print(f"{name:<16} failed: {e}", flush=True)
+            failed += 1
+            continue
+        for row in ratio_rows(name, ours, ref):
+            print_row(*row)
+    return failed
+
+
 def main():
     args = dict(arg.lstrip("-").split("=", 1) for arg in sys.argv[1:])
     threads = int(args.get("threads", 2))
     torch.set_num_threads(threads)
     if "worker" in args:
         for cases in CASES.values():
-            for name, function, parameters in cases:
+            for name, function, parameters, _ in cases:
                 if name == args["worker"]:
-                    which = () if args["which"] == "both" else (args["which"],)
+                    which = () if args["which"] in ("both", "alone") else (args["which"],)
                     print(json.dumps(function(*which, *parameters)))
         return
-    selected = args.get("cases", ",".join([*CASES, "tiny", "tokenize"])).split(",")
+    groups = [*CASES, "tiny", "tokenize"]
+    default = [group for group in groups if group != "gpu" or torch.cuda.is_available()]
+    selected = args.get("cases", ",".join(default)).split(",")
+    unknown = [group for group in selected if group not in groups]
+    if unknown:
+        raise SystemExit(f"bench.py: unknown case group {unknown[0]!r}; choose from "
+                         f"{', '.join(groups)}")
+    if "gpu" in selected and not torch.cuda.is_available():
+        print("bench.py: --cases=gpu needs a CUDA GPU and there is none here; nothing measured",
+              file=sys.stderr)
+        sys.exit(2)
     device, dtype = device_and_dtype()
     print(f"# bench.py on {device} ({dtype}), {threads} threads, torch {torch.__version__}")
+    if device == "cuda":
+        print(f"# {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
     print(f"{'case':<16} {'metric':<18} {'ours':>10} {'reference':>10} {'ratio':>7}")
+    failed = 0
     for group in selected:
         if group in ("tiny", "tokenize"):
-            numbers = bench_tiny_training() if group == "tiny" else bench_tokenize()
+            try:
+                numbers = bench_tiny_training() if group == "tiny" else bench_tokenize()
+            except SystemExit as e:
+                print(f"{group:<16} failed: {str(e.code).splitlines()[0]}", flush=True)
+                failed += 1
+                continue
             for key, value in numbers.items():
-                print(f"{group:<16} {key:<18} {value:>10.4g}", flush=True)
+                print_row(group, key, value)
             continue
-        for name, _, _ in CASES[group]:
-            if group in IN_TURNS:
-                both = run_worker(name, "both", threads)
-                ours, ref = both["ours"], both["ref"]
-            else:
-                ours, ref = run_worker(name, "ours", threads), run_worker(name, "ref", threads)
-            for row in ratio_rows(name, ours, ref):
-                ref_text = f"{row[3]:>10.4g}" if row[3] is not None else f"{'':>10}"
-                ratio_text = f"{row[4]:>6.2f}x" if row[4] is not None else ""
-                print(f"{row[0]:<16} {row[1]:<18} {row[2]:>10.4g} {ref_text} {ratio_text}",
-                      flush=True)
+        failed += run_group(CASES[group], threads)
     print("ratio: ours/reference for rates, reference/ours for seconds, ms and MB (>1 is better)")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

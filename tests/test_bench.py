@@ -1,0 +1,67 @@
+"""bench.py's plumbing on CPU: the GPU cases at tiny sizes (their numbers mean nothing here), the
+synthetic data train.py reads, and a driver that survives a failing case."""
+
+import sys
+
+import pytest
+import torch
+
+import bench
+import train
+from test_train import TINY
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU: the cases would run")
+def test_gpu_cases_without_cuda_say_so_and_exit_2(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--cases=gpu"])
+    with pytest.raises(SystemExit) as excinfo:
+        bench.main()
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert "CUDA" in err and err.count("\n") == 1
+
+
+def test_a_failing_case_prints_its_error_and_the_others_run(monkeypatch, capsys):
+    def run_worker(name, which, threads):
+        if name == "broken":
+            raise bench.CaseFailed("RuntimeError: out of memory")
+        return {"tokens_per_sec": {"ours": 3.0, "ref": 2.0, "alone": 5.0}[which]}
+
+    monkeypatch.setattr(bench, "run_worker", run_worker)
+    cases = [("first", None, (), "apart"), ("broken", None, (), "alone"),
+             ("last", None, (), "alone")]
+    assert bench.run_group(cases, threads=1) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["first", "tokens_per_sec", "3", "2", "1.50x"]
+    assert lines[1].split() == ["broken", "failed:", "RuntimeError:", "out", "of", "memory"]
+    assert lines[2].split() == ["last", "tokens_per_sec", "5"]
+
+
+def test_every_gpu_case_names_a_function_and_a_mode():
+    for name, function, arguments, mode in bench.CASES["gpu"]:
+        assert callable(function) and mode in ("turns", "apart", "alone"), name
+
+
+@pytest.mark.parametrize("which", ["ours", "ref"])
+def test_gpu_training_step_case_runs_both_models(which):
+    result = bench.case_gpu_train(which, 1, 16, steps=1, compiled=False,
+                                  config_overrides=dict(num_hidden_layers=1, vocab_size=256))
+    assert result["tokens_per_sec"] > 0
+
+
+def test_gpu_attention_case_checks_every_path_against_the_oracle():
+    result = bench.case_gpu_attention(1, 24, heads=4, bias_heads=2, head_dim=16, repeats=1,
+                                      compiled=False)
+    assert result["folded_error"] < 1e-5 and result["additive_error"] < 1e-5
+    assert result["flash_no_bias_error"] > 1e-2  # the oracle sees the bias that flash leaves out
+    assert result.get("flex_error", 0) < 1e-5  # or "flex_failed": no FlexAttention backward on CPU
+    assert all(result[f"{name}_ms"] > 0 for name in ("folded", "additive", "flash_no_bias"))
+
+
+def test_synthetic_data_is_what_train_py_reads(tmp_path):
+    data_dir, out_dir = tmp_path / "data", tmp_path / "out"
+    data_dir.mkdir()
+    bench.write_synthetic_data(str(data_dir), vocab_size=256, train_tokens=4097, val_tokens=1025)
+    train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, "--max_iters=2"])
+    figures = bench.last_log_window(str(out_dir))
+    assert figures["tokens_per_sec"] > 0 and figures["mfu"] > 0
