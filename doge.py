@@ -747,9 +747,10 @@ def compiled_loss_chunk():
 
 
 def compiled_cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
-    """cross_entropy_chunks (same arguments and results) as a loop over compiled_loss_chunk. Every
-    chunk has the same number of rows, the last one padded with ignored rows, so one compiled
-    graph serves every length (SFT's micro-batches vary) without recompiling."""
+    """cross_entropy_chunks (same arguments and results) as a loop over compiled_loss_chunk. The
+    chunks have the same number of rows, the last one padded with ignored rows, so one compiled
+    graph serves every input of at least a chunk's rows (SFT's micro-batches vary in length);
+    a smaller input is one chunk of its own size."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     chunk = min(rows, max(1, COMPILED_LOSS_CHUNK_ELEMENTS // vocab))
     kept = targets != -1
