@@ -400,7 +400,7 @@ def case_gpu_attention(batch, length, heads=2, bias_heads=1, head_dim=128, repea
     plain causal flash as the floor), forward+backward of one layer at Doge-20M's shapes, each
     compiled on its own: ms per call, and the largest error of the output and of every gradient
     against the float32 oracle (max |a - b| / max |b|). A path that fails reports its error."""
-    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    device, dtype = device_and_dtype()
     torch.manual_seed(0)
     q = torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
     k, v = (torch.randn(batch, bias_heads, length, head_dim, device=device, dtype=dtype)
