@@ -75,6 +75,25 @@ def test_compiled_loss_trains_the_model_like_the_cpu_loss(compiled_loss, monkeyp
         close(models[1](idx, targets, keep_logits=False)[1], expected, 1e-5)
 
 
+def test_every_compiled_chunk_has_the_same_rows(monkeypatch):
+    """Bounded memory, and one compiled graph for every length: the chunks are CHUNK_ROWS rows,
+    the last one padded; an input smaller than a chunk is one chunk of its own size."""
+    monkeypatch.setattr(doge, "COMPILED_LOSS_CHUNK_ELEMENTS", CHUNK_ROWS * VOCAB)
+    shapes = []
+
+    def recording_chunk(h, *args):
+        shapes.append(tuple(h.shape))
+        return doge.loss_chunk(h, *args)
+
+    monkeypatch.setattr(doge, "compiled_loss_chunk", lambda: recording_chunk)
+    hidden, weight, targets = loss_inputs()
+    doge.compiled_cross_entropy_chunks(hidden, weight, targets, False, True)
+    assert shapes == [(CHUNK_ROWS, WIDTH)] * 3  # 40 rows: 16, 16, and 8 padded to 16
+    shapes.clear()
+    doge.compiled_cross_entropy_chunks(hidden[:5], weight, targets[:5], False, True)
+    assert shapes == [(5, WIDTH)]
+
+
 def test_cpu_takes_the_cpu_loss_and_cuda_the_compiled_one():
     assert doge.chunked_loss(torch.zeros(1)) is doge.cross_entropy_chunks
     meta = torch.zeros(1, device="meta")  # not CUDA either
