@@ -229,7 +229,8 @@ def rope_matrix(cos, sin):
 # Every attention path below computes the same function: query row i attends to the keys j <= i
 # with logit q.k / sqrt(d) + dt[j], restricted to the keep_window_size "best" visible keys, where
 # best means larger dt, and among equal dt the later key. The paths differ only in cost:
-#   short    T <= W, no cache: one fused causal SDPA, the bias folded into q and k.
+#   short    T <= W, no cache: one fused causal SDPA, the bias folded into q and k (on CUDA
+#            FlexAttention or an additive mask may replace it: attend_short picks).
 #   blocked  anything longer, or appending to a cache: queries in blocks; a block's candidates
 #            are the best W keys before it (the "state") plus its own keys. Memory O(T * W).
 #   decode   generate's one-token step (Doge.decode_step): the new key takes a free slot of the
