@@ -743,7 +743,9 @@ def loss_chunk(h, weight, targets, row_scale, keep_logits, compute_grads):
 
 @functools.cache
 def compiled_loss_chunk():
-    """loss_chunk compiled, once per process (compiling is deferred to the first CUDA loss)."""
+    """loss_chunk compiled, once per process (compiling is deferred to the first CUDA loss).
+    Whatever train.py's compile setting; TORCHDYNAMO_DISABLE=1 runs it uncompiled (a GPU that
+    triton does not support)."""
     return torch.compile(loss_chunk)
 
 
