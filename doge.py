@@ -233,8 +233,16 @@ def rope_matrix(cos, sin):
 #            FlexAttention or an additive mask may replace it: attend_short picks).
 #   blocked  anything longer, or appending to a cache: queries in blocks; a block's candidates
 #            are the best W keys before it (the "state") plus its own keys. Memory O(T * W).
+#   lifetime T > W on CUDA, no cache: one FlexAttention call whose mask is each key's lifetime
+#            (below), with the bias as a score_mod. Memory O(T) a head.
 #   decode   generate's one-token step (Doge.decode_step): the new key takes a free slot of the
 #            cache or, once W are kept, the slot of the worst key, in place.
+#
+# Key lifetimes. dt does not depend on the query, and the number of keys better than key j among
+# keys 0..i only grows with i, so key j is kept exactly by the queries j <= i < death[j], where
+# death[j] is the first query that sees W keys better than j. The whole dynamic mask is then
+# kv <= q < death[kv], and death depends on dt alone (no gradient: the choice is discrete, dt's
+# gradient flows through the bias).
 
 
 def rank_keys(dt, positions):
@@ -243,6 +251,42 @@ def rank_keys(dt, positions):
     latest_first = positions.argsort(dim=-1, descending=True)
     by_dt = dt.gather(-1, latest_first).argsort(dim=-1, descending=True, stable=True)
     return latest_first.gather(-1, by_dt)
+
+
+LIFETIME_CHUNK = (256, 2048)  # keys per step of key_lifetimes: W, within these bounds
+
+
+@torch.no_grad()
+def key_lifetimes(dt, keep_window_size):
+    """death (B, Hb, T): key j is kept by the queries j <= i < death[j] (death[j] == j: by none,
+    death[j] == T: to the end). dt (B, Hb, T), the biases of keys 0..T-1.
+
+    death[j] is the W-th smallest position among the keys better than j (but at least j). Walking
+    the keys best first, only the W smallest positions met so far can be that W-th smallest, so
+    each chunk of C keys (in rank order) merges its positions into a sorted list of W: work
+    O(T * (W + C)), a Python step per chunk, no (T, T) tensor."""
+    batch, heads, length = dt.shape
+    window = keep_window_size
+    device = dt.device
+    ranked = rank_keys(dt, torch.arange(length, device=device).expand(batch, heads, length))
+    chunk = min(max(window, LIFETIME_CHUNK[0]), LIFETIME_CHUNK[1])
+    # the W smallest positions among the keys ranked so far; `length` stands for "no key yet"
+    smallest = torch.full((batch, heads, window), length, device=device)
+    earlier = torch.full((window,), -1, device=device)  # an entry of `smallest` beats the chunk
+    death = torch.empty_like(ranked)
+    for begin in range(0, length, chunk):
+        keys = ranked[..., begin:begin + chunk]  # (B, Hb, c), positions best first
+        count = keys.shape[-1]
+        in_chunk = torch.arange(count, device=device)
+        merged, order = torch.cat((smallest, keys), dim=-1).sort(dim=-1)  # (B, Hb, W + c)
+        source = torch.cat((earlier, in_chunk)).expand_as(order).gather(-1, order)
+        # key c of the chunk is beaten by every earlier key and the chunk's keys before it
+        beats = source.unsqueeze(-2) < in_chunk[:, None]  # (B, Hb, c, W + c)
+        beaten_up_to = beats.cumsum(dim=-1, dtype=torch.int32)
+        wth = (beaten_up_to < window).sum(dim=-1)  # (B, Hb, c), where the W-th better key sits
+        death.scatter_(-1, keys, merged.gather(-1, wth))
+        smallest = merged[..., :window]
+    return torch.maximum(death, torch.arange(length, device=device))
 
 
 def fold_bias(q, k, v, dt, scale):
@@ -367,6 +411,67 @@ def attend_block(q, k, v, dt, positions, state, keep_window_size, scale):
 
 
 QUERY_BLOCK = 512  # queries per block on the blocked path: memory O(block * (W + block)) a head
+FLEX_BLOCK = 128  # FlexAttention's tile: the block mask says which (query, key) tiles are live
+
+
+def lifetime_block_mask(death, groups, mask_mod, length):
+    """FlexAttention's BlockMask for the mask kv <= q < death[kv] over `length` queries and keys,
+    from death (B, Hb, T') padded to a multiple of FLEX_BLOCK (padded keys: death 0), without evaluating the mask per element: the keys of key block kb
+    are kept by queries from block kb to the block of their last keeping query; a tile is full
+    (no mask needed) when it lies below the diagonal and before every key's death. `groups`
+    query heads share a bias head."""
+    batch, heads, padded = death.shape
+    blocks = padded // FLEX_BLOCK
+    device = death.device
+    key_pos = torch.arange(padded, device=device)
+    kept = death > key_pos  # kept by at least one query
+    last_query = torch.where(kept, death - 1, -1).view(batch, heads, blocks, FLEX_BLOCK)
+    last_block = last_query.amax(dim=-1).div(FLEX_BLOCK, rounding_mode="floor")  # (B, Hb, nk)
+    first_death = death.view(batch, heads, blocks, FLEX_BLOCK).amin(dim=-1)  # (B, Hb, nk)
+    query_block = torch.arange(blocks, device=device)[:, None]  # (nq, 1)
+    key_block = torch.arange(blocks, device=device)  # (nk,)
+    live = (query_block >= key_block) & (query_block <= last_block.unsqueeze(-2))  # (B, Hb, nq, nk)
+    full = (query_block > key_block) & ((query_block + 1) * FLEX_BLOCK <= first_death.unsqueeze(-2))
+    partial = live & ~full
+
+    def block_lists(tiles):  # per query block: how many key blocks, and which (live ones first)
+        tiles = tiles.repeat_interleave(groups, dim=1)  # (B, H, nq, nk)
+        indices = tiles.to(torch.int32).argsort(dim=-1, descending=True, stable=True)
+        return tiles.sum(dim=-1, dtype=torch.int32), indices.to(torch.int32)
+
+    from torch.nn.attention.flex_attention import BlockMask
+    return BlockMask.from_kv_blocks(*block_lists(partial), *block_lists(full),
+                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(length, length))
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled (uncompiled it materialises every score: slow, and memory O(T^2))."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend_lifetimes(q, k, v, dt, keep_window_size, scale, flex_attention=None):
+    """All T queries at once with the mask kv <= q < death[kv] and the bias as a score_mod.
+    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T). flex_attention: the compiled one unless
+    given (tests pass the eager one, which runs the forward pass on CPU)."""
+    heads, bias_heads, length = q.shape[1], dt.shape[1], dt.shape[-1]
+    groups = heads // bias_heads
+    pad = -length % FLEX_BLOCK  # padded keys die at once (death 0), so every index is in range
+    death = F.pad(key_lifetimes(dt, keep_window_size), (0, pad))  # (B, Hb, T')
+    bias = F.pad(dt, (0, pad))
+
+    def keep(b, h, q_index, kv_index):
+        return (kv_index <= q_index) & (q_index < death[b, h // groups, kv_index])
+
+    def add_bias(score, b, h, q_index, kv_index):
+        return score + bias[b, h // groups, kv_index]
+
+    block_mask = lifetime_block_mask(death, groups, keep, length)
+    flex_attention = flex_attention or compiled_flex_attention()
+    return flex_attention(q, k, v, score_mod=add_bias, block_mask=block_mask, scale=scale,
+                          enable_gqa=groups > 1)
 
 
 def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
@@ -375,6 +480,10 @@ def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
     Returns out (B, H, T, d) and the new state (the best <= W keys seen so far)."""
     batch, bias_heads, length = dt.shape
     positions = torch.arange(start, start + length, device=q.device)
+    if state is None and length > keep_window_size and q.device.type == "cuda":
+        # a GPU runs many small blocks slower than one masked call; on CPU the blocks are faster
+        out = attend_lifetimes(q, k, v, dt, keep_window_size, scale)
+        return out, best_keys(k, v, dt, positions, keep_window_size)
     outs = []
     if state is None:  # the first W queries see at most W keys: everything visible is kept
         first = min(keep_window_size, length)
@@ -391,6 +500,13 @@ def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
                                   keep_window_size, scale)
         outs.append(out)
     return torch.cat(outs, dim=2), state
+
+
+def best_keys(k, v, dt, positions, keep_window_size):
+    """The state after keys at `positions` (T,): the best W of k, v (B, Hb, T, d), dt (B, Hb, T)."""
+    order = rank_keys(dt, positions.expand_as(dt))[..., :keep_window_size]  # (B, Hb, W)
+    take = order.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+    return k.gather(2, take), v.gather(2, take), dt.gather(-1, order), positions[order]
 
 
 def attend_cached(q, k, values_t, dt, scale):

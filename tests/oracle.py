@@ -126,3 +126,15 @@ def tiny_config(**overrides):
                   num_attention_heads=4, num_key_value_heads=2, keep_window_size=8,
                   max_position_embeddings=64)
     return doge.DogeConfig(**{**values, **overrides})
+
+
+def lifetime_attention(q, k, v, dt, death, scale):
+    """Attention under the lifetime mask kv <= q < death[kv] plus the bias, as one dense SDPA
+    call with a (T, T) mask: the reference for the lifetime path, backward included (FlexAttention
+    has no backward on CPU). q (B, H, T, d); k, v (B, Hb, T, d); dt, death (B, Hb, T)."""
+    groups = q.shape[1] // k.shape[1]
+    position = torch.arange(q.shape[2])
+    keep = (position <= position[:, None]) & (position[:, None] < death.unsqueeze(-2))
+    bias = dt.unsqueeze(-2).masked_fill(~keep, float("-inf"))  # (B, Hb, T, T)
+    k, v, bias = (t.repeat_interleave(groups, dim=1) for t in (k, v, bias))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)

@@ -1,5 +1,7 @@
 """The model on its own: configs, invariants, the attention paths, the cache, the loss, sampling."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,108 @@ def test_zero_A_is_a_sliding_window_of_the_last_keys(monkeypatch):
     monkeypatch.setattr(oracle, "keep_mask", lambda dt, visible, size: visible & (
         torch.arange(visible.shape[-1])[None, :] > torch.arange(visible.shape[-2])[:, None] - window))
     assert_close_to_scale(ours, naive_forward(model, idx))
+
+
+# --- key lifetimes (the lifetime path: FlexAttention on CUDA)
+
+
+def tied_dt(batch, heads, length, seed=0):
+    """Biases with many exact ties: a handful of distinct values."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 4, (batch, heads, length), generator=generator).float() / 4
+
+
+@pytest.mark.parametrize("length, window", [(7, 8), (40, 8), (40, 1), (300, 3), (600, 300)])
+def test_key_lifetimes_equal_brute_force_top_w(length, window):
+    dt = tied_dt(2, 3, length)
+    death = doge.key_lifetimes(dt, window)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    keep = oracle.keep_mask(dt, causal[None, None], window)  # (B, Hb, T, T), top W per row
+    position = torch.arange(length)
+    # each key is kept by one unbroken run of queries starting at itself, and no longer
+    expected = position + keep.sum(dim=-2)
+    assert torch.equal(death, expected)
+    assert torch.equal((position <= position[:, None]) & (position[:, None] < death.unsqueeze(-2)),
+                       keep)
+
+
+@pytest.mark.parametrize("length", [500, 512, 600])
+def test_lifetime_block_mask_marks_exactly_the_live_tiles(length):
+    block = doge.FLEX_BLOCK
+    dt = tied_dt(1, 2, length)
+    death = F.pad(doge.key_lifetimes(dt, 300), (0, -length % block))  # as attend_lifetimes pads
+    padded = death.shape[-1]
+    position = torch.arange(padded)
+    keep = (position <= position[:, None]) & (position[:, None] < death.unsqueeze(-2))
+    tiles = keep.view(1, 2, padded // block, block, padded // block, block)
+    any_kept, all_kept = tiles.any(dim=(3, 5)), tiles.all(dim=(3, 5))  # (B, Hb, nq, nk)
+    mask = doge.lifetime_block_mask(death, 2, lambda b, h, q, kv: kv <= q, length)
+
+    def tiles_of(counts, indices):
+        dense = torch.zeros(1, 4, padded // block, padded // block, dtype=torch.bool)
+        for row in range(dense.shape[2]):
+            for head in range(4):
+                dense[0, head, row, indices[0, head, row, :counts[0, head, row]].long()] = True
+        return dense
+
+    partial = tiles_of(mask.kv_num_blocks, mask.kv_indices)
+    full = tiles_of(mask.full_kv_num_blocks, mask.full_kv_indices)
+    assert not (partial & full).any()
+    # two query heads share each bias head; a tile is visited iff a query in it keeps a key
+    assert torch.equal(partial | full, any_kept.repeat_interleave(2, dim=1))
+    assert not (full & ~all_kept.repeat_interleave(2, dim=1)).any()
+    assert full.any()
+
+
+def lifetime_inputs(heads, bias_heads, length, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, length, 16, generator=generator)
+    k, v = torch.randn(2, 2, bias_heads, length, 16, generator=generator)
+    return q, k, v, tied_dt(2, bias_heads, length, seed) * 3
+
+
+@pytest.mark.parametrize("heads, bias_heads", [(4, 2), (4, 4)])  # GQA; the older layout
+@pytest.mark.parametrize("length, window", [(150, 40), (150, 1), (30, 40)])
+def test_dense_lifetime_mask_equals_blocked_path_with_gradients(monkeypatch, heads, bias_heads,
+                                                                 length, window):
+    """The lifetime mask built from death gives the blocked path's values and gradients (q, k, v
+    and dt) on CPU: the backward the CUDA path relies on, checked through a dense mask."""
+    monkeypatch.setattr(doge, "QUERY_BLOCK", 32)
+    inputs = lifetime_inputs(heads, bias_heads, length)
+    ours = [t.clone().requires_grad_() for t in inputs]
+    dense = [t.clone().requires_grad_() for t in inputs]
+    scale = 16 ** -0.5
+    out, _ = doge.dynamic_mask_attention(*ours, 0, None, window, scale)
+    death = doge.key_lifetimes(inputs[3], window)
+    expected = oracle.lifetime_attention(*dense, death, scale)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    for name, a, b in zip("qkv", ours, dense):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(ours[3].grad, dense[3].grad, atol=1e-4, rtol=1e-4, msg="dt")
+
+
+@pytest.mark.parametrize("heads, bias_heads", [(4, 2), (4, 4)])
+@pytest.mark.parametrize("length, window", [(300, 40), (150, 1)])
+def test_flex_attention_lifetime_path_equals_blocked_path(monkeypatch, heads, bias_heads,
+                                                          length, window):
+    """The CUDA path's FlexAttention call, run forward on CPU (eager: it has no CPU backward). The
+    eager call evaluates mask_mod everywhere; the block mask is checked by the test above."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    monkeypatch.setattr(doge, "QUERY_BLOCK", 64)
+    q, k, v, dt = lifetime_inputs(heads, bias_heads, length, seed=1)
+    scale = 16 ** -0.5
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "called without torch.compile": meant for CPU tests
+        out = doge.attend_lifetimes(q, k, v, dt, window, scale, flex.flex_attention)
+        expected, state = doge.dynamic_mask_attention(q, k, v, dt, 0, None, window, scale)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # the state handed to a cache: the same best W keys as the blocked path's
+    best = doge.best_keys(k, v, dt, torch.arange(length), window)
+    for a, b in zip(best, state):
+        torch.testing.assert_close(a, b)
 
 
 # --- the bounded cache
