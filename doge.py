@@ -198,10 +198,13 @@ def rope_cos_sin(config, positions, total_length, dtype):
     dim = config.head_dim
     base = config.rope_theta
     scaling = config.rope_scaling or {}
-    if scaling.get("rope_type") == "dynamic" and total_length > config.max_position_embeddings:
+    if scaling.get("rope_type") == "dynamic":
         factor = scaling["factor"]
         stretch = factor * total_length / config.max_position_embeddings - (factor - 1)
-        base = base * stretch ** (dim / (dim - 2))
+        if isinstance(total_length, torch.Tensor):  # a static decoding step's, on the device
+            base = base * stretch.clamp(min=1) ** (dim / (dim - 2))  # stretch > 1: longer
+        elif total_length > config.max_position_embeddings:
+            base = base * stretch ** (dim / (dim - 2))
     exponents = torch.arange(0, dim, 2, device=positions.device).float() / dim
     inv_freq = 1.0 / base ** exponents  # (d/2,)
     angles = positions.float()[:, None] * inv_freq  # (T, d/2)
@@ -533,22 +536,31 @@ class LayerCache:
     Buffers hold W + 1 slots; slot W is a discard slot, so a decode step writes unconditionally:
     into the next free slot, into the slot of the key it evicts, or (when the new key is itself
     the worst) into the discard slot, which attention never reads. Values are kept transposed,
-    one row per channel, for attend_cached."""
+    one row per channel, for attend_cached.
 
-    def __init__(self, batch, bias_heads, window, head_dim, device, dtype):
+    A static cache (for a CUDA graph) gives a decode step the same shapes every time: attention
+    reads all W slots, the empty ones holding dt = -inf (weight 0) and position -1, so the
+    eviction rule alone finds the next free slot (the worst, the oldest among equals). It takes
+    a prompt through forward, then decode steps only (`size` and `state()` stop following it)."""
+
+    def __init__(self, batch, bias_heads, window, head_dim, device, dtype, static=False):
         self.window = window
         self.size = 0
+        self.static = static
         self.heads_shape = (batch, bias_heads)
         rows = batch * bias_heads
         self.k = torch.zeros(rows, window + 1, head_dim, device=device, dtype=dtype)
         self.values_t = torch.zeros(rows, head_dim, window + 1, device=device, dtype=dtype)
-        self.dt = torch.zeros(rows, window + 1, device=device, dtype=dtype)
-        self.pos = torch.zeros(rows, window + 1, device=device, dtype=torch.long)
+        self.dt = torch.full((rows, window + 1), float("-inf") if static else 0.0, device=device,
+                             dtype=dtype)
+        self.pos = torch.full((rows, window + 1), -1 if static else 0, device=device,
+                              dtype=torch.long)
 
     def kept(self):
         """The cached keys (R, n, d), values transposed (R, d, n) and dt (R, n), as attend_cached
-        takes them: views, no copies."""
-        return self.k[:, :self.size], self.values_t[..., :self.size], self.dt[:, :self.size]
+        takes them: views, no copies (a static cache: all W slots)."""
+        size = self.window if self.static else self.size
+        return self.k[:, :size], self.values_t[..., :size], self.dt[:, :size]
 
     def state(self):
         """The cache as dynamic_mask_attention's state: k, v (B, Hb, n, d), dt, pos (B, Hb, n)."""
@@ -565,9 +577,10 @@ class LayerCache:
         self.dt[:, :size], self.pos[:, :size] = dt, pos
 
     def insert(self, k, v, dt, position):
-        """Add one key per row: k, v (R, d), dt (R,). Once full, it replaces the worst key (lowest
-        dt, the oldest among equals) if it is at least as good (being later, it wins ties)."""
-        if self.size < self.window:
+        """Add one key per row: k, v (R, d), dt (R,), at position (an int, or (1,) on the device
+        for a static cache). Once full, it replaces the worst key (lowest dt, the oldest among
+        equals) if it is at least as good (being later, it wins ties)."""
+        if self.size < self.window and not self.static:
             slot = torch.full((dt.shape[0], 1), self.size, device=dt.device)  # (R, 1)
             self.size += 1
         else:
@@ -579,17 +592,29 @@ class LayerCache:
         self.k.scatter_(1, slot.unsqueeze(-1).expand(-1, -1, k.shape[-1]), k.unsqueeze(1))
         self.values_t.scatter_(2, slot.unsqueeze(1).expand(-1, v.shape[-1], -1), v.unsqueeze(-1))
         self.dt.scatter_(1, slot, dt.unsqueeze(-1))
+        if isinstance(position, torch.Tensor):
+            position = position.expand_as(slot)
         self.pos.scatter_(1, slot, position)
 
 
 class DogeCache:
-    """Everything generation keeps between steps: one LayerCache per layer and the length so far."""
+    """Everything generation keeps between steps: one LayerCache per layer and the length so far.
+    A static cache (see LayerCache) also counts the length on the device, in `position`, which
+    its decode steps read and advance (a replayed CUDA graph runs no Python: `length` stops at
+    the prompt's)."""
 
-    def __init__(self, config, batch, device, dtype):
+    def __init__(self, config, batch, device, dtype, static=False):
         self.length = 0
+        self.static = static
+        self.position = torch.zeros(1, dtype=torch.long, device=device) if static else None
         self.layers = [LayerCache(batch, config.bias_heads, config.keep_window_size,
-                                  config.head_dim, device, dtype)
+                                  config.head_dim, device, dtype, static)
                        for _ in range(config.num_hidden_layers)]
+
+    def advance(self, count):
+        self.length += count
+        if self.static:
+            self.position += count
 
 
 class DynamicMaskAttention(nn.Module):
@@ -993,7 +1018,7 @@ class Doge(nn.Module):
             x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, start,
                       router_stats)
         if cache is not None:
-            cache.length += idx.shape[1]
+            cache.advance(idx.shape[1])
         return self.norm(x)
 
     def forward(self, idx, targets=None, cache=None, keep_logits=True):
@@ -1045,28 +1070,39 @@ class Doge(nn.Module):
         eos_ids = torch.tensor([] if eos_token_id is None else
                                [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id,
                                dtype=torch.long, device=idx.device)
-        cache = DogeCache(self.config, idx.shape[0], idx.device, self.lm_head.weight.dtype)
-        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        seen = idx
+        batch, vocab = idx.shape[0], self.lm_head.out_features
+        cache = DogeCache(self.config, batch, idx.device, self.lm_head.weight.dtype,
+                          static=static_decoding(idx.device))
+        finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
+        seen = None  # (B, V): which tokens the repetition penalty applies to
+        if repetition_penalty != 1.0:
+            seen = torch.zeros(batch, vocab, dtype=torch.bool, device=idx.device)
+            seen.scatter_(1, idx, True)
         # The model runs in inference mode, which skips the bookkeeping no_grad still does (version
         # counters, view tracking; about a tenth of a small model's step). Tokens are sampled
         # outside it, so callers get ordinary tensors that they may use in training.
         with torch.inference_mode():
             step_weights = self.decoding_weights()
             logits = output_logits(self.hidden_states(idx, cache)[:, -1], step_weights[-1],
-                                   self.lm_head.out_features)  # (B, V)
+                                   vocab)  # (B, V)
+
+        def next_token(token):  # (B,) -> (B,): static shapes with a static cache, no host sync
+            if seen is not None:
+                seen.scatter_(1, token.unsqueeze(1), True)
+            with torch.inference_mode():
+                logits = self.decode_step(token, cache, step_weights)
+            return sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
+
+        next_token = capture_step(next_token)  # on CUDA, replayed as a CUDA graph
         for step in range(max_new_tokens):
-            token = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
+            token = next_token(token) if step else sample_next(
+                logits, seen, temperature, top_k, top_p, repetition_penalty)
             if len(eos_ids):
                 token = torch.where(finished, eos_ids[0], token)
                 finished |= torch.isin(token, eos_ids)
             yield token.unsqueeze(1)
-            if step == max_new_tokens - 1 or finished.all():
+            if len(eos_ids) and finished.all():
                 return
-            seen = torch.cat((seen, token.unsqueeze(1)), dim=1) if repetition_penalty != 1.0 \
-                else seen
-            with torch.inference_mode():
-                logits = self.decode_step(token, cache, step_weights)
 
     @torch.no_grad()
     def decoding_weights(self):
@@ -1107,11 +1143,14 @@ class Doge(nn.Module):
         config, (layer_weights, output_blocks) = self.config, step_weights
         heads, kv_heads, head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                      config.head_dim)
-        eps, start = config.rms_norm_eps, cache.length
+        eps = config.rms_norm_eps
         x = self.embed_tokens(token)  # (B, D)
         batch = x.shape[0]
-        cos, sin = rope_cos_sin(config, torch.tensor([start], device=x.device), start + 1,
-                                x.dtype)
+        if cache.static:  # the position stays on the device: a captured step replays right
+            start = positions = cache.position  # (1,)
+        else:
+            start, positions = cache.length, torch.tensor([cache.length], device=x.device)
+        cos, sin = rope_cos_sin(config, positions, start + 1, x.dtype)
         rotation = rope_matrix(cos[0], sin[0])  # (d, d), the same for every layer
         for layer, layer_cache, weights in zip(self.layers, cache.layers, layer_weights):
             attn, mlp = layer.self_attn, layer.mlp
@@ -1132,7 +1171,7 @@ class Doge(nn.Module):
             if isinstance(mlp, CDMoE):
                 mlp_out = mlp_out + mlp.routed_experts(layer.post_attention_layernorm.weight * h)
             x = torch.addcmul(mlp_out, layer.post_attention_residual, x)
-        cache.length += 1
+        cache.advance(1)
         return output_logits(self.norm(x), output_blocks, self.lm_head.out_features)
 
 
@@ -1167,14 +1206,47 @@ def output_logits(h, output_blocks, vocab_size):
     return logits.transpose(0, 1).reshape(h.shape[0], -1)[:, :vocab_size]
 
 
+def static_decoding(device):
+    """Whether generation decodes with a static cache and a captured step: on CUDA, where a step
+    of a small model is launch-bound. On CPU the step reads only the filled part of the cache."""
+    return torch.device(device).type == "cuda"
+
+
+def capture_step(step):
+    """step, a function token (B,) -> next token (B,) with static shapes and no host sync, as a
+    CUDA graph on CUDA: the first call runs eagerly (warming up what capture cannot), records
+    the graph, and later calls replay it (one launch for the whole step). Elsewhere: step."""
+    graph, token_in, token_out = None, None, None
+
+    def replay(token):
+        nonlocal graph, token_in, token_out
+        if token.device.type != "cuda":
+            return step(token)
+        if graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                following = step(token)
+            torch.cuda.current_stream().wait_stream(side)
+            graph, token_in = torch.cuda.CUDAGraph(), token.clone()
+            with torch.cuda.graph(graph):  # records the kernels without running them
+                token_out = step(token_in)
+            return following
+        token_in.copy_(token)
+        graph.replay()
+        return token_out.clone()  # the graph's output is overwritten by the next replay
+
+    return replay
+
+
 def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):
-    """Pick the next token (B,) from logits (B, V) given the tokens seen so far (B, T)."""
+    """Pick the next token (B,) from logits (B, V); seen (B, V) marks the tokens so far (for
+    the repetition penalty; None without one). No host sync: a CUDA graph can hold it."""
     logits = logits.float()
     if repetition_penalty != 1.0:  # make seen tokens less likely, whatever the logit's sign
-        previous = logits.gather(1, seen)
-        previous = torch.where(previous < 0, previous * repetition_penalty,
-                               previous / repetition_penalty)
-        logits = logits.scatter(1, seen, previous)
+        penalised = torch.where(logits < 0, logits * repetition_penalty,
+                                logits / repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -1187,7 +1259,10 @@ def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):
         mass_before = probs.cumsum(dim=-1) - probs
         sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(1)
+    # a draw from the softmax as argmax(p / Exponential(1)): what torch.multinomial does for one
+    # sample (the same draws under a seed), without its check of p that reads it on the host
+    probs = logits.softmax(dim=-1)
+    return probs.div_(torch.empty_like(probs).exponential_()).argmax(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from oracle import assert_close_to_scale, naive_forward, randomize, tiny_config
 
 def random_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    return randomize(doge.Doge(tiny_config(rope_scaling=None, **overrides)), seed).eval()
+    return randomize(doge.Doge(tiny_config(**{"rope_scaling": None, **overrides})), seed).eval()
 
 
 # --- config
@@ -244,8 +244,10 @@ def test_cache_takes_multi_token_chunks():
         assert_close_to_scale(torch.cat(chunks, dim=1), model(idx)[0])
 
 
-def test_cache_evicts_lowest_dt_then_oldest():
-    layer = doge.LayerCache(1, 1, 3, 2, "cpu", torch.float32)
+@pytest.mark.parametrize("static", [False, True])
+def test_cache_evicts_lowest_dt_then_oldest(static):
+    """The static cache (fixed shapes, for a CUDA graph) finds free slots by the same rule."""
+    layer = doge.LayerCache(1, 1, 3, 2, "cpu", torch.float32, static)
 
     def insert(position, dt):  # key channels hold the position, value channels position + 10
         layer.insert(torch.full((1, 2), float(position)), torch.full((1, 2), position + 10.0),
@@ -257,6 +259,8 @@ def test_cache_evicts_lowest_dt_then_oldest():
     assert sorted(layer.pos[0, :3].tolist()) == [0, 2, 3]  # the older of the two 1.0s left
     insert(4, 0.5)
     assert sorted(layer.pos[0, :3].tolist()) == [0, 2, 3]  # worse than all: not kept
+    if static:
+        layer.size = 3  # a static cache leaves size alone; state() reads the first `size` slots
     assert layer.size == 3
     k, v, dt, pos = layer.state()  # each key's value and dt moved with it
     assert k[0, 0].tolist() == [[p, p] for p in pos[0, 0].tolist()]
@@ -325,6 +329,40 @@ def test_product_key_routing_picks_the_best_pairs():
 # --- generation
 
 
+@pytest.mark.parametrize("overrides, prompt_length, new_tokens", [
+    (dict(), 5, 20),  # past the window (8) during decoding
+    (dict(), 12, 10),  # a prompt longer than the window
+    (dict(is_moe=True, num_experts=16, num_experts_per_tok=4), 5, 12),
+    (dict(qk_norm=False, dt_per_query_head=True), 5, 12),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}), 60, 8),  # past 64 positions
+])
+def test_static_decoding_gives_the_same_tokens(monkeypatch, overrides, prompt_length,
+                                               new_tokens):
+    """The CUDA path's step (static cache, position on the device), run on CPU without the graph
+    capture, against the CPU path: greedy and seeded sampling, batch 3."""
+    model = random_model(**overrides)
+    prompt = torch.randint(0, 97, (3, prompt_length))
+    settings = [dict(temperature=0),
+                dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3)]
+    expected = []
+    for sampling in settings:
+        torch.manual_seed(3)
+        expected.append(model.generate(prompt, new_tokens, **sampling))
+    shapes = set()
+    original_insert = doge.LayerCache.insert
+
+    def insert(self, *args):  # record the shapes attention reads
+        original_insert(self, *args)
+        shapes.add(tuple(t.shape for t in self.kept()))
+
+    monkeypatch.setattr(doge.LayerCache, "insert", insert)
+    monkeypatch.setattr(doge, "static_decoding", lambda device: True)
+    for sampling, tokens in zip(settings, expected):
+        torch.manual_seed(3)
+        assert torch.equal(model.generate(prompt, new_tokens, **sampling), tokens), sampling
+    assert len(shapes) == 1  # every step the same shapes
+
+
 def test_greedy_equals_top_k_1_and_tiny_top_p():
     model = random_model()
     prompt = torch.randint(0, 97, (2, 4))
@@ -344,7 +382,7 @@ def test_sampling_is_reproducible_under_a_seed():
 
 def test_repetition_penalty_by_hand():
     logits = torch.tensor([[2.0, -2.0, 1.5, 0.0]])
-    seen = torch.tensor([[0, 1]])
+    seen = torch.tensor([[True, True, False, False]])
     # penalised: 2.0 / 2 = 1.0 and -2.0 * 2 = -4.0, so token 2 (1.5) wins
     assert doge.sample_next(logits, seen, 0, None, None, 2.0).tolist() == [2]
     assert doge.sample_next(logits, seen, 0, None, None, 1.0).tolist() == [0]
