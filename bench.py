@@ -19,7 +19,9 @@ config), tokenize (prepare_data end to end against bare SentencePiece encode, sa
 gpu (CUDA only, never part of the default run on a CPU: the compiled training step of both
 models at B=16 T=2048 in bf16 autocast with fused AdamW, tokens/s and peak GPU memory; the exact
 T <= keep_window_size attention paths side by side; train.py's tokens/s and MFU on
-config/doge_20m.py). Without CUDA, --cases=gpu prints one line and exits with status 2. A case
+config/doge_20m.py; past the window, B=1 training steps at T=8192 and T=32768 (seconds, peak
+memory, or out of memory) and a forward at T=8192 with full logits; greedy decoding tokens/s at
+batch 1 and 64, ours graph-captured). Without CUDA, --cases=gpu prints one line and exits with status 2. A case
 that fails prints its error and the others still run; the exit status is then 1.
 """
 
@@ -479,6 +481,66 @@ def case_gpu_train_py(iters, vocab_size=32768, args=("config/doge_20m.py",)):
                                  "--eval_iters=1", "--save_interval=0"])
 
 
+def case_gpu_long_train(which, length, steps=3, config_overrides=None):
+    """A training step (forward, backward, AdamW) at B=1 and `length` tokens, keep_window_size
+    2048 (Doge-20M): bf16 weights, the models uncompiled (our lifetime path past the window
+    compiles its FlexAttention call itself). Seconds per step and peak GPU memory, or
+    out_of_memory where the model cannot take the length."""
+    device = device_and_dtype()[0]
+    model = make_models(which, config_overrides).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+
+    def step():
+        loss_of(model, which, idx).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        for _ in range(2):  # compiles, then warms up
+            step()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = mean_time(step, steps)
+    except torch.cuda.OutOfMemoryError:
+        return {"out_of_memory": 1}
+    result = {"seconds": seconds, "peak_mb": gpu_peak_mb()}
+    return {key: value for key, value in result.items() if value is not None}
+
+
+def case_gpu_long_forward(which, length, repeats=3, config_overrides=None):
+    """Forward at B=1 and `length` tokens with full logits, no gradient (bf16 weights,
+    uncompiled): seconds and peak GPU memory."""
+    device = device_and_dtype()[0]
+    model = make_models(which, config_overrides).eval()
+    idx = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+
+    def forward():
+        with torch.no_grad():
+            logits = model(idx)[0] if which == "ours" else model(idx).logits
+            del logits
+
+    forward()  # compiles
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = {"seconds": mean_time(forward, repeats), "peak_mb": gpu_peak_mb()}
+    return {key: value for key, value in result.items() if value is not None}
+
+
+def case_gpu_decode(which, batch, new_tokens=256, rounds=2, config_overrides=None):
+    """Greedy decoding after an 8-token prompt (ours graph-captured on CUDA): tokens/s over
+    `new_tokens` steps, counted from the third token (ours records its graph at the second),
+    best of `rounds` runs."""
+    device = device_and_dtype()[0]
+    model = make_models(which, config_overrides).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 8), device=device)
+    generate_timestamps(model, which, prompt, 4)  # warms up
+    seconds = min(stamps[-1] - stamps[2] for stamps in
+                  (generate_timestamps(model, which, prompt, new_tokens + 3)
+                   for _ in range(rounds)))
+    return {"tokens_per_sec": batch * new_tokens / seconds}
+
+
 def bench_tiny_training():
     """train.py's own figures for the CPU demo (config/doge_tiny.py), 30 steps."""
     return train_py_figures(["config/doge_tiny.py", "--max_iters=30", "--eval_interval=0",
@@ -499,7 +561,12 @@ CASES = {
     # CUDA only; more GPU cases go on this list
     "gpu": [("gpu_train_b16", case_gpu_train, (16, 2048), "apart"),
             ("gpu_attn_t2048", case_gpu_attention, (16, 2048), "alone"),
-            ("gpu_train_py_20m", case_gpu_train_py, (12,), "alone")],
+            ("gpu_train_py_20m", case_gpu_train_py, (12,), "alone"),
+            ("gpu_train_t8192", case_gpu_long_train, (8192,), "apart"),
+            ("gpu_train_t32768", case_gpu_long_train, (32768, 1), "apart"),
+            ("gpu_forward_t8192", case_gpu_long_forward, (8192,), "apart"),
+            ("gpu_decode_b1", case_gpu_decode, (1,), "apart"),
+            ("gpu_decode_b64", case_gpu_decode, (64,), "apart")],
 }
 
 
@@ -544,6 +611,8 @@ def ratio_rows(name, ours, ref):
             rows.append((name, key, ours[key], ref[key], ratio))
         else:
             rows.append((name, key, ours[key], None, None))
+    # what only the reference reports (out_of_memory where ours ran)
+    rows += [(name, key, None, value, None) for key, value in ref.items() if key not in ours]
     return rows
 
 

@@ -65,3 +65,22 @@ def test_synthetic_data_is_what_train_py_reads(tmp_path):
     train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, "--max_iters=2"])
     figures = bench.last_log_window(str(out_dir))
     assert figures["tokens_per_sec"] > 0 and figures["mfu"] > 0
+
+
+LONG_TINY = dict(num_hidden_layers=1, vocab_size=256, keep_window_size=16)
+
+
+@pytest.mark.parametrize("which", ["ours", "ref"])
+def test_gpu_long_context_cases_run_both_models(which):
+    """Past the window (40 tokens, keep_window_size 16): a training step, a forward pass and
+    greedy decoding at batch 2 (the CPU paths here; the numbers mean nothing)."""
+    train = bench.case_gpu_long_train(which, 40, steps=1, config_overrides=LONG_TINY)
+    forward = bench.case_gpu_long_forward(which, 40, repeats=1, config_overrides=LONG_TINY)
+    decode = bench.case_gpu_decode(which, 2, new_tokens=3, rounds=1, config_overrides=LONG_TINY)
+    assert train["seconds"] > 0 and forward["seconds"] > 0 and decode["tokens_per_sec"] > 0
+
+
+def test_a_reference_out_of_memory_is_printed():
+    rows = bench.ratio_rows("long", {"seconds": 2.0, "peak_mb": 10.0}, {"out_of_memory": 1})
+    assert rows[-1] == ("long", "out_of_memory", None, 1, None)
+    assert [row[1] for row in rows] == ["seconds", "peak_mb", "out_of_memory"]
