@@ -33,6 +33,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -234,8 +235,9 @@ def rope_matrix(cos, sin):
 # best means larger dt, and among equal dt the later key. The paths differ only in cost:
 #   short    T <= W, no cache: one fused causal SDPA, the bias folded into q and k (on CUDA
 #            FlexAttention or an additive mask may replace it: attend_short picks).
-#   blocked  anything longer, or appending to a cache: queries in blocks; a block's candidates
-#            are the best W keys before it (the "state") plus its own keys. Memory O(T * W).
+#   blocked  anything longer on CPU, or appending to a cache: queries in blocks; a block's
+#            candidates are the best W keys before it (the "state") plus its own keys. Memory
+#            O(T * W).
 #   lifetime T > W on CUDA, no cache: one FlexAttention call whose mask is each key's lifetime
 #            (below), with the bias as a score_mod. Memory O(T) a head.
 #   decode   generate's one-token step (Doge.decode_step): the new key takes a free slot of the
@@ -448,11 +450,17 @@ def lifetime_block_mask(death, groups, mask_mod, length):
                                     seq_lengths=(length, length))
 
 
+def lifetime_path(device):
+    """Whether attention past the window without a cache takes the lifetime path: on CUDA, where
+    one masked call runs faster than many small blocks. On CPU the blocks are faster."""
+    return torch.device(device).type == "cuda"
+
+
 @functools.cache
 def compiled_flex_attention():
     """flex_attention compiled (uncompiled it materialises every score: slow, and memory O(T^2))."""
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 def attend_lifetimes(q, k, v, dt, keep_window_size, scale, flex_attention=None):
@@ -488,10 +496,6 @@ def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
     Returns out (B, H, T, d) and the new state (the best <= W keys seen so far)."""
     batch, bias_heads, length = dt.shape
     positions = torch.arange(start, start + length, device=q.device)
-    if state is None and length > keep_window_size and q.device.type == "cuda":
-        # a GPU runs many small blocks slower than one masked call; on CPU the blocks are faster
-        out = attend_lifetimes(q, k, v, dt, keep_window_size, scale)
-        return out, best_keys(k, v, dt, positions, keep_window_size)
     outs = []
     if state is None:  # the first W queries see at most W keys: everything visible is kept
         first = min(keep_window_size, length)
@@ -508,13 +512,6 @@ def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
                                   keep_window_size, scale)
         outs.append(out)
     return torch.cat(outs, dim=2), state
-
-
-def best_keys(k, v, dt, positions, keep_window_size):
-    """The state after keys at `positions` (T,): the best W of k, v (B, Hb, T, d), dt (B, Hb, T)."""
-    order = rank_keys(dt, positions.expand_as(dt))[..., :keep_window_size]  # (B, Hb, W)
-    take = order.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
-    return k.gather(2, take), v.gather(2, take), dt.gather(-1, order), positions[order]
 
 
 def attend_cached(q, k, values_t, dt, scale):
@@ -658,11 +655,15 @@ class DynamicMaskAttention(nn.Module):
         values = self.v_proj(x)
         v = values.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         dt = self.dynamic_bias(self.dt_proj(values)).transpose(1, 2)  # (B, Hb, T)
-        state = cache.state() if cache is not None else None
-        out, state = dynamic_mask_attention(q, self.to_bias_heads(k), self.to_bias_heads(v), dt,
-                                            start, state, self.keep_window_size, self.scale)
-        if cache is not None:
-            cache.store(state)
+        k, v = self.to_bias_heads(k), self.to_bias_heads(v)
+        if cache is None and length > self.keep_window_size and lifetime_path(x.device):
+            out = attend_lifetimes(q, k, v, dt, self.keep_window_size, self.scale)
+        else:  # the blocked path, which also hands a cache its new state
+            state = cache.state() if cache is not None else None
+            out, state = dynamic_mask_attention(q, k, v, dt, start, state, self.keep_window_size,
+                                                self.scale)
+            if cache is not None:
+                cache.store(state)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def qk_norm_weight(self):
@@ -1234,9 +1235,15 @@ def capture_step(step):
                 following = step(token)
             torch.cuda.current_stream().wait_stream(side)
             graph, token_in = torch.cuda.CUDAGraph(), token.clone()
-            with torch.cuda.graph(graph):  # records the kernels without running them
-                token_out = step(token_in)
+            try:
+                with torch.cuda.graph(graph):  # records the kernels without running them
+                    token_out = step(token_in)
+            except RuntimeError as error:  # the same step, uncaptured: slower, same tokens
+                warnings.warn(f"decoding without a CUDA graph: its capture failed ({error})")
+                graph = False
             return following
+        if graph is False:
+            return step(token)
         token_in.copy_(token)
         graph.replay()
         return token_out.clone()  # the graph's output is overwritten by the next replay
