@@ -499,3 +499,43 @@ def test_generated_tokens_can_feed_training():
     model.train()
     model(out[:, :-1], out[:, 1:])[1].backward()
     assert model.embed_tokens.weight.grad is not None
+
+
+# --- the CUDA paths themselves (skipped without a GPU; the CPU tests above check their logic)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_lifetime_path_equals_blocked_path_with_gradients(monkeypatch):
+    """Compiled FlexAttention (forward and backward) against the blocked path, on the GPU."""
+    model = random_model(keep_window_size=40, max_position_embeddings=512).cuda().train()
+    idx = torch.randint(0, 97, (2, 300), device="cuda")
+    idx[:, 100:150] = idx[:, :50]  # ties in layer 0
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(idx, idx)[1]
+        loss.backward()
+        return loss, [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = loss_and_grads()
+    monkeypatch.setattr(doge, "lifetime_path", lambda device: False)
+    expected_loss, expected_grads = loss_and_grads()
+    torch.testing.assert_close(loss, expected_loss, atol=1e-4, rtol=1e-4)
+    for (name, _), a, b in zip(model.named_parameters(), grads, expected_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@needs_cuda
+@pytest.mark.filterwarnings("error:decoding without a CUDA graph")  # the capture must work
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_graph_decoding_gives_the_same_tokens(monkeypatch, batch):
+    model = random_model(is_moe=True, num_experts=16, num_experts_per_tok=4).cuda()
+    prompt = torch.randint(0, 97, (batch, 5), device="cuda")
+    captured = model.generate(prompt, 30, temperature=0)
+    sampled = model.generate(prompt, 30, temperature=0.8, top_k=20, top_p=0.9,
+                             repetition_penalty=1.3)
+    monkeypatch.setattr(doge, "static_decoding", lambda device: False)
+    assert torch.equal(captured, model.generate(prompt, 30, temperature=0))
+    assert sampled.shape == captured.shape and sampled.min() >= 0 and sampled.max() < 97
