@@ -421,10 +421,10 @@ FLEX_BLOCK = 128  # FlexAttention's tile: the block mask says which (query, key)
 
 def lifetime_block_mask(death, groups, mask_mod, length):
     """FlexAttention's BlockMask for the mask kv <= q < death[kv] over `length` queries and keys,
-    from death (B, Hb, T') padded to a multiple of FLEX_BLOCK (padded keys: death 0), without evaluating the mask per element: the keys of key block kb
-    are kept by queries from block kb to the block of their last keeping query; a tile is full
-    (no mask needed) when it lies below the diagonal and before every key's death. `groups`
-    query heads share a bias head."""
+    from death (B, Hb, T') padded to a multiple of FLEX_BLOCK (padded keys: death 0), without
+    evaluating the mask per element: the keys of key block kb are kept by queries from block kb
+    to the block of their last keeping query; a tile is full (no mask needed) when it lies below
+    the diagonal and before every key's death. `groups` query heads share a bias head."""
     batch, heads, padded = death.shape
     blocks = padded // FLEX_BLOCK
     device = death.device
