@@ -166,13 +166,13 @@ def test_dense_lifetime_mask_equals_blocked_path_with_gradients(monkeypatch, hea
     out, _ = doge.dynamic_mask_attention(*ours, 0, None, window, scale)
     death = doge.key_lifetimes(inputs[3], window)
     expected = oracle.lifetime_attention(*dense, death, scale)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(out, expected)
     upstream = torch.randn_like(out)
     (out * upstream).sum().backward()
     (expected * upstream).sum().backward()
-    for name, a, b in zip("qkv", ours, dense):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
-    torch.testing.assert_close(ours[3].grad, dense[3].grad, atol=1e-4, rtol=1e-4, msg="dt")
+    # q, k, v and dt in one vector: at W = 1 the gradients of q and dt are exactly 0
+    assert_close_to_scale(torch.cat([t.grad.flatten() for t in ours]),
+                          torch.cat([t.grad.flatten() for t in dense]))
 
 
 @pytest.mark.parametrize("heads, bias_heads", [(4, 2), (4, 4)])
@@ -189,7 +189,7 @@ def test_flex_attention_lifetime_path_equals_blocked_path(monkeypatch, heads, bi
         warnings.simplefilter("ignore")  # "called without torch.compile": meant for CPU tests
         out = doge.attend_lifetimes(q, k, v, dt, window, scale, flex.flex_attention)
         expected, _ = doge.dynamic_mask_attention(q, k, v, dt, 0, None, window, scale)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(out, expected)
 
 
 @pytest.mark.parametrize("layout", [dict(), dict(qk_norm=False, dt_per_query_head=True)])
@@ -203,7 +203,7 @@ def test_model_on_the_lifetime_path_matches_naive_oracle(monkeypatch, layout):
     idx[:, 20:30] = idx[:, 0:10]  # repeated tokens tie in layer 0
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.testing.assert_close(model(idx)[0], naive_forward(model, idx), atol=1e-4, rtol=0)
+        assert_close_to_scale(model(idx)[0], naive_forward(model, idx))
 
 
 # --- the bounded cache
@@ -522,9 +522,9 @@ def test_cuda_lifetime_path_equals_blocked_path_with_gradients(monkeypatch):
     loss, grads = loss_and_grads()
     monkeypatch.setattr(doge, "lifetime_path", lambda device: False)
     expected_loss, expected_grads = loss_and_grads()
-    torch.testing.assert_close(loss, expected_loss, atol=1e-4, rtol=1e-4)
-    for (name, _), a, b in zip(model.named_parameters(), grads, expected_grads):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=name)
+    assert_close_to_scale(loss, expected_loss)
+    for a, b in zip(grads, expected_grads):
+        assert_close_to_scale(a, b, tol=1e-3)  # the GPU kernels sum in their own orders
 
 
 @needs_cuda
