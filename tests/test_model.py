@@ -509,7 +509,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 def test_cuda_lifetime_path_equals_blocked_path_with_gradients(monkeypatch):
     """Compiled FlexAttention (forward and backward) against the blocked path, on the GPU."""
-    model = random_model(keep_window_size=40, max_position_embeddings=512).cuda().train()
+    # head_dim 16: FlexAttention's GPU kernels take no narrower heads
+    model = random_model(hidden_size=64, keep_window_size=40, max_position_embeddings=512)
+    model = model.cuda().train()
     idx = torch.randint(0, 97, (2, 300), device="cuda")
     idx[:, 100:150] = idx[:, :50]  # ties in layer 0
 
