@@ -241,7 +241,8 @@ def rope_matrix(cos, sin):
 #   lifetime T > W on CUDA, no cache: one FlexAttention call whose mask is each key's lifetime
 #            (below), with the bias as a score_mod. Memory O(T) a head.
 #   decode   generate's one-token step (Doge.decode_step): the new key takes a free slot of the
-#            cache or, once W are kept, the slot of the worst key, in place.
+#            cache or, once W are kept, the slot of the worst key, in place. On CUDA the cache
+#            is static (fixed shapes) and the whole step replays as a CUDA graph.
 #
 # Key lifetimes. dt does not depend on the query, and the number of keys better than key j among
 # keys 0..i only grows with i, so key j is kept exactly by the queries j <= i < death[j], where
