@@ -467,7 +467,8 @@ def compiled_flex_attention():
 def attend_lifetimes(q, k, v, dt, keep_window_size, scale, flex_attention=None):
     """All T queries at once with the mask kv <= q < death[kv] and the bias as a score_mod.
     q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T). flex_attention: the compiled one unless
-    given (tests pass the eager one, which runs the forward pass on CPU)."""
+    given (tests pass the eager one, which runs the forward pass on CPU); inside a compiled model
+    the plain one, which the model's own compilation fuses."""
     heads, bias_heads, length = q.shape[1], dt.shape[1], dt.shape[-1]
     groups = heads // bias_heads
     # FlexAttention wants one dtype, and autocast leaves it alone (under autocast the normed,
@@ -486,7 +487,10 @@ def attend_lifetimes(q, k, v, dt, keep_window_size, scale, flex_attention=None):
         return score + bias[b, h // groups, kv_index]
 
     block_mask = lifetime_block_mask(death, groups, keep, length)
-    flex_attention = flex_attention or compiled_flex_attention()
+    if flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention as plain_flex_attention
+        flex_attention = plain_flex_attention if torch.compiler.is_compiling() else \
+            compiled_flex_attention()
     return flex_attention(q, k, v, score_mod=add_bias, block_mask=block_mask, scale=scale,
                           enable_gqa=groups > 1)
 
