@@ -21,8 +21,8 @@ models at B=16 T=2048 in bf16 autocast with fused AdamW, tokens/s and peak GPU m
 T <= keep_window_size attention paths side by side; train.py's tokens/s and MFU on
 config/doge_20m.py; past the window, B=1 training steps at T=8192 and T=32768 (seconds, peak
 memory, or out of memory) and a forward at T=8192 with full logits; greedy decoding tokens/s at
-batch 1 and 64, ours graph-captured). Without CUDA, --cases=gpu prints one line and exits with status 2. A case
-that fails prints its error and the others still run; the exit status is then 1.
+batch 1 and 64, ours graph-captured). Without CUDA, --cases=gpu prints one line and exits with
+status 2. A case that fails prints its error and the others still run; the exit status is then 1.
 """
 
 import json

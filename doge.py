@@ -471,11 +471,7 @@ def attend_lifetimes(q, k, v, dt, keep_window_size, scale, flex_attention=None):
     the plain one, which the model's own compilation fuses."""
     heads, bias_heads, length = q.shape[1], dt.shape[1], dt.shape[-1]
     groups = heads // bias_heads
-    # FlexAttention wants one dtype, and autocast leaves it alone (under autocast the normed,
-    # rotated q and k come out float32, v in bfloat16): autocast's dtype if it is on
-    device = q.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
-    q, k, v = (t.to(dtype) for t in (q, k, v))
+    q, k, v = in_product_dtype(q, k, v)  # under autocast q, k come out float32, v bfloat16
     pad = -length % FLEX_BLOCK  # padded keys die at once (death 0), so every index is in range
     death = F.pad(key_lifetimes(dt, keep_window_size), (0, pad))  # (B, Hb, T')
     bias = F.pad(dt, (0, pad))
