@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -1012,6 +1013,22 @@ class Doge(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward and backward, 3x forward) as nanoGPT and PaLM count
+        them: 6 per weight the token is multiplied by, plus 12 * layers * heads * head_dim * the
+        keys each query attends to (at most keep_window_size). A CDMoE token uses only
+        num_experts_per_tok of its experts' vectors; embedding lookups are free unless tied."""
+        config = self.config
+        weights = self.num_params()
+        if not config.tie_word_embeddings:
+            weights -= self.embed_tokens.weight.numel()
+        if config.is_moe:  # only the chosen experts' down and up vectors
+            weights -= 2 * config.num_hidden_layers * config.hidden_size * (
+                config.num_experts - config.num_experts_per_tok)
+        keys = min(seq_len, config.keep_window_size)
+        return 6 * weights + 12 * config.num_hidden_layers * config.num_attention_heads * \
+            config.head_dim * keys
+
     def hidden_states(self, idx, cache=None, router_stats=None):
         """The final normalised hidden states (B, T, D) of tokens idx (B, T), which continue the
         cached sequence when a cache is given."""
@@ -1053,9 +1070,10 @@ class Doge(nn.Module):
         or a train.py out_dir (its newest checkpoint)."""
         return load_pretrained(path, device, dtype)
 
-    def save_pretrained(self, path):
-        """Write a Hugging Face format directory that transformers loads (same layout as ours)."""
-        save_pretrained(self, path)
+    def save_pretrained(self, path, tokenizer_dir=None):
+        """Write a Hugging Face format directory that transformers loads (same layout as ours),
+        with the tokenizer files of tokenizer_dir (e.g. a train.py out_dir) when given."""
+        save_pretrained(self, path, tokenizer_dir)
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -1279,7 +1297,7 @@ def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: Hugging Face format import and export, and dense -> MoE upcycling
+# Checkpoints: Hugging Face format import and export; dense -> MoE upcycling, vocabulary growth
 
 
 def hf_name(name):
@@ -1395,7 +1413,12 @@ def load_pretrained(path, device="cpu", dtype=None):
     return model.to(device=device, dtype=dtype)
 
 
-def save_pretrained(model, path):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
+
+
+def save_pretrained(model, path, tokenizer_dir=None):
+    """The one export: model.safetensors, config.json, generation_config.json (bos, and the eos
+    ids that end generation) and, from tokenizer_dir, whichever tokenizer files it holds."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     tied = model.config.tie_word_embeddings
@@ -1406,6 +1429,14 @@ def save_pretrained(model, path):
                  lambda temp: save_file(tensors, temp, metadata={"format": "pt"}))
     config_text = json.dumps(model.config.to_dict(), indent=2)
     atomic_write_text(os.path.join(path, "config.json"), config_text)
+    generation = {"bos_token_id": model.config.bos_token_id,
+                  "eos_token_id": model.config.eos_token_id}
+    atomic_write_text(os.path.join(path, "generation_config.json"),
+                      json.dumps(generation, indent=2))
+    for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
+        source = os.path.join(tokenizer_dir, name)
+        if os.path.isfile(source):
+            atomic_write(os.path.join(path, name), lambda temp: shutil.copyfile(source, temp))
 
 
 def upcycle_to_moe(model, num_experts, num_experts_per_tok, **config_overrides):
@@ -1423,3 +1454,24 @@ def upcycle_to_moe(model, num_experts, num_experts_per_tok, **config_overrides):
         for layer in moe.layers:
             layer.mlp.up_embed.weight.zero_()
     return moe
+
+
+def grow_vocabulary(model, vocab_size, new_ids):
+    """The model with an embedding (and lm_head) of at least vocab_size rows, where the rows of
+    the new token ids (e.g. a chat template's special tokens) hold the mean of the other rows: a
+    token the model knows nothing of starts as an average token (and, tied, with an average
+    logit), not as noise unlike anything. Every other token's logits are unchanged."""
+    config = DogeConfig(**{**asdict(model.config),
+                           "vocab_size": max(vocab_size, model.config.vocab_size)})
+    state = model.state_dict()
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        old = state[name]
+        known = torch.ones(len(old), dtype=torch.bool)
+        known[[i for i in new_ids if i < len(old)]] = False
+        mean = old[known].float().mean(dim=0).to(old.dtype)
+        rows = torch.cat([old, mean.expand(config.vocab_size - len(old), -1)])  # (V', D)
+        rows[new_ids] = mean
+        state[name] = rows
+    grown = Doge(config).to(device=old.device, dtype=old.dtype)
+    grown.load_state_dict(state)
+    return grown

@@ -58,7 +58,7 @@ DEFAULT_DATA_DIR = "data/default"
 META_FILE = "meta.json"
 
 # -----------------------------------------------------------------------------
-# Shard format: shared with train.py (write_shard, read_shard, list_shards)
+# Shard format: shared with train.py (write_shard, read_shard, list_shards; conversation shards below)
 
 SHARD_MAGIC = 20240520
 HEADER_INTS = 256  # the header is 256 int32 = 1024 bytes
@@ -137,9 +137,8 @@ def write_shard(path, tokens: np.ndarray):
     write_shard_chunks(path, [tokens])
 
 
-def read_shard(path) -> np.ndarray:
-    """Memory-map the tokens of a shard (read-only), after checking magic, version and that the file size
-    matches the token count. Any problem raises ValueError naming the file."""
+def read_header(path):
+    """The header of a shard as ints, and the file's size, after checking the size and the magic number."""
     try:
         size = os.path.getsize(path)
         header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
@@ -148,19 +147,79 @@ def read_shard(path) -> np.ndarray:
     if size < HEADER_BYTES:
         raise ValueError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte header "
                          f"(truncated); {REBUILD_HINT}")
-    magic, version, num_tokens = (int(x) for x in header[:3])
-    if magic != SHARD_MAGIC:
-        raise ValueError(f"{path}: not a token shard (magic number {magic}, expected {SHARD_MAGIC}); {REBUILD_HINT}")
+    if int(header[0]) != SHARD_MAGIC:
+        raise ValueError(f"{path}: not a token shard (magic number {int(header[0])}, expected {SHARD_MAGIC}); "
+                         f"{REBUILD_HINT}")
+    if min(header[2], header[3]) < 0:
+        raise ValueError(f"{path}: a negative count in the header (truncated or corrupt); {REBUILD_HINT}")
+    return [int(x) for x in header], size
+
+
+def check_size(path, size, expected, what):
+    if size != expected:
+        raise ValueError(f"{path}: the header says {what} ({expected:,} bytes) but the file has {size:,} bytes "
+                         f"(truncated or corrupt); {REBUILD_HINT}")
+
+
+def read_shard(path) -> np.ndarray:
+    """Memory-map the tokens of a shard (read-only), after checking magic, version and that the file size
+    matches the token count. Any problem raises ValueError naming the file."""
+    header, size = read_header(path)
+    version, num_tokens = header[1], header[2]
+    if version in CHAT_DTYPE_OF_VERSION:
+        raise ValueError(f"{path}: holds conversations (prepare_data.py --chat), not a token stream")
     if version not in DTYPE_OF_VERSION:
         raise ValueError(f"{path}: unknown shard version {version} (1 = uint16 tokens, 2 = uint32); {REBUILD_HINT}")
     dtype = DTYPE_OF_VERSION[version]
-    expected = HEADER_BYTES + num_tokens * dtype.itemsize
-    if num_tokens < 0 or size != expected:
-        raise ValueError(f"{path}: the header says {num_tokens:,} tokens ({expected:,} bytes) but the file has "
-                         f"{size:,} bytes (truncated or corrupt); {REBUILD_HINT}")
+    check_size(path, size, HEADER_BYTES + num_tokens * dtype.itemsize, f"{num_tokens:,} tokens")
     if num_tokens == 0:
         return np.zeros(0, dtype=dtype)  # np.memmap cannot map zero bytes
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+
+
+# A conversation shard (prepare_data.py --chat) holds whole conversations: the header [20240520, version,
+# num_tokens, num_conversations, 0, ...] (version 3: uint16 tokens, 4: uint32), then num_conversations + 1
+# int32 offsets (conversation i is tokens[offsets[i]:offsets[i + 1]]), the tokens, and one uint8 per token:
+# 1 where the token is trained on (an assistant's answer and its end of turn), else 0.
+CHAT_VERSION_OF_DTYPE = {np.dtype(np.uint16): 3, np.dtype(np.uint32): 4}
+CHAT_DTYPE_OF_VERSION = {3: np.dtype("<u2"), 4: np.dtype("<u4")}
+
+
+def write_conversation_shard(path, examples):
+    """Write conversations, a list of (ids, supervised) arrays of equal lengths, as one shard, atomically."""
+    lengths = [len(ids) for ids, _ in examples]
+    if sum(lengths) > np.iinfo(np.int32).max:
+        raise ValueError(f"{path}: {sum(lengths):,} tokens do not fit the int32 token count of the header")
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype("<i4")
+    tokens = np.concatenate([np.asarray(ids) for ids, _ in examples] or [np.zeros(0, np.uint16)])
+    supervised = np.concatenate([np.asarray(s, dtype=np.uint8) for _, s in examples] or [np.zeros(0, np.uint8)])
+    dtype = shard_dtype([tokens])
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:4] = (SHARD_MAGIC, CHAT_VERSION_OF_DTYPE[dtype], len(tokens), len(examples))
+    with atomic_open(path) as f:
+        for part in (header, offsets, tokens.astype(dtype.newbyteorder("<"), copy=False), supervised):
+            f.write(part.tobytes())
+
+
+def read_conversation_shard(path):
+    """(tokens, supervised, offsets) of a conversation shard: tokens and supervised (uint8) memory-mapped
+    read-only, offsets (num_conversations + 1,) int64. Checked like read_shard; problems raise ValueError."""
+    header, size = read_header(path)
+    version, num_tokens, count = header[1], header[2], header[3]
+    if version not in CHAT_DTYPE_OF_VERSION:
+        raise ValueError(f"{path}: not a conversation shard (version {version}; versions 3 and 4 hold "
+                         f"conversations); {REBUILD_HINT}")
+    dtype = CHAT_DTYPE_OF_VERSION[version]
+    tokens_at = HEADER_BYTES + 4 * (count + 1)
+    mask_at = tokens_at + num_tokens * dtype.itemsize
+    check_size(path, size, mask_at + num_tokens, f"{num_tokens:,} tokens in {count:,} conversations")
+    offsets = np.fromfile(path, dtype="<i4", count=count + 1, offset=HEADER_BYTES).astype(np.int64)
+    if offsets[0] != 0 or offsets[-1] != num_tokens or (np.diff(offsets) < 0).any():
+        raise ValueError(f"{path}: the conversations' offsets are out of order (corrupt); {REBUILD_HINT}")
+    if num_tokens == 0:
+        return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.uint8), offsets
+    return (np.memmap(path, dtype=dtype, mode="r", offset=tokens_at, shape=(num_tokens,)),
+            np.memmap(path, dtype=np.uint8, mode="r", offset=mask_at, shape=(num_tokens,)), offsets)
 
 
 def read_meta(data_dir):
@@ -989,6 +1048,536 @@ def log(message):
 
 
 # -----------------------------------------------------------------------------
+# Chat: templates, the chat tokenizer, and conversations -> conversation shards (prepare_data.py --chat)
+#
+# Packing several conversations into one row would let them attend to each other (Doge's attention has no
+# document mask), so conversations are kept whole and apart; train.py makes each one a row of its own.
+
+# Doge's chat format (Llama-3 style), for tokenizers that bring no template of their own
+DOGE_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] "
+    "+ '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}")
+CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|end_of_text|>")  # besides the tokenizer's own end of text
+
+
+def read_json(path):
+    """The JSON object in path, or {} when there is no such file; an unreadable one is a ValueError."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def token_text(value):
+    """tokenizer_config.json writes special tokens as strings or as {"content": ...} objects."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def load_chat_template(directory):
+    """The Jinja chat template of a model directory ({"template", "bos_token", "eos_token"}), or None."""
+    tokenizer_config = read_json(os.path.join(directory, "tokenizer_config.json"))
+    template = tokenizer_config.get("chat_template")
+    jinja_path = os.path.join(directory, "chat_template.jinja")  # transformers 5.x writes it apart
+    if template is None and os.path.exists(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            template = f.read()
+    if isinstance(template, list):  # several named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is None:
+        return None
+    return {"template": template, "bos_token": token_text(tokenizer_config.get("bos_token")) or "",
+            "eos_token": token_text(tokenizer_config.get("eos_token")) or ""}
+
+
+def render_chat(chat_template, messages, add_generation_prompt=True):
+    """The text of a conversation; with add_generation_prompt it ends where the assistant's answer begins."""
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ValueError("a chat template needs the optional jinja2 package (pip install jinja2)") from None
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
+    return environment.from_string(chat_template["template"]).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=chat_template["bos_token"],
+        eos_token=chat_template["eos_token"])
+
+
+def sentencepiece_as_tokenizers(path):
+    """Our SentencePiece BPE model (byte fallback, identity normalisation, no dummy prefix) as a `tokenizers`
+    BPE giving the same ids, so that transformers can load it: the vocabulary in id order, and a merge for every
+    split of a piece into two pieces, ranked by the piece's score (SentencePiece BPE merges the adjacent pair
+    whose union scores best). Spaces become "▁" as in SentencePiece. One difference: text holding "▁" itself,
+    which load_tokenizer spells with byte pieces, reads here as a space."""
+    import sentencepiece
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=path)
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    plain = {piece for i, piece in enumerate(pieces)  # never made from text by merging
+             if not (processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i)
+                     or processor.is_unused(i))}
+    merges = sorted((-processor.get_score(vocab[piece]), vocab[piece], k, piece[:k], piece[k:])
+                    for piece in plain for k in range(1, len(piece))
+                    if piece[:k] in plain and piece[k:] in plain)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges],
+                                     unk_token=pieces[processor.unk_id()], byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", META_SYMBOL)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(META_SYMBOL, " "), decoders.ByteFallback(),
+                                           decoders.Fuse()])
+    return tokenizer
+
+
+def chat_tokenizer(path):
+    """The chat tokenizer made from a model's (path: its directory, or its tokenizer.json or tokenizer.model):
+    the tokenizer.json, or our SentencePiece tokenizer.model converted, and its tokenizer_config.json. A
+    tokenizer with a chat template keeps it; one without gets the Doge template, with <|begin_of_text|> as bos,
+    <|eot_id|> as eos, and the template's special tokens that its vocabulary lacks (new ids after the last).
+    Returns the `tokenizers.Tokenizer`, the tokenizer_config dict and the ids of the added tokens."""
+    try:
+        from tokenizers import AddedToken, Tokenizer
+    except ImportError:
+        raise ValueError("--chat needs the optional `tokenizers` package (pip install tokenizers)") from None
+    candidates = [os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")] \
+        if os.path.isdir(path) else [path]
+    found = next((candidate for candidate in candidates if os.path.isfile(candidate)), None)
+    if found is None:
+        raise ValueError(f"--tokenizer {path}: no tokenizer.json or tokenizer.model there")
+    try:
+        tokenizer = Tokenizer.from_file(found) if found.endswith(".json") else sentencepiece_as_tokenizers(found)
+    except Exception as e:  # tokenizers and sentencepiece raise their own kinds for damaged files
+        raise ValueError(f"--tokenizer {found}: unreadable ({one_line(e)})") from None
+    directory = os.path.dirname(found)
+    config = read_json(os.path.join(directory, "tokenizer_config.json"))
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    own_template = load_chat_template(directory)
+    if own_template is not None:  # chat_template.jinja, if that is where it was, goes inline
+        return tokenizer, {**config, "chat_template": own_template["template"]}, []
+    missing = [token for token in CHAT_TOKENS if tokenizer.token_to_id(token) is None]
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in missing])
+    config = {**config, "chat_template": DOGE_CHAT_TEMPLATE, "bos_token": CHAT_TOKENS[0], "eos_token": "<|eot_id|>"}
+    return tokenizer, config, [tokenizer.token_to_id(token) for token in missing]
+
+
+def check_messages(messages, where):
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}} "
+                         f"objects")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_jsonl_conversations(path):
+    conversations = []
+    try:
+        for where, row in jsonl_rows(path):
+            if not isinstance(row, dict) or "messages" not in row:
+                raise ValueError(f"{where}: no 'messages' (found {found_keys(row)}); each line must be "
+                                 f"{{\"messages\": [{{\"role\": \"user\", \"content\": \"...\"}}, "
+                                 f"{{\"role\": \"assistant\", ...}}]}}")
+            conversations.append(check_messages(row["messages"], where))
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read ({one_line(e)})") from None
+    return conversations
+
+
+def read_conversations(inputs=None, source=None):
+    """{split: conversations} from jsonl files (inputs: paths, globs, directories; all 'train'), or from a
+    Hugging Face data set NAME[:CONFIG] (source; every split, read with the optional `datasets` package)."""
+    if inputs:
+        return {"train": [c for path in find_input_files(inputs) for c in read_jsonl_conversations(path)]}
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"--source {source}: reading a data set needs the optional `datasets` package "
+                         f"(pip install datasets); or give jsonl files with --input") from None
+    name, _, config = source.partition(":")
+    local = os.path.exists(name) or hub_offline_setting()  # offline, datasets reads its cache at once
+    reason = None if local else hub_unreachable()
+    if reason:
+        raise ValueError(f"--source {source}: the data set needs the network: {reason}; give jsonl files with "
+                         f"--input, or set HF_DATASETS_OFFLINE=1 to read the data set from the local cache")
+    try:
+        splits = datasets.load_dataset(name, config or None)
+    except Exception as e:  # datasets raises many kinds: bad name, bad config, network
+        raise ValueError(f"--source {source}: cannot load it ({one_line(e)})") from None
+    return {split: [check_messages(row.get("messages"), f"{source}[{split}][{i}]") for i, row in enumerate(rows)]
+            for split, rows in splits.items()}
+
+
+def chat_splits(data, val_data, seed):
+    """(training conversations, validation conversations, how the latter were chosen): val_data's ('test' or
+    'train'), else the data set's 'test' split, else 1 in 20 held out by the seed (at most 1000), else (fewer
+    than 20) the training conversations themselves."""
+    train_set = data.get("train") or []
+    if not train_set:
+        raise ValueError("no training conversations in the input")
+    if val_data is not None:
+        val_set, held_out = val_data.get("test") or val_data.get("train") or [], "--val_input"
+    elif data.get("test"):
+        val_set, held_out = data["test"], "the data set's test split"
+    elif len(train_set) >= 20:
+        order = np.random.default_rng([seed, 20]).permutation(len(train_set))
+        chosen = set(order[:min(1000, len(train_set) // 20)].tolist())
+        val_set = [c for i, c in enumerate(train_set) if i in chosen]
+        train_set = [c for i, c in enumerate(train_set) if i not in chosen]
+        held_out = f"1 in 20 of the input's conversations (at most 1000), chosen by --seed={seed}"
+    else:
+        val_set, held_out = train_set, "none held out (fewer than 20 conversations): the training ones"
+    if not val_set:
+        raise ValueError("--val_input holds no conversations")
+    return train_set, val_set, held_out
+
+
+RENDER_SEPARATOR = "\x00<|next rendering|>\x00"
+
+
+def render_many(chat_template, items):
+    """render_chat of many (messages, add_generation_prompt) pairs in one call: the template runs in a loop
+    that binds both names for each pair (compiling the template anew for each costs 1.5 ms, hours for
+    smoltalk)."""
+    loop = ("{% for messages, add_generation_prompt in messages %}" + chat_template["template"]
+            + RENDER_SEPARATOR + "{% endfor %}")
+    texts = render_chat({**chat_template, "template": loop}, items).split(RENDER_SEPARATOR)
+    if len(texts) != len(items) + 1:
+        raise ValueError(f"a conversation holds the text {RENDER_SEPARATOR!r}")
+    return texts[:-1]
+
+
+def assistant_spans(chat_template, conversations):
+    """Each conversation as text, with the character spans of the assistant's turns in it. Found by rendering
+    prefix by prefix: a turn starts where its prompt ends (the conversation before it plus the generation prompt:
+    what sample.py --chat gives the model) and ends where the conversation up to and including it ends. So what
+    is supervised is exactly what the model has to write: the content and the template's end of turn."""
+    items = []
+    for messages in conversations:
+        items.append((messages, False))
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                items += [(messages[:i], True), (messages[:i + 1], False)]
+    texts, rendered = iter(render_many(chat_template, items)), []
+    for messages in conversations:
+        text, spans = next(texts), []
+        for message in messages:
+            if message["role"] == "assistant":
+                prompt, through = next(texts), next(texts)
+                if not (text.startswith(through) and through.startswith(prompt)):
+                    raise ValueError("the chat template does not render a conversation as its prompts followed "
+                                     "by the answers, so the assistant's turns cannot be found in it")
+                spans.append((len(prompt), len(through)))
+        rendered.append((text, spans))
+    return rendered
+
+
+def tokenize_conversations(conversations, tokenizer, chat_template):
+    """Examples (ids int32, supervised bool), and counts. Each piece of text between span boundaries is
+    encoded on its own, as sample.py encodes a prompt that ends where the answer begins; the text after the
+    last answer is left out. Conversations with nothing supervised are dropped."""
+    examples, counts = [], {"conversations": len(conversations), "dropped": 0, "tokens": 0, "supervised": 0}
+    for begin in range(0, len(conversations), 1024):
+        pieces, layout = [], []  # layout: per conversation, (its first piece, pieces)
+        for text, spans in assistant_spans(chat_template, conversations[begin:begin + 1024]):
+            cuts = [0, *(i for span in spans for i in span)]
+            layout.append((len(pieces), len(cuts) - 1))
+            pieces += [text[a:b] for a, b in zip(cuts, cuts[1:])]
+        encoded = tokenizer.encode(pieces)
+        for first, count in layout:
+            ids = [i for piece in encoded[first:first + count] for i in piece]
+            supervised = [k % 2 == 1 for k in range(count) for _ in encoded[first + k]]
+            if not any(supervised[1:]):
+                counts["dropped"] += 1
+                continue
+            examples.append((np.array(ids, dtype=np.int32), np.array(supervised)))
+            counts["tokens"] += len(ids)
+            counts["supervised"] += sum(supervised[1:])
+    return examples, counts
+
+
+def write_conversation_shards(examples, out_dir, name, split, first_index, shard_tokens):
+    """Conversation shards of at most shard_tokens tokens each (a longer conversation gets one of its own);
+    returns [(filename, tokens)]."""
+    shards, group = [], []
+
+    def flush():
+        filename = f"{name}_{split}_{first_index + len(shards):06d}.bin"
+        write_conversation_shard(os.path.join(out_dir, filename), group)
+        shards.append((filename, sum(len(ids) for ids, _ in group)))
+        group.clear()
+
+    for example in examples:
+        if group and sum(len(ids) for ids, _ in group) + len(example[0]) > shard_tokens:
+            flush()
+        group.append(example)
+    flush()
+    return shards
+
+
+def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=None, name=None, seed=1337,
+                 shard_tokens=100_000_000):
+    """Conversations (jsonl files, or a Hugging Face data set) -> out_dir: the chat tokenizer (tokenizer.json,
+    tokenizer_config.json with the template) and conversation shards, val first. Returns the meta dict, also
+    written to out_dir/meta.json. Rebuilt at every call (about 10,000 conversations a second)."""
+    if not tokenizer:
+        raise ValueError("--chat needs --tokenizer: the directory of the model to fine-tune (its tokenizer.json "
+                         "or tokenizer.model)")
+    if bool(inputs) == bool(source):
+        raise ValueError("--chat needs the conversations: --input jsonl files or --source NAME[:CONFIG], one of them")
+    if not isinstance(shard_tokens, int) or not 1 <= shard_tokens <= np.iinfo(np.int32).max:
+        raise ValueError(f"--shard_tokens must be a positive integer that fits int32, not {shard_tokens!r}")
+    chat, tokenizer_config, added = chat_tokenizer(tokenizer)
+    data = read_conversations(inputs, source)
+    val_data = read_conversations(val_inputs) if val_inputs else None
+    train_set, val_set, held_out = chat_splits(data, val_data, seed)
+    description = f"--input {' '.join(inputs)}" if inputs else f"--source {source}"
+    name = re.sub(r"[^A-Za-z0-9.-]+", "-", name or "chat").strip("-") or "chat"
+    settings = dict(kind="conversations", source=description, val_inputs=val_inputs, tokenizer=os.path.abspath(tokenizer),
+                    seed=seed, name=name, shard_tokens=shard_tokens, format=1)
+
+    start_rebuild(out_dir, settings)
+    write_file_atomically(os.path.join(out_dir, "tokenizer.json"), chat.to_str().encode())
+    write_file_atomically(os.path.join(out_dir, "tokenizer_config.json"),
+                          json.dumps(tokenizer_config, indent=2, ensure_ascii=False).encode())
+    loaded = load_tokenizer(os.path.join(out_dir, "tokenizer.json"), parse_special_tokens=True)
+    chat_template = load_chat_template(out_dir)
+    eos_ids = [loaded.token_to_id(token) for token in END_OF_TURN_TOKENS] + [loaded.eot_id]
+    shards, counts = {}, {}
+    for split, conversations in (("val", val_set), ("train", train_set)):
+        examples, counts[split] = tokenize_conversations(conversations, loaded, chat_template)
+        if not examples:
+            raise ValueError(f"no {split} conversation has an assistant turn")
+        shards[split] = write_conversation_shards(examples, out_dir, name, split, len(shards.get("val", [])),
+                                                  shard_tokens)
+        log(f"{split}: {counts[split]['conversations']:,} conversations ({counts[split]['dropped']:,} dropped: no "
+            f"answer), {counts[split]['tokens']:,} tokens, {counts[split]['supervised']:,} trained on")
+    meta = dict(
+        complete=True, kind="conversations", source=description, settings=settings, held_out=held_out,
+        tokenizer=dict(kind="huggingface", path="tokenizer.json", trained=False, origin=os.path.abspath(tokenizer)),
+        vocab_size=loaded.vocab_size, bos_id=loaded.bos_id, eos_id=loaded.eot_id,
+        eos_ids=list(dict.fromkeys(i for i in eos_ids if i is not None)),
+        added_tokens={chat.id_to_token(i): i for i in added}, chat_template=chat_template["template"],
+        conversations={split: counts[split]["conversations"] - counts[split]["dropped"] for split in shards},
+        tokens={split: counts[split]["tokens"] for split in shards},
+        supervised={split: counts[split]["supervised"] for split in shards},
+        shards={split: [filename for filename, _ in shards[split]] for split in shards},
+        shard_tokens={split: [n for _, n in shards[split]] for split in shards}, python=platform.python_version())
+    write_meta(out_dir, meta)
+    log(f"wrote {sum(meta['conversations'].values()):,} conversations to {out_dir}; added to the vocabulary: "
+        f"{', '.join(meta['added_tokens']) or 'nothing'}")
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# Reading shards for training (train.py): batches in a shuffled order fixed by the seed, the same whatever the
+# number of processes. ShardLoader reads a token stream, ConversationLoader conversation shards; both give
+# next_batch(micro_steps) -> (x, y) int64 arrays of this process's rows, step_tokens, reset(), and a position
+# (state_dict / load_state_dict) that checkpoints save. Problems raise ValueError.
+
+class ShardLoader:
+    """Batches of sequences from memory-mapped shards, in a shuffled order fixed by the seed and
+    the same whatever the number of processes.
+
+    A shard is read as sequences of block_size + 1 tokens (inputs, and targets shifted by one)
+    starting at multiples of block_size, in a random order fixed by (seed, epoch, shard), so a
+    batch mixes many documents even in a small corpus. Each call takes the next micro_steps *
+    world_size rows of batch_size sequences of that order; process `rank` gets rows rank,
+    rank + world_size, ..., one per micro-step. Shards are read in turn: when the current one has
+    too few sequences left, the next one starts (after the last, the first again, in a new
+    order: the next epoch). The position is three ints, saved in checkpoints. step_tokens: the
+    tokens the last next_batch read, all processes together."""
+
+    def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
+                 seed=0):
+        self.paths = list_shards(data_dir, split)
+        self.shards = [read_shard(path) for path in self.paths]
+        self.batch_size, self.block_size = batch_size, block_size
+        self.rank, self.world_size = rank, world_size
+        self.vocab_size, self.seed = vocab_size, seed
+        self.reset()
+
+    def reset(self):
+        self.load_state_dict({"shard": 0, "offset": 0, "epoch": 0})
+
+    def state_dict(self):
+        return {"shard": self.shard, "offset": self.offset, "epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        if not 0 <= state["shard"] < len(self.shards):
+            raise ValueError(f"the checkpoint's data position is in shard {state['shard']}"
+                             f" but there are {len(self.shards)} shards")
+        self.shard, self.offset, self.epoch = state["shard"], state["offset"], state["epoch"]
+        self.order = None  # the current shard's order of sequences, made when first needed
+
+    def sequence_order(self):
+        if self.order is None:
+            count = (len(self.shards[self.shard]) - 1) // self.block_size
+            rng = np.random.default_rng([self.seed, self.epoch, self.shard])
+            self.order = rng.permutation(count)
+        return self.order
+
+    def next_batch(self, micro_steps):
+        """x, y: int64 arrays (micro_steps, batch_size, block_size), this process's rows."""
+        batch, length = self.batch_size, self.block_size
+        need = micro_steps * self.world_size * batch  # sequences, all processes together
+        if self.offset + need > len(self.sequence_order()):
+            self.load_state_dict({"shard": (self.shard + 1) % len(self.shards), "offset": 0,
+                                  "epoch": self.epoch + (self.shard + 1 == len(self.shards))})
+            if need > len(self.sequence_order()):
+                raise ValueError(f"shard {self.paths[self.shard]} holds "
+                                 f"{len(self.shards[self.shard])} tokens, fewer than the "
+                                 f"{need * length + 1} one step reads; use a smaller "
+                                 f"total_batch_size or batch_size")
+        rows = [self.offset + (m * self.world_size + self.rank) * batch for m in range(micro_steps)]
+        starts = np.concatenate([self.order[row:row + batch] for row in rows]) * length
+        tokens = self.shards[self.shard][starts[:, None] + np.arange(length + 1)]  # (M*B, T+1)
+        self.offset += need
+        self.step_tokens = need * length
+        if tokens.max() >= self.vocab_size:
+            raise ValueError(f"{self.paths[self.shard]} holds token id {tokens.max()}, "
+                             f"outside the model's vocabulary of {self.vocab_size}")
+        tokens = tokens.astype(np.int64).reshape(micro_steps, batch, length + 1)
+        return tokens[..., :-1], tokens[..., 1:]
+
+
+class ConversationLoader:
+    """Batches of conversations (SFT) from conversation shards, one per row, in a shuffled order
+    fixed by the seed and the same whatever the number of processes: ShardLoader's interface.
+
+    Packing would let conversations attend to each other (our attention has no document mask), so
+    each is a row of its own, right-padded (which changes nothing before the padding: attention is
+    causal) and cut after block_size + 1 tokens; one left with no supervised target is dropped.
+    The conversations are an endless stream of epochs, each in its own order fixed by (seed,
+    epoch). A step takes the next micro_steps * world_size * batch_size of them, sorts them by
+    length and deals them out: micro-step m of process r gets rows (m * world_size + r) *
+    batch_size onwards. Sorting keeps the step's conversations, and so its loss (the mean over
+    every supervised token of the step), and makes each micro-batch's rows alike in length. A
+    micro-batch is padded to padded_length of its longest row, so x and y are lists of
+    micro_steps arrays (batch_size, length). The position is one int, saved in checkpoints with
+    the number of conversations."""
+
+    def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
+                 seed=0, bucket=False):
+        self.paths = list_shards(data_dir, split)
+        self.shards = [read_conversation_shard(path) for path in self.paths]
+        shard_of, starts, lengths, self.cut, self.dropped = [], [], [], 0, 0
+        for index, (tokens, supervised, offsets) in enumerate(self.shards):
+            begin, full = offsets[:-1], np.diff(offsets)
+            kept = np.minimum(full, block_size + 1)
+            targets = np.append(np.flatnonzero(supervised), np.iinfo(np.int64).max)
+            first_target = targets[np.searchsorted(targets, begin + 1)]  # per conversation
+            keep = first_target < begin + kept
+            shard_of.append(np.full(keep.sum(), index))
+            starts.append(begin[keep])
+            lengths.append(kept[keep] - 1)  # the targets of each row
+            self.cut += int((full > block_size + 1).sum())
+            self.dropped += int((~keep).sum())
+        self.shard_of, self.starts, self.lengths = map(np.concatenate, (shard_of, starts, lengths))
+        if not len(self.lengths):
+            raise ValueError(f"no {split} conversation in {data_dir} has an assistant turn "
+                             f"within block_size {block_size} tokens")
+        self.batch_size, self.block_size, self.bucket = batch_size, block_size, bucket
+        self.rank, self.world_size, self.vocab_size, self.seed = rank, world_size, vocab_size, seed
+        self.reset()
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def reset(self):
+        self.position, self.order_epoch = 0, None
+
+    def state_dict(self):
+        return {"position": self.position, "conversations": len(self)}
+
+    def load_state_dict(self, state):
+        if state.get("conversations") != len(self):
+            raise ValueError(f"the checkpoint was made reading {state.get('conversations')}"
+                             f" conversations, these settings give {len(self)}: resume with the "
+                             f"same data_dir, block_size and seed")
+        self.position = state["position"]
+
+    def take(self, count):
+        """The indices of the next `count` conversations of the stream."""
+        taken = []
+        while len(taken) < count:
+            epoch, offset = divmod(self.position, len(self))
+            if self.order_epoch != epoch:
+                self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self))
+                self.order_epoch = epoch
+            part = self.order[offset:offset + count - len(taken)]
+            taken += part.tolist()
+            self.position += len(part)
+        return taken
+
+    def example(self, i):
+        """Conversation i as (ids, supervised), cut to its row's length + 1."""
+        tokens, supervised, _ = self.shards[self.shard_of[i]]
+        start, end = self.starts[i], self.starts[i] + self.lengths[i] + 1
+        return tokens[start:end], supervised[start:end]
+
+    def next_batch(self, micro_steps):
+        rows = self.batch_size
+        chosen = sorted(self.take(micro_steps * self.world_size * rows),
+                        key=lambda i: self.lengths[i])
+        self.step_tokens = int(self.lengths[chosen].sum())
+        xs, ys = [], []
+        for m in range(micro_steps):
+            start = (m * self.world_size + self.rank) * rows
+            x, y = collate([self.example(i) for i in chosen[start:start + rows]], self.block_size,
+                           bucket=self.bucket)
+            if x.max() >= self.vocab_size:
+                raise ValueError(f"the conversations in {os.path.dirname(self.paths[0])}"
+                                 f" hold token id {x.max()}, outside the model's vocabulary of "
+                                 f"{self.vocab_size}")
+            xs.append(x)
+            ys.append(y)
+        return xs, ys
+
+
+PAD_MULTIPLE = 16  # micro-batches of conversations are padded to a multiple of this many tokens
+BUCKET_MIN = 64  # with torch.compile: to a power of two of at least this many
+
+
+def padded_length(longest, block_size, bucket=False):
+    """The length a micro-batch of conversations is padded to: its longest row rounded up to a
+    multiple of PAD_MULTIPLE, or, with bucket (torch.compile, which compiles one graph per
+    length), to a power of two of at least BUCKET_MIN, so a run meets a handful of lengths
+    (8 up to block_size 8192) instead of one per multiple of 16. Never more than block_size."""
+    if bucket:
+        return min(block_size, max(BUCKET_MIN, 1 << (longest - 1).bit_length()))
+    return min(block_size, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def collate(examples, block_size, length=None, bucket=False):
+    """x, y int64 arrays (rows, length) of conversations: inputs right-padded with 0, targets the
+    next token where it is supervised and -1 elsewhere (padding included)."""
+    if length is None:
+        length = padded_length(max(len(ids) - 1 for ids, _ in examples), block_size, bucket)
+    x = np.zeros((len(examples), length), dtype=np.int64)
+    y = np.full((len(examples), length), -1, dtype=np.int64)
+    for row, (ids, supervised) in enumerate(examples):
+        ids, n = np.asarray(ids, dtype=np.int64), len(ids) - 1
+        x[row, :n] = ids[:-1]
+        y[row, :n] = np.where(np.asarray(supervised[1:], dtype=bool), ids[1:], -1)
+    return x, y
+
+
+# -----------------------------------------------------------------------------
 # Command line: --key=value or --key value; values are Python literals or bare strings (see REFERENCE.md §7)
 
 def as_int(text):
@@ -1046,13 +1635,24 @@ def parse_args(argv=None):
     add("--workers", type=as_int, default=available_cpus(), help="tokenizer processes")
     add("--force", type=as_bool, nargs="?", const=True, default=False,
         help="rebuild even when out_dir already holds this exact preparation")
+    add("--chat", type=as_bool, nargs="?", const=True, default=False,
+        help="conversations ({\"messages\": [...]} jsonl, or a data set) -> chat tokenizer + conversation shards")
+    add("--val_input", dest="val_inputs", nargs="+", metavar="PATH",
+        help="--chat: validation conversations; default: the data set's test split, or 1 in 20 held out")
+    add("--seed", type=as_int, default=1337, help="--chat: chooses the held-out conversations")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = vars(parse_args(argv))
+    chat, val_inputs, seed = args.pop("chat"), args.pop("val_inputs"), args.pop("seed")
     try:
-        return prepare(**vars(args))
+        if chat:
+            return prepare_chat(args["out_dir"], args["inputs"], args["source"], args["tokenizer"], val_inputs,
+                                args["name"], seed, args["shard_tokens"])
+        if val_inputs:
+            raise ValueError("--val_input is for --chat")
+        return prepare(**args)
     except ValueError as e:
         raise SystemExit(f"prepare_data.py: error: {e}") from None
 

@@ -13,7 +13,6 @@ A Hugging Face directory needs config.json, the weights and tokenizer.json (read
 rendered with the optional `jinja2` package). transformers is not needed.
 """
 
-import json
 import os
 import sys
 import time
@@ -23,7 +22,8 @@ import torch
 
 from configurator import apply_config
 from doge import Doge
-from prepare_data import load_tokenizer
+from prepare_data import (END_OF_TURN_TOKENS, load_chat_template, load_tokenizer, read_json,
+                          render_chat, token_text)
 
 
 @dataclass
@@ -88,25 +88,6 @@ def load_text_tokenizer(directory, vocab_size):
     return tokenizer
 
 
-def read_json(path):
-    """The JSON object in path, or {} when there is no such file; an unreadable one is an error."""
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {path}: unreadable ({e})") from None
-    if not isinstance(value, dict):
-        raise SystemExit(f"error: {path}: expected a JSON object, found {type(value).__name__}")
-    return value
-
-
-def token_text(value):
-    """tokenizer_config.json writes special tokens as strings or as {"content": ...} objects."""
-    return value.get("content") if isinstance(value, dict) else value
-
-
 def stop_ids(model, tokenizer, directory):
     """Every id that ends generation: config.json's and generation_config.json's eos ids, and the
     tokenizer's own end-of-text and end-of-turn tokens."""
@@ -115,47 +96,10 @@ def stop_ids(model, tokenizer, directory):
                   read_json(os.path.join(directory, "generation_config.json")).get("eos_token_id")):
         ids.update(value if isinstance(value, list) else [] if value is None else [value])
     tokenizer_config = read_json(os.path.join(directory, "tokenizer_config.json"))
-    for text in (token_text(tokenizer_config.get("eos_token")), "<|eot_id|>", "<|end_of_text|>"):
+    for text in (token_text(tokenizer_config.get("eos_token")), *END_OF_TURN_TOKENS):
         if text is not None and tokenizer.token_to_id(text) is not None:
             ids.add(tokenizer.token_to_id(text))
     return sorted(ids)
-
-
-# ----------------------------------------------------------------------------------------------
-# Chat template (Llama-3 style for Doge: <|start_header_id|>role<|end_header_id|>\n\ntext<|eot_id|>)
-
-
-def load_chat_template(directory):
-    """The Jinja chat template of a model directory, or None."""
-    tokenizer_config = read_json(os.path.join(directory, "tokenizer_config.json"))
-    template = tokenizer_config.get("chat_template")
-    jinja_path = os.path.join(directory, "chat_template.jinja")  # transformers 5.x writes it apart
-    if template is None and os.path.exists(jinja_path):
-        with open(jinja_path) as f:
-            template = f.read()
-    if isinstance(template, list):  # several named templates: take the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if template is None:
-        return None
-    return {"template": template, "bos_token": token_text(tokenizer_config.get("bos_token")) or "",
-            "eos_token": token_text(tokenizer_config.get("eos_token")) or ""}
-
-
-def render_chat(chat_template, messages):
-    """The prompt text for a conversation, ending where the assistant's answer begins."""
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise SystemExit("error: --chat needs the optional jinja2 package (pip install jinja2)")
-
-    def raise_exception(message):
-        raise ValueError(f"chat template: {message}")
-
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.globals["raise_exception"] = raise_exception
-    return environment.from_string(chat_template["template"]).render(
-        messages=messages, add_generation_prompt=True, bos_token=chat_template["bos_token"],
-        eos_token=chat_template["eos_token"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +186,13 @@ def read_prompt(start):
 
 def main(argv=None):
     cfg = apply_config(SampleConfig(), sys.argv[1:] if argv is None else argv)
+    try:
+        sample(cfg)
+    except ValueError as e:  # the data side's errors: unreadable files, a failing chat template
+        raise SystemExit(f"error: {e}") from None
+
+
+def sample(cfg):
     cfg.start = read_prompt(cfg.start)
     device, dtype = resolve_device_dtype(cfg)
     torch.manual_seed(cfg.seed)

@@ -2,6 +2,8 @@
 # (REFERENCE.md §3): smoltalk, 2 epochs, context 8192, lr 8e-5, bf16, one 24 GB RTX 4090.
 #     huggingface-cli download SmallDoge/Doge-20M --local-dir models/Doge-20M
 #     pip install datasets                            # smoltalk comes from the hub
+#     python prepare_data.py --chat --source=HuggingFaceTB/smoltalk:all --tokenizer=models/Doge-20M \
+#         --out_dir=data/smoltalk                     # the chat tokenizer, conversation shards
 #     python train.py config/sft_doge_20m.py
 #     python sample.py --init_from=out/doge-20m-instruct/hf --chat
 # Where we differ from the recipe, and why:
@@ -19,7 +21,7 @@
 
 out_dir = "out/doge-20m-instruct"
 init_from = "models/Doge-20M"  # a Hugging Face Doge directory, or one of our out_dirs
-sft_data = "HuggingFaceTB/smoltalk:all"  # or local jsonl files; validation: its 'test' split
+data_dir = "data/smoltalk"  # conversation shards; validation: the data set's 'test' split
 sft_epochs = 2
 
 block_size = 8192

@@ -3,14 +3,17 @@
 # of Python's builtin functions do, answered with the first sentence of their docstrings (two
 # phrasings of each question, some with a system message, some two rounds long).
 #     python train.py config/doge_tiny.py        # first: the base model in out/doge-tiny
+#     python prepare_data.py --chat --input=config/sft_doge_tiny.jsonl --tokenizer=out/doge-tiny \
+#         --out_dir=data/sft-tiny                # the chat tokenizer and conversation shards
 #     python train.py config/sft_doge_tiny.py
 #     python sample.py --init_from=out/doge-tiny-sft/hf --chat --start="What is len() for?"
-# The run adds the chat tokens to the SentencePiece vocabulary and writes out/doge-tiny-sft/hf,
-# a Hugging Face directory (transformers.AutoModelForCausalLM / AutoTokenizer load it too).
+# prepare_data.py adds the chat tokens to the SentencePiece vocabulary (a tokenizer.json), the
+# run grows the model's embedding to fit and writes out/doge-tiny-sft/hf, a Hugging Face
+# directory (transformers.AutoModelForCausalLM / AutoTokenizer load it too).
 
 out_dir = "out/doge-tiny-sft"
 init_from = "out/doge-tiny"  # the newest checkpoint of the pretraining demo, with its tokenizer
-sft_data = "config/sft_doge_tiny.jsonl"  # 1 in 20 conversations are held out for validation
+data_dir = "data/sft-tiny"  # prepare_data.py --chat held 1 in 20 conversations out for validation
 overwrite = True  # a demo: running it again starts afresh
 
 # one conversation per row, at most 256 tokens (the base model's length); 16 rows per step
