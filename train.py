@@ -741,7 +741,7 @@ class RunLog:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
-        if "val_loss" in record:
+        if "val_loss" in record and record["step"] > 0:  # a curve once training has begun
             plot_losses(os.path.join(self.cfg.out_dir, "loss.png"), self.records)
 
     def step_done(self, loss=None):

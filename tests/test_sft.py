@@ -1,7 +1,8 @@
-"""Instruction tuning (SFT) in train.py on CPU, with a tiny model and a SentencePiece tokenizer
-trained here: the assistant-only loss mask, padding, one conversation per row, the
-SentencePiece -> tokenizer.json conversion, a run that learns a toy conversation set, and its
-export, which transformers and sample.py --chat both load and agree on."""
+"""Instruction tuning (SFT) on CPU, with a tiny model and a SentencePiece tokenizer trained here:
+prepare_data.py --chat (the SentencePiece -> tokenizer.json conversion, the chat tokens, the
+assistant-only loss mask, conversation shards), the ConversationLoader (padding, one
+conversation per row, the padded lengths), and train.py runs that learn a toy conversation set
+and export it, which transformers and sample.py --chat both load and agree on."""
 
 import dataclasses
 import json
@@ -15,11 +16,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import prepare_data  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from doge import Doge, DogeConfig  # noqa: E402
+from doge import Doge, DogeConfig, grow_vocabulary  # noqa: E402
 from oracle import assert_close_to_scale  # noqa: E402
-from prepare_data import load_tokenizer, train_sentencepiece  # noqa: E402
+from prepare_data import (ConversationLoader, collate, load_tokenizer, prepare_chat,  # noqa: E402
+                          read_conversation_shard, train_sentencepiece, write_conversation_shard)
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
@@ -90,12 +93,21 @@ def base_run(base_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chat_dir(base_dir, tmp_path_factory):
-    """The chat tokenizer an SFT run makes from base_dir, written alone."""
+    """The chat tokenizer prepare_data.py --chat makes from base_dir, written alone."""
     directory = tmp_path_factory.mktemp("chat")
-    tokenizer, config, _ = train.chat_tokenizer(str(base_dir))
+    tokenizer, config, _ = prepare_data.chat_tokenizer(str(base_dir))
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
+
+
+def prepare_toy(directory, conversations, tokenizer_dir, **options):
+    """prepare_data.py --chat of the conversations (a jsonl file) into directory/data."""
+    data = write_jsonl(directory / "toy.jsonl", conversations)
+    prepare_data.main(["--chat", f"--input={data}", f"--tokenizer={tokenizer_dir}",
+                       f"--out_dir={directory / 'data'}",
+                       *(f"--{key}={value}" for key, value in options.items())])
+    return directory / "data"
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +118,9 @@ def sft_run(base_run, tmp_path_factory):
     conversations = [messages_of(q, a) for q, a in TOY[:4]]
     conversations.append(messages_of(*TOY[4], system="You are a helpful assistant."))
     conversations.append(messages_of(*TOY[5]) + messages_of("And again?", TOY[5][1]))
-    data = write_jsonl(directory / "toy.jsonl", conversations)
+    data = prepare_toy(directory, conversations, base_run)
     out = directory / "out"
-    train.main([f"--init_from={base_run}", f"--sft_data={data}", f"--out_dir={out}", *TRAIN,
+    train.main([f"--init_from={base_run}", f"--data_dir={data}", f"--out_dir={out}", *TRAIN,
                 "--sft_epochs=100", "--learning_rate=1e-2", "--warmup_iters=5",
                 "--decay_iters=20", "--eval_interval=50"])
     with open(out / "log.jsonl") as f:
@@ -127,7 +139,7 @@ def one_line_exit(excinfo):
 
 def test_sentencepiece_becomes_an_equal_tokenizer_json(base_dir):
     reference = load_tokenizer(str(base_dir / "tokenizer.model"))
-    converted = train.sentencepiece_as_tokenizers(str(base_dir / "tokenizer.model"))
+    converted = prepare_data.sentencepiece_as_tokenizers(str(base_dir / "tokenizer.model"))
     texts = CORPUS + ["  two leading spaces, trailing  ", "\n\n\tnew lines\r\n", "Ünïcödé 🙂 ü",
                       "digits 3.14159 and x2", "<s> </s> <unk> are text here", ""]
     for text, ids in zip(texts, reference.encode(texts)):
@@ -144,7 +156,7 @@ def test_the_default_corpus_tokenizer_converts_exactly():
     import glob
     import sysconfig
     reference = load_tokenizer(DEFAULT_TOKENIZER)
-    converted = train.sentencepiece_as_tokenizers(DEFAULT_TOKENIZER)
+    converted = prepare_data.sentencepiece_as_tokenizers(DEFAULT_TOKENIZER)
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:30]
     texts = [open(path, encoding="utf-8", errors="replace").read() for path in files]
     for text, ids in zip(texts, reference.encode(texts)):
@@ -160,16 +172,16 @@ def test_a_tokenizer_json_gains_the_chat_tokens(tmp_path):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     size = tokenizer.get_vocab_size()
-    chat, config, added = train.chat_tokenizer(str(tmp_path))
-    assert [chat.token_to_id(t) for t in train.CHAT_TOKENS] == [size, size + 1, size + 2, 1]
+    chat, config, added = prepare_data.chat_tokenizer(str(tmp_path))
+    assert [chat.token_to_id(t) for t in prepare_data.CHAT_TOKENS] == [size, size + 1, size + 2, 1]
     assert added == [size, size + 1, size + 2] and config["bos_token"] == "<|begin_of_text|>"
-    assert config["chat_template"] == train.DOGE_CHAT_TEMPLATE
+    assert config["chat_template"] == prepare_data.DOGE_CHAT_TEMPLATE
 
 
 def test_chat_tokenizer_adds_what_the_template_needs(base_dir, chat_dir, tmp_path):
     sp_size = load_tokenizer(str(base_dir / "tokenizer.model")).vocab_size
     tokenizer = sample.load_text_tokenizer(str(chat_dir), 10 ** 6)
-    assert [tokenizer.token_to_id(t) for t in train.CHAT_TOKENS] == \
+    assert [tokenizer.token_to_id(t) for t in prepare_data.CHAT_TOKENS] == \
         list(range(sp_size, sp_size + 4))  # new ids after the SentencePiece vocabulary
     assert tokenizer.eot_id == 2  # </s>, the documents' separator in pretraining, still ends text
     assert tokenizer.bos_id == sp_size
@@ -178,7 +190,7 @@ def test_chat_tokenizer_adds_what_the_template_needs(base_dir, chat_dir, tmp_pat
     # a model's own template is kept, and nothing is added
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ 'x' }}"}))
     (tmp_path / "tokenizer.json").write_text((chat_dir / "tokenizer.json").read_text())
-    _, config, added = train.chat_tokenizer(str(tmp_path))
+    _, config, added = prepare_data.chat_tokenizer(str(tmp_path))
     assert config["chat_template"] == "{{ 'x' }}" and added == []
 
 
@@ -186,7 +198,7 @@ def test_new_token_rows_start_at_the_mean():
     torch.manual_seed(0)
     model = Doge(DogeConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-    grown = train.add_token_rows(model, 53, [50, 51, 52])
+    grown = grow_vocabulary(model, 53, [50, 51, 52])
     old = model.embed_tokens.weight
     assert grown.config.vocab_size == 53 and grown.lm_head.weight is grown.embed_tokens.weight
     assert torch.equal(grown.embed_tokens.weight[:50], old)
@@ -199,15 +211,16 @@ def test_new_token_rows_start_at_the_mean():
 # the loss mask, padding, rows
 
 
-def test_the_mask_covers_exactly_the_assistant_turns(chat_dir):
+def test_the_mask_covers_exactly_the_assistant_turns(chat_dir, tmp_path):
     tokenizer = sample.load_text_tokenizer(str(chat_dir), 10 ** 6)
     template = sample.load_chat_template(str(chat_dir))
     messages = (messages_of("Hi!", "Hello there, friend!", system="Be brief.")
                 + messages_of("What is two plus two?", "Two plus two is four."))
-    [(text, spans)] = train.assistant_spans(template, [messages])
+    [(text, spans)] = prepare_data.assistant_spans(template, [messages])
     assert [text[a:b] for a, b in spans] == ["Hello there, friend!<|eot_id|>",
                                              "Two plus two is four.<|eot_id|>"]
-    [(ids, supervised)], counts = train.tokenize_conversations([messages], tokenizer, template, 999)
+    [(ids, supervised)], counts = prepare_data.tokenize_conversations([messages], tokenizer,
+                                                                      template)
     assert tokenizer.decode(ids) == text  # nothing lost, nothing added
     runs, current = [], []  # the supervised tokens, run by run
     for token, is_supervised in zip(ids.tolist(), supervised.tolist()):
@@ -222,17 +235,32 @@ def test_the_mask_covers_exactly_the_assistant_turns(chat_dir):
     prompt = sample.render_chat(template, messages[:2])
     assert ids[:first_answer].tolist() == tokenizer.encode([prompt])[0]
     # targets: the next token where it is supervised, -1 elsewhere
-    x, y = train.collate([(ids, supervised)], block_size=999)
+    x, y = collate([(ids, supervised)], block_size=999)
     n = len(ids) - 1
-    assert torch.equal(x[0, :n], torch.from_numpy(ids[:-1]).long())
-    expected = torch.where(torch.from_numpy(supervised[1:]), torch.from_numpy(ids[1:]).long(), -1)
-    assert torch.equal(y[0, :n], expected) and (y[0, n:] == -1).all()
+    assert (x[0, :n] == ids[:-1]).all() and x.dtype == y.dtype == np.int64
+    assert (y[0, :n] == np.where(supervised[1:], ids[1:], -1)).all() and (y[0, n:] == -1).all()
     assert counts["supervised"] == int(supervised.sum()) == sum(len(r) for r in runs)
-    # cut after block_size + 1 tokens, and dropped when no answer is left
-    [(cut, _)], counts = train.tokenize_conversations([messages], tokenizer, template, first_answer)
-    assert len(cut) == first_answer + 1 and counts["truncated"] == 1 and counts["dropped"] == 0
-    examples, counts = train.tokenize_conversations([messages], tokenizer, template, 5)
-    assert examples == [] and counts["dropped"] == 1
+    # through a conversation shard: the same tokens and mask come back
+    write_conversation_shard(tmp_path / "c_train_000001.bin", [(ids, supervised), (ids, supervised)])
+    tokens, mask, offsets = read_conversation_shard(tmp_path / "c_train_000001.bin")
+    assert offsets.tolist() == [0, len(ids), 2 * len(ids)] and tokens.dtype == np.uint16
+    assert (tokens[len(ids):] == ids).all() and (mask[:len(ids)] == supervised).all()
+    # the loader cuts after block_size + 1 tokens, and drops a conversation left with no answer
+    for block_size, rows in ((999, n), (first_answer, first_answer), (5, None)):
+        if rows is None:
+            with pytest.raises(ValueError, match="no train conversation .* within block_size 5"):
+                ConversationLoader(tmp_path, "train", 1, block_size, 0, 1, 10 ** 6)
+            continue
+        loader = ConversationLoader(tmp_path, "train", 1, block_size, 0, 1, 10 ** 6)
+        assert loader.lengths.tolist() == [rows, rows] and loader.dropped == 0
+        assert loader.cut == (2 if block_size < n else 0)
+        (x,), (y,) = loader.next_batch(1)
+        assert (x[0, :rows] == ids[:rows]).all() and (y[0, :rows] == expected_targets(
+            ids, supervised)[:rows]).all()
+
+
+def expected_targets(ids, supervised):
+    return np.where(supervised[1:], ids[1:], -1)
 
 
 def test_spans_follow_other_templates():
@@ -243,7 +271,7 @@ def test_spans_follow_other_templates():
                           "<|im_start|>assistant\n{% endif %}",
               "bos_token": "", "eos_token": ""}
     messages = messages_of("a", "b") + messages_of("c", "d")
-    [(text, spans), (other, [span])] = train.assistant_spans(chatml, [messages, messages[:2]])
+    [(text, spans), (other, [span])] = prepare_data.assistant_spans(chatml, [messages, messages[:2]])
     assert [text[a:b] for a, b in spans] == ["b<|im_end|>\n", "d<|im_end|>\n"]
     assert other[span[0]:span[1]] == "b<|im_end|>\n" and text.startswith(other)
     assert text == sample.render_chat(chatml, messages)[:len(text)]  # the same as one at a time
@@ -252,17 +280,17 @@ def test_spans_follow_other_templates():
 def test_padding_does_not_change_the_loss(chat_dir):
     tokenizer = sample.load_text_tokenizer(str(chat_dir), 10 ** 6)
     template = sample.load_chat_template(str(chat_dir))
-    examples, _ = train.tokenize_conversations([messages_of(q, a) for q, a in TOY[:2]],
-                                               tokenizer, template, 999)
+    examples, _ = prepare_data.tokenize_conversations([messages_of(q, a) for q, a in TOY[:2]],
+                                                      tokenizer, template)
     torch.manual_seed(0)
     model = Doge(DogeConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
                             intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                             num_key_value_heads=1, keep_window_size=8)).eval()
     longest = max(len(ids) for ids, _ in examples)
     with torch.no_grad():
-        losses = [model(*train.collate(examples, 999, length=longest + extra))[1]
+        losses = [model(*map(torch.from_numpy, collate(examples, 999, length=longest + extra)))[1]
                   for extra in (0, 13, 64)]
-        alone = [model(*train.collate([example], 999))[1] for example in examples]
+        alone = [model(*map(torch.from_numpy, collate([example], 999)))[1] for example in examples]
     for loss in losses[1:]:
         torch.testing.assert_close(loss, losses[0], atol=1e-6, rtol=1e-6)
     # and a row's loss is its own: the batch's is the token-weighted mean of the rows'
@@ -271,24 +299,29 @@ def test_padding_does_not_change_the_loss(chat_dir):
                                atol=1e-6, rtol=1e-6)
 
 
-def test_conversations_never_share_a_row():
+def test_conversations_never_share_a_row(tmp_path):
     """Every row holds exactly one conversation from its start, then padding; each epoch reads
-    every conversation once; two processes see the rows of one."""
+    every conversation once (across two shards); two processes see the rows of one."""
     rng = np.random.default_rng(0)
     examples = []
     for i in range(23):  # ids: the conversation's number, then 4 to 64 tokens below 1000
         ids = np.concatenate([[1000 + i], rng.integers(3, 50, rng.integers(4, 65))])
         examples.append((ids.astype(np.int32), np.arange(len(ids)) % 3 == 0))
-    one = train.ConversationLoader(examples, 3, 64, 0, 1, seed=1)
-    two = [train.ConversationLoader(examples, 3, 64, rank, 2, seed=1) for rank in (0, 1)]
+    write_conversation_shard(tmp_path / "c_train_000001.bin", examples[:10])
+    write_conversation_shard(tmp_path / "c_train_000002.bin", examples[10:])
+
+    def loader(rank=0, world_size=1):
+        return ConversationLoader(tmp_path, "train", 3, 64, rank, world_size, 2000, seed=1)
+    one = loader()
+    two = [loader(rank, 2) for rank in (0, 1)]
     seen = []
     for _ in range(10):  # 10 steps of 2 x 3 rows: 60 rows, about 2.6 epochs
         xs, ys = one.next_batch(2)
         halves = [loader.next_batch(1) for loader in two]
-        assert [torch.equal(xs[m], halves[m][0][0]) and torch.equal(ys[m], halves[m][1][0])
+        assert [np.array_equal(xs[m], halves[m][0][0]) and np.array_equal(ys[m], halves[m][1][0])
                 for m in range(2)] == [True, True]
         for x, y in zip(xs, ys):
-            assert x.shape[1] % train.PAD_MULTIPLE == 0 or x.shape[1] == 64
+            assert x.shape[1] % prepare_data.PAD_MULTIPLE == 0 or x.shape[1] == 64
             for row in range(len(x)):
                 first = int(x[row, 0]) - 1000
                 ids = examples[first][0]
@@ -297,13 +330,31 @@ def test_conversations_never_share_a_row():
                 assert (x[row, n:] == 0).all() and (y[row, n:] == -1).all()
                 assert not (x[row, 1:] >= 1000).any()  # no second conversation in the row
                 seen.append(first)
-    stream = train.ConversationLoader(examples, 3, 64, 0, 1, seed=1).take(60)
+    stream = loader().take(60)
     assert sorted(seen) == sorted(stream)  # the steps read the stream (sorted within a step)
     assert sorted(stream[:23]) == sorted(stream[23:46]) == list(range(23)) != stream[:23]
     state = one.state_dict()
-    again = train.ConversationLoader(examples, 3, 64, 0, 1, seed=1)
+    again = loader()
     again.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(again.next_batch(2)[0], one.next_batch(2)[0]))
+    assert all(np.array_equal(a, b) for a, b in zip(again.next_batch(2)[0], one.next_batch(2)[0]))
+    with pytest.raises(ValueError, match="token id 10.., outside the model's vocabulary of 1000"):
+        ConversationLoader(tmp_path, "train", 3, 64, 0, 1, 1000, seed=1).next_batch(1)
+
+
+def test_padded_lengths_come_in_buckets_when_compiled(tmp_path):
+    """Uncompiled, a micro-batch is padded to a multiple of 16; compiled (one graph per shape),
+    to a power of two of at least 64, at most block_size: a handful of lengths in a whole run."""
+    rule = prepare_data.padded_length
+    assert [rule(n, 256) for n in (1, 16, 17, 200, 256)] == [16, 16, 32, 208, 256]
+    assert [rule(n, 256, bucket=True) for n in (1, 64, 65, 128, 129, 256)] == \
+        [64, 64, 128, 128, 256, 256]
+    assert rule(300, 320, bucket=True) == 320 and rule(20, 48, bucket=True) == 48
+    assert len({rule(n, 8192, bucket=True) for n in range(1, 8193)}) == 8
+    examples = [(np.arange(n, dtype=np.int32) % 50, np.ones(n, dtype=bool)) for n in (5, 30, 90)]
+    write_conversation_shard(tmp_path / "c_train_000001.bin", examples)
+    for bucket, lengths in ((False, {16, 32, 96}), (True, {64, 128})):
+        loader = ConversationLoader(tmp_path, "train", 1, 256, 0, 1, 50, bucket=bucket)
+        assert {loader.next_batch(1)[0][0].shape[1] for _ in range(3)} == lengths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,8 +409,8 @@ def test_the_export_loads_in_transformers_and_agrees(sft_run):
 def test_resumed_sft_equals_uninterrupted(base_dir, tmp_path):
     """An SFT run stopped at step 3 and resumed (weights with the grown vocabulary, optimizer,
     position in the conversations, the tokenizer left in out_dir) matches one never stopped."""
-    data = write_jsonl(tmp_path / "toy.jsonl", [messages_of(q, a) for q, a in TOY] * 2)
-    args = [f"--init_from={base_dir}", f"--sft_data={data}", *TRAIN, "--batch_size=4",
+    data = prepare_toy(tmp_path, [messages_of(q, a) for q, a in TOY] * 2, base_dir)
+    args = [f"--init_from={base_dir}", f"--data_dir={data}", *TRAIN, "--batch_size=4",
             "--total_batch_size=1024", "--warmup_iters=2", "--decay_iters=0", "--eval_interval=2"]
 
     def run(out, *more):
@@ -387,8 +438,8 @@ def test_two_ddp_processes_match_one(base_dir, tmp_path):
     losses (each step's mean over all its supervised tokens) and weights."""
     import socket
     import subprocess
-    data = write_jsonl(tmp_path / "toy.jsonl", [messages_of(q, a) for q, a in TOY] * 2)
-    args = [f"--init_from={base_dir}", f"--sft_data={data}", *TRAIN, "--batch_size=3",
+    data = prepare_toy(tmp_path, [messages_of(q, a) for q, a in TOY] * 2, base_dir)
+    args = [f"--init_from={base_dir}", f"--data_dir={data}", *TRAIN, "--batch_size=3",
             "--total_batch_size=768", "--max_iters=4", "--eval_interval=2", "--eval_iters=2"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -416,8 +467,8 @@ def test_two_ddp_processes_match_one(base_dir, tmp_path):
 
 
 def test_a_hugging_face_data_set_comes_through_datasets(monkeypatch, tmp_path):
-    """A name that is no file is a data set for `datasets` (here a stand-in): its train split
-    trains, its test split validates; offline with HF_DATASETS_OFFLINE=1 no network is tried."""
+    """A --source is a data set for `datasets` (here a stand-in): its train split trains, its
+    test split validates; offline with HF_DATASETS_OFFLINE=1 no network is tried."""
     import types
     calls = []
 
@@ -427,34 +478,82 @@ def test_a_hugging_face_data_set_comes_through_datasets(monkeypatch, tmp_path):
                 "test": [{"messages": messages_of(*TOY[0])}]}
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    cfg = train.TrainConfig(sft_data="HuggingFaceTB/smoltalk:all")
-    train_set, val_set = train.sft_conversations(cfg)
-    assert calls == [("HuggingFaceTB/smoltalk", "all")]
+    data = prepare_data.read_conversations(source="HuggingFaceTB/smoltalk:all")
+    train_set, val_set, held_out = prepare_data.chat_splits(data, None, seed=0)
+    assert calls == [("HuggingFaceTB/smoltalk", "all")] and "test split" in held_out
     assert len(train_set) == len(TOY) and val_set == [messages_of(*TOY[0])]
     # a local validation file instead of the test split
     val = write_jsonl(tmp_path / "val.jsonl", [messages_of(*TOY[1])] * 3)
-    _, val_set = train.sft_conversations(train.TrainConfig(sft_data=cfg.sft_data,
-                                                           sft_val_data=val))
+    _, val_set, _ = prepare_data.chat_splits(data, prepare_data.read_conversations([val]), 0)
     assert val_set == [messages_of(*TOY[1])] * 3
 
 
-def test_bad_conversation_data_is_a_clear_error(base_dir, tmp_path):
-    def run(*args):
-        with pytest.raises(SystemExit) as excinfo:
-            train.main([f"--init_from={base_dir}", f"--out_dir={tmp_path / 'out'}", *TRAIN,
-                        *args])
-        return one_line_exit(excinfo)
+def test_prepare_chat_writes_what_a_run_needs(base_dir, tmp_path):
+    """The chat tokenizer, val and train conversation shards, and a meta.json saying what they
+    hold; 1 in 20 conversations held out, chosen by the seed."""
+    conversations = [messages_of(f"Question {i}?", f"Answer {i}.") for i in range(40)]
+    meta = prepare_chat(str(tmp_path / "data"), [write_jsonl(tmp_path / "c.jsonl", conversations)],
+                        tokenizer=str(base_dir), seed=3)
+    names = sorted(os.listdir(tmp_path / "data"))
+    assert names == ["chat_train_000001.bin", "chat_val_000000.bin", "meta.json",
+                     "tokenizer.json", "tokenizer_config.json"]
+    size = load_tokenizer(str(base_dir / "tokenizer.model")).vocab_size
+    assert meta["kind"] == "conversations" and meta["vocab_size"] == size + 4
+    assert meta["added_tokens"] == dict(zip(prepare_data.CHAT_TOKENS, range(size, size + 4)))
+    assert meta["conversations"] == {"val": 2, "train": 38} and meta["eos_ids"][0] == size + 3
+    assert meta["chat_template"] == prepare_data.DOGE_CHAT_TEMPLATE and "seed=3" in meta["held_out"]
+    _, supervised, offsets = read_conversation_shard(tmp_path / "data" / "chat_val_000000.bin")
+    assert len(offsets) == 3 and int(supervised.sum()) == meta["supervised"]["val"]
+    again = prepare_chat(str(tmp_path / "other"), [str(tmp_path / "c.jsonl")],
+                         tokenizer=str(base_dir), seed=4)
+    assert again["held_out"] != meta["held_out"]
+    first = read_conversation_shard(tmp_path / "data" / "chat_val_000000.bin")[0]
+    assert not np.array_equal(first, read_conversation_shard(
+        tmp_path / "other" / "chat_val_000000.bin")[0])  # other conversations held out
+    # a damaged shard is a clear error
+    path = tmp_path / "data" / "chat_train_000001.bin"
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="chat_train_000001.bin: .*truncated or corrupt"):
+        read_conversation_shard(path)
+    with pytest.raises(ValueError, match="holds conversations"):
+        prepare_data.read_shard(tmp_path / "data" / "chat_val_000000.bin")
 
+
+def prepare_error(*args):
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_data.main(["--chat", *args])
+    message = str(excinfo.value.code)
+    assert "\n" not in message and message.startswith("prepare_data.py: error:"), message
+    return message
+
+
+def test_bad_conversation_data_is_a_clear_error(base_dir, tmp_path):
+    out = f"--out_dir={tmp_path / 'data'}"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": messages_of("q", "a")}) + "\n"
                    + json.dumps({"text": "no messages here"}) + "\n")
-    message = run(f"--sft_data={bad}")
+    message = prepare_error(f"--input={bad}", f"--tokenizer={base_dir}", out)
     assert f"{bad}:2" in message and "'messages'" in message and "'text'" in message
     bad.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
-    assert "non-empty list" in run(f"--sft_data={bad}")
-    assert "no files match" in run(f"--sft_data={tmp_path}/*.jsonl.gz")
-    message = run("--sft_data=HuggingFaceTB/smoltalk:all")  # not a file: a Hugging Face data set
+    assert "non-empty list" in prepare_error(f"--input={bad}", f"--tokenizer={base_dir}", out)
+    assert "no files match" in prepare_error(f"--input={tmp_path}/*.jsonl.gz",
+                                             f"--tokenizer={base_dir}", out)
+    message = prepare_error("--source=HuggingFaceTB/smoltalk:all", f"--tokenizer={base_dir}", out)
     assert "datasets" in message or "network" in message
+    assert "--tokenizer" in prepare_error(f"--input={bad}", out)
+    assert "no tokenizer.json or tokenizer.model" in prepare_error(
+        f"--input={bad}", f"--tokenizer={tmp_path}", out)
+    # conversation data fine-tunes a trained model: from scratch makes no sense
+    data = prepare_toy(tmp_path, [messages_of(q, a) for q, a in TOY], base_dir)
     with pytest.raises(SystemExit) as excinfo:
-        train.main([f"--out_dir={tmp_path / 'out'}", f"--sft_data={bad}"])
-    assert "init_from" in one_line_exit(excinfo)  # fine-tuning from scratch makes no sense
+        train.main([f"--out_dir={tmp_path / 'out'}", f"--data_dir={data}", *TRAIN])
+    assert "init_from" in one_line_exit(excinfo)
+
+
+def test_train_imports_no_terminal_program():
+    """Imports run one way: train.py -> doge.py and the data side, never sample.py."""
+    import subprocess
+    code = "import sys, train; print(sorted({'sample', 'bench', 'eval'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]

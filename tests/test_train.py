@@ -17,6 +17,7 @@ sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 from configurator import apply_config  # noqa: E402
+from prepare_data import ShardLoader, read_shard  # noqa: E402
 from train import TrainConfig, wsd_lr  # noqa: E402
 
 VOCAB = 256
@@ -245,30 +246,30 @@ def test_loader_is_the_same_stream_for_any_number_of_processes(data_dir):
     4 processes with one, crossing shards the same way; the order is shuffled (a batch is not
     one stretch of text) but fixed by the seed, and every sequence of a shard comes once."""
     def rows(world, micro_steps, steps=40):
-        loaders = [train.ShardLoader(data_dir, "train", 16, 32, rank, world, VOCAB)
+        loaders = [ShardLoader(data_dir, "train", 16, 32, rank, world, VOCAB)
                    for rank in range(world)]
         out = []
         for _ in range(steps):
             batches = [loader.next_batch(micro_steps) for loader in loaders]
             for m in range(micro_steps):  # the window's rows in order: m * world + rank
-                out += [torch.cat((x[m], y[m][:, -1:]), dim=1) for x, y in batches]
-        return torch.stack(out), loaders[0].state_dict()
+                out += [np.concatenate((x[m], y[m][:, -1:]), axis=1) for x, y in batches]
+        return np.stack(out), loaders[0].state_dict()
     single, state = rows(1, 4)
-    assert torch.equal(single, rows(2, 2)[0]) and torch.equal(single, rows(4, 1)[0])
+    assert np.array_equal(single, rows(2, 2)[0]) and np.array_equal(single, rows(4, 1)[0])
     assert state["shard"] == 1 and state["epoch"] == 0  # moved to the second shard
-    x, y = train.ShardLoader(data_dir, "train", 2, 16, 0, 1, VOCAB).next_batch(1)
-    assert torch.equal(x[0, :, 1:], y[0, :, :-1])  # targets are the next tokens
+    x, y = ShardLoader(data_dir, "train", 2, 16, 0, 1, VOCAB).next_batch(1)
+    assert np.array_equal(x[0, :, 1:], y[0, :, :-1])  # targets are the next tokens
     # shuffled: 1874 sequences of 32 in the first shard, each once, not in order
-    loader = train.ShardLoader(data_dir, "train", 2, 32, 0, 1, VOCAB, seed=5)
-    shard = train.read_shard(loader.paths[0])
+    loader = ShardLoader(data_dir, "train", 2, 32, 0, 1, VOCAB, seed=5)
+    shard = read_shard(loader.paths[0])
     start_of = {shard[i:i + 32].astype(np.int64).tobytes(): i for i in range(0, 1874 * 32, 32)}
-    starts = [start_of[sequence.numpy().tobytes()]
+    starts = [start_of[sequence.tobytes()]
               for _ in range(1874 // 2) for sequence in loader.next_batch(1)[0][0]]
     assert sorted(starts) == list(range(0, 1874 * 32, 32)) and starts != sorted(starts)
-    again = train.ShardLoader(data_dir, "train", 2, 32, 0, 1, VOCAB, seed=5).next_batch(1)
-    other = train.ShardLoader(data_dir, "train", 2, 32, 0, 1, VOCAB, seed=6).next_batch(1)
-    assert start_of[again[0][0, 0].numpy().tobytes()] == starts[0]
-    assert not torch.equal(again[0], other[0])
+    again = ShardLoader(data_dir, "train", 2, 32, 0, 1, VOCAB, seed=5).next_batch(1)
+    other = ShardLoader(data_dir, "train", 2, 32, 0, 1, VOCAB, seed=6).next_batch(1)
+    assert start_of[again[0][0, 0].tobytes()] == starts[0]
+    assert not np.array_equal(again[0], other[0])
 
 
 # ----------------------------------------------------------------------------------------------
