@@ -5,6 +5,7 @@ Turn raw text into what train.py reads: a tokenizer plus pre-tokenized binary sh
     python prepare_data.py --input notes/ 'books/*.txt' --doc_sep='\\n\\n' --out_dir=data/books --vocab_size=8192
     python prepare_data.py --input corpus.jsonl --tokenizer=path/to/Doge-20M --out_dir=data/continued
     python prepare_data.py --source=HuggingFaceTB/smollm-corpus:cosmopedia-v2 --max_tokens=4e9   # datasets + network
+    python prepare_data.py --chat --input=config/sft_doge_tiny.jsonl --tokenizer=out/doge-tiny --out_dir=data/sft-tiny
 
 What it writes in --out_dir:
 
@@ -18,6 +19,11 @@ Shards follow the llm.c convention: a header of 256 int32 [20240520, version, nu
 tokens, uint16 (version 1) or, for vocabularies above 65536, uint32 (version 2). Every document ends with the
 end-of-text (eos) token, so reading the shards in index order (val first) and splitting on it gives the
 documents back, exactly: the tokenizer is lossless (identity normalisation, byte fallback).
+
+--chat turns conversations ({"messages": [{"role", "content"}, ...]} jsonl, or a data set) into what an SFT run
+reads: the chat tokenizer (the model's, with Doge's chat template and its special tokens if it has none) and
+conversation shards (tokens, which of them are trained on, where each conversation starts); see "Chat" below.
+The loaders that read both kinds of shards in training live here too ("Reading shards for training").
 
 Tokenizing runs in --workers processes. Long documents are cut into pieces of a few KB at line starts, where
 the tokenizer never merges across (checked on the data at start-up): because SentencePiece is several times
