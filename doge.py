@@ -1413,6 +1413,7 @@ def load_pretrained(path, device="cpu", dtype=None):
     return model.to(device=device, dtype=dtype)
 
 
+# what a model directory holds of its tokenizer (the names prepare_data.py writes too)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 
 
