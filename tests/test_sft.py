@@ -355,6 +355,13 @@ def test_padded_lengths_come_in_buckets_when_compiled(tmp_path):
     for bucket, lengths in ((False, {16, 32, 96}), (True, {64, 128})):
         loader = ConversationLoader(tmp_path, "train", 1, 256, 0, 1, 50, bucket=bucket)
         assert {loader.next_batch(1)[0][0].shape[1] for _ in range(3)} == lengths
+    # train.py buckets exactly when it compiles
+    write_conversation_shard(tmp_path / "c_val_000000.bin", examples)
+    cfg = train.TrainConfig(data_dir=str(tmp_path), batch_size=1, block_size=256)
+    for compile, lengths in ((False, {16, 32, 96}), (True, {64, 128})):
+        run = train.Run(False, 0, 1, torch.device("cpu"), "gloo", torch.float32, compile, 1)
+        loader, _ = train.open_loaders(cfg, {"kind": "conversations"}, 50, run)
+        assert {loader.next_batch(1)[0][0].shape[1] for _ in range(3)} == lengths
 
 
 # ----------------------------------------------------------------------------------------------
