@@ -502,10 +502,11 @@ def print_sample(model, cfg, meta, device):
         print(f"no tokenizer at {path}: no sample", file=sys.stderr)
         return
     chat = meta.get("kind") == "conversations"
-    tokenizer = load_tokenizer(path, parse_special_tokens=chat)  # a chat prompt holds special tokens
+    tokenizer = load_tokenizer(path, parse_special_tokens=chat)  # a chat prompt has special tokens
     if chat:
         question = cfg.sample_prompt or "Hello!"
-        prompt = render_chat(load_chat_template(cfg.data_dir), [{"role": "user", "content": question}])
+        messages = [{"role": "user", "content": question}]
+        prompt = render_chat(load_chat_template(cfg.data_dir), messages)
         start, stop, settings = tokenizer.encode([prompt])[0], meta["eos_ids"], {"temperature": 0}
     else:  # in the shards every document follows the end-of-text token of the one before
         start = [tokenizer.eot_id] + (tokenizer.encode([cfg.sample_prompt])[0] if cfg.sample_prompt
@@ -517,7 +518,8 @@ def print_sample(model, cfg, meta, device):
     new = out[len(start):]
     new = new[:next((i for i, token in enumerate(new) if token in stop), len(new))]
     print("-" * 36 + " sample " + "-" * 36)
-    print(f"user: {question}\n{tokenizer.decode(new)}" if chat else tokenizer.decode(out[1:len(start)] + new))
+    print(f"user: {question}\n{tokenizer.decode(new)}" if chat
+          else tokenizer.decode(out[1:len(start)] + new))
     print("-" * 80, flush=True)
 
 
@@ -715,7 +717,8 @@ class RunLog:
     the master log.jsonl, loss.png and Weights & Biases (wandb_log)."""
 
     def __init__(self, cfg, run, records, start_step, config):
-        self.cfg, self.master, self.records, self.wandb, self.progress = cfg, run.master, records, None, None
+        self.cfg, self.master, self.records = cfg, run.master, records
+        self.wandb = self.progress = None
         if not self.master:
             return
         self.file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
