@@ -14,15 +14,8 @@ Settings are the fields of TrainConfig below plus every DogeConfig field, given 
 (--hidden_size=128), from a config file and then --key=value overrides (configurator.py).
 
 The data arrives prepared (prepare_data.py): a token stream for pretraining, or conversations
-(prepare_data.py --chat: the chat tokenizer, and which tokens are trained on) for supervised
-fine-tuning. The same loop reads either through one loader interface; a chat run starts from
-trained weights (init_from), grows the vocabulary by the chat tokens the data added, and ends
-with a Hugging Face export in out_dir/hf.
-
-main() reads in phases: set-up (settings, DDP when launched by torchrun, device, precision), the
-model and its optimizer (scratch, resume, a Hugging Face Doge directory or one of our
-checkpoints; optionally upcycled to a CDMoE), the data, the loop (one optimizer step of
-gradient accumulation, the WSD learning rate, a log line, an evaluation, a checkpoint), the end.
+(prepare_data.py --chat) for supervised fine-tuning, read through one loader interface. main()
+reads in phases: set-up, the model and its optimizer, the data, the loop, the end.
 
 Files in out_dir: ckpt_{step:06d}.pt (model, optimizer, step, configs, data position, every RNG
 state; written to a temporary file and renamed), log.jsonl (one object per logged step),
