@@ -636,6 +636,39 @@ def load_huggingface_tokenizer(path, eot_token=None, parse_special_tokens=False)
                      encode, decode, hf_tokenizer.token_to_id, encode_prompt)
 
 
+def tokenizer_directory(path):
+    """Where a model's tokenizer lies: beside the weights (a model directory, or a checkpoint's
+    out_dir)."""
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
+def load_text_tokenizer(directory, vocab_size):
+    """The tokenizer.json or tokenizer.model of a model directory, checked against the model's
+    vocab_size, parsing special tokens in text (as prompts need)."""
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if os.path.exists(os.path.join(directory, name)):
+            try:
+                tokenizer = load_tokenizer(os.path.join(directory, name), parse_special_tokens=True)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+            break
+    else:
+        raise SystemExit(f"error: no tokenizer.json or tokenizer.model in {directory}")
+    if tokenizer.vocab_size > vocab_size:
+        raise SystemExit(f"error: the tokenizer in {directory} has {tokenizer.vocab_size} tokens but "
+                         f"the model only {vocab_size}: they do not belong together")
+    return tokenizer
+
+
+def document_start(tokenizer):
+    """The token that scoring puts before a document (bits per byte) or an empty context: a
+    tokenizer.json's begin-of-text when it has one (lm-evaluation-harness's prefix token), else,
+    and for our SentencePiece models, end-of-text (every document follows one in the shards)."""
+    if tokenizer.kind == "huggingface" and tokenizer.bos_id is not None:
+        return tokenizer.bos_id
+    return tokenizer.eot_id
+
+
 LOSSLESS_PROBE = "def f(x):\n\tif x:  # ok\r\n        return 'héllo wörld 日本語 🙂'\n\n\x00\x7f \u2028▁ end  "
 
 

@@ -22,8 +22,8 @@ import torch
 
 from configurator import apply_config
 from doge import Doge
-from prepare_data import (END_OF_TURN_TOKENS, load_chat_template, load_tokenizer, read_json,
-                          render_chat, token_text)
+from prepare_data import (END_OF_TURN_TOKENS, load_chat_template, load_text_tokenizer, read_json,
+                          render_chat, token_text, tokenizer_directory)
 
 
 @dataclass
@@ -65,27 +65,6 @@ def load_model(path, device, dtype):
         return Doge.from_pretrained(path, device=device, dtype=dtype).eval()
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-
-
-def tokenizer_directory(path):
-    """Where the tokenizer lies: beside the weights (a model directory, or a checkpoint's out_dir)."""
-    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-
-
-def load_text_tokenizer(directory, vocab_size):
-    for name in ("tokenizer.json", "tokenizer.model"):
-        if os.path.exists(os.path.join(directory, name)):
-            try:
-                tokenizer = load_tokenizer(os.path.join(directory, name), parse_special_tokens=True)
-            except ValueError as e:
-                raise SystemExit(f"error: {e}") from None
-            break
-    else:
-        raise SystemExit(f"error: no tokenizer.json or tokenizer.model in {directory}")
-    if tokenizer.vocab_size > vocab_size:
-        raise SystemExit(f"error: the tokenizer in {directory} has {tokenizer.vocab_size} tokens but "
-                         f"the model only {vocab_size}: they do not belong together")
-    return tokenizer
 
 
 def stop_ids(model, tokenizer, directory):
