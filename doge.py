@@ -1076,6 +1076,57 @@ class Doge(nn.Module):
         save_pretrained(self, path, tokenizer_dir)
 
     # ------------------------------------------------------------------------------------------
+    # Scoring: log-likelihoods of continuations, for benchmarks and bits per byte
+
+    @torch.inference_mode()
+    def loglikelihoods(self, requests, batch_size=32):
+        """The summed log-probability of each request's continuation after its context.
+        requests: (context_ids, continuation_ids) pairs of token id lists, the context not empty,
+        the continuation at most max_position_embeddings tokens; a longer pair loses the start
+        of its context. The pairs are sorted by length and padded on the right into batches of
+        batch_size rows: causal attention makes padding invisible to the tokens before it, and
+        neighbours in length waste little on it. Returns floats in request order."""
+        limit = self.config.max_position_embeddings
+        for i, (context, continuation) in enumerate(requests):
+            if not context or len(continuation) > limit:
+                raise ValueError(f"request {i}: {len(context)} context tokens (1 or more "
+                                 f"needed), {len(continuation)} continuation tokens (at most "
+                                 f"{limit})")
+        sequences = [(list(context) + list(continuation))[-(limit + 1):]
+                     for context, continuation in requests]
+        order = sorted((i for i in range(len(requests)) if requests[i][1]),  # empty: 0.0
+                       key=lambda i: -len(sequences[i]))
+        scores = [0.0] * len(requests)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            idx = torch.zeros(len(batch), len(sequences[batch[0]]) - 1, dtype=torch.long)
+            targets = torch.full_like(idx, -1)  # (B, T): the continuation's tokens, else -1
+            for row, i in enumerate(batch):
+                tokens, scored = torch.tensor(sequences[i]), len(requests[i][1])
+                end = len(tokens) - 1  # the inputs are every token but the last
+                idx[row, :end] = tokens[:-1]
+                targets[row, end - scored:end] = tokens[-scored:]
+            for i, score in zip(batch, self.target_log_probs(idx, targets)):
+                scores[i] = score
+        return scores
+
+    def target_log_probs(self, idx, targets):
+        """The summed log-probability of targets (B, T) after idx (B, T), -1 left out, one float
+        per row. Logits only for the target positions, a chunk of rows at a time."""
+        device = self.lm_head.weight.device
+        hidden = self.hidden_states(idx.to(device))  # (B, T, D)
+        targets = targets.to(device)
+        scored = targets != -1
+        hidden, wanted = hidden[scored], targets[scored]  # (N, D), (N,)
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
+        token_scores = torch.cat([
+            self.lm_head(hidden[i:i + chunk]).float().log_softmax(-1)
+            .gather(1, wanted[i:i + chunk, None]).squeeze(1)
+            for i in range(0, len(wanted), chunk)])  # (N,)
+        rows = scored.nonzero()[:, 0]  # (N,) the row of each scored token
+        return torch.zeros(len(idx), device=device).index_add_(0, rows, token_scores).tolist()
+
+    # ------------------------------------------------------------------------------------------
     # Generation
 
     @torch.no_grad()
