@@ -47,9 +47,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import apply_config
 from doge import (PRESETS, TOKENIZER_FILES, Doge, DogeConfig, atomic_write, atomic_write_text,
                   grow_vocabulary, latest_checkpoint, list_checkpoints, upcycle_to_moe)
-from prepare_data import (DEFAULT_DATA_DIR, ConversationLoader, ShardLoader, list_shards,
-                          load_chat_template, load_tokenizer, one_line, padded_length, prepare,
-                          read_meta, render_chat)
+from prepare_data import (BENCHMARKS, DEFAULT_DATA_DIR, ConversationLoader, ShardLoader,
+                          benchmark_requests, grade, list_shards, load_chat_template,
+                          load_text_tokenizer, load_tokenizer, one_line, padded_length, prepare,
+                          read_benchmark, read_meta, render_chat)
 
 # ----------------------------------------------------------------------------------------------
 # Settings
@@ -85,6 +86,11 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_interval: int = 250  # evaluate every this many steps (and at 0 and the end); 0: end only
     eval_iters: int = 20  # validation micro-batches per process in each evaluation
+    eval_tasks: str = ""  # benchmarks also scored at each evaluation, comma-separated (hellaswag,
+    # arc_easy, arc_challenge, piqa, openbookqa, winogrande: eval.py's), logged as hellaswag_acc,
+    # hellaswag_acc_norm, ...; with the data's tokenizer
+    eval_data_dir: str = "data/eval"  # rows: <task>.jsonl, .jsonl.gz or .parquet, else the hub
+    eval_tasks_limit: int = 500  # the first this many questions of each task; 0: all of them
     log_interval: int = 10  # a log line every this many steps (and at the end)
     save_interval: int = 1000  # a checkpoint every this many steps (and at the end); 0: end only
     sample_tokens: int = 0  # > 0: print a sample this many tokens long at the end
@@ -123,7 +129,7 @@ def check_config(cfg):
     for key in ("batch_size", "block_size", "total_batch_size", "eval_iters", "log_interval"):
         need(getattr(cfg, key) >= 1, f"{key} must be at least 1, got {getattr(cfg, key)}")
     for key in ("max_iters", "warmup_iters", "decay_iters", "eval_interval", "save_interval",
-                "upcycle_experts", "sample_tokens"):
+                "upcycle_experts", "sample_tokens", "eval_tasks_limit"):
         need(getattr(cfg, key) >= 0, f"{key} must not be negative, got {getattr(cfg, key)}")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     need(cfg.sft_epochs >= 0, f"sft_epochs must not be negative, got {cfg.sft_epochs}")
@@ -267,6 +273,41 @@ def evaluate(model, loader, eval_iters, run):
         dist.all_reduce(count)
     model.train()
     return (total / count.clamp(min=1)).item()
+
+
+def benchmark_scorer(cfg, model, run):
+    """eval_tasks made ready once (rows read and tokenized), as a function that scores them:
+    {"hellaswag_acc": ..., "hellaswag_acc_norm": ..., ...}. Each process scores every
+    world_size-th question and the counts are all-reduced: the numbers one process would get."""
+    names = [task for task in cfg.eval_tasks.split(",") if task]
+    tokenizer = load_text_tokenizer(cfg.data_dir, model.config.vocab_size) if names else None
+    tasks = {}
+    for task in names:
+        try:
+            questions = read_benchmark(task, cfg.eval_data_dir, cfg.eval_tasks_limit)
+        except ValueError as e:
+            raise SystemExit(f"error: eval_tasks: {e}") from None
+        questions = questions[run.rank::run.world_size]
+        tasks[task] = questions, benchmark_requests(tokenizer, questions)
+
+    def score():
+        scores = {}
+        model.eval()
+        for task, (questions, requests) in tasks.items():
+            with run.autocast:
+                grades = grade(questions, model.loglikelihoods(requests, cfg.batch_size))
+            counts = torch.tensor([len(grades), sum(a for a, _ in grades),
+                                   sum(a for _, a in grades)], dtype=torch.float64,
+                                  device=run.device)
+            if run.ddp:
+                dist.all_reduce(counts)
+            total, right, right_norm = counts.tolist()
+            scores[f"{task}_acc"] = right / total
+            if BENCHMARKS[task].acc_norm:
+                scores[f"{task}_acc_norm"] = right_norm / total
+        model.train()
+        return scores
+    return score
 
 
 def finite_weights(model):
@@ -815,14 +856,18 @@ def main(argv=None):
             f"micro-steps of {cfg.batch_size} x {cfg.block_size} per step "
             f"({cfg.total_batch_size} tokens)")
 
+    benchmarks = benchmark_scorer(cfg, raw_model, run)
+
     # ---- the loop: one optimizer step of grad_accum micro-steps; log, evaluate, save
     seed_processes(cfg, run, checkpoint)
     data_position = train_loader.state_dict()  # where the next step's data begins
     x, y, weights, step_tokens = fetch(train_loader, run)
     if checkpoint is None and step < cfg.max_iters:  # the loss before any training
         val_loss = evaluate(eval_model, val_loader, cfg.eval_iters, run)
-        log.write([f"step {step:6d}/{cfg.max_iters}", f"val loss {val_loss:.4f}"],
-                  {"step": step, "tokens": 0, "val_loss": val_loss})
+        scores = benchmarks()
+        log.write([f"step {step:6d}/{cfg.max_iters}", f"val loss {val_loss:.4f}",
+                   *(f"{key} {value:.3f}" for key, value in scores.items())],
+                  {"step": step, "tokens": 0, "val_loss": val_loss, **scores})
     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
     stopped = False
     raw_model.train()
@@ -874,6 +919,9 @@ def main(argv=None):
                 record = {"step": step, "tokens": tokens, **record,
                           "val_loss": evaluate(eval_model, val_loader, cfg.eval_iters, run)}
                 parts.append(f"val loss {record['val_loss']:.4f}")
+                scores = benchmarks()
+                record.update(scores)
+                parts += [f"{key} {value:.3f}" for key, value in scores.items()]
             if record:
                 log.write(parts, record)
             saved = cfg.save_interval and step % cfg.save_interval == 0 or last or stopped
