@@ -239,10 +239,11 @@ def test_acc_and_acc_norm_by_hand():
     questions = [Question(["q"] * 2, ["a", "bbbb"], 1),  # sum: a (-2 > -4); per char: bbbb (-1)
                  Question(["q"] * 3, ["xx", "y", "zzz"], 0),  # both pick xx
                  Question(["q"] * 2, ["cc", "dd"], 1),  # a tie: the first wins, wrongly
-                 Question(["q"] * 2, ["e", "ffffff"], 0)]  # sum: e; per char: ffffff (-0.2)
-    loglikelihoods = [-2.0, -4.0, -1.0, -3.0, -2.5, -5.0, -5.0, -1.0, -1.2]
+                 Question(["q"] * 2, ["e", "ffffff"], 0),  # sum: e; per char: ffffff (-0.2)
+                 Question(["q"] * 2, ["a", "bbb"], 1)]  # per char, the space not counted: bbb
+    loglikelihoods = [-2.0, -4.0, -1.0, -3.0, -2.5, -5.0, -5.0, -1.0, -1.2, -1.0, -2.5]
     assert grade(questions, loglikelihoods) == [(False, True), (True, True), (False, False),
-                                                (True, False)]
+                                                (True, False), (False, True)]
 
 
 # ----------------------------------------------------------------------------------------------
