@@ -69,9 +69,12 @@ def load_model(path, device):
 
 
 def device_and_autocast(cfg):
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = cfg.dtype if cfg.dtype != "auto" else \
-        "bfloat16" if device.startswith("cuda") else "float32"
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in ("float32", "bfloat16"):
         raise SystemExit(f"error: dtype {cfg.dtype!r}: choose auto, float32 or bfloat16")
     if dtype == "float32":
@@ -119,15 +122,16 @@ def score_bpb(model, tokenizer, documents, cfg, autocast):
     requests = []
     for ids, _ in documents:
         tokens = [document_start(tokenizer)] + ids
-        requests += [(tokens[i:i + 1], tokens[i + 1:i + 1 + block]) for i in range(0, len(ids), block)]
+        requests += [(tokens[i:i + 1], tokens[i + 1:i + 1 + block])
+                     for i in range(0, len(ids), block)]
     with tqdm(total=len(requests), desc="bpb", unit="window", file=sys.stderr,
               dynamic_ncols=True) as progress:
         nats = 0.0
         for start in range(0, len(requests), cfg.batch_size):
+            part = requests[start:start + cfg.batch_size]
             with autocast:
-                nats -= sum(model.loglikelihoods(requests[start:start + cfg.batch_size],
-                                                 cfg.batch_size))
-            progress.update(len(requests[start:start + cfg.batch_size]))
+                nats -= sum(model.loglikelihoods(part, cfg.batch_size))
+            progress.update(len(part))
     tokens, size = sum(len(ids) for ids, _ in documents), sum(size for _, size in documents)
     result = {"task": "bpb", "data": cfg.data, "bpb": nats / math.log(2) / size,
               "tokens": tokens, "bytes": size, "loss": nats / tokens}

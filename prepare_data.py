@@ -1798,11 +1798,15 @@ def bpb_documents(path, tokenizer, limit=0):
         ends = np.flatnonzero(tokens == tokenizer.eot_id)
         starts, ends = np.concatenate(([0], ends + 1)), np.concatenate((ends, [len(tokens)]))
         pieces = [tokens[start:end].tolist() for start, end in zip(starts, ends) if end > start]
-        return [(ids, len(tokenizer.decode(ids).encode("utf-8"))) for ids in pieces[:limit or None]]
-    if not os.path.isfile(path):
+        documents = [(ids, len(tokenizer.decode(ids).encode("utf-8"))) for ids in pieces[:limit or None]]
+    elif not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
-    texts = list(read_documents(path))[:limit or None]
-    return [(ids, len(text.encode("utf-8"))) for ids, text in zip(tokenizer.encode(texts), texts)]
+    else:
+        texts = list(read_documents(path))[:limit or None]
+        documents = [(ids, len(text.encode("utf-8"))) for ids, text in zip(tokenizer.encode(texts), texts)]
+    if not any(size for _, size in documents):
+        raise ValueError(f"{path}: no text to score")
+    return documents
 
 
 # -----------------------------------------------------------------------------

@@ -212,8 +212,9 @@ ROWS = {"hellaswag": HELLASWAG_ROWS, "arc_easy": ARC_ROWS, "arc_challenge": ARC_
 @pytest.mark.parametrize("task", list(ROWS))
 def test_prompts_are_the_harness_prompts(tmp_path, task):
     write_jsonl(tmp_path / f"{task}.jsonl", ROWS[task])
-    assert read_benchmark(task, str(tmp_path)) == EXPECTED.get(task, EXPECTED["arc_easy"])
-    assert read_benchmark(task, str(tmp_path), limit=1) == EXPECTED.get(task, EXPECTED["arc_easy"])[:1]
+    expected = EXPECTED.get(task, EXPECTED["arc_easy"])  # arc_challenge: the same layout
+    assert read_benchmark(task, str(tmp_path)) == expected
+    assert read_benchmark(task, str(tmp_path), limit=1) == expected[:1]
 
 
 def test_gzip_and_parquet_files_read_the_same(tmp_path):
@@ -323,8 +324,10 @@ def test_missing_file_and_missing_field_are_one_line_errors(model_dir, tmp_path)
     write_jsonl(tmp_path / "winogrande.jsonl", [{**WINOGRANDE_ROWS[0], "sentence": "no blank"}])
     with pytest.raises(ValueError, match="winogrande.jsonl:1: not a winogrande row"):
         read_benchmark("winogrande", str(tmp_path))
+    (tmp_path / "empty.txt").write_text("")
     for argv, words in ((["--tasks=mmlu"], "unknown task mmlu"), (["--task=bpb"], "--data=FILE"),
-                        (["--task=bpb", f"--data={tmp_path}/none.txt"], "none.txt")):
+                        (["--task=bpb", f"--data={tmp_path}/none.txt"], "none.txt: no such"),
+                        (["--task=bpb", f"--data={tmp_path}/empty.txt"], "no text to score")):
         with pytest.raises(SystemExit) as excinfo:
             eval_program.main([f"--init_from={model_dir}", *argv])
         assert words in one_line_exit(excinfo)
