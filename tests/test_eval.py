@@ -14,21 +14,13 @@ import doge
 import eval as eval_program
 import prepare_data
 import train
+from helpers import one_thread, write_bpe_tokenizer  # noqa: F401 (one_thread: a fixture)
 from oracle import randomize, reference_class, tiny_config
 from prepare_data import Question, benchmark_requests, encode_pairs, grade, read_benchmark
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
           "a small language model writes small sentences", "héllo wörld 日本語 🙂"] * 20
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, the more so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -38,25 +30,11 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
-def write_tokenizer(directory):
-    """A small byte-level BPE tokenizer.json, as the Doge tokenizer is; returns its size."""
-    tokenizers = pytest.importorskip("tokenizers")
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL,
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    return tokenizer.get_vocab_size()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Doge saved as a Hugging Face directory with its tokenizer.json."""
     directory = tmp_path_factory.mktemp("model")
-    vocab_size = write_tokenizer(directory)
+    vocab_size = write_bpe_tokenizer(directory, CORPUS, SPECIAL, 400)
     torch.manual_seed(0)
     model = randomize(doge.Doge(tiny_config(vocab_size=vocab_size, max_position_embeddings=256)))
     model.save_pretrained(directory)

@@ -10,6 +10,7 @@ import torch
 
 import doge
 import sample
+from helpers import write_bpe_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -24,22 +25,10 @@ CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, how are y
           "a small language model writes small sentences"] * 20
 
 
-def write_tokenizer(directory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    return tokenizer.get_vocab_size()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("hf")
-    vocab_size = write_tokenizer(directory)
+    vocab_size = write_bpe_tokenizer(directory, CORPUS, SPECIAL, 300)
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "chat_template": TEMPLATE, "bos_token": "<|begin_of_text|>",
         "eos_token": {"content": "<|end_of_text|>"}}))

@@ -20,6 +20,7 @@ import prepare_data  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from doge import Doge, DogeConfig, grow_vocabulary  # noqa: E402
+from helpers import one_thread  # noqa: E402,F401 (an autouse fixture)
 from oracle import assert_close_to_scale  # noqa: E402
 from prepare_data import (ConversationLoader, collate, load_tokenizer, prepare_chat,  # noqa: E402
                           read_conversation_shard, train_sentencepiece, write_conversation_shard)
@@ -42,14 +43,6 @@ CORPUS = [f"{q} {a}" for q, a in TOY] * 4 + [
 TRAIN = ["--block_size=128", "--batch_size=6", "--total_batch_size=768", "--device=cpu",
          "--compile=False", "--seed=0", "--log_interval=1", "--eval_iters=1",
          "--save_interval=0"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def messages_of(question, answer, system=None):

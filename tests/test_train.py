@@ -17,6 +17,7 @@ sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 from configurator import apply_config  # noqa: E402
+from helpers import one_thread  # noqa: E402,F401 (an autouse fixture)
 from prepare_data import ShardLoader, read_shard  # noqa: E402
 from train import TrainConfig, wsd_lr  # noqa: E402
 
@@ -31,16 +32,6 @@ TINY = ["--model=None", f"--vocab_size={VOCAB}", "--hidden_size=32", "--intermed
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and much faster than on two when the machine is
-    busy with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_shard(path, tokens):
