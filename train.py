@@ -328,8 +328,9 @@ def stop_if_diverged(step, cfg, **values):
              f"init_from=resume and a new schedule)") if newest else "no checkpoint was saved yet"
     what = ", ".join(f"{name.replace('_', ' ')} is {value}" for name, value in bad.items())
     raise SystemExit(
-        f"error: the run diverged at step {step}: {what}; {where}; try a lower learning_rate (now {cfg.learning_rate:g}), or grad_clip "
-        f"(now {cfg.grad_clip:g}), or a longer warmup_iters (now {cfg.warmup_iters})")
+        f"error: the run diverged at step {step}: {what}; {where}; try a lower learning_rate "
+        f"(now {cfg.learning_rate:g}), or grad_clip (now {cfg.grad_clip:g}), or a longer "
+        f"warmup_iters (now {cfg.warmup_iters})")
 
 
 def rng_state():
