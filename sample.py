@@ -22,8 +22,9 @@ import torch
 
 from configurator import apply_config
 from doge import Doge
-from prepare_data import (END_OF_TURN_TOKENS, load_chat_template, load_text_tokenizer, read_json,
-                          render_chat, token_text, tokenizer_directory)
+from prepare_data import (END_OF_TURN_TOKENS, document_start, load_chat_template,
+                          load_text_tokenizer, read_json, render_chat, token_text,
+                          tokenizer_directory)
 
 
 @dataclass
@@ -138,9 +139,8 @@ def chat_loop(model, tokenizer, chat_template, cfg, stop, device):
 
 def prompt_ids(tokenizer, text):
     """The prompt as the model is given it (see Tokenizer.encode_prompt). An empty prompt of a
-    tokenizer.json that adds nothing starts from its begin-of-text token (or end-of-text)."""
-    ids = tokenizer.encode_prompt(text)
-    return ids or [tokenizer.eot_id if tokenizer.bos_id is None else tokenizer.bos_id]
+    tokenizer.json that adds nothing starts from document_start (begin-of-text, or end-of-text)."""
+    return tokenizer.encode_prompt(text) or [document_start(tokenizer)]
 
 
 def resolve_device_dtype(cfg):

@@ -93,6 +93,7 @@ def test_prompt_and_greedy_continuation_equal_transformers(model_dir, capsys, tm
     bos = tokenizer.token_to_id("<|begin_of_text|>")
     assert sample.prompt_ids(tokenizer, prompt) == expected_ids
     assert (expected_ids[0] == bos) == bos_post_processor  # the two kinds really differ
+    assert sample.prompt_ids(tokenizer, "") == [bos]  # nothing to continue: a document's start
     reference = reference_class().from_pretrained(directory).eval()
     with torch.no_grad():
         generated = reference.generate(torch.tensor([expected_ids]), max_new_tokens=20,
