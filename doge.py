@@ -1465,7 +1465,16 @@ def load_pretrained(path, device="cpu", dtype=None):
 
 
 # what a model directory holds of its tokenizer (the names prepare_data.py writes too)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "chat_template.jinja")
+
+
+def copy_tokenizer_files(source_dir, target_dir, names=TOKENIZER_FILES):
+    """Whichever of the named files source_dir holds, copied into target_dir (each atomically)."""
+    for name in names:
+        source = os.path.join(source_dir, name)
+        if os.path.isfile(source):
+            atomic_write(os.path.join(target_dir, name), lambda temp: shutil.copyfile(source, temp))
 
 
 def save_pretrained(model, path, tokenizer_dir=None):
@@ -1485,10 +1494,8 @@ def save_pretrained(model, path, tokenizer_dir=None):
                   "eos_token_id": model.config.eos_token_id}
     atomic_write_text(os.path.join(path, "generation_config.json"),
                       json.dumps(generation, indent=2))
-    for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
-        source = os.path.join(tokenizer_dir, name)
-        if os.path.isfile(source):
-            atomic_write(os.path.join(path, name), lambda temp: shutil.copyfile(source, temp))
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, path)
 
 
 def upcycle_to_moe(model, num_experts, num_experts_per_tok, **config_overrides):

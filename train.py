@@ -32,7 +32,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -46,7 +45,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
 from doge import (PRESETS, TOKENIZER_FILES, Doge, DogeConfig, atomic_write, atomic_write_text,
-                  grow_vocabulary, latest_checkpoint, list_checkpoints, upcycle_to_moe)
+                  copy_tokenizer_files, grow_vocabulary, latest_checkpoint, list_checkpoints,
+                  upcycle_to_moe)
 from prepare_data import (BENCHMARKS, DEFAULT_DATA_DIR, ConversationLoader, ShardLoader,
                           benchmark_requests, grade, list_shards, load_chat_template,
                           load_text_tokenizer, load_tokenizer, one_line, padded_length, prepare,
@@ -486,10 +486,7 @@ def copy_tokenizer(data_dir, out_dir, meta):
     """The data's tokenizer files beside the checkpoints, where sample.py and the export look for
     them (each written atomically)."""
     names = {meta.get("tokenizer", {}).get("path"), *TOKENIZER_FILES}
-    for name in sorted(filter(None, names)):
-        source = os.path.join(data_dir, name)
-        if os.path.isfile(source):
-            atomic_write(os.path.join(out_dir, name), lambda temp: shutil.copyfile(source, temp))
+    copy_tokenizer_files(data_dir, out_dir, sorted(filter(None, names)))
 
 
 class StopRequest:
