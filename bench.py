@@ -456,7 +456,7 @@ def write_synthetic_data(directory, vocab_size, train_tokens=2 ** 21 + 1, val_to
 def train_py_figures(args):
     """train.py's tokens/s and MFU in the last log window of a run with these arguments."""
     with tempfile.TemporaryDirectory() as out_dir:
-        command = [sys.executable, "train.py", *args, f"--out_dir={out_dir}", "--sample_tokens=0"]
+        command = [sys.executable, "train.py", *args, f"--out_dir={out_dir}"]
         result = subprocess.run(command, capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__)))
         if result.returncode != 0:

@@ -1072,6 +1072,25 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
     return meta
 
 
+def ensure_prepared(data_dir, prepare_default=True):
+    """Refuse (ValueError, saying how to make it) a data directory without training shards, unless it is the
+    default one: the default corpus is then prepared there (if prepare_default; train.py's first run)."""
+    try:
+        list_shards(data_dir, "train")
+        return
+    except ValueError as e:
+        if os.path.abspath(data_dir) != os.path.abspath(DEFAULT_DATA_DIR):
+            raise ValueError(f"{e} (make it with `python prepare_data.py --input=YOUR_TEXT --out_dir={data_dir}`, "
+                             f"conversations with `prepare_data.py --chat`, or use the default corpus: "
+                             f"data_dir={DEFAULT_DATA_DIR})") from None
+    if prepare_default:
+        log(f"no data in {data_dir}: preparing the default corpus there")
+        try:
+            prepare(data_dir)  # no inputs: the default corpus
+        except ValueError as e:
+            raise ValueError(f"preparing the default corpus: {e}") from None
+
+
 def check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens, workers):
     if inputs and source:
         raise ValueError("give --input or --source, not both")

@@ -48,9 +48,8 @@ from doge import (PRESETS, TOKENIZER_FILES, Doge, DogeConfig, atomic_write, atom
                   copy_tokenizer_files, grow_vocabulary, latest_checkpoint, list_checkpoints,
                   upcycle_to_moe)
 from prepare_data import (BENCHMARKS, DEFAULT_DATA_DIR, ConversationLoader, ShardLoader,
-                          benchmark_requests, grade, list_shards, load_chat_template,
-                          load_text_tokenizer, load_tokenizer, one_line, padded_length, prepare,
-                          read_benchmark, read_meta, render_chat)
+                          benchmark_requests, ensure_prepared, grade, load_text_tokenizer,
+                          one_line, padded_length, read_benchmark, read_meta)
 
 # ----------------------------------------------------------------------------------------------
 # Settings
@@ -93,8 +92,6 @@ class TrainConfig:
     eval_tasks_limit: int = 500  # the first this many questions of each task; 0: all of them
     log_interval: int = 10  # a log line every this many steps (and at the end)
     save_interval: int = 1000  # a checkpoint every this many steps (and at the end); 0: end only
-    sample_tokens: int = 0  # > 0: print a sample this many tokens long at the end
-    sample_prompt: str = ""  # the sample's prompt (SFT: the user's message); empty: a new document
     sft_epochs: float = 0.0  # conversation data: > 0 makes max_iters this many passes over it
     wandb_log: bool = False  # also log to Weights & Biases (pip install wandb)
     wandb_project: str = "doge"
@@ -129,7 +126,7 @@ def check_config(cfg):
     for key in ("batch_size", "block_size", "total_batch_size", "eval_iters", "log_interval"):
         need(getattr(cfg, key) >= 1, f"{key} must be at least 1, got {getattr(cfg, key)}")
     for key in ("max_iters", "warmup_iters", "decay_iters", "eval_interval", "save_interval",
-                "upcycle_experts", "sample_tokens", "eval_tasks_limit"):
+                "upcycle_experts", "eval_tasks_limit"):
         need(getattr(cfg, key) >= 0, f"{key} must not be negative, got {getattr(cfg, key)}")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     need(cfg.sft_epochs >= 0, f"sft_epochs must not be negative, got {cfg.sft_epochs}")
@@ -222,28 +219,13 @@ def open_loaders(cfg, meta, vocab_size, run):
     return train_loader, val_loader
 
 
-def ensure_data(data_dir, master, ddp):
-    """The data directory's meta.json (a dict, maybe empty). The default corpus is made if it is
-    missing; any other missing data directory is refused with a hint."""
+def ensure_data(data_dir, run):
+    """data_dir's meta.json (a dict, maybe empty), the default corpus prepared there first if it is
+    missing (by the master; the others wait)."""
     try:
-        list_shards(data_dir, "train")
-        missing = None
-    except ValueError as e:
-        missing = e
-    if missing and os.path.abspath(data_dir) != os.path.abspath(DEFAULT_DATA_DIR):
-        raise SystemExit(f"error: {missing} (make it with `python prepare_data.py "
-                         f"--input=YOUR_TEXT --out_dir={data_dir}`, conversations with "
-                         f"`prepare_data.py --chat`, or use the default corpus: "
-                         f"data_dir={DEFAULT_DATA_DIR})")
-    if missing and master:
-        print(f"no data in {data_dir}: preparing the default corpus there", file=sys.stderr)
-        try:
-            prepare(data_dir)  # no inputs: the default corpus
-        except ValueError as e:
-            raise SystemExit(f"error: preparing the default corpus: {e}") from None
-    if ddp:  # the others wait for the master's preparation
-        dist.barrier()
-    try:
+        ensure_prepared(data_dir, prepare_default=run.master)
+        if run.ddp:
+            dist.barrier()
         return read_meta(data_dir) or {}
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -526,35 +508,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def print_sample(model, cfg, meta, device):
-    """Generate from the trained model and print it (stdout): text after an end of text, or, for
-    conversation data, the greedy answer to sample_prompt as the user's message."""
-    path = os.path.join(cfg.data_dir, meta.get("tokenizer", {}).get("path", "tokenizer.model"))
-    if not os.path.isfile(path):
-        print(f"no tokenizer at {path}: no sample", file=sys.stderr)
-        return
-    chat = meta.get("kind") == "conversations"
-    tokenizer = load_tokenizer(path, parse_special_tokens=chat)  # a chat prompt has special tokens
-    if chat:
-        question = cfg.sample_prompt or "Hello!"
-        messages = [{"role": "user", "content": question}]
-        prompt = render_chat(load_chat_template(cfg.data_dir), messages)
-        start, stop, settings = tokenizer.encode([prompt])[0], meta["eos_ids"], {"temperature": 0}
-    else:  # in the shards every document follows the end-of-text token of the one before
-        start = [tokenizer.eot_id] + (tokenizer.encode([cfg.sample_prompt])[0] if cfg.sample_prompt
-                                      else [])
-        stop, settings = [tokenizer.eot_id], {"temperature": 0.8, "top_k": 50}
-    model.eval()
-    out = model.generate(torch.tensor([start], device=device), cfg.sample_tokens,
-                         eos_token_id=stop, **settings)[0].tolist()
-    new = out[len(start):]
-    new = new[:next((i for i, token in enumerate(new) if token in stop), len(new))]
-    print("-" * 36 + " sample " + "-" * 36)
-    print(f"user: {question}\n{tokenizer.decode(new)}" if chat
-          else tokenizer.decode(out[1:len(start)] + new))
-    print("-" * 80, flush=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # The run, in phases: set-up, the model and its optimizer, the data, the loop (main), the end
 
@@ -820,7 +773,7 @@ def main(argv=None):
     overrides = {k: v for k, v in asdict(model_settings).items() if v is not None}
     run = set_up(cfg)
     clear_earlier_run(cfg, run)
-    meta = ensure_data(cfg.data_dir, run.master, run.ddp)
+    meta = ensure_data(cfg.data_dir, run)
 
     # ---- the model and its optimizer
     raw_model, checkpoint = load_model(cfg, overrides, meta, run)  # raw: what is saved
@@ -934,15 +887,15 @@ def main(argv=None):
             if record or saved:  # time the next window from here
                 window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
 
-    # ---- the end: the Hugging Face export of a chat model, a sample
+    # ---- the end: the Hugging Face export of a chat model, where to sample it
     log.close()
-    if run.master and not stopped:
-        if meta.get("kind") == "conversations":
-            directory = os.path.join(cfg.out_dir, "hf")
-            raw_model.save_pretrained(directory, tokenizer_dir=cfg.out_dir)
-            run.say(f"exported {directory}: transformers and sample.py --chat load it")
-        if cfg.sample_tokens:
-            print_sample(raw_model, cfg, meta, run.device)
+    if run.master and not stopped and meta.get("kind") == "conversations":
+        directory = os.path.join(cfg.out_dir, "hf")
+        raw_model.save_pretrained(directory, tokenizer_dir=cfg.out_dir)
+        run.say(f"exported {directory} (transformers loads it); chat with it: python sample.py "
+                f"--init_from={directory} --chat")
+    elif run.master and not stopped:
+        run.say(f"sample it: python sample.py --out_dir={cfg.out_dir}")
     if run.ddp:
         dist.destroy_process_group()
 

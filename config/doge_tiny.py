@@ -1,7 +1,7 @@
 # A small Doge trained on the default corpus (the Python standard library's own source, prepared
-# by prepare_data.py into data/default on first use) in a few minutes on a laptop CPU, then a
-# sample of what it writes.
-#     python train.py config/doge_tiny.py
+# by prepare_data.py into data/default on first use) in a few minutes on a laptop CPU; then
+# sample.py shows what it writes.
+#     python train.py config/doge_tiny.py && python sample.py
 # The vocabulary comes from data/default/meta.json (the corpus' tokenizer).
 
 out_dir = "out/doge-tiny"
@@ -33,4 +33,3 @@ eval_interval = 100
 eval_iters = 10
 log_interval = 10
 save_interval = 100
-sample_tokens = 200

@@ -44,5 +44,3 @@ log_interval = 10
 save_interval = 1000
 dtype = "bfloat16"
 compile = True
-sample_tokens = 100
-sample_prompt = "Hi, how are you doing today?"

@@ -32,5 +32,3 @@ eval_interval = 25
 eval_iters = 1  # 8 rows: the 3 held-out conversations, again and again
 log_interval = 5
 save_interval = 0  # the end only
-sample_tokens = 60
-sample_prompt = "What is len() for?"

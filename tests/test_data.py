@@ -319,6 +319,25 @@ def test_default_corpus_is_the_standard_library(tmp_path):
     assert prepare_data.DEFAULT_DATA_DIR == "data/default"
 
 
+
+def test_ensure_prepared_makes_only_the_default_corpus(tmp_path, monkeypatch):
+    """train.py's first run: the default data directory is prepared when it has no shards (by the
+    process told to), any other one without shards is refused with how to make it, and one with
+    shards is left alone."""
+    calls = []
+    monkeypatch.setattr(prepare_data, "prepare", lambda out_dir: calls.append(out_dir))
+    monkeypatch.setattr(prepare_data, "DEFAULT_DATA_DIR", str(tmp_path / "default"))
+    with pytest.raises(ValueError, match=r"no train shards .*prepare_data.py --input=YOUR_TEXT"):
+        prepare_data.ensure_prepared(str(tmp_path / "mine"))
+    prepare_data.ensure_prepared(str(tmp_path / "default"), prepare_default=False)
+    assert calls == []  # another process prepares it
+    prepare_data.ensure_prepared(str(tmp_path / "default"))
+    assert calls == [str(tmp_path / "default")]
+    (tmp_path / "mine").mkdir()
+    write_shard(str(tmp_path / "mine" / "x_train_000000.bin"), np.arange(10, dtype=np.uint16))
+    prepare_data.ensure_prepared(str(tmp_path / "mine"))
+    assert len(calls) == 1
+
 # -----------------------------------------------------------------------------
 # --source, through a stand-in for the `datasets` package that reads a local file
 

@@ -134,11 +134,11 @@ def test_configurator_types_and_sources(tmp_path):
                            "learning_rate = 1  # an int is fine for a float\nout_dir = 'out/x'\n")
     cfg = apply_config(TrainConfig(), [str(config_file), "--max_iters=7", "--compile",
                                        "--data_dir=some/dir", "--resume_ckpt=None",
-                                       "--sample_prompt='1e3'", "--out_dir=1e3"])
+                                       "--wandb_run_name='1e3'", "--out_dir=1e3"])
     assert cfg.max_iters == 7  # the command line comes after the file
     assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
     assert cfg.compile is True and cfg.data_dir == "some/dir" and cfg.resume_ckpt is None
-    assert cfg.sample_prompt == "1e3" and cfg.out_dir == "1e3"
+    assert cfg.wandb_run_name == "1e3" and cfg.out_dir == "1e3"
     assert TrainConfig().max_iters == 8000  # the defaults are untouched
     # dicts, None defaults and several targets at once
     settings, other = apply_config([{"a": 1, "b": None}, {"c": (0.9, 0.95)}],
