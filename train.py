@@ -11,17 +11,10 @@ Train a Doge: on a CPU, on one GPU, or on several with DDP; pretraining or instr
     python train.py config/sft_doge_tiny.py              # SFT: conversation shards in data_dir
 
 Settings are the fields of TrainConfig below plus every DogeConfig field, given flat
-(--hidden_size=128), from a config file and then --key=value overrides (configurator.py).
-
-The data arrives prepared (prepare_data.py): a token stream for pretraining, or conversations
-(prepare_data.py --chat) for supervised fine-tuning, read through one loader interface. main()
-reads in phases: set-up, the model and its optimizer, the data, the loop, the end.
-
-Files in out_dir: ckpt_{step:06d}.pt (model, optimizer, step, configs, data position, every RNG
-state; written to a temporary file and renamed), log.jsonl (one object per logged step),
-loss.png (if matplotlib is installed), runs/*.json (settings, versions and the source of
-train.py and doge.py for each launch), a copy of the data's tokenizer (for sample.py), and
-after a chat run hf/: the model as a Hugging Face directory (transformers and sample.py --chat).
+(--hidden_size=128), from a config file and then --key=value overrides (configurator.py). The data
+arrives prepared by prepare_data.py: a token stream (pretraining) or conversations (--chat, for
+supervised fine-tuning), read through one loader interface. main() reads in phases: set-up, the
+model and its optimizer, the data, the loop, the end. What a run writes in out_dir: README.md.
 """
 
 import contextlib
@@ -257,10 +250,11 @@ def evaluate(model, loader, eval_iters, run):
     return (total / count.clamp(min=1)).item()
 
 
-def benchmark_scorer(cfg, model, run):
-    """eval_tasks made ready once (rows read and tokenized), as a function that scores them:
-    {"hellaswag_acc": ..., "hellaswag_acc_norm": ..., ...}. Each process scores every
-    world_size-th question and the counts are all-reduced: the numbers one process would get."""
+def evaluator(cfg, model, eval_model, val_loader, run):
+    """A function that evaluates: {"val_loss": ..., "hellaswag_acc": ..., "hellaswag_acc_norm":
+    ..., ...}, the validation loss and each of eval_tasks. The tasks are made ready here, once
+    (rows read and tokenized); each process scores every world_size-th question and the counts
+    are all-reduced: the numbers one process would get."""
     names = [task for task in cfg.eval_tasks.split(",") if task]
     tokenizer = load_text_tokenizer(cfg.data_dir, model.config.vocab_size) if names else None
     tasks = {}
@@ -272,8 +266,8 @@ def benchmark_scorer(cfg, model, run):
         questions = questions[run.rank::run.world_size]
         tasks[task] = questions, benchmark_requests(tokenizer, questions)
 
-    def score():
-        scores = {}
+    def evaluation():
+        scores = {"val_loss": evaluate(eval_model, val_loader, cfg.eval_iters, run)}
         model.eval()
         for task, (questions, requests) in tasks.items():
             with run.autocast:
@@ -289,7 +283,7 @@ def benchmark_scorer(cfg, model, run):
                 scores[f"{task}_acc_norm"] = right_norm / total
         model.train()
         return scores
-    return score
+    return evaluation
 
 
 def finite_weights(model):
@@ -697,6 +691,11 @@ def seed_processes(cfg, run, checkpoint):
         torch.manual_seed(cfg.seed + checkpoint["step"] + run.rank)
 
 
+LINE_FORMATS = (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "norm {:.2f}"),
+                ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}"), ("eta", "ETA {}"),
+                ("val_loss", "val loss {:.4f}"))  # a log line's parts, in order
+
+
 class RunLog:
     """Where a run reports: stdout lines (through the tqdm bar when stderr is a terminal), and on
     the master log.jsonl, loss.png and Weights & Biases (wandb_log)."""
@@ -719,11 +718,17 @@ class RunLog:
             self.progress = tqdm(total=cfg.max_iters, initial=start_step, unit="step",
                                  dynamic_ncols=True)
 
-    def write(self, parts, record):
-        """One line of parts on stdout, the record in the log."""
+    def write(self, record, eta=None):
+        """The record in the log, and as one line on stdout: step | loss | lr | norm | tok/s |
+        MFU | ETA | val loss | benchmark scores, whichever it holds."""
         self.records.append(record)
         if not self.master:
             return
+        values = {**record, "eta": eta}
+        parts = [f"step {record['step']:6d}/{self.cfg.max_iters}"]
+        parts += [form.format(values[key]) for key, form in LINE_FORMATS
+                  if values.get(key) is not None]
+        parts += [f"{key} {value:.3f}" for key, value in record.items() if "_acc" in key]
         (self.progress.write if self.progress is not None else print)(" | ".join(parts))
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -807,18 +812,14 @@ def main(argv=None):
             f"micro-steps of {cfg.batch_size} x {cfg.block_size} per step "
             f"({cfg.total_batch_size} tokens)")
 
-    benchmarks = benchmark_scorer(cfg, raw_model, run)
+    evaluation = evaluator(cfg, raw_model, eval_model, val_loader, run)
 
     # ---- the loop: one optimizer step of grad_accum micro-steps; log, evaluate, save
     seed_processes(cfg, run, checkpoint)
     data_position = train_loader.state_dict()  # where the next step's data begins
     x, y, weights, step_tokens = fetch(train_loader, run)
     if checkpoint is None and step < cfg.max_iters:  # the loss before any training
-        val_loss = evaluate(eval_model, val_loader, cfg.eval_iters, run)
-        scores = benchmarks()
-        log.write([f"step {step:6d}/{cfg.max_iters}", f"val loss {val_loss:.4f}",
-                   *(f"{key} {value:.3f}" for key, value in scores.items())],
-                  {"step": step, "tokens": 0, "val_loss": val_loss, **scores})
+        log.write({"step": step, "tokens": 0, **evaluation()})
     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
     stopped = False
     raw_model.train()
@@ -848,33 +849,24 @@ def main(argv=None):
             stopped = stop()
             last = step == cfg.max_iters
 
-            record, parts = {}, [f"step {step:6d}/{cfg.max_iters}"]
+            record, eta = {}, None
             if step % cfg.log_interval == 0 or last or stopped:
                 if run.ddp:  # the mean over every supervised target of every process
                     dist.all_reduce(step_loss)
                     step_loss /= run.world_size
-                train_loss = step_loss.item()  # the one host-device sync of a logged step
                 elapsed = time.perf_counter() - window_start
                 tokens_per_sec = window_tokens / elapsed
-                mfu = flops * tokens_per_sec / peak if peak else None
-                record = {"step": step, "tokens": tokens, "loss": train_loss, "lr": lr,
+                record = {"step": step, "tokens": tokens, "loss": step_loss.item(), "lr": lr,
                           "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
-                          "mfu": mfu, "time": time.time()}
-                parts += [f"loss {train_loss:.4f}", f"lr {lr:.2e}",
-                          f"norm {record['grad_norm']:.2f}", f"{tokens_per_sec:,.0f} tok/s"]
-                parts += [f"MFU {mfu:.1%}"] if mfu is not None else []
-                parts += [f"ETA {format_duration((cfg.max_iters - step) * elapsed / window_steps)}"]
-                stop_if_diverged(step, cfg, loss=train_loss, grad_norm=record["grad_norm"])
+                          "mfu": flops * tokens_per_sec / peak if peak else None,
+                          "time": time.time()}  # .item(): the host waits, on logged steps only
+                eta = format_duration((cfg.max_iters - step) * elapsed / window_steps)
+                stop_if_diverged(step, cfg, loss=record["loss"], grad_norm=record["grad_norm"])
             log.step_done(record.get("loss"))
             if (cfg.eval_interval and step % cfg.eval_interval == 0 or last) and not stopped:
-                record = {"step": step, "tokens": tokens, **record,
-                          "val_loss": evaluate(eval_model, val_loader, cfg.eval_iters, run)}
-                parts.append(f"val loss {record['val_loss']:.4f}")
-                scores = benchmarks()
-                record.update(scores)
-                parts += [f"{key} {value:.3f}" for key, value in scores.items()]
+                record = {"step": step, "tokens": tokens, **record, **evaluation()}
             if record:
-                log.write(parts, record)
+                log.write(record, eta)
             saved = cfg.save_interval and step % cfg.save_interval == 0 or last or stopped
             if saved:  # never a checkpoint of non-finite weights, logged step or not
                 stop_if_diverged(step, cfg, grad_norm=grad_norm.item(),
