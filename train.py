@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -97,20 +98,29 @@ class TrainConfig:
     peak_flops: float = 0.0  # one device's peak FLOP/s for MFU; 0: a table of GPUs, a CPU estimate
 
 
-def model_overrides_dataclass():
-    """Every DogeConfig field as a setting whose default None means "the preset's value"."""
-    return dataclasses.make_dataclass(
-        "ModelOverrides", [(f.name, f.type | None, None) for f in dataclasses.fields(DogeConfig)])
+# Every DogeConfig field as a setting too, whose default None means "the preset's value"
+ModelOverrides = dataclasses.make_dataclass(
+    "ModelOverrides", [(f.name, f.type | None, None) for f in dataclasses.fields(DogeConfig)])
 
 
-ModelOverrides = model_overrides_dataclass()
+def need(ok, message):
+    """Settings or data that cannot work end the run with one line naming the problem."""
+    if not ok:
+        raise SystemExit(f"error: {message}")
+
+
+@contextlib.contextmanager
+def refused(prefix=""):
+    """The data side's ValueErrors (a damaged shard, data that does not fit the settings or the
+    model) as one line, not a traceback."""
+    try:
+        yield
+    except ValueError as e:
+        raise SystemExit(f"error: {prefix}{e}") from None
 
 
 def check_config(cfg):
     """Refuse settings that cannot work, with one line each."""
-    def need(ok, message):
-        if not ok:
-            raise SystemExit(f"error: {message}")
     need(cfg.init_from != "", "init_from is empty: give 'scratch', 'resume' or a path")
     need(cfg.dtype in ("auto", "bfloat16", "float32"),
          f"dtype {cfg.dtype!r} is not 'auto', 'bfloat16' or 'float32'")
@@ -166,20 +176,14 @@ def configure_optimizer(model, cfg, device_type):
 
 
 def read_batch(loader, micro_steps, device):
-    """loader.next_batch(micro_steps) as lists of tensors on their way to the device."""
-    try:
+    """loader.next_batch(micro_steps) as lists of tensors on their way to the device: on CUDA
+    through pinned memory, without waiting for the copy (the host reads on meanwhile)."""
+    with refused():
         x, y = loader.next_batch(micro_steps)
-    except ValueError as e:  # the data does not fit the settings or the model
-        raise SystemExit(f"error: {e}") from None
-    return [[to_device(torch.from_numpy(np.ascontiguousarray(t)), device) for t in batch]
-            for batch in (x, y)]
-
-
-def to_device(tensor, device):
-    """On CUDA: through pinned memory, without waiting for the copy (the host reads on)."""
+    tensors = [[torch.from_numpy(np.ascontiguousarray(t)) for t in batch] for batch in (x, y)]
     if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+        return [[t.pin_memory().to(device, non_blocking=True) for t in ts] for ts in tensors]
+    return [[t.to(device) for t in ts] for ts in tensors]
 
 
 def micro_step_weights(y, world_size):
@@ -200,12 +204,10 @@ def open_loaders(cfg, meta, vocab_size, run):
     meta.json says."""
     chat = meta.get("kind") == "conversations"
     loader, options = (ConversationLoader, {"bucket": run.compile}) if chat else (ShardLoader, {})
-    try:
+    with refused():
         train_loader, val_loader = (
             loader(cfg.data_dir, split, cfg.batch_size, cfg.block_size, run.rank,
                    run.world_size, vocab_size, cfg.seed, **options) for split in ("train", "val"))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     for name, data in (("train", train_loader), ("val", val_loader)) if chat else ():
         run.say(f"{name}: {len(data):,} conversations, {data.cut:,} cut at block_size "
                 f"{cfg.block_size}, {data.dropped:,} dropped (no answer within it)")
@@ -215,13 +217,11 @@ def open_loaders(cfg, meta, vocab_size, run):
 def ensure_data(data_dir, run):
     """data_dir's meta.json (a dict, maybe empty), the default corpus prepared there first if it is
     missing (by the master; the others wait)."""
-    try:
+    with refused():
         ensure_prepared(data_dir, prepare_default=run.master)
         if run.ddp:
             dist.barrier()
         return read_meta(data_dir) or {}
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,10 +259,8 @@ def evaluator(cfg, model, eval_model, val_loader, run):
     tokenizer = load_text_tokenizer(cfg.data_dir, model.config.vocab_size) if names else None
     tasks = {}
     for task in names:
-        try:
+        with refused("eval_tasks: "):
             questions = read_benchmark(task, cfg.eval_data_dir, cfg.eval_tasks_limit)
-        except ValueError as e:
-            raise SystemExit(f"error: eval_tasks: {e}") from None
         questions = questions[run.rank::run.world_size]
         tasks[task] = questions, benchmark_requests(tokenizer, questions)
 
@@ -332,23 +330,16 @@ def set_rng_state(state):
 def save_checkpoint(path, model, optimizer, step, cfg, data_position, master, **extra):
     """Write ckpt (on the master process), atomically. Called by every process: the RNG states
     of all of them are gathered so that a resume restores each one."""
-    rng = rng_state()
+    rng = [rng_state()]
     if dist.is_initialized():
-        states = [None] * dist.get_world_size()
-        dist.all_gather_object(states, rng)
-        rng = states
-    else:
-        rng = [rng]
+        rng = [None] * dist.get_world_size()
+        dist.all_gather_object(rng, rng_state())
     if not master:
         return
     checkpoint = {"model": model.state_dict(),  # the plain module: no DDP, no torch.compile
-                  "model_config": asdict(model.config),
-                  "optimizer": optimizer.state_dict(),
-                  "step": step,
-                  "train_config": asdict(cfg),
-                  "data_position": data_position,
-                  "rng": rng,
-                  **extra}
+                  "model_config": asdict(model.config), "optimizer": optimizer.state_dict(),
+                  "step": step, "train_config": asdict(cfg), "data_position": data_position,
+                  "rng": rng, **extra}
     atomic_write(path, lambda temp: torch.save(checkpoint, temp))
 
 
@@ -386,17 +377,15 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 3
 def cpu_peak_flops(threads):
     """A rough float32 peak for a CPU: threads x clock x FLOPs per cycle (two FMA pipes of 8 floats
     with AVX2, and of 16 with AVX-512 on Intel; AMD Zen 4 runs AVX-512 at AVX2 width)."""
-    clock, flops_per_cycle = 3.0e9, 32
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
         clock = float(re.search(r"cpu MHz\s*:\s*([\d.]+)", info).group(1)) * 1e6
         flags = re.search(r"flags\s*:(.*)", info).group(1).split()
-        intel = "GenuineIntel" in info
-        flops_per_cycle = 64 if intel and "avx512f" in flags else 32 if "fma" in flags else 16
     except (OSError, AttributeError, ValueError):
-        pass
-    return threads * clock * flops_per_cycle
+        return threads * 3.0e9 * 32
+    wide = "GenuineIntel" in info and "avx512f" in flags
+    return threads * clock * (64 if wide else 32 if "fma" in flags else 16)
 
 
 def peak_flops(device_type, dtype):
@@ -428,8 +417,7 @@ def plot_losses(path, records):
         points = [(r["tokens"], r[key]) for r in records if key in r]
         if points:
             ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("loss")
+    ax.set(xlabel="tokens", ylabel="loss")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -439,11 +427,8 @@ def plot_losses(path, records):
 
 def write_run_record(cfg, model_config, argv, world_size, device):
     """out_dir/runs/<time>.json: settings, versions and this code, so a result can be redone."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    source = {}
-    for name in ("train.py", "doge.py", "configurator.py"):
-        with open(os.path.join(here, name)) as f:
-            source[name] = f.read()
+    here = Path(__file__).resolve().parent
+    source = {name: (here / name).read_text() for name in ("train.py", "doge.py", "configurator.py")}
     record = {"argv": argv, "train_config": asdict(cfg), "model_config": asdict(model_config),
               "world_size": world_size, "device": str(device),
               "device_name": torch.cuda.get_device_name() if device.type == "cuda"
@@ -454,8 +439,7 @@ def write_run_record(cfg, model_config, argv, world_size, device):
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "source": source}
     os.makedirs(os.path.join(cfg.out_dir, "runs"), exist_ok=True)
     name = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}.json"
-    path = os.path.join(cfg.out_dir, "runs", name)
-    atomic_write_text(path, json.dumps(record, indent=1))
+    atomic_write_text(os.path.join(cfg.out_dir, "runs", name), json.dumps(record, indent=1))
 
 
 def copy_tokenizer(data_dir, out_dir, meta):
@@ -471,11 +455,9 @@ class StopRequest:
     step (a tiny all-reduce on a CPU group), so they all save and stop together."""
 
     def __init__(self, ddp, backend):
-        self.requested = False
-        self.group = None
+        self.requested, self.group, self.previous = False, None, {}
         if ddp:  # NCCL would need a GPU tensor and a sync; a gloo group keeps it on the host
             self.group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-        self.previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -551,10 +533,10 @@ def set_up(cfg):
         if device.type == "cuda":
             torch.cuda.set_device(device)
     tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
-    if cfg.total_batch_size % tokens_per_micro_step:
-        raise SystemExit(f"error: total_batch_size {cfg.total_batch_size} is not a multiple of "
-                         f"batch_size * block_size * processes = {cfg.batch_size} * "
-                         f"{cfg.block_size} * {world_size} = {tokens_per_micro_step}")
+    need(cfg.total_batch_size % tokens_per_micro_step == 0,
+         f"total_batch_size {cfg.total_batch_size} is not a multiple of batch_size * block_size "
+         f"* processes = {cfg.batch_size} * {cfg.block_size} * {world_size} = "
+         f"{tokens_per_micro_step}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -571,10 +553,8 @@ def clear_earlier_run(cfg, run):
     earlier = list(list_checkpoints(cfg.out_dir).values())
     if cfg.init_from == "resume" or not earlier:
         return
-    if not cfg.overwrite:
-        raise SystemExit(f"error: {cfg.out_dir} already holds a run's checkpoints: continue it "
-                         f"with init_from='resume', choose another out_dir, or give "
-                         f"overwrite=True to delete them")
+    need(cfg.overwrite, f"{cfg.out_dir} already holds a run's checkpoints: continue it with "
+         f"init_from='resume', choose another out_dir, or give overwrite=True to delete them")
     if run.ddp:
         dist.barrier()  # every process has looked before the master deletes
     if run.master:
@@ -592,13 +572,11 @@ def load_model(cfg, overrides, meta, run):
     torch.manual_seed(cfg.seed)
     checkpoint = None
     if cfg.init_from == "scratch":
-        if chat:
-            raise SystemExit(f"error: {cfg.data_dir} holds conversations, to fine-tune a trained "
-                             f"model: give init_from=PATH (one of our checkpoints or out_dirs, or "
-                             f"a Hugging Face Doge directory), or 'resume'")
-        if cfg.model is not None and cfg.model not in PRESETS:
-            raise SystemExit(f"error: unknown model preset {cfg.model!r}; choose one of "
-                             f"{', '.join(sorted(PRESETS))}, or model=None")
+        need(not chat, f"{cfg.data_dir} holds conversations, to fine-tune a trained model: give "
+             f"init_from=PATH (one of our checkpoints or out_dirs, or a Hugging Face Doge "
+             f"directory), or 'resume'")
+        need(cfg.model is None or cfg.model in PRESETS, f"unknown model preset {cfg.model!r}; "
+             f"choose one of {', '.join(sorted(PRESETS))}, or model=None")
         config = dict(PRESETS[cfg.model]) if cfg.model else {}
         of_data = {"vocab_size": meta.get("vocab_size"), "bos_token_id": meta.get("bos_id"),
                    "eos_token_id": meta.get("eos_id")}
@@ -606,17 +584,15 @@ def load_model(cfg, overrides, meta, run):
         model = build_model(config, overrides)  # the data's tokenizer decides, unless overridden
     elif cfg.init_from == "resume":
         path = cfg.resume_ckpt or latest_checkpoint(cfg.out_dir)
-        if path is None:
-            raise SystemExit(f"error: no checkpoint to resume in {cfg.out_dir}; start with "
-                             f"init_from='scratch' or give resume_ckpt=PATH")
+        need(path is not None, f"no checkpoint to resume in {cfg.out_dir}; start with "
+             f"init_from='scratch' or give resume_ckpt=PATH")
         checkpoint = load_checkpoint(path)
         model = build_model(checkpoint["model_config"], overrides, checkpoint["model"], path)
         run.say(f"resuming from {path} at step {checkpoint['step']}")
     else:  # weights only: a Hugging Face Doge directory, an out_dir, or one of our checkpoints
         path = cfg.init_from
-        if not os.path.exists(path):
-            raise SystemExit(f"error: init_from {path!r} is not 'scratch', 'resume' or an "
-                             f"existing path")
+        need(os.path.exists(path), f"init_from {path!r} is not 'scratch', 'resume' or an "
+             f"existing path")
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             path = latest_checkpoint(path) or path  # an out_dir: name the checkpoint it gives
         try:
@@ -627,9 +603,8 @@ def load_model(cfg, overrides, meta, run):
             if overrides else loaded
         run.say(f"initialised from the weights of {path}")
     if cfg.upcycle_experts and not model.config.is_moe:
-        if checkpoint is not None:
-            raise SystemExit("error: upcycling makes new parameters, so it cannot resume an "
-                             "optimizer: give the dense checkpoint as init_from=PATH instead")
+        need(checkpoint is None, "upcycling makes new parameters, so it cannot resume an "
+             "optimizer: give the dense checkpoint as init_from=PATH instead")
         model = upcycle_to_moe(model, cfg.upcycle_experts, cfg.upcycle_experts_per_tok)
         run.say(f"upcycled to a CDMoE with {cfg.upcycle_experts} experts, "
                 f"{cfg.upcycle_experts_per_tok} per token")
@@ -639,10 +614,9 @@ def load_model(cfg, overrides, meta, run):
                 f"{model.config.vocab_size}")
     if chat:  # what the chat tokenizer begins and ends with (the export's generation config)
         model.config.bos_token_id, model.config.eos_token_id = meta["bos_id"], meta["eos_ids"]
-    if meta.get("vocab_size", 0) > model.config.vocab_size:
-        raise SystemExit(f"error: the data's vocabulary ({meta['vocab_size']} tokens, "
-                         f"{cfg.data_dir}/meta.json) does not fit the model's vocab_size "
-                         f"{model.config.vocab_size}")
+    need(meta.get("vocab_size", 0) <= model.config.vocab_size, f"the data's vocabulary "
+         f"({meta.get('vocab_size')} tokens, {cfg.data_dir}/meta.json) does not fit the model's "
+         f"vocab_size {model.config.vocab_size}")
     return model, checkpoint
 
 
@@ -650,26 +624,23 @@ def restore(cfg, run, checkpoint, optimizer, train_loader, records):
     """Resuming: the optimizer, the data position, the log up to the checkpoint and every RNG
     state as they were; refused where the checkpoint and these settings do not belong together."""
     start_step, before = checkpoint["step"], checkpoint["train_config"]
-    if start_step > cfg.max_iters:
-        raise SystemExit(f"error: the checkpoint is at step {start_step}, past max_iters "
-                         f"{cfg.max_iters}")
-    if set(checkpoint["data_position"]) != set(train_loader.state_dict()):
-        raise SystemExit(f"error: the checkpoint was made reading other data than {cfg.data_dir}"
-                         f" (conversations and a token stream do not mix; to fine-tune a "
-                         f"pretrained model, give its checkpoint as init_from=PATH)")
+    need(start_step <= cfg.max_iters,
+         f"the checkpoint is at step {start_step}, past max_iters {cfg.max_iters}")
+    need(set(checkpoint["data_position"]) == set(train_loader.state_dict()),
+         f"the checkpoint was made reading other data than {cfg.data_dir} (conversations and a "
+         f"token stream do not mix; to fine-tune a pretrained model, give its checkpoint as "
+         f"init_from=PATH)")
     optimizer.load_state_dict(checkpoint["optimizer"])
-    try:
+    with refused():
         train_loader.load_state_dict(checkpoint["data_position"])
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     schedule = ("max_iters", "decay_iters", "min_lr_ratio", "learning_rate", "warmup_iters")
     changed = {k: (before.get(k), getattr(cfg, k)) for k in schedule
                if before.get(k) != getattr(cfg, k)}
     if changed:
         run.say("branching: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-        if max(list_checkpoints(cfg.out_dir), default=0) > start_step:
-            raise SystemExit(f"error: {cfg.out_dir} holds checkpoints after step {start_step} "
-                             f"from the other schedule; branch into a new out_dir")
+        need(max(list_checkpoints(cfg.out_dir), default=0) <= start_step, f"{cfg.out_dir} holds "
+             f"checkpoints after step {start_step} from the other schedule; branch into a new "
+             f"out_dir")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if run.master and os.path.isfile(log_path):  # forget what was logged after the checkpoint
         with open(log_path) as f:
