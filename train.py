@@ -186,19 +186,6 @@ def read_batch(loader, micro_steps, device):
     return [[t.to(device) for t in ts] for ts in tensors]
 
 
-def micro_step_weights(y, world_size):
-    """What each micro-step's mean loss is multiplied by before backward: its supervised targets
-    (not -1) over those of the whole step, all micro-steps and processes, times world_size (DDP
-    averages gradients over processes). The step's gradient is then that of the mean loss over
-    every supervised target of the step, however they fall into micro-batches: 1 / grad_accum
-    each in pretraining, where every target counts. y: the step's micro-batches of targets."""
-    counts = torch.stack([(targets != -1).sum() for targets in y]).float()  # (micro_steps,)
-    total = counts.sum()
-    if dist.is_initialized():  # every process's targets count (a scalar, on the device)
-        dist.all_reduce(total)
-    return counts * world_size / total.clamp(min=1)
-
-
 def open_loaders(cfg, meta, vocab_size, run):
     """The training and validation loaders of data_dir: conversations or a token stream, as its
     meta.json says."""
@@ -343,14 +330,6 @@ def save_checkpoint(path, model, optimizer, step, cfg, data_position, master, **
     atomic_write(path, lambda temp: torch.save(checkpoint, temp))
 
 
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
-
-
 def build_model(config_dict, overrides, state=None, source=""):
     """A Doge from a config dict plus overrides, with the given weights if any."""
     try:
@@ -374,9 +353,15 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 3
                   "RTX 3090": 71e12, "RTX 6000 Ada": 364e12, "RTX A6000": 155e12}
 
 
-def cpu_peak_flops(threads):
-    """A rough float32 peak for a CPU: threads x clock x FLOPs per cycle (two FMA pipes of 8 floats
-    with AVX2, and of 16 with AVX-512 on Intel; AMD Zen 4 runs AVX-512 at AVX2 width)."""
+def peak_flops(device_type, dtype):
+    """One device's peak FLOP/s for MFU: GPU_PEAK_FLOPS (0 for a GPU not in it: no MFU), or for a
+    CPU a rough float32 peak, threads x clock x FLOPs per cycle (two FMA pipes of 8 floats with
+    AVX2, and of 16 with AVX-512 on Intel; AMD Zen 4 runs AVX-512 at AVX2 width)."""
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        flops = next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), 0.0)
+        return flops if dtype == torch.bfloat16 else flops / 2
+    threads = torch.get_num_threads()
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
@@ -386,16 +371,6 @@ def cpu_peak_flops(threads):
         return threads * 3.0e9 * 32
     wide = "GenuineIntel" in info and "avx512f" in flags
     return threads * clock * (64 if wide else 32 if "fma" in flags else 16)
-
-
-def peak_flops(device_type, dtype):
-    if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops if dtype == torch.bfloat16 else flops / 2
-        return 0.0  # unknown GPU: MFU not reported (give peak_flops=...)
-    return cpu_peak_flops(torch.get_num_threads())
 
 
 def format_duration(seconds):
@@ -440,13 +415,6 @@ def write_run_record(cfg, model_config, argv, world_size, device):
     os.makedirs(os.path.join(cfg.out_dir, "runs"), exist_ok=True)
     name = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}.json"
     atomic_write_text(os.path.join(cfg.out_dir, "runs", name), json.dumps(record, indent=1))
-
-
-def copy_tokenizer(data_dir, out_dir, meta):
-    """The data's tokenizer files beside the checkpoints, where sample.py and the export look for
-    them (each written atomically)."""
-    names = {meta.get("tokenizer", {}).get("path"), *TOKENIZER_FILES}
-    copy_tokenizer_files(data_dir, out_dir, sorted(filter(None, names)))
 
 
 class StopRequest:
@@ -586,7 +554,10 @@ def load_model(cfg, overrides, meta, run):
         path = cfg.resume_ckpt or latest_checkpoint(cfg.out_dir)
         need(path is not None, f"no checkpoint to resume in {cfg.out_dir}; start with "
              f"init_from='scratch' or give resume_ckpt=PATH")
-        checkpoint = load_checkpoint(path)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged file raises many kinds
+            raise SystemExit(f"error: cannot read checkpoint {path}: {one_line(e)}") from None
         model = build_model(checkpoint["model_config"], overrides, checkpoint["model"], path)
         run.say(f"resuming from {path} at step {checkpoint['step']}")
     else:  # weights only: a Hugging Face Doge directory, an out_dir, or one of our checkpoints
@@ -735,10 +706,18 @@ def compiled(model, cfg, run):
 
 
 def fetch(loader, run):
-    """The next step's micro-batches, on their way to the device, each micro-step's weight in the
-    step's loss, and the tokens read (all processes, padding left out)."""
+    """The next step's micro-batches (on their way to the device), the tokens read (all
+    processes, padding left out), and the weights: what each micro-step's mean loss is multiplied
+    by before backward, its supervised targets (not -1) over those of the whole step, all
+    micro-steps and processes, times world_size (DDP averages gradients over processes). The
+    step's gradient is then that of the mean loss over every supervised target of the step,
+    however they fall into micro-batches: 1 / grad_accum each in pretraining."""
     x, y = read_batch(loader, run.grad_accum, run.device)
-    return x, y, micro_step_weights(y, run.world_size), loader.step_tokens
+    counts = torch.stack([(targets != -1).sum() for targets in y]).float()  # (micro_steps,)
+    total = counts.sum()
+    if run.ddp:  # every process's targets count (a scalar, on the device)
+        dist.all_reduce(total)
+    return x, y, counts * run.world_size / total.clamp(min=1), loader.step_tokens
 
 
 def main(argv=None):
@@ -773,7 +752,8 @@ def main(argv=None):
     if run.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_run_record(cfg, raw_model.config, argv, run.world_size, run.device)
-        copy_tokenizer(cfg.data_dir, cfg.out_dir, meta)
+        tokenizer_files = {meta.get("tokenizer", {}).get("path"), *TOKENIZER_FILES}
+        copy_tokenizer_files(cfg.data_dir, cfg.out_dir, sorted(filter(None, tokenizer_files)))
     log = RunLog(cfg, run, records, step, {**asdict(cfg), **asdict(raw_model.config)})
     flops = raw_model.flops_per_token(cfg.block_size)
     peak = (cfg.peak_flops or peak_flops(run.device.type, run.dtype)) * run.world_size
@@ -791,7 +771,7 @@ def main(argv=None):
     x, y, weights, step_tokens = fetch(train_loader, run)
     if checkpoint is None and step < cfg.max_iters:  # the loss before any training
         log.write({"step": step, "tokens": 0, **evaluation()})
-    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+    window_time, window_step, window_tokens = time.perf_counter(), step, tokens  # log window
     stopped = False
     raw_model.train()
     with StopRequest(run.ddp, run.backend) as stop:  # Ctrl-C: finish the step, save, stop
@@ -812,11 +792,9 @@ def main(argv=None):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens += step_tokens
-            window_tokens += step_tokens
             data_position = train_loader.state_dict()
             x, y, weights, step_tokens = fetch(train_loader, run)  # the host reads on meanwhile
             step += 1
-            window_steps += 1
             stopped = stop()
             last = step == cfg.max_iters
 
@@ -825,13 +803,13 @@ def main(argv=None):
                 if run.ddp:  # the mean over every supervised target of every process
                     dist.all_reduce(step_loss)
                     step_loss /= run.world_size
-                elapsed = time.perf_counter() - window_start
-                tokens_per_sec = window_tokens / elapsed
+                elapsed = time.perf_counter() - window_time
+                tokens_per_sec = (tokens - window_tokens) / elapsed
                 record = {"step": step, "tokens": tokens, "loss": step_loss.item(), "lr": lr,
                           "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
                           "mfu": flops * tokens_per_sec / peak if peak else None,
                           "time": time.time()}  # .item(): the host waits, on logged steps only
-                eta = format_duration((cfg.max_iters - step) * elapsed / window_steps)
+                eta = format_duration((cfg.max_iters - step) * elapsed / (step - window_step))
                 stop_if_diverged(step, cfg, loss=record["loss"], grad_norm=record["grad_norm"])
             log.step_done(record.get("loss"))
             if (cfg.eval_interval and step % cfg.eval_interval == 0 or last) and not stopped:
@@ -848,7 +826,7 @@ def main(argv=None):
                 if stopped:
                     run.say(f"saved {path}")
             if record or saved:  # time the next window from here
-                window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                window_time, window_step, window_tokens = time.perf_counter(), step, tokens
 
     # ---- the end: the Hugging Face export of a chat model, where to sample it
     log.close()
