@@ -79,9 +79,8 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_interval: int = 250  # evaluate every this many steps (and at 0 and the end); 0: end only
     eval_iters: int = 20  # validation micro-batches per process in each evaluation
-    eval_tasks: str = ""  # benchmarks also scored at each evaluation, comma-separated (hellaswag,
-    # arc_easy, arc_challenge, piqa, openbookqa, winogrande: eval.py's), logged as hellaswag_acc,
-    # hellaswag_acc_norm, ...; with the data's tokenizer
+    eval_tasks: str = ""  # eval.py's benchmarks, also scored at each evaluation, comma-separated
+    # (hellaswag,piqa,...; the data's tokenizer), logged as hellaswag_acc, hellaswag_acc_norm, ...
     eval_data_dir: str = "data/eval"  # rows: <task>.jsonl, .jsonl.gz or .parquet, else the hub
     eval_tasks_limit: int = 500  # the first this many questions of each task; 0: all of them
     log_interval: int = 10  # a log line every this many steps (and at the end)
@@ -215,33 +214,13 @@ def ensure_data(data_dir, run):
 # Evaluation, checkpoints, logging
 
 
-@torch.no_grad()
-def evaluate(model, loader, eval_iters, run):
-    """Mean validation loss per supervised target over eval_iters micro-batches on every process,
-    all of them together. The loader starts from the beginning of the split each time, so
-    evaluations compare."""
-    model.eval()
-    loader.reset()
-    total, count = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
-    for _ in range(eval_iters):
-        (x,), (y,) = read_batch(loader, 1, run.device)
-        with run.autocast:
-            _, loss = model(x, y, keep_logits=False)
-        targets = (y != -1).sum()
-        total += loss.float() * targets
-        count += targets
-    if run.ddp:
-        dist.all_reduce(total)
-        dist.all_reduce(count)
-    model.train()
-    return (total / count.clamp(min=1)).item()
-
-
 def evaluator(cfg, model, eval_model, val_loader, run):
     """A function that evaluates: {"val_loss": ..., "hellaswag_acc": ..., "hellaswag_acc_norm":
-    ..., ...}, the validation loss and each of eval_tasks. The tasks are made ready here, once
-    (rows read and tokenized); each process scores every world_size-th question and the counts
-    are all-reduced: the numbers one process would get."""
+    ..., ...}. The validation loss is the mean per supervised target over eval_iters micro-batches
+    on every process, all of them together, read from the start of the split each time so that
+    evaluations compare. eval_tasks are made ready here, once (rows read and tokenized); each
+    process scores every world_size-th question and the counts are all-reduced: the numbers one
+    process would get."""
     names = [task for task in cfg.eval_tasks.split(",") if task]
     tokenizer = load_text_tokenizer(cfg.data_dir, model.config.vocab_size) if names else None
     tasks = {}
@@ -251,9 +230,20 @@ def evaluator(cfg, model, eval_model, val_loader, run):
         questions = questions[run.rank::run.world_size]
         tasks[task] = questions, benchmark_requests(tokenizer, questions)
 
+    @torch.no_grad()
     def evaluation():
-        scores = {"val_loss": evaluate(eval_model, val_loader, cfg.eval_iters, run)}
         model.eval()
+        val_loader.reset()
+        sums = torch.zeros(2, device=run.device)  # the loss summed over targets, the targets
+        for _ in range(cfg.eval_iters):
+            (x,), (y,) = read_batch(val_loader, 1, run.device)
+            with run.autocast:
+                _, loss = eval_model(x, y, keep_logits=False)
+            targets = (y != -1).sum()
+            sums += torch.stack([loss.float() * targets, targets.float()])
+        if run.ddp:
+            dist.all_reduce(sums)
+        scores = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
         for task, (questions, requests) in tasks.items():
             with run.autocast:
                 grades = grade(questions, model.loglikelihoods(requests, cfg.batch_size))
@@ -489,12 +479,10 @@ def set_up(cfg):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
-    device_name = cfg.device
-    if device_name == "auto":
-        device_name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device_name == "cuda" and ddp:
-        device_name = f"cuda:{local_rank}"
-    device = torch.device(device_name)
+    device = cfg.device
+    if device == "auto" and torch.cuda.is_available() or device == "cuda" and ddp:
+        device = f"cuda:{local_rank}"  # each process its own GPU
+    device = torch.device("cpu" if device == "auto" else device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if ddp:
         dist.init_process_group(backend=backend)
