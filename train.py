@@ -14,7 +14,8 @@ Settings are the fields of TrainConfig below plus every DogeConfig field, given 
 (--hidden_size=128), from a config file and then --key=value overrides (configurator.py). The data
 arrives prepared by prepare_data.py: a token stream (pretraining) or conversations (--chat, for
 supervised fine-tuning), read through one loader interface. main() reads in phases: set-up, the
-model and its optimizer, the data, the loop, the end. What a run writes in out_dir: README.md.
+model and its optimizer, the data, what the run writes (README.md lists out_dir's files), the
+loop, the end.
 """
 
 import contextlib
@@ -443,7 +444,7 @@ class StopRequest:
 
 
 # ----------------------------------------------------------------------------------------------
-# The run, in phases: set-up, the model and its optimizer, the data, the loop (main), the end
+# The run, in phases: set-up, the model, the data, what it writes, the loop (main), the end
 
 
 @dataclass
@@ -718,12 +719,15 @@ def main(argv=None):
     clear_earlier_run(cfg, run)
     meta = ensure_data(cfg.data_dir, run)
 
-    # ---- the model and its optimizer
+    # ---- the model and its optimizer; compiled, and wrapped for DDP
     raw_model, checkpoint = load_model(cfg, overrides, meta, run)  # raw: what is saved
     raw_model.to(run.device)
     optimizer = configure_optimizer(raw_model, cfg, run.device.type)
+    model = eval_model = compiled(raw_model, cfg, run) if run.compile else raw_model
+    if run.ddp:
+        model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
 
-    # ---- the data: loaders, the step count in epochs, the position and state resumed
+    # ---- the data: loaders, the step count in epochs, the position resumed, the evaluation
     train_loader, val_loader = open_loaders(cfg, meta, raw_model.config.vocab_size, run)
     if cfg.sft_epochs and isinstance(train_loader, ConversationLoader):
         steps = math.ceil(cfg.sft_epochs * len(train_loader) /
@@ -734,9 +738,9 @@ def main(argv=None):
     records, step, tokens = [], 0, 0  # records: everything logged, for loss.png
     if checkpoint is not None:
         step, tokens = restore(cfg, run, checkpoint, optimizer, train_loader, records)
-    model = eval_model = compiled(raw_model, cfg, run) if run.compile else raw_model
-    if run.ddp:
-        model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    evaluation = evaluator(cfg, raw_model, eval_model, val_loader, run)
+
+    # ---- what the run writes: its record and the tokenizer in out_dir, the log, MFU's terms
     if run.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_run_record(cfg, raw_model.config, argv, run.world_size, run.device)
@@ -750,8 +754,6 @@ def main(argv=None):
             f"{str(run.dtype).removeprefix('torch.')}, compile {run.compile} | {run.grad_accum} "
             f"micro-steps of {cfg.batch_size} x {cfg.block_size} per step "
             f"({cfg.total_batch_size} tokens)")
-
-    evaluation = evaluator(cfg, raw_model, eval_model, val_loader, run)
 
     # ---- the loop: one optimizer step of grad_accum micro-steps; log, evaluate, save
     seed_processes(cfg, run, checkpoint)
