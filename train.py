@@ -288,12 +288,11 @@ def stop_if_diverged(step, cfg, **values):
 def rng_state():
     """Every RNG state as plain Python values (lists of ints), which gather between processes and
     load with torch.load(weights_only=True)."""
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": (name, keys.tolist(), position, has_gauss, gauss),
-            "torch": torch.get_rng_state().tolist(),
-            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()]
-            if torch.cuda.is_initialized() else None}
+    name, keys, *rest = np.random.get_state()
+    cuda = [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_initialized() \
+        else None
+    return {"python": random.getstate(), "numpy": (name, keys.tolist(), *rest),
+            "torch": torch.get_rng_state().tolist(), "cuda": cuda}
 
 
 def set_rng_state(state):
@@ -370,14 +369,16 @@ def format_duration(seconds):
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def plot_losses(path, records):
-    """loss.png: train and val loss against tokens, if matplotlib is installed."""
+def plot_losses(path, log_path):
+    """loss.png: train and val loss against tokens from log.jsonl, if matplotlib is installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("loss", "train"), ("val_loss", "val")):
         points = [(r["tokens"], r[key]) for r in records if key in r]
@@ -394,7 +395,8 @@ def plot_losses(path, records):
 def write_run_record(cfg, model_config, argv, world_size, device):
     """out_dir/runs/<time>.json: settings, versions and this code, so a result can be redone."""
     here = Path(__file__).resolve().parent
-    source = {name: (here / name).read_text() for name in ("train.py", "doge.py", "configurator.py")}
+    source = {name: (here / name).read_text()
+              for name in ("train.py", "doge.py", "configurator.py")}
     record = {"argv": argv, "train_config": asdict(cfg), "model_config": asdict(model_config),
               "world_size": world_size, "device": str(device),
               "device_name": torch.cuda.get_device_name() if device.type == "cuda"
@@ -580,7 +582,7 @@ def load_model(cfg, overrides, meta, run):
     return model, checkpoint
 
 
-def restore(cfg, run, checkpoint, optimizer, train_loader, records):
+def restore(cfg, run, checkpoint, optimizer, train_loader):
     """Resuming: the optimizer, the data position, the log up to the checkpoint and every RNG
     state as they were; refused where the checkpoint and these settings do not belong together."""
     start_step, before = checkpoint["step"], checkpoint["train_config"]
@@ -604,8 +606,8 @@ def restore(cfg, run, checkpoint, optimizer, train_loader, records):
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if run.master and os.path.isfile(log_path):  # forget what was logged after the checkpoint
         with open(log_path) as f:
-            records += [r for r in map(json.loads, f) if r["step"] <= start_step]
-        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
+            kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        atomic_write_text(log_path, "".join(kept))
     return start_step, checkpoint.get("tokens", start_step * cfg.total_batch_size)
 
 
@@ -631,8 +633,8 @@ class RunLog:
     """Where a run reports: stdout lines (through the tqdm bar when stderr is a terminal), and on
     the master log.jsonl, loss.png and Weights & Biases (wandb_log)."""
 
-    def __init__(self, cfg, run, records, start_step, config):
-        self.cfg, self.master, self.records = cfg, run.master, records
+    def __init__(self, cfg, run, start_step, config):
+        self.cfg, self.master = cfg, run.master
         self.wandb = self.progress = None
         if not self.master:
             return
@@ -652,7 +654,6 @@ class RunLog:
     def write(self, record, eta=None):
         """The record in the log, and as one line on stdout: step | loss | lr | norm | tok/s |
         MFU | ETA | val loss | benchmark scores, whichever it holds."""
-        self.records.append(record)
         if not self.master:
             return
         values = {**record, "eta": eta}
@@ -666,7 +667,7 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
         if "val_loss" in record and record["step"] > 0:  # a curve once training has begun
-            plot_losses(os.path.join(self.cfg.out_dir, "loss.png"), self.records)
+            plot_losses(os.path.join(self.cfg.out_dir, "loss.png"), self.file.name)
 
     def step_done(self, loss=None):
         if self.progress is not None:
@@ -687,10 +688,9 @@ def compiled(model, cfg, run):
     """torch.compile'd, one graph per input shape: conversations come in the few padded lengths
     of padded_length(bucket=True), each compiled once in training and once in evaluation."""
     lengths = {padded_length(n, cfg.block_size, bucket=True) for n in range(1, cfg.block_size + 1)}
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else \
-        "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit),
-                                             2 * len(lengths) + 2))
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 2 * len(lengths) + 2))
     return torch.compile(model, dynamic=False)
 
 
@@ -735,9 +735,9 @@ def main(argv=None):
         run.say(f"{cfg.sft_epochs:g} epochs of {len(train_loader):,} conversations are {steps:,} "
                 f"steps (max_iters)")
         cfg = dataclasses.replace(cfg, max_iters=steps)
-    records, step, tokens = [], 0, 0  # records: everything logged, for loss.png
+    step, tokens = 0, 0
     if checkpoint is not None:
-        step, tokens = restore(cfg, run, checkpoint, optimizer, train_loader, records)
+        step, tokens = restore(cfg, run, checkpoint, optimizer, train_loader)
     evaluation = evaluator(cfg, raw_model, eval_model, val_loader, run)
 
     # ---- what the run writes: its record and the tokenizer in out_dir, the log, MFU's terms
@@ -746,7 +746,7 @@ def main(argv=None):
         write_run_record(cfg, raw_model.config, argv, run.world_size, run.device)
         tokenizer_files = {meta.get("tokenizer", {}).get("path"), *TOKENIZER_FILES}
         copy_tokenizer_files(cfg.data_dir, cfg.out_dir, sorted(filter(None, tokenizer_files)))
-    log = RunLog(cfg, run, records, step, {**asdict(cfg), **asdict(raw_model.config)})
+    log = RunLog(cfg, run, step, {**asdict(cfg), **asdict(raw_model.config)})
     flops = raw_model.flops_per_token(cfg.block_size)
     peak = (cfg.peak_flops or peak_flops(run.device.type, run.dtype)) * run.world_size
     run.say(f"{raw_model.num_params() / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs per token "
