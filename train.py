@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from configurator import apply_config
 from doge import (PRESETS, TOKENIZER_FILES, Doge, DogeConfig, atomic_write, atomic_write_text,
@@ -363,12 +364,6 @@ def peak_flops(device_type, dtype):
     return threads * clock * (64 if wide else 32 if "fma" in flags else 16)
 
 
-def format_duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def plot_losses(path, log_path):
     """loss.png: train and val loss against tokens from log.jsonl, if matplotlib is installed."""
     try:
@@ -647,7 +642,6 @@ class RunLog:
             self.wandb = wandb
             wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config)
         if sys.stderr.isatty():
-            from tqdm import tqdm
             self.progress = tqdm(total=cfg.max_iters, initial=start_step, unit="step",
                                  dynamic_ncols=True)
 
@@ -799,7 +793,7 @@ def main(argv=None):
                           "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
                           "mfu": flops * tokens_per_sec / peak if peak else None,
                           "time": time.time()}  # .item(): the host waits, on logged steps only
-                eta = format_duration((cfg.max_iters - step) * elapsed / (step - window_step))
+                eta = tqdm.format_interval((cfg.max_iters - step) * elapsed / (step - window_step))
                 stop_if_diverged(step, cfg, loss=record["loss"], grad_norm=record["grad_norm"])
             log.step_done(record.get("loss"))
             if (cfg.eval_interval and step % cfg.eval_interval == 0 or last) and not stopped:
