@@ -173,18 +173,17 @@ def configure_optimizer(model, cfg, device_type):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
+# Data and evaluation: prepared shards in, batches on the device; val loss and benchmarks
 
 
-def read_batch(loader, micro_steps, device):
-    """loader.next_batch(micro_steps) as lists of tensors on their way to the device: on CUDA
-    through pinned memory, without waiting for the copy (the host reads on meanwhile)."""
+def ensure_data(data_dir, run):
+    """data_dir's meta.json (a dict, maybe empty), the default corpus prepared there first if it is
+    missing (by the master; the others wait)."""
     with refused():
-        x, y = loader.next_batch(micro_steps)
-    tensors = [[torch.from_numpy(np.ascontiguousarray(t)) for t in batch] for batch in (x, y)]
-    if device.type == "cuda":
-        return [[t.pin_memory().to(device, non_blocking=True) for t in ts] for ts in tensors]
-    return [[t.to(device) for t in ts] for ts in tensors]
+        ensure_prepared(data_dir, prepare_default=run.master)
+        if run.ddp:
+            dist.barrier()
+        return read_meta(data_dir) or {}
 
 
 def open_loaders(cfg, meta, vocab_size, run):
@@ -202,18 +201,30 @@ def open_loaders(cfg, meta, vocab_size, run):
     return train_loader, val_loader
 
 
-def ensure_data(data_dir, run):
-    """data_dir's meta.json (a dict, maybe empty), the default corpus prepared there first if it is
-    missing (by the master; the others wait)."""
+def read_batch(loader, micro_steps, device):
+    """loader.next_batch(micro_steps) as lists of tensors on their way to the device: on CUDA
+    through pinned memory, without waiting for the copy (the host reads on meanwhile)."""
     with refused():
-        ensure_prepared(data_dir, prepare_default=run.master)
-        if run.ddp:
-            dist.barrier()
-        return read_meta(data_dir) or {}
+        x, y = loader.next_batch(micro_steps)
+    tensors = [[torch.from_numpy(np.ascontiguousarray(t)) for t in batch] for batch in (x, y)]
+    if device.type == "cuda":
+        return [[t.pin_memory().to(device, non_blocking=True) for t in ts] for ts in tensors]
+    return [[t.to(device) for t in ts] for ts in tensors]
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation, checkpoints, logging
+def fetch(loader, run):
+    """The next step's micro-batches (on their way to the device), the tokens read (all
+    processes, padding left out), and the weights: what each micro-step's mean loss is multiplied
+    by before backward, its supervised targets (not -1) over those of the whole step, all
+    micro-steps and processes, times world_size (DDP averages gradients over processes). The
+    step's gradient is then that of the mean loss over every supervised target of the step,
+    however they fall into micro-batches: 1 / grad_accum each in pretraining."""
+    x, y = read_batch(loader, run.grad_accum, run.device)
+    counts = torch.stack([(targets != -1).sum() for targets in y]).float()  # (micro_steps,)
+    total = counts.sum()
+    if run.ddp:  # every process's targets count (a scalar, on the device)
+        dist.all_reduce(total)
+    return x, y, counts * run.world_size / total.clamp(min=1), loader.step_tokens
 
 
 def evaluator(cfg, model, eval_model, val_loader, run):
@@ -263,27 +274,8 @@ def evaluator(cfg, model, eval_model, val_loader, run):
     return evaluation
 
 
-def finite_weights(model):
-    """1.0 when every parameter is finite, else nan (one host sync)."""
-    finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
-    return 1.0 if finite.item() else math.nan
-
-
-def stop_if_diverged(step, cfg, **values):
-    """A run whose loss, gradient norm or weights became nan or inf stops with one line naming the
-    step, the value, the newest checkpoint (checkpoints are only written with finite weights) and
-    what to try, instead of training on and saving nan weights."""
-    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
-    if not bad:
-        return
-    newest = latest_checkpoint(cfg.out_dir)
-    where = (f"the newest checkpoint, {newest}, has finite weights (resume from it with "
-             f"init_from=resume and a new schedule)") if newest else "no checkpoint was saved yet"
-    what = ", ".join(f"{name.replace('_', ' ')} is {value}" for name, value in bad.items())
-    raise SystemExit(
-        f"error: the run diverged at step {step}: {what}; {where}; try a lower learning_rate "
-        f"(now {cfg.learning_rate:g}), or grad_clip (now {cfg.grad_clip:g}), or a longer "
-        f"warmup_iters (now {cfg.warmup_iters})")
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, and stopping: a diverged run, Ctrl-C
 
 
 def rng_state():
@@ -321,20 +313,66 @@ def save_checkpoint(path, model, optimizer, step, cfg, data_position, master, **
     atomic_write(path, lambda temp: torch.save(checkpoint, temp))
 
 
-def build_model(config_dict, overrides, state=None, source=""):
-    """A Doge from a config dict plus overrides, with the given weights if any."""
-    try:
-        model = Doge(DogeConfig(**{**config_dict, **overrides}))
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"error: model settings: {e}") from None
-    if state is not None:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            raise SystemExit(f"error: the weights of {source} do not fit the model settings: "
-                             f"{lines[1] if len(lines) > 1 else lines[0]}") from None
-    return model
+def finite_weights(model):
+    """1.0 when every parameter is finite, else nan (one host sync)."""
+    finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+    return 1.0 if finite.item() else math.nan
+
+
+def stop_if_diverged(step, cfg, **values):
+    """A run whose loss, gradient norm or weights became nan or inf stops with one line naming the
+    step, the value, the newest checkpoint (checkpoints are only written with finite weights) and
+    what to try, instead of training on and saving nan weights."""
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if not bad:
+        return
+    newest = latest_checkpoint(cfg.out_dir)
+    where = (f"the newest checkpoint, {newest}, has finite weights (resume from it with "
+             f"init_from=resume and a new schedule)") if newest else "no checkpoint was saved yet"
+    what = ", ".join(f"{name.replace('_', ' ')} is {value}" for name, value in bad.items())
+    raise SystemExit(
+        f"error: the run diverged at step {step}: {what}; {where}; try a lower learning_rate "
+        f"(now {cfg.learning_rate:g}), or grad_clip (now {cfg.grad_clip:g}), or a longer "
+        f"warmup_iters (now {cfg.warmup_iters})")
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step and save a
+    checkpoint; a second one interrupts at once. Under DDP every process learns of it at the same
+    step (a tiny all-reduce on a CPU group), so they all save and stop together."""
+
+    def __init__(self, ddp, backend):
+        self.requested, self.group, self.previous = False, None, {}
+        if ddp:  # NCCL would need a GPU tensor and a sync; a gloo group keeps it on the host
+            self.group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step with a checkpoint (again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    def __call__(self):
+        if self.group is None:
+            return self.requested
+        flag = torch.tensor([int(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting: MFU, the log, loss.png, the record of each launch
 
 
 # Dense bfloat16 tensor-core peaks (FLOP/s, FP32 accumulate) from the vendors' data sheets; the
@@ -362,6 +400,65 @@ def peak_flops(device_type, dtype):
         return threads * 3.0e9 * 32
     wide = "GenuineIntel" in info and "avx512f" in flags
     return threads * clock * (64 if wide else 32 if "fma" in flags else 16)
+
+
+LINE_FORMATS = (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "norm {:.2f}"),
+                ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}"), ("eta", "ETA {}"),
+                ("val_loss", "val loss {:.4f}"))  # a log line's parts, in order
+
+
+class RunLog:
+    """Where a run reports: stdout lines (through the tqdm bar when stderr is a terminal), and on
+    the master log.jsonl, loss.png and Weights & Biases (wandb_log)."""
+
+    def __init__(self, cfg, run, start_step, config):
+        self.cfg, self.master = cfg, run.master
+        self.wandb = self.progress = None
+        if not self.master:
+            return
+        self.file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+        if cfg.wandb_log:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("error: wandb_log=True needs wandb: pip install wandb") from None
+            self.wandb = wandb
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config)
+        if sys.stderr.isatty():
+            self.progress = tqdm(total=cfg.max_iters, initial=start_step, unit="step",
+                                 dynamic_ncols=True)
+
+    def write(self, record, eta=None):
+        """The record in the log, and as one line on stdout: step | loss | lr | norm | tok/s |
+        MFU | ETA | val loss | benchmark scores, whichever it holds."""
+        if not self.master:
+            return
+        values = {**record, "eta": eta}
+        parts = [f"step {record['step']:6d}/{self.cfg.max_iters}"]
+        parts += [form.format(values[key]) for key, form in LINE_FORMATS
+                  if values.get(key) is not None]
+        parts += [f"{key} {value:.3f}" for key, value in record.items() if "_acc" in key]
+        (self.progress.write if self.progress is not None else print)(" | ".join(parts))
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
+        if "val_loss" in record and record["step"] > 0:  # a curve once training has begun
+            plot_losses(os.path.join(self.cfg.out_dir, "loss.png"), self.file.name)
+
+    def step_done(self, loss=None):
+        if self.progress is not None:
+            self.progress.update(1)
+            if loss is not None:
+                self.progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    def close(self):
+        if self.progress is not None:
+            self.progress.close()
+        if self.master:
+            self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()
 
 
 def plot_losses(path, log_path):
@@ -403,41 +500,6 @@ def write_run_record(cfg, model_config, argv, world_size, device):
     os.makedirs(os.path.join(cfg.out_dir, "runs"), exist_ok=True)
     name = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}.json"
     atomic_write_text(os.path.join(cfg.out_dir, "runs", name), json.dumps(record, indent=1))
-
-
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step and save a
-    checkpoint; a second one interrupts at once. Under DDP every process learns of it at the same
-    step (a tiny all-reduce on a CPU group), so they all save and stop together."""
-
-    def __init__(self, ddp, backend):
-        self.requested, self.group, self.previous = False, None, {}
-        if ddp:  # NCCL would need a GPU tensor and a sync; a gloo group keeps it on the host
-            self.group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step with a checkpoint (again to quit at once)",
-              file=sys.stderr, flush=True)
-
-    def __call__(self):
-        if self.group is None:
-            return self.requested
-        flag = torch.tensor([int(self.requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,6 +580,22 @@ def clear_earlier_run(cfg, run):
         run.say(f"overwrite: deleted the {len(earlier)} checkpoints in {cfg.out_dir}")
 
 
+def build_model(config_dict, overrides, state=None, source=""):
+    """A Doge from a config dict plus overrides, with the given weights if any."""
+    try:
+        model = Doge(DogeConfig(**{**config_dict, **overrides}))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: model settings: {e}") from None
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise SystemExit(f"error: the weights of {source} do not fit the model settings: "
+                             f"{lines[1] if len(lines) > 1 else lines[0]}") from None
+    return model
+
+
 def load_model(cfg, overrides, meta, run):
     """The model, from scratch, resumed (with its checkpoint) or initialised from saved weights,
     then made to fit the data: upcycled to a CDMoE if asked, its vocabulary grown by the tokens
@@ -577,6 +655,16 @@ def load_model(cfg, overrides, meta, run):
     return model, checkpoint
 
 
+def compiled(model, cfg, run):
+    """torch.compile'd, one graph per input shape: conversations come in the few padded lengths
+    of padded_length(bucket=True), each compiled once in training and once in evaluation."""
+    lengths = {padded_length(n, cfg.block_size, bucket=True) for n in range(1, cfg.block_size + 1)}
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 2 * len(lengths) + 2))
+    return torch.compile(model, dynamic=False)
+
+
 def restore(cfg, run, checkpoint, optimizer, train_loader):
     """Resuming: the optimizer, the data position, the log up to the checkpoint and every RNG
     state as they were; refused where the checkpoint and these settings do not belong together."""
@@ -617,90 +705,6 @@ def seed_processes(cfg, run, checkpoint):
         run.say(f"note: the checkpoint has the RNG states of {len(checkpoint['rng'])} processes, "
                 f"this run {run.world_size}: reseeding instead")
         torch.manual_seed(cfg.seed + checkpoint["step"] + run.rank)
-
-
-LINE_FORMATS = (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "norm {:.2f}"),
-                ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}"), ("eta", "ETA {}"),
-                ("val_loss", "val loss {:.4f}"))  # a log line's parts, in order
-
-
-class RunLog:
-    """Where a run reports: stdout lines (through the tqdm bar when stderr is a terminal), and on
-    the master log.jsonl, loss.png and Weights & Biases (wandb_log)."""
-
-    def __init__(self, cfg, run, start_step, config):
-        self.cfg, self.master = cfg, run.master
-        self.wandb = self.progress = None
-        if not self.master:
-            return
-        self.file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
-        if cfg.wandb_log:
-            try:
-                import wandb
-            except ImportError:
-                raise SystemExit("error: wandb_log=True needs wandb: pip install wandb") from None
-            self.wandb = wandb
-            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config)
-        if sys.stderr.isatty():
-            self.progress = tqdm(total=cfg.max_iters, initial=start_step, unit="step",
-                                 dynamic_ncols=True)
-
-    def write(self, record, eta=None):
-        """The record in the log, and as one line on stdout: step | loss | lr | norm | tok/s |
-        MFU | ETA | val loss | benchmark scores, whichever it holds."""
-        if not self.master:
-            return
-        values = {**record, "eta": eta}
-        parts = [f"step {record['step']:6d}/{self.cfg.max_iters}"]
-        parts += [form.format(values[key]) for key, form in LINE_FORMATS
-                  if values.get(key) is not None]
-        parts += [f"{key} {value:.3f}" for key, value in record.items() if "_acc" in key]
-        (self.progress.write if self.progress is not None else print)(" | ".join(parts))
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
-        if "val_loss" in record and record["step"] > 0:  # a curve once training has begun
-            plot_losses(os.path.join(self.cfg.out_dir, "loss.png"), self.file.name)
-
-    def step_done(self, loss=None):
-        if self.progress is not None:
-            self.progress.update(1)
-            if loss is not None:
-                self.progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
-
-    def close(self):
-        if self.progress is not None:
-            self.progress.close()
-        if self.master:
-            self.file.close()
-            if self.wandb is not None:
-                self.wandb.finish()
-
-
-def compiled(model, cfg, run):
-    """torch.compile'd, one graph per input shape: conversations come in the few padded lengths
-    of padded_length(bucket=True), each compiled once in training and once in evaluation."""
-    lengths = {padded_length(n, cfg.block_size, bucket=True) for n in range(1, cfg.block_size + 1)}
-    config = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, limit, max(getattr(config, limit), 2 * len(lengths) + 2))
-    return torch.compile(model, dynamic=False)
-
-
-def fetch(loader, run):
-    """The next step's micro-batches (on their way to the device), the tokens read (all
-    processes, padding left out), and the weights: what each micro-step's mean loss is multiplied
-    by before backward, its supervised targets (not -1) over those of the whole step, all
-    micro-steps and processes, times world_size (DDP averages gradients over processes). The
-    step's gradient is then that of the mean loss over every supervised target of the step,
-    however they fall into micro-batches: 1 / grad_accum each in pretraining."""
-    x, y = read_batch(loader, run.grad_accum, run.device)
-    counts = torch.stack([(targets != -1).sum() for targets in y]).float()  # (micro_steps,)
-    total = counts.sum()
-    if run.ddp:  # every process's targets count (a scalar, on the device)
-        dist.all_reduce(total)
-    return x, y, counts * run.world_size / total.clamp(min=1), loader.step_tokens
 
 
 def main(argv=None):
