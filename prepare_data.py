@@ -1471,6 +1471,7 @@ class ShardLoader:
         self.batch_size, self.block_size = batch_size, block_size
         self.rank, self.world_size = rank, world_size
         self.vocab_size, self.seed = vocab_size, seed
+        self.checked = set()  # the shards whose token ids are known to fit the vocabulary
         self.reset()
 
     def reset(self):
@@ -1488,10 +1489,22 @@ class ShardLoader:
 
     def sequence_order(self):
         if self.order is None:
+            if self.shard not in self.checked:
+                self.check_vocabulary()
             count = (len(self.shards[self.shard]) - 1) // self.block_size
             rng = np.random.default_rng([self.seed, self.epoch, self.shard])
             self.order = rng.permutation(count)
         return self.order
+
+    def check_vocabulary(self):
+        """The current shard's token ids fit the model, all of them, checked when it is first read: every
+        process reads the same shard at the same step, so they all refuse together."""
+        shard = self.shards[self.shard]
+        largest = int(shard.max()) if len(shard) else 0
+        if largest >= self.vocab_size:
+            raise ValueError(f"{self.paths[self.shard]} holds token id {largest}, outside the model's vocabulary "
+                             f"of {self.vocab_size}")
+        self.checked.add(self.shard)
 
     def next_batch(self, micro_steps):
         """x, y: int64 arrays (micro_steps, batch_size, block_size), this process's rows."""
@@ -1510,9 +1523,6 @@ class ShardLoader:
         tokens = self.shards[self.shard][starts[:, None] + np.arange(length + 1)]  # (M*B, T+1)
         self.offset += need
         self.step_tokens = need * length
-        if tokens.max() >= self.vocab_size:
-            raise ValueError(f"{self.paths[self.shard]} holds token id {tokens.max()}, "
-                             f"outside the model's vocabulary of {self.vocab_size}")
         tokens = tokens.astype(np.int64).reshape(micro_steps, batch, length + 1)
         return tokens[..., :-1], tokens[..., 1:]
 
@@ -1537,6 +1547,10 @@ class ConversationLoader:
                  seed=0, bucket=False):
         self.paths = list_shards(data_dir, split)
         self.shards = [read_conversation_shard(path) for path in self.paths]
+        largest = max(int(tokens.max()) if len(tokens) else 0 for tokens, _, _ in self.shards)
+        if largest >= vocab_size:  # all of them, here: so every process refuses at once
+            raise ValueError(f"the conversations in {data_dir} hold token id {largest}, outside the model's "
+                             f"vocabulary of {vocab_size}")
         shard_of, starts, lengths, self.cut, self.dropped = [], [], [], 0, 0
         for index, (tokens, supervised, offsets) in enumerate(self.shards):
             begin, full = offsets[:-1], np.diff(offsets)
@@ -1554,7 +1568,7 @@ class ConversationLoader:
             raise ValueError(f"no {split} conversation in {data_dir} has an assistant turn "
                              f"within block_size {block_size} tokens")
         self.batch_size, self.block_size, self.bucket = batch_size, block_size, bucket
-        self.rank, self.world_size, self.vocab_size, self.seed = rank, world_size, vocab_size, seed
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.reset()
 
     def __len__(self):
@@ -1602,10 +1616,6 @@ class ConversationLoader:
             start = (m * self.world_size + self.rank) * rows
             x, y = collate([self.example(i) for i in chosen[start:start + rows]], self.block_size,
                            bucket=self.bucket)
-            if x.max() >= self.vocab_size:
-                raise ValueError(f"the conversations in {os.path.dirname(self.paths[0])}"
-                                 f" hold token id {x.max()}, outside the model's vocabulary of "
-                                 f"{self.vocab_size}")
             xs.append(x)
             ys.append(y)
         return xs, ys

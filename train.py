@@ -137,6 +137,11 @@ def check_config(cfg):
     need(cfg.resume_ckpt is None or cfg.init_from == "resume",
          "resume_ckpt needs init_from='resume' (to start from a checkpoint's weights alone, give "
          "it as init_from=PATH)")
+    if cfg.wandb_log:  # on every process, before any of them waits for the others
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: wandb_log=True needs wandb: pip install wandb") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,29 +181,20 @@ def configure_optimizer(model, cfg, device_type):
 # Data and evaluation: prepared shards in, batches on the device; val loss and benchmarks
 
 
-def ensure_data(data_dir, run):
-    """data_dir's meta.json (a dict, maybe empty), the default corpus prepared there first if it is
-    missing (by the master; the others wait)."""
+def open_loaders(cfg, chat, vocab_size, run):
+    """The training and validation loaders of data_dir: conversations (chat), or a token stream.
+    Conversations come in compile-friendly lengths when the model is compiled."""
+    loader = ConversationLoader if chat else ShardLoader
+    options = {"bucket": run.compile} if chat else {}
     with refused():
-        ensure_prepared(data_dir, prepare_default=run.master)
-        if run.ddp:
-            dist.barrier()
-        return read_meta(data_dir) or {}
-
-
-def open_loaders(cfg, meta, vocab_size, run):
-    """The training and validation loaders of data_dir: conversations or a token stream, as its
-    meta.json says."""
-    chat = meta.get("kind") == "conversations"
-    loader, options = (ConversationLoader, {"bucket": run.compile}) if chat else (ShardLoader, {})
-    with refused():
-        train_loader, val_loader = (
-            loader(cfg.data_dir, split, cfg.batch_size, cfg.block_size, run.rank,
-                   run.world_size, vocab_size, cfg.seed, **options) for split in ("train", "val"))
-    for name, data in (("train", train_loader), ("val", val_loader)) if chat else ():
-        run.say(f"{name}: {len(data):,} conversations, {data.cut:,} cut at block_size "
-                f"{cfg.block_size}, {data.dropped:,} dropped (no answer within it)")
-    return train_loader, val_loader
+        loaders = [loader(cfg.data_dir, split, cfg.batch_size, cfg.block_size, run.rank,
+                          run.world_size, vocab_size, cfg.seed, **options)
+                   for split in ("train", "val")]
+    if chat:
+        for name, data in zip(("train", "val"), loaders):
+            run.say(f"{name}: {len(data):,} conversations, {data.cut:,} cut at block_size "
+                    f"{cfg.block_size}, {data.dropped:,} dropped (no answer within it)")
+    return loaders
 
 
 def read_batch(loader, micro_steps, device):
@@ -297,14 +293,14 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def save_checkpoint(path, model, optimizer, step, cfg, data_position, master, **extra):
+def save_checkpoint(path, model, optimizer, step, cfg, data_position, run, **extra):
     """Write ckpt (on the master process), atomically. Called by every process: the RNG states
     of all of them are gathered so that a resume restores each one."""
     rng = [rng_state()]
-    if dist.is_initialized():
-        rng = [None] * dist.get_world_size()
+    if run.ddp:
+        rng = [None] * run.world_size
         dist.all_gather_object(rng, rng_state())
-    if not master:
+    if not run.master:
         return
     checkpoint = {"model": model.state_dict(),  # the plain module: no DDP, no torch.compile
                   "model_config": asdict(model.config), "optimizer": optimizer.state_dict(),
@@ -341,10 +337,11 @@ class StopRequest:
     checkpoint; a second one interrupts at once. Under DDP every process learns of it at the same
     step (a tiny all-reduce on a CPU group), so they all save and stop together."""
 
-    def __init__(self, ddp, backend):
-        self.requested, self.group, self.previous = False, None, {}
-        if ddp:  # NCCL would need a GPU tensor and a sync; a gloo group keeps it on the host
-            self.group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    def __init__(self, run):
+        self.run, self.requested, self.group, self.previous = run, False, None, {}
+        if run.ddp:  # NCCL would need a GPU tensor and a sync; a gloo group keeps it on the host
+            self.group = dist.group.WORLD if run.backend == "gloo" else dist.new_group(
+                backend="gloo")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -356,8 +353,7 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step with a checkpoint (again to quit at once)",
-              file=sys.stderr, flush=True)
+        self.run.say("\nstopping after this step with a checkpoint (again to quit at once)")
 
     def __call__(self):
         if self.group is None:
@@ -418,10 +414,7 @@ class RunLog:
             return
         self.file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
         if cfg.wandb_log:
-            try:
-                import wandb
-            except ImportError:
-                raise SystemExit("error: wandb_log=True needs wandb: pip install wandb") from None
+            import wandb
             self.wandb = wandb
             wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config)
         if sys.stderr.isatty():
@@ -542,7 +535,13 @@ def set_up(cfg):
     device = cfg.device
     if device == "auto" and torch.cuda.is_available() or device == "cuda" and ddp:
         device = f"cuda:{local_rank}"  # each process its own GPU
-    device = torch.device("cpu" if device == "auto" else device)
+    try:
+        device = torch.device("cpu" if device == "auto" else device)
+    except RuntimeError:
+        raise SystemExit(f"error: device {cfg.device!r} is not 'auto', 'cpu', 'cuda' or "
+                         f"'cuda:N'") from None
+    need(device.type != "cuda" or torch.cuda.is_available(),
+         f"device {cfg.device!r}, but this machine has no CUDA GPU torch can use (device=cpu)")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if ddp:
         dist.init_process_group(backend=backend)
@@ -564,20 +563,21 @@ def set_up(cfg):
 
 
 def clear_earlier_run(cfg, run):
-    """A new run (not 'resume') never mixes with an earlier one in out_dir: refused, or with
-    overwrite=True its checkpoints and log deleted."""
+    """A new run (not 'resume') never mixes with an earlier one in out_dir (its checkpoints, or
+    the log of one that stopped before its first): refused, or with overwrite=True deleted."""
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
     earlier = list(list_checkpoints(cfg.out_dir).values())
+    earlier += [log_path] if os.path.isfile(log_path) else []
     if cfg.init_from == "resume" or not earlier:
         return
-    need(cfg.overwrite, f"{cfg.out_dir} already holds a run's checkpoints: continue it with "
-         f"init_from='resume', choose another out_dir, or give overwrite=True to delete them")
+    need(cfg.overwrite, f"{cfg.out_dir} already holds a run (checkpoints or log.jsonl): continue "
+         f"it with init_from='resume', choose another out_dir, or give overwrite=True to delete it")
     if run.ddp:
         dist.barrier()  # every process has looked before the master deletes
     if run.master:
-        log_path = os.path.join(cfg.out_dir, "log.jsonl")
-        for path in earlier + ([log_path] if os.path.exists(log_path) else []):
+        for path in earlier:
             os.remove(path)
-        run.say(f"overwrite: deleted the {len(earlier)} checkpoints in {cfg.out_dir}")
+        run.say(f"overwrite: deleted the earlier run in {cfg.out_dir} ({len(earlier)} files)")
 
 
 def build_model(config_dict, overrides, state=None, source=""):
@@ -689,7 +689,8 @@ def restore(cfg, run, checkpoint, optimizer, train_loader):
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if run.master and os.path.isfile(log_path):  # forget what was logged after the checkpoint
         with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= start_step]
+            kept = [line for line in f if line.endswith("\n")  # not one cut short by a crash
+                    and json.loads(line)["step"] <= start_step]
         atomic_write_text(log_path, "".join(kept))
     return start_step, checkpoint.get("tokens", start_step * cfg.total_batch_size)
 
@@ -715,7 +716,12 @@ def main(argv=None):
     overrides = {k: v for k, v in asdict(model_settings).items() if v is not None}
     run = set_up(cfg)
     clear_earlier_run(cfg, run)
-    meta = ensure_data(cfg.data_dir, run)
+    with refused():  # the default corpus is made if it is missing (by the master; others wait)
+        ensure_prepared(cfg.data_dir, prepare_default=run.master)
+        if run.ddp:
+            dist.barrier()
+        meta = read_meta(cfg.data_dir) or {}
+    chat = meta.get("kind") == "conversations"  # conversation shards: supervised fine-tuning
 
     # ---- the model and its optimizer; compiled, and wrapped for DDP
     raw_model, checkpoint = load_model(cfg, overrides, meta, run)  # raw: what is saved
@@ -726,8 +732,10 @@ def main(argv=None):
         model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
 
     # ---- the data: loaders, the step count in epochs, the position resumed, the evaluation
-    train_loader, val_loader = open_loaders(cfg, meta, raw_model.config.vocab_size, run)
-    if cfg.sft_epochs and isinstance(train_loader, ConversationLoader):
+    train_loader, val_loader = open_loaders(cfg, chat, raw_model.config.vocab_size, run)
+    need(not cfg.sft_epochs or chat, f"sft_epochs is for conversation data; {cfg.data_dir} holds a "
+         f"token stream (give max_iters)")
+    if cfg.sft_epochs:
         steps = math.ceil(cfg.sft_epochs * len(train_loader) /
                           (run.grad_accum * cfg.batch_size * run.world_size))
         run.say(f"{cfg.sft_epochs:g} epochs of {len(train_loader):,} conversations are {steps:,} "
@@ -754,15 +762,17 @@ def main(argv=None):
             f"({cfg.total_batch_size} tokens)")
 
     # ---- the loop: one optimizer step of grad_accum micro-steps; log, evaluate, save
+    resumed = checkpoint is not None
     seed_processes(cfg, run, checkpoint)
+    del checkpoint  # its weights and optimizer state are in use: no second copy on the host
     data_position = train_loader.state_dict()  # where the next step's data begins
     x, y, weights, step_tokens = fetch(train_loader, run)
-    if checkpoint is None and step < cfg.max_iters:  # the loss before any training
+    if not resumed and step < cfg.max_iters:  # the loss before any training
         log.write({"step": step, "tokens": 0, **evaluation()})
     window_time, window_step, window_tokens = time.perf_counter(), step, tokens  # log window
     stopped = False
     raw_model.train()
-    with StopRequest(run.ddp, run.backend) as stop:  # Ctrl-C: finish the step, save, stop
+    with StopRequest(run) as stop:  # Ctrl-C: finish the step, save, stop
         while step < cfg.max_iters and not stopped:
             lr = wsd_lr(step, cfg)
             for group in optimizer.param_groups:
@@ -780,25 +790,28 @@ def main(argv=None):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens += step_tokens
-            data_position = train_loader.state_dict()
-            x, y, weights, step_tokens = fetch(train_loader, run)  # the host reads on meanwhile
             step += 1
-            stopped = stop()
-            last = step == cfg.max_iters
+            stopped, last = stop(), step == cfg.max_iters
+            data_position = train_loader.state_dict()
+            if not (last or stopped):  # the next step's data: the host reads on meanwhile
+                x, y, weights, step_tokens = fetch(train_loader, run)
 
             record, eta = {}, None
             if step % cfg.log_interval == 0 or last or stopped:
                 if run.ddp:  # the mean over every supervised target of every process
                     dist.all_reduce(step_loss)
                     step_loss /= run.world_size
+                train_loss, norm = step_loss.item(), grad_norm.item()  # the host waits: here only
                 elapsed = time.perf_counter() - window_time
                 tokens_per_sec = (tokens - window_tokens) / elapsed
-                record = {"step": step, "tokens": tokens, "loss": step_loss.item(), "lr": lr,
-                          "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
+                record = {"step": step, "tokens": tokens, "loss": train_loss, "lr": lr,
+                          "grad_norm": norm, "tokens_per_sec": tokens_per_sec,
                           "mfu": flops * tokens_per_sec / peak if peak else None,
-                          "time": time.time()}  # .item(): the host waits, on logged steps only
+                          "time": time.time()}
                 eta = tqdm.format_interval((cfg.max_iters - step) * elapsed / (step - window_step))
-                stop_if_diverged(step, cfg, loss=record["loss"], grad_norm=record["grad_norm"])
+                if not (math.isfinite(train_loss) and math.isfinite(norm)):
+                    log.write(record, eta)  # the diverged step in the log, then the stop
+                    stop_if_diverged(step, cfg, loss=train_loss, grad_norm=norm)
             log.step_done(record.get("loss"))
             if (cfg.eval_interval and step % cfg.eval_interval == 0 or last) and not stopped:
                 record = {"step": step, "tokens": tokens, **record, **evaluation()}
@@ -809,7 +822,7 @@ def main(argv=None):
                 stop_if_diverged(step, cfg, grad_norm=grad_norm.item(),
                                  a_weight=finite_weights(raw_model))
                 path = os.path.join(cfg.out_dir, f"ckpt_{step:06d}.pt")
-                save_checkpoint(path, raw_model, optimizer, step, cfg, data_position, run.master,
+                save_checkpoint(path, raw_model, optimizer, step, cfg, data_position, run,
                                 tokens=tokens, val_loss=record.get("val_loss"))
                 if stopped:
                     run.say(f"saved {path}")
@@ -818,7 +831,7 @@ def main(argv=None):
 
     # ---- the end: the Hugging Face export of a chat model, where to sample it
     log.close()
-    if run.master and not stopped and meta.get("kind") == "conversations":
+    if run.master and not stopped and chat:
         directory = os.path.join(cfg.out_dir, "hf")
         raw_model.save_pretrained(directory, tokenizer_dir=cfg.out_dir)
         run.say(f"exported {directory} (transformers loads it); chat with it: python sample.py "

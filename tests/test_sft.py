@@ -353,7 +353,7 @@ def test_padded_lengths_come_in_buckets_when_compiled(tmp_path):
     cfg = train.TrainConfig(data_dir=str(tmp_path), batch_size=1, block_size=256)
     for compile, lengths in ((False, {16, 32, 96}), (True, {64, 128})):
         run = train.Run(False, 0, 1, torch.device("cpu"), "gloo", torch.float32, compile, 1)
-        loader, _ = train.open_loaders(cfg, {"kind": "conversations"}, 50, run)
+        loader, _ = train.open_loaders(cfg, True, 50, run)
         assert {loader.next_batch(1)[0][0].shape[1] for _ in range(3)} == lengths
 
 

@@ -2,6 +2,7 @@
 decay, DDP equality (two gloo processes), the schedule, config errors, shard errors, checkpoints."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -178,12 +179,17 @@ def test_config_file_errors(tmp_path):
 
 
 def test_main_refuses_bad_settings(tmp_path, data_dir):
-    for args, words in [(["--nope=1"], ["unknown setting", "batch_size"]),
-                        (["--total_batch_size=200"], ["total_batch_size 200", "multiple"]),
-                        (["--dtype=float16"], ["dtype"]),
-                        (["--model=doge-7b"], ["unknown model preset", "doge-20m"]),
-                        (["--num_attention_heads=3"], ["model settings"]),
-                        (["--init_from=resume"], ["no checkpoint"])]:
+    cases = [(["--nope=1"], ["unknown setting", "batch_size"]),
+             (["--total_batch_size=200"], ["total_batch_size 200", "multiple"]),
+             (["--dtype=float16"], ["dtype"]),
+             (["--model=doge-7b"], ["unknown model preset", "doge-20m"]),
+             (["--num_attention_heads=3"], ["model settings"]),
+             (["--init_from=resume"], ["no checkpoint"]),
+             (["--device=gpu"], ["device 'gpu'", "cuda:N"]),
+             (["--sft_epochs=2"], ["sft_epochs", "token stream"])]
+    if not torch.cuda.is_available():
+        cases.append((["--device=cuda"], ["device 'cuda'", "no CUDA GPU"]))
+    for args, words in cases:
         with pytest.raises(SystemExit) as excinfo:
             run(data_dir, tmp_path / "bad", *args)
         message = one_line_exit(excinfo)
@@ -224,6 +230,19 @@ def test_truncated_shard_is_a_clear_error(tmp_path):
         run(tmp_path, tmp_path / "out")
     message = one_line_exit(excinfo)
     assert "t_train_000001.bin" in message and "truncated" in message
+
+
+def test_every_process_refuses_a_token_outside_the_vocabulary(tmp_path):
+    """A token id the model has no embedding for is refused by every process at the same step
+    (the whole shard is checked when it is first read), not only by the one whose rows hold it:
+    under DDP the others would wait in the next all-reduce."""
+    tokens = markov_stream(5000, 2)
+    tokens[-1] = VOCAB + 3  # in the last sequence of the shard
+    write_shard(tmp_path / "t_train_000000.bin", tokens)
+    for rank in range(2):
+        loader = ShardLoader(tmp_path, "train", 2, 32, rank, 2, VOCAB)
+        with pytest.raises(ValueError, match=f"token id {VOCAB + 3}, outside the model's vocabulary"):
+            loader.next_batch(1)
 
 
 def test_missing_data_dir_says_how_to_make_it(tmp_path):
@@ -288,7 +307,7 @@ def test_loss_falls_on_held_out_data(tmp_path, data_dir):
 def test_stop_and_resume_equals_uninterrupted(tmp_path, data_dir, monkeypatch):
     """Ctrl-C during step 5 saves ckpt_000005 and stops; resuming then matches a run that was
     never stopped exactly: every loss, the final weights and optimizer state. Dropout is on, so
-    the RNG state has to come back too."""
+    the RNG state has to come back too. A log line cut short by a crash is dropped on resume."""
     args = ["--max_iters=9", "--decay_iters=4", "--hidden_dropout=0.1", "--eval_interval=3"]
     full = run(data_dir, tmp_path / "full", *args)
 
@@ -306,6 +325,8 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, data_dir, monkeypatch):
     assert not os.path.exists(tmp_path / "part" / "ckpt_000009.pt")
     assert signal.getsignal(signal.SIGINT) is handler  # the handlers are restored
 
+    with open(tmp_path / "part" / "log.jsonl", "a") as f:
+        f.write('{"step": 6, "tokens": 15')  # a record cut short, as by a kill in mid-write
     resumed = run(data_dir, tmp_path / "part", *args, "--init_from=resume")
     assert losses(resumed) == losses(full) and len(losses(full)) == 9
     assert [r.get("val_loss") for r in resumed if r["step"] > 5] == \
@@ -337,8 +358,11 @@ def test_a_diverging_run_stops_without_saving_nan_weights(tmp_path, data_dir, lo
         assert all(tensor.isfinite().all() for tensor in weights.values()), path
     assert "diverged at step" in message and "nan" in message and str(checkpoints[-1]) in message
     assert "learning_rate" in message and "grad_clip" in message
-    steps = [record["step"] for record in read_log(out_dir) if "loss" in record]
-    assert all(step < int(message.split("step ")[1].split(":")[0]) for step in steps)
+    diverged_at = int(message.split("step ")[1].split(":")[0])
+    records = [record for record in read_log(out_dir) if "loss" in record]
+    assert all(record["step"] < diverged_at for record in records[:-1])  # it stopped right there
+    if logged:  # the step that diverged is the log's last record
+        assert records[-1]["step"] == diverged_at and not math.isfinite(records[-1]["loss"])
 
 
 def test_branching_a_decay_from_a_stable_checkpoint(tmp_path, data_dir):
@@ -381,6 +405,14 @@ def test_a_new_run_never_mixes_with_an_old_one(tmp_path, data_dir):
     assert sorted(n for n in os.listdir(out) if n.startswith("ckpt")) == \
         ["ckpt_000002.pt"]  # the old run's ckpt_000001 and ckpt_000003 are gone
     assert [r["step"] for r in records] == [0, 1, 2]  # and so is its log
+    # a run that stopped before its first checkpoint left only its log: that is a run too
+    for name in os.listdir(out):
+        if name.startswith("ckpt"):
+            os.remove(out / name)
+    with pytest.raises(SystemExit) as excinfo:
+        run(data_dir, out, "--max_iters=1")
+    assert "log.jsonl" in one_line_exit(excinfo) and "overwrite=True" in one_line_exit(excinfo)
+    assert [r["step"] for r in run(data_dir, out, "--max_iters=1", "--overwrite")] == [0, 1]
 
 
 def free_port():
@@ -444,7 +476,8 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     cfg = TrainConfig()
     optimizer = train.configure_optimizer(model, cfg, "cpu")
     path = tmp_path / "ckpt_000001.pt"
-    train.save_checkpoint(str(path), model, optimizer, 1, cfg, {"shard": 0}, master=True)
+    one_process = train.Run(False, 0, 1, torch.device("cpu"), "gloo", torch.float32, False, 1)
+    train.save_checkpoint(str(path), model, optimizer, 1, cfg, {"shard": 0}, one_process)
     before = path.read_bytes()
     real_save = torch.save
 
@@ -455,7 +488,7 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash_half_way)
     with pytest.raises(OSError):
-        train.save_checkpoint(str(path), model, optimizer, 2, cfg, {"shard": 0}, master=True)
+        train.save_checkpoint(str(path), model, optimizer, 2, cfg, {"shard": 0}, one_process)
     assert path.read_bytes() == before  # the old checkpoint is intact
     assert os.listdir(tmp_path) == ["ckpt_000001.pt"]  # and no partial file is left behind
     assert load(path)["step"] == 1
