@@ -12,8 +12,8 @@ Train a Doge: on a CPU, on one GPU, or on several with DDP; pretraining or instr
 
 Settings are the fields of TrainConfig below plus every DogeConfig field, given flat
 (--hidden_size=128), from a config file and then --key=value overrides (configurator.py). The data
-arrives prepared by prepare_data.py: a token stream (pretraining) or conversations (--chat, for
-supervised fine-tuning), read through one loader interface. main() reads in phases: set-up, the
+arrives prepared by prepare_data.py: a token stream (pretraining) or conversations (its --chat,
+for supervised fine-tuning), read through one loader interface. main() reads in phases: set-up, the
 model and its optimizer, the data, what the run writes (README.md lists out_dir's files), the
 loop, the end.
 """
@@ -81,8 +81,8 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_interval: int = 250  # evaluate every this many steps (and at 0 and the end); 0: end only
     eval_iters: int = 20  # validation micro-batches per process in each evaluation
-    eval_tasks: str = ""  # eval.py's benchmarks, also scored at each evaluation, comma-separated
-    # (hellaswag,piqa,...; the data's tokenizer), logged as hellaswag_acc, hellaswag_acc_norm, ...
+    eval_tasks: str = ""  # benchmarks (prepare_data.BENCHMARKS) scored at each evaluation too,
+    # comma-separated (hellaswag,piqa,...; the data's tokenizer), logged as hellaswag_acc, ...
     eval_data_dir: str = "data/eval"  # rows: <task>.jsonl, .jsonl.gz or .parquet, else the hub
     eval_tasks_limit: int = 500  # the first this many questions of each task; 0: all of them
     log_interval: int = 10  # a log line every this many steps (and at the end)
@@ -209,12 +209,14 @@ def read_batch(loader, micro_steps, device):
 
 
 def fetch(loader, run):
-    """The next step's micro-batches (on their way to the device), the tokens read (all
-    processes, padding left out), and the weights: what each micro-step's mean loss is multiplied
-    by before backward, its supervised targets (not -1) over those of the whole step, all
-    micro-steps and processes, times world_size (DDP averages gradients over processes). The
-    step's gradient is then that of the mean loss over every supervised target of the step,
-    however they fall into micro-batches: 1 / grad_accum each in pretraining."""
+    """The next step: x and y (its micro-batches, on their way to the device), the weights, and
+    the tokens read (all processes, padding left out).
+
+    A micro-step's mean loss is multiplied by its weight before backward: its supervised targets
+    (not -1) over those of the whole step, all micro-steps and processes, times world_size (DDP
+    averages gradients over processes). The step's gradient is then that of the mean loss over
+    every supervised target of the step, however they fall into micro-batches (1 / grad_accum
+    each in pretraining, where every target counts)."""
     x, y = read_batch(loader, run.grad_accum, run.device)
     counts = torch.stack([(targets != -1).sum() for targets in y]).float()  # (micro_steps,)
     total = counts.sum()
@@ -374,8 +376,9 @@ class StopRequest:
 # Dense bfloat16 tensor-core peaks (FLOP/s, FP32 accumulate) from the vendors' data sheets; the
 # most specific name first. float32 runs (TF32) count half of it. Other GPUs: give peak_flops.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
-                  "L40S": 362e12, "L4": 121e12, "RTX 4090": 165.2e12, "RTX 4080": 97.5e12,
-                  "RTX 3090": 71e12, "RTX 6000 Ada": 364e12, "RTX A6000": 155e12}
+                  "L40S": 362e12, "L40": 181e12, "L4": 121e12, "RTX 4090": 165.2e12,
+                  "RTX 4080": 97.5e12, "RTX 3090": 71e12, "RTX 6000 Ada": 364e12,
+                  "RTX A6000": 155e12}
 
 
 def peak_flops(device_type, dtype):
@@ -407,7 +410,7 @@ class RunLog:
     """Where a run reports: stdout lines (through the tqdm bar when stderr is a terminal), and on
     the master log.jsonl, loss.png and Weights & Biases (wandb_log)."""
 
-    def __init__(self, cfg, run, start_step, config):
+    def __init__(self, cfg, run, start_step, wandb_config):
         self.cfg, self.master = cfg, run.master
         self.wandb = self.progress = None
         if not self.master:
@@ -416,7 +419,7 @@ class RunLog:
         if cfg.wandb_log:
             import wandb
             self.wandb = wandb
-            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config)
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=wandb_config)
         if sys.stderr.isatty():
             self.progress = tqdm(total=cfg.max_iters, initial=start_step, unit="step",
                                  dynamic_ncols=True)
@@ -481,7 +484,7 @@ def write_run_record(cfg, model_config, argv, world_size, device):
     """out_dir/runs/<time>.json: settings, versions and this code, so a result can be redone."""
     here = Path(__file__).resolve().parent
     source = {name: (here / name).read_text()
-              for name in ("train.py", "doge.py", "configurator.py")}
+              for name in ("train.py", "doge.py", "configurator.py", "prepare_data.py")}
     record = {"argv": argv, "train_config": asdict(cfg), "model_config": asdict(model_config),
               "world_size": world_size, "device": str(device),
               "device_name": torch.cuda.get_device_name() if device.type == "cuda"
@@ -655,7 +658,7 @@ def load_model(cfg, overrides, meta, run):
     return model, checkpoint
 
 
-def compiled(model, cfg, run):
+def compiled(model, cfg):
     """torch.compile'd, one graph per input shape: conversations come in the few padded lengths
     of padded_length(bucket=True), each compiled once in training and once in evaluation."""
     lengths = {padded_length(n, cfg.block_size, bucket=True) for n in range(1, cfg.block_size + 1)}
@@ -666,8 +669,9 @@ def compiled(model, cfg, run):
 
 
 def restore(cfg, run, checkpoint, optimizer, train_loader):
-    """Resuming: the optimizer, the data position, the log up to the checkpoint and every RNG
-    state as they were; refused where the checkpoint and these settings do not belong together."""
+    """Resuming: the optimizer, the data position and the log up to the checkpoint as they were
+    (the RNG states come back last, in seed_processes); refused where the checkpoint and these
+    settings do not belong together. Returns the step and the tokens trained on."""
     start_step, before = checkpoint["step"], checkpoint["train_config"]
     need(start_step <= cfg.max_iters,
          f"the checkpoint is at step {start_step}, past max_iters {cfg.max_iters}")
@@ -727,11 +731,11 @@ def main(argv=None):
     raw_model, checkpoint = load_model(cfg, overrides, meta, run)  # raw: what is saved
     raw_model.to(run.device)
     optimizer = configure_optimizer(raw_model, cfg, run.device.type)
-    model = eval_model = compiled(raw_model, cfg, run) if run.compile else raw_model
+    model = eval_model = compiled(raw_model, cfg) if run.compile else raw_model
     if run.ddp:
         model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
 
-    # ---- the data: loaders, the step count in epochs, the position resumed, the evaluation
+    # ---- the data: loaders, the step count in epochs, resuming (optimizer, data, log), evaluation
     train_loader, val_loader = open_loaders(cfg, chat, raw_model.config.vocab_size, run)
     need(not cfg.sft_epochs or chat, f"sft_epochs is for conversation data; {cfg.data_dir} holds a "
          f"token stream (give max_iters)")

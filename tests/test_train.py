@@ -241,7 +241,7 @@ def test_every_process_refuses_a_token_outside_the_vocabulary(tmp_path):
     write_shard(tmp_path / "t_train_000000.bin", tokens)
     for rank in range(2):
         loader = ShardLoader(tmp_path, "train", 2, 32, rank, 2, VOCAB)
-        with pytest.raises(ValueError, match=f"token id {VOCAB + 3}, outside the model's vocabulary"):
+        with pytest.raises(ValueError, match=f"token id {VOCAB + 3}, outside the model's vocab"):
             loader.next_batch(1)
 
 
@@ -301,7 +301,8 @@ def test_loss_falls_on_held_out_data(tmp_path, data_dir):
     run_record = os.listdir(tmp_path / "out" / "runs")
     with open(tmp_path / "out" / "runs" / run_record[0]) as f:
         record = json.load(f)
-    assert "doge.py" in record["source"] and record["versions"]["torch"] == torch.__version__
+    assert set(record["source"]) == {"train.py", "doge.py", "configurator.py", "prepare_data.py"}
+    assert record["versions"]["torch"] == torch.__version__
 
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path, data_dir, monkeypatch):
