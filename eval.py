@@ -164,9 +164,9 @@ def main(argv=None):
         raise SystemExit("error: bpb needs --data=FILE: a text file or one of our .bin shards")
     device, autocast = device_and_autocast(cfg)
     model = load_model(cfg.init_from, device)
-    tokenizer = load_text_tokenizer(tokenizer_directory(cfg.init_from), model.config.vocab_size)
     log(f"loaded {cfg.init_from}: {model.num_params() / 1e6:.1f}M parameters on {device}")
-    try:  # every task's data first: a missing file stops the run before any scoring
+    try:  # the tokenizer and every task's data first: a missing file stops it before any scoring
+        tokenizer = load_text_tokenizer(tokenizer_directory(cfg.init_from), model.config.vocab_size)
         inputs = {task: bpb_documents(cfg.data, tokenizer, cfg.limit) if task == "bpb" else
                   read_benchmark(task, cfg.data_dir, cfg.limit) for task in tasks}
     except ValueError as e:

@@ -648,19 +648,16 @@ def tokenizer_directory(path):
 
 def load_text_tokenizer(directory, vocab_size):
     """The tokenizer.json or tokenizer.model of a model directory, checked against the model's
-    vocab_size, parsing special tokens in text (as prompts need)."""
+    vocab_size, parsing special tokens in text (as prompts need). Problems raise ValueError."""
     for name in ("tokenizer.json", "tokenizer.model"):
         if os.path.exists(os.path.join(directory, name)):
-            try:
-                tokenizer = load_tokenizer(os.path.join(directory, name), parse_special_tokens=True)
-            except ValueError as e:
-                raise SystemExit(f"error: {e}") from None
+            tokenizer = load_tokenizer(os.path.join(directory, name), parse_special_tokens=True)
             break
     else:
-        raise SystemExit(f"error: no tokenizer.json or tokenizer.model in {directory}")
+        raise ValueError(f"no tokenizer.json or tokenizer.model in {directory}")
     if tokenizer.vocab_size > vocab_size:
-        raise SystemExit(f"error: the tokenizer in {directory} has {tokenizer.vocab_size} tokens but "
-                         f"the model only {vocab_size}: they do not belong together")
+        raise ValueError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model only "
+                         f"{vocab_size}: they do not belong together")
     return tokenizer
 
 

@@ -233,13 +233,13 @@ def evaluator(cfg, model, eval_model, val_loader, run):
     process scores every world_size-th question and the counts are all-reduced: the numbers one
     process would get."""
     names = [task for task in cfg.eval_tasks.split(",") if task]
-    tokenizer = load_text_tokenizer(cfg.data_dir, model.config.vocab_size) if names else None
     tasks = {}
-    for task in names:
-        with refused("eval_tasks: "):
+    with refused("eval_tasks: "):
+        tokenizer = load_text_tokenizer(cfg.data_dir, model.config.vocab_size) if names else None
+        for task in names:
             questions = read_benchmark(task, cfg.eval_data_dir, cfg.eval_tasks_limit)
-        questions = questions[run.rank::run.world_size]
-        tasks[task] = questions, benchmark_requests(tokenizer, questions)
+            questions = questions[run.rank::run.world_size]
+            tasks[task] = questions, benchmark_requests(tokenizer, questions)
 
     @torch.no_grad()
     def evaluation():

@@ -309,6 +309,13 @@ def test_missing_file_and_missing_field_are_one_line_errors(model_dir, tmp_path)
         with pytest.raises(SystemExit) as excinfo:
             eval_program.main([f"--init_from={model_dir}", *argv])
         assert words in one_line_exit(excinfo)
+    bare = tmp_path / "no-tokenizer"  # the weights without their tokenizer
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((model_dir / name).read_bytes())
+    with pytest.raises(SystemExit) as excinfo:
+        eval_program.main([f"--init_from={bare}", "--tasks=hellaswag", f"--data_dir={tmp_path}"])
+    assert f"no tokenizer.json or tokenizer.model in {bare}" in one_line_exit(excinfo)
 
 
 # ----------------------------------------------------------------------------------------------
