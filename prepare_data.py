@@ -1448,6 +1448,13 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
 # next_batch(micro_steps) -> (x, y) int64 arrays of this process's rows, step_tokens, reset(), and a position
 # (state_dict / load_state_dict) that checkpoints save. Problems raise ValueError.
 
+def check_token_ids(tokens, vocab_size, path):
+    """Every token id of a shard fits a model of vocab_size; a ValueError naming the shard if not."""
+    largest = int(tokens.max()) if len(tokens) else 0
+    if largest >= vocab_size:
+        raise ValueError(f"{path} holds token id {largest}, outside the model's vocabulary of {vocab_size}")
+
+
 class ShardLoader:
     """Batches of sequences from memory-mapped shards, in a shuffled order fixed by the seed and
     the same whatever the number of processes.
@@ -1486,22 +1493,15 @@ class ShardLoader:
 
     def sequence_order(self):
         if self.order is None:
+            # the whole shard when first read: every process reads the same one at the same step,
+            # so they all refuse a bad token id together
             if self.shard not in self.checked:
-                self.check_vocabulary()
+                check_token_ids(self.shards[self.shard], self.vocab_size, self.paths[self.shard])
+                self.checked.add(self.shard)
             count = (len(self.shards[self.shard]) - 1) // self.block_size
             rng = np.random.default_rng([self.seed, self.epoch, self.shard])
             self.order = rng.permutation(count)
         return self.order
-
-    def check_vocabulary(self):
-        """The current shard's token ids fit the model, all of them, checked when it is first read: every
-        process reads the same shard at the same step, so they all refuse together."""
-        shard = self.shards[self.shard]
-        largest = int(shard.max()) if len(shard) else 0
-        if largest >= self.vocab_size:
-            raise ValueError(f"{self.paths[self.shard]} holds token id {largest}, outside the model's vocabulary "
-                             f"of {self.vocab_size}")
-        self.checked.add(self.shard)
 
     def next_batch(self, micro_steps):
         """x, y: int64 arrays (micro_steps, batch_size, block_size), this process's rows."""
@@ -1544,10 +1544,8 @@ class ConversationLoader:
                  seed=0, bucket=False):
         self.paths = list_shards(data_dir, split)
         self.shards = [read_conversation_shard(path) for path in self.paths]
-        largest = max(int(tokens.max()) if len(tokens) else 0 for tokens, _, _ in self.shards)
-        if largest >= vocab_size:  # all of them, here: so every process refuses at once
-            raise ValueError(f"the conversations in {data_dir} hold token id {largest}, outside the model's "
-                             f"vocabulary of {vocab_size}")
+        for path, (tokens, _, _) in zip(self.paths, self.shards):  # all, here: every process refuses
+            check_token_ids(tokens, vocab_size, path)
         shard_of, starts, lengths, self.cut, self.dropped = [], [], [], 0, 0
         for index, (tokens, supervised, offsets) in enumerate(self.shards):
             begin, full = offsets[:-1], np.diff(offsets)
