@@ -813,14 +813,13 @@ def main(argv=None):
                           "mfu": flops * tokens_per_sec / peak if peak else None,
                           "time": time.time()}
                 eta = tqdm.format_interval((cfg.max_iters - step) * elapsed / (step - window_step))
-                if not (math.isfinite(train_loss) and math.isfinite(norm)):
-                    log.write(record, eta)  # the diverged step in the log, then the stop
-                    stop_if_diverged(step, cfg, loss=train_loss, grad_norm=norm)
             log.step_done(record.get("loss"))
             if (cfg.eval_interval and step % cfg.eval_interval == 0 or last) and not stopped:
                 record = {"step": step, "tokens": tokens, **record, **evaluation()}
             if record:
                 log.write(record, eta)
+            if "loss" in record:  # a logged step, in the log even when it diverged
+                stop_if_diverged(step, cfg, loss=record["loss"], grad_norm=record["grad_norm"])
             saved = cfg.save_interval and step % cfg.save_interval == 0 or last or stopped
             if saved:  # never a checkpoint of non-finite weights, logged step or not
                 stop_if_diverged(step, cfg, grad_norm=grad_norm.item(),
