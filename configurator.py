@@ -11,8 +11,9 @@ Settings from the command line: an optional config file, then --key=value overri
   `--flag` means `--flag=True`.
 - Every value is checked against the setting's type (the dataclass annotation where there is
   one, else the type of the default). An int is accepted for a float.
-- Any mistake exits with a one-line message (SystemExit), never a traceback; --help lists
-  every setting with its default.
+- Any mistake exits with a one-line message (SystemExit), never a traceback; a misspelled key
+  is answered with the closest valid ones. --help lists every setting with the value it would
+  take: the default, or what the config files and overrides before it set.
 
 Unlike nanoGPT's configurator, nothing is exec'd into the caller's globals: the defaults come in
 as a dataclass instance or dict, and a new one comes back.
@@ -20,6 +21,7 @@ as a dataclass instance or dict, and a new one comes back.
 
 import ast
 import dataclasses
+import difflib
 import os
 import sys
 import types
@@ -121,17 +123,11 @@ def apply_config(defaults, argv):
     for index, target in enumerate(targets):
         for key in _keys(target):
             owner.setdefault(key, index)
-    valid = ", ".join(sorted(owner))
 
     settings = []  # (key, value, where it came from, the text given), in the order given
     for arg in argv:
         if arg in ("-h", "--help"):
-            print("settings (a config file, then --key=value):", file=sys.stderr)
-            for target in targets:
-                for key in _keys(target):
-                    value = target[key] if isinstance(target, dict) else getattr(target, key)
-                    print(f"  --{key}={value!r}", file=sys.stderr)
-            raise SystemExit(0)
+            break  # the settings given so far are shown
         if arg.startswith("--"):
             key, has_value, text = arg[2:].partition("=")
             if has_value:
@@ -148,8 +144,9 @@ def apply_config(defaults, argv):
     updates = [{} for _ in targets]
     for key, value, source, raw in settings:
         if key not in owner:
-            raise SystemExit(f"error: unknown setting {key!r} (from {source}); valid settings: "
-                             f"{valid}")
+            close = difflib.get_close_matches(key, owner, n=3, cutoff=0.6)
+            raise SystemExit(f"error: unknown setting {key!r} (from {source}); " + (
+                f"did you mean {' or '.join(close)}?" if close else "--help lists them all"))
         target = targets[owner[key]]
         expected = _expected_type(target, key)
         try:
@@ -169,4 +166,17 @@ def apply_config(defaults, argv):
             results.append(dataclasses.replace(target, **update))
         else:
             results.append({**target, **update})
+    if "-h" in argv or "--help" in argv:
+        show_settings(results, {key: source for key, _, source, _ in settings})
     return results if many else results[0]
+
+
+def show_settings(targets, sources):
+    """--help: every setting with its value, and where a value that is not the default came from."""
+    print("settings (a config file, then --key=value):", file=sys.stderr)
+    for target in targets:
+        for key in _keys(target):
+            value = target[key] if isinstance(target, dict) else getattr(target, key)
+            where = f"  # {sources[key]}" if key in sources else ""
+            print(f"  --{key}={value!r}{where}", file=sys.stderr)
+    raise SystemExit(0)

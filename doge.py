@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -1356,13 +1357,19 @@ def hf_name(name):
     return name if name.startswith("lm_head.") else "model." + name
 
 
+TEMPORARY_PREFIX = ".tmp-"  # atomic_write's files: .tmp-<name><8 random characters>
+
+
 def atomic_write(path, write):
     """Call write(temp_path), sync it to disk, then rename over path: a crash (even a power loss)
-    never leaves a partial file under the real name."""
+    never leaves a partial file under the real name. The file gets the mode an ordinary open()
+    would give it (0666 less the umask), not mkstemp's private 0600."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, temp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+    fd, temp_path = tempfile.mkstemp(dir=directory,
+                                     prefix=TEMPORARY_PREFIX + os.path.basename(path))
     os.close(fd)
     try:
+        os.chmod(temp_path, 0o666 & ~current_umask())
         write(temp_path)
         fd = os.open(temp_path, os.O_RDWR)
         try:
@@ -1373,6 +1380,27 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(temp_path):
             os.remove(temp_path)
+
+
+def current_umask():
+    """The process's umask: reading it means setting it, so it is set straight back."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def remove_temporary_files(directory):
+    """Delete what atomic_write left in directory when a process died in mid-write (only the
+    names it makes). Returns how many files and bytes."""
+    if not os.path.isdir(directory):
+        return 0, 0
+    paths = [os.path.join(directory, name) for name in os.listdir(directory)
+             if re.fullmatch(re.escape(TEMPORARY_PREFIX) + r".+[a-z0-9_]{8}", name)]
+    paths = [path for path in paths if os.path.isfile(path)]
+    sizes = [os.path.getsize(path) for path in paths]
+    for path in paths:
+        os.remove(path)
+    return len(paths), sum(sizes)
 
 
 def atomic_write_text(path, text):
@@ -1415,11 +1443,40 @@ def latest_checkpoint(out_dir):
     return steps[max(steps)] if steps else None
 
 
-def load_checkpoint(path, device="cpu", dtype=None):
+def read_checkpoint(path):
+    """A train.py checkpoint as saved; ValueError in one line if it cannot be read (truncated,
+    empty, damaged) or is not one."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file raises many kinds
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {reason}") from None
+    if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
+        raise ValueError(f"{path} is not a train.py checkpoint (no 'model' and 'model_config')")
+    return checkpoint
+
+
+def newest_checkpoint(out_dir, say=None):
+    """(path, checkpoint) of the newest checkpoint in out_dir that can be read, or (None, None).
+    A damaged one (a disk error, a truncated copy) is renamed to <name>.damaged, so that nothing
+    picks it again, with one warning line, and the one before it is tried."""
+    say = say or (lambda message: print(message, file=sys.stderr))
+    for _, path in sorted(list_checkpoints(out_dir).items(), reverse=True):
+        try:
+            return path, read_checkpoint(path)
+        except ValueError as e:
+            try:
+                os.replace(path, path + ".damaged")
+                kept = f"kept as {os.path.basename(path)}.damaged"
+            except OSError:  # a read-only directory, or another process renamed it first
+                kept = "left in place"
+            say(f"warning: skipping it: {e} ({kept}); trying the one before")
+    return None, None
+
+
+def load_checkpoint(path, device="cpu", dtype=None, checkpoint=None):
     """The model of a train.py checkpoint file (model_config plus the uncompiled state dict)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise ValueError(f"{path} is not a train.py checkpoint (no 'model' entry)")
+    checkpoint = checkpoint or read_checkpoint(path)
     model = Doge(DogeConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
     return model.to(device=device, dtype=dtype)
@@ -1431,9 +1488,9 @@ def load_pretrained(path, device="cpu", dtype=None):
     if os.path.isfile(path):
         return load_checkpoint(path, device, dtype)
     config_path = os.path.join(path, "config.json")
-    newest = None if os.path.exists(config_path) else latest_checkpoint(path)
+    newest, checkpoint = (None, None) if os.path.exists(config_path) else newest_checkpoint(path)
     if newest:
-        return load_checkpoint(newest, device, dtype)
+        return load_checkpoint(newest, device, dtype, checkpoint)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path} is not a model directory: no config.json there "
                                 f"(nor a train.py checkpoint)")

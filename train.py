@@ -26,6 +26,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -42,7 +43,7 @@ from tqdm import tqdm
 from configurator import apply_config
 from doge import (PRESETS, TOKENIZER_FILES, Doge, DogeConfig, atomic_write, atomic_write_text,
                   copy_tokenizer_files, grow_vocabulary, latest_checkpoint, list_checkpoints,
-                  upcycle_to_moe)
+                  newest_checkpoint, read_checkpoint, remove_temporary_files, upcycle_to_moe)
 from prepare_data import (BENCHMARKS, DEFAULT_DATA_DIR, ConversationLoader, ShardLoader,
                           benchmark_requests, ensure_prepared, grade, load_text_tokenizer,
                           one_line, padded_length, read_benchmark, read_meta)
@@ -308,7 +309,13 @@ def save_checkpoint(path, model, optimizer, step, cfg, data_position, run, **ext
                   "model_config": asdict(model.config), "optimizer": optimizer.state_dict(),
                   "step": step, "train_config": asdict(cfg), "data_position": data_position,
                   "rng": rng, **extra}
-    atomic_write(path, lambda temp: torch.save(checkpoint, temp))
+    try:
+        atomic_write(path, lambda temp: torch.save(checkpoint, temp))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+        raise SystemExit(f"error: saving step {step} to {path} failed: {reason}; {free / 1e6:,.0f} "
+                         f"MB free there; the earlier checkpoints are intact") from None
 
 
 def finite_weights(model):
@@ -399,6 +406,17 @@ def peak_flops(device_type, dtype):
         return threads * 3.0e9 * 32
     wide = "GenuineIntel" in info and "avx512f" in flags
     return threads * clock * (64 if wide else 32 if "fma" in flags else 16)
+
+
+def warn_if_slow(cfg, run, seconds_at_peak):
+    """A recipe meant for a GPU, started on a CPU, says how long it will take (at half the
+    CPU's rough peak, about what small models reach there) and where a CPU run starts."""
+    seconds = 2 * seconds_at_peak
+    if run.device.type == "cpu" and seconds > 60:
+        run.say(f"warning: a recipe for a GPU: on this CPU a step ({cfg.total_batch_size:,} tokens)"
+                f" takes about {tqdm.format_interval(seconds)}, the run's {cfg.max_iters:,} steps "
+                f"{seconds * cfg.max_iters / 86400:,.0f} days; config/doge_tiny.py is made for a "
+                f"CPU (going on)")
 
 
 LINE_FORMATS = (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "norm {:.2f}"),
@@ -565,22 +583,60 @@ def set_up(cfg):
                cfg.total_batch_size // tokens_per_micro_step)
 
 
-def clear_earlier_run(cfg, run):
-    """A new run (not 'resume') never mixes with an earlier one in out_dir (its checkpoints, or
-    the log of one that stopped before its first): refused, or with overwrite=True deleted."""
+def earlier_run(out_dir):
+    """The files of an earlier run in out_dir: its checkpoints, and its log.jsonl if that holds a
+    trained step (a log of step 0 alone is a run that stopped before it began: out_dir is empty)."""
+    log_path = os.path.join(out_dir, "log.jsonl")
+    return list(list_checkpoints(out_dir).values()) + ([log_path] if logged_steps(log_path) else [])
+
+
+def logged_steps(log_path):
+    """How many trained steps log.jsonl records (0 without the file)."""
+    if not os.path.isfile(log_path):
+        return 0
+    with open(log_path) as f:
+        return sum('"loss"' in line for line in f)
+
+
+def check_out_dir(cfg):
+    """A new run (not 'resume') never mixes with an earlier one in out_dir: refused at once unless
+    overwrite=True, which deletes it only when the run is ready to begin (clear_out_dir)."""
+    need(cfg.init_from == "resume" or cfg.overwrite or not earlier_run(cfg.out_dir),
+         f"{cfg.out_dir} already holds a run (checkpoints or log.jsonl): continue it with "
+         f"init_from='resume', choose another out_dir, or give overwrite=True to delete it")
+
+
+def clear_out_dir(cfg, run, start_step):
+    """Make out_dir ready for this run's files, now that every setting, the data and the model
+    have been checked: a new run deletes an earlier one (overwrite) or a log that holds no step; a
+    resumed run forgets what was logged after its checkpoint."""
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    earlier = list(list_checkpoints(cfg.out_dir).values())
-    earlier += [log_path] if os.path.isfile(log_path) else []
-    if cfg.init_from == "resume" or not earlier:
-        return
-    need(cfg.overwrite, f"{cfg.out_dir} already holds a run (checkpoints or log.jsonl): continue "
-         f"it with init_from='resume', choose another out_dir, or give overwrite=True to delete it")
     if run.ddp:
         dist.barrier()  # every process has looked before the master deletes
-    if run.master:
-        for path in earlier:
+    if not run.master:
+        return
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.init_from == "resume" and os.path.isfile(log_path):
+        with open(log_path) as f:
+            kept = [line for line in f if line.endswith("\n")  # not one cut short by a crash
+                    and json.loads(line)["step"] <= start_step]
+        atomic_write_text(log_path, "".join(kept))
+    elif cfg.init_from != "resume":
+        earlier = earlier_run(cfg.out_dir)
+        stale = [log_path] if os.path.isfile(log_path) and log_path not in earlier else []
+        for path in earlier + stale:
             os.remove(path)
-        run.say(f"overwrite: deleted the earlier run in {cfg.out_dir} ({len(earlier)} files)")
+        if earlier:
+            run.say(f"overwrite: deleted the earlier run in {cfg.out_dir} ({len(earlier)} files)")
+
+
+def clean_temporary_files(cfg, run):
+    """What a crash in mid-write left in out_dir (checkpoints, the log, the export): deleted."""
+    directories = [cfg.out_dir] + [os.path.join(cfg.out_dir, name) for name in ("runs", "hf")]
+    count, size = map(sum, zip(*(remove_temporary_files(path) for path in directories)))
+    if count:
+        run.say(f"removed {count} temporary file(s) ({size / 1e6:,.1f} MB) that an interrupted "
+                f"write left in {cfg.out_dir}")
 
 
 def build_model(config_dict, overrides, state=None, source=""):
@@ -618,23 +674,23 @@ def load_model(cfg, overrides, meta, run):
         config.update({k: v for k, v in of_data.items() if v is not None and k not in overrides})
         model = build_model(config, overrides)  # the data's tokenizer decides, unless overridden
     elif cfg.init_from == "resume":
-        path = cfg.resume_ckpt or latest_checkpoint(cfg.out_dir)
-        need(path is not None, f"no checkpoint to resume in {cfg.out_dir}; start with "
-             f"init_from='scratch' or give resume_ckpt=PATH")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a damaged file raises many kinds
-            raise SystemExit(f"error: cannot read checkpoint {path}: {one_line(e)}") from None
+        path = cfg.resume_ckpt
+        with refused("resume_ckpt: "):
+            checkpoint = path and read_checkpoint(path)
+        if not path:  # the newest that can be read: damaged ones are set aside
+            path, checkpoint = newest_checkpoint(cfg.out_dir, run.say)
+        need(path is not None, f"no checkpoint to resume in {cfg.out_dir}; " + (
+            "its log.jsonl is of a run that saved none: start again with overwrite=True"
+            if logged_steps(os.path.join(cfg.out_dir, "log.jsonl")) else
+            "start with init_from='scratch' or give resume_ckpt=PATH"))
         model = build_model(checkpoint["model_config"], overrides, checkpoint["model"], path)
         run.say(f"resuming from {path} at step {checkpoint['step']}")
     else:  # weights only: a Hugging Face Doge directory, an out_dir, or one of our checkpoints
         path = cfg.init_from
         need(os.path.exists(path), f"init_from {path!r} is not 'scratch', 'resume' or an "
              f"existing path")
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            path = latest_checkpoint(path) or path  # an out_dir: name the checkpoint it gives
-        try:
-            loaded = Doge.from_pretrained(path)  # a checkpoint file or a Hugging Face directory
+        try:  # a checkpoint file, an out_dir (its newest readable one) or a Hugging Face directory
+            loaded = Doge.from_pretrained(path)
         except Exception as e:  # torch.load of a damaged file raises many kinds
             raise SystemExit(f"error: init_from {path}: {one_line(e)}") from None
         model = build_model(asdict(loaded.config), overrides, loaded.state_dict(), path) \
@@ -669,8 +725,8 @@ def compiled(model, cfg):
 
 
 def restore(cfg, run, checkpoint, optimizer, train_loader):
-    """Resuming: the optimizer, the data position and the log up to the checkpoint as they were
-    (the RNG states come back last, in seed_processes); refused where the checkpoint and these
+    """Resuming: the optimizer and the data position as they were (the log is cut back to the
+    checkpoint in clear_out_dir, the RNG states come back last, in seed_processes); refused where the checkpoint and these
     settings do not belong together. Returns the step and the tokens trained on."""
     start_step, before = checkpoint["step"], checkpoint["train_config"]
     need(start_step <= cfg.max_iters,
@@ -690,12 +746,6 @@ def restore(cfg, run, checkpoint, optimizer, train_loader):
         need(max(list_checkpoints(cfg.out_dir), default=0) <= start_step, f"{cfg.out_dir} holds "
              f"checkpoints after step {start_step} from the other schedule; branch into a new "
              f"out_dir")
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if run.master and os.path.isfile(log_path):  # forget what was logged after the checkpoint
-        with open(log_path) as f:
-            kept = [line for line in f if line.endswith("\n")  # not one cut short by a crash
-                    and json.loads(line)["step"] <= start_step]
-        atomic_write_text(log_path, "".join(kept))
     return start_step, checkpoint.get("tokens", start_step * cfg.total_batch_size)
 
 
@@ -713,13 +763,28 @@ def seed_processes(cfg, run, checkpoint):
 
 
 def main(argv=None):
-    # ---- set-up: settings, processes and devices, out_dir, the data's description
+    """The settings, then the run. Ctrl-C before the loop (or twice within it) ends with one line
+    saying what out_dir holds: nothing of this run before its first step."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, model_settings = apply_config([TrainConfig(), ModelOverrides()], argv)
     check_config(cfg)
-    overrides = {k: v for k, v in asdict(model_settings).items() if v is not None}
+    try:
+        train(cfg, {k: v for k, v in asdict(model_settings).items() if v is not None}, argv)
+    except KeyboardInterrupt:
+        newest = latest_checkpoint(cfg.out_dir)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"\ninterrupted: " + (f"the newest checkpoint is {newest} (init_from=resume "
+                  f"continues from it)" if newest else f"no checkpoint in {cfg.out_dir}, nothing "
+                  f"to resume"), file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def train(cfg, overrides, argv):
+    # ---- set-up: processes and devices, out_dir checked, the data's description
     run = set_up(cfg)
-    clear_earlier_run(cfg, run)
+    check_out_dir(cfg)
+    if run.master:
+        clean_temporary_files(cfg, run)
     with refused():  # the default corpus is made if it is missing (by the master; others wait)
         ensure_prepared(cfg.data_dir, prepare_default=run.master)
         if run.ddp:
@@ -734,8 +799,17 @@ def main(argv=None):
     model = eval_model = compiled(raw_model, cfg) if run.compile else raw_model
     if run.ddp:
         model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    flops = raw_model.flops_per_token(cfg.block_size)
+    peak = (cfg.peak_flops or peak_flops(run.device.type, run.dtype)) * run.world_size
+    run.say(f"{raw_model.num_params() / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs per token "
+            f"| {run.world_size} process(es) on {run.device.type}, "
+            f"{str(run.dtype).removeprefix('torch.')}, compile {run.compile} | {run.grad_accum} "
+            f"micro-steps of {cfg.batch_size} x {cfg.block_size} per step "
+            f"({cfg.total_batch_size} tokens)")
+    warn_if_slow(cfg, run, flops * cfg.total_batch_size / peak if peak else 0.0)
 
-    # ---- the data: loaders, the step count in epochs, resuming (optimizer, data, log), evaluation
+    # ---- the data: loaders, the step count in epochs, resuming (optimizer, data), evaluation;
+    # the first batch and the loss before any training
     train_loader, val_loader = open_loaders(cfg, chat, raw_model.config.vocab_size, run)
     need(not cfg.sft_epochs or chat, f"sft_epochs is for conversation data; {cfg.data_dir} holds a "
          f"token stream (give max_iters)")
@@ -749,30 +823,25 @@ def main(argv=None):
     if checkpoint is not None:
         step, tokens = restore(cfg, run, checkpoint, optimizer, train_loader)
     evaluation = evaluator(cfg, raw_model, eval_model, val_loader, run)
-
-    # ---- what the run writes: its record and the tokenizer in out_dir, the log, MFU's terms
-    if run.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        write_run_record(cfg, raw_model.config, argv, run.world_size, run.device)
-        tokenizer_files = {meta.get("tokenizer", {}).get("path"), *TOKENIZER_FILES}
-        copy_tokenizer_files(cfg.data_dir, cfg.out_dir, sorted(filter(None, tokenizer_files)))
-    log = RunLog(cfg, run, step, {**asdict(cfg), **asdict(raw_model.config)})
-    flops = raw_model.flops_per_token(cfg.block_size)
-    peak = (cfg.peak_flops or peak_flops(run.device.type, run.dtype)) * run.world_size
-    run.say(f"{raw_model.num_params() / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs per token "
-            f"| {run.world_size} process(es) on {run.device.type}, "
-            f"{str(run.dtype).removeprefix('torch.')}, compile {run.compile} | {run.grad_accum} "
-            f"micro-steps of {cfg.batch_size} x {cfg.block_size} per step "
-            f"({cfg.total_batch_size} tokens)")
-
-    # ---- the loop: one optimizer step of grad_accum micro-steps; log, evaluate, save
     resumed = checkpoint is not None
     seed_processes(cfg, run, checkpoint)
     del checkpoint  # its weights and optimizer state are in use: no second copy on the host
     data_position = train_loader.state_dict()  # where the next step's data begins
     x, y, weights, step_tokens = fetch(train_loader, run)
-    if not resumed and step < cfg.max_iters:  # the loss before any training
-        log.write({"step": step, "tokens": 0, **evaluation()})
+    first_scores = evaluation() if not resumed and step < cfg.max_iters else None
+
+    # ---- what the run writes, now that everything is checked: out_dir cleared (overwrite) or
+    # its log cut back (resume), the run's record, the tokenizer, the log
+    clear_out_dir(cfg, run, step)
+    if run.master:
+        write_run_record(cfg, raw_model.config, argv, run.world_size, run.device)
+        tokenizer_files = {meta.get("tokenizer", {}).get("path"), *TOKENIZER_FILES}
+        copy_tokenizer_files(cfg.data_dir, cfg.out_dir, sorted(filter(None, tokenizer_files)))
+    log = RunLog(cfg, run, step, {**asdict(cfg), **asdict(raw_model.config)})
+    if first_scores is not None:
+        log.write({"step": step, "tokens": 0, **first_scores})
+
+    # ---- the loop: one optimizer step of grad_accum micro-steps; log, evaluate, save
     window_time, window_step, window_tokens = time.perf_counter(), step, tokens  # log window
     stopped = False
     raw_model.train()
