@@ -1,6 +1,7 @@
 """train.py and configurator.py on CPU with tiny models: learning, exact resume, branching a WSD
 decay, DDP equality (two gloo processes), the schedule, config errors, shard errors, checkpoints."""
 
+import dataclasses
 import errno
 import json
 import math
@@ -22,7 +23,7 @@ import train  # noqa: E402
 from configurator import apply_config  # noqa: E402
 from helpers import one_thread  # noqa: E402,F401 (an autouse fixture)
 from prepare_data import ShardLoader, read_shard  # noqa: E402
-from train import TrainConfig, wsd_lr  # noqa: E402
+from train import TrainConfig, latest_checkpoint, list_checkpoints, wsd_lr  # noqa: E402
 
 VOCAB = 256
 TINY = ["--model=None", f"--vocab_size={VOCAB}", "--hidden_size=32", "--intermediate_size=64",
@@ -590,3 +591,246 @@ def test_optional_loss_plot_and_wandb(tmp_path, data_dir, monkeypatch):
     assert calls.count(("savefig", "png")) == 2  # after the evaluations at steps 1 and 2
     assert ("init", "doge") in calls and calls[-1] == ("finish",)
     assert [c[1] for c in calls if c[0] == "log"] == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# nothing lost, nothing stuck: checks before deletion, interrupts, damaged and temporary files
+
+
+def out_dir_state(out_dir):
+    """Every file under out_dir with its bytes: what a run must leave as it found it."""
+    return {str(path.relative_to(out_dir)): path.read_bytes()
+            for path in sorted(out_dir.rglob("*")) if path.is_file()}
+
+
+def test_a_refused_run_deletes_nothing(tmp_path, data_dir):
+    """overwrite deletes an earlier run only once init_from, the data and eval_tasks are known to
+    work: a typo in any of them leaves the trained model where it was."""
+    out = tmp_path / "out"
+    run(data_dir, out, "--max_iters=2", "--save_interval=1")
+    before = out_dir_state(out)
+    (tmp_path / "empty").mkdir()
+    for bad in ([f"--init_from={tmp_path / 'nothere'}"], [f"--data_dir={tmp_path / 'empty'}"],
+                ["--eval_tasks=hellaswag", f"--eval_data_dir={tmp_path / 'empty'}"]):
+        with pytest.raises(SystemExit) as excinfo:
+            train.main([f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, "--max_iters=2",
+                        "--overwrite", *bad])
+        one_line_exit(excinfo)
+        assert out_dir_state(out) == before, bad
+
+
+def test_ctrl_c_before_the_first_step_leaves_out_dir_as_it_was(tmp_path, data_dir, monkeypatch,
+                                                               capsys):
+    """Ctrl-C during the step-0 evaluation is one line (exit 130), and neither a new out_dir nor
+    an earlier run's is touched; a log that holds no trained step counts as empty, so a plain
+    rerun then works, as does resume of a run that has checkpoints."""
+    real_evaluator = train.evaluator
+
+    def interrupted_evaluator(*args):
+        def evaluation():
+            os.kill(os.getpid(), signal.SIGINT)  # as the terminal sends it
+            return real_evaluator(*args)()
+        return evaluation
+    monkeypatch.setattr(train, "evaluator", interrupted_evaluator)
+    for out, args in ((tmp_path / "new", []), (tmp_path / "new", ["--overwrite"])):
+        with pytest.raises(SystemExit) as excinfo:
+            run(data_dir, out, "--max_iters=2", *args)
+        assert excinfo.value.code == 130 and not out.exists()
+        assert "interrupted: no checkpoint" in capsys.readouterr().err.strip().splitlines()[-1]
+    monkeypatch.setattr(train, "evaluator", real_evaluator)
+
+    out = tmp_path / "stepless"  # what an earlier version left: a log of step 0 alone
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 0, "tokens": 0, "val_loss": 5.5}\n')
+    assert [r["step"] for r in run(data_dir, out, "--max_iters=1")] == [0, 1]
+    # a log of trained steps but no checkpoint (a kill before the first save): resume says how
+    os.remove(out / "ckpt_000001.pt")
+    with pytest.raises(SystemExit) as excinfo:
+        run(data_dir, out, "--max_iters=1", "--init_from=resume")
+    assert "overwrite=True" in one_line_exit(excinfo)
+
+
+def damage(path, how):
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:  # a file that loads, but holds no checkpoint
+        torch.save({"weights": 1}, path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "not a checkpoint"])
+def test_a_damaged_newest_checkpoint_is_set_aside(tmp_path, data_dir, capsys, how):
+    """resume and Doge.from_pretrained(out_dir) warn in one line, keep the damaged file as
+    <name>.damaged and take the checkpoint before it; resume_ckpt naming it is refused."""
+    full = run(data_dir, tmp_path / "full", "--max_iters=4", "--save_interval=2")
+    out = tmp_path / "out"
+    run(data_dir, out, "--max_iters=4", "--save_interval=2")
+    damage(out / "ckpt_000004.pt", how)
+    with pytest.raises(SystemExit) as excinfo:
+        run(data_dir, out, "--max_iters=4", "--init_from=resume",
+            f"--resume_ckpt={out / 'ckpt_000004.pt'}")
+    assert "ckpt_000004.pt" in one_line_exit(excinfo)
+    import shutil
+    shutil.copytree(out, tmp_path / "copy")
+    capsys.readouterr()
+    model = train.Doge.from_pretrained(tmp_path / "copy")
+    warning = capsys.readouterr().err.strip()
+    assert "\n" not in warning and warning.startswith("warning:") and "ckpt_000004.pt" in warning
+    assert torch.equal(model.state_dict()["norm.weight"],
+                       load(out / "ckpt_000002.pt")["model"]["norm.weight"])
+    assert sorted(os.listdir(tmp_path / "copy"))[:2] == ["ckpt_000002.pt",
+                                                          "ckpt_000004.pt.damaged"]
+
+    resumed = run(data_dir, out, "--max_iters=4", "--save_interval=2", "--init_from=resume")
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "ckpt_000004.pt" in warning[0]
+    assert (out / "ckpt_000004.pt.damaged").exists()
+    assert losses(resumed) == losses(full)
+    assert_same_tensors(load(out / "ckpt_000004.pt")["model"],
+                        load(tmp_path / "full" / "ckpt_000004.pt")["model"])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_keep_the_umask_mode(tmp_path, umask):
+    """As open() would: 0666 less the umask (mkstemp alone gives 0600)."""
+    previous = os.umask(umask)
+    try:
+        train.atomic_write_text(str(tmp_path / "a.json"), "{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_the_temporary_files_of_interrupted_writes_are_removed(tmp_path, data_dir, capsys):
+    """Only atomic_write's own names, in out_dir, runs/ and hf/, reported in one line."""
+    out = tmp_path / "out"
+    run(data_dir, out, "--max_iters=1")
+    (out / "hf").mkdir()
+    left = [out / ".tmp-ckpt_000008.ptk3j_x9a2", out / "runs" / ".tmp-20261205.jsonabcdefgh",
+            out / "hf" / ".tmp-model.safetensors0a1b2c3d"]
+    for path in left:
+        path.write_bytes(b"x" * 1000)
+    kept = [out / "notes.txt", out / ".tmp-mine", out / "hf" / "README.md"]
+    for path in kept:
+        path.write_text("mine")
+    capsys.readouterr()
+    run(data_dir, out, "--max_iters=2", "--init_from=resume")
+    lines = [line for line in capsys.readouterr().err.splitlines() if "removed" in line]
+    assert len(lines) == 1 and "3 temporary file(s) (0.0 MB)" in lines[0]
+    assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
+
+
+def test_a_gpu_recipe_on_a_cpu_says_how_long_a_step_takes(capsys):
+    """From the recipe's own numbers: doge-20m's step takes many minutes on any CPU, the tiny
+    recipe's a second or so."""
+    def warning(recipe):
+        cfg, settings = apply_config([TrainConfig(), train.ModelOverrides()],
+                                     [os.path.join(ROOT, "config", recipe), "--device=cpu"])
+        model = train.Doge(train.DogeConfig(**{**train.PRESETS.get(cfg.model, {}), **{
+            k: v for k, v in dataclasses.asdict(settings).items() if v is not None}}))
+        seconds = model.flops_per_token(cfg.block_size) * cfg.total_batch_size / \
+            train.peak_flops("cpu", torch.float32)
+        one_process = train.Run(False, 0, 1, torch.device("cpu"), "gloo", torch.float32, False, 1)
+        train.warn_if_slow(cfg, one_process, seconds)
+        return capsys.readouterr().err
+    slow = warning("doge_20m.py")
+    assert slow.count("\n") == 1 and "config/doge_tiny.py" in slow and "8,000 steps" in slow
+    assert warning("doge_tiny.py") == ""
+
+
+def test_help_shows_what_the_config_file_sets(tmp_path, capsys):
+    config_file = tmp_path / "recipe.py"
+    config_file.write_text("max_iters = 123\nout_dir = 'out/recipe'\n")
+    with pytest.raises(SystemExit) as excinfo:
+        apply_config([TrainConfig(), train.ModelOverrides()],
+                     [str(config_file), "--learning_rate=0.5", "--help"])
+    assert excinfo.value.code == 0
+    shown = capsys.readouterr().err
+    assert f"--max_iters=123  # {config_file}" in shown
+    assert "--learning_rate=0.5  # --learning_rate=0.5" in shown
+    assert "--out_dir='out/recipe'" in shown and "--warmup_iters=800\n" in shown  # a default
+
+
+# A train.py launch that a signal hits: SIGNAL_AT=STEP:NAME sends it at that step (0-based) to
+# the processes of RANKS (all by default); KILL_IN_SAVE=STEP kills the process half-way through
+# writing that step's checkpoint, as a power cut or the OOM killer would.
+DRIVER = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {root!r})
+import train
+real_lr, real_save = train.wsd_lr, torch.save
+at, name = os.environ.get("SIGNAL_AT", "-1:SIGKILL").split(":")
+ranks = os.environ.get("RANKS", os.environ.get("RANK", "0")).split(",")
+kill_in_save = "ckpt_%06d" % int(os.environ.get("KILL_IN_SAVE", -1))
+
+def wsd_lr(step, cfg):
+    if step == int(at) and os.environ.get("RANK", "0") in ranks:
+        os.kill(os.getpid(), getattr(signal, name))
+    return real_lr(step, cfg)
+
+def save(obj, path):
+    real_save(obj, path)
+    if kill_in_save in str(path):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train.wsd_lr, torch.save = wsd_lr, save
+train.main(sys.argv[1:])
+"""
+
+
+def launch(tmp_path, args, processes=1, **env):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=ROOT))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **env}
+    command = [sys.executable, str(driver), *args]
+    if processes > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--nnodes=1",
+                        f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
+                        f"--master_port={free_port()}"]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, data_dir):
+    """SIGKILL at random steps and half-way through writing a checkpoint, four times, each
+    followed by init_from=resume: the weights, optimizer state and losses equal those of a run
+    that was never stopped, bit for bit, and no temporary file is left. SIGTERM (a scheduler's
+    notice) saves a checkpoint and stops, like Ctrl-C."""
+    args = [f"--data_dir={data_dir}", *TINY, "--max_iters=12", "--save_interval=2",
+            "--eval_interval=4", "--hidden_dropout=0.1"]
+    full = run(data_dir, tmp_path / "full", *args[1:])
+    out = tmp_path / "out"
+    resume = [f"--out_dir={out}", "--init_from=resume"]
+    first = launch(tmp_path, [*args, f"--out_dir={out}"], SIGNAL_AT="5:SIGKILL")
+    assert first.returncode == -signal.SIGKILL and latest_checkpoint(out).endswith("4.pt")
+    assert launch(tmp_path, [*args, *resume], KILL_IN_SAVE="6").returncode == -signal.SIGKILL
+    assert any(name.startswith(".tmp-ckpt_000006") for name in os.listdir(out))
+    third = launch(tmp_path, [*args, *resume], SIGNAL_AT="8:SIGTERM")
+    assert third.returncode == 0 and "removed 1 temporary file(s)" in third.stderr
+    assert latest_checkpoint(out).endswith("ckpt_000009.pt")  # the step ran to its end
+    assert launch(tmp_path, [*args, *resume], SIGNAL_AT="10:SIGKILL").returncode == -signal.SIGKILL
+    assert launch(tmp_path, [*args, *resume], KILL_IN_SAVE="12").returncode == -signal.SIGKILL
+    last = launch(tmp_path, [*args, *resume])
+    assert last.returncode == 0, last.stderr[-2000:]
+    assert losses(read_log(out)) == losses(full)
+    a, b = load(tmp_path / "full" / "ckpt_000012.pt"), load(out / "ckpt_000012.pt")
+    assert_same_tensors(a["model"], b["model"])
+    for key in a["optimizer"]["state"]:
+        assert_same_tensors(a["optimizer"]["state"][key], b["optimizer"]["state"][key])
+    assert not [path for path in out.rglob("*") if path.name.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_ddp_process_stops_them_all_with_a_checkpoint(tmp_path, data_dir):
+    """A scheduler may signal the processes at slightly different moments: the one signalled
+    tells the others, and they all finish the same step, save it and stop."""
+    out = tmp_path / "ddp"
+    result = launch(tmp_path, [f"--data_dir={data_dir}", *TINY, "--max_iters=8",
+                               f"--out_dir={out}", "--batch_size=2"],
+                    processes=2, SIGNAL_AT="2:SIGTERM", RANKS="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list_checkpoints(out).keys() == {3} and len(load(out / "ckpt_000003.pt")["rng"]) == 2
