@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import tracemalloc
 import types
 
 import numpy as np
@@ -269,6 +270,130 @@ def test_split_text_cuts_at_line_and_word_starts():
     assert prepare_data.split_text("x" * 1000, 100) == ["x" * 1000]  # no place to cut: whole
     assert prepare_data.split_text("short " * 100, None) == ["short " * 100]
     assert prepare_data.split_text("short " * 100, 100, None) == ["short " * 100]
+
+
+# -----------------------------------------------------------------------------
+# streaming: one big text file is read a block at a time, with the very cuts, sample and shards of a whole read
+
+STREAM_FRAGMENTS = FRAGMENTS + ["word", "\n", " \t ", "\t\t", "  ", "x" * 30, "\r\n  ", "a", "aaa", "<|sep", "|>"]
+
+
+def random_text(rng, fragments):
+    return "".join(rng.choice(fragments) for _ in range(rng.randint(0, 80)))
+
+
+def random_pieces(documents, rng, longest):
+    """(text, ends_document) pieces of the documents, cut at random lengths of 1 to longest characters."""
+    for doc in documents:
+        start = 0
+        while start < len(doc):
+            length = rng.randint(1, longest)
+            yield doc[start:start + length], start + length >= len(doc)
+            start += length
+
+
+@pytest.mark.parametrize("cut_rule", [*prepare_data.CUT_RULES, None])
+def test_cut_pieces_makes_split_texts_cuts(cut_rule):
+    rng = random.Random(8)
+    for _ in range(400):
+        documents = [random_text(rng, STREAM_FRAGMENTS) or "x" for _ in range(rng.randint(1, 4))]
+        max_chars = rng.randint(4, 40)
+        expected = [(part, i == len(parts) - 1) for doc in documents
+                    for parts in [prepare_data.split_text(doc, max_chars, cut_rule)] for i, part in enumerate(parts)]
+        pieces = random_pieces(documents, rng, rng.choice([1, 3, 8, 50, 1000]))
+        assert list(prepare_data.cut_pieces(pieces, max_chars, cut_rule)) == expected
+
+
+@pytest.mark.parametrize("doc_sep", [None, "\n\n", "<|sep|>", "aa"])
+def test_read_pieces_reads_text_in_blocks(tmp_path, monkeypatch, doc_sep):
+    rng = random.Random(9)
+    for trial in range(60):
+        text = random_text(rng, STREAM_FRAGMENTS + ["<|sep|>", "\n\n"])
+        if trial % 2:
+            with gzip.open(tmp_path / "t.txt.gz", "wt", encoding="utf-8", newline="") as f:
+                f.write(text)
+            path = str(tmp_path / "t.txt.gz")
+        else:
+            path = write_text(tmp_path / "t.txt", text)
+        monkeypatch.setattr(prepare_data, "BLOCK_CHARS", rng.randint(1, 9))
+        pieces = list(prepare_data.read_pieces(path, doc_sep))
+        assert all(piece for piece, _ in pieces) and (not pieces or pieces[-1][1])
+        # the documents of a whole read (a separator may straddle two blocks; empty documents are skipped)
+        documents = [doc for doc in (text.split(doc_sep) if doc_sep else [text]) if doc]
+        assert list(prepare_data.read_documents(path, doc_sep)) == documents
+        assert len(pieces) >= len(documents) + len(text) // 10 - 1  # in blocks, not whole
+
+
+def test_sample_is_the_start_of_each_document(tmp_path, monkeypatch):
+    rng = random.Random(10)
+    texts = ["\n\n".join(random_documents(rng.randint(1, 30), seed=i)) for i in range(4)]
+    files = [write_text(tmp_path / f"{i}.txt", text) for i, text in enumerate(texts)]
+    monkeypatch.setattr(prepare_data, "BLOCK_CHARS", 7)
+    for sample_chars in (1, 50, 3000, 10 ** 6):
+        expected = []  # the definition, on whole documents
+        for path, text in zip(files, texts):
+            quota = sample_chars * os.path.getsize(path) / sum(map(os.path.getsize, files))
+            taken = 0
+            for doc in [doc for doc in text.split("\n\n") if doc]:
+                if taken >= quota:
+                    break
+                expected.append(doc[:max(1, int(quota - taken))])
+                taken += len(expected[-1])
+        assert prepare_data.sample_files(files, lambda path: prepare_data.read_pieces(path, "\n\n"),
+                                         sample_chars) == expected
+
+
+@pytest.mark.parametrize("doc_sep", [None, "\n\n\n"])
+def test_one_text_file_in_small_blocks_gives_the_same_data(tmp_path, monkeypatch, doc_sep):
+    text = "".join(random_documents(360, seed=11, max_fragments=20))
+    documents = [doc for doc in (text.split(doc_sep) if doc_sep else [text]) if doc]
+    path = write_text(tmp_path / "big.txt", text)
+    monkeypatch.setattr(prepare_data, "TASK_CHARS", 500)
+    metas = {}
+    for block_chars in (10 ** 9, 97):  # the whole file at once, and in blocks
+        monkeypatch.setattr(prepare_data, "BLOCK_CHARS", block_chars)
+        args = ["--input", path, f"--out_dir={tmp_path / str(block_chars)}", "--sample_bytes=20000",
+                "--shard_tokens=3000"]
+        metas[block_chars] = run(*args, *([f"--doc_sep={doc_sep}"] if doc_sep else []))
+        metas[block_chars].pop("tokens_per_second")
+    assert metas[97] == metas[10 ** 9]
+    for filename in os.listdir(tmp_path / "97"):  # shards and the trained tokenizer too
+        if filename != "meta.json":
+            assert (tmp_path / "97" / filename).read_bytes() == (tmp_path / str(10 ** 9) / filename).read_bytes()
+    tokenizer = load_tokenizer(str(tmp_path / "97" / "tokenizer.model"))
+    assert list(stream(tmp_path / "97")) == [t for ids in tokenizer.encode(documents) for t in [*ids, 2]]
+
+
+def test_reading_a_big_text_file_holds_a_few_blocks(tmp_path, monkeypatch):
+    text = "".join(random_documents(3000, seed=12)) * 12  # 4.6M characters, 5.7 MB
+    path = write_text(tmp_path / "big.txt", text)
+    monkeypatch.setattr(prepare_data, "BLOCK_CHARS", 1 << 12)
+    tracemalloc.start()
+    try:
+        sample = prepare_data.sample_files([path], prepare_data.read_pieces, 1 << 12)
+        tasks = prepare_data.make_tasks(prepare_data.read_pieces(path), 1 << 12, prepare_data.CUT_RULES[0])
+        chars = sum(len(part) for task in tasks for part, _ in task)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sample == [text[:1 << 12]] and chars == len(text)
+    assert peak < len(text.encode()) / 10
+
+
+def test_shards_are_written_as_the_tokens_come(tmp_path):
+    def results():  # 8 MB of tokens in 40 results, one document each
+        for i in range(40):
+            yield np.full(100_000, i, dtype=np.uint16), 1
+
+    tracemalloc.start()
+    try:
+        written = prepare_data.write_shards(results(), str(tmp_path), "m", np.dtype(np.uint16), 1000, 10 ** 8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert written["shards"] == {"val": [("m_val_000000.bin", 1000)], "train": [("m_train_000001.bin", 3_999_000)]}
+    assert written["documents"] == 40 and list(stream(tmp_path)) == list(np.repeat(np.arange(40), 100_000))
+    assert peak < 8_000_000 / 10
 
 
 def test_doc_sep_and_gzip_and_globs(tmp_path, sp_model):
@@ -591,22 +716,22 @@ def test_rerun_reuses_rebuilds_and_recovers(tmp_path, sp_model, monkeypatch, cap
                                              + ["meta.json", "notes.txt", "tokenizer.model"])
     assert len(os.listdir(out)) < len(shard_names) and decoded_documents(out) == documents
 
-    # a run that dies half-way leaves meta.json saying so, and list_shards refuses the directory
-    real_write = prepare_data.write_shard_chunks
-    calls = []
+    # a run that dies half-way (inside a shard) leaves meta.json saying so, and list_shards refuses the directory
+    real_encode = prepare_data.encode_in_order
 
-    def dies_on_second_shard(file_path, chunks):
-        calls.append(file_path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        real_write(file_path, chunks)
-    monkeypatch.setattr(prepare_data, "write_shard_chunks", dies_on_second_shard)
+    def interrupted_after_two_tasks(*args):
+        results = real_encode(*args)
+        yield next(results)
+        yield next(results)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare_data, "encode_in_order", interrupted_after_two_tasks)
+    monkeypatch.setattr(prepare_data, "TASK_CHARS", 200)
     with pytest.raises(KeyboardInterrupt):
         run(*args, "--shard_tokens=50", "--force")
     assert read_meta(out)["complete"] is False and not any(name.endswith(".tmp") for name in os.listdir(out))
     with pytest.raises(ValueError, match="did not finish"):
         list_shards(out, "train")
-    monkeypatch.setattr(prepare_data, "write_shard_chunks", real_write)
+    monkeypatch.setattr(prepare_data, "encode_in_order", real_encode)
     assert run(*args, "--shard_tokens=50")["shards"] == first["shards"]
     assert decoded_documents(out) == documents
 
