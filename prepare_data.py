@@ -44,10 +44,10 @@ import os
 import platform
 import random
 import re
+import secrets
 import socket
 import sys
 import sysconfig
-import tempfile
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -108,10 +108,11 @@ def shard_dtype(chunks):
 
 @contextlib.contextmanager
 def atomic_open(path):
-    """Open path for binary writing under a temporary name in the same directory, synced and renamed to path
-    only when the block completes: a file that exists under its real name is complete."""
-    directory, filename = os.path.split(os.path.abspath(path))
-    fd, temp_path = tempfile.mkstemp(dir=directory, prefix=filename + ".", suffix=".tmp")
+    """Open path for binary writing under a temporary name in the same directory (<name>.<random>.tmp), synced
+    and renamed to path only when the block completes: a file that exists under its real name is complete. The
+    file gets the mode open() would give (0o666 less the umask), not mkstemp's private 0o600."""
+    temp_path = f"{os.path.abspath(path)}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -119,6 +119,20 @@ def test_write_shard_leaves_nothing_when_interrupted(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # neither the shard nor its temporary file
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_mode_open_gives(tmp_path, umask):
+    old_umask = os.umask(umask)
+    try:
+        with open(tmp_path / "plain", "wb"):  # the oracle: what an ordinary open() makes
+            pass
+        write_shard(tmp_path / "a_train_000001.bin", np.arange(3, dtype=np.uint16))
+        prepare_data.write_meta(str(tmp_path), {"complete": False})
+    finally:
+        os.umask(old_umask)
+    modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in os.listdir(tmp_path)}
+    assert modes == dict.fromkeys(["plain", "a_train_000001.bin", "meta.json"], 0o666 & ~umask)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda raw: raw[:-2], "truncated or corrupt"),
     (lambda raw: raw + b"\0\0", "truncated or corrupt"),
