@@ -1014,7 +1014,7 @@ def write_meta(out_dir, meta):
 
 def start_rebuild(out_dir, settings):
     """Mark out_dir as unfinished first (list_shards refuses it from then on), then remove what an earlier run
-    left: its shards, temporary files and tokenizer."""
+    left: its shards and tokenizer."""
     os.makedirs(out_dir, exist_ok=True)
     write_meta(out_dir, dict(complete=False, settings=settings))
     for filename in os.listdir(out_dir):
@@ -1023,12 +1023,25 @@ def start_rebuild(out_dir, settings):
 
 
 def left_by_earlier_run(filename):
-    """Shards, tokenizer files, and temporary files of those or of meta.json (a killed run leaves them)."""
-    if filename.endswith(".tmp"):  # atomic_open names them <file>.<random>.tmp
-        filename = filename.rsplit(".", 2)[0]
-        if filename == META_FILE:
-            return True
+    """Shards and tokenizer files: what a rebuild replaces."""
     return bool(SHARD_FILE.match(filename)) or filename in TOKENIZER_FILES
+
+
+TEMPORARY_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # atomic_open's <name>.<random>.tmp
+
+
+def remove_temporary_files(out_dir):
+    """Remove the temporary files that atomic writes of ours (shards, tokenizer files, meta.json) left in out_dir:
+    a run killed while writing never renames them. Says in one line how many and how big."""
+    matches = [TEMPORARY_FILE.match(filename) for filename in os.listdir(out_dir)] if os.path.isdir(out_dir) else []
+    paths = [os.path.join(out_dir, m.string) for m in matches
+             if m and (left_by_earlier_run(m["name"]) or m["name"] == META_FILE)]
+    if paths:
+        size = sum(map(os.path.getsize, paths))
+        for path in paths:
+            os.remove(path)
+        log(f"removed {len(paths)} temporary file{'s' * (len(paths) > 1)} ({size:,} bytes) that an interrupted "
+            f"run left in {out_dir}")
 
 
 def describe_input(inputs, source, source_split, text_field):
@@ -1098,6 +1111,7 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
         tokenizer=hashlib.sha256(tokenizer_bytes).hexdigest() if tokenizer else None,
         vocab_size=None if tokenizer else vocab_size, eos_id=None if tokenizer else eos_id,
         sample_bytes=None if tokenizer else sample_bytes, format=1)
+    remove_temporary_files(out_dir)
     if not force and up_to_date(out_dir, settings):
         log(f"{out_dir} is already prepared from {description} with these settings; --force rebuilds it")
         return read_meta(out_dir)
@@ -1494,6 +1508,7 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
     settings = dict(kind="conversations", source=description, val_inputs=val_inputs, tokenizer=os.path.abspath(tokenizer),
                     seed=seed, name=name, shard_tokens=shard_tokens, format=1)
 
+    remove_temporary_files(out_dir)
     start_rebuild(out_dir, settings)
     write_file_atomically(os.path.join(out_dir, "tokenizer.json"), chat.to_str().encode())
     write_file_atomically(os.path.join(out_dir, "tokenizer_config.json"),

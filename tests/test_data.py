@@ -722,8 +722,7 @@ def test_rerun_reuses_rebuilds_and_recovers(tmp_path, sp_model, monkeypatch, cap
     assert "already prepared" in capsys.readouterr().err
     assert {name: os.stat(out / name).st_mtime_ns for name in sorted(os.listdir(out))} == mtimes
 
-    for leftover in ("d_train_000042.bin.x1y2.tmp", "meta.json.abc.tmp", "tokenizer.json"):  # a killed run's
-        write_text(out / leftover, "junk")
+    write_text(out / "tokenizer.json", "junk")  # another run's tokenizer
     write_text(out / "notes.txt", "not ours")
     second = run(*args, "--shard_tokens=500")  # a changed setting rebuilds; nothing stale survives
     assert sorted(os.listdir(out)) == sorted(second["shards"]["val"] + second["shards"]["train"]
@@ -752,6 +751,23 @@ def test_rerun_reuses_rebuilds_and_recovers(tmp_path, sp_model, monkeypatch, cap
     # a tokenizer kept in the very directory being rebuilt is read before the directory is cleaned
     meta = run("--input", path, f"--out_dir={out}", f"--tokenizer={out / 'tokenizer.model'}", "--val_tokens=7")
     assert meta["tokens"]["val"] == 7 and decoded_documents(out) == documents
+
+
+def test_temporary_files_of_a_killed_run_are_removed_at_start(tmp_path, sp_model, capsys):
+    args = ["--input", write_jsonl(tmp_path / "d.jsonl", random_documents(5, seed=13)), f"--out_dir={tmp_path / 'out'}",
+            f"--tokenizer={sp_model}"]
+    first = run(*args)
+    ours = ["d_train_000042.bin.x1y2z3w4.tmp", "meta.json.abcdefgh.tmp", "tokenizer.model.a_b_c_d_.tmp"]
+    others = ["notes.txt.abcdefgh.tmp", "d_train_000042.bin.tmp", "mine.tmp", "meta.json.abc.tmp"]
+    for size, filename in enumerate(ours + others, 1):
+        write_text(tmp_path / "out" / filename, "x" * size)
+    capsys.readouterr()
+    assert run(*args) == first  # up to date: the data stays, the leftovers go, in one line
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"removed 3 temporary files (6 bytes) that an interrupted run left in {tmp_path / 'out'}"
+    assert "already prepared" in lines[1]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(first["shards"]["val"] + first["shards"]["train"]
+                                                          + ["meta.json", "tokenizer.model"] + others)
 
 
 def test_command_line_forms(tmp_path, sp_model):
