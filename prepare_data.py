@@ -45,6 +45,7 @@ import platform
 import random
 import re
 import secrets
+import signal
 import socket
 import sys
 import sysconfig
@@ -847,8 +848,20 @@ def start_workers(workers):
         return contextlib.nullcontext()
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
     for _ in range(workers):
-        pool.submit(int)  # each submission to an idle pool starts one more process
+        submit(pool, int)  # each submission to an idle pool starts one more process
     return pool
+
+
+def submit(pool, function, *args):
+    """pool.submit with SIGINT held back meanwhile, so that a worker process it starts inherits SIGINT blocked (as
+    multiprocessing's resource tracker does). Ctrl-C in a terminal, sent to every process of the group, then
+    interrupts only this one, which stops the workers, instead of each printing a traceback. A Ctrl-C in the
+    meantime arrives when the submission returns."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(function, *args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def encode_in_order(tasks, pool, workers, settings):
@@ -861,7 +874,7 @@ def encode_in_order(tasks, pool, workers, settings):
     in_flight = deque()
     try:
         for task in tasks:
-            in_flight.append(pool.submit(encode_task, task, settings))
+            in_flight.append(submit(pool, encode_task, task, settings))
             if len(in_flight) > 2 * workers:
                 yield in_flight.popleft().result()
         while in_flight:
@@ -1087,7 +1100,8 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
             workers=None, force=False):
     """Build out_dir from local files (inputs), a streamed data set (source) or by default the Python standard
     library. Returns the meta dict, also written to out_dir/meta.json. Problems raise ValueError, and every
-    one that can be found without reading all the text is found before out_dir is touched."""
+    one that can be found without reading all the text is found before out_dir is touched. Ctrl-C raises
+    KeyboardInterrupt (the worker processes ignore it), leaving out_dir unfinished for a rerun to rebuild."""
     check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens, workers)
     workers = workers or available_cpus()
     files, description, default_name, input_bytes, inputs_digest = describe_input(inputs, source, source_split,
@@ -2011,6 +2025,9 @@ def main(argv=None):
         return prepare(**args)
     except ValueError as e:
         raise SystemExit(f"prepare_data.py: error: {e}") from None
+    except KeyboardInterrupt:
+        log(f"prepare_data.py: interrupted; run it again to prepare {args['out_dir']}")
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

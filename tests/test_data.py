@@ -4,8 +4,10 @@ import gzip
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 import tracemalloc
 import types
 
@@ -768,6 +770,31 @@ def test_temporary_files_of_a_killed_run_are_removed_at_start(tmp_path, sp_model
     assert "already prepared" in lines[1]
     assert sorted(os.listdir(tmp_path / "out")) == sorted(first["shards"]["val"] + first["shards"]["train"]
                                                           + ["meta.json", "tokenizer.model"] + others)
+
+
+def test_worker_processes_leave_ctrl_c_to_the_main_process():
+    with prepare_data.start_workers(2) as pool:  # what each worker blocks: SIGINT, from its start
+        masks = [prepare_data.submit(pool, signal.pthread_sigmask, signal.SIG_BLOCK, []).result() for _ in range(4)]
+    assert all(signal.SIGINT in mask for mask in masks)
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # and this process does not
+
+
+def test_ctrl_c_while_tokenizing_is_one_line(tmp_path, sp_model):
+    path = write_text(tmp_path / "big.txt", "".join(random_documents(2000, seed=14)) * 20)  # about 20 MB
+    out = tmp_path / "out"
+    command = [sys.executable, prepare_data.__file__, "--input", path, f"--tokenizer={sp_model}", f"--out_dir={out}",
+               "--workers=2", "--shard_tokens=10000"]
+    with open(tmp_path / "stderr", "w") as stderr:
+        # a session of its own: the signal goes to its process group, workers included, as a terminal's Ctrl-C does
+        done = subprocess.Popen(command, stderr=stderr, start_new_session=True)
+        while not (out.exists() and any(name.endswith(".bin") for name in os.listdir(out))) and done.poll() is None:
+            time.sleep(0.05)
+        os.killpg(done.pid, signal.SIGINT)
+        assert done.wait(timeout=60) == 130
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    assert lines[-1] == f"prepare_data.py: interrupted; run it again to prepare {out}"
+    assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in lines)
+    assert read_meta(out)["complete"] is False and not any(name.endswith(".tmp") for name in os.listdir(out))
 
 
 def test_command_line_forms(tmp_path, sp_model):
