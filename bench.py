@@ -9,13 +9,16 @@ on a CUDA machine the model cases run in bfloat16 on the GPU.
     python bench.py --cases=train,decode # some of them
     python bench.py --threads=2          # torch threads per process (default 2)
     python bench.py --cases=gpu          # the GPU cases (CUDA only; under 5 minutes on one GPU)
+    python bench.py --cases=tokenize --big_text_mb=20,200   # one big .txt file of each size (default 200,2000)
 
 Cases: train (training step tokens/s at B=4 T=512 and B=1 T=2048), long (forward and training
 step at T=8192 with keep_window_size 2048: time and peak memory), decode (batch-1 greedy
 decoding of 256 tokens, and the fraction of memory bandwidth it reaches), window (4000 generated
 tokens with keep_window_size 1024: ms/token before and after the window fills), moe (CDMoE
 forward+backward with 1024 experts, top 8), tiny (train.py's tokens/s and MFU on the CPU demo
-config), tokenize (prepare_data end to end against bare SentencePiece encode, same processes),
+config), tokenize (prepare_data end to end against bare SentencePiece encode, same processes; and
+prepare_data.py at its default settings on one big .txt file of each --big_text_mb size: MB/s and
+the peak memory of it and its workers, which streaming keeps the same whatever the size),
 gpu (CUDA only, never part of the default run on a CPU: the compiled training step of both
 models at B=16 T=2048 in bf16 autocast with fused AdamW, tokens/s and peak GPU memory; the exact
 T <= keep_window_size attention paths side by side; train.py's tokens/s and MFU on
@@ -730,7 +733,8 @@ def main():
     for group in selected:
         if group in ("tiny", "tokenize"):
             try:
-                numbers = bench_tiny_training() if group == "tiny" else bench_tokenize()
+                numbers = bench_tiny_training() if group == "tiny" else {**bench_tokenize(), **bench_big_text(
+                    tuple(int(mb) for mb in args.get("big_text_mb", "200,2000").split(",")))}
             except SystemExit as e:
                 print(f"{group:<16} failed: {str(e.code).splitlines()[0]}", flush=True)
                 failed += 1
