@@ -362,14 +362,15 @@ def bench_big_text(sizes_mb=(200, 2000), workers=2):
             command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py"),
                        "--input", path, f"--out_dir={tmp}/out", f"--workers={workers}", "--force"]
             peak, start = 0.0, time.perf_counter()
-            with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as run:
-                while run.poll() is None:
-                    peak = max(peak, process_tree_rss_mb(run.pid))
-                    time.sleep(0.05)
-                errors = run.stderr.read()
-            seconds = time.perf_counter() - start
-            if run.returncode:
-                raise SystemExit(f"prepare_data.py on {megabytes} MB failed: {errors.strip().splitlines()[-1]}")
+            with open(os.path.join(tmp, "stderr"), "w+") as stderr:  # a file: a full pipe would stop it
+                with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr) as run:
+                    while run.poll() is None:
+                        peak = max(peak, process_tree_rss_mb(run.pid))
+                        time.sleep(0.05)
+                seconds = time.perf_counter() - start
+                if run.returncode:
+                    stderr.seek(0)
+                    raise SystemExit(f"prepare_data.py on {megabytes} MB failed: {stderr.read().splitlines()[-1]}")
             result[f"{megabytes}mb_mb_per_sec"] = os.path.getsize(path) / 1e6 / seconds
             result[f"{megabytes}mb_peak_mb"] = peak
     if len(sizes_mb) > 1:
