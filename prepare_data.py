@@ -323,7 +323,7 @@ def open_text(path):
     return open(path, encoding="utf-8", newline="")
 
 
-BLOCK_CHARS = 1 << 20  # a plain text file is read this many characters at a time
+BLOCK_CHARS = 1 << 16  # a plain text file is read this many characters at a time (see bench_big_text)
 
 
 def read_pieces(path, doc_sep=None, text_field="text"):

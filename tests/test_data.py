@@ -1,5 +1,5 @@
-"""prepare_data.py: shard format, lossless round trip, splits, inputs, tokenizers, errors, re-runs.
-Every corpus here is written by the test itself into tmp_path; nothing comes from the network."""
+"""prepare_data.py: shard format, lossless round trip, splits, inputs, streaming big files, tokenizers, errors,
+Ctrl-C, re-runs. Every corpus here is written by the test itself into tmp_path; nothing comes from the network."""
 import gzip
 import json
 import os
