@@ -9,13 +9,16 @@ on a CUDA machine the model cases run in bfloat16 on the GPU.
     python bench.py --cases=train,decode # some of them
     python bench.py --threads=2          # torch threads per process (default 2)
     python bench.py --cases=gpu          # the GPU cases (CUDA only; under 5 minutes on one GPU)
+    python bench.py --cases=tokenize --big_text_mb=20,200   # one big .txt file of each size (default 200,2000)
 
 Cases: train (training step tokens/s at B=4 T=512 and B=1 T=2048), long (forward and training
 step at T=8192 with keep_window_size 2048: time and peak memory), decode (batch-1 greedy
 decoding of 256 tokens, and the fraction of memory bandwidth it reaches), window (4000 generated
 tokens with keep_window_size 1024: ms/token before and after the window fills), moe (CDMoE
 forward+backward with 1024 experts, top 8), tiny (train.py's tokens/s and MFU on the CPU demo
-config), tokenize (prepare_data end to end against bare SentencePiece encode, same processes),
+config), tokenize (prepare_data end to end against bare SentencePiece encode, same processes; and
+prepare_data.py at its default settings on one big .txt file of each --big_text_mb size: MB/s and
+the peak memory of it and its workers, which streaming keeps the same whatever the size),
 gpu (CUDA only, never part of the default run on a CPU: the compiled training step of both
 models at B=16 T=2048 in bf16 autocast with fused AdamW, tokens/s and peak GPU memory; the exact
 T <= keep_window_size attention paths side by side; train.py's tokens/s and MFU on
@@ -25,6 +28,7 @@ batch 1 and 64, ours graph-captured). Without CUDA, --cases=gpu prints one line 
 status 2. A case that fails prints its error and the others still run; the exit status is then 1.
 """
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -76,9 +80,28 @@ def sync():
         torch.cuda.synchronize()
 
 
-def current_rss_mb():
-    with open("/proc/self/statm") as f:
+def current_rss_mb(pid="self"):
+    with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def process_tree_rss_mb(root):
+    """Resident memory of a process and all its descendants (its worker processes), summed (Linux /proc)."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:  # it exited meanwhile
+            pass
+    tree = [root]
+    for pid in tree:  # grows as it goes: breadth first
+        tree += [child for child, parent in parents.items() if parent == pid]
+    total = 0
+    for pid in tree:
+        with contextlib.suppress(OSError):
+            total += current_rss_mb(pid)
+    return total
 
 
 def peak_rss_mb():
@@ -313,6 +336,45 @@ def bench_tokenize(target_mb=36, workers=None, vocab_size=32768, rounds=3):
     for label, key in (("many documents (.jsonl)", "jsonl"), ("one huge document (.txt)", "one_doc")):
         result[f"{key}_mb_per_sec"] = megabytes / best[label]
         result[f"{key}_vs_bare"] = best["bare"] / best[label]
+    return result
+
+
+def write_big_text(path, megabytes):
+    """One .txt file of `megabytes` MB (to a line): the standard library's source, repeated; one document."""
+    _, files = prepare_data.stdlib_files()
+    text = "".join(doc for source in files for doc in prepare_data.read_documents(source)).encode()
+    with open(path, "wb") as f:
+        for start in range(0, int(megabytes * 1e6), len(text)):
+            part = text[:int(megabytes * 1e6) - start]
+            f.write(part if len(part) == len(text) else part[:part.rfind(b"\n") + 1])
+
+
+def bench_big_text(sizes_mb=(200, 2000), workers=2):
+    """prepare_data.py at its default settings (a 32768-token tokenizer trained on an 8 MB sample) with 2 workers
+    on one big .txt file of each size: MB/s end to end, and the peak resident memory of prepare_data.py and its
+    worker processes summed (sampled every 50 ms). Streaming keeps the peak the same whatever the file's size."""
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for megabytes in sizes_mb:
+            path = os.path.join(tmp, "big.txt")
+            write_big_text(path, megabytes)
+            print(f"bench_big_text: prepare_data.py on {os.path.getsize(path) / 1e6:,.0f} MB", file=sys.stderr)
+            command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py"),
+                       "--input", path, f"--out_dir={tmp}/out", f"--workers={workers}", "--force"]
+            peak, start = 0.0, time.perf_counter()
+            with open(os.path.join(tmp, "stderr"), "w+") as stderr:  # a file: a full pipe would stop it
+                with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr) as run:
+                    while run.poll() is None:
+                        peak = max(peak, process_tree_rss_mb(run.pid))
+                        time.sleep(0.05)
+                seconds = time.perf_counter() - start
+                if run.returncode:
+                    stderr.seek(0)
+                    raise SystemExit(f"prepare_data.py on {megabytes} MB failed: {stderr.read().splitlines()[-1]}")
+            result[f"{megabytes}mb_mb_per_sec"] = os.path.getsize(path) / 1e6 / seconds
+            result[f"{megabytes}mb_peak_mb"] = peak
+    if len(sizes_mb) > 1:
+        result["peak_ratio"] = result[f"{max(sizes_mb)}mb_peak_mb"] / result[f"{min(sizes_mb)}mb_peak_mb"]
     return result
 
 
@@ -672,7 +734,8 @@ def main():
     for group in selected:
         if group in ("tiny", "tokenize"):
             try:
-                numbers = bench_tiny_training() if group == "tiny" else bench_tokenize()
+                numbers = bench_tiny_training() if group == "tiny" else {**bench_tokenize(), **bench_big_text(
+                    tuple(int(mb) for mb in args.get("big_text_mb", "200,2000").split(",")))}
             except SystemExit as e:
                 print(f"{group:<16} failed: {str(e.code).splitlines()[0]}", flush=True)
                 failed += 1

@@ -27,7 +27,9 @@ The loaders that read both kinds of shards in training live here too ("Reading s
 
 Tokenizing runs in --workers processes. Long documents are cut into pieces of a few KB at line starts, where
 the tokenizer never merges across (checked on the data at start-up): because SentencePiece is several times
-slower on one multi-megabyte string and because one huge file should still keep every worker busy.
+slower on one multi-megabyte string and because one huge file should still keep every worker busy. Text files are
+read a block at a time and shards written as they fill, so memory holds a few blocks, the tasks in flight and the
+tokenizer's sample, whatever the size of a file or of a document in it.
 """
 
 import argparse
@@ -42,10 +44,11 @@ import os
 import platform
 import random
 import re
+import secrets
+import signal
 import socket
 import sys
 import sysconfig
-import tempfile
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -106,10 +109,11 @@ def shard_dtype(chunks):
 
 @contextlib.contextmanager
 def atomic_open(path):
-    """Open path for binary writing under a temporary name in the same directory, synced and renamed to path
-    only when the block completes: a file that exists under its real name is complete."""
-    directory, filename = os.path.split(os.path.abspath(path))
-    fd, temp_path = tempfile.mkstemp(dir=directory, prefix=filename + ".", suffix=".tmp")
+    """Open path for binary writing under a temporary name in the same directory (<name>.<random>.tmp), synced
+    and renamed to path only when the block completes: a file that exists under its real name is complete. The
+    file gets the mode open() would give (0o666 less the umask), not mkstemp's private 0o600."""
+    temp_path = f"{os.path.abspath(path)}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -122,25 +126,23 @@ def atomic_open(path):
         raise
 
 
-def write_shard_chunks(path, chunks):
-    """Write the arrays in `chunks` one after another as a single shard, atomically."""
-    chunks = [np.asarray(chunk).ravel() for chunk in chunks]
-    dtype = shard_dtype(chunks)
-    num_tokens = sum(chunk.size for chunk in chunks)
-    if num_tokens > np.iinfo(np.int32).max:
-        raise ValueError(f"{path}: {num_tokens:,} tokens do not fit the int32 token count of the header")
+def shard_header(version, num_tokens, count=0) -> bytes:
+    """[20240520, version, num_tokens, count, 0, ...] as 256 little-endian int32."""
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, VERSION_OF_DTYPE[dtype], num_tokens)
-    with atomic_open(path) as f:
-        f.write(header.tobytes())
-        for chunk in chunks:
-            f.write(chunk.astype(dtype.newbyteorder("<"), copy=False).tobytes())
+    header[:4] = (SHARD_MAGIC, version, num_tokens, count)
+    return header.tobytes()
 
 
 def write_shard(path, tokens: np.ndarray):
     """Write one shard atomically: header [20240520, version, num_tokens, 0 ...] then the tokens. uint16 tokens
     give version 1, uint32 version 2; other integer arrays are stored as uint16 when they fit, else uint32."""
-    write_shard_chunks(path, [tokens])
+    tokens = np.asarray(tokens).ravel()
+    dtype = shard_dtype([tokens])
+    if tokens.size > np.iinfo(np.int32).max:
+        raise ValueError(f"{path}: {tokens.size:,} tokens do not fit the int32 token count of the header")
+    with atomic_open(path) as f:
+        f.write(shard_header(VERSION_OF_DTYPE[dtype], tokens.size))
+        f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
 
 
 def read_header(path):
@@ -200,10 +202,9 @@ def write_conversation_shard(path, examples):
     tokens = np.concatenate([np.asarray(ids) for ids, _ in examples] or [np.zeros(0, np.uint16)])
     supervised = np.concatenate([np.asarray(s, dtype=np.uint8) for _, s in examples] or [np.zeros(0, np.uint8)])
     dtype = shard_dtype([tokens])
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:4] = (SHARD_MAGIC, CHAT_VERSION_OF_DTYPE[dtype], len(tokens), len(examples))
     with atomic_open(path) as f:
-        for part in (header, offsets, tokens.astype(dtype.newbyteorder("<"), copy=False), supervised):
+        f.write(shard_header(CHAT_VERSION_OF_DTYPE[dtype], len(tokens), len(examples)))
+        for part in (offsets, tokens.astype(dtype.newbyteorder("<"), copy=False), supervised):
             f.write(part.tobytes())
 
 
@@ -264,7 +265,7 @@ def list_shards(data_dir, split) -> list:
 
 
 # -----------------------------------------------------------------------------
-# Documents: where the text comes from. Each reader yields the documents of one input as str.
+# Documents: where the text comes from, one document or piece of one at a time.
 
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")  # what a directory walk picks up
@@ -322,24 +323,61 @@ def open_text(path):
     return open(path, encoding="utf-8", newline="")
 
 
-def read_documents(path, doc_sep=None, text_field="text"):
-    """Documents of one file: .jsonl (one per line, field text_field), .parquet (column text_field), anything
-    else is plain text, one document per file or split on doc_sep. Empty documents are skipped."""
+BLOCK_CHARS = 1 << 16  # a plain text file is read this many characters at a time (see bench_big_text)
+
+
+def read_pieces(path, doc_sep=None, text_field="text"):
+    """The documents of one file as (text, ends_document) pieces, none empty, each document's last one flagged:
+    .jsonl (one per line, field text_field) and .parquet (column text_field) give every document in one piece;
+    anything else is plain text, one document per file or split on doc_sep, read a block at a time so that a
+    document may be larger than memory. Empty documents are skipped."""
     name = path[:-3] if path.endswith(".gz") else path
     try:
         if name.endswith(".jsonl"):
-            yield from read_jsonl(path, text_field)
+            yield from ((doc, True) for doc in read_jsonl(path, text_field))
         elif name.endswith(".parquet"):
-            yield from read_parquet(path, text_field)
+            yield from ((doc, True) for doc in read_parquet(path, text_field))
         else:
             with open_text(path) as f:
-                text = f.read()
-            yield from (doc for doc in (text.split(doc_sep) if doc_sep else [text]) if doc)
+                yield from read_text_pieces(f, doc_sep)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 (byte {e.start}: {e.object[e.start:e.start + 4]!r}); "
+        raise ValueError(f"{path}: not valid UTF-8 (at the bytes {e.object[e.start:e.start + 4]!r}); "
                          f"convert it to UTF-8 first") from None
     except (OSError, EOFError) as e:
         raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def read_text_pieces(f, doc_sep):
+    """(text, ends_document) pieces of the documents `f.read().split(doc_sep)` (or the whole text), less the empty
+    ones, reading BLOCK_CHARS at a time. A block's last characters that may begin a separator wait for the next."""
+    held, carry = "", ""  # held: the current document's latest text, not yet known to be its last
+    while True:
+        block = f.read(BLOCK_CHARS)
+        parts = (carry + block).split(doc_sep) if doc_sep else [carry + block]
+        carry = ""
+        if block and doc_sep:
+            keep = max(0, len(parts[-1]) - len(doc_sep) + 1)
+            parts[-1], carry = parts[-1][:keep], parts[-1][keep:]
+        for i, part in enumerate(parts):
+            if part:
+                if held:
+                    yield held, False
+                held = part
+            if held and (i < len(parts) - 1 or not block):  # a separator follows, or the file ends
+                yield held, True
+                held = ""
+        if not block:
+            return
+
+
+def read_documents(path, doc_sep=None, text_field="text"):
+    """The documents of one file as str: read_pieces joined, for files whose documents fit in memory."""
+    pieces = []
+    for text, ends_document in read_pieces(path, doc_sep, text_field):
+        pieces.append(text)
+        if ends_document:
+            yield "".join(pieces)
+            pieces = []
 
 
 def jsonl_rows(path):
@@ -707,6 +745,37 @@ def split_text(text, max_chars, cut_rule=CUT_RULES[0]):
     return pieces
 
 
+def cut_pieces(pieces, max_chars, cut_rule):
+    """split_text for documents that arrive in (text, ends_document) pieces, as read_pieces gives them, holding
+    about max_chars and a piece rather than a whole document: yields (part, ends_document), where a document's
+    parts are split_text(document, max_chars, cut_rule). (For max_chars >= 4: a cut's lookbehind reaches two
+    characters back, and the search starts max_chars // 2 into the part.)
+    A cut is settled once the text reaches max_chars past the part's start, as split_text's first search looks no
+    further. When that search finds nothing, the fallback's first match in the text so far is its first match in
+    the whole document: a place whose lookahead runs off the end lies in the blanks ([ \\t]) that end the text,
+    after any match. With no match, the search resumes there when more text has come."""
+    buf, start, searched = "", 0, 0  # buf[start:]: the current part so far; no cut in buf[start:searched]
+    waiting, waiting_chars = [], 0  # text for buf, joined once it is as long as the part: linear time without cuts
+    for text, ends_document in pieces:
+        waiting.append(text)
+        waiting_chars += len(text)
+        if waiting_chars < len(buf) - start and not ends_document:
+            continue
+        buf, searched, start = "".join([buf[start:], *waiting]), searched - start, 0
+        waiting, waiting_chars = [], 0
+        while cut_rule and len(buf) - start > max_chars:
+            low = start + max_chars // 2
+            match = cut_rule.search(buf, low, start + max_chars) or cut_rule.search(buf, max(low, searched))
+            if match is None:
+                searched = len(buf.rstrip(" \t"))
+                break
+            yield buf[start:match.start()], False
+            start = match.start()
+        if ends_document:
+            yield buf[start:], True
+            buf, start, searched = "", 0, 0
+
+
 def choose_cut_rule(tokenizer, sample):
     """Index of the first of CUT_RULES that leaves the tokens of the data unchanged (whole text against cut
     pieces), or None: then documents are encoded whole, e.g. for a model that adds a dummy prefix."""
@@ -755,18 +824,16 @@ def encode_task(task, settings):
     return tokens, sum(ends)
 
 
-def make_tasks(documents, task_chars, cut_rule):
-    """Group documents into tasks of about task_chars, cutting long ones so that every worker gets work even
-    when the input is one huge document."""
+def make_tasks(pieces, task_chars, cut_rule):
+    """Group the documents' (text, ends_document) pieces into tasks of about task_chars, cutting long documents as
+    split_text would, so that every worker gets work even when the input is one huge document."""
     task, size = [], 0
-    for doc in documents:
-        parts = split_text(doc, task_chars, cut_rule)
-        for i, part in enumerate(parts):
-            task.append((part, i == len(parts) - 1))
-            size += len(part)
-            if size >= task_chars:
-                yield task
-                task, size = [], 0
+    for part, ends_document in cut_pieces(pieces, task_chars, cut_rule):
+        task.append((part, ends_document))
+        size += len(part)
+        if size >= task_chars:
+            yield task
+            task, size = [], 0
     if task:
         yield task
 
@@ -781,8 +848,20 @@ def start_workers(workers):
         return contextlib.nullcontext()
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
     for _ in range(workers):
-        pool.submit(int)  # each submission to an idle pool starts one more process
+        submit(pool, int)  # each submission to an idle pool starts one more process
     return pool
+
+
+def submit(pool, function, *args):
+    """pool.submit with SIGINT held back meanwhile, so that a worker process it starts inherits SIGINT blocked (as
+    multiprocessing's resource tracker does). Ctrl-C in a terminal, sent to every process of the group, then
+    interrupts only this one, which stops the workers, instead of each printing a traceback. A Ctrl-C in the
+    meantime arrives when the submission returns."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(function, *args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def encode_in_order(tasks, pool, workers, settings):
@@ -795,7 +874,7 @@ def encode_in_order(tasks, pool, workers, settings):
     in_flight = deque()
     try:
         for task in tasks:
-            in_flight.append(pool.submit(encode_task, task, settings))
+            in_flight.append(submit(pool, encode_task, task, settings))
             if len(in_flight) > 2 * workers:
                 yield in_flight.popleft().result()
         while in_flight:
@@ -816,45 +895,53 @@ def shard_end(position, val_tokens, shard_tokens):
     return val_tokens + ((position - val_tokens) // shard_tokens + 1) * shard_tokens
 
 
-def write_shards(results, out_dir, name, val_tokens, shard_tokens, max_tokens=None, eot_id=None):
-    """Cut the token stream into shards: the first val_tokens tokens are validation, the rest train. A shard may
-    end inside a document; the next shard carries on. With max_tokens, stop at the first document end past it."""
+def write_shards(results, out_dir, name, dtype, val_tokens, shard_tokens, max_tokens=None, eot_id=None):
+    """Cut the token stream into shards of `dtype` tokens: the first val_tokens tokens are validation, the rest
+    train. A shard may end inside a document; the next shard carries on. With max_tokens, stop at the first
+    document end past it. Each shard is written as its tokens come (its header's count set when it is full),
+    under a temporary name until then, so memory holds a result, not a shard."""
     shards = {"val": [], "train": []}
-    total, documents, pending = 0, 0, []
+    total, documents, shard = 0, 0, None  # shard: the one being written, (file, split, filename, its start)
     start = time.perf_counter()
-    bar = tqdm(desc="tokenizing", unit=" docs", file=sys.stderr, dynamic_ncols=True)
+    with tqdm(desc="tokenizing", unit=" docs", file=sys.stderr, dynamic_ncols=True) as bar, \
+            contextlib.ExitStack() as open_shard:
+        def finish():
+            f, split, filename, shard_start = shard
+            f.seek(0)
+            f.write(shard_header(VERSION_OF_DTYPE[dtype], total - shard_start))
+            open_shard.close()  # synced and renamed to its name
+            shards[split].append((filename, total - shard_start))
 
-    def flush():
-        split = "val" if total <= val_tokens else "train"
-        filename = f"{name}_{split}_{len(shards['val']) + len(shards['train']):06d}.bin"
-        write_shard_chunks(os.path.join(out_dir, filename), pending)
-        shards[split].append((filename, sum(len(chunk) for chunk in pending)))
-        pending.clear()
-
-    for tokens, documents_ended in results:
-        reached_max = max_tokens and total + len(tokens) >= max_tokens
-        if reached_max:  # keep up to the first end of text at or past max_tokens
-            first = max(0, max_tokens - total - 1)
-            ends = np.flatnonzero(tokens[first:] == eot_id)
-            reached_max = len(ends) > 0
+        for tokens, documents_ended in results:
+            reached_max = max_tokens and total + len(tokens) >= max_tokens
+            if reached_max:  # keep up to the first end of text at or past max_tokens
+                first = max(0, max_tokens - total - 1)
+                ends = np.flatnonzero(tokens[first:] == eot_id)
+                reached_max = len(ends) > 0
+                if reached_max:
+                    tokens = tokens[:first + ends[0] + 1]
+                    documents_ended = int(np.count_nonzero(tokens == eot_id))
+            documents += documents_ended
+            while len(tokens):
+                if shard is None:
+                    split = "val" if total < val_tokens else "train"
+                    filename = f"{name}_{split}_{len(shards['val']) + len(shards['train']):06d}.bin"
+                    shard = (open_shard.enter_context(atomic_open(os.path.join(out_dir, filename))), split,
+                             filename, total)
+                    shard[0].write(bytes(HEADER_BYTES))  # a placeholder until the count is known
+                end = shard_end(total, val_tokens, shard_tokens)
+                shard[0].write(tokens[:end - total].astype(dtype.newbyteorder("<"), copy=False).tobytes())
+                tokens, total = tokens[end - total:], min(end, total + len(tokens))
+                if total == end:
+                    finish()
+                    shard = None
+            bar.update(documents_ended)
+            bar.set_postfix_str(f"{total:,} tokens, {total / (time.perf_counter() - start):,.0f} tok/s",
+                                refresh=False)
             if reached_max:
-                tokens = tokens[:first + ends[0] + 1]
-                documents_ended = int(np.count_nonzero(tokens == eot_id))
-        documents += documents_ended
-        while len(tokens):
-            end = shard_end(total, val_tokens, shard_tokens)
-            pending.append(tokens[:end - total])
-            tokens = tokens[end - total:]
-            total += len(pending[-1])
-            if total == end:
-                flush()
-        bar.update(documents_ended)
-        bar.set_postfix_str(f"{total:,} tokens, {total / (time.perf_counter() - start):,.0f} tok/s", refresh=False)
-        if reached_max:
-            break
-    if pending:
-        flush()
-    bar.close()
+                break
+        if shard:
+            finish()
     return dict(shards=shards, documents=documents, tokens=total, seconds=time.perf_counter() - start)
 
 
@@ -879,18 +966,27 @@ def files_digest(files):
 
 def sample_files(files, read, sample_chars):
     """About sample_chars of text spread over all input files (each gives a share proportional to its size),
-    so that the tokenizer sees every kind of input, not only the first file."""
+    so that the tokenizer sees every kind of input, not only the first file: the start of each document,
+    `doc[:max(1, int(quota - taken))]`, until the file's quota is taken. read(path) gives a file's pieces."""
     sizes = [os.path.getsize(path) for path in files]
     sample = []
     for path, size in zip(files, sizes):
         quota = sample_chars * size / max(1, sum(sizes))
-        taken = 0
-        with contextlib.closing(read(path)) as documents:
-            for doc in documents:
-                if taken >= quota:
-                    break
-                sample.append(doc[:max(1, int(quota - taken))])
-                taken += len(sample[-1])
+        taken, room = 0, None  # room: what the current document may still add; None between documents
+        with contextlib.closing(read(path)) as pieces:
+            for text, ends_document in pieces:
+                if room is None:
+                    head, room = [], max(1, int(quota - taken))
+                if room > 0:
+                    head.append(text[:room])
+                    room -= len(head[-1])
+                    if room == 0 or ends_document:
+                        sample.append("".join(head))
+                        taken += len(sample[-1])
+                        if taken >= quota:
+                            break  # the rest of the file is not read
+                if ends_document:
+                    room = None
     return sample
 
 
@@ -931,7 +1027,7 @@ def write_meta(out_dir, meta):
 
 def start_rebuild(out_dir, settings):
     """Mark out_dir as unfinished first (list_shards refuses it from then on), then remove what an earlier run
-    left: its shards, temporary files and tokenizer."""
+    left: its shards and tokenizer."""
     os.makedirs(out_dir, exist_ok=True)
     write_meta(out_dir, dict(complete=False, settings=settings))
     for filename in os.listdir(out_dir):
@@ -940,12 +1036,25 @@ def start_rebuild(out_dir, settings):
 
 
 def left_by_earlier_run(filename):
-    """Shards, tokenizer files, and temporary files of those or of meta.json (a killed run leaves them)."""
-    if filename.endswith(".tmp"):  # atomic_open names them <file>.<random>.tmp
-        filename = filename.rsplit(".", 2)[0]
-        if filename == META_FILE:
-            return True
+    """Shards and tokenizer files: what a rebuild replaces."""
     return bool(SHARD_FILE.match(filename)) or filename in TOKENIZER_FILES
+
+
+TEMPORARY_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # atomic_open's <name>.<random>.tmp
+
+
+def remove_temporary_files(out_dir):
+    """Remove the temporary files that atomic writes of ours (shards, tokenizer files, meta.json) left in out_dir:
+    a run killed while writing never renames them. Says in one line how many and how big."""
+    matches = [TEMPORARY_FILE.match(filename) for filename in os.listdir(out_dir)] if os.path.isdir(out_dir) else []
+    paths = [os.path.join(out_dir, m.string) for m in matches
+             if m and (left_by_earlier_run(m["name"]) or m["name"] == META_FILE)]
+    if paths:
+        size = sum(map(os.path.getsize, paths))
+        for path in paths:
+            os.remove(path)
+        log(f"removed {len(paths)} temporary file{'s' * (len(paths) > 1)} ({size:,} bytes) that an interrupted "
+            f"run left in {out_dir}")
 
 
 def describe_input(inputs, source, source_split, text_field):
@@ -991,7 +1100,8 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
             workers=None, force=False):
     """Build out_dir from local files (inputs), a streamed data set (source) or by default the Python standard
     library. Returns the meta dict, also written to out_dir/meta.json. Problems raise ValueError, and every
-    one that can be found without reading all the text is found before out_dir is touched."""
+    one that can be found without reading all the text is found before out_dir is touched. Ctrl-C raises
+    KeyboardInterrupt (the worker processes ignore it), leaving out_dir unfinished for a rerun to rebuild."""
     check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens, workers)
     workers = workers or available_cpus()
     files, description, default_name, input_bytes, inputs_digest = describe_input(inputs, source, source_split,
@@ -1015,20 +1125,22 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
         tokenizer=hashlib.sha256(tokenizer_bytes).hexdigest() if tokenizer else None,
         vocab_size=None if tokenizer else vocab_size, eos_id=None if tokenizer else eos_id,
         sample_bytes=None if tokenizer else sample_bytes, format=1)
+    remove_temporary_files(out_dir)
     if not force and up_to_date(out_dir, settings):
         log(f"{out_dir} is already prepared from {description} with these settings; --force rebuilds it")
         return read_meta(out_dir)
 
     def read(path):
-        return read_documents(path, doc_sep, text_field)
+        return read_pieces(path, doc_sep, text_field)
 
     stream = open_source(source, text_field, source_split) if source else None  # fails at once if it must
     with start_workers(workers) as pool:
         sample_chars = 1 << 16 if tokenizer else sample_bytes  # with --tokenizer: enough to check cutting
         if source:
             sample, documents = take_head(stream, sample_chars)
+            pieces = ((doc, True) for doc in documents)
         else:
-            sample, documents = sample_files(files, read, sample_chars), chain.from_iterable(map(read, files))
+            sample, pieces = sample_files(files, read, sample_chars), chain.from_iterable(map(read, files))
         if not sample:
             raise ValueError(f"no text in the input: {description} holds no non-empty document")
 
@@ -1043,10 +1155,11 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
             log("warning: this tokenizer merges across lines and words, so documents are encoded whole (slower)")
 
         log(f"tokenizing {description} with {workers} worker{'s' * (workers > 1)} into {out_dir}")
-        tasks = make_tasks(documents, TASK_CHARS, None if cut_rule_index is None else CUT_RULES[cut_rule_index])
+        tasks = make_tasks(pieces, TASK_CHARS, None if cut_rule_index is None else CUT_RULES[cut_rule_index])
         settings_of_workers = (tokenizer_path, eot_token, token_dtype.name, cut_rule_index)
         with contextlib.closing(encode_in_order(tasks, pool, workers, settings_of_workers)) as results:
-            written = write_shards(results, out_dir, name, val_tokens, shard_tokens, max_tokens, loaded.eot_id)
+            written = write_shards(results, out_dir, name, token_dtype, val_tokens, shard_tokens, max_tokens,
+                                   loaded.eot_id)
     if written["tokens"] <= val_tokens:
         raise ValueError(f"only {written['tokens']:,} tokens in all, and the first --val_tokens={val_tokens:,} go "
                          f"to validation: nothing is left for training; lower --val_tokens or add text")
@@ -1409,6 +1522,7 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
     settings = dict(kind="conversations", source=description, val_inputs=val_inputs, tokenizer=os.path.abspath(tokenizer),
                     seed=seed, name=name, shard_tokens=shard_tokens, format=1)
 
+    remove_temporary_files(out_dir)
     start_rebuild(out_dir, settings)
     write_file_atomically(os.path.join(out_dir, "tokenizer.json"), chat.to_str().encode())
     write_file_atomically(os.path.join(out_dir, "tokenizer_config.json"),
@@ -1911,6 +2025,9 @@ def main(argv=None):
         return prepare(**args)
     except ValueError as e:
         raise SystemExit(f"prepare_data.py: error: {e}") from None
+    except KeyboardInterrupt:
+        log(f"prepare_data.py: interrupted; run it again to prepare {args['out_dir']}")
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

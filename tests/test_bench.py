@@ -1,6 +1,9 @@
 """bench.py's plumbing on CPU: the GPU cases at tiny sizes (their numbers mean nothing here), the
-synthetic data train.py reads, and a driver that survives a failing case."""
+synthetic data train.py reads, a driver that survives a failing case, and the memory of a process tree."""
 
+import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -88,3 +91,16 @@ def test_a_reference_out_of_memory_is_printed():
     rows = bench.ratio_rows("long", {"seconds": 2.0, "peak_mb": 10.0}, {"out_of_memory": 1})
     assert rows[-1] == ("long", "out_of_memory", None, 1, None)
     assert [row[1] for row in rows] == ["seconds", "peak_mb", "out_of_memory"]
+
+
+def test_process_tree_memory_sums_a_process_and_its_children():
+    holds = "b = b'x' * 100_000_000"  # 100 MB, every page touched
+    child = f"{holds}; print(flush=True); import time; time.sleep(60)"
+    parent = f"import subprocess, sys; {holds}; subprocess.run([sys.executable, '-c', {child!r}])"
+    with subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, start_new_session=True) as run:
+        try:
+            run.stdout.readline()  # the child holds its 100 MB, and the parent its own
+            alone, tree = bench.current_rss_mb(run.pid), bench.process_tree_rss_mb(run.pid)
+        finally:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert 95 < alone < 150 and 190 < tree < 300 and tree > alone + 95

@@ -1,11 +1,14 @@
-"""prepare_data.py: shard format, lossless round trip, splits, inputs, tokenizers, errors, re-runs.
-Every corpus here is written by the test itself into tmp_path; nothing comes from the network."""
+"""prepare_data.py: shard format, lossless round trip, splits, inputs, streaming big files, tokenizers, errors,
+Ctrl-C, re-runs. Every corpus here is written by the test itself into tmp_path; nothing comes from the network."""
 import gzip
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
+import tracemalloc
 import types
 
 import numpy as np
@@ -116,6 +119,20 @@ def test_write_shard_leaves_nothing_when_interrupted(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_shard(tmp_path / "x_train_000001.bin", np.arange(10, dtype=np.uint16))
     assert os.listdir(tmp_path) == []  # neither the shard nor its temporary file
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_mode_open_gives(tmp_path, umask):
+    old_umask = os.umask(umask)
+    try:
+        with open(tmp_path / "plain", "wb"):  # the oracle: what an ordinary open() makes
+            pass
+        write_shard(tmp_path / "a_train_000001.bin", np.arange(3, dtype=np.uint16))
+        prepare_data.write_meta(str(tmp_path), {"complete": False})
+    finally:
+        os.umask(old_umask)
+    modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in os.listdir(tmp_path)}
+    assert modes == dict.fromkeys(["plain", "a_train_000001.bin", "meta.json"], 0o666 & ~umask)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -269,6 +286,130 @@ def test_split_text_cuts_at_line_and_word_starts():
     assert prepare_data.split_text("x" * 1000, 100) == ["x" * 1000]  # no place to cut: whole
     assert prepare_data.split_text("short " * 100, None) == ["short " * 100]
     assert prepare_data.split_text("short " * 100, 100, None) == ["short " * 100]
+
+
+# -----------------------------------------------------------------------------
+# streaming: one big text file is read a block at a time, with the very cuts, sample and shards of a whole read
+
+STREAM_FRAGMENTS = FRAGMENTS + ["word", "\n", " \t ", "\t\t", "  ", "x" * 30, "\r\n  ", "a", "aaa", "<|sep", "|>"]
+
+
+def random_text(rng, fragments):
+    return "".join(rng.choice(fragments) for _ in range(rng.randint(0, 80)))
+
+
+def random_pieces(documents, rng, longest):
+    """(text, ends_document) pieces of the documents, cut at random lengths of 1 to longest characters."""
+    for doc in documents:
+        start = 0
+        while start < len(doc):
+            length = rng.randint(1, longest)
+            yield doc[start:start + length], start + length >= len(doc)
+            start += length
+
+
+@pytest.mark.parametrize("cut_rule", [*prepare_data.CUT_RULES, None])
+def test_cut_pieces_makes_split_texts_cuts(cut_rule):
+    rng = random.Random(8)
+    for _ in range(400):
+        documents = [random_text(rng, STREAM_FRAGMENTS) or "x" for _ in range(rng.randint(1, 4))]
+        max_chars = rng.randint(4, 40)
+        expected = [(part, i == len(parts) - 1) for doc in documents
+                    for parts in [prepare_data.split_text(doc, max_chars, cut_rule)] for i, part in enumerate(parts)]
+        pieces = random_pieces(documents, rng, rng.choice([1, 3, 8, 50, 1000]))
+        assert list(prepare_data.cut_pieces(pieces, max_chars, cut_rule)) == expected
+
+
+@pytest.mark.parametrize("doc_sep", [None, "\n\n", "<|sep|>", "aa"])
+def test_read_pieces_reads_text_in_blocks(tmp_path, monkeypatch, doc_sep):
+    rng = random.Random(9)
+    for trial in range(60):
+        text = random_text(rng, STREAM_FRAGMENTS + ["<|sep|>", "\n\n"])
+        if trial % 2:
+            with gzip.open(tmp_path / "t.txt.gz", "wt", encoding="utf-8", newline="") as f:
+                f.write(text)
+            path = str(tmp_path / "t.txt.gz")
+        else:
+            path = write_text(tmp_path / "t.txt", text)
+        monkeypatch.setattr(prepare_data, "BLOCK_CHARS", rng.randint(1, 9))
+        pieces = list(prepare_data.read_pieces(path, doc_sep))
+        assert all(piece for piece, _ in pieces) and (not pieces or pieces[-1][1])
+        # the documents of a whole read (a separator may straddle two blocks; empty documents are skipped)
+        documents = [doc for doc in (text.split(doc_sep) if doc_sep else [text]) if doc]
+        assert list(prepare_data.read_documents(path, doc_sep)) == documents
+        assert len(pieces) >= len(documents) + len(text) // 10 - 1  # in blocks, not whole
+
+
+def test_sample_is_the_start_of_each_document(tmp_path, monkeypatch):
+    rng = random.Random(10)
+    texts = ["\n\n".join(random_documents(rng.randint(1, 30), seed=i)) for i in range(4)]
+    files = [write_text(tmp_path / f"{i}.txt", text) for i, text in enumerate(texts)]
+    monkeypatch.setattr(prepare_data, "BLOCK_CHARS", 7)
+    for sample_chars in (1, 50, 3000, 10 ** 6):
+        expected = []  # the definition, on whole documents
+        for path, text in zip(files, texts):
+            quota = sample_chars * os.path.getsize(path) / sum(map(os.path.getsize, files))
+            taken = 0
+            for doc in [doc for doc in text.split("\n\n") if doc]:
+                if taken >= quota:
+                    break
+                expected.append(doc[:max(1, int(quota - taken))])
+                taken += len(expected[-1])
+        assert prepare_data.sample_files(files, lambda path: prepare_data.read_pieces(path, "\n\n"),
+                                         sample_chars) == expected
+
+
+@pytest.mark.parametrize("doc_sep", [None, "\n\n\n"])
+def test_one_text_file_in_small_blocks_gives_the_same_data(tmp_path, monkeypatch, doc_sep):
+    text = "".join(random_documents(360, seed=11, max_fragments=20))
+    documents = [doc for doc in (text.split(doc_sep) if doc_sep else [text]) if doc]
+    path = write_text(tmp_path / "big.txt", text)
+    monkeypatch.setattr(prepare_data, "TASK_CHARS", 500)
+    metas = {}
+    for block_chars in (10 ** 9, 97):  # the whole file at once, and in blocks
+        monkeypatch.setattr(prepare_data, "BLOCK_CHARS", block_chars)
+        args = ["--input", path, f"--out_dir={tmp_path / str(block_chars)}", "--sample_bytes=20000",
+                "--shard_tokens=3000"]
+        metas[block_chars] = run(*args, *([f"--doc_sep={doc_sep}"] if doc_sep else []))
+        metas[block_chars].pop("tokens_per_second")
+    assert metas[97] == metas[10 ** 9]
+    for filename in os.listdir(tmp_path / "97"):  # shards and the trained tokenizer too
+        if filename != "meta.json":
+            assert (tmp_path / "97" / filename).read_bytes() == (tmp_path / str(10 ** 9) / filename).read_bytes()
+    tokenizer = load_tokenizer(str(tmp_path / "97" / "tokenizer.model"))
+    assert list(stream(tmp_path / "97")) == [t for ids in tokenizer.encode(documents) for t in [*ids, 2]]
+
+
+def test_reading_a_big_text_file_holds_a_few_blocks(tmp_path, monkeypatch):
+    text = "".join(random_documents(3000, seed=12)) * 12  # 4.6M characters, 5.7 MB
+    path = write_text(tmp_path / "big.txt", text)
+    monkeypatch.setattr(prepare_data, "BLOCK_CHARS", 1 << 12)
+    tracemalloc.start()
+    try:
+        sample = prepare_data.sample_files([path], prepare_data.read_pieces, 1 << 12)
+        tasks = prepare_data.make_tasks(prepare_data.read_pieces(path), 1 << 12, prepare_data.CUT_RULES[0])
+        chars = sum(len(part) for task in tasks for part, _ in task)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sample == [text[:1 << 12]] and chars == len(text)
+    assert peak < len(text.encode()) / 10
+
+
+def test_shards_are_written_as_the_tokens_come(tmp_path):
+    def results():  # 8 MB of tokens in 40 results, one document each
+        for i in range(40):
+            yield np.full(100_000, i, dtype=np.uint16), 1
+
+    tracemalloc.start()
+    try:
+        written = prepare_data.write_shards(results(), str(tmp_path), "m", np.dtype(np.uint16), 1000, 10 ** 8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert written["shards"] == {"val": [("m_val_000000.bin", 1000)], "train": [("m_train_000001.bin", 3_999_000)]}
+    assert written["documents"] == 40 and list(stream(tmp_path)) == list(np.repeat(np.arange(40), 100_000))
+    assert peak < 8_000_000 / 10
 
 
 def test_doc_sep_and_gzip_and_globs(tmp_path, sp_model):
@@ -583,36 +724,77 @@ def test_rerun_reuses_rebuilds_and_recovers(tmp_path, sp_model, monkeypatch, cap
     assert "already prepared" in capsys.readouterr().err
     assert {name: os.stat(out / name).st_mtime_ns for name in sorted(os.listdir(out))} == mtimes
 
-    for leftover in ("d_train_000042.bin.x1y2.tmp", "meta.json.abc.tmp", "tokenizer.json"):  # a killed run's
-        write_text(out / leftover, "junk")
+    write_text(out / "tokenizer.json", "junk")  # another run's tokenizer
     write_text(out / "notes.txt", "not ours")
     second = run(*args, "--shard_tokens=500")  # a changed setting rebuilds; nothing stale survives
     assert sorted(os.listdir(out)) == sorted(second["shards"]["val"] + second["shards"]["train"]
                                              + ["meta.json", "notes.txt", "tokenizer.model"])
     assert len(os.listdir(out)) < len(shard_names) and decoded_documents(out) == documents
 
-    # a run that dies half-way leaves meta.json saying so, and list_shards refuses the directory
-    real_write = prepare_data.write_shard_chunks
-    calls = []
+    # a run that dies half-way (inside a shard) leaves meta.json saying so, and list_shards refuses the directory
+    real_encode = prepare_data.encode_in_order
 
-    def dies_on_second_shard(file_path, chunks):
-        calls.append(file_path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        real_write(file_path, chunks)
-    monkeypatch.setattr(prepare_data, "write_shard_chunks", dies_on_second_shard)
-    with pytest.raises(KeyboardInterrupt):
+    def interrupted_after_two_tasks(*args):
+        results = real_encode(*args)
+        yield next(results)
+        yield next(results)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare_data, "encode_in_order", interrupted_after_two_tasks)
+    monkeypatch.setattr(prepare_data, "TASK_CHARS", 200)
+    with pytest.raises(SystemExit, match="130"):  # main turns Ctrl-C into one line and status 130
         run(*args, "--shard_tokens=50", "--force")
     assert read_meta(out)["complete"] is False and not any(name.endswith(".tmp") for name in os.listdir(out))
     with pytest.raises(ValueError, match="did not finish"):
         list_shards(out, "train")
-    monkeypatch.setattr(prepare_data, "write_shard_chunks", real_write)
+    monkeypatch.setattr(prepare_data, "encode_in_order", real_encode)
     assert run(*args, "--shard_tokens=50")["shards"] == first["shards"]
     assert decoded_documents(out) == documents
 
     # a tokenizer kept in the very directory being rebuilt is read before the directory is cleaned
     meta = run("--input", path, f"--out_dir={out}", f"--tokenizer={out / 'tokenizer.model'}", "--val_tokens=7")
     assert meta["tokens"]["val"] == 7 and decoded_documents(out) == documents
+
+
+def test_temporary_files_of_a_killed_run_are_removed_at_start(tmp_path, sp_model, capsys):
+    args = ["--input", write_jsonl(tmp_path / "d.jsonl", random_documents(5, seed=13)), f"--out_dir={tmp_path / 'out'}",
+            f"--tokenizer={sp_model}"]
+    first = run(*args)
+    ours = ["d_train_000042.bin.x1y2z3w4.tmp", "meta.json.abcdefgh.tmp", "tokenizer.model.a_b_c_d_.tmp"]
+    others = ["notes.txt.abcdefgh.tmp", "d_train_000042.bin.tmp", "mine.tmp", "meta.json.abc.tmp"]
+    for size, filename in enumerate(ours + others, 1):
+        write_text(tmp_path / "out" / filename, "x" * size)
+    capsys.readouterr()
+    assert run(*args) == first  # up to date: the data stays, the leftovers go, in one line
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"removed 3 temporary files (6 bytes) that an interrupted run left in {tmp_path / 'out'}"
+    assert "already prepared" in lines[1]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(first["shards"]["val"] + first["shards"]["train"]
+                                                          + ["meta.json", "tokenizer.model"] + others)
+
+
+def test_worker_processes_leave_ctrl_c_to_the_main_process():
+    with prepare_data.start_workers(2) as pool:  # what each worker blocks: SIGINT, from its start
+        masks = [prepare_data.submit(pool, signal.pthread_sigmask, signal.SIG_BLOCK, []).result() for _ in range(4)]
+    assert all(signal.SIGINT in mask for mask in masks)
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # and this process does not
+
+
+def test_ctrl_c_while_tokenizing_is_one_line(tmp_path, sp_model):
+    path = write_text(tmp_path / "big.txt", "".join(random_documents(2000, seed=14)) * 20)  # about 20 MB
+    out = tmp_path / "out"
+    command = [sys.executable, prepare_data.__file__, "--input", path, f"--tokenizer={sp_model}", f"--out_dir={out}",
+               "--workers=2", "--shard_tokens=10000"]
+    with open(tmp_path / "stderr", "w") as stderr:
+        # a session of its own: the signal goes to its process group, workers included, as a terminal's Ctrl-C does
+        done = subprocess.Popen(command, stderr=stderr, start_new_session=True)
+        while not (out.exists() and any(name.endswith(".bin") for name in os.listdir(out))) and done.poll() is None:
+            time.sleep(0.05)
+        os.killpg(done.pid, signal.SIGINT)
+        assert done.wait(timeout=60) == 130
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    assert lines[-1] == f"prepare_data.py: interrupted; run it again to prepare {out}"
+    assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in lines)
+    assert read_meta(out)["complete"] is False and not any(name.endswith(".tmp") for name in os.listdir(out))
 
 
 def test_command_line_forms(tmp_path, sp_model):
