@@ -676,6 +676,12 @@ class DogeCache:
                               for name in ("keys", "values", "dt")) +
                         (state["positions"][i].to(device),))
 
+    def state_bytes(self):
+        """The bytes of the kept keys, values, dt and positions: what save writes, less framing."""
+        self.catch_up()
+        return sum(t.nelement() * t.element_size() for layer in self.layers
+                   for t in layer.contents())
+
     def save(self, path):
         """Write state_dict to path (torch.save), atomically."""
         state = self.state_dict()
@@ -687,8 +693,8 @@ def read_cache_state(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a file it cannot read
-        raise ValueError(f"{path}: not a Doge cache state ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: not a Doge cache state (torch.load: {type(e).__name__})") \
+            from None
     if not isinstance(state, dict) or not {"shape", "length", "keys"} <= state.keys():
         raise ValueError(f"{path}: not a Doge cache state")
     return state
