@@ -88,3 +88,15 @@ def test_a_reference_out_of_memory_is_printed():
     rows = bench.ratio_rows("long", {"seconds": 2.0, "peak_mb": 10.0}, {"out_of_memory": 1})
     assert rows[-1] == ("long", "out_of_memory", None, 1, None)
     assert [row[1] for row in rows] == ["seconds", "peak_mb", "out_of_memory"]
+
+
+@pytest.mark.parametrize("which, mode", [("ours", "cache"), ("ref", "cache"), ("ref", "reencode")])
+def test_chat_case_runs_ours_and_both_references(which, mode):
+    """A conversation of 4 turns past the window (7 tokens a turn, keep_window_size 16): ours and
+    the reference continuing their caches, the reference re-encoding (the numbers mean nothing)."""
+    if which == "ref":
+        pytest.importorskip("transformers")
+    result = bench.case_chat(which, mode, prompt=4, reply=3, reported=(1, 2, 3, 4),
+                             config_overrides=LONG_TINY)
+    assert all(result[f"ms_turn_{turn}"] > 0 for turn in (1, 2, 3, 4))
+    assert ("turn4/turn2" in result) == ("rss_growth_2_4" in result) == (mode == "cache")
