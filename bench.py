@@ -14,7 +14,10 @@ Cases: train (training step tokens/s at B=4 T=512 and B=1 T=2048), long (forward
 step at T=8192 with keep_window_size 2048: time and peak memory), decode (batch-1 greedy
 decoding of 256 tokens, and the fraction of memory bandwidth it reaches), window (4000 generated
 tokens with keep_window_size 1024: ms/token before and after the window fills), moe (CDMoE
-forward+backward with 1024 experts, top 8), tiny (train.py's tokens/s and MFU on the CPU demo
+forward+backward with 1024 experts, top 8), chat (a 200-turn conversation, 40-token
+prompts and 30-token replies: ms per turn at turns 10, 50, 100 and 200 and peak memory, ours on
+one continued state against the reference with its cache carried and re-encoding the history;
+18 minutes on 2 cores shared with other work), tiny (train.py's tokens/s and MFU on the CPU demo
 config), tokenize (prepare_data end to end against bare SentencePiece encode, same processes),
 gpu (CUDA only, never part of the default run on a CPU: the compiled training step of both
 models at B=16 T=2048 in bf16 autocast with fused AdamW, tokens/s and peak GPU memory; the exact
