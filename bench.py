@@ -15,7 +15,10 @@ Cases: train (training step tokens/s at B=4 T=512 and B=1 T=2048), long (forward
 step at T=8192 with keep_window_size 2048: time and peak memory), decode (batch-1 greedy
 decoding of 256 tokens, and the fraction of memory bandwidth it reaches), window (4000 generated
 tokens with keep_window_size 1024: ms/token before and after the window fills), moe (CDMoE
-forward+backward with 1024 experts, top 8), tiny (train.py's tokens/s and MFU on the CPU demo
+forward+backward with 1024 experts, top 8), chat (a 200-turn conversation, 40-token
+prompts and 30-token replies: ms per turn at turns 10, 50, 100 and 200 and peak memory, ours on
+one continued state against the reference with its cache carried and re-encoding the history;
+18 minutes on 2 cores shared with other work), tiny (train.py's tokens/s and MFU on the CPU demo
 config), tokenize (prepare_data end to end against bare SentencePiece encode, same processes; and
 prepare_data.py at its default settings on one big .txt file of each --big_text_mb size: MB/s and
 the peak memory of it and its workers, which streaming keeps the same whatever the size),
@@ -248,6 +251,77 @@ def case_window():
         results[which] = {"ms_first_1000": first * 1e3, "ms_1000_to_4000": later * 1e3,
                           "later/first": later / first}  # 1.0 means flat: the cache stopped growing
     return results
+
+
+# A conversation (--cases=chat): 200 turns of a 40-token user prompt and a 30-token greedy reply
+CHAT_PROMPT, CHAT_REPLY = 40, 30
+CHAT_REPORTED = (10, 50, 100, 200)  # the turns whose time is reported; the last one ends it
+CHAT_MEDIAN_OF = 5  # a continued turn's time: the median of turns t-4..t (the speed drifts)
+
+
+def continued_turns(model, which, prompt, reply):
+    """Yield the seconds of each turn of an endless conversation on one continued state: our
+    cache, or the reference's own cache carried across turns (generate feeds it only what it does
+    not hold yet). The prompts are random tokens: a turn's cost depends on lengths, not words."""
+    generator = torch.Generator().manual_seed(0)
+    device = model.lm_head.weight.device
+    if which == "ours":
+        cache = model.new_cache()
+    else:
+        from transformers import DynamicCache
+        cache, history = DynamicCache(config=model.config), torch.empty(1, 0, dtype=torch.long)
+    while True:
+        new = torch.randint(0, model.config.vocab_size, (1, prompt), generator=generator)
+        start = time.perf_counter()
+        if which == "ours":
+            for _ in model.generate_stream(new.to(device), reply, temperature=0, cache=cache):
+                pass
+        else:
+            history = model.generate(torch.cat((history, new), dim=1).to(device),
+                                     past_key_values=cache, max_new_tokens=reply,
+                                     min_new_tokens=reply, do_sample=False).cpu()
+        sync()
+        yield time.perf_counter() - start
+
+
+def reencoded_turn_seconds(model, turn, prompt, reply):
+    """Seconds of turn `turn` when the reference re-encodes the whole history: a forward pass
+    over every earlier prompt and reply and the new prompt, then the reply. The cost depends on
+    the history's length alone, so the history is random tokens of that length."""
+    length = (turn - 1) * (prompt + reply) + prompt
+    history = torch.randint(0, model.config.vocab_size, (1, length),
+                            generator=torch.Generator().manual_seed(turn))
+    start = time.perf_counter()
+    model.generate(history.to(model.lm_head.weight.device), max_new_tokens=reply,
+                   min_new_tokens=reply, do_sample=False)
+    sync()
+    return time.perf_counter() - start
+
+
+def case_chat(which, reference_mode, prompt=CHAT_PROMPT, reply=CHAT_REPLY,
+              reported=CHAT_REPORTED, config_overrides=None):
+    """Milliseconds per turn of a conversation at the reported turns, and peak memory: ours on
+    one continued state; the reference with its cache carried ("cache") or re-encoding the
+    history each turn ("reencode", measured at the reported turns only). For a continued state
+    also the growth of the process's memory from the second reported turn to the last."""
+    model = make_models(which, config_overrides).eval()
+    before = current_rss_mb()
+    if which == "ref" and reference_mode == "reencode":
+        reencoded_turn_seconds(model, 1, prompt, reply)  # warm up
+        return {**{f"ms_turn_{turn}": 1e3 * reencoded_turn_seconds(model, turn, prompt, reply)
+                   for turn in reported}, "peak_mb": peak_rss_mb() - before}
+    seconds, rss = [], {}
+    for turn, turn_seconds in zip(range(1, reported[-1] + 1),
+                                  continued_turns(model, which, prompt, reply)):
+        seconds.append(turn_seconds)
+        if turn in reported:
+            rss[turn] = current_rss_mb()
+    ms = {turn: 1e3 * float(np.median(seconds[max(0, turn - CHAT_MEDIAN_OF):turn]))
+          for turn in reported}
+    first, last = reported[1], reported[-1]
+    return {**{f"ms_turn_{turn}": ms[turn] for turn in reported},
+            f"turn{last}/turn{first}": ms[last] / ms[first], "peak_mb": peak_rss_mb() - before,
+            f"rss_growth_{first}_{last}": rss[last] - rss[first]}
 
 
 def case_moe(which):
@@ -620,6 +694,8 @@ CASES = {
     "decode": [("decode_256", case_decode, (), "turns")],
     "window": [("window_4000", case_window, (), "turns")],
     "moe": [("moe_e1024_top8", case_moe, (), "apart")],
+    "chat": [("chat_vs_cache", case_chat, ("cache",), "apart"),
+             ("chat_vs_reencode", case_chat, ("reencode",), "apart")],
     # CUDA only; more GPU cases go on this list
     "gpu": [("gpu_train_b16", case_gpu_train, (16, 2048), "apart"),
             ("gpu_attn_t2048", case_gpu_attention, (16, 2048), "alone"),

@@ -545,8 +545,9 @@ class LayerCache:
 
     A static cache (for a CUDA graph) gives a decode step the same shapes every time: attention
     reads all W slots, the empty ones holding dt = -inf (weight 0) and position -1, so the
-    eviction rule alone finds the next free slot (the worst, the oldest among equals). It takes
-    a prompt through forward, then decode steps only (`size` and `state()` stop following it)."""
+    eviction rule alone finds the next free slot (the worst, the oldest among equals), and the
+    kept keys always fill the first slots. Its decode steps leave `size` behind (a replayed graph
+    runs no Python); DogeCache.catch_up sets it again before a forward or a save reads it."""
 
     def __init__(self, batch, bias_heads, window, head_dim, device, dtype, static=False):
         self.window = window
@@ -568,12 +569,15 @@ class LayerCache:
         return self.k[:, :size], self.values_t[..., :size], self.dt[:, :size]
 
     def state(self):
-        """The cache as dynamic_mask_attention's state: k, v (B, Hb, n, d), dt, pos (B, Hb, n)."""
-        if self.size == 0:
-            return None
-        keys, values_t, dt = self.kept()
+        """The cache as dynamic_mask_attention's state (None while empty): see contents."""
+        return self.contents() if self.size else None
+
+    def contents(self):
+        """The kept keys as k, v (B, Hb, n, d), dt and pos (B, Hb, n): views, n = size."""
+        size = self.size
         return tuple(t.unflatten(0, self.heads_shape) for t in
-                     (keys, values_t.transpose(1, 2), dt, self.pos[:, :self.size]))
+                     (self.k[:, :size], self.values_t[..., :size].transpose(1, 2),
+                      self.dt[:, :size], self.pos[:, :size]))
 
     def store(self, state):
         k, v, dt, pos = (t.flatten(0, 1) for t in state)
@@ -602,13 +606,25 @@ class LayerCache:
         self.pos.scatter_(1, slot, position)
 
 
+def cache_shape(config):
+    """What a cache's tensors depend on: two models that agree on these can share a state."""
+    return {"num_hidden_layers": config.num_hidden_layers, "bias_heads": config.bias_heads,
+            "head_dim": config.head_dim, "keep_window_size": config.keep_window_size}
+
+
 class DogeCache:
-    """Everything generation keeps between steps: one LayerCache per layer and the length so far.
+    """Everything generation keeps between steps: one LayerCache per layer and the length so far
+    (the position the next token takes). It is the whole state of a sequence: at most W keys a
+    layer, so its size stops growing once the window is full. Model.new_cache makes one,
+    generate continues it, save writes it and Model.load_cache reads it back.
+
     A static cache (see LayerCache) also counts the length on the device, in `position`, which
-    its decode steps read and advance (a replayed CUDA graph runs no Python: `length` stops at
-    the prompt's)."""
+    its decode steps read and advance (a replayed CUDA graph runs no Python: `length` falls
+    behind until catch_up)."""
 
     def __init__(self, config, batch, device, dtype, static=False):
+        self.shape = cache_shape(config)
+        self.batch = batch
         self.length = 0
         self.static = static
         self.position = torch.zeros(1, dtype=torch.long, device=device) if static else None
@@ -620,6 +636,69 @@ class DogeCache:
         self.length += count
         if self.static:
             self.position += count
+
+    def catch_up(self):
+        """Bring a static cache's host-side counts up to its decode steps: every token added one
+        key to each layer, so each holds min(W, length) (one host sync, between calls)."""
+        if self.static:
+            self.length = int(self.position.item())
+            for layer in self.layers:
+                layer.size = min(layer.window, self.length)
+
+    def state_dict(self):
+        """The state as plain CPU tensors: the kept keys, values, dt and positions of every layer,
+        each (layers, B, Hb, n, ...) with n = min(W, length), the length and the model shape."""
+        self.catch_up()
+        keys, values, dt, positions = (torch.stack(parts).cpu() for parts in
+                                       zip(*(layer.contents() for layer in self.layers)))
+        return {"shape": dict(self.shape), "length": torch.tensor(self.length), "keys": keys,
+                "values": values, "dt": dt, "positions": positions}
+
+    def load_state_dict(self, state, source="the state"):
+        """Take a state_dict made by a model of the same shape and as many sequences (else a
+        one-line ValueError naming source and the difference)."""
+        theirs = state["shape"]
+        differ = [key for key in self.shape if theirs.get(key) != self.shape[key]]
+        if differ:
+            raise ValueError(f"{source} was made by a model of another shape: "
+                             + ", ".join(f"{key} {theirs.get(key)} there, {self.shape[key]} here"
+                                         for key in differ))
+        if state["keys"].shape[1] != self.batch:
+            raise ValueError(f"{source} holds {state['keys'].shape[1]} sequences, this cache "
+                             f"{self.batch}")
+        self.length = int(state["length"])
+        if self.static:
+            self.position.fill_(self.length)
+        if self.length == 0:
+            return
+        device, dtype = self.layers[0].k.device, self.layers[0].k.dtype
+        for i, layer in enumerate(self.layers):
+            layer.store(tuple(state[name][i].to(device=device, dtype=dtype)
+                              for name in ("keys", "values", "dt")) +
+                        (state["positions"][i].to(device),))
+
+    def state_bytes(self):
+        """The bytes of the kept keys, values, dt and positions: what save writes, less framing."""
+        self.catch_up()
+        return sum(t.nelement() * t.element_size() for layer in self.layers
+                   for t in layer.contents())
+
+    def save(self, path):
+        """Write state_dict to path (torch.save), atomically."""
+        state = self.state_dict()
+        atomic_write(path, lambda temp_path: torch.save(state, temp_path))
+
+
+def read_cache_state(path):
+    """The state_dict that DogeCache.save wrote to path; anything else is a one-line ValueError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a file it cannot read
+        raise ValueError(f"{path}: not a Doge cache state (torch.load: {type(e).__name__})") \
+            from None
+    if not isinstance(state, dict) or not {"shape", "length", "keys"} <= state.keys():
+        raise ValueError(f"{path}: not a Doge cache state")
+    return state
 
 
 class DynamicMaskAttention(nn.Module):
@@ -1130,26 +1209,54 @@ class Doge(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Generation
 
+    def new_cache(self, batch_size=1):
+        """An empty state for generate to continue, on the model's device and in its dtype:
+        static (fixed shapes, for a CUDA graph) where decoding is (static_decoding)."""
+        weight = self.lm_head.weight
+        return DogeCache(self.config, batch_size, weight.device, weight.dtype,
+                         static=static_decoding(weight.device))
+
+    def load_cache(self, source):
+        """A cache holding the state that DogeCache.save wrote to the file source (or the dict
+        that DogeCache.state_dict made). A state of another model shape is a ValueError."""
+        state = source if isinstance(source, dict) else read_cache_state(source)
+        cache = self.new_cache(state["keys"].shape[1])
+        cache.load_state_dict(state, "the state" if state is source else str(source))
+        return cache
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, eos_token_id=None):
+                 repetition_penalty=1.0, eos_token_id=None, cache=None):
         """idx (B, T) -> (B, T + new) token ids. temperature 0 is greedy. A row that emits an
-        eos id is finished and is padded with that id; generation stops when all are."""
+        eos id is finished and is padded with that id; generation stops when all are. With a
+        cache (new_cache), idx holds only the tokens after what the cache holds (see
+        generate_stream)."""
         new_tokens = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                               repetition_penalty, eos_token_id))
+                                               repetition_penalty, eos_token_id, cache))
         return torch.cat([idx, *new_tokens], dim=1)
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        repetition_penalty=1.0, eos_token_id=None):
+                        repetition_penalty=1.0, eos_token_id=None, cache=None):
         """Yield the next tokens (B, 1) one step at a time (see generate). Decoding keeps at most
-        keep_window_size keys per layer, so each step costs the same however long the text."""
+        keep_window_size keys per layer, so each step costs the same however long the text.
+
+        cache: a DogeCache (new_cache, load_cache) that this call continues: idx (B, T >= 1)
+        follows the tokens the cache holds, and once the call ends (max_new_tokens, eos, or the
+        caller stopping or closing the iteration) the cache holds idx and every token yielded,
+        so the next call continues right after them. The repetition penalty sees only this
+        call's tokens. None: a cache of this call's own."""
         eos_ids = torch.tensor([] if eos_token_id is None else
                                [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id,
                                dtype=torch.long, device=idx.device)
         batch, vocab = idx.shape[0], self.lm_head.out_features
-        cache = DogeCache(self.config, batch, idx.device, self.lm_head.weight.dtype,
-                          static=static_decoding(idx.device))
+        continued = cache is not None
+        if continued and (cache.batch != batch or idx.shape[1] == 0):
+            raise ValueError(f"idx {tuple(idx.shape)} must continue the cache's {cache.batch} "
+                             f"sequences with at least one token each")
+        if not continued:
+            cache = DogeCache(self.config, batch, idx.device, self.lm_head.weight.dtype,
+                              static=static_decoding(idx.device))
         finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
         seen = None  # (B, V): which tokens the repetition penalty applies to
         if repetition_penalty != 1.0:
@@ -1170,16 +1277,25 @@ class Doge(nn.Module):
                 logits = self.decode_step(token, cache, step_weights)
             return sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
 
-        next_token = capture_step(next_token)  # on CUDA, replayed as a CUDA graph
-        for step in range(max_new_tokens):
-            token = next_token(token) if step else sample_next(
-                logits, seen, temperature, top_k, top_p, repetition_penalty)
-            if len(eos_ids):
-                token = torch.where(finished, eos_ids[0], token)
-                finished |= torch.isin(token, eos_ids)
-            yield token.unsqueeze(1)
-            if len(eos_ids) and finished.all():
-                return
+        if cache.static:
+            next_token = capture_step(next_token)  # on CUDA, replayed as a CUDA graph
+        token = None  # the last token yielded; the next step feeds it to the cache
+        try:
+            for step in range(max_new_tokens):
+                token = next_token(token) if step else sample_next(
+                    logits, seen, temperature, top_k, top_p, repetition_penalty)
+                if len(eos_ids):
+                    token = torch.where(finished, eos_ids[0], token)
+                    finished |= torch.isin(token, eos_ids)
+                yield token.unsqueeze(1)
+                if len(eos_ids) and finished.all():
+                    return
+        finally:
+            if continued:  # the last token joins the cache too (its logits are not needed)
+                if token is not None:
+                    with torch.inference_mode():
+                        self.decode_step(token, cache, step_weights)
+                cache.catch_up()
 
     @torch.no_grad()
     def decoding_weights(self):

@@ -6,8 +6,12 @@ Talk to a Doge: text continuation or chat, from a train.py run or a Hugging Face
     python sample.py --init_from=models/Doge-20M --start=FILE:prompt.txt --temperature=0
     python sample.py --init_from=models/Doge-20M-Instruct --chat          # interactive
     python sample.py --init_from=models/Doge-20M-Instruct --chat --start="Hi, who are you?"
+    python sample.py --init_from=models/Doge-20M-Instruct --chat < questions.txt   # piped
+    python sample.py --init_from=models/Doge-20M-Instruct --chat_state=talk.pt     # after /save
 
 Generated text goes to stdout as it is produced; everything else (loading, tokens/s) to stderr.
+The chat keeps the model's state between turns (at most keep_window_size keys per layer), so a
+turn costs the same however long the conversation.
 A Hugging Face directory needs config.json, the weights and tokenizer.json (read with the optional
 `tokenizers` package); chat needs its chat template (tokenizer_config.json or chat_template.jinja,
 rendered with the optional `jinja2` package). transformers is not needed.
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from configurator import apply_config
-from doge import Doge
+from doge import Doge, atomic_write
 from prepare_data import (END_OF_TURN_TOKENS, document_start, load_chat_template,
                           load_text_tokenizer, read_json, render_chat, token_text,
                           tokenizer_directory)
@@ -42,6 +46,7 @@ class SampleConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     chat: bool = False  # chat with an Instruct model using its chat template
+    chat_state: str = ""  # continue the conversation that /save wrote to this file (implies chat)
 
 
 def log(message):
@@ -86,55 +91,164 @@ def stop_ids(model, tokenizer, directory):
 # Generation with streaming
 
 
-def stream_reply(model, tokenizer, prompt_ids, cfg, stop, device):
-    """Generate after prompt_ids, printing text as it comes; returns the new text."""
+def stream_reply(model, tokenizer, prompt_ids, cfg, stop, device, cache=None):
+    """Generate after prompt_ids (continuing cache when given), printing text as it comes.
+    Returns the new text, the tokens generated (a stop token included: the cache holds it) and
+    "N tokens, R tokens/s"."""
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     new_ids, printed = [], ""
     start_time = time.perf_counter()
     for token in model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                       cfg.top_p, cfg.repetition_penalty, stop):
-        token = token.item()
-        if token in stop:
+                                       cfg.top_p, cfg.repetition_penalty, stop, cache):
+        new_ids.append(token.item())
+        if new_ids[-1] in stop:
             break
-        new_ids.append(token)
         text = tokenizer.decode(new_ids)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             sys.stdout.write(text[len(printed):])
             sys.stdout.flush()
             printed = text
     seconds = time.perf_counter() - start_time
-    text = tokenizer.decode(new_ids)
+    text = tokenizer.decode([token for token in new_ids if token not in stop])
     sys.stdout.write(text[len(printed):] + "\n")
     sys.stdout.flush()
-    log(f"[{len(new_ids)} tokens, {len(new_ids) / max(seconds, 1e-9):.1f} tokens/s]")
-    return text
+    return text, new_ids, f"{len(new_ids)} tokens, {len(new_ids) / max(seconds, 1e-9):.1f} tokens/s"
 
 
-def chat_loop(model, tokenizer, chat_template, cfg, stop, device):
-    """One answer to --start, or a conversation typed at the prompt."""
-    if not cfg.start:
-        log("chat: type a message; /reset starts over, /exit (or Ctrl-D) quits")
-    messages = []
+# ----------------------------------------------------------------------------------------------
+# Chat
+
+
+def end_of_turn_text(chat_template):
+    """The text the template puts after an assistant's reply, when rendering a conversation
+    extends the rendering of the one before it, turn by turn (so that each turn can feed the
+    model only its own text); None when the template does not."""
+    user, reply = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+    asking = render_chat(chat_template, [user]) + reply["content"]
+    answered = render_chat(chat_template, [user, reply], add_generation_prompt=False)
+    asking_again = render_chat(chat_template, [user, reply, user])
+    if not (answered.startswith(asking) and asking_again.startswith(answered)):
+        return None
+    return answered[len(asking):]
+
+
+class Chat:
+    """A conversation and the model's state after it. Each turn feeds the model only its new
+    tokens (the template's text for the new user message and the assistant header) after the
+    state, so a turn costs the same however long the conversation. The reply stays in the state
+    as the tokens generated, then the template's end-of-turn tokens. For a template whose
+    rendering of a longer conversation does not extend the shorter one's, every turn re-encodes
+    the whole conversation instead."""
+
+    def __init__(self, model, tokenizer, chat_template, cfg, stop, device):
+        self.model, self.tokenizer, self.template = model, tokenizer, chat_template
+        self.cfg, self.stop, self.device = cfg, stop, device
+        self.end_of_turn = end_of_turn_text(chat_template)
+        if self.end_of_turn is None:
+            log("chat template: a longer conversation's text does not extend a shorter one's, "
+                "so each turn re-encodes the whole conversation")
+        self.reset()
+
+    def reset(self):
+        self.messages, self.cache = [], self.model.new_cache()
+
+    def held_text(self):
+        """The conversation so far as the template renders it: what the state holds."""
+        if not self.messages:
+            return ""
+        return render_chat(self.template, self.messages, add_generation_prompt=False)
+
+    def answer(self, question):
+        """Stream the reply to question, and keep both in the conversation and the state."""
+        held = self.held_text()
+        self.messages.append({"role": "user", "content": question})
+        text = render_chat(self.template, self.messages)
+        if self.end_of_turn is None or not text.startswith(held):  # start the state over
+            self.cache, held = self.model.new_cache(), ""
+        prompt_ids = self.tokenizer.encode([text[len(held):]])[0]
+        answer, new_ids, speed = stream_reply(self.model, self.tokenizer, prompt_ids, self.cfg,
+                                              self.stop, self.device, self.cache)
+        self.messages.append({"role": "assistant", "content": answer})
+        if self.end_of_turn:
+            end_ids = self.tokenizer.encode([self.end_of_turn])[0]
+            if new_ids and end_ids[:1] == new_ids[-1:]:  # the model ended its turn itself
+                end_ids = end_ids[1:]
+            if end_ids:
+                with torch.no_grad():
+                    self.model(torch.tensor([end_ids], device=self.device), cache=self.cache)
+        size = self.cache.state_bytes()
+        log(f"[{speed}; conversation {self.cache.length} tokens, state "
+            f"{f'{size / 2 ** 20:.1f} MB' if size >= 2 ** 20 else f'{size / 2 ** 10:.1f} KB'}]")
+
+    def save(self, path):
+        """The conversation (messages and state) as one file, written atomically."""
+        saved = {"messages": self.messages, "state": self.cache.state_dict()}
+        atomic_write(path, lambda temp_path: torch.save(saved, temp_path))
+
+    def load(self, path):
+        """Continue the conversation that save wrote to path."""
+        if not os.path.isfile(path):
+            raise ValueError(f"--chat_state={path}: no such file")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            messages, state = saved["messages"], saved["state"]
+        except Exception as e:  # a foreign file: torch raises many kinds
+            raise ValueError(f"--chat_state={path}: not a saved conversation "
+                             f"({type(e).__name__})") from None
+        try:
+            self.cache = self.model.load_cache(state)
+        except ValueError as e:
+            raise ValueError(f"--chat_state={path}: {e}") from None
+        self.messages = messages
+        log(f"continuing {path}: {len(messages)} messages, {self.cache.length} tokens")
+
+
+def user_lines():
+    """The user's lines: typed at a "> " prompt on a terminal, else read from stdin as they come
+    (no prompt, so piped output holds only the replies)."""
+    if not sys.stdin.isatty():
+        for line in sys.stdin:
+            yield line.rstrip("\n")
+        return
+    log("chat: type a message; /save FILE keeps the conversation, /reset starts over, "
+        "/exit (or Ctrl-D) quits")
     while True:
-        if cfg.start:
-            if messages:  # --start gets its one answer
-                return
-            question = cfg.start
-        else:
-            try:
-                question = input("> ")
-            except EOFError:
-                return
-            if question.strip() == "/exit":
-                return
-            if question.strip() == "/reset":
-                messages = []
-                log("(conversation cleared)")
-                continue
-        messages.append({"role": "user", "content": question})
-        prompt_ids = tokenizer.encode([render_chat(chat_template, messages)])[0]
-        answer = stream_reply(model, tokenizer, prompt_ids, cfg, stop, device)
-        messages.append({"role": "assistant", "content": answer})
+        try:
+            yield input("> ")
+        except EOFError:
+            print()  # the shell's prompt on a line of its own
+            return
+
+
+def save(chat, path):
+    """/save FILE: a bad name costs a line on stderr, not the conversation."""
+    if not path:
+        log("/save needs a file name: /save FILE")
+        return
+    try:
+        chat.save(path)
+    except OSError as e:
+        log(f"/save {path}: {e.strerror}")
+        return
+    log(f"(conversation saved to {path})")
+
+
+def chat_loop(chat, cfg):
+    """One answer to --start, or a conversation from user_lines. An empty line is no message."""
+    if cfg.start:
+        chat.answer(cfg.start)
+        return
+    for line in user_lines():
+        command, _, argument = line.strip().partition(" ")
+        if command == "/exit":
+            return
+        if command == "/reset":
+            chat.reset()
+            log("(conversation cleared)")
+        elif command == "/save":
+            save(chat, argument.strip())
+        elif line.strip():
+            chat.answer(line)
 
 
 def prompt_ids(tokenizer, text):
@@ -181,17 +295,20 @@ def sample(cfg):
     tokenizer = load_text_tokenizer(directory, model.config.vocab_size)
     stop = stop_ids(model, tokenizer, directory)
     log(f"loaded {path}: {model.num_params() / 1e6:.1f}M parameters on {device} ({dtype})")
-    if cfg.chat:
+    if cfg.chat or cfg.chat_state:
         chat_template = load_chat_template(directory)
         if chat_template is None:
             raise SystemExit(f"error: {directory} has no chat template (tokenizer_config.json "
                              f"'chat_template' or chat_template.jinja): --chat needs an Instruct model")
-        chat_loop(model, tokenizer, chat_template, cfg, stop, device)
+        chat = Chat(model, tokenizer, chat_template, cfg, stop, device)
+        if cfg.chat_state:
+            chat.load(cfg.chat_state)
+        chat_loop(chat, cfg)
         return
     start_ids = prompt_ids(tokenizer, cfg.start)
     for _ in range(cfg.num_samples):
         sys.stdout.write(cfg.start)
-        stream_reply(model, tokenizer, start_ids, cfg, stop, device)
+        log(f"[{stream_reply(model, tokenizer, start_ids, cfg, stop, device)[2]}]")
         if cfg.num_samples > 1:
             print("---------------")
 

@@ -104,3 +104,15 @@ def test_process_tree_memory_sums_a_process_and_its_children():
         finally:
             os.killpg(run.pid, signal.SIGKILL)
     assert 95 < alone < 150 and 190 < tree < 300 and tree > alone + 95
+
+
+@pytest.mark.parametrize("which, mode", [("ours", "cache"), ("ref", "cache"), ("ref", "reencode")])
+def test_chat_case_runs_ours_and_both_references(which, mode):
+    """A conversation of 4 turns past the window (7 tokens a turn, keep_window_size 16): ours and
+    the reference continuing their caches, the reference re-encoding (the numbers mean nothing)."""
+    if which == "ref":
+        pytest.importorskip("transformers")
+    result = bench.case_chat(which, mode, prompt=4, reply=3, reported=(1, 2, 3, 4),
+                             config_overrides=LONG_TINY)
+    assert all(result[f"ms_turn_{turn}"] > 0 for turn in (1, 2, 3, 4))
+    assert ("turn4/turn2" in result) == ("rss_growth_2_4" in result) == (mode == "cache")

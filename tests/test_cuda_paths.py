@@ -15,7 +15,7 @@ import doge
 import oracle
 from oracle import assert_close_to_scale as close
 from oracle import naive_forward, randomize, tiny_config
-from test_model import random_model
+from test_model import continue_turns, distinct_prompts, random_model, tie_free_model
 
 # the chunk shapes of every test here are the same (40 rows of 32 channels, 97 logits, chunks of
 # 16 rows: the last one ragged), so the compiled chunk compiles once per variant
@@ -333,6 +333,28 @@ def test_static_decoding_gives_the_same_tokens(monkeypatch, overrides, prompt_le
     assert len(shapes) == 1  # every step the same shapes
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(qk_norm=False, dt_per_query_head=True)])
+def test_a_continued_static_cache_computes_one_forward_pass(monkeypatch, tmp_path, overrides):
+    """Turns on one static cache (the CUDA graph's step, uncaptured; see
+    test_model.test_turns_on_one_cache_compute_one_forward_pass): the logits of one forward pass
+    at every generated position; its saved state continues in a dynamic cache as it does itself."""
+    model = tie_free_model(**overrides)
+    monkeypatch.setattr(doge, "static_decoding", lambda device: True)
+    cache = model.new_cache(batch_size=2)
+    assert cache.static
+    prompts = distinct_prompts(2)
+    tokens, logits, positions = continue_turns(model, cache, prompts)
+    with torch.no_grad():
+        close(logits, model(tokens)[0][:, positions])
+    cache.save(tmp_path / "static.pt")
+    monkeypatch.setattr(doge, "static_decoding", lambda device: False)
+    dynamic = model.load_cache(tmp_path / "static.pt")
+    assert not dynamic.static
+    more = distinct_prompts(2, seed=1)[:1]  # one more turn
+    assert torch.equal(continue_turns(model, dynamic, more)[0],
+                       continue_turns(model, cache, more)[0])
+
+
 # --- the CUDA paths themselves (skipped without a GPU; the CPU tests above check their logic)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -373,3 +395,21 @@ def test_cuda_graph_decoding_gives_the_same_tokens(monkeypatch, batch):
     monkeypatch.setattr(doge, "static_decoding", lambda device: False)
     assert torch.equal(captured, model.generate(prompt, 30, temperature=0))
     assert sampled.shape == captured.shape and sampled.min() >= 0 and sampled.max() < 97
+
+
+@needs_cuda
+@pytest.mark.filterwarnings("error:decoding without a CUDA graph")  # the capture must work
+def test_cuda_graph_turns_on_one_cache_compute_one_forward_pass(tmp_path):
+    """Turns on one captured static cache on the GPU (float32): the logits of one forward pass,
+    and a saved state continues with the tokens of the uninterrupted cache."""
+    model = tie_free_model(is_moe=True, num_experts=16, num_experts_per_tok=4).cuda()
+    cache = model.new_cache(batch_size=2)
+    assert cache.static
+    prompts = distinct_prompts(2)
+    tokens, logits, positions = continue_turns(model, cache, prompts[:3])
+    with torch.no_grad():
+        close(logits, model(tokens)[0][:, positions], tol=1e-4)
+    cache.save(tmp_path / "state.pt")
+    expected = continue_turns(model, cache, prompts[3:])
+    resumed = continue_turns(model, model.load_cache(tmp_path / "state.pt"), prompts[3:])
+    assert torch.equal(resumed[0], expected[0])

@@ -1,5 +1,7 @@
 """The model on its own: configs, invariants, the attention paths, the cache, the loss, sampling."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,6 +164,109 @@ def test_cache_evicts_lowest_dt_then_oldest(static):
     assert k[0, 0].tolist() == [[p, p] for p in pos[0, 0].tolist()]
     assert v[0, 0].tolist() == [[p + 10, p + 10] for p in pos[0, 0].tolist()]
     assert dt[0, 0].tolist() == [{0: 5.0, 2: 1.0, 3: 1.0}[p] for p in pos[0, 0].tolist()]
+
+
+# --- a continued cache: generation turn by turn, the state as a file
+
+
+def tie_free_model(**overrides):
+    """random_model with A = 0 in layer 0. There dt depends on the token alone, so a repeated
+    token ties exactly in exact arithmetic, and which copy a path keeps hangs on the last bit of
+    its products (README: the tie rule across paths). Greedy replies repeat tokens; with A = 0
+    every dt of layer 0 is exactly 1 on every path, so the tie rule decides the same way
+    everywhere. Later layers see context: their keys do not tie."""
+    model = random_model(**overrides)
+    with torch.no_grad():
+        model.layers[0].self_attn.A.zero_()
+    return model
+
+
+# each turn: (prompt tokens, max_new_tokens, the caller stops after this many, eos ids). The
+# third turn's eos ids are every token: it ends at its first token.
+TURNS = ((5, 6, None, None), (4, 50, 3, None), (3, 5, None, list(range(97))), (6, 5, None, None))
+
+
+def distinct_prompts(batch, turns=TURNS, seed=0):
+    """One prompt per turn, (B, length) each, the tokens of a row distinct across all of them."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.stack([torch.randperm(97, generator=generator) for _ in range(batch)])
+    return tokens[:, :sum(turn[0] for turn in turns)].split([turn[0] for turn in turns], dim=1)
+
+
+def continue_turns(model, cache, prompts, turns=TURNS):
+    """Greedy turns on one cache. Returns the conversation's tokens (B, T) from the cache's
+    position on, and the logits generate picked each token from (B, n, V) with their positions."""
+    recorded = []
+    sample_next = doge.sample_next
+
+    def recording(logits, *rest):
+        recorded.append(logits)
+        return sample_next(logits, *rest)
+
+    tokens, positions = [], []
+    with mock.patch.object(doge, "sample_next", recording):
+        for prompt, (_, max_new_tokens, stop_after, eos) in zip(prompts, turns):
+            reply = []
+            for token in model.generate_stream(prompt.to(cache.layers[0].k.device),
+                                               max_new_tokens, temperature=0, eos_token_id=eos,
+                                               cache=cache):
+                reply.append(token)
+                if len(reply) == stop_after:
+                    break  # the caller stops iterating
+            last_prompt_position = cache.length - len(reply) - 1  # the cache holds both now
+            positions += range(last_prompt_position, last_prompt_position + len(reply))
+            tokens += [prompt.to(token.device), *reply]
+    return torch.cat(tokens, dim=1), torch.stack(recorded, dim=1), positions
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(qk_norm=False, dt_per_query_head=True),
+                                       dict(is_moe=True, num_experts=16, num_experts_per_tok=4)])
+def test_turns_on_one_cache_compute_one_forward_pass(overrides):
+    """Four turns at batch 2 (33 tokens, past the window of 8), ended by max_new_tokens, by the
+    caller, by eos: at every generated position the logits of one forward pass."""
+    model = tie_free_model(**overrides)
+    cache = model.new_cache(batch_size=2)
+    tokens, logits, positions = continue_turns(model, cache, distinct_prompts(2))
+    assert tokens.shape == (2, 33) and cache.length == 33 and len(positions) == 15
+    with torch.no_grad():
+        assert_close_to_scale(logits, model(tokens)[0][:, positions])
+
+
+def test_a_cache_refuses_a_batch_it_does_not_hold():
+    model = random_model()
+    with pytest.raises(ValueError, match=r"continue the cache's 2 sequences"):
+        model.generate(torch.tensor([[1, 2]]), 3, cache=model.new_cache(batch_size=2))
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 3, cache=model.new_cache())
+
+
+def test_saved_state_continues_as_if_never_stopped(tmp_path):
+    """Two turns, save, load; the last two turns from the loaded state and from the original
+    cache: the same tokens from the same logits. The file stops growing once the window is full."""
+    model = tie_free_model()
+    prompts = distinct_prompts(2)
+    cache = model.new_cache(batch_size=2)
+    continue_turns(model, cache, prompts[:2], TURNS[:2])
+    cache.save(tmp_path / "state.pt")
+    loaded = model.load_cache(tmp_path / "state.pt")
+    assert loaded.length == cache.length == 18
+    expected = continue_turns(model, cache, prompts[2:], TURNS[2:])
+    resumed = continue_turns(model, loaded, prompts[2:], TURNS[2:])
+    assert torch.equal(resumed[0], expected[0]) and torch.equal(resumed[1], expected[1])
+    loaded.save(tmp_path / "later.pt")  # 33 tokens, 8 kept per layer as at 18
+    assert (tmp_path / "later.pt").stat().st_size == (tmp_path / "state.pt").stat().st_size
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["later.pt", "state.pt"]
+
+
+def test_a_state_of_another_shape_is_refused_in_one_line(tmp_path):
+    random_model().new_cache().save(tmp_path / "state.pt")
+    wider = random_model(keep_window_size=16)
+    with pytest.raises(ValueError, match=r"^\S*state.pt was made by a model of another shape: "
+                                         r"keep_window_size 8 there, 16 here$"):
+        wider.load_cache(tmp_path / "state.pt")
+    (tmp_path / "text.pt").write_text("not a state")
+    with pytest.raises(ValueError, match=r"text.pt: not a Doge cache state \(.*\)$"):
+        wider.load_cache(tmp_path / "text.pt")
 
 
 # --- the loss

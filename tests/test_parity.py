@@ -10,14 +10,17 @@ from safetensors.torch import load_file, save_file
 
 import doge
 from oracle import assert_close_to_scale, naive_forward, randomize, reference_class, tiny_config
+from test_model import continue_turns, distinct_prompts, tie_free_model
 
 transformers = pytest.importorskip("transformers")
 
 
-def pair(tmp_path, **overrides):
-    """Our model with every parameter random, and the reference loaded from what we saved."""
-    torch.manual_seed(0)
-    model = randomize(doge.Doge(tiny_config(**overrides))).eval()
+def pair(tmp_path, model=None, **overrides):
+    """Our model (every parameter random unless given), and the reference loaded from what we
+    saved."""
+    if model is None:
+        torch.manual_seed(0)
+        model = randomize(doge.Doge(tiny_config(**overrides))).eval()
     model.save_pretrained(tmp_path)
     reference = reference_class().from_pretrained(tmp_path, attn_implementation="eager").eval()
     return model, reference
@@ -115,19 +118,25 @@ def moe_pair(tmp_path):
     return model, reference
 
 
-def reference_decode_logits(reference, idx):
-    """The reference fed one token at a time through its cache: the one mode in which its CDMoE
-    routes each token by its own scores (batch 1). The cache argument is `cache` in newer
-    transformers, `past_key_values` (deprecated there) in older ones."""
+def reference_cached_logits(reference, idx, ends):
+    """The reference fed idx (B, T) in pieces through one cache of its own, a piece ending before
+    each index of ends; logits (B, T, V). The cache argument is `cache` in newer transformers,
+    `past_key_values` (deprecated there) in older ones."""
     parameters = inspect.signature(reference.forward).parameters
     cache_argument = "cache" if "cache" in parameters else "past_key_values"
     cache = transformers.DynamicCache(config=reference.config)
-    steps = []
+    pieces = []
     with torch.no_grad():
-        for t in range(idx.shape[1]):
-            out = reference(idx[:, t:t + 1], use_cache=True, **{cache_argument: cache})
-            steps.append(out.logits)
-    return torch.cat(steps, dim=1)
+        for start, end in zip([0, *ends], [*ends, idx.shape[1]]):
+            out = reference(idx[:, start:end], use_cache=True, **{cache_argument: cache})
+            pieces.append(out.logits)
+    return torch.cat(pieces, dim=1)
+
+
+def reference_decode_logits(reference, idx):
+    """The reference fed one token at a time through its cache: the one mode in which its CDMoE
+    routes each token by its own scores (batch 1)."""
+    return reference_cached_logits(reference, idx, range(1, idx.shape[1]))
 
 
 def test_moe_logits_match_reference_token_by_token(tmp_path):
@@ -186,6 +195,21 @@ def test_greedy_generate_matches_reference(tmp_path, moe):
     ours = model.generate(prompt, max_new_tokens=30, temperature=0,
                           eos_token_id=model.config.eos_token_id)
     assert ours.tolist() == theirs.tolist()  # 35 tokens pass keep_window_size 8
+
+
+def test_turns_past_dynamic_rope_match_the_reference_with_its_cache_carried(tmp_path):
+    """Past max_position_embeddings (16) dynamic RoPE rotates each key by the base of the length
+    at which it was fed, so a cache depends on how the tokens came. transformers' cache does the
+    same: fed the same turns (each prompt in one piece, then the replies token by token), its
+    logits are ours at every generated position (33 tokens at batch 2, window 8)."""
+    model, reference = pair(tmp_path, tie_free_model(max_position_embeddings=16,
+                                                     rope_scaling={"rope_type": "dynamic",
+                                                                   "factor": 4.0}))
+    tokens, logits, positions = continue_turns(model, model.new_cache(2), distinct_prompts(2))
+    replies = {position + 1 for position in positions}  # each reply token is a piece
+    prompts = {position + 1 for position in replies if position + 1 < tokens.shape[1]}
+    expected = reference_cached_logits(reference, tokens, sorted(replies | prompts))
+    assert_close_to_scale(logits, expected[:, positions])
 
 
 def test_round_trip_through_transformers_is_exact(tmp_path):

@@ -2,8 +2,12 @@
 template written here) and as a train.py checkpoint, driven through main()."""
 
 import dataclasses
+import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,8 +15,10 @@ import torch
 import doge
 import sample
 from helpers import write_bpe_tokenizer
+from oracle import randomize
 
 tokenizers = pytest.importorskip("tokenizers")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
            "<|eot_id|>"]
@@ -37,6 +43,16 @@ def model_dir(tmp_path_factory):
                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                              keep_window_size=16, bos_token_id=0, eos_token_id=1)
     doge.Doge(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def chat_dir(model_dir, tmp_path_factory):
+    """model_dir with every weight random (oracle.randomize), so that replies depend on the
+    conversation (at initialisation greedy replies are the same token again and again)."""
+    directory = tmp_path_factory.mktemp("chat")
+    doge.copy_tokenizer_files(str(model_dir), str(directory))
+    randomize(doge.Doge.from_pretrained(model_dir)).save_pretrained(directory)
     return directory
 
 
@@ -146,17 +162,114 @@ def test_chat_once_answers_from_the_rendered_prompt(model_dir, capsys, monkeypat
     assert out.out.endswith("\n") and "tokens/s" in out.err
 
 
-def test_interactive_chat_keeps_the_conversation_and_resets(model_dir, capsys, monkeypatch):
-    prompts = []
+def recorded_turns(monkeypatch):
+    """The prompt ids and the answer of every stream_reply call from now on."""
+    prompts, answers = [], []
     original = sample.stream_reply
-    monkeypatch.setattr(sample, "stream_reply",
-                        lambda model, tok, ids, *rest: prompts.append(ids) or original(model, tok, ids, *rest))
-    lines = iter(["Hi", "And then?", "/reset", "Hi", "/exit", "never read"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    run(capsys, f"--init_from={model_dir}", "--chat", "--temperature=0", "--max_new_tokens=5")
-    assert len(prompts) == 3
-    assert len(prompts[1]) > len(prompts[0])  # the second turn carries the first
-    assert prompts[2] == prompts[0]  # after /reset the conversation starts over
+
+    def recording(model, tokenizer, ids, *rest):
+        prompts.append(ids)
+        result = original(model, tokenizer, ids, *rest)
+        answers.append(result[0])
+        return result
+
+    monkeypatch.setattr(sample, "stream_reply", recording)
+    return prompts, answers
+
+
+def piped_chat(capsys, monkeypatch, directory, lines, *args):
+    """sample.py --chat with lines piped to stdin (greedy, 8 new tokens a turn)."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    return run(capsys, f"--init_from={directory}", "--chat", "--temperature=0",
+               "--max_new_tokens=8", *args)
+
+
+def test_chat_turns_feed_only_their_own_text(chat_dir, capsys, monkeypatch):
+    """Each turn feeds the template's text for the new user message and the assistant header;
+    after each reply the state holds it and the end-of-turn tokens, so the turns together are
+    the template's rendering of the whole conversation. /reset starts over; an empty line is no
+    message; /exit ends the chat."""
+    prompts, answers = recorded_turns(monkeypatch)
+    out = piped_chat(capsys, monkeypatch, chat_dir, ["Hi", "", "And then?", "/reset", "Hi",
+                                                       "/exit", "never read"])
+    template = sample.load_chat_template(str(chat_dir))
+    tokenizer = sample.load_text_tokenizer(str(chat_dir), 10 ** 6)
+    first = answers[0]
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+                {"role": "user", "content": "And then?"}]
+    so_far = sample.render_chat(template, messages[:2], add_generation_prompt=False)
+    assert prompts == [tokenizer.encode([sample.render_chat(template, messages[:1])])[0],
+                       tokenizer.encode([sample.render_chat(template, messages)[len(so_far):]])[0],
+                       tokenizer.encode([sample.render_chat(template, messages[:1])])[0]]
+    assert so_far.endswith(first + "<|eot_id|>")  # its end-of-turn: fed after the reply
+    stats = [line for line in out.err.splitlines() if "tokens/s" in line]
+    assert len(stats) == 3 and all(line.startswith("[8 tokens, ") for line in stats)
+    # the state: each prompt, 8 generated tokens and <|eot_id|>; 16 keys (the window) in each of
+    # 2 layers, each 16 key + 16 value channels + dt in float32 and an int64 position
+    held = len(prompts[0]) + 8 + 1 + len(prompts[1]) + 8 + 1
+    assert stats[1].endswith(f"; conversation {held} tokens, state 4.4 KB]")  # 4480 bytes
+    assert stats[2] == stats[0].replace(stats[0].split()[2], stats[2].split()[2])  # after /reset
+
+
+def test_piped_chat_saved_and_continued_answers_as_one_process(chat_dir, capsys, monkeypatch,
+                                                               tmp_path):
+    """Three turns piped in and /save, then a second process (a real one, piped: no prompt on
+    its stdout) with --chat_state: its answer to a fourth turn is the one of an uninterrupted
+    conversation."""
+    lines = ["Hi", "", "And then?", "What now?"]
+    uninterrupted = piped_chat(capsys, monkeypatch, chat_dir, lines + ["Fourth"])
+    saved = tmp_path / "talk.pt"
+    first = piped_chat(capsys, monkeypatch, chat_dir, lines + [f"/save {saved}"])
+    assert "conversation saved" in first.err and uninterrupted.out.startswith(first.out)
+    second = subprocess.run(
+        [sys.executable, "sample.py", f"--init_from={chat_dir}", f"--chat_state={saved}",
+         "--temperature=0", "--max_new_tokens=8"], input="Fourth\n", capture_output=True,
+        text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    assert second.returncode == 0, second.stderr
+    assert "continuing" in second.stderr and "6 messages" in second.stderr
+    assert first.out + second.stdout == uninterrupted.out
+    assert not second.stdout.startswith("> ")
+    fresh = piped_chat(capsys, monkeypatch, chat_dir, ["Fourth"])
+    assert fresh.out != second.stdout  # the answer depends on the conversation before it
+
+
+def test_a_template_that_does_not_extend_re_encodes_each_turn(chat_dir, capsys, monkeypatch,
+                                                               tmp_path):
+    """A template that closes a finished conversation with <|end_of_text|>: a longer one's text
+    does not extend it. One line says so at start, and every turn feeds the whole conversation."""
+    directory = tmp_path / "closing"
+    shutil.copytree(chat_dir, directory)
+    closing = TEMPLATE.replace("{% endif %}", "{% else %}{{ '<|end_of_text|>' }}{% endif %}")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": closing, "bos_token": "<|begin_of_text|>"}))
+    prompts, answers = recorded_turns(monkeypatch)
+    out = piped_chat(capsys, monkeypatch, directory, ["Hi", "And then?"])
+    assert out.err.count("re-encodes the whole conversation") == 1
+    template = sample.load_chat_template(str(directory))
+    tokenizer = sample.load_text_tokenizer(str(directory), 10 ** 6)
+    messages = [{"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": answers[0]},
+                {"role": "user", "content": "And then?"}]
+    assert prompts[1] == tokenizer.encode([sample.render_chat(template, messages)])[0]
+    assert sample.end_of_turn_text(sample.load_chat_template(str(chat_dir))) == "<|eot_id|>"
+
+
+def test_chat_state_errors_are_one_line(chat_dir, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit, match=r"--chat_state=\S*nowhere.pt: no such file$"):
+        piped_chat(capsys, monkeypatch, chat_dir, [], f"--chat_state={tmp_path / 'nowhere.pt'}")
+    other = tmp_path / "other"
+    shutil.copytree(chat_dir, other)
+    config = doge.Doge.from_pretrained(chat_dir).config
+    doge.Doge(dataclasses.replace(config, keep_window_size=8)).save_pretrained(other)
+    piped_chat(capsys, monkeypatch, other, ["Hi", f"/save {tmp_path / 'narrow.pt'}"])
+    with pytest.raises(SystemExit, match=r"narrow.pt: the state was made by a model of another "
+                                         r"shape: keep_window_size 8 there, 16 here$"):
+        piped_chat(capsys, monkeypatch, chat_dir, [], f"--chat_state={tmp_path / 'narrow.pt'}")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(SystemExit, match=r"text.pt: not a saved conversation \(\w+\)$"):
+        piped_chat(capsys, monkeypatch, chat_dir, [], f"--chat_state={tmp_path / 'text.pt'}")
+    out = piped_chat(capsys, monkeypatch, chat_dir, ["/save", f"/save {tmp_path / 'no/such.pt'}"])
+    assert "/save needs a file name" in out.err and "No such file or directory" in out.err
 
 
 def test_our_checkpoint_with_a_sentencepiece_tokenizer(tmp_path, capsys):
