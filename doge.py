@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -1348,12 +1349,93 @@ def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):
 
 
 # ----------------------------------------------------------------------------------------------
+# Sequence classification: the same body, a score per label instead of a token distribution
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+class DogeForSequenceClassification(nn.Module):
+    """Doge's body (every layer of the causal LM but its output layer) and a linear score head
+    without bias on the final hidden state of each row's last token that is not padding. Names
+    follow transformers' checkpoints of this class: model.* for the body, score.weight."""
+
+    def __init__(self, config, num_labels=2, id2label=None, problem_type=None):
+        super().__init__()
+        id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
+        if len(id2label) != num_labels or sorted(id2label) != list(range(num_labels)):
+            raise ValueError(f"id2label must name the labels 0..{num_labels - 1}, got {id2label}")
+        if problem_type not in (None, *PROBLEM_TYPES) or (
+                problem_type == "single_label_classification" and num_labels == 1):
+            raise ValueError(f"problem_type {problem_type!r} with {num_labels} labels: choose "
+                             f"None, {', '.join(PROBLEM_TYPES)} (single-label needs 2 or more)")
+        self.config = config
+        self.id2label = id2label
+        self.problem_type = problem_type  # None: the labels' dtype decides, in loss()
+        self.model = Doge(config)
+        del self.model.lm_head  # a classifier has no use for it
+        self.score = nn.Linear(config.hidden_size, num_labels, bias=False)
+        nn.init.normal_(self.score.weight, mean=0.0, std=config.initializer_range)
+
+    @property
+    def num_labels(self):
+        return len(self.id2label)
+
+    def forward(self, idx, labels=None):
+        """logits (B, num_labels) of each row of idx (B, T), and their loss against labels (or
+        None). Padding may be on either side: there is no attention mask, so right padding is
+        invisible to the pooled token (causality) while left padding is attended to, as in
+        transformers called without an attention mask."""
+        hidden = self.model.hidden_states(idx)  # (B, T, D)
+        rows = torch.arange(len(idx), device=idx.device)
+        logits = self.score(hidden[rows, self.last_tokens(idx)])  # (B, num_labels)
+        return logits, None if labels is None else self.loss(logits, labels)
+
+    def last_tokens(self, idx):
+        """(B,) the position of each row's rightmost token that is not pad_token_id (0 for a row
+        of padding only); the last position when there is no pad token, for one row only."""
+        pad = self.config.pad_token_id
+        if pad is None:
+            if len(idx) > 1:
+                raise ValueError("config.pad_token_id is None, so padding cannot be told apart: "
+                                 "set it, or classify one row at a time")
+            return torch.full((1,), idx.shape[1] - 1, device=idx.device)
+        positions = torch.arange(idx.shape[1], device=idx.device)  # (T,)
+        return (positions * (idx != pad)).argmax(dim=-1)  # argmax takes the first of equals
+
+    def loss(self, logits, labels):
+        """transformers' rules: problem_type when set, else regression (mean squared error) for
+        one label, single-label classification (cross-entropy, label -100 ignored) for int64 or
+        int32 labels (B,), multi-label (binary cross-entropy per label) for float labels (B, N)."""
+        problem = self.problem_type or (
+            "regression" if self.num_labels == 1 else "single_label_classification"
+            if labels.dtype in (torch.int64, torch.int32) else "multi_label_classification")
+        labels = labels.to(logits.device)
+        if problem == "regression":
+            return F.mse_loss(logits, labels.view_as(logits).to(logits.dtype))
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits, labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+    @classmethod
+    def from_pretrained(cls, path, num_labels=2, id2label=None, device="cpu", dtype=None):
+        """A transformers DogeForSequenceClassification directory (either layout, its labels from
+        config.json), or anything Doge.from_pretrained reads: then the causal LM's body with a
+        fresh score head of num_labels outputs (id2label naming them), and one line saying so."""
+        return load_classifier(path, num_labels, id2label, device, dtype)
+
+    def save_pretrained(self, path, tokenizer_dir=None):
+        """A transformers DogeForSequenceClassification directory, as Doge.save_pretrained."""
+        save_pretrained(self, path, tokenizer_dir)
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints: Hugging Face format import and export; dense -> MoE upcycling, vocabulary growth
 
 
 def hf_name(name):
-    """Our parameter name -> the checkpoint's (everything but lm_head sits under "model.")."""
-    return name if name.startswith("lm_head.") else "model." + name
+    """Our parameter name -> the checkpoint's (the body's tensors sit under "model.", the heads
+    lm_head and score do not)."""
+    return name if name.startswith(("lm_head.", "score.")) else "model." + name
 
 
 def atomic_write(path, write):
@@ -1425,15 +1507,18 @@ def load_checkpoint(path, device="cpu", dtype=None):
     return model.to(device=device, dtype=dtype)
 
 
-def load_pretrained(path, device="cpu", dtype=None):
-    """A Hugging Face directory, a train.py checkpoint file, or an out_dir (its newest one)."""
-    path = os.fspath(path)
+def train_checkpoint(path):
+    """The train.py checkpoint that path names: the file itself, or the newest of an out_dir (a
+    directory without config.json); None for anything else."""
     if os.path.isfile(path):
-        return load_checkpoint(path, device, dtype)
+        return path
+    return None if os.path.exists(os.path.join(path, "config.json")) else latest_checkpoint(path)
+
+
+def read_hf_directory(path):
+    """A Hugging Face Doge directory: its config.json (a dict), the DogeConfig of the layout its
+    weights hold, and the weights, named without the "model." prefix."""
     config_path = os.path.join(path, "config.json")
-    newest = None if os.path.exists(config_path) else latest_checkpoint(path)
-    if newest:
-        return load_checkpoint(newest, device, dtype)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path} is not a model directory: no config.json there "
                                 f"(nor a train.py checkpoint)")
@@ -1448,19 +1533,62 @@ def load_pretrained(path, device="cpu", dtype=None):
               "qk_norm": "layers.0.self_attn.q_norm.weight" in weights,
               "dt_per_query_head": first_A is not None and first_A.numel() == heads != kv_heads,
               "tie_word_embeddings": raw.get("tie_word_embeddings", "lm_head.weight" not in weights)}
-    config = DogeConfig.from_dict({**raw, **layout})
-    model = Doge(config)
+    return raw, DogeConfig.from_dict({**raw, **layout}), weights
+
+
+def load_weights(model, weights, path, fresh=()):
+    """Copy weights (named without "model.") into model. Each of its tensors, but a tied lm_head
+    and those named in fresh, must be there with its shape: else a ValueError naming it."""
     state = {}
     for name, expected in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
+        key = name.removeprefix("model.")
+        if key in fresh or key == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
-        if name not in weights:
-            raise ValueError(f"{path}: missing tensor {hf_name(name)}")
-        if weights[name].shape != expected.shape:
-            raise ValueError(f"{path}: tensor {hf_name(name)} has shape {tuple(weights[name].shape)},"
+        if key not in weights:
+            raise ValueError(f"{path}: missing tensor {hf_name(key)}")
+        if weights[key].shape != expected.shape:
+            raise ValueError(f"{path}: tensor {hf_name(key)} has shape {tuple(weights[key].shape)},"
                              f" expected {tuple(expected.shape)} from config.json")
-        state[name] = weights[name]
+        state[name] = weights[key]
     model.load_state_dict(state, strict=False)
+
+
+def load_pretrained(path, device="cpu", dtype=None):
+    """A Hugging Face directory, a train.py checkpoint file, or an out_dir (its newest one)."""
+    path = os.fspath(path)
+    checkpoint = train_checkpoint(path)
+    if checkpoint:
+        return load_checkpoint(checkpoint, device, dtype)
+    _, config, weights = read_hf_directory(path)
+    if "score.weight" in weights:
+        raise ValueError(f"{path} holds a sequence classifier (score.weight, no lm_head): load it "
+                         f"with DogeForSequenceClassification.from_pretrained")
+    model = Doge(config)
+    load_weights(model, weights, path)
+    return model.to(device=device, dtype=dtype)
+
+
+def load_classifier(path, num_labels=2, id2label=None, device="cpu", dtype=None):
+    """A DogeForSequenceClassification from a directory of one (its labels from config.json), or
+    from a causal LM's weights with a fresh score head (see its from_pretrained)."""
+    path = os.fspath(path)
+    checkpoint = train_checkpoint(path)
+    if checkpoint:
+        causal_lm = load_checkpoint(checkpoint)
+        raw, config, weights = {}, causal_lm.config, causal_lm.state_dict()
+    else:
+        raw, config, weights = read_hf_directory(path)
+    if "score.weight" in weights:  # config.json omits id2label when it is the default pair
+        id2label = {int(i): name for i, name in raw.get("id2label", {}).items()} or None
+        model = DogeForSequenceClassification(
+            config, len(id2label) if id2label else raw.get("num_labels", 2), id2label,
+            raw.get("problem_type"))
+        load_weights(model, weights, path)
+    else:
+        model = DogeForSequenceClassification(config, num_labels, id2label)
+        load_weights(model, weights, path, fresh=("score.weight",))
+        print(f"{path} holds a causal LM: its body is loaded, the score head ({num_labels} "
+              f"labels) starts fresh", file=sys.stderr)
     return model.to(device=device, dtype=dtype)
 
 
@@ -1478,22 +1606,28 @@ def copy_tokenizer_files(source_dir, target_dir, names=TOKENIZER_FILES):
 
 
 def save_pretrained(model, path, tokenizer_dir=None):
-    """The one export: model.safetensors, config.json, generation_config.json (bos, and the eos
-    ids that end generation) and, from tokenizer_dir, whichever tokenizer files it holds."""
+    """The one export, of a Doge or a DogeForSequenceClassification: model.safetensors,
+    config.json (a classifier's with its labels), for a Doge generation_config.json (bos, and the
+    eos ids that end generation) and, from tokenizer_dir, whichever tokenizer files it holds."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     tied = model.config.tie_word_embeddings
-    tensors = {hf_name(name): tensor.detach().cpu().contiguous()
+    tensors = {hf_name(name.removeprefix("model.")): tensor.detach().cpu().contiguous()
                for name, tensor in model.state_dict().items()
                if not (tied and name == "lm_head.weight")}
     atomic_write(os.path.join(path, "model.safetensors"),
                  lambda temp: save_file(tensors, temp, metadata={"format": "pt"}))
-    config_text = json.dumps(model.config.to_dict(), indent=2)
-    atomic_write_text(os.path.join(path, "config.json"), config_text)
-    generation = {"bos_token_id": model.config.bos_token_id,
-                  "eos_token_id": model.config.eos_token_id}
-    atomic_write_text(os.path.join(path, "generation_config.json"),
-                      json.dumps(generation, indent=2))
+    config = model.config.to_dict()
+    if isinstance(model, DogeForSequenceClassification):
+        config.update(architectures=["DogeForSequenceClassification"], num_labels=model.num_labels,
+                      id2label=model.id2label, problem_type=model.problem_type,
+                      label2id={name: i for i, name in model.id2label.items()})
+    else:
+        generation = {"bos_token_id": model.config.bos_token_id,
+                      "eos_token_id": model.config.eos_token_id}
+        atomic_write_text(os.path.join(path, "generation_config.json"),
+                          json.dumps(generation, indent=2))
+    atomic_write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, path)
 
