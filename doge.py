@@ -1067,8 +1067,10 @@ class Doge(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None):
-        """Load a Hugging Face format Doge directory (either layout), a train.py checkpoint file,
-        or a train.py out_dir (its newest checkpoint)."""
+        """Load a Hugging Face format Doge directory (either layout) or hub name (owner/name, or
+        owner/name@revision, fetched with the optional huggingface_hub package when no such
+        local path exists), a train.py checkpoint file, or a train.py out_dir (its newest
+        checkpoint)."""
         return load_pretrained(path, device, dtype)
 
     def save_pretrained(self, path, tokenizer_dir=None):
@@ -1507,6 +1509,57 @@ def load_checkpoint(path, device="cpu", dtype=None):
     return model.to(device=device, dtype=dtype)
 
 
+# what a model directory holds of its tokenizer (the names prepare_data.py writes too)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "chat_template.jinja")
+
+# Hub names: owner/name, or owner/name@revision (a branch, tag or commit)
+HUB_NAME = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"
+                      r"(?:@(?P<revision>[\w./-]+))?")
+# what a Doge needs of a hub repository: safetensors weights (one file, or shards and their index)
+# or else pytorch_model.bin, never both; not its remote code, training state or other formats
+HUB_FILES = ("config.json", "generation_config.json", "model.safetensors",
+             "model.safetensors.index.json", "model-*-of-*.safetensors", *TOKENIZER_FILES)
+
+
+def local_model_path(path):
+    """path itself when it exists; else a hub name, whose files a Doge needs are fetched with the
+    optional huggingface_hub package into its usual cache (or found there, offline): the local
+    directory of that snapshot. Anything else is a FileNotFoundError of one line."""
+    path = os.fspath(path)
+    if os.path.exists(path):
+        return path
+    hub = HUB_NAME.fullmatch(path)
+    if hub is None or re.search(r"\.\.|--|[.-]$", hub["repo"]):
+        raise FileNotFoundError(f"{path}: no such file or directory, nor a hub name "
+                                f"(owner/name or owner/name@revision)")
+    directory = hub_snapshot(hub["repo"], hub["revision"], HUB_FILES)
+    if not any(name.endswith(".safetensors") for name in os.listdir(directory)):
+        directory = hub_snapshot(hub["repo"], hub["revision"], ("pytorch_model.bin",))
+    return directory
+
+
+def hub_snapshot(repo_id, revision, patterns):
+    """huggingface_hub's snapshot_download of the files of repo_id matching patterns: their
+    directory in the hub's cache. Without the package, offline without a cached copy, or when the
+    hub refuses, a FileNotFoundError of one line that says how to get the files by hand."""
+    at_revision = f" --revision {revision}" if revision else ""
+    by_hand = (f"download it yourself (hf download {repo_id}{at_revision} --local-dir DIR) and "
+               f"give DIR")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"{repo_id} is no local path, and fetching it from the hub needs "
+                                f"the optional huggingface_hub package (pip install "
+                                f"huggingface_hub); or {by_hand}") from None
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns))
+    except Exception as e:  # offline, no network, no such repository or revision, ...
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise FileNotFoundError(f"{repo_id} is no local path, and fetching it from the hub failed "
+                                f"({type(e).__name__}: {reason}); {by_hand}") from None
+
+
 def train_checkpoint(path):
     """The train.py checkpoint that path names: the file itself, or the newest of an out_dir (a
     directory without config.json); None for anything else."""
@@ -1554,8 +1607,9 @@ def load_weights(model, weights, path, fresh=()):
 
 
 def load_pretrained(path, device="cpu", dtype=None):
-    """A Hugging Face directory, a train.py checkpoint file, or an out_dir (its newest one)."""
-    path = os.fspath(path)
+    """A Hugging Face directory or hub name, a train.py checkpoint file, or an out_dir (its
+    newest one)."""
+    path = local_model_path(path)
     checkpoint = train_checkpoint(path)
     if checkpoint:
         return load_checkpoint(checkpoint, device, dtype)
@@ -1571,7 +1625,7 @@ def load_pretrained(path, device="cpu", dtype=None):
 def load_classifier(path, num_labels=2, id2label=None, device="cpu", dtype=None):
     """A DogeForSequenceClassification from a directory of one (its labels from config.json), or
     from a causal LM's weights with a fresh score head (see its from_pretrained)."""
-    path = os.fspath(path)
+    path = local_model_path(path)
     checkpoint = train_checkpoint(path)
     if checkpoint:
         causal_lm = load_checkpoint(checkpoint)
@@ -1590,11 +1644,6 @@ def load_classifier(path, num_labels=2, id2label=None, device="cpu", dtype=None)
         print(f"{path} holds a causal LM: its body is loaded, the score head ({num_labels} "
               f"labels) starts fresh", file=sys.stderr)
     return model.to(device=device, dtype=dtype)
-
-
-# what a model directory holds of its tokenizer (the names prepare_data.py writes too)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "chat_template.jinja")
 
 
 def copy_tokenizer_files(source_dir, target_dir, names=TOKENIZER_FILES):

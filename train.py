@@ -42,7 +42,7 @@ from tqdm import tqdm
 from configurator import apply_config
 from doge import (PRESETS, TOKENIZER_FILES, Doge, DogeConfig, atomic_write, atomic_write_text,
                   copy_tokenizer_files, grow_vocabulary, latest_checkpoint, list_checkpoints,
-                  upcycle_to_moe)
+                  local_model_path, upcycle_to_moe)
 from prepare_data import (BENCHMARKS, DEFAULT_DATA_DIR, ConversationLoader, ShardLoader,
                           benchmark_requests, ensure_prepared, grade, load_text_tokenizer,
                           one_line, padded_length, read_benchmark, read_meta)
@@ -56,7 +56,7 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"  # checkpoints, log.jsonl, loss.png and the record of each launch
     data_dir: str = DEFAULT_DATA_DIR  # shards (text, or conversations: SFT) and meta.json
-    init_from: str = "scratch"  # 'scratch', 'resume', a Hugging Face Doge dir, or a ckpt_*.pt file
+    init_from: str = "scratch"  # 'scratch', 'resume', a ckpt_*.pt, a Hugging Face dir or hub name
     resume_ckpt: str | None = None  # with init_from='resume': this checkpoint, not out_dir's newest
     overwrite: bool = False  # a new run (not 'resume') may delete the checkpoints in out_dir
     # model: a preset, then any DogeConfig field given flat (--hidden_size=128) overrides it
@@ -628,9 +628,10 @@ def load_model(cfg, overrides, meta, run):
         model = build_model(checkpoint["model_config"], overrides, checkpoint["model"], path)
         run.say(f"resuming from {path} at step {checkpoint['step']}")
     else:  # weights only: a Hugging Face Doge directory, an out_dir, or one of our checkpoints
-        path = cfg.init_from
-        need(os.path.exists(path), f"init_from {path!r} is not 'scratch', 'resume' or an "
-             f"existing path")
+        try:  # a hub name is fetched (doge.local_model_path)
+            path = local_model_path(cfg.init_from)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: init_from is not 'scratch' or 'resume', and {e}") from None
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             path = latest_checkpoint(path) or path  # an out_dir: name the checkpoint it gives
         try:
