@@ -1655,9 +1655,11 @@ def copy_tokenizer_files(source_dir, target_dir, names=TOKENIZER_FILES):
 
 
 def save_pretrained(model, path, tokenizer_dir=None):
-    """The one export, of a Doge or a DogeForSequenceClassification: model.safetensors,
-    config.json (a classifier's with its labels), for a Doge generation_config.json (bos, and the
-    eos ids that end generation) and, from tokenizer_dir, whichever tokenizer files it holds."""
+    """The one export, of a Doge or a DogeForSequenceClassification, with what `hf upload` needs:
+    model.safetensors, config.json (a classifier's with its labels), for a Doge
+    generation_config.json (bos, and the eos ids that end generation), the tokenizer of
+    tokenizer_dir (e.g. a train.py out_dir, see write_tokenizer_files) and a model card README.md
+    naming the base model and the training data of the run recorded in tokenizer_dir/runs."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     tied = model.config.tie_word_embeddings
@@ -1678,7 +1680,90 @@ def save_pretrained(model, path, tokenizer_dir=None):
                           json.dumps(generation, indent=2))
     atomic_write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
     if tokenizer_dir is not None:
+        write_tokenizer_files(tokenizer_dir, path)
+    atomic_write_text(os.path.join(path, "README.md"), model_card(model, path, tokenizer_dir))
+
+
+def write_tokenizer_files(tokenizer_dir, path):
+    """tokenizer_dir's tokenizer into path: a tokenizer.json and its company as they are; our
+    SentencePiece tokenizer.model, alone, as a tokenizer.json and tokenizer_config.json that
+    transformers' AutoTokenizer loads (it reads a lone tokenizer.model as a tiktoken file)."""
+    model_file = os.path.join(tokenizer_dir, "tokenizer.model")
+    if os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")) or \
+            not os.path.isfile(model_file):
         copy_tokenizer_files(tokenizer_dir, path)
+        return
+    try:
+        from prepare_data import sentencepiece_export  # tokenizers are the data side's subject
+    except ImportError as e:  # the conversion needs the optional `tokenizers` package
+        copy_tokenizer_files(tokenizer_dir, path)
+        print(f"exported tokenizer.model only, which transformers cannot load: a tokenizer.json "
+              f"needs {e.name or 'a missing package'} (pip install tokenizers)", file=sys.stderr)
+        return
+    tokenizer_json, tokenizer_config = sentencepiece_export(model_file)
+    atomic_write_text(os.path.join(path, "tokenizer.json"), tokenizer_json)
+    atomic_write_text(os.path.join(path, "tokenizer_config.json"), tokenizer_config)
+
+
+def run_records(run_dir):
+    """The train.py launch records of run_dir/runs (a train.py out_dir), oldest first."""
+    runs = os.path.join(run_dir or "", "runs")
+    names = sorted(os.listdir(runs)) if run_dir and os.path.isdir(runs) else []
+    records = []
+    for name in names:  # named by the time the launch started
+        if name.endswith(".json"):
+            with open(os.path.join(runs, name)) as f:
+                records.append(json.load(f))
+    return records
+
+
+def provenance(run_dir):
+    """What the run recorded in run_dir says of the model: the card's metadata lines and its
+    bullets. The base model is the init_from of the newest launch that did not resume (or what
+    the first launch resumed); the data is the last launch's."""
+    records = run_records(run_dir)
+    if not records:
+        return [], ["- Base model and training data: not recorded (the export was given no "
+                    "train.py out_dir with run records)"]
+    launches = [record["train_config"] for record in records]
+    start = next((c for c in reversed(launches) if c["init_from"] != "resume"), None)
+    base = start["init_from"] if start else f"resumed {launches[0]['resume_ckpt'] or 'a run'}"
+    data = records[-1].get("data", {}).get("source") or launches[-1]["data_dir"]
+    data_set = re.match(r"--source ([^\s:]+)", data)  # a hub data set, by name
+    metadata = [f"base_model: {base}"] if HUB_NAME.fullmatch(base) and \
+        not os.path.exists(base) else []
+    metadata += ["datasets:", f"- {data_set[1]}"] if data_set else []
+    last = launches[-1]
+    return metadata, [
+        f"- Base model: {'none, trained from scratch' if base == 'scratch' else base}",
+        f"- Training data: {data}",
+        f"- Training: {last['max_iters']} steps of {last['total_batch_size']} tokens, learning "
+        f"rate {last['learning_rate']:g}, with doge's train.py (last launch "
+        f"{records[-1].get('started', '?')})"]
+
+
+def model_card(model, path, run_dir):
+    """A short README.md for the hub: what the model is, and its provenance(run_dir). Its title
+    is the run's name (the out_dir's) or else the export directory's."""
+    config = model.config
+    name = run_dir if run_records(run_dir) else path
+    classifier = isinstance(model, DogeForSequenceClassification)
+    metadata, bullets = provenance(run_dir)
+    what = (f"A Doge sequence classifier, {model.num_labels} labels "
+            f"({', '.join(model.id2label.values())})" if classifier else "A Doge language model")
+    moe = "CDMoE, " if config.is_moe else ""
+    loader = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
+    return "\n".join([
+        "---", "library_name: transformers", "pipeline_tag: " + (
+            "text-classification" if classifier else "text-generation"),
+        "tags:", "- doge", *metadata, "---", "", f"# {os.path.basename(os.path.abspath(name))}",
+        "", f"{what}: Dynamic Mask Attention, {moe}learnable residuals; "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
+        f"{config.num_attention_heads} heads ({config.num_key_value_heads} key/value), "
+        f"vocabulary {config.vocab_size}, keep_window_size {config.keep_window_size}.", "",
+        *bullets, "", f"Loads with transformers (`{loader}.from_pretrained`) and with doge.py.",
+        ""])
 
 
 def upcycle_to_moe(model, num_experts, num_experts_per_tok, **config_overrides):

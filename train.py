@@ -480,12 +480,14 @@ def plot_losses(path, log_path):
     plt.close(fig)
 
 
-def write_run_record(cfg, model_config, argv, world_size, device):
-    """out_dir/runs/<time>.json: settings, versions and this code, so a result can be redone."""
+def write_run_record(cfg, model_config, argv, world_size, device, meta):
+    """out_dir/runs/<time>.json: settings, the data's source (meta.json's, for the export's model
+    card), versions and this code, so a result can be redone."""
     here = Path(__file__).resolve().parent
     source = {name: (here / name).read_text()
               for name in ("train.py", "doge.py", "configurator.py", "prepare_data.py")}
     record = {"argv": argv, "train_config": asdict(cfg), "model_config": asdict(model_config),
+              "data": {"source": meta.get("source"), "kind": meta.get("kind", "tokens")},
               "world_size": world_size, "device": str(device),
               "device_name": torch.cuda.get_device_name() if device.type == "cuda"
               else platform.processor() or platform.machine(),
@@ -754,7 +756,7 @@ def main(argv=None):
     # ---- what the run writes: its record and the tokenizer in out_dir, the log, MFU's terms
     if run.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        write_run_record(cfg, raw_model.config, argv, run.world_size, run.device)
+        write_run_record(cfg, raw_model.config, argv, run.world_size, run.device, meta)
         tokenizer_files = {meta.get("tokenizer", {}).get("path"), *TOKENIZER_FILES}
         copy_tokenizer_files(cfg.data_dir, cfg.out_dir, sorted(filter(None, tokenizer_files)))
     log = RunLog(cfg, run, step, {**asdict(cfg), **asdict(raw_model.config)})
