@@ -662,12 +662,14 @@ def load_text_tokenizer(directory, vocab_size):
 
 
 def document_start(tokenizer):
-    """The token that scoring puts before a document (bits per byte) or an empty context: a
-    tokenizer.json's begin-of-text when it has one (lm-evaluation-harness's prefix token), else,
-    and for our SentencePiece models, end-of-text (every document follows one in the shards)."""
-    if tokenizer.kind == "huggingface" and tokenizer.bos_id is not None:
-        return tokenizer.bos_id
-    return tokenizer.eot_id
+    """The token that scoring puts before a document (bits per byte) or an empty context: the one every
+    prompt starts with when there is one (end-of-text for our SentencePiece models and their tokenizer.json
+    export, begin-of-text for a tokenizer.json whose post-processor adds it), else a tokenizer.json's
+    begin-of-text (lm-evaluation-harness's prefix token), else end-of-text."""
+    prompt_start = tokenizer.encode_prompt("")
+    if prompt_start:
+        return prompt_start[0]
+    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
 
 
 LOSSLESS_PROBE = "def f(x):\n\tif x:  # ok\r\n        return 'héllo wörld 日本語 🙂'\n\n\x00\x7f \u2028▁ end  "

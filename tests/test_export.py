@@ -10,7 +10,7 @@ import torch
 import doge
 from helpers import random_documents
 from oracle import tiny_config
-from prepare_data import load_tokenizer, train_sentencepiece
+from prepare_data import document_start, load_text_tokenizer, load_tokenizer, train_sentencepiece
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,13 @@ def test_model_card_of_a_local_start_or_without_a_record(tmp_path):
     assert "- Base model: resumed out/a/ckpt_1.pt\n- Training data: data/mine\n" in card
     doge.Doge(tiny_config()).save_pretrained(tmp_path / "bare")
     assert "- Base model and training data: not recorded" in (tmp_path / "bare" / "README.md").read_text()
+
+
+def test_our_own_loader_reads_the_export_as_it_reads_the_tokenizer_model(exported):
+    pytest.importorskip("tokenizers")
+    ours, path = exported
+    export = load_text_tokenizer(str(path), ours.vocab_size)
+    text = "def f(x):\n\treturn 'héllo ▁ 日本語 🙂'"
+    assert export.encode_prompt(text) == ours.encode_prompt(text)
+    # scoring (eval.py) starts documents with end-of-text from both, not with the unused <s>
+    assert document_start(export) == document_start(ours) == ours.eot_id != export.bos_id
