@@ -1074,8 +1074,9 @@ class Doge(nn.Module):
         return load_pretrained(path, device, dtype)
 
     def save_pretrained(self, path, tokenizer_dir=None):
-        """Write a Hugging Face format directory that transformers loads (same layout as ours),
-        with the tokenizer files of tokenizer_dir (e.g. a train.py out_dir) when given."""
+        """Write a Hugging Face format directory that transformers loads (same layout as ours)
+        and the hub takes: the tokenizer of tokenizer_dir (e.g. a train.py out_dir) when given,
+        and a model card from that run's records (see the module function save_pretrained)."""
         save_pretrained(self, path, tokenizer_dir)
 
     # ------------------------------------------------------------------------------------------
@@ -1695,12 +1696,12 @@ def write_tokenizer_files(tokenizer_dir, path):
         return
     try:
         from prepare_data import sentencepiece_export  # tokenizers are the data side's subject
+        tokenizer_json, tokenizer_config = sentencepiece_export(model_file)
     except ImportError as e:  # the conversion needs the optional `tokenizers` package
         copy_tokenizer_files(tokenizer_dir, path)
         print(f"exported tokenizer.model only, which transformers cannot load: a tokenizer.json "
               f"needs {e.name or 'a missing package'} (pip install tokenizers)", file=sys.stderr)
         return
-    tokenizer_json, tokenizer_config = sentencepiece_export(model_file)
     atomic_write_text(os.path.join(path, "tokenizer.json"), tokenizer_json)
     atomic_write_text(os.path.join(path, "tokenizer_config.json"), tokenizer_config)
 

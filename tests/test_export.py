@@ -3,6 +3,7 @@ transformers' AutoTokenizer loads and that encodes and decodes exactly as ours, 
 naming the base model and the training data from the run's record."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -96,3 +97,15 @@ def test_our_own_loader_reads_the_export_as_it_reads_the_tokenizer_model(exporte
     assert export.encode_prompt(text) == ours.encode_prompt(text)
     # scoring (eval.py) starts documents with end-of-text from both, not with the unused <s>
     assert document_start(export) == document_start(ours) == ours.eot_id != export.bos_id
+
+
+def test_without_tokenizers_the_export_keeps_tokenizer_model_and_says_so(tmp_path, monkeypatch,
+                                                                         capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "tokenizer.model").write_bytes(b"a SentencePiece model")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import fails as if not installed
+    doge.Doge(tiny_config()).save_pretrained(tmp_path / "export", tokenizer_dir=tmp_path / "out")
+    assert (tmp_path / "export" / "tokenizer.model").read_bytes() == b"a SentencePiece model"
+    assert not (tmp_path / "export" / "tokenizer.json").exists()
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "needs tokenizers (pip install tokenizers)" in message
