@@ -1146,13 +1146,16 @@ class Doge(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None):
-        """Load a Hugging Face format Doge directory (either layout), a train.py checkpoint file,
-        or a train.py out_dir (its newest checkpoint)."""
+        """Load a Hugging Face format Doge directory (either layout) or hub name (owner/name, or
+        owner/name@revision, fetched with the optional huggingface_hub package when no such
+        local path exists), a train.py checkpoint file, or a train.py out_dir (its newest
+        checkpoint)."""
         return load_pretrained(path, device, dtype)
 
     def save_pretrained(self, path, tokenizer_dir=None):
-        """Write a Hugging Face format directory that transformers loads (same layout as ours),
-        with the tokenizer files of tokenizer_dir (e.g. a train.py out_dir) when given."""
+        """Write a Hugging Face format directory that transformers loads (same layout as ours)
+        and the hub takes: the tokenizer of tokenizer_dir (e.g. a train.py out_dir) when given,
+        and a model card from that run's records (see the module function save_pretrained)."""
         save_pretrained(self, path, tokenizer_dir)
 
     # ------------------------------------------------------------------------------------------
@@ -1465,12 +1468,93 @@ def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):
 
 
 # ----------------------------------------------------------------------------------------------
+# Sequence classification: the same body, a score per label instead of a token distribution
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+class DogeForSequenceClassification(nn.Module):
+    """Doge's body (every layer of the causal LM but its output layer) and a linear score head
+    without bias on the final hidden state of each row's last token that is not padding. Names
+    follow transformers' checkpoints of this class: model.* for the body, score.weight."""
+
+    def __init__(self, config, num_labels=2, id2label=None, problem_type=None):
+        super().__init__()
+        id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
+        if len(id2label) != num_labels or sorted(id2label) != list(range(num_labels)):
+            raise ValueError(f"id2label must name the labels 0..{num_labels - 1}, got {id2label}")
+        if problem_type not in (None, *PROBLEM_TYPES) or (
+                problem_type == "single_label_classification" and num_labels == 1):
+            raise ValueError(f"problem_type {problem_type!r} with {num_labels} labels: choose "
+                             f"None, {', '.join(PROBLEM_TYPES)} (single-label needs 2 or more)")
+        self.config = config
+        self.id2label = id2label
+        self.problem_type = problem_type  # None: the labels' dtype decides, in loss()
+        self.model = Doge(config)
+        del self.model.lm_head  # a classifier has no use for it
+        self.score = nn.Linear(config.hidden_size, num_labels, bias=False)
+        nn.init.normal_(self.score.weight, mean=0.0, std=config.initializer_range)
+
+    @property
+    def num_labels(self):
+        return len(self.id2label)
+
+    def forward(self, idx, labels=None):
+        """logits (B, num_labels) of each row of idx (B, T), and their loss against labels (or
+        None). Padding may be on either side: there is no attention mask, so right padding is
+        invisible to the pooled token (causality) while left padding is attended to, as in
+        transformers called without an attention mask."""
+        hidden = self.model.hidden_states(idx)  # (B, T, D)
+        rows = torch.arange(len(idx), device=idx.device)
+        logits = self.score(hidden[rows, self.last_tokens(idx)])  # (B, num_labels)
+        return logits, None if labels is None else self.loss(logits, labels)
+
+    def last_tokens(self, idx):
+        """(B,) the position of each row's rightmost token that is not pad_token_id (0 for a row
+        of padding only); the last position when there is no pad token, for one row only."""
+        pad = self.config.pad_token_id
+        if pad is None:
+            if len(idx) > 1:
+                raise ValueError("config.pad_token_id is None, so padding cannot be told apart: "
+                                 "set it, or classify one row at a time")
+            return torch.full((1,), idx.shape[1] - 1, device=idx.device)
+        positions = torch.arange(idx.shape[1], device=idx.device)  # (T,)
+        return (positions * (idx != pad)).argmax(dim=-1)  # argmax takes the first of equals
+
+    def loss(self, logits, labels):
+        """transformers' rules: problem_type when set, else regression (mean squared error) for
+        one label, single-label classification (cross-entropy, label -100 ignored) for int64 or
+        int32 labels (B,), multi-label (binary cross-entropy per label) for float labels (B, N)."""
+        problem = self.problem_type or (
+            "regression" if self.num_labels == 1 else "single_label_classification"
+            if labels.dtype in (torch.int64, torch.int32) else "multi_label_classification")
+        labels = labels.to(logits.device)
+        if problem == "regression":
+            return F.mse_loss(logits, labels.view_as(logits).to(logits.dtype))
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits, labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+    @classmethod
+    def from_pretrained(cls, path, num_labels=2, id2label=None, device="cpu", dtype=None):
+        """A transformers DogeForSequenceClassification directory (either layout, its labels from
+        config.json), or anything Doge.from_pretrained reads: then the causal LM's body with a
+        fresh score head of num_labels outputs (id2label naming them), and one line saying so."""
+        return load_classifier(path, num_labels, id2label, device, dtype)
+
+    def save_pretrained(self, path, tokenizer_dir=None):
+        """A transformers DogeForSequenceClassification directory, as Doge.save_pretrained."""
+        save_pretrained(self, path, tokenizer_dir)
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints: Hugging Face format import and export; dense -> MoE upcycling, vocabulary growth
 
 
 def hf_name(name):
-    """Our parameter name -> the checkpoint's (everything but lm_head sits under "model.")."""
-    return name if name.startswith("lm_head.") else "model." + name
+    """Our parameter name -> the checkpoint's (the body's tensors sit under "model.", the heads
+    lm_head and score do not)."""
+    return name if name.startswith(("lm_head.", "score.")) else "model." + name
 
 
 TEMPORARY_PREFIX = ".tmp-"  # atomic_write's files: .tmp-<name><8 random characters>
@@ -1598,15 +1682,71 @@ def load_checkpoint(path, device="cpu", dtype=None, checkpoint=None):
     return model.to(device=device, dtype=dtype)
 
 
-def load_pretrained(path, device="cpu", dtype=None):
-    """A Hugging Face directory, a train.py checkpoint file, or an out_dir (its newest one)."""
+# what a model directory holds of its tokenizer (the names prepare_data.py writes too)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "chat_template.jinja")
+
+# Hub names: owner/name, or owner/name@revision (a branch, tag or commit)
+HUB_NAME = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"
+                      r"(?:@(?P<revision>[\w./-]+))?")
+# what a Doge needs of a hub repository: safetensors weights (one file, or shards and their index)
+# or else pytorch_model.bin, never both; not its remote code, training state or other formats
+HUB_FILES = ("config.json", "generation_config.json", "model.safetensors",
+             "model.safetensors.index.json", "model-*-of-*.safetensors", *TOKENIZER_FILES)
+
+
+def local_model_path(path):
+    """path itself when it exists; else a hub name, whose files a Doge needs are fetched with the
+    optional huggingface_hub package into its usual cache (or found there, offline): the local
+    directory of that snapshot. Anything else is a FileNotFoundError of one line."""
     path = os.fspath(path)
+    if os.path.exists(path):
+        return path
+    hub = HUB_NAME.fullmatch(path)
+    if hub is None or re.search(r"\.\.|--|[.-]$", hub["repo"]):
+        raise FileNotFoundError(f"{path}: no such file or directory, nor a hub name "
+                                f"(owner/name or owner/name@revision)")
+    directory = hub_snapshot(hub["repo"], hub["revision"], HUB_FILES)
+    if not any(name.endswith(".safetensors") for name in os.listdir(directory)):
+        directory = hub_snapshot(hub["repo"], hub["revision"], ("pytorch_model.bin",))
+    return directory
+
+
+def hub_snapshot(repo_id, revision, patterns):
+    """huggingface_hub's snapshot_download of the files of repo_id matching patterns: their
+    directory in the hub's cache. Without the package, offline without a cached copy, or when the
+    hub refuses, a FileNotFoundError of one line that says how to get the files by hand."""
+    at_revision = f" --revision {revision}" if revision else ""
+    by_hand = (f"download it yourself (hf download {repo_id}{at_revision} --local-dir DIR) and "
+               f"give DIR")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"{repo_id} is no local path, and fetching it from the hub needs "
+                                f"the optional huggingface_hub package (pip install "
+                                f"huggingface_hub); or {by_hand}") from None
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns))
+    except Exception as e:  # offline, no network, no such repository or revision, ...
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise FileNotFoundError(f"{repo_id} is no local path, and fetching it from the hub failed "
+                                f"({type(e).__name__}: {reason}); {by_hand}") from None
+
+
+def train_checkpoint(path):
+    """The train.py checkpoint that path names: the file itself, or the newest of an out_dir (a
+    directory without config.json); None for anything else."""
     if os.path.isfile(path):
-        return load_checkpoint(path, device, dtype)
+        return path
+    if os.path.exists(os.path.join(path, "config.json")):
+        return None
+    return newest_checkpoint(path)[0]  # damaged ones are set aside
+
+
+def read_hf_directory(path):
+    """A Hugging Face Doge directory: its config.json (a dict), the DogeConfig of the layout its
+    weights hold, and the weights, named without the "model." prefix."""
     config_path = os.path.join(path, "config.json")
-    newest, checkpoint = (None, None) if os.path.exists(config_path) else newest_checkpoint(path)
-    if newest:
-        return load_checkpoint(newest, device, dtype, checkpoint)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path} is not a model directory: no config.json there "
                                 f"(nor a train.py checkpoint)")
@@ -1621,25 +1761,64 @@ def load_pretrained(path, device="cpu", dtype=None):
               "qk_norm": "layers.0.self_attn.q_norm.weight" in weights,
               "dt_per_query_head": first_A is not None and first_A.numel() == heads != kv_heads,
               "tie_word_embeddings": raw.get("tie_word_embeddings", "lm_head.weight" not in weights)}
-    config = DogeConfig.from_dict({**raw, **layout})
-    model = Doge(config)
+    return raw, DogeConfig.from_dict({**raw, **layout}), weights
+
+
+def load_weights(model, weights, path, fresh=()):
+    """Copy weights (named without "model.") into model. Each of its tensors, but a tied lm_head
+    and those named in fresh, must be there with its shape: else a ValueError naming it."""
     state = {}
     for name, expected in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
+        key = name.removeprefix("model.")
+        if key in fresh or key == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
-        if name not in weights:
-            raise ValueError(f"{path}: missing tensor {hf_name(name)}")
-        if weights[name].shape != expected.shape:
-            raise ValueError(f"{path}: tensor {hf_name(name)} has shape {tuple(weights[name].shape)},"
+        if key not in weights:
+            raise ValueError(f"{path}: missing tensor {hf_name(key)}")
+        if weights[key].shape != expected.shape:
+            raise ValueError(f"{path}: tensor {hf_name(key)} has shape {tuple(weights[key].shape)},"
                              f" expected {tuple(expected.shape)} from config.json")
-        state[name] = weights[name]
+        state[name] = weights[key]
     model.load_state_dict(state, strict=False)
+
+
+def load_pretrained(path, device="cpu", dtype=None):
+    """A Hugging Face directory or hub name, a train.py checkpoint file, or an out_dir (its
+    newest one)."""
+    path = local_model_path(path)
+    checkpoint = train_checkpoint(path)
+    if checkpoint:
+        return load_checkpoint(checkpoint, device, dtype)
+    _, config, weights = read_hf_directory(path)
+    if "score.weight" in weights:
+        raise ValueError(f"{path} holds a sequence classifier (score.weight, no lm_head): load it "
+                         f"with DogeForSequenceClassification.from_pretrained")
+    model = Doge(config)
+    load_weights(model, weights, path)
     return model.to(device=device, dtype=dtype)
 
 
-# what a model directory holds of its tokenizer (the names prepare_data.py writes too)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "chat_template.jinja")
+def load_classifier(path, num_labels=2, id2label=None, device="cpu", dtype=None):
+    """A DogeForSequenceClassification from a directory of one (its labels from config.json), or
+    from a causal LM's weights with a fresh score head (see its from_pretrained)."""
+    path = local_model_path(path)
+    checkpoint = train_checkpoint(path)
+    if checkpoint:
+        causal_lm = load_checkpoint(checkpoint)
+        raw, config, weights = {}, causal_lm.config, causal_lm.state_dict()
+    else:
+        raw, config, weights = read_hf_directory(path)
+    if "score.weight" in weights:  # config.json omits id2label when it is the default pair
+        id2label = {int(i): name for i, name in raw.get("id2label", {}).items()} or None
+        model = DogeForSequenceClassification(
+            config, len(id2label) if id2label else raw.get("num_labels", 2), id2label,
+            raw.get("problem_type"))
+        load_weights(model, weights, path)
+    else:
+        model = DogeForSequenceClassification(config, num_labels, id2label)
+        load_weights(model, weights, path, fresh=("score.weight",))
+        print(f"{path} holds a causal LM: its body is loaded, the score head ({num_labels} "
+              f"labels) starts fresh", file=sys.stderr)
+    return model.to(device=device, dtype=dtype)
 
 
 def copy_tokenizer_files(source_dir, target_dir, names=TOKENIZER_FILES):
@@ -1651,24 +1830,115 @@ def copy_tokenizer_files(source_dir, target_dir, names=TOKENIZER_FILES):
 
 
 def save_pretrained(model, path, tokenizer_dir=None):
-    """The one export: model.safetensors, config.json, generation_config.json (bos, and the eos
-    ids that end generation) and, from tokenizer_dir, whichever tokenizer files it holds."""
+    """The one export, of a Doge or a DogeForSequenceClassification, with what `hf upload` needs:
+    model.safetensors, config.json (a classifier's with its labels), for a Doge
+    generation_config.json (bos, and the eos ids that end generation), the tokenizer of
+    tokenizer_dir (e.g. a train.py out_dir, see write_tokenizer_files) and a model card README.md
+    naming the base model and the training data of the run recorded in tokenizer_dir/runs."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     tied = model.config.tie_word_embeddings
-    tensors = {hf_name(name): tensor.detach().cpu().contiguous()
+    tensors = {hf_name(name.removeprefix("model.")): tensor.detach().cpu().contiguous()
                for name, tensor in model.state_dict().items()
                if not (tied and name == "lm_head.weight")}
     atomic_write(os.path.join(path, "model.safetensors"),
                  lambda temp: save_file(tensors, temp, metadata={"format": "pt"}))
-    config_text = json.dumps(model.config.to_dict(), indent=2)
-    atomic_write_text(os.path.join(path, "config.json"), config_text)
-    generation = {"bos_token_id": model.config.bos_token_id,
-                  "eos_token_id": model.config.eos_token_id}
-    atomic_write_text(os.path.join(path, "generation_config.json"),
-                      json.dumps(generation, indent=2))
+    config = model.config.to_dict()
+    if isinstance(model, DogeForSequenceClassification):
+        config.update(architectures=["DogeForSequenceClassification"], num_labels=model.num_labels,
+                      id2label=model.id2label, problem_type=model.problem_type,
+                      label2id={name: i for i, name in model.id2label.items()})
+    else:
+        generation = {"bos_token_id": model.config.bos_token_id,
+                      "eos_token_id": model.config.eos_token_id}
+        atomic_write_text(os.path.join(path, "generation_config.json"),
+                          json.dumps(generation, indent=2))
+    atomic_write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
     if tokenizer_dir is not None:
+        write_tokenizer_files(tokenizer_dir, path)
+    atomic_write_text(os.path.join(path, "README.md"), model_card(model, path, tokenizer_dir))
+
+
+def write_tokenizer_files(tokenizer_dir, path):
+    """tokenizer_dir's tokenizer into path: a tokenizer.json and its company as they are; our
+    SentencePiece tokenizer.model, alone, as a tokenizer.json and tokenizer_config.json that
+    transformers' AutoTokenizer loads (it reads a lone tokenizer.model as a tiktoken file)."""
+    model_file = os.path.join(tokenizer_dir, "tokenizer.model")
+    if os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")) or \
+            not os.path.isfile(model_file):
         copy_tokenizer_files(tokenizer_dir, path)
+        return
+    try:
+        from prepare_data import sentencepiece_export  # tokenizers are the data side's subject
+        tokenizer_json, tokenizer_config = sentencepiece_export(model_file)
+    except ImportError as e:  # the conversion needs the optional `tokenizers` package
+        copy_tokenizer_files(tokenizer_dir, path)
+        print(f"exported tokenizer.model only, which transformers cannot load: a tokenizer.json "
+              f"needs {e.name or 'a missing package'} (pip install tokenizers)", file=sys.stderr)
+        return
+    atomic_write_text(os.path.join(path, "tokenizer.json"), tokenizer_json)
+    atomic_write_text(os.path.join(path, "tokenizer_config.json"), tokenizer_config)
+
+
+def run_records(run_dir):
+    """The train.py launch records of run_dir/runs (a train.py out_dir), oldest first."""
+    runs = os.path.join(run_dir or "", "runs")
+    names = sorted(os.listdir(runs)) if run_dir and os.path.isdir(runs) else []
+    records = []
+    for name in names:  # named by the time the launch started
+        if name.endswith(".json"):
+            with open(os.path.join(runs, name)) as f:
+                records.append(json.load(f))
+    return records
+
+
+def provenance(run_dir):
+    """What the run recorded in run_dir says of the model: the card's metadata lines and its
+    bullets. The base model is the init_from of the newest launch that did not resume (or what
+    the first launch resumed); the data is the last launch's."""
+    records = run_records(run_dir)
+    if not records:
+        return [], ["- Base model and training data: not recorded (the export was given no "
+                    "train.py out_dir with run records)"]
+    launches = [record["train_config"] for record in records]
+    start = next((c for c in reversed(launches) if c["init_from"] != "resume"), None)
+    base = start["init_from"] if start else f"resumed {launches[0]['resume_ckpt'] or 'a run'}"
+    data = records[-1].get("data", {}).get("source") or launches[-1]["data_dir"]
+    data_set = re.match(r"--source ([^\s:]+)", data)  # a hub data set, by name
+    metadata = [f"base_model: {base}"] if HUB_NAME.fullmatch(base) and \
+        not os.path.exists(base) else []
+    metadata += ["datasets:", f"- {data_set[1]}"] if data_set else []
+    last = launches[-1]
+    return metadata, [
+        f"- Base model: {'none, trained from scratch' if base == 'scratch' else base}",
+        f"- Training data: {data}",
+        f"- Training: {last['max_iters']} steps of {last['total_batch_size']} tokens, learning "
+        f"rate {last['learning_rate']:g}, with doge's train.py (last launch "
+        f"{records[-1].get('started', '?')})"]
+
+
+def model_card(model, path, run_dir):
+    """A short README.md for the hub: what the model is, and its provenance(run_dir). Its title
+    is the run's name (the out_dir's) or else the export directory's."""
+    config = model.config
+    name = run_dir if run_records(run_dir) else path
+    classifier = isinstance(model, DogeForSequenceClassification)
+    metadata, bullets = provenance(run_dir)
+    what = (f"A Doge sequence classifier, {model.num_labels} labels "
+            f"({', '.join(model.id2label.values())})" if classifier else "A Doge language model")
+    moe = "CDMoE, " if config.is_moe else ""
+    loader = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
+    return "\n".join([
+        "---", "library_name: transformers", "pipeline_tag: " + (
+            "text-classification" if classifier else "text-generation"),
+        "tags:", "- doge", *metadata, "---", "", f"# {os.path.basename(os.path.abspath(name))}",
+        "", f"{what}: Dynamic Mask Attention, {moe}learnable residuals; "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
+        f"{config.num_attention_heads} heads ({config.num_key_value_heads} key/value), "
+        f"vocabulary {config.vocab_size}, keep_window_size {config.keep_window_size}.", "",
+        *bullets, "", f"Loads with transformers (`{loader}.from_pretrained`) and with doge.py.",
+        ""])
 
 
 def upcycle_to_moe(model, num_experts, num_experts_per_tok, **config_overrides):

@@ -21,7 +21,6 @@ every question's per-choice log-likelihoods.
 import contextlib
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -29,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from configurator import apply_config
-from doge import Doge, atomic_write_text
+from doge import Doge, atomic_write_text, local_model_path
 from prepare_data import (BENCHMARKS, benchmark_requests, bpb_documents, document_start, grade,
                           load_text_tokenizer, read_benchmark, tokenizer_directory)
 
@@ -37,7 +36,7 @@ from prepare_data import (BENCHMARKS, benchmark_requests, bpb_documents, documen
 @dataclass
 class EvalConfig:
     init_from: str = "out/doge-tiny"  # an out_dir (its newest checkpoint), a ckpt_*.pt file, or
-    # a Hugging Face Doge directory (either layout); its tokenizer lies beside the weights
+    # a Hugging Face Doge directory (either layout) or hub name; its tokenizer beside the weights
     tasks: str = ",".join(BENCHMARKS)  # comma-separated benchmark names, and/or bpb
     task: str = ""  # one task, instead of tasks (--task=bpb --data=FILE)
     data_dir: str = "data/eval"  # <task>.jsonl, .jsonl.gz or .parquet; missing: from the hub
@@ -58,12 +57,15 @@ def log(message):
 # Loading
 
 
-def load_model(path, device):
-    if not os.path.exists(path):
-        raise SystemExit(f"error: --init_from={path} does not exist; give an out_dir, a "
-                         f"checkpoint or a Hugging Face Doge directory")
+def load_model(init_from, device):
+    """The model and the local path it came from (a hub name is fetched: see
+    doge.local_model_path)."""
     try:
-        return Doge.from_pretrained(path, device=device).eval()
+        path = local_model_path(init_from)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: --init_from={e}") from None
+    try:
+        return Doge.from_pretrained(path, device=device).eval(), path
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -163,10 +165,10 @@ def main(argv=None):
     if "bpb" in tasks and not cfg.data:
         raise SystemExit("error: bpb needs --data=FILE: a text file or one of our .bin shards")
     device, autocast = device_and_autocast(cfg)
-    model = load_model(cfg.init_from, device)
+    model, path = load_model(cfg.init_from, device)
     log(f"loaded {cfg.init_from}: {model.num_params() / 1e6:.1f}M parameters on {device}")
     try:  # the tokenizer and every task's data first: a missing file stops it before any scoring
-        tokenizer = load_text_tokenizer(tokenizer_directory(cfg.init_from), model.config.vocab_size)
+        tokenizer = load_text_tokenizer(tokenizer_directory(path), model.config.vocab_size)
         inputs = {task: bpb_documents(cfg.data, tokenizer, cfg.limit) if task == "bpb" else
                   read_benchmark(task, cfg.data_dir, cfg.limit) for task in tasks}
     except ValueError as e:

@@ -700,12 +700,14 @@ def load_text_tokenizer(directory, vocab_size):
 
 
 def document_start(tokenizer):
-    """The token that scoring puts before a document (bits per byte) or an empty context: a
-    tokenizer.json's begin-of-text when it has one (lm-evaluation-harness's prefix token), else,
-    and for our SentencePiece models, end-of-text (every document follows one in the shards)."""
-    if tokenizer.kind == "huggingface" and tokenizer.bos_id is not None:
-        return tokenizer.bos_id
-    return tokenizer.eot_id
+    """The token that scoring puts before a document (bits per byte) or an empty context: the one every
+    prompt starts with when there is one (end-of-text for our SentencePiece models and their tokenizer.json
+    export, begin-of-text for a tokenizer.json whose post-processor adds it), else a tokenizer.json's
+    begin-of-text (lm-evaluation-harness's prefix token), else end-of-text."""
+    prompt_start = tokenizer.encode_prompt("")
+    if prompt_start:
+        return prompt_start[0]
+    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
 
 
 LOSSLESS_PROBE = "def f(x):\n\tif x:  # ok\r\n        return 'héllo wörld 日本語 🙂'\n\n\x00\x7f \u2028▁ end  "
@@ -1290,17 +1292,23 @@ def render_chat(chat_template, messages, add_generation_prompt=True):
         eos_token=chat_template["eos_token"])
 
 
+# what transformers' tokenizer(...) returns for a Doge: transformers 4.x adds token_type_ids by default,
+# which generate() refuses
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
+
+
 def sentencepiece_as_tokenizers(path):
     """Our SentencePiece BPE model (byte fallback, identity normalisation, no dummy prefix) as a `tokenizers`
     BPE giving the same ids, so that transformers can load it: the vocabulary in id order, and a merge for every
     split of a piece into two pieces, ranked by the piece's score (SentencePiece BPE merges the adjacent pair
-    whose union scores best). Spaces become "▁" as in SentencePiece. One difference: text holding "▁" itself,
-    which load_tokenizer spells with byte pieces, reads here as a space."""
+    whose union scores best). The pieces spell a space as a space, not as SentencePiece's "▁": text that holds
+    "▁" itself then finds no piece for it and spells it with byte pieces, as load_tokenizer does."""
     import sentencepiece
-    from tokenizers import Tokenizer, decoders, models, normalizers
+    from tokenizers import Tokenizer, decoders, models
 
     processor = sentencepiece.SentencePieceProcessor(model_file=path)
-    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    pieces = [piece if processor.is_byte(i) else piece.replace(META_SYMBOL, " ")
+              for i, piece in enumerate(map(processor.id_to_piece, range(processor.get_piece_size())))]
     vocab = {piece: i for i, piece in enumerate(pieces)}
     plain = {piece for i, piece in enumerate(pieces)  # never made from text by merging
              if not (processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i)
@@ -1310,10 +1318,32 @@ def sentencepiece_as_tokenizers(path):
                     if piece[:k] in plain and piece[k:] in plain)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges],
                                      unk_token=pieces[processor.unk_id()], byte_fallback=True))
-    tokenizer.normalizer = normalizers.Replace(" ", META_SYMBOL)
-    tokenizer.decoder = decoders.Sequence([decoders.Replace(META_SYMBOL, " "), decoders.ByteFallback(),
-                                           decoders.Fuse()])
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     return tokenizer
+
+
+def sentencepiece_export(path):
+    """Our SentencePiece tokenizer.model as files that transformers' AutoTokenizer loads with no package but
+    `tokenizers`: a tokenizer.json (sentencepiece_as_tokenizers, with unk, bos and eos as special tokens and a
+    post-processor that puts end-of-text first, so that tokenizer(text) gives what load_tokenizer's
+    encode_prompt gives) and its tokenizer_config.json, both as text. split_special_tokens keeps text that
+    spells "</s>" text, as SentencePiece does."""
+    import sentencepiece
+    from tokenizers import AddedToken, processors
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=path)
+    if processor.eos_id() < 0:
+        raise ValueError(f"{path}: the model has no eos piece, which every document follows")
+    ids = {"unk_token": processor.unk_id(), "bos_token": processor.bos_id(), "eos_token": processor.eos_id()}
+    special = {name: processor.id_to_piece(i) for name, i in ids.items() if i >= 0}
+    tokenizer = sentencepiece_as_tokenizers(path)
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special.values()])
+    eos = special["eos_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{eos} $A", pair=f"{eos} $A {eos} $B", special_tokens=[(eos, processor.eos_id())])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "split_special_tokens": True,
+              "clean_up_tokenization_spaces": False, "model_input_names": MODEL_INPUT_NAMES}
+    return tokenizer.to_str(), json.dumps(config, indent=2)
 
 
 def chat_tokenizer(path):
@@ -1338,6 +1368,7 @@ def chat_tokenizer(path):
     directory = os.path.dirname(found)
     config = read_json(os.path.join(directory, "tokenizer_config.json"))
     config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    config.setdefault("model_input_names", MODEL_INPUT_NAMES)
     own_template = load_chat_template(directory)
     if own_template is not None:  # chat_template.jinja, if that is where it was, goes inline
         return tokenizer, {**config, "chat_template": own_template["template"]}, []

@@ -5,6 +5,7 @@ Talk to a Doge: text continuation or chat, from a train.py run or a Hugging Face
     python sample.py --out_dir=out/doge-20m --start="def fib(n):" --num_samples=3
     python sample.py --init_from=models/Doge-20M --start=FILE:prompt.txt --temperature=0
     python sample.py --init_from=models/Doge-20M-Instruct --chat          # interactive
+    python sample.py --init_from=SmallDoge/Doge-20M-Instruct --chat       # fetched from the hub
     python sample.py --init_from=models/Doge-20M-Instruct --chat --start="Hi, who are you?"
     python sample.py --init_from=models/Doge-20M-Instruct --chat < questions.txt   # piped
     python sample.py --init_from=models/Doge-20M-Instruct --chat_state=talk.pt     # after /save
@@ -13,8 +14,10 @@ Generated text goes to stdout as it is produced; everything else (loading, token
 The chat keeps the model's state between turns (at most keep_window_size keys per layer), so a
 turn costs the same however long the conversation.
 A Hugging Face directory needs config.json, the weights and tokenizer.json (read with the optional
-`tokenizers` package); chat needs its chat template (tokenizer_config.json or chat_template.jinja,
-rendered with the optional `jinja2` package). transformers is not needed.
+`tokenizers` package); a hub name (owner/name[@revision]) that is no local path is fetched into
+the hub's cache with the optional `huggingface_hub` package. Chat needs the model's chat template
+(tokenizer_config.json or chat_template.jinja, rendered with the optional `jinja2` package).
+transformers is not needed.
 """
 
 import os
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from configurator import apply_config
-from doge import Doge, atomic_write
+from doge import Doge, atomic_write, local_model_path
 from prepare_data import (END_OF_TURN_TOKENS, document_start, load_chat_template,
                           load_text_tokenizer, read_json, render_chat, token_text,
                           tokenizer_directory)
@@ -34,7 +37,7 @@ from prepare_data import (END_OF_TURN_TOKENS, document_start, load_chat_template
 @dataclass
 class SampleConfig:
     out_dir: str = "out/doge-tiny"  # a train.py run: its newest checkpoint is used
-    init_from: str = ""  # instead: a Hugging Face Doge directory or a checkpoint file
+    init_from: str = ""  # instead: a Hugging Face Doge directory or hub name, or a checkpoint file
     start: str = ""  # the prompt, or FILE:path to read it from a file
     num_samples: int = 1
     max_new_tokens: int = 256
@@ -58,12 +61,18 @@ def log(message):
 
 
 def model_location(cfg):
-    path = cfg.init_from or cfg.out_dir
-    if not os.path.exists(path):
+    """The local path of the model: --init_from (a hub name is fetched, see
+    doge.local_model_path), or else out_dir."""
+    if cfg.init_from:
+        try:
+            return local_model_path(cfg.init_from)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: --init_from={e}") from None
+    if not os.path.exists(cfg.out_dir):
         hint = ("train one with `python train.py config/doge_tiny.py`, or give "
-                "--init_from=DIR with a Hugging Face Doge directory")
-        raise SystemExit(f"error: no checkpoint found: {path} does not exist; {hint}")
-    return path
+                "--init_from=DIR with a Hugging Face Doge directory or hub name")
+        raise SystemExit(f"error: no checkpoint found: {cfg.out_dir} does not exist; {hint}")
+    return cfg.out_dir
 
 
 def load_model(path, device, dtype):

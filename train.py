@@ -43,7 +43,8 @@ from tqdm import tqdm
 from configurator import apply_config
 from doge import (PRESETS, TOKENIZER_FILES, Doge, DogeConfig, atomic_write, atomic_write_text,
                   copy_tokenizer_files, grow_vocabulary, latest_checkpoint, list_checkpoints,
-                  newest_checkpoint, read_checkpoint, remove_temporary_files, upcycle_to_moe)
+                  local_model_path, newest_checkpoint, read_checkpoint, remove_temporary_files,
+                  upcycle_to_moe)
 from prepare_data import (BENCHMARKS, DEFAULT_DATA_DIR, ConversationLoader, ShardLoader,
                           benchmark_requests, ensure_prepared, grade, load_text_tokenizer,
                           one_line, padded_length, read_benchmark, read_meta)
@@ -57,7 +58,7 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"  # checkpoints, log.jsonl, loss.png and the record of each launch
     data_dir: str = DEFAULT_DATA_DIR  # shards (text, or conversations: SFT) and meta.json
-    init_from: str = "scratch"  # 'scratch', 'resume', a Hugging Face Doge dir, or a ckpt_*.pt file
+    init_from: str = "scratch"  # 'scratch', 'resume', a ckpt_*.pt, a Hugging Face dir or hub name
     resume_ckpt: str | None = None  # with init_from='resume': this checkpoint, not out_dir's newest
     overwrite: bool = False  # a new run (not 'resume') may delete the checkpoints in out_dir
     # model: a preset, then any DogeConfig field given flat (--hidden_size=128) overrides it
@@ -498,12 +499,14 @@ def plot_losses(path, log_path):
     plt.close(fig)
 
 
-def write_run_record(cfg, model_config, argv, world_size, device):
-    """out_dir/runs/<time>.json: settings, versions and this code, so a result can be redone."""
+def write_run_record(cfg, model_config, argv, world_size, device, meta):
+    """out_dir/runs/<time>.json: settings, the data's source (meta.json's, for the export's model
+    card), versions and this code, so a result can be redone."""
     here = Path(__file__).resolve().parent
     source = {name: (here / name).read_text()
               for name in ("train.py", "doge.py", "configurator.py", "prepare_data.py")}
     record = {"argv": argv, "train_config": asdict(cfg), "model_config": asdict(model_config),
+              "data": {"source": meta.get("source"), "kind": meta.get("kind", "tokens")},
               "world_size": world_size, "device": str(device),
               "device_name": torch.cuda.get_device_name() if device.type == "cuda"
               else platform.processor() or platform.machine(),
@@ -686,9 +689,10 @@ def load_model(cfg, overrides, meta, run):
         model = build_model(checkpoint["model_config"], overrides, checkpoint["model"], path)
         run.say(f"resuming from {path} at step {checkpoint['step']}")
     else:  # weights only: a Hugging Face Doge directory, an out_dir, or one of our checkpoints
-        path = cfg.init_from
-        need(os.path.exists(path), f"init_from {path!r} is not 'scratch', 'resume' or an "
-             f"existing path")
+        try:  # a hub name is fetched (doge.local_model_path)
+            path = local_model_path(cfg.init_from)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: init_from is not 'scratch' or 'resume', and {e}") from None
         try:  # a checkpoint file, an out_dir (its newest readable one) or a Hugging Face directory
             loaded = Doge.from_pretrained(path)
         except Exception as e:  # torch.load of a damaged file raises many kinds
@@ -834,7 +838,7 @@ def train(cfg, overrides, argv):
     # its log cut back (resume), the run's record, the tokenizer, the log
     clear_out_dir(cfg, run, step)
     if run.master:
-        write_run_record(cfg, raw_model.config, argv, run.world_size, run.device)
+        write_run_record(cfg, raw_model.config, argv, run.world_size, run.device, meta)
         tokenizer_files = {meta.get("tokenizer", {}).get("path"), *TOKENIZER_FILES}
         copy_tokenizer_files(cfg.data_dir, cfg.out_dir, sorted(filter(None, tokenizer_files)))
     log = RunLog(cfg, run, step, {**asdict(cfg), **asdict(raw_model.config)})

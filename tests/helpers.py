@@ -1,4 +1,7 @@
-"""What several test files need: one thread for tiny models, a small tokenizer.json."""
+"""What several test files need: one thread for tiny models, a small tokenizer.json, texts that
+tokenizers get wrong."""
+
+import random
 
 import pytest
 import torch
@@ -27,3 +30,16 @@ def write_bpe_tokenizer(directory, corpus, special_tokens, vocab_size):
     tokenizer.train_from_iterator(corpus, trainer)
     tokenizer.save(str(directory / "tokenizer.json"))
     return tokenizer.get_vocab_size()
+
+
+# Fragments that tokenizers get wrong when they normalise: spaces and tabs, CRLF, NUL and other control
+# characters, "▁" (SentencePiece's own space symbol), BOM, combining marks, CJK, emoji, and text that spells
+# special tokens.
+FRAGMENTS = ["def f(x):\n", "    return x + 1\n", "\tindented\ttabs", "\r\n", "  two  spaces  ", "\n\n\n",
+             "héllo wörld", "日本語のテキスト", "🙂🚀", "▁", "▁▁x▁", "\x00", "\x7f\x1b[31m", "\u2028", "\ufeff",
+             "e\u0301", "</s>", "<s>", "<|end_of_text|>", "<0x41>", "12345.6789", "trailing   \n", " ", "\x0b\x0c"]
+
+
+def random_documents(count, seed=0, max_fragments=40):
+    rng = random.Random(seed)
+    return ["".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, max_fragments))) for _ in range(count)]

@@ -17,19 +17,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prepare_data  # noqa: E402
 from prepare_data import list_shards, load_tokenizer, main, read_meta, read_shard, write_shard  # noqa: E402
-
-# Fragments that tokenizers get wrong when they normalise: spaces and tabs, CRLF, NUL and other control
-# characters, "▁" (SentencePiece's own space symbol), BOM, combining marks, CJK, emoji, and text that spells
-# special tokens.
-FRAGMENTS = ["def f(x):\n", "    return x + 1\n", "\tindented\ttabs", "\r\n", "  two  spaces  ", "\n\n\n",
-             "héllo wörld", "日本語のテキスト", "🙂🚀", "▁", "▁▁x▁", "\x00", "\x7f\x1b[31m", "\u2028", "\ufeff",
-             "e\u0301", "</s>", "<s>", "<|end_of_text|>", "<0x41>", "12345.6789", "trailing   \n", " ", "\x0b\x0c"]
-
-
-def random_documents(count, seed=0, max_fragments=40):
-    rng = random.Random(seed)
-    return ["".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, max_fragments))) for _ in range(count)]
-
+from helpers import FRAGMENTS, random_documents  # noqa: E402
 
 def write_text(path, text):
     with open(path, "w", encoding="utf-8", newline="") as f:  # newline="": keep \r\n as written

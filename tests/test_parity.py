@@ -260,7 +260,10 @@ def test_missing_or_misshaped_tensor_is_named(tmp_path):
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         doge.Doge.from_pretrained(tmp_path)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
+        doge.Doge.from_pretrained(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="nowhere: no such file or directory, nor a hub"):
         doge.Doge.from_pretrained(tmp_path / "nowhere")
 
 

@@ -20,7 +20,7 @@ import prepare_data  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from doge import Doge, DogeConfig, grow_vocabulary  # noqa: E402
-from helpers import one_thread  # noqa: E402,F401 (an autouse fixture)
+from helpers import one_thread, random_documents  # noqa: E402,F401 (an autouse fixture)
 from oracle import assert_close_to_scale  # noqa: E402
 from prepare_data import (ConversationLoader, collate, load_tokenizer, prepare_chat,  # noqa: E402
                           read_conversation_shard, train_sentencepiece, write_conversation_shard)
@@ -134,7 +134,8 @@ def test_sentencepiece_becomes_an_equal_tokenizer_json(base_dir):
     reference = load_tokenizer(str(base_dir / "tokenizer.model"))
     converted = prepare_data.sentencepiece_as_tokenizers(str(base_dir / "tokenizer.model"))
     texts = CORPUS + ["  two leading spaces, trailing  ", "\n\n\tnew lines\r\n", "Ünïcödé 🙂 ü",
-                      "digits 3.14159 and x2", "<s> </s> <unk> are text here", ""]
+                      "digits 3.14159 and x2", "<s> </s> <unk> are text here", ""] + \
+        random_documents(50, seed=3)  # "▁" itself, control characters, byte fallback, ...
     for text, ids in zip(texts, reference.encode(texts)):
         assert converted.encode(text, add_special_tokens=False).ids == ids, text
         assert converted.decode(ids, skip_special_tokens=False) == text
@@ -373,7 +374,7 @@ def test_sft_learns_the_toy_conversations(sft_run, capsys):
         assert capsys.readouterr().out == answer + "\n"
 
 
-def test_the_export_loads_in_transformers_and_agrees(sft_run):
+def test_the_export_loads_in_transformers_and_agrees(sft_run, base_run):
     transformers = pytest.importorskip("transformers")
     out, _ = sft_run
     hf = str(out / "hf")
@@ -392,7 +393,7 @@ def test_the_export_loads_in_transformers_and_agrees(sft_run):
     # the chat template renders the same prompt, and the same tokens, in both
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
     messages = messages_of("Hi!", "Hello there, friend!", system="Be brief.") + \
-        [{"role": "user", "content": "What is two plus two?"}]
+        [{"role": "user", "content": "What is ▁ in 日本語 🙂 ñ?\n\tTwo  spaces, <s> text."}]
     prompt = sample.render_chat(sample.load_chat_template(hf), messages)
     assert tokenizer.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=True) == prompt
@@ -400,6 +401,15 @@ def test_the_export_loads_in_transformers_and_agrees(sft_run):
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     ours_tokenizer = sample.load_text_tokenizer(hf, ours.config.vocab_size)
     assert list(ids) == ours_tokenizer.encode([prompt])[0]
+    assert tokenizer.decode(ids) == prompt
+    assert set(tokenizer(prompt)) == {"input_ids", "attention_mask"}  # what generate() accepts
+    # a message's text is tokenized as the base model's SentencePiece tokenizer does it
+    content = messages[-1]["content"]
+    base = load_tokenizer(str(base_run / "tokenizer.model"))
+    assert tokenizer(content, add_special_tokens=False)["input_ids"] == base.encode([content])[0]
+    # the model card names what it started from and what it was trained on
+    card = (out / "hf" / "README.md").read_text()
+    assert "- Training data: --input " in card and "toy.jsonl" in card
     # generation stops at the end of the answer in both
     eot = ours_tokenizer.token_to_id("<|eot_id|>")
     assert eot in sample.stop_ids(ours, ours_tokenizer, hf)
