@@ -1734,13 +1734,14 @@ def hub_snapshot(repo_id, revision, patterns):
 
 
 def train_checkpoint(path):
-    """The train.py checkpoint that path names: the file itself, or the newest of an out_dir (a
-    directory without config.json); None for anything else."""
+    """(path, checkpoint) of the train.py checkpoint that path names: the file itself, or the
+    newest readable one of an out_dir (a directory without config.json; damaged ones are set
+    aside); (None, None) for anything else. Read once: the caller builds the model from it."""
     if os.path.isfile(path):
-        return path
+        return path, read_checkpoint(path)
     if os.path.exists(os.path.join(path, "config.json")):
-        return None
-    return newest_checkpoint(path)[0]  # damaged ones are set aside
+        return None, None
+    return newest_checkpoint(path)
 
 
 def read_hf_directory(path):
@@ -1785,9 +1786,9 @@ def load_pretrained(path, device="cpu", dtype=None):
     """A Hugging Face directory or hub name, a train.py checkpoint file, or an out_dir (its
     newest one)."""
     path = local_model_path(path)
-    checkpoint = train_checkpoint(path)
-    if checkpoint:
-        return load_checkpoint(checkpoint, device, dtype)
+    checkpoint_path, checkpoint = train_checkpoint(path)
+    if checkpoint_path:
+        return load_checkpoint(checkpoint_path, device, dtype, checkpoint)
     _, config, weights = read_hf_directory(path)
     if "score.weight" in weights:
         raise ValueError(f"{path} holds a sequence classifier (score.weight, no lm_head): load it "
@@ -1801,9 +1802,9 @@ def load_classifier(path, num_labels=2, id2label=None, device="cpu", dtype=None)
     """A DogeForSequenceClassification from a directory of one (its labels from config.json), or
     from a causal LM's weights with a fresh score head (see its from_pretrained)."""
     path = local_model_path(path)
-    checkpoint = train_checkpoint(path)
-    if checkpoint:
-        causal_lm = load_checkpoint(checkpoint)
+    checkpoint_path, checkpoint = train_checkpoint(path)
+    if checkpoint_path:
+        causal_lm = load_checkpoint(checkpoint_path, checkpoint=checkpoint)
         raw, config, weights = {}, causal_lm.config, causal_lm.state_dict()
     else:
         raw, config, weights = read_hf_directory(path)
