@@ -1,6 +1,6 @@
-"""eval.py and the Benchmarks section of prepare_data.py: log-likelihoods against transformers'
-DogeForCausalLM, the harness's context/continuation split and prompt formats, acc and acc_norm,
-bits per byte, one-line errors, the command line end to end, and eval_tasks in train.py."""
+"""eval.py: log-likelihoods against transformers' DogeForCausalLM, the harness's context/continuation
+split and prompt formats, acc and acc_norm, bits per byte, one-line errors, the command line end to
+end, and eval_tasks in train.py."""
 
 import json
 import math
@@ -14,9 +14,9 @@ import doge
 import eval as eval_program
 import prepare_data
 import train
+from eval import Question, benchmark_requests, encode_pairs, grade, read_benchmark
 from helpers import one_thread, write_bpe_tokenizer  # noqa: F401 (one_thread: a fixture)
 from oracle import randomize, reference_class, tiny_config
-from prepare_data import Question, benchmark_requests, encode_pairs, grade, read_benchmark
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
           "a small language model writes small sentences", "héllo wörld 日本語 🙂"] * 20
