@@ -10,8 +10,13 @@ Tasks: hellaswag, arc_easy, arc_challenge, piqa, openbookqa, winogrande. Each ta
 from --data_dir/<task>.jsonl (or .jsonl.gz, .parquet) in the public data set's own layout (the
 Hugging Face data set's fields), or else from the hub with the optional `datasets` package and a
 network. Each choice is scored by the summed log-probability of its tokens after the prompt;
-acc takes the best sum, acc_norm the best sum per character of the choice (prepare_data.py's
-Benchmarks section says exactly how prompts are made and split into tokens).
+acc takes the best sum, acc_norm the best sum per character of the choice.
+
+The benchmarks live here, in the order a reader needs them: each task's row format and prompt,
+how its rows are read, the context/continuation split into tokens and the grading (exactly how
+prompts are made and split), then the documents that bits per byte is measured on. train.py's
+eval_tasks imports them to score the same tasks while training. The program follows: its
+settings, loading the model, scoring, the table.
 
 A table goes to stderr as it goes; stdout gets one JSON line per task, {"task", "n", "acc",
 "acc_norm"} ({"task": "bpb", "bpb", ...} for bits per byte), and --output=FILE.json also keeps
@@ -38,20 +43,23 @@ from prepare_data import (document_start, found_keys, hub_offline_setting, hub_u
                           read_shard, tokenizer_directory)
 
 
-# -----------------------------------------------------------------------------
-# Benchmarks: the zero-shot multiple-choice tasks of the Doge model cards, read, prompted and scored as
-# lm-evaluation-harness does it, so that eval.py's and train.py's numbers stand beside the cards'. Also the
-# documents that bits per byte are measured on.
+# ----------------------------------------------------------------------------------------------
+# Benchmarks: the zero-shot multiple-choice tasks of the Doge model cards, read, prompted and
+# scored as lm-evaluation-harness does it, so that eval.py's and train.py's numbers stand beside
+# the cards'. First each task's row format and prompt.
+
 
 @dataclass
 class Question:
-    contexts: list  # the text before each choice: one prompt for all, or (Winogrande) one per choice
+    contexts: list  # the text before each choice: one prompt for all, or (Winogrande) one per
+    # choice
     choices: list  # each choice's text, scored as the continuation of its context after a space
     gold: int  # the index of the right choice
 
 
 def hellaswag_text(text):
-    """HellaSwag's WikiHow rows carry markers in brackets: " [title]" ends a sentence, the others go."""
+    """HellaSwag's WikiHow rows carry markers in brackets: " [title]" ends a sentence, the
+    others go."""
     text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
     return text.replace("  ", " ")
 
@@ -70,29 +78,33 @@ def arc_question(row):
 
 
 def piqa_question(row):
-    return Question([f"Question: {row['goal']}\nAnswer:"] * 2, [row["sol1"], row["sol2"]], int(row["label"]))
+    return Question([f"Question: {row['goal']}\nAnswer:"] * 2, [row["sol1"], row["sol2"]],
+                    int(row["label"]))
 
 
 def openbookqa_question(row):
     texts, labels = row["choices"]["text"], row["choices"]["label"]
-    return Question([row["question_stem"]] * len(texts), list(texts), list(labels).index(row["answerKey"].lstrip()))
+    return Question([row["question_stem"]] * len(texts), list(texts),
+                    list(labels).index(row["answerKey"].lstrip()))
 
 
 def winogrande_question(row):
-    """Partial scoring: each option fills the blank and ends its context; what follows the blank is the
-    continuation, the same text for both, so the options compete on how well the rest of the sentence fits."""
+    """Partial scoring: each option fills the blank and ends its context; what follows the blank is
+    the continuation, the same text for both, so the options compete on how well the rest of the
+    sentence fits."""
     sentence = row["sentence"]
     blank = sentence.index("_")
     rest = sentence[blank + 1:].strip()
-    return Question([sentence[:blank] + row["option1"], sentence[:blank] + row["option2"]], [rest, rest],
-                    ["1", "2"].index(str(row["answer"])))
+    return Question([sentence[:blank] + row["option1"], sentence[:blank] + row["option2"]],
+                    [rest, rest], ["1", "2"].index(str(row["answer"])))
 
 
 @dataclass(frozen=True)
 class Benchmark:
     question: Callable  # a row in the data set's own layout -> Question
     hub: tuple  # (data set, config, split) on the Hugging Face hub: the split the harness evaluates
-    acc_norm: bool = True  # whether the harness reports acc_norm (Winogrande's choices are all the same text)
+    acc_norm: bool = True  # whether the harness reports acc_norm (Winogrande's choices are all
+    # the same text)
 
 
 BENCHMARKS = {
@@ -101,15 +113,21 @@ BENCHMARKS = {
     "arc_challenge": Benchmark(arc_question, ("allenai/ai2_arc", "ARC-Challenge", "test")),
     "piqa": Benchmark(piqa_question, ("baber/piqa", None, "validation")),
     "openbookqa": Benchmark(openbookqa_question, ("allenai/openbookqa", "main", "test")),
-    "winogrande": Benchmark(winogrande_question, ("allenai/winogrande", "winogrande_xl", "validation"),
-                            acc_norm=False),
+    "winogrande": Benchmark(winogrande_question,
+                            ("allenai/winogrande", "winogrande_xl", "validation"), acc_norm=False),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a task's rows: a local file in the data set's own layout, else the hub
+
 BENCHMARK_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 
 
 def read_benchmark(task, data_dir, limit=0):
-    """The questions of a task (the first `limit` when limit > 0), from data_dir/<task>.jsonl, .jsonl.gz or
-    .parquet in the data set's own layout, else from the hub with the optional `datasets` package."""
+    """The questions of a task (the first `limit` when limit > 0), from data_dir/<task>.jsonl,
+    .jsonl.gz or .parquet in the data set's own layout, else from the hub with the optional
+    `datasets` package."""
     if task not in BENCHMARKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(BENCHMARKS)}")
     questions = []
@@ -137,19 +155,20 @@ def benchmark_rows(task, data_dir):
 
 
 def parquet_rows(path):
-    rows = (row for batch in open_parquet(path).iter_batches(batch_size=1024) for row in batch.to_pylist())
+    rows = (row for batch in open_parquet(path).iter_batches(batch_size=1024)
+            for row in batch.to_pylist())
     return ((f"{path}: row {number}", row) for number, row in enumerate(rows, 1))
 
 
 def hub_rows(task, missing):
-    """A task's rows from the hub. Without the package or the network, the error says which file was looked
-    for. With HF_HUB_OFFLINE set, datasets reads its cache only."""
+    """A task's rows from the hub. Without the package or the network, the error says which file
+    was looked for. With HF_HUB_OFFLINE set, datasets reads its cache only."""
     name, config, split = BENCHMARKS[task].hub
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"{task}: {missing}, and reading {name} from the hub needs the optional `datasets` "
-                         f"package (pip install datasets)") from None
+        raise ValueError(f"{task}: {missing}, and reading {name} from the hub needs the optional "
+                         f"`datasets` package (pip install datasets)") from None
     offline = hub_offline_setting()
     reason = None if offline else hub_unreachable()
     if reason:
@@ -167,24 +186,32 @@ def parse_question(task, where, row):
     try:
         return BENCHMARKS[task].question(row)
     except KeyError as e:
-        raise ValueError(f"{where}: no field {e.args[0]!r} in this {task} row (found {found_keys(row)})") from None
+        raise ValueError(f"{where}: no field {e.args[0]!r} in this {task} row "
+                         f"(found {found_keys(row)})") from None
     except (TypeError, ValueError, IndexError, AttributeError) as e:
         raise ValueError(f"{where}: not a {task} row ({one_line(e)})") from None
 
 
+# ----------------------------------------------------------------------------------------------
+# The context/continuation split into tokens, and grading
+
+
 def benchmark_requests(tokenizer, questions):
     """(context ids, continuation ids) of every choice of every question, in order."""
-    return encode_pairs(tokenizer, [(context, " " + choice) for question in questions
-                                    for context, choice in zip(question.contexts, question.choices)])
+    pairs = [(context, " " + choice) for question in questions
+             for context, choice in zip(question.contexts, question.choices)]
+    return encode_pairs(tokenizer, pairs)
 
 
 def encode_pairs(tokenizer, pairs):
-    """Token ids of (context, continuation) text pairs, split as lm-evaluation-harness splits them: the
-    context's trailing whitespace moves to the start of the continuation (where BPE tokens carry their
-    spaces); the continuation's ids are those of context + continuation past as many ids as the context
-    alone has, so a token merged across the boundary counts for the continuation. No special tokens are
-    added; an empty context becomes the document-start token, so every continuation token is predicted."""
-    moved = [(context.rstrip(), context[len(context.rstrip()):] + continuation) for context, continuation in pairs]
+    """Token ids of (context, continuation) text pairs, split as lm-evaluation-harness splits them:
+    the context's trailing whitespace moves to the start of the continuation (where BPE tokens carry
+    their spaces); the continuation's ids are those of context + continuation past as many ids as
+    the context alone has, so a token merged across the boundary counts for the continuation. No
+    special tokens are added; an empty context becomes the document-start token, so every
+    continuation token is predicted."""
+    moved = [(context.rstrip(), context[len(context.rstrip()):] + continuation)
+             for context, continuation in pairs]
     contexts = tokenizer.encode([context for context, _ in moved])
     wholes = tokenizer.encode([context + continuation for context, continuation in moved])
     return [(context or [document_start(tokenizer)], whole[len(context):])
@@ -192,9 +219,9 @@ def encode_pairs(tokenizer, pairs):
 
 
 def grade(questions, loglikelihoods):
-    """(acc, acc_norm) of each question: whether the largest summed log-likelihood is the right choice's, and
-    whether the largest per character of the choice's text is (the first wins ties). loglikelihoods: one per
-    choice, question after question."""
+    """(acc, acc_norm) of each question: whether the largest summed log-likelihood is the right
+    choice's, and whether the largest per character of the choice's text is (the first wins ties).
+    loglikelihoods: one per choice, question after question."""
     def best(scores):
         return max(range(len(scores)), key=scores.__getitem__)
 
@@ -207,24 +234,35 @@ def grade(questions, loglikelihoods):
     return grades
 
 
+# ----------------------------------------------------------------------------------------------
+# The documents that bits per byte are measured on
+
+
 def bpb_documents(path, tokenizer, limit=0):
-    """(token ids, UTF-8 bytes) of each document of a file, for bits per byte: one of our .bin shards (split
-    at the end-of-text token, which counts no bytes; a document cut by the shard's end counts as it is), or
-    text read as prepare_data.py reads its --input (.txt, .jsonl, .parquet, .gz)."""
+    """(token ids, UTF-8 bytes) of each document of a file, for bits per byte: one of our .bin
+    shards (split at the end-of-text token, which counts no bytes; a document cut by the shard's
+    end counts as it is), or text read as prepare_data.py reads its --input (.txt, .jsonl,
+    .parquet, .gz)."""
     if path.endswith(".bin"):
         tokens = np.asarray(read_shard(path))
         ends = np.flatnonzero(tokens == tokenizer.eot_id)
         starts, ends = np.concatenate(([0], ends + 1)), np.concatenate((ends, [len(tokens)]))
         pieces = [tokens[start:end].tolist() for start, end in zip(starts, ends) if end > start]
-        documents = [(ids, len(tokenizer.decode(ids).encode("utf-8"))) for ids in pieces[:limit or None]]
+        documents = [(ids, len(tokenizer.decode(ids).encode("utf-8")))
+                     for ids in pieces[:limit or None]]
     elif not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     else:
         texts = list(read_documents(path))[:limit or None]
-        documents = [(ids, len(text.encode("utf-8"))) for ids, text in zip(tokenizer.encode(texts), texts)]
+        documents = [(ids, len(text.encode("utf-8")))
+                     for ids, text in zip(tokenizer.encode(texts), texts)]
     if not any(size for _, size in documents):
         raise ValueError(f"{path}: no text to score")
     return documents
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
 
 
 @dataclass
@@ -279,7 +317,7 @@ def device_and_autocast(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Benchmarks and bits per byte
+# Scoring a model: benchmarks and bits per byte
 
 QUESTIONS_PER_CALL = 256  # sorted and batched together; the progress bar moves after each call
 
