@@ -18,9 +18,10 @@ prompts are made and split), then the documents that bits per byte is measured o
 eval_tasks imports them to score the same tasks while training. The program follows: its
 settings, loading the model, scoring, the table.
 
-A table goes to stderr as it goes; stdout gets one JSON line per task, {"task", "n", "acc",
-"acc_norm"} ({"task": "bpb", "bpb", ...} for bits per byte), and --output=FILE.json also keeps
-every question's per-choice log-likelihoods.
+A progress bar per task goes to stderr as it goes, then a table: task, n, acc, acc_norm for the
+benchmarks, and under a header of its own task, bytes, tokens, bpb for bits per byte. stdout gets
+one JSON line per task, {"task", "n", "acc", "acc_norm"} ({"task": "bpb", "bpb", ...} for bits
+per byte), and --output=FILE.json also keeps every question's per-choice log-likelihoods.
 """
 
 import contextlib
@@ -378,13 +379,19 @@ def mean(values):
 
 
 def print_table(results):
-    log(f"{'task':<16} {'n':>7} {'acc':>8} {'acc_norm':>9}")
-    for result in results:
-        if result["task"] == "bpb":
-            log(f"{'bpb':<16} {result['bytes']:>7} {result['bpb']:>8.4f}   (bits per byte; bytes)")
-        else:
-            norm = f"{result['acc_norm']:.4f}" if result["acc_norm"] is not None else "-"
-            log(f"{result['task']:<16} {result['n']:>7} {result['acc']:>8.4f} {norm:>9}")
+    """The benchmarks under task, n (questions), acc and acc_norm; bits per byte under a header of
+    its own: task, bytes, tokens and bpb."""
+    benchmarks = [result for result in results if result["task"] != "bpb"]
+    bpbs = [result for result in results if result["task"] == "bpb"]
+    if benchmarks:
+        log(f"{'task':<16} {'n':>7} {'acc':>8} {'acc_norm':>9}")
+    for result in benchmarks:
+        norm = f"{result['acc_norm']:.4f}" if result["acc_norm"] is not None else "-"
+        log(f"{result['task']:<16} {result['n']:>7} {result['acc']:>8.4f} {norm:>9}")
+    if bpbs:
+        log(f"{'task':<16} {'bytes':>10} {'tokens':>10} {'bpb':>8}")
+    for result in bpbs:
+        log(f"{'bpb':<16} {result['bytes']:>10} {result['tokens']:>10} {result['bpb']:>8.4f}")
 
 
 def main(argv=None):
