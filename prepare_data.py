@@ -23,13 +23,24 @@ documents back, exactly: the tokenizer is lossless (identity normalisation, byte
 --chat turns conversations ({"messages": [{"role", "content"}, ...]} jsonl, or a data set) into what an SFT run
 reads: the chat tokenizer (the model's, with Doge's chat template and its special tokens if it has none) and
 conversation shards (tokens, which of them are trained on, where each conversation starts); see "Chat" below.
-The loaders that read both kinds of shards in training live here too ("Reading shards for training").
 
 Tokenizing runs in --workers processes. Long documents are cut into pieces of a few KB at line starts, where
 the tokenizer never merges across (checked on the data at start-up): because SentencePiece is several times
 slower on one multi-megabyte string and because one huge file should still keep every worker busy. Text files are
 read a block at a time and shards written as they fill, so memory holds a few blocks, the tasks in flight and the
 tokenizer's sample, whatever the size of a file or of a document in it.
+
+The file holds, top to bottom (the benchmarks that train.py and eval.py score live in eval.py):
+
+    Shard format                     write, read and list token shards and conversation shards; read meta.json
+    Documents                        where the text comes from: files, directories, a data set on the hub
+    Tokenizer                        train SentencePiece BPE, or load a .model / tokenizer.json
+    Cutting long documents           where tokenizers never merge across
+    Tokenizing in worker processes   and writing the shards as they fill
+    The whole preparation            prepare(): inputs -> tokenizer, shards and meta.json in --out_dir
+    Chat                             Doge's chat format, the chat tokenizer, conversations -> conversation shards
+    Reading shards for training      the loaders that read both kinds of shards in training (train.py)
+    Command line                     prepare_data.py's arguments, and main()
 """
 
 import argparse
@@ -1790,7 +1801,8 @@ def collate(examples, block_size, length=None, bucket=False):
 
 
 # -----------------------------------------------------------------------------
-# Command line: --key=value or --key value; values are Python literals or bare strings (see REFERENCE.md §7)
+# Command line: --key=value or --key value; values are Python literals or bare strings
+# (see docs/reference.md, Command-line values)
 
 def as_int(text):
     value = parse_value(text)
