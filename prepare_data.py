@@ -23,13 +23,24 @@ documents back, exactly: the tokenizer is lossless (identity normalisation, byte
 --chat turns conversations ({"messages": [{"role", "content"}, ...]} jsonl, or a data set) into what an SFT run
 reads: the chat tokenizer (the model's, with Doge's chat template and its special tokens if it has none) and
 conversation shards (tokens, which of them are trained on, where each conversation starts); see "Chat" below.
-The loaders that read both kinds of shards in training live here too ("Reading shards for training").
 
 Tokenizing runs in --workers processes. Long documents are cut into pieces of a few KB at line starts, where
 the tokenizer never merges across (checked on the data at start-up): because SentencePiece is several times
 slower on one multi-megabyte string and because one huge file should still keep every worker busy. Text files are
 read a block at a time and shards written as they fill, so memory holds a few blocks, the tasks in flight and the
 tokenizer's sample, whatever the size of a file or of a document in it.
+
+The file holds, top to bottom (the benchmarks that train.py and eval.py score live in eval.py):
+
+    Shard format                     write, read and list token shards and conversation shards; read meta.json
+    Documents                        where the text comes from: files, directories, a data set on the hub
+    Tokenizer                        train SentencePiece BPE, or load a .model / tokenizer.json
+    Cutting long documents           where tokenizers never merge across
+    Tokenizing in worker processes   and writing the shards as they fill
+    The whole preparation            prepare(): inputs -> tokenizer, shards and meta.json in --out_dir
+    Chat                             Doge's chat format, the chat tokenizer, conversations -> conversation shards
+    Reading shards for training      the loaders that read both kinds of shards in training (train.py)
+    Command line                     prepare_data.py's arguments, and main()
 """
 
 import argparse
@@ -1790,196 +1801,8 @@ def collate(examples, block_size, length=None, bucket=False):
 
 
 # -----------------------------------------------------------------------------
-# Benchmarks: the zero-shot multiple-choice tasks of the Doge model cards, read, prompted and scored as
-# lm-evaluation-harness does it, so that eval.py's and train.py's numbers stand beside the cards'. Also the
-# documents that bits per byte are measured on.
-
-@dataclass
-class Question:
-    contexts: list  # the text before each choice: one prompt for all, or (Winogrande) one per choice
-    choices: list  # each choice's text, scored as the continuation of its context after a space
-    gold: int  # the index of the right choice
-
-
-def hellaswag_text(text):
-    """HellaSwag's WikiHow rows carry markers in brackets: " [title]" ends a sentence, the others go."""
-    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
-    return text.replace("  ", " ")
-
-
-def hellaswag_question(row):
-    # str.capitalize also lowers the rest of ctx_b; the harness's prompts do the same
-    prompt = hellaswag_text(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
-    endings = [hellaswag_text(ending) for ending in row["endings"]]
-    return Question([prompt] * len(endings), endings, int(row["label"]))
-
-
-def arc_question(row):
-    texts, labels = row["choices"]["text"], row["choices"]["label"]
-    return Question([f"Question: {row['question']}\nAnswer:"] * len(texts), list(texts),
-                    list(labels).index(row["answerKey"]))
-
-
-def piqa_question(row):
-    return Question([f"Question: {row['goal']}\nAnswer:"] * 2, [row["sol1"], row["sol2"]], int(row["label"]))
-
-
-def openbookqa_question(row):
-    texts, labels = row["choices"]["text"], row["choices"]["label"]
-    return Question([row["question_stem"]] * len(texts), list(texts), list(labels).index(row["answerKey"].lstrip()))
-
-
-def winogrande_question(row):
-    """Partial scoring: each option fills the blank and ends its context; what follows the blank is the
-    continuation, the same text for both, so the options compete on how well the rest of the sentence fits."""
-    sentence = row["sentence"]
-    blank = sentence.index("_")
-    rest = sentence[blank + 1:].strip()
-    return Question([sentence[:blank] + row["option1"], sentence[:blank] + row["option2"]], [rest, rest],
-                    ["1", "2"].index(str(row["answer"])))
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    question: Callable  # a row in the data set's own layout -> Question
-    hub: tuple  # (data set, config, split) on the Hugging Face hub: the split the harness evaluates
-    acc_norm: bool = True  # whether the harness reports acc_norm (Winogrande's choices are all the same text)
-
-
-BENCHMARKS = {
-    "hellaswag": Benchmark(hellaswag_question, ("Rowan/hellaswag", None, "validation")),
-    "arc_easy": Benchmark(arc_question, ("allenai/ai2_arc", "ARC-Easy", "test")),
-    "arc_challenge": Benchmark(arc_question, ("allenai/ai2_arc", "ARC-Challenge", "test")),
-    "piqa": Benchmark(piqa_question, ("baber/piqa", None, "validation")),
-    "openbookqa": Benchmark(openbookqa_question, ("allenai/openbookqa", "main", "test")),
-    "winogrande": Benchmark(winogrande_question, ("allenai/winogrande", "winogrande_xl", "validation"),
-                            acc_norm=False),
-}
-BENCHMARK_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-
-
-def read_benchmark(task, data_dir, limit=0):
-    """The questions of a task (the first `limit` when limit > 0), from data_dir/<task>.jsonl, .jsonl.gz or
-    .parquet in the data set's own layout, else from the hub with the optional `datasets` package."""
-    if task not in BENCHMARKS:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(BENCHMARKS)}")
-    questions = []
-    try:
-        for where, row in benchmark_rows(task, data_dir):
-            if limit and len(questions) == limit:
-                break
-            questions.append(parse_question(task, where, row))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{task}: a file in {data_dir} is not valid UTF-8 ({e.reason})") from None
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{task}: cannot read its rows in {data_dir} ({one_line(e)})") from None
-    if not questions:
-        raise ValueError(f"{task}: no rows in its file in {data_dir}")
-    return questions
-
-
-def benchmark_rows(task, data_dir):
-    """(where, row) for each row of a task; where names the file and line, or the row."""
-    for suffix in BENCHMARK_SUFFIXES:
-        path = os.path.join(data_dir, task + suffix)
-        if os.path.isfile(path):
-            return parquet_rows(path) if suffix == ".parquet" else jsonl_rows(path)
-    return hub_rows(task, f"no {os.path.join(data_dir, task)}.jsonl (nor .jsonl.gz, .parquet)")
-
-
-def parquet_rows(path):
-    rows = (row for batch in open_parquet(path).iter_batches(batch_size=1024) for row in batch.to_pylist())
-    return ((f"{path}: row {number}", row) for number, row in enumerate(rows, 1))
-
-
-def hub_rows(task, missing):
-    """A task's rows from the hub. Without the package or the network, the error says which file was looked
-    for. With HF_HUB_OFFLINE set, datasets reads its cache only."""
-    name, config, split = BENCHMARKS[task].hub
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"{task}: {missing}, and reading {name} from the hub needs the optional `datasets` "
-                         f"package (pip install datasets)") from None
-    offline = hub_offline_setting()
-    reason = None if offline else hub_unreachable()
-    if reason:
-        raise ValueError(f"{task}: {missing}, and the hub for {name} is out of reach: {reason}")
-    try:
-        rows = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # datasets raises many kinds: offline without a cache, bad name, network
-        raise ValueError(f"{task}: {missing}, and {name} did not load from the hub"
-                         f"{f' ({offline} is set: only its cache is read)' if offline else ''}: "
-                         f"{one_line(e)}") from None
-    return ((f"{name} {split} row {number}", row) for number, row in enumerate(rows, 1))
-
-
-def parse_question(task, where, row):
-    try:
-        return BENCHMARKS[task].question(row)
-    except KeyError as e:
-        raise ValueError(f"{where}: no field {e.args[0]!r} in this {task} row (found {found_keys(row)})") from None
-    except (TypeError, ValueError, IndexError, AttributeError) as e:
-        raise ValueError(f"{where}: not a {task} row ({one_line(e)})") from None
-
-
-def benchmark_requests(tokenizer, questions):
-    """(context ids, continuation ids) of every choice of every question, in order."""
-    return encode_pairs(tokenizer, [(context, " " + choice) for question in questions
-                                    for context, choice in zip(question.contexts, question.choices)])
-
-
-def encode_pairs(tokenizer, pairs):
-    """Token ids of (context, continuation) text pairs, split as lm-evaluation-harness splits them: the
-    context's trailing whitespace moves to the start of the continuation (where BPE tokens carry their
-    spaces); the continuation's ids are those of context + continuation past as many ids as the context
-    alone has, so a token merged across the boundary counts for the continuation. No special tokens are
-    added; an empty context becomes the document-start token, so every continuation token is predicted."""
-    moved = [(context.rstrip(), context[len(context.rstrip()):] + continuation) for context, continuation in pairs]
-    contexts = tokenizer.encode([context for context, _ in moved])
-    wholes = tokenizer.encode([context + continuation for context, continuation in moved])
-    return [(context or [document_start(tokenizer)], whole[len(context):])
-            for context, whole in zip(contexts, wholes)]
-
-
-def grade(questions, loglikelihoods):
-    """(acc, acc_norm) of each question: whether the largest summed log-likelihood is the right choice's, and
-    whether the largest per character of the choice's text is (the first wins ties). loglikelihoods: one per
-    choice, question after question."""
-    def best(scores):
-        return max(range(len(scores)), key=scores.__getitem__)
-
-    grades, position = [], 0
-    for question in questions:
-        scores = loglikelihoods[position:position + len(question.choices)]
-        position += len(question.choices)
-        per_char = [score / max(len(choice), 1) for score, choice in zip(scores, question.choices)]
-        grades.append((best(scores) == question.gold, best(per_char) == question.gold))
-    return grades
-
-
-def bpb_documents(path, tokenizer, limit=0):
-    """(token ids, UTF-8 bytes) of each document of a file, for bits per byte: one of our .bin shards (split
-    at the end-of-text token, which counts no bytes; a document cut by the shard's end counts as it is), or
-    text read as prepare_data.py reads its --input (.txt, .jsonl, .parquet, .gz)."""
-    if path.endswith(".bin"):
-        tokens = np.asarray(read_shard(path))
-        ends = np.flatnonzero(tokens == tokenizer.eot_id)
-        starts, ends = np.concatenate(([0], ends + 1)), np.concatenate((ends, [len(tokens)]))
-        pieces = [tokens[start:end].tolist() for start, end in zip(starts, ends) if end > start]
-        documents = [(ids, len(tokenizer.decode(ids).encode("utf-8"))) for ids in pieces[:limit or None]]
-    elif not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    else:
-        texts = list(read_documents(path))[:limit or None]
-        documents = [(ids, len(text.encode("utf-8"))) for ids, text in zip(tokenizer.encode(texts), texts)]
-    if not any(size for _, size in documents):
-        raise ValueError(f"{path}: no text to score")
-    return documents
-
-
-# -----------------------------------------------------------------------------
-# Command line: --key=value or --key value; values are Python literals or bare strings (see REFERENCE.md §7)
+# Command line: --key=value or --key value; values are Python literals or bare strings
+# (see docs/reference.md, Command-line values)
 
 def as_int(text):
     value = parse_value(text)

@@ -45,9 +45,9 @@ from doge import (PRESETS, TOKENIZER_FILES, Doge, DogeConfig, atomic_write, atom
                   copy_tokenizer_files, grow_vocabulary, latest_checkpoint, list_checkpoints,
                   local_model_path, newest_checkpoint, read_checkpoint, remove_temporary_files,
                   upcycle_to_moe)
-from prepare_data import (BENCHMARKS, DEFAULT_DATA_DIR, ConversationLoader, ShardLoader,
-                          benchmark_requests, ensure_prepared, grade, load_text_tokenizer,
-                          one_line, padded_length, read_benchmark, read_meta)
+from eval import BENCHMARKS, benchmark_requests, grade, read_benchmark
+from prepare_data import (DEFAULT_DATA_DIR, ConversationLoader, ShardLoader, ensure_prepared,
+                          load_text_tokenizer, one_line, padded_length, read_meta)
 
 # ----------------------------------------------------------------------------------------------
 # Settings
@@ -83,7 +83,7 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_interval: int = 250  # evaluate every this many steps (and at 0 and the end); 0: end only
     eval_iters: int = 20  # validation micro-batches per process in each evaluation
-    eval_tasks: str = ""  # benchmarks (prepare_data.BENCHMARKS) scored at each evaluation too,
+    eval_tasks: str = ""  # benchmarks (eval.BENCHMARKS) scored at each evaluation too,
     # comma-separated (hellaswag,piqa,...; the data's tokenizer), logged as hellaswag_acc, ...
     eval_data_dir: str = "data/eval"  # rows: <task>.jsonl, .jsonl.gz or .parquet, else the hub
     eval_tasks_limit: int = 500  # the first this many questions of each task; 0: all of them

@@ -1,9 +1,10 @@
-"""eval.py and the Benchmarks section of prepare_data.py: log-likelihoods against transformers'
-DogeForCausalLM, the harness's context/continuation split and prompt formats, acc and acc_norm,
-bits per byte, one-line errors, the command line end to end, and eval_tasks in train.py."""
+"""eval.py: log-likelihoods against transformers' DogeForCausalLM, the harness's context/continuation
+split and prompt formats, acc and acc_norm, bits per byte, one-line errors, the command line end to
+end, and eval_tasks in train.py."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -14,9 +15,9 @@ import doge
 import eval as eval_program
 import prepare_data
 import train
+from eval import Question, benchmark_requests, encode_pairs, grade, read_benchmark
 from helpers import one_thread, write_bpe_tokenizer  # noqa: F401 (one_thread: a fixture)
 from oracle import randomize, reference_class, tiny_config
-from prepare_data import Question, benchmark_requests, encode_pairs, grade, read_benchmark
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
           "a small language model writes small sentences", "héllo wörld 日本語 🙂"] * 20
@@ -344,6 +345,29 @@ def test_command_line_scores_the_questions_as_the_reference_does(model_dir, tmp_
                 assert close(score, theirs), (score, theirs)
         right = [max(range(len(s)), key=s.__getitem__) == q.gold for q, s in zip(questions, scores)]
         assert line["acc"] == sum(right) / len(right)
+
+
+def test_the_table_gives_bits_per_byte_a_header_of_its_own(model_dir, tmp_path, capsys):
+    """The table on stderr: the benchmarks under task, n, acc, acc_norm; bpb under task, bytes,
+    tokens, bpb, each value right-aligned under its own header; stdout keeps its JSON lines."""
+    write_jsonl(tmp_path / "winogrande.jsonl", WINOGRANDE_ROWS)
+    (tmp_path / "text.txt").write_text("hello world, how are you today?", encoding="utf-8")
+    eval_program.main([f"--init_from={model_dir}", "--tasks=bpb,winogrande", "--device=cpu",
+                       f"--data_dir={tmp_path}", f"--data={tmp_path / 'text.txt'}"])
+    captured = capsys.readouterr()
+    bpb, winogrande = [json.loads(line) for line in captured.out.splitlines()]
+    assert (bpb["task"], winogrande["task"]) == ("bpb", "winogrande")
+    table = captured.err.splitlines()[-4:]
+    assert [line.split() for line in table] == [
+        ["task", "n", "acc", "acc_norm"],
+        ["winogrande", "2", f"{winogrande['acc']:.4f}", "-"],
+        ["task", "bytes", "tokens", "bpb"],
+        ["bpb", str(bpb["bytes"]), str(bpb["tokens"]), f"{bpb['bpb']:.4f}"]]
+
+    def column_ends(line):  # where each right-aligned field after the task name ends
+        return [match.end() for match in re.finditer(r"\S+", line)][1:]
+    assert column_ends(table[1]) == column_ends(table[0])
+    assert column_ends(table[3]) == column_ends(table[2])
 
 
 def test_train_logs_the_benchmarks_at_each_evaluation(model_dir, tmp_path, capsys):

@@ -561,9 +561,10 @@ def test_bad_conversation_data_is_a_clear_error(base_dir, tmp_path):
 
 
 def test_train_imports_no_terminal_program():
-    """Imports run one way: train.py -> doge.py and the data side, never sample.py."""
+    """Imports run one way: train.py -> eval.py (the benchmarks), doge.py and the data side; nothing
+    imports sample.py or bench.py."""
     import subprocess
     code = "import sys, train; print(sorted({'sample', 'bench', 'eval'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
+    assert result.returncode == 0 and result.stdout.strip() == "['eval']", result.stderr[-2000:]
