@@ -37,6 +37,9 @@ TINY_TRAIN = ["--max_iters=4", "--warmup_iters=1", "--decay_iters=1", "--eval_in
               "--eval_iters=1", "--log_interval=1"]
 TINY_DATA = dict(vocab_size=512, sample_bytes=200_000, max_tokens=60_000, val_tokens=6_000)
 TIMEOUT = 300  # seconds a block may take
+# What a block needs beyond requirements.txt, by what it contains: such a block is skipped
+# where the optional package is missing, as the other tests skip.
+OPTIONAL = {"transformers": ["transformers"], "--chat": ["tokenizers", "jinja2"]}
 
 
 @dataclass
@@ -83,6 +86,11 @@ def tiny_arguments(marker_text):
         assert words and words[0].endswith(".py"), f"a tiny-size marker part names a script: {part!r}"
         overrides[words[0]] = words[1:]
     return overrides
+
+
+def optional_packages(block):
+    return [package for word, packages in OPTIONAL.items() if word in block.code
+            for package in packages]
 
 
 # A `python` on PATH that appends a block's tiny-size arguments to `python SCRIPT ...`.
@@ -168,14 +176,15 @@ def test_code_block_runs(block, page_copies, shim_dir):
     if block.marker and block.marker[0] == "not run":
         assert block.marker[1].strip(), f"{block.name}: a block that is not run says why"
         pytest.skip(block.marker[1])
-    if block.language == "python" and "transformers" in block.code:
-        pytest.importorskip("transformers")
+    earlier = [other for other in CODE_BLOCKS if other.page == block.page
+               and other.line < block.line and not (other.marker and other.marker[0] == "not run")]
+    for needed in {package for other in [*earlier, block] for package in optional_packages(other)}:
+        pytest.importorskip(needed)
     directory, done = page_copies(block.page)
-    for earlier in CODE_BLOCKS:
-        if earlier.page == block.page and earlier.line < block.line and earlier.line not in done \
-                and not (earlier.marker and earlier.marker[0] == "not run"):
-            run_code(earlier, directory, shim_dir)
-            done.add(earlier.line)
+    for other in earlier:
+        if other.line not in done:
+            run_code(other, directory, shim_dir)
+            done.add(other.line)
     run_code(block, directory, shim_dir)
     done.add(block.line)
 
