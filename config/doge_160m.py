@@ -1,5 +1,6 @@
-# Doge-160M (REFERENCE.md §3): 24k steps of 1.5M tokens at T=2048 (32B tokens), lr 4e-3, WSD with
-# 10% warmup and a 10% linear decay to 0, otherwise as config/doge_20m.py.
+# Doge-160M (docs/reference.md, Published shapes and recipes): 24k steps of 1.5M tokens at T=2048
+# (32B tokens), lr 4e-3, WSD with 10% warmup and a 10% linear decay to 0, otherwise as
+# config/doge_20m.py.
 #     torchrun --standalone --nproc_per_node=8 train.py config/doge_160m.py
 
 out_dir = "out/doge-160m"

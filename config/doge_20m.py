@@ -1,6 +1,6 @@
-# Doge-20M, the published recipe (REFERENCE.md §3): 8k steps of 0.5M tokens at T=2048 (4.2B
-# tokens), AdamW (0.9, 0.95) eps 1e-8 wd 0.01, clip 1.0, WSD with 800 warmup and 800 decay steps
-# to 0, bf16, compiled. Sized for one 24 GB RTX 4090:
+# Doge-20M, the published recipe (docs/reference.md, Published shapes and recipes): 8k steps of
+# 0.5M tokens at T=2048 (4.2B tokens), AdamW (0.9, 0.95) eps 1e-8 wd 0.01, clip 1.0, WSD with 800
+# warmup and 800 decay steps to 0, bf16, compiled. Sized for one 24 GB RTX 4090:
 #     python train.py config/doge_20m.py
 #     torchrun --standalone --nproc_per_node=8 train.py config/doge_20m.py
 # Data: a pretraining corpus in the Doge tokenizer's 32768 tokens, e.g.

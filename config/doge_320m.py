@@ -1,5 +1,6 @@
-# Doge-320M (REFERENCE.md §3): 32k steps of 2M tokens at T=2048 (64B tokens), lr 2e-3, WSD with
-# 3200 warmup steps and a 10% linear decay to 0, otherwise as config/doge_20m.py.
+# Doge-320M (docs/reference.md, Published shapes and recipes): 32k steps of 2M tokens at T=2048
+# (64B tokens), lr 2e-3, WSD with 3200 warmup steps and a 10% linear decay to 0, otherwise as
+# config/doge_20m.py.
 #     torchrun --standalone --nproc_per_node=8 train.py config/doge_320m.py
 
 out_dir = "out/doge-320m"

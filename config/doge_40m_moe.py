@@ -1,6 +1,6 @@
-# Doge-40M-MoE (REFERENCE.md §3): the Doge-20M shape with a wider shared expert (768) and a
-# Cross-Domain MoE of 1024 tiny experts, 8 per token; 32k steps, lr 8e-3, WSD with 10% warmup and
-# a 10% linear decay to 0, otherwise as config/doge_20m.py.
+# Doge-40M-MoE (docs/reference.md, Published shapes and recipes): the Doge-20M shape with a wider
+# shared expert (768) and a Cross-Domain MoE of 1024 tiny experts, 8 per token; 32k steps, lr 8e-3,
+# WSD with 10% warmup and a 10% linear decay to 0, otherwise as config/doge_20m.py.
 #     python train.py config/doge_40m_moe.py
 # The published model has the 128256-token Doge2 vocabulary; here the vocabulary follows the
 # data (data_dir/meta.json), as for every scratch run: give --vocab_size=... to pin it.

@@ -1,5 +1,6 @@
-# Doge-60M (REFERENCE.md §3): 16k steps of 1M tokens at T=2048 (16B tokens), lr 6e-3, WSD with
-# 10% warmup and a 10% linear decay to 0, otherwise as config/doge_20m.py.
+# Doge-60M (docs/reference.md, Published shapes and recipes): 16k steps of 1M tokens at T=2048 (16B
+# tokens), lr 6e-3, WSD with 10% warmup and a 10% linear decay to 0, otherwise as
+# config/doge_20m.py.
 #     torchrun --standalone --nproc_per_node=8 train.py config/doge_60m.py
 
 out_dir = "out/doge-60m"

@@ -1,5 +1,6 @@
 # Doge-20M -> Doge-20M-Instruct, the supervised fine-tuning of the published recipe
-# (REFERENCE.md §3): smoltalk, 2 epochs, context 8192, lr 8e-5, bf16, one 24 GB RTX 4090.
+# (docs/reference.md, Published shapes and recipes): smoltalk, 2 epochs, context 8192, lr 8e-5,
+# bf16, one 24 GB RTX 4090.
 #     huggingface-cli download SmallDoge/Doge-20M --local-dir models/Doge-20M
 #     pip install datasets                            # smoltalk comes from the hub
 #     python prepare_data.py --chat --source=HuggingFaceTB/smoltalk:all --tokenizer=models/Doge-20M \

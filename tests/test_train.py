@@ -39,7 +39,8 @@ TINY = ["--model=None", f"--vocab_size={VOCAB}", "--hidden_size=32", "--intermed
 
 
 def write_shard(path, tokens):
-    """The shard format (REFERENCE.md §5): 256 int32 header [magic, 1, count], uint16 tokens."""
+    """The shard format (docs/reference.md, Shard format): 256 int32 header [magic, 1, count],
+    uint16 tokens."""
     header = np.zeros(256, dtype="<i4")
     header[:3] = (20240520, 1, len(tokens))
     with open(path, "wb") as f:
