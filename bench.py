@@ -558,7 +558,7 @@ def case_gpu_attention(batch, length, heads=2, bias_heads=1, head_dim=128, repea
 
     expected = outputs_and_grads(attention_reference)
     paths = {"folded": doge.attend_short_folded, "flex": doge.attend_short_flex,
-             "additive": doge.attend_short_additive, "flash_no_bias": flash_without_bias}
+             "flash_no_bias": flash_without_bias}
     result = {}
     for name, attend in paths.items():
         try:

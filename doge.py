@@ -236,7 +236,7 @@ def rope_matrix(cos, sin):
 # with logit q.k / sqrt(d) + dt[j], restricted to the keep_window_size "best" visible keys, where
 # best means larger dt, and among equal dt the later key. The paths differ only in cost:
 #   short    T <= W, no cache: one fused causal SDPA, the bias folded into q and k (on CUDA
-#            FlexAttention or an additive mask may replace it: attend_short picks).
+#            FlexAttention may replace it: attend_short picks).
 #   blocked  anything longer on CPU, or appending to a cache: queries in blocks; a block's
 #            candidates are the best W keys before it (the "state") plus its own keys. Memory
 #            O(T * W).
@@ -314,9 +314,7 @@ def product_dtype(tensor):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
 
-# The exact T <= W path on CUDA: "folded" (issue 13 measured it at 1.31 ms forward+backward per
-# layer at Doge-20M shapes on an H200, against 0.73 ms for a plain causal flash call), "flex" or
-# "additive". Not yet measured against each other: bench.py --cases=gpu times all three.
+# The exact T <= W path on CUDA: "folded" or "flex" (bench.py --cases=gpu times both).
 CUDA_SHORT_ATTENTION = "folded"
 
 
@@ -326,8 +324,6 @@ def attend_short(q, k, v, dt, scale):
     device: the folded bias on CPU (the fastest there), CUDA_SHORT_ATTENTION on CUDA."""
     if q.is_cuda and CUDA_SHORT_ATTENTION == "flex":
         return attend_short_flex(q, k, v, dt, scale)
-    if q.is_cuda and CUDA_SHORT_ATTENTION == "additive":
-        return attend_short_additive(q, k, v, dt, scale)
     return attend_short_folded(q, k, v, dt, scale)
 
 
@@ -369,21 +365,6 @@ def attend_short_flex(q, k, v, dt, scale):
     mask = create_block_mask(causal, None, None, length, length, device=q.device)
     return flex_attention(q, k, v, score_mod=add_bias, block_mask=mask, scale=scale,
                           enable_gqa=groups > 1)
-
-
-def attend_short_additive(q, k, v, dt, scale):
-    """attend_short as SDPA with an explicit float mask, dt[key] where causal and -inf elsewhere
-    (B, Hb, T, T): the memory-efficient kernel, no padding, but a T x T mask and its gradient."""
-    q, k, v = in_product_dtype(q, k, v)
-    batch, heads, length, head_dim = q.shape
-    bias_heads = k.shape[1]
-    groups = heads // bias_heads
-    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)  # (T, T)
-    bias = dt.unsqueeze(-2).masked_fill(future, float("-inf")).to(q.dtype)  # (B, Hb, T, T)
-    if bias_heads > 1 and groups > 1:  # one mask per query head; one bias head broadcasts
-        bias = bias.repeat_interleave(groups, dim=1)  # (B, H, T, T)
-    k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))  # (B, H, T, d)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 def attend_block(q, k, v, dt, positions, state, keep_window_size, scale):

@@ -129,20 +129,6 @@ def outputs_and_grads(attend, inputs, scale):
 LAYOUTS = [(4, 2), (4, 4), (2, 1)]  # (H, Hb): GQA groups, a bias per query head, Doge-20M's 2/1
 
 
-@pytest.mark.parametrize("heads, bias_heads", LAYOUTS)
-def test_additive_mask_attention_equals_the_folded_bias(heads, bias_heads):
-    inputs = attention_inputs(heads, bias_heads)
-    expected = outputs_and_grads(doge.attend_short_folded, inputs, 0.25)
-    actual = outputs_and_grads(doge.attend_short_additive, inputs, 0.25)
-    for a, b in zip(actual, expected):  # the output, then the gradients of q, k, v and dt
-        close(a, b, 1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the inputs as the model gives them
-        expected = doge.attend_short_folded(*inputs, 0.25)
-        actual = doge.attend_short_additive(*inputs, 0.25)
-    assert actual.dtype == expected.dtype == torch.bfloat16
-    close(actual.float(), expected.float(), 1e-2)
-
-
 NO_COMPILE_WARNING = "ignore:.*flex_attention called without torch.compile"
 
 
@@ -176,9 +162,9 @@ def test_flex_attention_gradients_equal_the_folded_bias():
 def test_cpu_attention_is_the_folded_bias(monkeypatch):
     """Whatever CUDA_SHORT_ATTENTION says, the CPU keeps its path."""
     inputs = attention_inputs(4, 2)
-    monkeypatch.setattr(doge, "CUDA_SHORT_ATTENTION", "additive")
+    monkeypatch.setattr(doge, "CUDA_SHORT_ATTENTION", "flex")
     calls = []
-    monkeypatch.setattr(doge, "attend_short_additive", lambda *args: calls.append(args))
+    monkeypatch.setattr(doge, "attend_short_flex", lambda *args: calls.append(args))
     with torch.no_grad():
         close(doge.attend_short(*inputs, 0.25), doge.attend_short_folded(*inputs, 0.25), 0)
     assert not calls
