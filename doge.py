@@ -291,8 +291,9 @@ def key_lifetimes(dt, keep_window_size):
         # key c of the chunk is beaten by every earlier key and the chunk's keys before it
         beats = source.unsqueeze(-2) < in_chunk[:, None]  # (B, Hb, c, W + c)
         beaten_up_to = beats.cumsum(dim=-1, dtype=torch.int32)
-        wth = (beaten_up_to < window).sum(dim=-1)  # (B, Hb, c), where the W-th better key sits
-        death.scatter_(-1, keys, merged.gather(-1, wth))
+        # (B, Hb, c): where in merged each key's W-th better key sits, whose position is its death
+        death_index = (beaten_up_to < window).sum(dim=-1)
+        death.scatter_(-1, keys, merged.gather(-1, death_index))
         smallest = merged[..., :window]
     return torch.maximum(death, torch.arange(length, device=device))
 
@@ -434,7 +435,7 @@ def lifetime_block_mask(death, groups, mask_mod, length):
                                     seq_lengths=(length, length))
 
 
-def lifetime_path(device):
+def uses_lifetime_path(device):
     """Whether attention past the window without a cache takes the lifetime path: on CUDA, where
     one masked call runs faster than many small blocks. On CPU the blocks are faster."""
     return torch.device(device).type == "cuda"
@@ -719,7 +720,7 @@ class DynamicMaskAttention(nn.Module):
         v = values.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         dt = self.dynamic_bias(self.dt_proj(values)).transpose(1, 2)  # (B, Hb, T)
         k, v = self.to_bias_heads(k), self.to_bias_heads(v)
-        if cache is None and length > self.keep_window_size and lifetime_path(x.device):
+        if cache is None and length > self.keep_window_size and uses_lifetime_path(x.device):
             out = attend_lifetimes(q, k, v, dt, self.keep_window_size, self.scale)
         else:  # the blocked path, which also hands a cache its new state
             state = cache.state() if cache is not None else None
@@ -997,9 +998,9 @@ def compiled_cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_
     return loss, logits_out, grad_hidden, grad_weight
 
 
-def chunked_loss(hidden):
-    """The chunked loss for hidden's device (the one place that picks): the compiled chunks on
-    CUDA, the CPU-tuned loop (cross_entropy_chunks, faster there) elsewhere."""
+def pick_cross_entropy(hidden):
+    """The chunked cross-entropy function for hidden's device (the one place that picks): the
+    compiled chunks on CUDA, the CPU-tuned loop (cross_entropy_chunks, faster there) elsewhere."""
     return compiled_cross_entropy_chunks if hidden.is_cuda else cross_entropy_chunks
 
 
@@ -1009,7 +1010,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, keep_logits):
-        loss, logits, grad_hidden, grad_weight = chunked_loss(hidden)(
+        loss, logits, grad_hidden, grad_weight = pick_cross_entropy(hidden)(
             hidden, weight, targets, keep_logits, compute_grads=True)
         ctx.save_for_backward(grad_hidden, grad_weight)
         if logits is not None:
@@ -1027,7 +1028,7 @@ def linear_cross_entropy(hidden, weight, targets, keep_logits=True):
     """Mean cross-entropy of hidden @ weight.T against targets (-1 ignored), and the logits."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(hidden, weight, targets, keep_logits)
-    loss, logits, _, _ = chunked_loss(hidden)(hidden, weight, targets, keep_logits, False)
+    loss, logits, _, _ = pick_cross_entropy(hidden)(hidden, weight, targets, keep_logits, False)
     return loss, logits
 
 
@@ -1195,10 +1196,10 @@ class Doge(nn.Module):
 
     def new_cache(self, batch_size=1):
         """An empty state for generate to continue, on the model's device and in its dtype:
-        static (fixed shapes, for a CUDA graph) where decoding is (static_decoding)."""
+        static (fixed shapes, for a CUDA graph) where decoding is (uses_static_decoding)."""
         weight = self.lm_head.weight
         return DogeCache(self.config, batch_size, weight.device, weight.dtype,
-                         static=static_decoding(weight.device))
+                         static=uses_static_decoding(weight.device))
 
     def load_cache(self, source):
         """A cache holding the state that DogeCache.save wrote to the file source (or the dict
@@ -1240,7 +1241,7 @@ class Doge(nn.Module):
                              f"sequences with at least one token each")
         if not continued:
             cache = DogeCache(self.config, batch, idx.device, self.lm_head.weight.dtype,
-                              static=static_decoding(idx.device))
+                              static=uses_static_decoding(idx.device))
         finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
         seen = None  # (B, V): which tokens the repetition penalty applies to
         if repetition_penalty != 1.0:
@@ -1383,7 +1384,7 @@ def output_logits(h, output_blocks, vocab_size):
     return logits.transpose(0, 1).reshape(h.shape[0], -1)[:, :vocab_size]
 
 
-def static_decoding(device):
+def uses_static_decoding(device):
     """Whether generation decodes with a static cache and a captured step: on CUDA, where a step
     of a small model is launch-bound. On CPU the step reads only the filled part of the cache."""
     return torch.device(device).type == "cuda"

@@ -70,7 +70,8 @@ def test_compiled_loss_trains_the_model_like_the_cpu_loss(compiled_loss, monkeyp
     targets[0, :4] = -1
     expected_logits, expected = models[0](idx, targets)
     expected.backward()
-    monkeypatch.setattr(doge, "chunked_loss", lambda hidden: doge.compiled_cross_entropy_chunks)
+    monkeypatch.setattr(doge, "pick_cross_entropy",
+                        lambda hidden: doge.compiled_cross_entropy_chunks)
     logits, loss = models[1](idx, targets)
     loss.backward()
     close(loss, expected, 1e-5)
@@ -101,9 +102,9 @@ def test_every_compiled_chunk_has_the_same_rows(monkeypatch):
 
 
 def test_cpu_takes_the_cpu_loss_and_cuda_the_compiled_one():
-    assert doge.chunked_loss(torch.zeros(1)) is doge.cross_entropy_chunks
+    assert doge.pick_cross_entropy(torch.zeros(1)) is doge.cross_entropy_chunks
     meta = torch.zeros(1, device="meta")  # not CUDA either
-    assert doge.chunked_loss(meta) is doge.cross_entropy_chunks
+    assert doge.pick_cross_entropy(meta) is doge.cross_entropy_chunks
 
 
 # --- attention for T <= keep_window_size
@@ -272,7 +273,7 @@ def test_flex_attention_lifetime_path_equals_blocked_path(monkeypatch, heads, bi
 def test_model_on_the_lifetime_path_matches_naive_oracle(monkeypatch, layout):
     """The whole model as it runs on CUDA past the window (eager FlexAttention, forward only)."""
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
-    monkeypatch.setattr(doge, "lifetime_path", lambda device: True)
+    monkeypatch.setattr(doge, "uses_lifetime_path", lambda device: True)
     monkeypatch.setattr(doge, "compiled_flex_attention", lambda: flex.flex_attention)
     model = random_model(**layout)
     idx = torch.randint(0, 97, (2, 43))
@@ -312,7 +313,7 @@ def test_static_decoding_gives_the_same_tokens(monkeypatch, overrides, prompt_le
         shapes.add(tuple(t.shape for t in self.kept()))
 
     monkeypatch.setattr(doge.LayerCache, "insert", insert)
-    monkeypatch.setattr(doge, "static_decoding", lambda device: True)
+    monkeypatch.setattr(doge, "uses_static_decoding", lambda device: True)
     for sampling, tokens in zip(settings, expected):
         torch.manual_seed(3)
         assert torch.equal(model.generate(prompt, new_tokens, **sampling), tokens), sampling
@@ -325,7 +326,7 @@ def test_a_continued_static_cache_computes_one_forward_pass(monkeypatch, tmp_pat
     test_model.test_turns_on_one_cache_compute_one_forward_pass): the logits of one forward pass
     at every generated position; its saved state continues in a dynamic cache as it does itself."""
     model = tie_free_model(**overrides)
-    monkeypatch.setattr(doge, "static_decoding", lambda device: True)
+    monkeypatch.setattr(doge, "uses_static_decoding", lambda device: True)
     cache = model.new_cache(batch_size=2)
     assert cache.static
     prompts = distinct_prompts(2)
@@ -333,7 +334,7 @@ def test_a_continued_static_cache_computes_one_forward_pass(monkeypatch, tmp_pat
     with torch.no_grad():
         close(logits, model(tokens)[0][:, positions])
     cache.save(tmp_path / "static.pt")
-    monkeypatch.setattr(doge, "static_decoding", lambda device: False)
+    monkeypatch.setattr(doge, "uses_static_decoding", lambda device: False)
     dynamic = model.load_cache(tmp_path / "static.pt")
     assert not dynamic.static
     more = distinct_prompts(2, seed=1)[:1]  # one more turn
@@ -362,7 +363,7 @@ def test_cuda_lifetime_path_equals_blocked_path_with_gradients(monkeypatch):
         return loss, [p.grad.clone() for p in model.parameters()]
 
     loss, grads = loss_and_grads()
-    monkeypatch.setattr(doge, "lifetime_path", lambda device: False)
+    monkeypatch.setattr(doge, "uses_lifetime_path", lambda device: False)
     expected_loss, expected_grads = loss_and_grads()
     close(loss, expected_loss)
     for a, b in zip(grads, expected_grads):
@@ -378,7 +379,7 @@ def test_cuda_graph_decoding_gives_the_same_tokens(monkeypatch, batch):
     captured = model.generate(prompt, 30, temperature=0)
     sampled = model.generate(prompt, 30, temperature=0.8, top_k=20, top_p=0.9,
                              repetition_penalty=1.3)
-    monkeypatch.setattr(doge, "static_decoding", lambda device: False)
+    monkeypatch.setattr(doge, "uses_static_decoding", lambda device: False)
     assert torch.equal(captured, model.generate(prompt, 30, temperature=0))
     assert sampled.shape == captured.shape and sampled.min() >= 0 and sampled.max() < 97
 
