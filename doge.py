@@ -34,13 +34,16 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# what doge.py shares with the data side (which never imports torch): files written atomically,
+# the tokenizer's files, and the export of a SentencePiece tokenizer for transformers
+from prepare_data import TOKENIZER_FILES, atomic_write, atomic_write_text, sentencepiece_export
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -1539,60 +1542,6 @@ def hf_name(name):
     return name if name.startswith(("lm_head.", "score.")) else "model." + name
 
 
-TEMPORARY_PREFIX = ".tmp-"  # atomic_write's files: .tmp-<name><8 random characters>
-
-
-def atomic_write(path, write):
-    """Call write(temp_path), sync it to disk, then rename over path: a crash (even a power loss)
-    never leaves a partial file under the real name. The file gets the mode an ordinary open()
-    would give it (0666 less the umask), not mkstemp's private 0600."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temp_path = tempfile.mkstemp(dir=directory,
-                                     prefix=TEMPORARY_PREFIX + os.path.basename(path))
-    os.close(fd)
-    try:
-        os.chmod(temp_path, 0o666 & ~current_umask())
-        write(temp_path)
-        fd = os.open(temp_path, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp_path, path)
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-
-
-def current_umask():
-    """The process's umask: reading it means setting it, so it is set straight back."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-def remove_temporary_files(directory):
-    """Delete what atomic_write left in directory when a process died in mid-write (only the
-    names it makes). Returns how many files and bytes."""
-    if not os.path.isdir(directory):
-        return 0, 0
-    paths = [os.path.join(directory, name) for name in os.listdir(directory)
-             if re.fullmatch(re.escape(TEMPORARY_PREFIX) + r".+[a-z0-9_]{8}", name)]
-    paths = [path for path in paths if os.path.isfile(path)]
-    sizes = [os.path.getsize(path) for path in paths]
-    for path in paths:
-        os.remove(path)
-    return len(paths), sum(sizes)
-
-
-def atomic_write_text(path, text):
-    """Write text (UTF-8) to path through atomic_write."""
-    def write(temp_path):
-        with open(temp_path, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
 def read_weights(path):
     """All tensors of a model directory: model.safetensors (possibly sharded) or pytorch_model.bin."""
     safetensors_path = os.path.join(path, "model.safetensors")
@@ -1663,10 +1612,6 @@ def load_checkpoint(path, device="cpu", dtype=None, checkpoint=None):
     model.load_state_dict(checkpoint["model"])
     return model.to(device=device, dtype=dtype)
 
-
-# what a model directory holds of its tokenizer (the names prepare_data.py writes too)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "chat_template.jinja")
 
 # Hub names: owner/name, or owner/name@revision (a branch, tag or commit)
 HUB_NAME = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"
@@ -1852,7 +1797,6 @@ def write_tokenizer_files(tokenizer_dir, path):
         copy_tokenizer_files(tokenizer_dir, path)
         return
     try:
-        from prepare_data import sentencepiece_export  # tokenizers are the data side's subject
         tokenizer_json, tokenizer_config = sentencepiece_export(model_file)
     except ImportError as e:  # the conversion needs the optional `tokenizers` package
         copy_tokenizer_files(tokenizer_dir, path)
