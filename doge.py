@@ -1146,53 +1146,10 @@ class Doge(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Scoring: log-likelihoods of continuations, for benchmarks and bits per byte
 
-    @torch.inference_mode()
     def loglikelihoods(self, requests, batch_size=32):
-        """The summed log-probability of each request's continuation after its context.
-        requests: (context_ids, continuation_ids) pairs of token id lists, the context not empty,
-        the continuation at most max_position_embeddings tokens; a longer pair loses the start
-        of its context. The pairs are sorted by length and padded on the right into batches of
-        batch_size rows: causal attention makes padding invisible to the tokens before it, and
-        neighbours in length waste little on it. Returns floats in request order."""
-        limit = self.config.max_position_embeddings
-        for i, (context, continuation) in enumerate(requests):
-            if not context or len(continuation) > limit:
-                raise ValueError(f"request {i}: {len(context)} context tokens (1 or more "
-                                 f"needed), {len(continuation)} continuation tokens (at most "
-                                 f"{limit})")
-        sequences = [(list(context) + list(continuation))[-(limit + 1):]
-                     for context, continuation in requests]
-        order = sorted((i for i in range(len(requests)) if requests[i][1]),  # empty: 0.0
-                       key=lambda i: -len(sequences[i]))
-        scores = [0.0] * len(requests)
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            idx = torch.zeros(len(batch), len(sequences[batch[0]]) - 1, dtype=torch.long)
-            targets = torch.full_like(idx, -1)  # (B, T): the continuation's tokens, else -1
-            for row, i in enumerate(batch):
-                tokens, scored = torch.tensor(sequences[i]), len(requests[i][1])
-                end = len(tokens) - 1  # the inputs are every token but the last
-                idx[row, :end] = tokens[:-1]
-                targets[row, end - scored:end] = tokens[-scored:]
-            for i, score in zip(batch, self.target_log_probs(idx, targets)):
-                scores[i] = score
-        return scores
-
-    def target_log_probs(self, idx, targets):
-        """The summed log-probability of targets (B, T) after idx (B, T), -1 left out, one float
-        per row. Logits only for the target positions, a chunk of rows at a time."""
-        device = self.lm_head.weight.device
-        hidden = self.hidden_states(idx.to(device))  # (B, T, D)
-        targets = targets.to(device)
-        scored = targets != -1
-        hidden, wanted = hidden[scored], targets[scored]  # (N, D), (N,)
-        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
-        token_scores = torch.cat([
-            self.lm_head(hidden[i:i + chunk]).float().log_softmax(-1)
-            .gather(1, wanted[i:i + chunk, None]).squeeze(1)
-            for i in range(0, len(wanted), chunk)])  # (N,)
-        rows = scored.nonzero()[:, 0]  # (N,) the row of each scored token
-        return torch.zeros(len(idx), device=device).index_add_(0, rows, token_scores).tolist()
+        """The summed log-probability of each request's (context_ids, continuation_ids)
+        continuation after its context, floats in request order (see loglikelihoods, part 3)."""
+        return loglikelihoods(self, requests, batch_size)
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -1223,137 +1180,205 @@ class Doge(nn.Module):
                                                repetition_penalty, eos_token_id, cache))
         return torch.cat([idx, *new_tokens], dim=1)
 
-    @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         repetition_penalty=1.0, eos_token_id=None, cache=None):
-        """Yield the next tokens (B, 1) one step at a time (see generate). Decoding keeps at most
-        keep_window_size keys per layer, so each step costs the same however long the text.
+        """Yield the next tokens (B, 1) one step at a time, at a constant cost per token (see
+        generate_stream, part 3, and generate)."""
+        return generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p,
+                               repetition_penalty, eos_token_id, cache)
 
-        cache: a DogeCache (new_cache, load_cache) that this call continues: idx (B, T >= 1)
-        follows the tokens the cache holds, and once the call ends (max_new_tokens, eos, or the
-        caller stopping or closing the iteration) the cache holds idx and every token yielded,
-        so the next call continues right after them. The repetition penalty sees only this
-        call's tokens. None: a cache of this call's own."""
-        eos_ids = torch.tensor([] if eos_token_id is None else
-                               [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id,
-                               dtype=torch.long, device=idx.device)
-        batch, vocab = idx.shape[0], self.lm_head.out_features
-        continued = cache is not None
-        if continued and (cache.batch != batch or idx.shape[1] == 0):
-            raise ValueError(f"idx {tuple(idx.shape)} must continue the cache's {cache.batch} "
-                             f"sequences with at least one token each")
-        if not continued:
-            cache = DogeCache(self.config, batch, idx.device, self.lm_head.weight.dtype,
-                              static=uses_static_decoding(idx.device))
-        finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
-        seen = None  # (B, V): which tokens the repetition penalty applies to
-        if repetition_penalty != 1.0:
-            seen = torch.zeros(batch, vocab, dtype=torch.bool, device=idx.device)
-            seen.scatter_(1, idx, True)
-        # The model runs in inference mode, which skips the bookkeeping no_grad still does (version
-        # counters, view tracking; about a tenth of a small model's step). Tokens are sampled
-        # outside it, so callers get ordinary tensors that they may use in training.
-        with torch.inference_mode():
-            step_weights = self.decoding_weights()
-            logits = output_logits(self.hidden_states(idx, cache)[:, -1], step_weights[-1],
-                                   vocab)  # (B, V)
-
-        def next_token(token):  # (B,) -> (B,): static shapes with a static cache, no host sync
-            if seen is not None:
-                seen.scatter_(1, token.unsqueeze(1), True)
-            with torch.inference_mode():
-                logits = self.decode_step(token, cache, step_weights)
-            return sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
-
-        if cache.static:
-            next_token = capture_step(next_token)  # on CUDA, replayed as a CUDA graph
-        token = None  # the last token yielded; the next step feeds it to the cache
-        try:
-            for step in range(max_new_tokens):
-                token = next_token(token) if step else sample_next(
-                    logits, seen, temperature, top_k, top_p, repetition_penalty)
-                if len(eos_ids):
-                    token = torch.where(finished, eos_ids[0], token)
-                    finished |= torch.isin(token, eos_ids)
-                yield token.unsqueeze(1)
-                if len(eos_ids) and finished.all():
-                    return
-        finally:
-            if continued:  # the last token joins the cache too (its logits are not needed)
-                if token is not None:
-                    with torch.inference_mode():
-                        self.decode_step(token, cache, step_weights)
-                cache.catch_up()
-
-    @torch.no_grad()
     def decoding_weights(self):
-        """The weights of a one-token step, rearranged once per generate call (it costs about one
-        step). Decoding one token reads every weight once, so the layout decides its speed:
-        - transposed to (in, out): x @ W streams through a contiguous matrix several times faster
-          than F.linear through the (out, in) weight;
-        - fused: q, k, v and dt side by side, gate and up side by side: fewer, larger products;
-        - dt_proj folded into v_proj: dt_proj(v_proj(x)) = x @ (W_dt W_v)^T + (W_dt b_v + b_dt);
-        - the input and post-attention RMSNorm weights folded into the rows of the matrix after
-          them: (w * x) @ M = x @ (w[:, None] * M).
-        Returns one dict of (matrix, bias) pairs per layer, and the output matrix in blocks."""
-        layers = []
-        for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            q, k, v, o, gate, up, down = ((linear.weight, linear.bias) for linear in (
-                attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-            dt = composed_linear(attn.dt_proj, attn.v_proj)
-            layers.append({
-                "qkv_dt": fuse_linears([q, k, v, dt], layer.input_layernorm.weight),
-                "qk_norm": attn.qk_norm_weight(),
-                "o": fuse_linears([o]),
-                "gate_up": fuse_linears([gate, up], layer.post_attention_layernorm.weight),
-                "down": fuse_linears([down])})
-        # The output matrix, the largest by far, as column blocks (n, D, V/n), one per CPU thread:
-        # a batched product gives each thread its own block, while one matrix-vector product
-        # reads the whole matrix at about the speed of one thread.
-        output = self.lm_head.weight.t()  # (D, V)
-        blocks = torch.get_num_threads() if output.device.type == "cpu" else 1
-        output = F.pad(output, (0, -output.shape[1] % blocks))  # V padded to a multiple of n
-        return layers, output.view(output.shape[0], blocks, -1).transpose(0, 1).contiguous()
+        """The weights of a one-token step, rearranged for speed (see decoding_weights, part 2)."""
+        return decoding_weights(self)
 
     def decode_step(self, token, cache, step_weights):
-        """Logits (B, V) after one more token (B,) of the cached sequence: what forward computes
-        for it, with decoding_weights' matrices and the fewest small operations per layer (each
-        costs a few microseconds, as long as the products of a small model's step)."""
-        config, (layer_weights, output_blocks) = self.config, step_weights
-        heads, kv_heads, head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                     config.head_dim)
-        eps = config.rms_norm_eps
-        x = self.embed_tokens(token)  # (B, D)
-        batch = x.shape[0]
-        if cache.static:  # the position stays on the device: a captured step replays right
-            start = positions = cache.position  # (1,)
-        else:
-            start, positions = cache.length, torch.tensor([cache.length], device=x.device)
-        cos, sin = rope_cos_sin(config, positions, start + 1, x.dtype)
-        rotation = rope_matrix(cos[0], sin[0])  # (d, d), the same for every layer
-        for layer, layer_cache, weights in zip(self.layers, cache.layers, layer_weights):
-            attn, mlp = layer.self_attn, layer.mlp
-            qk, values, dt_logits = fused_linear(rms_norm(x, None, eps), *weights["qkv_dt"]).split(
-                ((heads + kv_heads) * head_dim, kv_heads * head_dim, attn.bias_heads), dim=-1)
-            qk = qk.view(batch, heads + kv_heads, head_dim)
-            if weights["qk_norm"] is not None:
-                qk = rms_norm(qk, weights["qk_norm"], eps)
-            q, k = (qk @ rotation).split((heads, kv_heads), dim=1)
-            k = attn.to_bias_heads(k).flatten(0, 1)  # (B*Hb, d), the cache's rows
-            v = attn.to_bias_heads(values.view(batch, kv_heads, head_dim)).flatten(0, 1)
-            layer_cache.insert(k, v, attn.dynamic_bias(dt_logits).flatten(), start)
-            out = attend_cached(q, *layer_cache.kept(), attn.scale)  # (B, H*d)
-            x = torch.addcmul(fused_linear(out, *weights["o"]), layer.input_residual, x)
-            h = rms_norm(x, None, eps)
-            gate, up = fused_linear(h, *weights["gate_up"]).chunk(2, dim=-1)
-            mlp_out = fused_linear(F.silu(gate) * up, *weights["down"])
-            if isinstance(mlp, CDMoE):
-                mlp_out = mlp_out + mlp.routed_experts(layer.post_attention_layernorm.weight * h)
-            x = torch.addcmul(mlp_out, layer.post_attention_residual, x)
-        cache.advance(1)
-        return output_logits(self.norm(x), output_blocks, self.lm_head.out_features)
+        """Logits (B, V) after one more token (B,) of the cached sequence (see decode_step, part 2)."""
+        return decode_step(self, token, cache, step_weights)
+
+
+@torch.no_grad()
+def decoding_weights(model):
+    """The weights of a one-token step, rearranged once per generate call (it costs about one
+    step). Decoding one token reads every weight once, so the layout decides its speed:
+    - transposed to (in, out): x @ W streams through a contiguous matrix several times faster
+      than F.linear through the (out, in) weight;
+    - fused: q, k, v and dt side by side, gate and up side by side: fewer, larger products;
+    - dt_proj folded into v_proj: dt_proj(v_proj(x)) = x @ (W_dt W_v)^T + (W_dt b_v + b_dt);
+    - the input and post-attention RMSNorm weights folded into the rows of the matrix after
+      them: (w * x) @ M = x @ (w[:, None] * M).
+    Returns one dict of (matrix, bias) pairs per layer, and the output matrix in blocks."""
+    layers = []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        q, k, v, o, gate, up, down = ((linear.weight, linear.bias) for linear in (
+            attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+            mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        dt = composed_linear(attn.dt_proj, attn.v_proj)
+        layers.append({
+            "qkv_dt": fuse_linears([q, k, v, dt], layer.input_layernorm.weight),
+            "qk_norm": attn.qk_norm_weight(),
+            "o": fuse_linears([o]),
+            "gate_up": fuse_linears([gate, up], layer.post_attention_layernorm.weight),
+            "down": fuse_linears([down])})
+    # The output matrix, the largest by far, as column blocks (n, D, V/n), one per CPU thread:
+    # a batched product gives each thread its own block, while one matrix-vector product
+    # reads the whole matrix at about the speed of one thread.
+    output = model.lm_head.weight.t()  # (D, V)
+    blocks = torch.get_num_threads() if output.device.type == "cpu" else 1
+    output = F.pad(output, (0, -output.shape[1] % blocks))  # V padded to a multiple of n
+    return layers, output.view(output.shape[0], blocks, -1).transpose(0, 1).contiguous()
+
+
+def decode_step(model, token, cache, step_weights):
+    """Logits (B, V) after one more token (B,) of the cached sequence: what forward computes
+    for it, with decoding_weights' matrices and the fewest small operations per layer (each
+    costs a few microseconds, as long as the products of a small model's step)."""
+    config, (layer_weights, output_blocks) = model.config, step_weights
+    heads, kv_heads, head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                 config.head_dim)
+    eps = config.rms_norm_eps
+    x = model.embed_tokens(token)  # (B, D)
+    batch = x.shape[0]
+    if cache.static:  # the position stays on the device: a captured step replays right
+        start = positions = cache.position  # (1,)
+    else:
+        start, positions = cache.length, torch.tensor([cache.length], device=x.device)
+    cos, sin = rope_cos_sin(config, positions, start + 1, x.dtype)
+    rotation = rope_matrix(cos[0], sin[0])  # (d, d), the same for every layer
+    for layer, layer_cache, weights in zip(model.layers, cache.layers, layer_weights):
+        attn, mlp = layer.self_attn, layer.mlp
+        qk, values, dt_logits = fused_linear(rms_norm(x, None, eps), *weights["qkv_dt"]).split(
+            ((heads + kv_heads) * head_dim, kv_heads * head_dim, attn.bias_heads), dim=-1)
+        qk = qk.view(batch, heads + kv_heads, head_dim)
+        if weights["qk_norm"] is not None:
+            qk = rms_norm(qk, weights["qk_norm"], eps)
+        q, k = (qk @ rotation).split((heads, kv_heads), dim=1)
+        k = attn.to_bias_heads(k).flatten(0, 1)  # (B*Hb, d), the cache's rows
+        v = attn.to_bias_heads(values.view(batch, kv_heads, head_dim)).flatten(0, 1)
+        layer_cache.insert(k, v, attn.dynamic_bias(dt_logits).flatten(), start)
+        out = attend_cached(q, *layer_cache.kept(), attn.scale)  # (B, H*d)
+        x = torch.addcmul(fused_linear(out, *weights["o"]), layer.input_residual, x)
+        h = rms_norm(x, None, eps)
+        gate, up = fused_linear(h, *weights["gate_up"]).chunk(2, dim=-1)
+        mlp_out = fused_linear(F.silu(gate) * up, *weights["down"])
+        if isinstance(mlp, CDMoE):
+            mlp_out = mlp_out + mlp.routed_experts(layer.post_attention_layernorm.weight * h)
+        x = torch.addcmul(mlp_out, layer.post_attention_residual, x)
+    cache.advance(1)
+    return output_logits(model.norm(x), output_blocks, model.lm_head.out_features)
+
+
+@torch.no_grad()
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                    repetition_penalty=1.0, eos_token_id=None, cache=None):
+    """Yield the next tokens (B, 1) one step at a time (see generate). Decoding keeps at most
+    keep_window_size keys per layer, so each step costs the same however long the text.
+
+    cache: a DogeCache (new_cache, load_cache) that this call continues: idx (B, T >= 1)
+    follows the tokens the cache holds, and once the call ends (max_new_tokens, eos, or the
+    caller stopping or closing the iteration) the cache holds idx and every token yielded,
+    so the next call continues right after them. The repetition penalty sees only this
+    call's tokens. None: a cache of this call's own."""
+    eos_ids = torch.tensor([] if eos_token_id is None else
+                           [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id,
+                           dtype=torch.long, device=idx.device)
+    batch, vocab = idx.shape[0], model.lm_head.out_features
+    continued = cache is not None
+    if continued and (cache.batch != batch or idx.shape[1] == 0):
+        raise ValueError(f"idx {tuple(idx.shape)} must continue the cache's {cache.batch} "
+                         f"sequences with at least one token each")
+    if not continued:
+        cache = DogeCache(model.config, batch, idx.device, model.lm_head.weight.dtype,
+                          static=uses_static_decoding(idx.device))
+    finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
+    seen = None  # (B, V): which tokens the repetition penalty applies to
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=idx.device)
+        seen.scatter_(1, idx, True)
+    # The model runs in inference mode, which skips the bookkeeping no_grad still does (version
+    # counters, view tracking; about a tenth of a small model's step). Tokens are sampled
+    # outside it, so callers get ordinary tensors that they may use in training.
+    with torch.inference_mode():
+        step_weights = decoding_weights(model)
+        logits = output_logits(model.hidden_states(idx, cache)[:, -1], step_weights[-1],
+                               vocab)  # (B, V)
+
+    def next_token(token):  # (B,) -> (B,): static shapes with a static cache, no host sync
+        if seen is not None:
+            seen.scatter_(1, token.unsqueeze(1), True)
+        with torch.inference_mode():
+            logits = decode_step(model, token, cache, step_weights)
+        return sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
+
+    if cache.static:
+        next_token = capture_step(next_token)  # on CUDA, replayed as a CUDA graph
+    token = None  # the last token yielded; the next step feeds it to the cache
+    try:
+        for step in range(max_new_tokens):
+            token = next_token(token) if step else sample_next(
+                logits, seen, temperature, top_k, top_p, repetition_penalty)
+            if len(eos_ids):
+                token = torch.where(finished, eos_ids[0], token)
+                finished |= torch.isin(token, eos_ids)
+            yield token.unsqueeze(1)
+            if len(eos_ids) and finished.all():
+                return
+    finally:
+        if continued:  # the last token joins the cache too (its logits are not needed)
+            if token is not None:
+                with torch.inference_mode():
+                    decode_step(model, token, cache, step_weights)
+            cache.catch_up()
+
+
+@torch.inference_mode()
+def loglikelihoods(model, requests, batch_size=32):
+    """The summed log-probability of each request's continuation after its context.
+    requests: (context_ids, continuation_ids) pairs of token id lists, the context not empty,
+    the continuation at most max_position_embeddings tokens; a longer pair loses the start
+    of its context. The pairs are sorted by length and padded on the right into batches of
+    batch_size rows: causal attention makes padding invisible to the tokens before it, and
+    neighbours in length waste little on it. Returns floats in request order."""
+    limit = model.config.max_position_embeddings
+    for i, (context, continuation) in enumerate(requests):
+        if not context or len(continuation) > limit:
+            raise ValueError(f"request {i}: {len(context)} context tokens (1 or more "
+                             f"needed), {len(continuation)} continuation tokens (at most "
+                             f"{limit})")
+    sequences = [(list(context) + list(continuation))[-(limit + 1):]
+                 for context, continuation in requests]
+    order = sorted((i for i in range(len(requests)) if requests[i][1]),  # empty: 0.0
+                   key=lambda i: -len(sequences[i]))
+    scores = [0.0] * len(requests)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        idx = torch.zeros(len(batch), len(sequences[batch[0]]) - 1, dtype=torch.long)
+        targets = torch.full_like(idx, -1)  # (B, T): the continuation's tokens, else -1
+        for row, i in enumerate(batch):
+            tokens, scored = torch.tensor(sequences[i]), len(requests[i][1])
+            end = len(tokens) - 1  # the inputs are every token but the last
+            idx[row, :end] = tokens[:-1]
+            targets[row, end - scored:end] = tokens[-scored:]
+        for i, score in zip(batch, target_log_probs(model, idx, targets)):
+            scores[i] = score
+    return scores
+
+
+def target_log_probs(model, idx, targets):
+    """The summed log-probability of targets (B, T) after idx (B, T), -1 left out, one float
+    per row. Logits only for the target positions, a chunk of rows at a time."""
+    device = model.lm_head.weight.device
+    hidden = model.hidden_states(idx.to(device))  # (B, T, D)
+    targets = targets.to(device)
+    scored = targets != -1
+    hidden, wanted = hidden[scored], targets[scored]  # (N, D), (N,)
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // model.config.vocab_size)
+    token_scores = torch.cat([
+        model.lm_head(hidden[i:i + chunk]).float().log_softmax(-1)
+        .gather(1, wanted[i:i + chunk, None]).squeeze(1)
+        for i in range(0, len(wanted), chunk)])  # (N,)
+    rows = scored.nonzero()[:, 0]  # (N,) the row of each scored token
+    return torch.zeros(len(idx), device=device).index_add_(0, rows, token_scores).tolist()
 
 
 def composed_linear(outer, inner):
