@@ -478,6 +478,20 @@ def attend_lifetimes(q, k, v, dt, keep_window_size, scale, flex_attention=None):
                           enable_gqa=groups > 1)
 
 
+def attend(q, k, v, dt, keep_window_size, scale, cache=None, start=0):
+    """attention_by_definition's output (B, H, T, d) for T new queries at positions start.., by
+    the fastest path for the device; with a cache (a LayerCache), over the cached keys too, and
+    the cache takes the new state. q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T)."""
+    if cache is None and dt.shape[-1] > keep_window_size and uses_lifetime_path(q.device):
+        return attend_lifetimes(q, k, v, dt, keep_window_size, scale)
+    # the blocked path, which also hands a cache its new state
+    state = cache.state() if cache is not None else None
+    out, state = dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale)
+    if cache is not None:
+        cache.store(state)
+    return out
+
+
 def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
     """Attention of T new queries at positions start.. over the cached state and their own keys.
     q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T); state as in attend_block, or None.
@@ -686,6 +700,41 @@ def read_cache_state(path):
     return state
 
 
+def better_than(dt):
+    """The rule that ranks keys, for every pair: (B, Hb, T, T) bool, [..., j, kv] true when key j
+    is better than key kv: a larger dt, or an equal dt and a later position."""
+    position = torch.arange(dt.shape[-1], device=dt.device)
+    dt_j, dt_kv = dt[..., :, None], dt[..., None, :]  # (B, Hb, T, 1), (B, Hb, 1, T)
+    return (dt_j > dt_kv) | ((dt_j == dt_kv) & (position[:, None] > position))
+
+
+def key_deaths_by_definition(dt, keep_window_size):
+    """death (B, Hb, T) of the keys 0..T-1 with biases dt (B, Hb, T), by its definition:
+    death[kv] is the first query q >= kv that sees keep_window_size keys better than kv, or T
+    when none does. Dense and brute force (memory O(T^2) a head): key_lifetimes is fast."""
+    length = dt.shape[-1]
+    position = torch.arange(length, device=dt.device)
+    better_seen = better_than(dt).cumsum(dim=-2)  # [..., q, kv]: keys j <= q better than kv
+    sees_window = (better_seen >= keep_window_size) & (position[:, None] >= position)  # q >= kv
+    first = sees_window.int().argmax(dim=-2)  # argmax returns the first of equal maxima
+    return torch.where(sees_window.any(dim=-2), first, length)  # (B, Hb, T)
+
+
+def attention_by_definition(q, k, v, dt, keep_window_size, scale):
+    """DMAttn by its definition, with dense (T, T) masks: query q sees key kv when
+    kv <= q < death[kv], with the score q.k * scale + dt[kv], then a softmax over what it sees.
+    q (B, H, T, d); k, v (B, Hb, T, d), one head per bias head; dt (B, Hb, T). The H / Hb query
+    heads h of a group share the bias head h // (H / Hb). Returns (B, H, T, d). Every path of
+    part 2 computes exactly this, faster: it is their oracle in the tests."""
+    groups = q.shape[1] // k.shape[1]
+    death = key_deaths_by_definition(dt, keep_window_size)  # (B, Hb, T)
+    position = torch.arange(dt.shape[-1], device=dt.device)
+    sees = (position <= position[:, None]) & (position[:, None] < death.unsqueeze(-2))  # [q, kv]
+    k, v, dt, sees = (t.repeat_interleave(groups, dim=1) for t in (k, v, dt, sees))  # H heads
+    scores = q @ k.transpose(-1, -2) * scale + dt.unsqueeze(-2)  # (B, H, T, T)
+    return scores.masked_fill(~sees, float("-inf")).softmax(dim=-1) @ v  # (B, H, T, d)
+
+
 class DynamicMaskAttention(nn.Module):
 
     def __init__(self, config):
@@ -723,14 +772,8 @@ class DynamicMaskAttention(nn.Module):
         v = values.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         dt = self.dynamic_bias(self.dt_proj(values)).transpose(1, 2)  # (B, Hb, T)
         k, v = self.to_bias_heads(k), self.to_bias_heads(v)
-        if cache is None and length > self.keep_window_size and uses_lifetime_path(x.device):
-            out = attend_lifetimes(q, k, v, dt, self.keep_window_size, self.scale)
-        else:  # the blocked path, which also hands a cache its new state
-            state = cache.state() if cache is not None else None
-            out, state = dynamic_mask_attention(q, k, v, dt, start, state, self.keep_window_size,
-                                                self.scale)
-            if cache is not None:
-                cache.store(state)
+        # exactly attention_by_definition(q, k, v, dt, ...), by the fastest path (part 2)
+        out = attend(q, k, v, dt, self.keep_window_size, self.scale, cache, start)  # (B, H, T, d)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def qk_norm_weight(self):

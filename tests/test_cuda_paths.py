@@ -184,12 +184,12 @@ def tied_dt(batch, heads, length, seed=0):
 def test_key_lifetimes_equal_brute_force_top_w(length, window):
     dt = tied_dt(2, 3, length)
     death = doge.key_lifetimes(dt, window)
+    assert torch.equal(death, doge.key_deaths_by_definition(dt, window))
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     keep = oracle.keep_mask(dt, causal[None, None], window)  # (B, Hb, T, T), top W per row
     position = torch.arange(length)
     # each key is kept by one unbroken run of queries starting at itself, and no longer
-    expected = position + keep.sum(dim=-2)
-    assert torch.equal(death, expected)
+    assert torch.equal(death, position + keep.sum(dim=-2))
     assert torch.equal((position <= position[:, None]) & (position[:, None] < death.unsqueeze(-2)),
                        keep)
 
@@ -233,16 +233,16 @@ def lifetime_inputs(heads, bias_heads, length, seed=0):
 @pytest.mark.parametrize("length, window", [(150, 40), (150, 1), (30, 40)])
 def test_dense_lifetime_mask_equals_blocked_path_with_gradients(monkeypatch, heads, bias_heads,
                                                                  length, window):
-    """The lifetime mask built from death gives the blocked path's values and gradients (q, k, v
-    and dt) on CPU: the backward the CUDA path relies on, checked through a dense mask."""
+    """The dense lifetime mask (attention_by_definition) gives the blocked path's values and
+    gradients (q, k, v and dt) on CPU: the backward the CUDA path relies on, checked through a
+    dense mask."""
     monkeypatch.setattr(doge, "QUERY_BLOCK", 32)
     inputs = lifetime_inputs(heads, bias_heads, length)
     ours = [t.clone().requires_grad_() for t in inputs]
     dense = [t.clone().requires_grad_() for t in inputs]
     scale = 16 ** -0.5
     out, _ = doge.dynamic_mask_attention(*ours, 0, None, window, scale)
-    death = doge.key_lifetimes(inputs[3], window)
-    expected = oracle.lifetime_attention(*dense, death, scale)
+    expected = doge.attention_by_definition(*dense, window, scale)
     close(out, expected)
     upstream = torch.randn_like(out)
     (out * upstream).sum().backward()

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import doge
-import oracle
 from oracle import assert_close_to_scale, naive_forward, randomize, tiny_config
 
 
@@ -89,8 +88,8 @@ def test_zero_A_is_a_sliding_window_of_the_last_keys(monkeypatch):
     with torch.no_grad():
         ours = model(idx)[0]
     window = model.config.keep_window_size
-    monkeypatch.setattr(oracle, "keep_mask", lambda dt, visible, size: visible & (
-        torch.arange(visible.shape[-1])[None, :] > torch.arange(visible.shape[-2])[:, None] - window))
+    monkeypatch.setattr(doge, "key_deaths_by_definition", lambda dt, size: (
+        torch.arange(dt.shape[-1]) + window).clamp(max=dt.shape[-1]).expand_as(dt))
     assert_close_to_scale(ours, naive_forward(model, idx))
 
 
