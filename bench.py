@@ -132,8 +132,8 @@ def best_time(function, repeats):
 
 # ----------------------------------------------------------------------------------------------
 # Cases: each runs in its own process and returns a dict of numbers. Speed-only cases hold both
-# models and run them in turns (returning {"ours": ..., "ref": ...}): this machine's speed drifts
-# by 20% within seconds to minutes, and taking turns exposes both to the same drift.
+# models and run them in turns (returning {"ours": ..., "ref": ...}): a shared machine's speed
+# drifts within seconds to minutes, and taking turns exposes both to the same drift.
 
 WHICH = ("ours", "ref")
 

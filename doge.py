@@ -1,8 +1,11 @@
 """
 Doge: a small language model with Dynamic Mask Attention and Cross-Domain Mixture of Experts.
 
-This one file is the whole model, written to be read top to bottom. Doge is a decoder-only
-transformer that differs from a GPT in three places:
+This one file is the whole model, written to be read top to bottom, in three parts: part 1 is
+what the model computes (a reader who stops there has read the whole architecture, DMAttn's
+definition as plain code included), part 2 computes the same faster (the attention paths, the
+chunked loss, the decoding caches, CUDA graphs), part 3 is checkpoints and the plumbing of
+generation. Doge is a decoder-only transformer that differs from a GPT in three places:
 
 1. Learnable residuals. Each block scales its residual stream by a learned vector before adding
    the sublayer output: h = input_residual * h + attn(norm(h)), and the same around the MLP.
@@ -44,6 +47,14 @@ import torch.nn.functional as F
 # what doge.py shares with the data side (which never imports torch): files written atomically,
 # the tokenizer's files, and the export of a SentencePiece tokenizer for transformers
 from prepare_data import TOKENIZER_FILES, atomic_write, atomic_write_text, sentencepiece_export
+
+# ==============================================================================================
+# PART 1 - THE MODEL: what it computes. Config, RMSNorm, RoPE, Dynamic Mask Attention (its
+# definition as plain code first), the MLP and CDMoE, the block, the language model and the
+# sequence classifier. A reader who stops at the end of this part has read the whole
+# architecture; parts 2 and 3 compute the same things faster and move them in and out of files.
+# ==============================================================================================
+
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -127,30 +138,12 @@ class DogeConfig:
 
     @classmethod
     def from_dict(cls, raw):
-        """Read a Hugging Face config.json dict: either RoPE spelling, unknown keys ignored."""
-        known = {f.name for f in fields(cls)}
-        values = {key: value for key, value in raw.items() if key in known}
-        if values.get("num_key_value_heads") is None:  # transformers: absent means plain MHA
-            values["num_key_value_heads"] = values.get("num_attention_heads",
-                                                       cls.num_attention_heads)
-        rope = raw.get("rope_parameters")  # transformers 5.x spelling
-        if isinstance(rope, dict):
-            values["rope_theta"] = rope.get("rope_theta", values.get("rope_theta", 10000.0))
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            values["rope_scaling"] = None if rope_type == "default" else {
-                key: value for key, value in rope.items() if key != "rope_theta"}
-        elif values.get("rope_scaling") and "type" in values["rope_scaling"]:
-            values["rope_scaling"] = {"rope_type": values["rope_scaling"]["type"],
-                                      **values["rope_scaling"]}
-        return cls(**values)
+        """Read a Hugging Face config.json dict (see config_from_json, part 3)."""
+        return config_from_json(raw)
 
     def to_dict(self):
-        """The config.json that transformers' DogeForCausalLM reads, RoPE in both spellings:
-        transformers 5.x reads rope_parameters, 4.x rope_theta and rope_scaling."""
-        values = asdict(self)
-        values["rope_parameters"] = {"rope_theta": values["rope_theta"],
-                                     **(values["rope_scaling"] or {"rope_type": "default"})}
-        return {"architectures": ["DogeForCausalLM"], "model_type": "doge", **values}
+        """The config.json that transformers' DogeForCausalLM reads (see config_json, part 3)."""
+        return config_json(self)
 
 
 # Published shapes (SmallDoges). All use tied embeddings, 2048 positions, dynamic RoPE x4.
@@ -167,6 +160,7 @@ PRESETS = {
                          num_hidden_layers=8, num_attention_heads=2, num_key_value_heads=1,
                          is_moe=True, num_experts=1024, num_experts_per_tok=8),
 }
+
 
 # ----------------------------------------------------------------------------------------------
 # RMSNorm
@@ -225,479 +219,20 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((second, first), dim=-1) * sin
 
 
-def rope_matrix(cos, sin):
-    """apply_rope at one position as a (d, d) matrix R, x @ R == apply_rope(x, cos, sin), from
-    that position's cos and sin (d,): R[j, j] = cos[j] and R[(j + d/2) % d, j] = sin[j]. Decoding
-    builds it once per step and rotates every layer's queries and keys with one product."""
-    return torch.diag(cos) + torch.diag(sin).roll(cos.shape[0] // 2, dims=0)
-
-
 # ----------------------------------------------------------------------------------------------
 # Dynamic Mask Attention
 #
-# Every attention path below computes the same function: query row i attends to the keys j <= i
-# with logit q.k / sqrt(d) + dt[j], restricted to the keep_window_size "best" visible keys, where
-# best means larger dt, and among equal dt the later key. The paths differ only in cost:
-#   short    T <= W, no cache: one fused causal SDPA, the bias folded into q and k (on CUDA
-#            FlexAttention may replace it: attend_short picks).
-#   blocked  anything longer on CPU, or appending to a cache: queries in blocks; a block's
-#            candidates are the best W keys before it (the "state") plus its own keys. Memory
-#            O(T * W).
-#   lifetime T > W on CUDA, no cache: one FlexAttention call whose mask is each key's lifetime
-#            (below), with the bias as a score_mod. Memory O(T) a head.
-#   decode   generate's one-token step (Doge.decode_step): the new key takes a free slot of the
-#            cache or, once W are kept, the slot of the worst key, in place. On CUDA the cache
-#            is static (fixed shapes) and the whole step replays as a CUDA graph.
+# Query row i attends to the keys j <= i with logit q.k / sqrt(d) + dt[j], restricted to the
+# keep_window_size (W) "best" visible keys, where best means larger dt, and among equal dt the
+# later key.
 #
 # Key lifetimes. dt does not depend on the query, and the number of keys better than key j among
 # keys 0..i only grows with i, so key j is kept exactly by the queries j <= i < death[j], where
 # death[j] is the first query that sees W keys better than j. The whole dynamic mask is then
 # kv <= q < death[kv], and death depends on dt alone (no gradient: the choice is discrete, dt's
 # gradient flows through the bias).
-
-
-def rank_keys(dt, positions):
-    """Order keys best first: larger dt first, the later position first among equal dt.
-    dt, positions: (B, Hb, C). Returns the permutation (B, Hb, C)."""
-    latest_first = positions.argsort(dim=-1, descending=True)
-    by_dt = dt.gather(-1, latest_first).argsort(dim=-1, descending=True, stable=True)
-    return latest_first.gather(-1, by_dt)
-
-
-LIFETIME_CHUNK = (256, 2048)  # keys per step of key_lifetimes: W, within these bounds
-
-
-@torch.no_grad()
-def key_lifetimes(dt, keep_window_size):
-    """death (B, Hb, T): key j is kept by the queries j <= i < death[j] (death[j] == j: by none,
-    death[j] == T: to the end). dt (B, Hb, T), the biases of keys 0..T-1.
-
-    death[j] is the W-th smallest position among the keys better than j (but at least j). Walking
-    the keys best first, only the W smallest positions met so far can be that W-th smallest, so
-    each chunk of C keys (in rank order) merges its positions into a sorted list of W: work
-    O(T * (W + C)), a Python step per chunk, no (T, T) tensor."""
-    batch, heads, length = dt.shape
-    window = keep_window_size
-    device = dt.device
-    ranked = rank_keys(dt, torch.arange(length, device=device).expand(batch, heads, length))
-    chunk = min(max(window, LIFETIME_CHUNK[0]), LIFETIME_CHUNK[1])
-    # the W smallest positions among the keys ranked so far; `length` stands for "no key yet"
-    smallest = torch.full((batch, heads, window), length, device=device)
-    earlier = torch.full((window,), -1, device=device)  # an entry of `smallest` beats the chunk
-    death = torch.empty_like(ranked)
-    for begin in range(0, length, chunk):
-        keys = ranked[..., begin:begin + chunk]  # (B, Hb, c), positions best first
-        count = keys.shape[-1]
-        in_chunk = torch.arange(count, device=device)
-        merged, order = torch.cat((smallest, keys), dim=-1).sort(dim=-1)  # (B, Hb, W + c)
-        source = torch.cat((earlier, in_chunk)).expand_as(order).gather(-1, order)
-        # key c of the chunk is beaten by every earlier key and the chunk's keys before it
-        beats = source.unsqueeze(-2) < in_chunk[:, None]  # (B, Hb, c, W + c)
-        beaten_up_to = beats.cumsum(dim=-1, dtype=torch.int32)
-        # (B, Hb, c): where in merged each key's W-th better key sits, whose position is its death
-        death_index = (beaten_up_to < window).sum(dim=-1)
-        death.scatter_(-1, keys, merged.gather(-1, death_index))
-        smallest = merged[..., :window]
-    return torch.maximum(death, torch.arange(length, device=device))
-
-
-def fold_bias(q, k, v, dt, scale):
-    """Append a channel so that SDPA's q.k picks up the per-key bias: q gets 1, k gets dt / scale.
-    Channels are padded to a multiple of 8, the fused kernels' favourite widths."""
-    head_dim = q.shape[-1]
-    pad = (-(head_dim + 1)) % 8
-    q = F.pad(torch.cat((q, torch.ones_like(q[..., :1])), dim=-1), (0, pad))
-    k = F.pad(torch.cat((k, (dt / scale).unsqueeze(-1).to(k.dtype)), dim=-1), (0, pad))
-    return q, k, F.pad(v, (0, pad + 1))
-
-
-def product_dtype(tensor):
-    """The dtype tensor's products run in: autocast's when it is on for tensor's device, else
-    tensor's own."""
-    device = tensor.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
-
-
-# The exact T <= W path on CUDA: "folded" or "flex" (bench.py --cases=gpu times both).
-CUDA_SHORT_ATTENTION = "folded"
-
-
-def attend_short(q, k, v, dt, scale):
-    """T <= W with nothing cached: every visible key is kept, so the mask is causal + bias.
-    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T). The one place that picks the path by
-    device: the folded bias on CPU (the fastest there), CUDA_SHORT_ATTENTION on CUDA."""
-    if q.is_cuda and CUDA_SHORT_ATTENTION == "flex":
-        return attend_short_flex(q, k, v, dt, scale)
-    return attend_short_folded(q, k, v, dt, scale)
-
-
-def in_product_dtype(*tensors):
-    """The tensors in the dtype their products run in (product_dtype of the first). Under
-    autocast SDPA would cast its inputs anyway: casting first is exact and moves fewer bytes
-    through the folding (and FlexAttention, not autocast's, needs one dtype)."""
-    dtype = product_dtype(tensors[0])
-    return tuple(t.to(dtype) for t in tensors)
-
-
-def attend_short_folded(q, k, v, dt, scale):
-    """attend_short as one fused causal SDPA call, the bias folded into q and k (fold_bias)."""
-    q, k, v = in_product_dtype(q, k, v)
-    groups = q.shape[1] // k.shape[1]  # query heads per bias head
-    k, v, dt = (t.repeat_interleave(groups, dim=1) for t in (k, v, dt))  # (B, H, T, ...)
-    head_dim = q.shape[-1]
-    q, k, v = fold_bias(q, k, v, dt, scale)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return out[..., :head_dim]
-
-
-def causal(batch, head, query, key):
-    return query >= key
-
-
-def attend_short_flex(q, k, v, dt, scale):
-    """attend_short as FlexAttention: dt[key] added to each score in float32, a causal block mask,
-    the head dim unpadded, GQA without copies. Fast only compiled (torch.compile of the model);
-    on CPU it runs forward only (no backward there in torch 2.14)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    q, k, v = in_product_dtype(q, k, v)
-    batch, heads, length, _ = q.shape
-    groups = heads // k.shape[1]
-
-    def add_bias(score, batch, head, query, key):
-        return score + dt[batch, head // groups, key]
-
-    mask = create_block_mask(causal, None, None, length, length, device=q.device)
-    return flex_attention(q, k, v, score_mod=add_bias, block_mask=mask, scale=scale,
-                          enable_gqa=groups > 1)
-
-
-def attend_block(q, k, v, dt, positions, state, keep_window_size, scale):
-    """Queries at `positions` attend to the cached state plus their own keys.
-
-    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T); positions (T,);
-    state: (k, v, dt, pos) of the best <= W earlier keys, shapes (B, Hb, n, ...).
-    Returns out (B, H, T, d) and the new state: the best W of state and block together."""
-    batch, heads, length, head_dim = q.shape
-    bias_heads = k.shape[1]
-    groups = heads // bias_heads
-    state_k, state_v, state_dt, state_pos = state
-    block_pos = positions.expand(batch, bias_heads, length)
-    cand_pos = torch.cat((state_pos, block_pos), dim=-1)  # (B, Hb, C)
-    order = rank_keys(torch.cat((state_dt, dt), dim=-1), cand_pos)  # (B, Hb, C), best first
-    cand_pos = cand_pos.gather(-1, order)
-    cand_dt = torch.cat((state_dt, dt), dim=-1).gather(-1, order)
-    take = order.unsqueeze(-1).expand(-1, -1, -1, head_dim)
-    cand_k = torch.cat((state_k, k), dim=2).gather(2, take)  # (B, Hb, C, d)
-    cand_v = torch.cat((state_v, v), dim=2).gather(2, take)
-    # row i keeps the first W candidates (in best-first order) that it can see
-    visible = cand_pos.unsqueeze(-2) <= positions[:, None]  # (B, Hb, T, C)
-    keep = visible & (visible.cumsum(dim=-1) <= keep_window_size)
-    # the query heads sharing a bias head become extra rows: (B, Hb, G*T, d)
-    q_rows = q.reshape(batch, bias_heads, groups * length, head_dim)
-    keep = keep.repeat(1, 1, groups, 1)  # (B, Hb, G*T, C)
-    q_rows, cand_k, cand_v = fold_bias(q_rows, cand_k, cand_v, cand_dt, scale)
-    out = F.scaled_dot_product_attention(q_rows, cand_k, cand_v, attn_mask=keep, scale=scale)
-    out = out[..., :head_dim].reshape(batch, heads, length, head_dim)
-    new_state = tuple(t[:, :, :keep_window_size] for t in
-                      (cand_k[..., :head_dim], cand_v[..., :head_dim], cand_dt, cand_pos))
-    return out, new_state
-
-
-QUERY_BLOCK = 512  # queries per block on the blocked path: memory O(block * (W + block)) a head
-FLEX_BLOCK = 128  # FlexAttention's tile: the block mask says which (query, key) tiles are live
-
-
-def lifetime_block_mask(death, groups, mask_mod, length):
-    """FlexAttention's BlockMask for the mask kv <= q < death[kv] over `length` queries and keys,
-    from death (B, Hb, T') padded to a multiple of FLEX_BLOCK (padded keys: death 0), without
-    evaluating the mask per element: the keys of key block kb are kept by queries from block kb
-    to the block of their last keeping query; a tile is full (no mask needed) when it lies below
-    the diagonal and before every key's death. `groups` query heads share a bias head."""
-    batch, heads, padded = death.shape
-    blocks = padded // FLEX_BLOCK
-    device = death.device
-    key_pos = torch.arange(padded, device=device)
-    kept = death > key_pos  # kept by at least one query
-    last_query = torch.where(kept, death - 1, -1).view(batch, heads, blocks, FLEX_BLOCK)
-    last_block = last_query.amax(dim=-1).div(FLEX_BLOCK, rounding_mode="floor")  # (B, Hb, nk)
-    first_death = death.view(batch, heads, blocks, FLEX_BLOCK).amin(dim=-1)  # (B, Hb, nk)
-    query_block = torch.arange(blocks, device=device)[:, None]  # (nq, 1)
-    key_block = torch.arange(blocks, device=device)  # (nk,)
-    live = (query_block >= key_block) & (query_block <= last_block.unsqueeze(-2))  # (B, Hb, nq, nk)
-    full = (query_block > key_block) & ((query_block + 1) * FLEX_BLOCK <= first_death.unsqueeze(-2))
-    partial = live & ~full
-
-    def block_lists(tiles):  # per query block: how many key blocks, and which (live ones first)
-        tiles = tiles.repeat_interleave(groups, dim=1)  # (B, H, nq, nk)
-        indices = tiles.to(torch.int32).argsort(dim=-1, descending=True, stable=True)
-        return tiles.sum(dim=-1, dtype=torch.int32), indices.to(torch.int32)
-
-    from torch.nn.attention.flex_attention import BlockMask
-    return BlockMask.from_kv_blocks(*block_lists(partial), *block_lists(full),
-                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
-                                    seq_lengths=(length, length))
-
-
-def uses_lifetime_path(device):
-    """Whether attention past the window without a cache takes the lifetime path: on CUDA, where
-    one masked call runs faster than many small blocks. On CPU the blocks are faster."""
-    return torch.device(device).type == "cuda"
-
-
-@functools.cache
-def compiled_flex_attention():
-    """flex_attention compiled (uncompiled it materialises every score: slow, and memory O(T^2))."""
-    from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention)
-
-
-def attend_lifetimes(q, k, v, dt, keep_window_size, scale, flex_attention=None):
-    """All T queries at once with the mask kv <= q < death[kv] and the bias as a score_mod.
-    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T). flex_attention: the compiled one unless
-    given (tests pass the eager one, which runs the forward pass on CPU); inside a compiled model
-    the plain one, which the model's own compilation fuses."""
-    heads, bias_heads, length = q.shape[1], dt.shape[1], dt.shape[-1]
-    groups = heads // bias_heads
-    q, k, v = in_product_dtype(q, k, v)  # under autocast q, k come out float32, v bfloat16
-    pad = -length % FLEX_BLOCK  # padded keys die at once (death 0), so every index is in range
-    death = F.pad(key_lifetimes(dt, keep_window_size), (0, pad))  # (B, Hb, T')
-    bias = F.pad(dt, (0, pad))
-
-    def keep(b, h, q_index, kv_index):
-        return (kv_index <= q_index) & (q_index < death[b, h // groups, kv_index])
-
-    def add_bias(score, b, h, q_index, kv_index):
-        return score + bias[b, h // groups, kv_index]
-
-    block_mask = lifetime_block_mask(death, groups, keep, length)
-    if flex_attention is None:
-        from torch.nn.attention.flex_attention import flex_attention as plain_flex_attention
-        flex_attention = plain_flex_attention if torch.compiler.is_compiling() else \
-            compiled_flex_attention()
-    return flex_attention(q, k, v, score_mod=add_bias, block_mask=block_mask, scale=scale,
-                          enable_gqa=groups > 1)
-
-
-def attend(q, k, v, dt, keep_window_size, scale, cache=None, start=0):
-    """attention_by_definition's output (B, H, T, d) for T new queries at positions start.., by
-    the fastest path for the device; with a cache (a LayerCache), over the cached keys too, and
-    the cache takes the new state. q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T)."""
-    if cache is None and dt.shape[-1] > keep_window_size and uses_lifetime_path(q.device):
-        return attend_lifetimes(q, k, v, dt, keep_window_size, scale)
-    # the blocked path, which also hands a cache its new state
-    state = cache.state() if cache is not None else None
-    out, state = dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale)
-    if cache is not None:
-        cache.store(state)
-    return out
-
-
-def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
-    """Attention of T new queries at positions start.. over the cached state and their own keys.
-    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T); state as in attend_block, or None.
-    Returns out (B, H, T, d) and the new state (the best <= W keys seen so far)."""
-    batch, bias_heads, length = dt.shape
-    positions = torch.arange(start, start + length, device=q.device)
-    outs = []
-    if state is None:  # the first W queries see at most W keys: everything visible is kept
-        first = min(keep_window_size, length)
-        outs.append(attend_short(q[:, :, :first], k[:, :, :first], v[:, :, :first],
-                                 dt[:, :, :first], scale))
-        state = (k[:, :, :first], v[:, :, :first], dt[:, :, :first],
-                 positions[:first].expand(batch, bias_heads, first))
-    else:
-        first = 0
-    for begin in range(first, length, QUERY_BLOCK):
-        end = min(begin + QUERY_BLOCK, length)
-        out, state = attend_block(q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end],
-                                  dt[:, :, begin:end], positions[begin:end], state,
-                                  keep_window_size, scale)
-        outs.append(out)
-    return torch.cat(outs, dim=2), state
-
-
-def attend_cached(q, k, values_t, dt, scale):
-    """One new query per head against cached keys that are all visible and all kept.
-    q (B, H, d); k (R, n, d), values_t (R, d, n) (the values transposed) and dt (R, n), with one
-    row per (sequence, bias head): R = B * Hb. Returns the heads' outputs (B, H*d).
-    Both products multiply the contiguous cache by a few columns, each column contiguous: the
-    layout the BLAS kernels read fastest (measured on CPU: up to 3x faster than q @ k^T and p @ v
-    once the cache has left the CPU caches). Past the window, reading W keys and values per layer
-    is the only cost a step adds, so this read sets how flat time per token stays."""
-    batch, heads, head_dim = q.shape
-    rows = dt.shape[0]
-    q_columns = q.reshape(rows, -1, head_dim).transpose(1, 2)  # (R, d, G): G heads share a row
-    logits = torch.baddbmm(dt.unsqueeze(-1), k, q_columns, alpha=scale)  # (R, n, G)
-    probs = logits.transpose(1, 2).float().softmax(dim=-1).to(values_t.dtype)  # (R, G, n)
-    out = torch.bmm(values_t, probs.transpose(1, 2))  # (R, d, G)
-    return out.transpose(1, 2).reshape(batch, heads * head_dim)
-
-
-class LayerCache:
-    """The best <= W keys (with values, dt and positions) one attention layer has seen, one row
-    per (sequence, bias head).
-
-    Buffers hold W + 1 slots; slot W is a discard slot, so a decode step writes unconditionally:
-    into the next free slot, into the slot of the key it evicts, or (when the new key is itself
-    the worst) into the discard slot, which attention never reads. Values are kept transposed,
-    one row per channel, for attend_cached.
-
-    A static cache (for a CUDA graph) gives a decode step the same shapes every time: attention
-    reads all W slots, the empty ones holding dt = -inf (weight 0) and position -1, so the
-    eviction rule alone finds the next free slot (the worst, the oldest among equals), and the
-    kept keys always fill the first slots. Its decode steps leave `size` behind (a replayed graph
-    runs no Python); DogeCache.catch_up sets it again before a forward or a save reads it."""
-
-    def __init__(self, batch, bias_heads, window, head_dim, device, dtype, static=False):
-        self.window = window
-        self.size = 0
-        self.static = static
-        self.heads_shape = (batch, bias_heads)
-        rows = batch * bias_heads
-        self.k = torch.zeros(rows, window + 1, head_dim, device=device, dtype=dtype)
-        self.values_t = torch.zeros(rows, head_dim, window + 1, device=device, dtype=dtype)
-        self.dt = torch.full((rows, window + 1), float("-inf") if static else 0.0, device=device,
-                             dtype=dtype)
-        self.pos = torch.full((rows, window + 1), -1 if static else 0, device=device,
-                              dtype=torch.long)
-
-    def kept(self):
-        """The cached keys (R, n, d), values transposed (R, d, n) and dt (R, n), as attend_cached
-        takes them: views, no copies (a static cache: all W slots)."""
-        size = self.window if self.static else self.size
-        return self.k[:, :size], self.values_t[..., :size], self.dt[:, :size]
-
-    def state(self):
-        """The cache as dynamic_mask_attention's state (None while empty): see contents."""
-        return self.contents() if self.size else None
-
-    def contents(self):
-        """The kept keys as k, v (B, Hb, n, d), dt and pos (B, Hb, n): views, n = size."""
-        size = self.size
-        return tuple(t.unflatten(0, self.heads_shape) for t in
-                     (self.k[:, :size], self.values_t[..., :size].transpose(1, 2),
-                      self.dt[:, :size], self.pos[:, :size]))
-
-    def store(self, state):
-        k, v, dt, pos = (t.flatten(0, 1) for t in state)
-        self.size = size = k.shape[1]
-        self.k[:, :size], self.values_t[..., :size] = k, v.transpose(1, 2)
-        self.dt[:, :size], self.pos[:, :size] = dt, pos
-
-    def insert(self, k, v, dt, position):
-        """Add one key per row: k, v (R, d), dt (R,), at position (an int, or (1,) on the device
-        for a static cache). Once full, it replaces the worst key (lowest dt, the oldest among
-        equals) if it is at least as good (being later, it wins ties)."""
-        if self.size < self.window and not self.static:
-            slot = torch.full((dt.shape[0], 1), self.size, device=dt.device)  # (R, 1)
-            self.size += 1
-        else:
-            cached_dt, cached_pos = self.dt[:, :self.window], self.pos[:, :self.window]
-            worst_dt = cached_dt.min(dim=-1, keepdim=True).values  # (R, 1)
-            oldest_worst = torch.where(cached_dt == worst_dt, cached_pos,
-                                       torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)
-            slot = torch.where(dt.unsqueeze(-1) >= worst_dt, oldest_worst, self.window)
-        self.k.scatter_(1, slot.unsqueeze(-1).expand(-1, -1, k.shape[-1]), k.unsqueeze(1))
-        self.values_t.scatter_(2, slot.unsqueeze(1).expand(-1, v.shape[-1], -1), v.unsqueeze(-1))
-        self.dt.scatter_(1, slot, dt.unsqueeze(-1))
-        if isinstance(position, torch.Tensor):
-            position = position.expand_as(slot)
-        self.pos.scatter_(1, slot, position)
-
-
-def cache_shape(config):
-    """What a cache's tensors depend on: two models that agree on these can share a state."""
-    return {"num_hidden_layers": config.num_hidden_layers, "bias_heads": config.bias_heads,
-            "head_dim": config.head_dim, "keep_window_size": config.keep_window_size}
-
-
-class DogeCache:
-    """Everything generation keeps between steps: one LayerCache per layer and the length so far
-    (the position the next token takes). It is the whole state of a sequence: at most W keys a
-    layer, so its size stops growing once the window is full. Model.new_cache makes one,
-    generate continues it, save writes it and Model.load_cache reads it back.
-
-    A static cache (see LayerCache) also counts the length on the device, in `position`, which
-    its decode steps read and advance (a replayed CUDA graph runs no Python: `length` falls
-    behind until catch_up)."""
-
-    def __init__(self, config, batch, device, dtype, static=False):
-        self.shape = cache_shape(config)
-        self.batch = batch
-        self.length = 0
-        self.static = static
-        self.position = torch.zeros(1, dtype=torch.long, device=device) if static else None
-        self.layers = [LayerCache(batch, config.bias_heads, config.keep_window_size,
-                                  config.head_dim, device, dtype, static)
-                       for _ in range(config.num_hidden_layers)]
-
-    def advance(self, count):
-        self.length += count
-        if self.static:
-            self.position += count
-
-    def catch_up(self):
-        """Bring a static cache's host-side counts up to its decode steps: every token added one
-        key to each layer, so each holds min(W, length) (one host sync, between calls)."""
-        if self.static:
-            self.length = int(self.position.item())
-            for layer in self.layers:
-                layer.size = min(layer.window, self.length)
-
-    def state_dict(self):
-        """The state as plain CPU tensors: the kept keys, values, dt and positions of every layer,
-        each (layers, B, Hb, n, ...) with n = min(W, length), the length and the model shape."""
-        self.catch_up()
-        keys, values, dt, positions = (torch.stack(parts).cpu() for parts in
-                                       zip(*(layer.contents() for layer in self.layers)))
-        return {"shape": dict(self.shape), "length": torch.tensor(self.length), "keys": keys,
-                "values": values, "dt": dt, "positions": positions}
-
-    def load_state_dict(self, state, source="the state"):
-        """Take a state_dict made by a model of the same shape and as many sequences (else a
-        one-line ValueError naming source and the difference)."""
-        theirs = state["shape"]
-        differ = [key for key in self.shape if theirs.get(key) != self.shape[key]]
-        if differ:
-            raise ValueError(f"{source} was made by a model of another shape: "
-                             + ", ".join(f"{key} {theirs.get(key)} there, {self.shape[key]} here"
-                                         for key in differ))
-        if state["keys"].shape[1] != self.batch:
-            raise ValueError(f"{source} holds {state['keys'].shape[1]} sequences, this cache "
-                             f"{self.batch}")
-        self.length = int(state["length"])
-        if self.static:
-            self.position.fill_(self.length)
-        if self.length == 0:
-            return
-        device, dtype = self.layers[0].k.device, self.layers[0].k.dtype
-        for i, layer in enumerate(self.layers):
-            layer.store(tuple(state[name][i].to(device=device, dtype=dtype)
-                              for name in ("keys", "values", "dt")) +
-                        (state["positions"][i].to(device),))
-
-    def state_bytes(self):
-        """The bytes of the kept keys, values, dt and positions: what save writes, less framing."""
-        self.catch_up()
-        return sum(t.nelement() * t.element_size() for layer in self.layers
-                   for t in layer.contents())
-
-    def save(self, path):
-        """Write state_dict to path (torch.save), atomically."""
-        state = self.state_dict()
-        atomic_write(path, lambda temp_path: torch.save(state, temp_path))
-
-
-def read_cache_state(path):
-    """The state_dict that DogeCache.save wrote to path; anything else is a one-line ValueError."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a file it cannot read
-        raise ValueError(f"{path}: not a Doge cache state (torch.load: {type(e).__name__})") \
-            from None
-    if not isinstance(state, dict) or not {"shape", "length", "keys"} <= state.keys():
-        raise ValueError(f"{path}: not a Doge cache state")
-    return state
+#
+# The three functions below are that definition as plain code, with dense (T, T) masks.
 
 
 def better_than(dt):
@@ -904,181 +439,6 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss: the output projection and cross-entropy, a chunk of rows at a time
-#
-# At vocabulary 32768 the logits dominate a small model's activations: (B*T, V) floats, then a
-# log-softmax copy, then a gradient of the same size. Here each chunk of rows goes through
-# logits -> loss -> d(loss)/d(logits) -> gradients of hidden and weight before the next chunk, so
-# no full-size logits gradient ever exists (and full logits only when asked for).
-
-
-# logits per chunk: 64 MB of float32. Smaller chunks make less efficient products (the loss at
-# B=4, T=512 took 10% longer with 32 MB chunks).
-LOSS_CHUNK_ELEMENTS = 2 ** 24
-
-
-def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
-    """hidden (N, D), weight (V, D), targets (N,) with -1 ignored.
-    Returns mean loss, logits (N, V) or None, and the gradients of the mean loss wrt hidden and
-    weight (None unless compute_grads)."""
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    kept = targets != -1
-    count = kept.sum().clamp(min=1)
-    safe_targets = targets.clamp(min=0)
-    chunk = max(1, LOSS_CHUNK_ELEMENTS // vocab)
-    # The products write into tensors kept across chunks (out=, addmm_): on CPU a fresh 64 MB
-    # tensor per chunk costs page faults, about 5% of a training step. Autocast skips such calls,
-    # so the products' dtype is chosen here: autocast's when it is on, else hidden's.
-    dtype = product_dtype(hidden)
-    product_weight = weight.to(dtype)  # (V, D)
-    logits_buffer = hidden.new_empty(min(chunk, rows), vocab, dtype=dtype)
-    loss = torch.zeros((), device=hidden.device)
-    logits_out = grad_hidden = grad_weight = None
-    if keep_logits:
-        logits_out = hidden.new_empty(rows, vocab, dtype=dtype)
-    if compute_grads:
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, device=weight.device)
-    for begin in range(0, rows, chunk):
-        end = min(begin + chunk, rows)
-        h, target, weight_rows = hidden[begin:end].to(dtype), safe_targets[begin:end], \
-            kept[begin:end]
-        logits = torch.mm(h, product_weight.t(), out=logits_buffer[:end - begin])  # (n, V)
-        if keep_logits:
-            logits_out[begin:end] = logits
-        logits = logits.float()
-        target_logits = logits.gather(1, target.unsqueeze(1)).squeeze(1)  # (n,)
-        # log-sum-exp by hand, in place, keeping exp(logits - max): divided by its row sums it is
-        # the softmax the gradient needs, so each logit goes through exp once (a tenth of a step)
-        max_logits = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-        exps = logits.sub_(max_logits).exp_()  # (n, V)
-        sums = exps.sum(dim=-1)  # (n,)
-        log_norm = max_logits.squeeze(1) + sums.log()
-        loss += ((log_norm - target_logits) * weight_rows).sum()
-        if compute_grads:  # d loss / d logits = (softmax - onehot) * kept / count, in place
-            row_scale = weight_rows / count  # (n,)
-            grad = exps.mul_((row_scale / sums).unsqueeze(1))
-            grad[torch.arange(end - begin, device=grad.device), target] -= row_scale
-            grad = grad.to(dtype)
-            grad_hidden[begin:end] = grad @ product_weight
-            if dtype == grad_weight.dtype:
-                grad_weight.addmm_(grad.t(), h)
-            else:  # low-precision products, summed in float32
-                grad_weight += (grad.t() @ h).float()
-    if compute_grads:
-        grad_weight = grad_weight.to(weight.dtype)
-    return loss / count, logits_out, grad_hidden, grad_weight
-
-
-# On CUDA the loss runs chunks of about this many logits (8192 rows at V=32768) through one
-# compiled function (loss_chunk): a CPU-style loop of small kernels per chunk took 43% of a GPU
-# training step (issue 13); compiled, inductor fuses the log-sum-exp and the gradient into a few
-# kernels that keep the chunk's logits in the products' dtype (no float32 copy).
-COMPILED_LOSS_CHUNK_ELEMENTS = 2 ** 28
-
-
-def loss_chunk(h, weight, targets, row_scale, keep_logits, compute_grads):
-    """One chunk of the loss, written for torch.compile. h (n, D) and weight (V, D) in the
-    products' dtype; targets (n,), none -1; row_scale (n,) float32: 1 / count for a supervised
-    row, 0 for an ignored one. Returns the chunk's share of the mean loss, its logits (n, V) or
-    None, and the gradients of the mean loss wrt h (n, D, products' dtype) and wrt weight (V, D,
-    float32), or None, None."""
-    logits = h @ weight.t()  # (n, V)
-    logits32 = logits.float()
-    log_norm = logits32.logsumexp(dim=-1)  # (n,)
-    target_logits = logits32.gather(1, targets.unsqueeze(1)).squeeze(1)  # (n,)
-    loss = ((log_norm - target_logits) * row_scale).sum()
-    kept_logits = logits if keep_logits else None
-    if not compute_grads:
-        return loss, kept_logits, None, None
-    # d loss / d logits = (softmax - onehot) * row_scale
-    onehot = torch.arange(weight.shape[0], device=h.device) == targets.unsqueeze(1)  # (n, V)
-    grad = ((logits32 - log_norm.unsqueeze(1)).exp() - onehot.float()) * row_scale.unsqueeze(1)
-    grad = grad.to(h.dtype)
-    return loss, kept_logits, grad @ weight, (grad.t() @ h).float()
-
-
-@functools.cache
-def compiled_loss_chunk():
-    """loss_chunk compiled, once per process (compiling is deferred to the first CUDA loss).
-    Whatever train.py's compile setting; TORCHDYNAMO_DISABLE=1 runs it uncompiled (a GPU that
-    triton does not support)."""
-    return torch.compile(loss_chunk)
-
-
-def compiled_cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
-    """cross_entropy_chunks (same arguments and results) as a loop over compiled_loss_chunk. The
-    chunks have the same number of rows, the last one padded with ignored rows, so one compiled
-    graph serves every input of at least a chunk's rows (SFT's micro-batches vary in length);
-    a smaller input is one chunk of its own size."""
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    chunk = min(rows, max(1, COMPILED_LOSS_CHUNK_ELEMENTS // vocab))
-    kept = targets != -1
-    row_scale = kept / kept.sum().clamp(min=1)  # (N,) float32
-    safe_targets = targets.clamp(min=0)
-    dtype = product_dtype(hidden)
-    product_weight = weight.to(dtype)  # (V, D)
-    run_chunk = compiled_loss_chunk()
-    loss = torch.zeros((), device=hidden.device)
-    logits_out = hidden.new_empty(rows, vocab, dtype=dtype) if keep_logits else None
-    grad_hidden = torch.empty_like(hidden) if compute_grads else None
-    grad_weight = torch.zeros(weight.shape, device=weight.device) if compute_grads else None
-    for begin in range(0, rows, chunk):
-        end = min(begin + chunk, rows)
-        h, target, scale = (hidden[begin:end].to(dtype), safe_targets[begin:end],
-                            row_scale[begin:end])
-        pad = chunk - (end - begin)
-        if pad:  # the last chunk's missing rows: zeros with row_scale 0, no loss, no gradient
-            h, target, scale = F.pad(h, (0, 0, 0, pad)), F.pad(target, (0, pad)), \
-                F.pad(scale, (0, pad))
-        chunk_loss, logits, chunk_grad_hidden, chunk_grad_weight = run_chunk(
-            h, product_weight, target, scale, keep_logits, compute_grads)
-        loss += chunk_loss
-        if keep_logits:
-            logits_out[begin:end] = logits[:end - begin]
-        if compute_grads:
-            grad_hidden[begin:end] = chunk_grad_hidden[:end - begin]
-            grad_weight += chunk_grad_weight
-    if compute_grads:
-        grad_weight = grad_weight.to(weight.dtype)
-    return loss, logits_out, grad_hidden, grad_weight
-
-
-def pick_cross_entropy(hidden):
-    """The chunked cross-entropy function for hidden's device (the one place that picks): the
-    compiled chunks on CUDA, the CPU-tuned loop (cross_entropy_chunks, faster there) elsewhere."""
-    return compiled_cross_entropy_chunks if hidden.is_cuda else cross_entropy_chunks
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Autograd wrapper: the gradients are computed during the forward pass, chunk by chunk, and
-    the backward pass only scales them by the incoming gradient of the loss."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, keep_logits):
-        loss, logits, grad_hidden, grad_weight = pick_cross_entropy(hidden)(
-            hidden, weight, targets, keep_logits, compute_grads=True)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        if logits is not None:
-            ctx.mark_non_differentiable(logits)
-        return loss, logits
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_logits):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
-
-
-@torch.compiler.disable  # a Python loop over chunks; compiling it would unroll every chunk
-def linear_cross_entropy(hidden, weight, targets, keep_logits=True):
-    """Mean cross-entropy of hidden @ weight.T against targets (-1 ignored), and the logits."""
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(hidden, weight, targets, keep_logits)
-    loss, logits, _, _ = pick_cross_entropy(hidden)(hidden, weight, targets, keep_logits, False)
-    return loss, logits
-
-
-# ----------------------------------------------------------------------------------------------
 # The model
 
 
@@ -1187,15 +547,12 @@ class Doge(nn.Module):
         save_pretrained(self, path, tokenizer_dir)
 
     # ------------------------------------------------------------------------------------------
-    # Scoring: log-likelihoods of continuations, for benchmarks and bits per byte
+    # Scoring and generation: the work is done in parts 2 and 3
 
     def loglikelihoods(self, requests, batch_size=32):
         """The summed log-probability of each request's (context_ids, continuation_ids)
         continuation after its context, floats in request order (see loglikelihoods, part 3)."""
         return loglikelihoods(self, requests, batch_size)
-
-    # ------------------------------------------------------------------------------------------
-    # Generation
 
     def new_cache(self, batch_size=1):
         """An empty state for generate to continue, on the model's device and in its dtype:
@@ -1230,298 +587,10 @@ class Doge(nn.Module):
         return generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p,
                                repetition_penalty, eos_token_id, cache)
 
-    def decoding_weights(self):
-        """The weights of a one-token step, rearranged for speed (see decoding_weights, part 2)."""
-        return decoding_weights(self)
-
-    def decode_step(self, token, cache, step_weights):
-        """Logits (B, V) after one more token (B,) of the cached sequence (see decode_step, part 2)."""
-        return decode_step(self, token, cache, step_weights)
-
-
-@torch.no_grad()
-def decoding_weights(model):
-    """The weights of a one-token step, rearranged once per generate call (it costs about one
-    step). Decoding one token reads every weight once, so the layout decides its speed:
-    - transposed to (in, out): x @ W streams through a contiguous matrix several times faster
-      than F.linear through the (out, in) weight;
-    - fused: q, k, v and dt side by side, gate and up side by side: fewer, larger products;
-    - dt_proj folded into v_proj: dt_proj(v_proj(x)) = x @ (W_dt W_v)^T + (W_dt b_v + b_dt);
-    - the input and post-attention RMSNorm weights folded into the rows of the matrix after
-      them: (w * x) @ M = x @ (w[:, None] * M).
-    Returns one dict of (matrix, bias) pairs per layer, and the output matrix in blocks."""
-    layers = []
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        q, k, v, o, gate, up, down = ((linear.weight, linear.bias) for linear in (
-            attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-            mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-        dt = composed_linear(attn.dt_proj, attn.v_proj)
-        layers.append({
-            "qkv_dt": fuse_linears([q, k, v, dt], layer.input_layernorm.weight),
-            "qk_norm": attn.qk_norm_weight(),
-            "o": fuse_linears([o]),
-            "gate_up": fuse_linears([gate, up], layer.post_attention_layernorm.weight),
-            "down": fuse_linears([down])})
-    # The output matrix, the largest by far, as column blocks (n, D, V/n), one per CPU thread:
-    # a batched product gives each thread its own block, while one matrix-vector product
-    # reads the whole matrix at about the speed of one thread.
-    output = model.lm_head.weight.t()  # (D, V)
-    blocks = torch.get_num_threads() if output.device.type == "cpu" else 1
-    output = F.pad(output, (0, -output.shape[1] % blocks))  # V padded to a multiple of n
-    return layers, output.view(output.shape[0], blocks, -1).transpose(0, 1).contiguous()
-
-
-def decode_step(model, token, cache, step_weights):
-    """Logits (B, V) after one more token (B,) of the cached sequence: what forward computes
-    for it, with decoding_weights' matrices and the fewest small operations per layer (each
-    costs a few microseconds, as long as the products of a small model's step)."""
-    config, (layer_weights, output_blocks) = model.config, step_weights
-    heads, kv_heads, head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                 config.head_dim)
-    eps = config.rms_norm_eps
-    x = model.embed_tokens(token)  # (B, D)
-    batch = x.shape[0]
-    if cache.static:  # the position stays on the device: a captured step replays right
-        start = positions = cache.position  # (1,)
-    else:
-        start, positions = cache.length, torch.tensor([cache.length], device=x.device)
-    cos, sin = rope_cos_sin(config, positions, start + 1, x.dtype)
-    rotation = rope_matrix(cos[0], sin[0])  # (d, d), the same for every layer
-    for layer, layer_cache, weights in zip(model.layers, cache.layers, layer_weights):
-        attn, mlp = layer.self_attn, layer.mlp
-        qk, values, dt_logits = fused_linear(rms_norm(x, None, eps), *weights["qkv_dt"]).split(
-            ((heads + kv_heads) * head_dim, kv_heads * head_dim, attn.bias_heads), dim=-1)
-        qk = qk.view(batch, heads + kv_heads, head_dim)
-        if weights["qk_norm"] is not None:
-            qk = rms_norm(qk, weights["qk_norm"], eps)
-        q, k = (qk @ rotation).split((heads, kv_heads), dim=1)
-        k = attn.to_bias_heads(k).flatten(0, 1)  # (B*Hb, d), the cache's rows
-        v = attn.to_bias_heads(values.view(batch, kv_heads, head_dim)).flatten(0, 1)
-        layer_cache.insert(k, v, attn.dynamic_bias(dt_logits).flatten(), start)
-        out = attend_cached(q, *layer_cache.kept(), attn.scale)  # (B, H*d)
-        x = torch.addcmul(fused_linear(out, *weights["o"]), layer.input_residual, x)
-        h = rms_norm(x, None, eps)
-        gate, up = fused_linear(h, *weights["gate_up"]).chunk(2, dim=-1)
-        mlp_out = fused_linear(F.silu(gate) * up, *weights["down"])
-        if isinstance(mlp, CDMoE):
-            mlp_out = mlp_out + mlp.routed_experts(layer.post_attention_layernorm.weight * h)
-        x = torch.addcmul(mlp_out, layer.post_attention_residual, x)
-    cache.advance(1)
-    return output_logits(model.norm(x), output_blocks, model.lm_head.out_features)
-
-
-@torch.no_grad()
-def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                    repetition_penalty=1.0, eos_token_id=None, cache=None):
-    """Yield the next tokens (B, 1) one step at a time (see generate). Decoding keeps at most
-    keep_window_size keys per layer, so each step costs the same however long the text.
-
-    cache: a DogeCache (new_cache, load_cache) that this call continues: idx (B, T >= 1)
-    follows the tokens the cache holds, and once the call ends (max_new_tokens, eos, or the
-    caller stopping or closing the iteration) the cache holds idx and every token yielded,
-    so the next call continues right after them. The repetition penalty sees only this
-    call's tokens. None: a cache of this call's own."""
-    eos_ids = torch.tensor([] if eos_token_id is None else
-                           [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id,
-                           dtype=torch.long, device=idx.device)
-    batch, vocab = idx.shape[0], model.lm_head.out_features
-    continued = cache is not None
-    if continued and (cache.batch != batch or idx.shape[1] == 0):
-        raise ValueError(f"idx {tuple(idx.shape)} must continue the cache's {cache.batch} "
-                         f"sequences with at least one token each")
-    if not continued:
-        cache = DogeCache(model.config, batch, idx.device, model.lm_head.weight.dtype,
-                          static=uses_static_decoding(idx.device))
-    finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
-    seen = None  # (B, V): which tokens the repetition penalty applies to
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=idx.device)
-        seen.scatter_(1, idx, True)
-    # The model runs in inference mode, which skips the bookkeeping no_grad still does (version
-    # counters, view tracking; about a tenth of a small model's step). Tokens are sampled
-    # outside it, so callers get ordinary tensors that they may use in training.
-    with torch.inference_mode():
-        step_weights = decoding_weights(model)
-        logits = output_logits(model.hidden_states(idx, cache)[:, -1], step_weights[-1],
-                               vocab)  # (B, V)
-
-    def next_token(token):  # (B,) -> (B,): static shapes with a static cache, no host sync
-        if seen is not None:
-            seen.scatter_(1, token.unsqueeze(1), True)
-        with torch.inference_mode():
-            logits = decode_step(model, token, cache, step_weights)
-        return sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
-
-    if cache.static:
-        next_token = capture_step(next_token)  # on CUDA, replayed as a CUDA graph
-    token = None  # the last token yielded; the next step feeds it to the cache
-    try:
-        for step in range(max_new_tokens):
-            token = next_token(token) if step else sample_next(
-                logits, seen, temperature, top_k, top_p, repetition_penalty)
-            if len(eos_ids):
-                token = torch.where(finished, eos_ids[0], token)
-                finished |= torch.isin(token, eos_ids)
-            yield token.unsqueeze(1)
-            if len(eos_ids) and finished.all():
-                return
-    finally:
-        if continued:  # the last token joins the cache too (its logits are not needed)
-            if token is not None:
-                with torch.inference_mode():
-                    decode_step(model, token, cache, step_weights)
-            cache.catch_up()
-
-
-@torch.inference_mode()
-def loglikelihoods(model, requests, batch_size=32):
-    """The summed log-probability of each request's continuation after its context.
-    requests: (context_ids, continuation_ids) pairs of token id lists, the context not empty,
-    the continuation at most max_position_embeddings tokens; a longer pair loses the start
-    of its context. The pairs are sorted by length and padded on the right into batches of
-    batch_size rows: causal attention makes padding invisible to the tokens before it, and
-    neighbours in length waste little on it. Returns floats in request order."""
-    limit = model.config.max_position_embeddings
-    for i, (context, continuation) in enumerate(requests):
-        if not context or len(continuation) > limit:
-            raise ValueError(f"request {i}: {len(context)} context tokens (1 or more "
-                             f"needed), {len(continuation)} continuation tokens (at most "
-                             f"{limit})")
-    sequences = [(list(context) + list(continuation))[-(limit + 1):]
-                 for context, continuation in requests]
-    order = sorted((i for i in range(len(requests)) if requests[i][1]),  # empty: 0.0
-                   key=lambda i: -len(sequences[i]))
-    scores = [0.0] * len(requests)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        idx = torch.zeros(len(batch), len(sequences[batch[0]]) - 1, dtype=torch.long)
-        targets = torch.full_like(idx, -1)  # (B, T): the continuation's tokens, else -1
-        for row, i in enumerate(batch):
-            tokens, scored = torch.tensor(sequences[i]), len(requests[i][1])
-            end = len(tokens) - 1  # the inputs are every token but the last
-            idx[row, :end] = tokens[:-1]
-            targets[row, end - scored:end] = tokens[-scored:]
-        for i, score in zip(batch, target_log_probs(model, idx, targets)):
-            scores[i] = score
-    return scores
-
-
-def target_log_probs(model, idx, targets):
-    """The summed log-probability of targets (B, T) after idx (B, T), -1 left out, one float
-    per row. Logits only for the target positions, a chunk of rows at a time."""
-    device = model.lm_head.weight.device
-    hidden = model.hidden_states(idx.to(device))  # (B, T, D)
-    targets = targets.to(device)
-    scored = targets != -1
-    hidden, wanted = hidden[scored], targets[scored]  # (N, D), (N,)
-    chunk = max(1, LOSS_CHUNK_ELEMENTS // model.config.vocab_size)
-    token_scores = torch.cat([
-        model.lm_head(hidden[i:i + chunk]).float().log_softmax(-1)
-        .gather(1, wanted[i:i + chunk, None]).squeeze(1)
-        for i in range(0, len(wanted), chunk)])  # (N,)
-    rows = scored.nonzero()[:, 0]  # (N,) the row of each scored token
-    return torch.zeros(len(idx), device=device).index_add_(0, rows, token_scores).tolist()
-
-
-def composed_linear(outer, inner):
-    """outer(inner(x)) as one (weight, bias) pair: (W_o W_i, W_o b_i + b_o), made in float32."""
-    weight = outer.weight.float() @ inner.weight.float()
-    bias = None if inner.bias is None else outer.weight.float() @ inner.bias.float() + outer.bias
-    dtype = inner.weight.dtype
-    return weight.to(dtype), None if bias is None else bias.to(dtype)
-
-
-def fuse_linears(linears, norm_weight=None):
-    """One (in, out) matrix and bias for linear maps given as (weight (out, in), bias) pairs that
-    read the same input, optionally after an RMSNorm whose weight is folded into the rows."""
-    matrix = torch.cat([weight for weight, _ in linears]).t()
-    if norm_weight is not None:
-        matrix = norm_weight[:, None] * matrix
-    biases = [bias for _, bias in linears]
-    return matrix.contiguous(), None if biases[0] is None else torch.cat(biases)
-
-
-def fused_linear(x, matrix, bias):
-    """x (B, in) @ matrix (in, out) + bias, as one operation."""
-    return x @ matrix if bias is None else torch.addmm(bias, x, matrix)
-
-
-def output_logits(h, output_blocks, vocab_size):
-    """Logits (B, V) from final hidden states h (B, D) and the output matrix as column blocks
-    (n, D, V'/n) from decoding_weights, V' >= V the padded vocabulary."""
-    blocks = output_blocks.shape[0]
-    logits = torch.bmm(h.expand(blocks, *h.shape), output_blocks)  # (n, B, V'/n)
-    return logits.transpose(0, 1).reshape(h.shape[0], -1)[:, :vocab_size]
-
-
-def uses_static_decoding(device):
-    """Whether generation decodes with a static cache and a captured step: on CUDA, where a step
-    of a small model is launch-bound. On CPU the step reads only the filled part of the cache."""
-    return torch.device(device).type == "cuda"
-
-
-def capture_step(step):
-    """step, a function token (B,) -> next token (B,) with static shapes and no host sync, as a
-    CUDA graph on CUDA: the first call runs eagerly (warming up what capture cannot), records
-    the graph, and later calls replay it (one launch for the whole step). Elsewhere: step."""
-    graph, token_in, token_out = None, None, None
-
-    def replay(token):
-        nonlocal graph, token_in, token_out
-        if token.device.type != "cuda":
-            return step(token)
-        if graph is None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                following = step(token)
-            torch.cuda.current_stream().wait_stream(side)
-            graph, token_in = torch.cuda.CUDAGraph(), token.clone()
-            try:
-                with torch.cuda.graph(graph):  # records the kernels without running them
-                    token_out = step(token_in)
-            except RuntimeError as error:  # the same step, uncaptured: slower, same tokens
-                warnings.warn(f"decoding without a CUDA graph: its capture failed ({error})")
-                graph = False
-            return following
-        if graph is False:
-            return step(token)
-        token_in.copy_(token)
-        graph.replay()
-        return token_out.clone()  # the graph's output is overwritten by the next replay
-
-    return replay
-
-
-def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):
-    """Pick the next token (B,) from logits (B, V); seen (B, V) marks the tokens so far (for
-    the repetition penalty; None without one). No host sync: a CUDA graph can hold it."""
-    logits = logits.float()
-    if repetition_penalty != 1.0:  # make seen tokens less likely, whatever the logit's sign
-        penalised = torch.where(logits < 0, logits * repetition_penalty,
-                                logits / repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth_best = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # keep the smallest set of tokens with mass >= top_p
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    # a draw from the softmax as argmax(p / Exponential(1)): what torch.multinomial does for one
-    # sample (the same draws under a seed), without its check of p that reads it on the host
-    probs = logits.softmax(dim=-1)
-    return probs.div_(torch.empty_like(probs).exponential_()).argmax(dim=-1)
-
 
 # ----------------------------------------------------------------------------------------------
 # Sequence classification: the same body, a score per label instead of a token distribution
+
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
@@ -1600,8 +669,1009 @@ class DogeForSequenceClassification(nn.Module):
         save_pretrained(self, path, tokenizer_dir)
 
 
+# ==============================================================================================
+# PART 2 - MAKING IT FAST: the attention paths, the chunked loss, the decoding caches, the fused
+# decoding step and CUDA graph capture. Each computes exactly what part 1 defines, and each
+# section opens with where it wins and the bench.py case that shows it.
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention paths, and attend, the one place that picks among them by device and cache
+#
+# Every attention path below computes attention_by_definition (part 1). They differ only in cost:
+#   short    T <= W, no cache: one fused causal SDPA, the bias folded into q and k (on CUDA
+#            FlexAttention may replace it: attend_short picks).
+#   blocked  anything longer on CPU, or appending to a cache: queries in blocks; a block's
+#            candidates are the best W keys before it (the "state") plus its own keys. Memory
+#            O(T * W).
+#   lifetime T > W on CUDA, no cache: one FlexAttention call whose mask is each key's lifetime
+#            (key_lifetimes), with the bias as a score_mod. Memory O(T) a head.
+#   decode   generate's one-token step (decode_step): the new key takes a free slot of the
+#            cache or, once W are kept, the slot of the worst key, in place. On CUDA the cache
+#            is static (fixed shapes) and the whole step replays as a CUDA graph.
+
+
+def attend(q, k, v, dt, keep_window_size, scale, cache=None, start=0):
+    """attention_by_definition's output (B, H, T, d) for T new queries at positions start.., by
+    the fastest path for the device; with a cache (a LayerCache), over the cached keys too, and
+    the cache takes the new state. q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T)."""
+    if cache is None and dt.shape[-1] > keep_window_size and uses_lifetime_path(q.device):
+        return attend_lifetimes(q, k, v, dt, keep_window_size, scale)
+    # the blocked path, which also hands a cache its new state
+    state = cache.state() if cache is not None else None
+    out, state = dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale)
+    if cache is not None:
+        cache.store(state)
+    return out
+
+
+def product_dtype(tensor):
+    """The dtype tensor's products run in: autocast's when it is on for tensor's device, else
+    tensor's own."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
+def in_product_dtype(*tensors):
+    """The tensors in the dtype their products run in (product_dtype of the first). Under
+    autocast SDPA would cast its inputs anyway: casting first is exact and moves fewer bytes
+    through the folding (and FlexAttention, not autocast's, needs one dtype)."""
+    dtype = product_dtype(tensors[0])
+    return tuple(t.to(dtype) for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Key lifetimes, O(T * W) and no (T, T) tensor: win past the window (bench.py --cases=gpu)
+
+
+def rank_keys(dt, positions):
+    """Order keys best first: larger dt first, the later position first among equal dt.
+    dt, positions: (B, Hb, C). Returns the permutation (B, Hb, C)."""
+    latest_first = positions.argsort(dim=-1, descending=True)
+    by_dt = dt.gather(-1, latest_first).argsort(dim=-1, descending=True, stable=True)
+    return latest_first.gather(-1, by_dt)
+
+
+LIFETIME_CHUNK = (256, 2048)  # keys per step of key_lifetimes: W, within these bounds
+
+
+@torch.no_grad()
+def key_lifetimes(dt, keep_window_size):
+    """death (B, Hb, T): key j is kept by the queries j <= i < death[j] (death[j] == j: by none,
+    death[j] == T: to the end). dt (B, Hb, T), the biases of keys 0..T-1.
+
+    death[j] is the W-th smallest position among the keys better than j (but at least j). Walking
+    the keys best first, only the W smallest positions met so far can be that W-th smallest, so
+    each chunk of C keys (in rank order) merges its positions into a sorted list of W: work
+    O(T * (W + C)), a Python step per chunk, no (T, T) tensor."""
+    batch, heads, length = dt.shape
+    window = keep_window_size
+    device = dt.device
+    ranked = rank_keys(dt, torch.arange(length, device=device).expand(batch, heads, length))
+    chunk = min(max(window, LIFETIME_CHUNK[0]), LIFETIME_CHUNK[1])
+    # the W smallest positions among the keys ranked so far; `length` stands for "no key yet"
+    smallest = torch.full((batch, heads, window), length, device=device)
+    earlier = torch.full((window,), -1, device=device)  # an entry of `smallest` beats the chunk
+    death = torch.empty_like(ranked)
+    for begin in range(0, length, chunk):
+        keys = ranked[..., begin:begin + chunk]  # (B, Hb, c), positions best first
+        count = keys.shape[-1]
+        in_chunk = torch.arange(count, device=device)
+        merged, order = torch.cat((smallest, keys), dim=-1).sort(dim=-1)  # (B, Hb, W + c)
+        source = torch.cat((earlier, in_chunk)).expand_as(order).gather(-1, order)
+        # key c of the chunk is beaten by every earlier key and the chunk's keys before it
+        beats = source.unsqueeze(-2) < in_chunk[:, None]  # (B, Hb, c, W + c)
+        beaten_up_to = beats.cumsum(dim=-1, dtype=torch.int32)
+        # (B, Hb, c): where in merged each key's W-th better key sits, whose position is its death
+        death_index = (beaten_up_to < window).sum(dim=-1)
+        death.scatter_(-1, keys, merged.gather(-1, death_index))
+        smallest = merged[..., :window]
+    return torch.maximum(death, torch.arange(length, device=device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Short path: wins at T <= W, no cache (bench.py --cases=train; gpu_attn_t2048 in --cases=gpu)
+
+
+# The exact T <= W path on CUDA: "folded" or "flex" (bench.py --cases=gpu times both).
+CUDA_SHORT_ATTENTION = "folded"
+
+
+def attend_short(q, k, v, dt, scale):
+    """T <= W with nothing cached: every visible key is kept, so the mask is causal + bias.
+    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T). The one place that picks the path by
+    device: the folded bias on CPU (the fastest there), CUDA_SHORT_ATTENTION on CUDA."""
+    if q.is_cuda and CUDA_SHORT_ATTENTION == "flex":
+        return attend_short_flex(q, k, v, dt, scale)
+    return attend_short_folded(q, k, v, dt, scale)
+
+
+def fold_bias(q, k, v, dt, scale):
+    """Append a channel so that SDPA's q.k picks up the per-key bias: q gets 1, k gets dt / scale.
+    Channels are padded to a multiple of 8, the fused kernels' favourite widths."""
+    head_dim = q.shape[-1]
+    pad = (-(head_dim + 1)) % 8
+    q = F.pad(torch.cat((q, torch.ones_like(q[..., :1])), dim=-1), (0, pad))
+    k = F.pad(torch.cat((k, (dt / scale).unsqueeze(-1).to(k.dtype)), dim=-1), (0, pad))
+    return q, k, F.pad(v, (0, pad + 1))
+
+
+def attend_short_folded(q, k, v, dt, scale):
+    """attend_short as one fused causal SDPA call, the bias folded into q and k (fold_bias)."""
+    q, k, v = in_product_dtype(q, k, v)
+    groups = q.shape[1] // k.shape[1]  # query heads per bias head
+    k, v, dt = (t.repeat_interleave(groups, dim=1) for t in (k, v, dt))  # (B, H, T, ...)
+    head_dim = q.shape[-1]
+    q, k, v = fold_bias(q, k, v, dt, scale)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out[..., :head_dim]
+
+
+def causal(batch, head, query, key):
+    return query >= key
+
+
+def attend_short_flex(q, k, v, dt, scale):
+    """attend_short as FlexAttention: dt[key] added to each score in float32, a causal block mask,
+    the head dim unpadded, GQA without copies. Fast only compiled (torch.compile of the model);
+    on CPU it runs forward only (no backward there in torch 2.14)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    q, k, v = in_product_dtype(q, k, v)
+    batch, heads, length, _ = q.shape
+    groups = heads // k.shape[1]
+
+    def add_bias(score, batch, head, query, key):
+        return score + dt[batch, head // groups, key]
+
+    mask = create_block_mask(causal, None, None, length, length, device=q.device)
+    return flex_attention(q, k, v, score_mod=add_bias, block_mask=mask, scale=scale,
+                          enable_gqa=groups > 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocked path: wins past the window on CPU, and appends to a cache (bench.py --cases=long)
+
+
+QUERY_BLOCK = 512  # queries per block on the blocked path: memory O(block * (W + block)) a head
+
+
+def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
+    """Attention of T new queries at positions start.. over the cached state and their own keys.
+    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T); state as in attend_block, or None.
+    Returns out (B, H, T, d) and the new state (the best <= W keys seen so far)."""
+    batch, bias_heads, length = dt.shape
+    positions = torch.arange(start, start + length, device=q.device)
+    outs = []
+    if state is None:  # the first W queries see at most W keys: everything visible is kept
+        first = min(keep_window_size, length)
+        outs.append(attend_short(q[:, :, :first], k[:, :, :first], v[:, :, :first],
+                                 dt[:, :, :first], scale))
+        state = (k[:, :, :first], v[:, :, :first], dt[:, :, :first],
+                 positions[:first].expand(batch, bias_heads, first))
+    else:
+        first = 0
+    for begin in range(first, length, QUERY_BLOCK):
+        end = min(begin + QUERY_BLOCK, length)
+        out, state = attend_block(q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end],
+                                  dt[:, :, begin:end], positions[begin:end], state,
+                                  keep_window_size, scale)
+        outs.append(out)
+    return torch.cat(outs, dim=2), state
+
+
+def attend_block(q, k, v, dt, positions, state, keep_window_size, scale):
+    """Queries at `positions` attend to the cached state plus their own keys.
+
+    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T); positions (T,);
+    state: (k, v, dt, pos) of the best <= W earlier keys, shapes (B, Hb, n, ...).
+    Returns out (B, H, T, d) and the new state: the best W of state and block together."""
+    batch, heads, length, head_dim = q.shape
+    bias_heads = k.shape[1]
+    groups = heads // bias_heads
+    state_k, state_v, state_dt, state_pos = state
+    block_pos = positions.expand(batch, bias_heads, length)
+    cand_pos = torch.cat((state_pos, block_pos), dim=-1)  # (B, Hb, C)
+    order = rank_keys(torch.cat((state_dt, dt), dim=-1), cand_pos)  # (B, Hb, C), best first
+    cand_pos = cand_pos.gather(-1, order)
+    cand_dt = torch.cat((state_dt, dt), dim=-1).gather(-1, order)
+    take = order.unsqueeze(-1).expand(-1, -1, -1, head_dim)
+    cand_k = torch.cat((state_k, k), dim=2).gather(2, take)  # (B, Hb, C, d)
+    cand_v = torch.cat((state_v, v), dim=2).gather(2, take)
+    # row i keeps the first W candidates (in best-first order) that it can see
+    visible = cand_pos.unsqueeze(-2) <= positions[:, None]  # (B, Hb, T, C)
+    keep = visible & (visible.cumsum(dim=-1) <= keep_window_size)
+    # the query heads sharing a bias head become extra rows: (B, Hb, G*T, d)
+    q_rows = q.reshape(batch, bias_heads, groups * length, head_dim)
+    keep = keep.repeat(1, 1, groups, 1)  # (B, Hb, G*T, C)
+    q_rows, cand_k, cand_v = fold_bias(q_rows, cand_k, cand_v, cand_dt, scale)
+    out = F.scaled_dot_product_attention(q_rows, cand_k, cand_v, attn_mask=keep, scale=scale)
+    out = out[..., :head_dim].reshape(batch, heads, length, head_dim)
+    new_state = tuple(t[:, :, :keep_window_size] for t in
+                      (cand_k[..., :head_dim], cand_v[..., :head_dim], cand_dt, cand_pos))
+    return out, new_state
+
+
+# ----------------------------------------------------------------------------------------------
+# Lifetime path: wins past the window on CUDA, no cache (gpu_train_t8192 in bench.py --cases=gpu)
+
+
+def uses_lifetime_path(device):
+    """Whether attention past the window without a cache takes the lifetime path: on CUDA, where
+    one masked call runs faster than many small blocks. On CPU the blocks are faster."""
+    return torch.device(device).type == "cuda"
+
+
+FLEX_BLOCK = 128  # FlexAttention's tile: the block mask says which (query, key) tiles are live
+
+
+def lifetime_block_mask(death, groups, mask_mod, length):
+    """FlexAttention's BlockMask for the mask kv <= q < death[kv] over `length` queries and keys,
+    from death (B, Hb, T') padded to a multiple of FLEX_BLOCK (padded keys: death 0), without
+    evaluating the mask per element: the keys of key block kb are kept by queries from block kb
+    to the block of their last keeping query; a tile is full (no mask needed) when it lies below
+    the diagonal and before every key's death. `groups` query heads share a bias head."""
+    batch, heads, padded = death.shape
+    blocks = padded // FLEX_BLOCK
+    device = death.device
+    key_pos = torch.arange(padded, device=device)
+    kept = death > key_pos  # kept by at least one query
+    last_query = torch.where(kept, death - 1, -1).view(batch, heads, blocks, FLEX_BLOCK)
+    last_block = last_query.amax(dim=-1).div(FLEX_BLOCK, rounding_mode="floor")  # (B, Hb, nk)
+    first_death = death.view(batch, heads, blocks, FLEX_BLOCK).amin(dim=-1)  # (B, Hb, nk)
+    query_block = torch.arange(blocks, device=device)[:, None]  # (nq, 1)
+    key_block = torch.arange(blocks, device=device)  # (nk,)
+    live = (query_block >= key_block) & (query_block <= last_block.unsqueeze(-2))  # (B, Hb, nq, nk)
+    full = (query_block > key_block) & ((query_block + 1) * FLEX_BLOCK <= first_death.unsqueeze(-2))
+    partial = live & ~full
+
+    def block_lists(tiles):  # per query block: how many key blocks, and which (live ones first)
+        tiles = tiles.repeat_interleave(groups, dim=1)  # (B, H, nq, nk)
+        indices = tiles.to(torch.int32).argsort(dim=-1, descending=True, stable=True)
+        return tiles.sum(dim=-1, dtype=torch.int32), indices.to(torch.int32)
+
+    from torch.nn.attention.flex_attention import BlockMask
+    return BlockMask.from_kv_blocks(*block_lists(partial), *block_lists(full),
+                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(length, length))
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled (uncompiled it materialises every score: slow, and memory O(T^2))."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
+
+
+def attend_lifetimes(q, k, v, dt, keep_window_size, scale, flex_attention=None):
+    """All T queries at once with the mask kv <= q < death[kv] and the bias as a score_mod.
+    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T). flex_attention: the compiled one unless
+    given (tests pass the eager one, which runs the forward pass on CPU); inside a compiled model
+    the plain one, which the model's own compilation fuses."""
+    heads, bias_heads, length = q.shape[1], dt.shape[1], dt.shape[-1]
+    groups = heads // bias_heads
+    q, k, v = in_product_dtype(q, k, v)  # under autocast q, k come out float32, v bfloat16
+    pad = -length % FLEX_BLOCK  # padded keys die at once (death 0), so every index is in range
+    death = F.pad(key_lifetimes(dt, keep_window_size), (0, pad))  # (B, Hb, T')
+    bias = F.pad(dt, (0, pad))
+
+    def keep(b, h, q_index, kv_index):
+        return (kv_index <= q_index) & (q_index < death[b, h // groups, kv_index])
+
+    def add_bias(score, b, h, q_index, kv_index):
+        return score + bias[b, h // groups, kv_index]
+
+    block_mask = lifetime_block_mask(death, groups, keep, length)
+    if flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention as plain_flex_attention
+        flex_attention = plain_flex_attention if torch.compiler.is_compiling() else \
+            compiled_flex_attention()
+    return flex_attention(q, k, v, score_mod=add_bias, block_mask=block_mask, scale=scale,
+                          enable_gqa=groups > 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked loss: wins at a large vocabulary (bench.py --cases=train; gpu_train_b16 in --cases=gpu)
+#
+# The output projection and cross-entropy, a chunk of rows at a time. At vocabulary 32768 the
+# logits dominate a small model's activations: (B*T, V) floats, then a log-softmax copy, then a
+# gradient of the same size. Here each chunk of rows goes through logits -> loss ->
+# d(loss)/d(logits) -> gradients of hidden and weight before the next chunk, so no full-size
+# logits gradient ever exists (and full logits only when asked for).
+
+
+# logits per chunk: 64 MB of float32. Smaller chunks make less efficient products.
+LOSS_CHUNK_ELEMENTS = 2 ** 24
+
+
+def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
+    """hidden (N, D), weight (V, D), targets (N,) with -1 ignored.
+    Returns mean loss, logits (N, V) or None, and the gradients of the mean loss wrt hidden and
+    weight (None unless compute_grads)."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    kept = targets != -1
+    count = kept.sum().clamp(min=1)
+    safe_targets = targets.clamp(min=0)
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // vocab)
+    # The products write into tensors kept across chunks (out=, addmm_): on CPU a fresh 64 MB
+    # tensor per chunk costs page faults. Autocast skips such calls, so the products' dtype is
+    # chosen here: autocast's when it is on, else hidden's.
+    dtype = product_dtype(hidden)
+    product_weight = weight.to(dtype)  # (V, D)
+    logits_buffer = hidden.new_empty(min(chunk, rows), vocab, dtype=dtype)
+    loss = torch.zeros((), device=hidden.device)
+    logits_out = grad_hidden = grad_weight = None
+    if keep_logits:
+        logits_out = hidden.new_empty(rows, vocab, dtype=dtype)
+    if compute_grads:
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, device=weight.device)
+    for begin in range(0, rows, chunk):
+        end = min(begin + chunk, rows)
+        h, target, weight_rows = hidden[begin:end].to(dtype), safe_targets[begin:end], \
+            kept[begin:end]
+        logits = torch.mm(h, product_weight.t(), out=logits_buffer[:end - begin])  # (n, V)
+        if keep_logits:
+            logits_out[begin:end] = logits
+        logits = logits.float()
+        target_logits = logits.gather(1, target.unsqueeze(1)).squeeze(1)  # (n,)
+        # log-sum-exp by hand, in place, keeping exp(logits - max): divided by its row sums it is
+        # the softmax the gradient needs, so each logit goes through exp once
+        max_logits = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+        exps = logits.sub_(max_logits).exp_()  # (n, V)
+        sums = exps.sum(dim=-1)  # (n,)
+        log_norm = max_logits.squeeze(1) + sums.log()
+        loss += ((log_norm - target_logits) * weight_rows).sum()
+        if compute_grads:  # d loss / d logits = (softmax - onehot) * kept / count, in place
+            row_scale = weight_rows / count  # (n,)
+            grad = exps.mul_((row_scale / sums).unsqueeze(1))
+            grad[torch.arange(end - begin, device=grad.device), target] -= row_scale
+            grad = grad.to(dtype)
+            grad_hidden[begin:end] = grad @ product_weight
+            if dtype == grad_weight.dtype:
+                grad_weight.addmm_(grad.t(), h)
+            else:  # low-precision products, summed in float32
+                grad_weight += (grad.t() @ h).float()
+    if compute_grads:
+        grad_weight = grad_weight.to(weight.dtype)
+    return loss / count, logits_out, grad_hidden, grad_weight
+
+
+# On CUDA the loss runs chunks of about this many logits (8192 rows at V=32768) through one
+# compiled function (loss_chunk): a CPU-style loop of small kernels per chunk is launch-bound on
+# a GPU; compiled, inductor fuses the log-sum-exp and the gradient into a few kernels that keep
+# the chunk's logits in the products' dtype (no float32 copy).
+COMPILED_LOSS_CHUNK_ELEMENTS = 2 ** 28
+
+
+def loss_chunk(h, weight, targets, row_scale, keep_logits, compute_grads):
+    """One chunk of the loss, written for torch.compile. h (n, D) and weight (V, D) in the
+    products' dtype; targets (n,), none -1; row_scale (n,) float32: 1 / count for a supervised
+    row, 0 for an ignored one. Returns the chunk's share of the mean loss, its logits (n, V) or
+    None, and the gradients of the mean loss wrt h (n, D, products' dtype) and wrt weight (V, D,
+    float32), or None, None."""
+    logits = h @ weight.t()  # (n, V)
+    logits32 = logits.float()
+    log_norm = logits32.logsumexp(dim=-1)  # (n,)
+    target_logits = logits32.gather(1, targets.unsqueeze(1)).squeeze(1)  # (n,)
+    loss = ((log_norm - target_logits) * row_scale).sum()
+    kept_logits = logits if keep_logits else None
+    if not compute_grads:
+        return loss, kept_logits, None, None
+    # d loss / d logits = (softmax - onehot) * row_scale
+    onehot = torch.arange(weight.shape[0], device=h.device) == targets.unsqueeze(1)  # (n, V)
+    grad = ((logits32 - log_norm.unsqueeze(1)).exp() - onehot.float()) * row_scale.unsqueeze(1)
+    grad = grad.to(h.dtype)
+    return loss, kept_logits, grad @ weight, (grad.t() @ h).float()
+
+
+@functools.cache
+def compiled_loss_chunk():
+    """loss_chunk compiled, once per process (compiling is deferred to the first CUDA loss).
+    Whatever train.py's compile setting; TORCHDYNAMO_DISABLE=1 runs it uncompiled (a GPU that
+    triton does not support)."""
+    return torch.compile(loss_chunk)
+
+
+def compiled_cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
+    """cross_entropy_chunks (same arguments and results) as a loop over compiled_loss_chunk. The
+    chunks have the same number of rows, the last one padded with ignored rows, so one compiled
+    graph serves every input of at least a chunk's rows (SFT's micro-batches vary in length);
+    a smaller input is one chunk of its own size."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    chunk = min(rows, max(1, COMPILED_LOSS_CHUNK_ELEMENTS // vocab))
+    kept = targets != -1
+    row_scale = kept / kept.sum().clamp(min=1)  # (N,) float32
+    safe_targets = targets.clamp(min=0)
+    dtype = product_dtype(hidden)
+    product_weight = weight.to(dtype)  # (V, D)
+    run_chunk = compiled_loss_chunk()
+    loss = torch.zeros((), device=hidden.device)
+    logits_out = hidden.new_empty(rows, vocab, dtype=dtype) if keep_logits else None
+    grad_hidden = torch.empty_like(hidden) if compute_grads else None
+    grad_weight = torch.zeros(weight.shape, device=weight.device) if compute_grads else None
+    for begin in range(0, rows, chunk):
+        end = min(begin + chunk, rows)
+        h, target, scale = (hidden[begin:end].to(dtype), safe_targets[begin:end],
+                            row_scale[begin:end])
+        pad = chunk - (end - begin)
+        if pad:  # the last chunk's missing rows: zeros with row_scale 0, no loss, no gradient
+            h, target, scale = F.pad(h, (0, 0, 0, pad)), F.pad(target, (0, pad)), \
+                F.pad(scale, (0, pad))
+        chunk_loss, logits, chunk_grad_hidden, chunk_grad_weight = run_chunk(
+            h, product_weight, target, scale, keep_logits, compute_grads)
+        loss += chunk_loss
+        if keep_logits:
+            logits_out[begin:end] = logits[:end - begin]
+        if compute_grads:
+            grad_hidden[begin:end] = chunk_grad_hidden[:end - begin]
+            grad_weight += chunk_grad_weight
+    if compute_grads:
+        grad_weight = grad_weight.to(weight.dtype)
+    return loss, logits_out, grad_hidden, grad_weight
+
+
+def pick_cross_entropy(hidden):
+    """The chunked cross-entropy function for hidden's device (the one place that picks): the
+    compiled chunks on CUDA, the CPU-tuned loop (cross_entropy_chunks, faster there) elsewhere."""
+    return compiled_cross_entropy_chunks if hidden.is_cuda else cross_entropy_chunks
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Autograd wrapper: the gradients are computed during the forward pass, chunk by chunk, and
+    the backward pass only scales them by the incoming gradient of the loss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, keep_logits):
+        loss, logits, grad_hidden, grad_weight = pick_cross_entropy(hidden)(
+            hidden, weight, targets, keep_logits, compute_grads=True)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        if logits is not None:
+            ctx.mark_non_differentiable(logits)
+        return loss, logits
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logits):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+@torch.compiler.disable  # a Python loop over chunks; compiling it would unroll every chunk
+def linear_cross_entropy(hidden, weight, targets, keep_logits=True):
+    """Mean cross-entropy of hidden @ weight.T against targets (-1 ignored), and the logits."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(hidden, weight, targets, keep_logits)
+    loss, logits, _, _ = pick_cross_entropy(hidden)(hidden, weight, targets, keep_logits, False)
+    return loss, logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding caches: win once a text outgrows the window (bench.py --cases=window, --cases=chat)
+
+
+def attend_cached(q, k, values_t, dt, scale):
+    """One new query per head against cached keys that are all visible and all kept.
+    q (B, H, d); k (R, n, d), values_t (R, d, n) (the values transposed) and dt (R, n), with one
+    row per (sequence, bias head): R = B * Hb. Returns the heads' outputs (B, H*d).
+    Both products multiply the contiguous cache by a few columns, each column contiguous: the
+    layout the BLAS kernels read fastest. Past the window, reading W keys and values per layer
+    is the only cost a step adds, so this read sets how flat time per token stays."""
+    batch, heads, head_dim = q.shape
+    rows = dt.shape[0]
+    q_columns = q.reshape(rows, -1, head_dim).transpose(1, 2)  # (R, d, G): G heads share a row
+    logits = torch.baddbmm(dt.unsqueeze(-1), k, q_columns, alpha=scale)  # (R, n, G)
+    probs = logits.transpose(1, 2).float().softmax(dim=-1).to(values_t.dtype)  # (R, G, n)
+    out = torch.bmm(values_t, probs.transpose(1, 2))  # (R, d, G)
+    return out.transpose(1, 2).reshape(batch, heads * head_dim)
+
+
+class LayerCache:
+    """The best <= W keys (with values, dt and positions) one attention layer has seen, one row
+    per (sequence, bias head).
+
+    Buffers hold W + 1 slots; slot W is a discard slot, so a decode step writes unconditionally:
+    into the next free slot, into the slot of the key it evicts, or (when the new key is itself
+    the worst) into the discard slot, which attention never reads. Values are kept transposed,
+    one row per channel, for attend_cached.
+
+    A static cache (for a CUDA graph) gives a decode step the same shapes every time: attention
+    reads all W slots, the empty ones holding dt = -inf (weight 0) and position -1, so the
+    eviction rule alone finds the next free slot (the worst, the oldest among equals), and the
+    kept keys always fill the first slots. Its decode steps leave `size` behind (a replayed graph
+    runs no Python); DogeCache.catch_up sets it again before a forward or a save reads it."""
+
+    def __init__(self, batch, bias_heads, window, head_dim, device, dtype, static=False):
+        self.window = window
+        self.size = 0
+        self.static = static
+        self.heads_shape = (batch, bias_heads)
+        rows = batch * bias_heads
+        self.k = torch.zeros(rows, window + 1, head_dim, device=device, dtype=dtype)
+        self.values_t = torch.zeros(rows, head_dim, window + 1, device=device, dtype=dtype)
+        self.dt = torch.full((rows, window + 1), float("-inf") if static else 0.0, device=device,
+                             dtype=dtype)
+        self.pos = torch.full((rows, window + 1), -1 if static else 0, device=device,
+                              dtype=torch.long)
+
+    def kept(self):
+        """The cached keys (R, n, d), values transposed (R, d, n) and dt (R, n), as attend_cached
+        takes them: views, no copies (a static cache: all W slots)."""
+        size = self.window if self.static else self.size
+        return self.k[:, :size], self.values_t[..., :size], self.dt[:, :size]
+
+    def state(self):
+        """The cache as dynamic_mask_attention's state (None while empty): see contents."""
+        return self.contents() if self.size else None
+
+    def contents(self):
+        """The kept keys as k, v (B, Hb, n, d), dt and pos (B, Hb, n): views, n = size."""
+        size = self.size
+        return tuple(t.unflatten(0, self.heads_shape) for t in
+                     (self.k[:, :size], self.values_t[..., :size].transpose(1, 2),
+                      self.dt[:, :size], self.pos[:, :size]))
+
+    def store(self, state):
+        k, v, dt, pos = (t.flatten(0, 1) for t in state)
+        self.size = size = k.shape[1]
+        self.k[:, :size], self.values_t[..., :size] = k, v.transpose(1, 2)
+        self.dt[:, :size], self.pos[:, :size] = dt, pos
+
+    def insert(self, k, v, dt, position):
+        """Add one key per row: k, v (R, d), dt (R,), at position (an int, or (1,) on the device
+        for a static cache). Once full, it replaces the worst key (lowest dt, the oldest among
+        equals) if it is at least as good (being later, it wins ties)."""
+        if self.size < self.window and not self.static:
+            slot = torch.full((dt.shape[0], 1), self.size, device=dt.device)  # (R, 1)
+            self.size += 1
+        else:
+            cached_dt, cached_pos = self.dt[:, :self.window], self.pos[:, :self.window]
+            worst_dt = cached_dt.min(dim=-1, keepdim=True).values  # (R, 1)
+            oldest_worst = torch.where(cached_dt == worst_dt, cached_pos,
+                                       torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)
+            slot = torch.where(dt.unsqueeze(-1) >= worst_dt, oldest_worst, self.window)
+        self.k.scatter_(1, slot.unsqueeze(-1).expand(-1, -1, k.shape[-1]), k.unsqueeze(1))
+        self.values_t.scatter_(2, slot.unsqueeze(1).expand(-1, v.shape[-1], -1), v.unsqueeze(-1))
+        self.dt.scatter_(1, slot, dt.unsqueeze(-1))
+        if isinstance(position, torch.Tensor):
+            position = position.expand_as(slot)
+        self.pos.scatter_(1, slot, position)
+
+
+def cache_shape(config):
+    """What a cache's tensors depend on: two models that agree on these can share a state."""
+    return {"num_hidden_layers": config.num_hidden_layers, "bias_heads": config.bias_heads,
+            "head_dim": config.head_dim, "keep_window_size": config.keep_window_size}
+
+
+class DogeCache:
+    """Everything generation keeps between steps: one LayerCache per layer and the length so far
+    (the position the next token takes). It is the whole state of a sequence: at most W keys a
+    layer, so its size stops growing once the window is full. Model.new_cache makes one,
+    generate continues it, save writes it and Model.load_cache reads it back.
+
+    A static cache (see LayerCache) also counts the length on the device, in `position`, which
+    its decode steps read and advance (a replayed CUDA graph runs no Python: `length` falls
+    behind until catch_up)."""
+
+    def __init__(self, config, batch, device, dtype, static=False):
+        self.shape = cache_shape(config)
+        self.batch = batch
+        self.length = 0
+        self.static = static
+        self.position = torch.zeros(1, dtype=torch.long, device=device) if static else None
+        self.layers = [LayerCache(batch, config.bias_heads, config.keep_window_size,
+                                  config.head_dim, device, dtype, static)
+                       for _ in range(config.num_hidden_layers)]
+
+    def advance(self, count):
+        self.length += count
+        if self.static:
+            self.position += count
+
+    def catch_up(self):
+        """Bring a static cache's host-side counts up to its decode steps: every token added one
+        key to each layer, so each holds min(W, length) (one host sync, between calls)."""
+        if self.static:
+            self.length = int(self.position.item())
+            for layer in self.layers:
+                layer.size = min(layer.window, self.length)
+
+    def state_dict(self):
+        """The state as plain CPU tensors: the kept keys, values, dt and positions of every layer,
+        each (layers, B, Hb, n, ...) with n = min(W, length), the length and the model shape."""
+        self.catch_up()
+        keys, values, dt, positions = (torch.stack(parts).cpu() for parts in
+                                       zip(*(layer.contents() for layer in self.layers)))
+        return {"shape": dict(self.shape), "length": torch.tensor(self.length), "keys": keys,
+                "values": values, "dt": dt, "positions": positions}
+
+    def load_state_dict(self, state, source="the state"):
+        """Take a state_dict made by a model of the same shape and as many sequences (else a
+        one-line ValueError naming source and the difference)."""
+        theirs = state["shape"]
+        differ = [key for key in self.shape if theirs.get(key) != self.shape[key]]
+        if differ:
+            raise ValueError(f"{source} was made by a model of another shape: "
+                             + ", ".join(f"{key} {theirs.get(key)} there, {self.shape[key]} here"
+                                         for key in differ))
+        if state["keys"].shape[1] != self.batch:
+            raise ValueError(f"{source} holds {state['keys'].shape[1]} sequences, this cache "
+                             f"{self.batch}")
+        self.length = int(state["length"])
+        if self.static:
+            self.position.fill_(self.length)
+        if self.length == 0:
+            return
+        device, dtype = self.layers[0].k.device, self.layers[0].k.dtype
+        for i, layer in enumerate(self.layers):
+            layer.store(tuple(state[name][i].to(device=device, dtype=dtype)
+                              for name in ("keys", "values", "dt")) +
+                        (state["positions"][i].to(device),))
+
+    def state_bytes(self):
+        """The bytes of the kept keys, values, dt and positions: what save writes, less framing."""
+        self.catch_up()
+        return sum(t.nelement() * t.element_size() for layer in self.layers
+                   for t in layer.contents())
+
+    def save(self, path):
+        """Write state_dict to path (torch.save), atomically."""
+        state = self.state_dict()
+        atomic_write(path, lambda temp_path: torch.save(state, temp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused one-token step: wins in decoding, which reads each weight a token (bench.py --cases=decode)
+
+
+@torch.no_grad()
+def decoding_weights(model):
+    """The weights of a one-token step, rearranged once per generate call. Decoding one token
+    reads every weight once, so the layout decides its speed:
+    - transposed to (in, out): x @ W streams through a contiguous matrix several times faster
+      than F.linear through the (out, in) weight;
+    - fused: q, k, v and dt side by side, gate and up side by side: fewer, larger products;
+    - dt_proj folded into v_proj: dt_proj(v_proj(x)) = x @ (W_dt W_v)^T + (W_dt b_v + b_dt);
+    - the input and post-attention RMSNorm weights folded into the rows of the matrix after
+      them: (w * x) @ M = x @ (w[:, None] * M).
+    Returns one dict of (matrix, bias) pairs per layer, and the output matrix in blocks."""
+    layers = []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        q, k, v, o, gate, up, down = ((linear.weight, linear.bias) for linear in (
+            attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+            mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        dt = composed_linear(attn.dt_proj, attn.v_proj)
+        layers.append({
+            "qkv_dt": fuse_linears([q, k, v, dt], layer.input_layernorm.weight),
+            "qk_norm": attn.qk_norm_weight(),
+            "o": fuse_linears([o]),
+            "gate_up": fuse_linears([gate, up], layer.post_attention_layernorm.weight),
+            "down": fuse_linears([down])})
+    # The output matrix, the largest by far, as column blocks (n, D, V/n), one per CPU thread:
+    # a batched product gives each thread its own block, while one matrix-vector product
+    # reads the whole matrix at about the speed of one thread.
+    output = model.lm_head.weight.t()  # (D, V)
+    blocks = torch.get_num_threads() if output.device.type == "cpu" else 1
+    output = F.pad(output, (0, -output.shape[1] % blocks))  # V padded to a multiple of n
+    return layers, output.view(output.shape[0], blocks, -1).transpose(0, 1).contiguous()
+
+
+def decode_step(model, token, cache, step_weights):
+    """Logits (B, V) after one more token (B,) of the cached sequence: what forward computes
+    for it, with decoding_weights' matrices and the fewest small operations per layer (each
+    has a fixed cost, large beside a small model's products)."""
+    config, (layer_weights, output_blocks) = model.config, step_weights
+    heads, kv_heads, head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                 config.head_dim)
+    eps = config.rms_norm_eps
+    x = model.embed_tokens(token)  # (B, D)
+    batch = x.shape[0]
+    if cache.static:  # the position stays on the device: a captured step replays right
+        start = positions = cache.position  # (1,)
+    else:
+        start, positions = cache.length, torch.tensor([cache.length], device=x.device)
+    cos, sin = rope_cos_sin(config, positions, start + 1, x.dtype)
+    rotation = rope_matrix(cos[0], sin[0])  # (d, d), the same for every layer
+    for layer, layer_cache, weights in zip(model.layers, cache.layers, layer_weights):
+        attn, mlp = layer.self_attn, layer.mlp
+        qk, values, dt_logits = fused_linear(rms_norm(x, None, eps), *weights["qkv_dt"]).split(
+            ((heads + kv_heads) * head_dim, kv_heads * head_dim, attn.bias_heads), dim=-1)
+        qk = qk.view(batch, heads + kv_heads, head_dim)
+        if weights["qk_norm"] is not None:
+            qk = rms_norm(qk, weights["qk_norm"], eps)
+        q, k = (qk @ rotation).split((heads, kv_heads), dim=1)
+        k = attn.to_bias_heads(k).flatten(0, 1)  # (B*Hb, d), the cache's rows
+        v = attn.to_bias_heads(values.view(batch, kv_heads, head_dim)).flatten(0, 1)
+        layer_cache.insert(k, v, attn.dynamic_bias(dt_logits).flatten(), start)
+        out = attend_cached(q, *layer_cache.kept(), attn.scale)  # (B, H*d)
+        x = torch.addcmul(fused_linear(out, *weights["o"]), layer.input_residual, x)
+        h = rms_norm(x, None, eps)
+        gate, up = fused_linear(h, *weights["gate_up"]).chunk(2, dim=-1)
+        mlp_out = fused_linear(F.silu(gate) * up, *weights["down"])
+        if isinstance(mlp, CDMoE):
+            mlp_out = mlp_out + mlp.routed_experts(layer.post_attention_layernorm.weight * h)
+        x = torch.addcmul(mlp_out, layer.post_attention_residual, x)
+    cache.advance(1)
+    return output_logits(model.norm(x), output_blocks, model.lm_head.out_features)
+
+
+def rope_matrix(cos, sin):
+    """apply_rope at one position as a (d, d) matrix R, x @ R == apply_rope(x, cos, sin), from
+    that position's cos and sin (d,): R[j, j] = cos[j] and R[(j + d/2) % d, j] = sin[j]. Decoding
+    builds it once per step and rotates every layer's queries and keys with one product."""
+    return torch.diag(cos) + torch.diag(sin).roll(cos.shape[0] // 2, dims=0)
+
+
+def composed_linear(outer, inner):
+    """outer(inner(x)) as one (weight, bias) pair: (W_o W_i, W_o b_i + b_o), made in float32."""
+    weight = outer.weight.float() @ inner.weight.float()
+    bias = None if inner.bias is None else outer.weight.float() @ inner.bias.float() + outer.bias
+    dtype = inner.weight.dtype
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def fuse_linears(linears, norm_weight=None):
+    """One (in, out) matrix and bias for linear maps given as (weight (out, in), bias) pairs that
+    read the same input, optionally after an RMSNorm whose weight is folded into the rows."""
+    matrix = torch.cat([weight for weight, _ in linears]).t()
+    if norm_weight is not None:
+        matrix = norm_weight[:, None] * matrix
+    biases = [bias for _, bias in linears]
+    return matrix.contiguous(), None if biases[0] is None else torch.cat(biases)
+
+
+def fused_linear(x, matrix, bias):
+    """x (B, in) @ matrix (in, out) + bias, as one operation."""
+    return x @ matrix if bias is None else torch.addmm(bias, x, matrix)
+
+
+def output_logits(h, output_blocks, vocab_size):
+    """Logits (B, V) from final hidden states h (B, D) and the output matrix as column blocks
+    (n, D, V'/n) from decoding_weights, V' >= V the padded vocabulary."""
+    blocks = output_blocks.shape[0]
+    logits = torch.bmm(h.expand(blocks, *h.shape), output_blocks)  # (n, B, V'/n)
+    return logits.transpose(0, 1).reshape(h.shape[0], -1)[:, :vocab_size]
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA graph capture: wins where decoding is launch-bound (gpu_decode_b1 in bench.py --cases=gpu)
+
+
+def uses_static_decoding(device):
+    """Whether generation decodes with a static cache and a captured step: on CUDA, where a step
+    of a small model is launch-bound. On CPU the step reads only the filled part of the cache."""
+    return torch.device(device).type == "cuda"
+
+
+def capture_step(step):
+    """step, a function token (B,) -> next token (B,) with static shapes and no host sync, as a
+    CUDA graph on CUDA: the first call runs eagerly (warming up what capture cannot), records
+    the graph, and later calls replay it (one launch for the whole step). Elsewhere: step."""
+    graph, token_in, token_out = None, None, None
+
+    def replay(token):
+        nonlocal graph, token_in, token_out
+        if token.device.type != "cuda":
+            return step(token)
+        if graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                following = step(token)
+            torch.cuda.current_stream().wait_stream(side)
+            graph, token_in = torch.cuda.CUDAGraph(), token.clone()
+            try:
+                with torch.cuda.graph(graph):  # records the kernels without running them
+                    token_out = step(token_in)
+            except RuntimeError as error:  # the same step, uncaptured: slower, same tokens
+                warnings.warn(f"decoding without a CUDA graph: its capture failed ({error})")
+                graph = False
+            return following
+        if graph is False:
+            return step(token)
+        token_in.copy_(token)
+        graph.replay()
+        return token_out.clone()  # the graph's output is overwritten by the next replay
+
+    return replay
+
+
+# ==============================================================================================
+# PART 3 - CHECKPOINTS AND THE PLUMBING OF GENERATION: sampling, the generation loop, cache files,
+# scoring, Hugging Face import and export, hub names, model cards, upcycling, vocabulary growth.
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: sampling, the loop of generate_stream, cache files
+
+
+def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):
+    """Pick the next token (B,) from logits (B, V); seen (B, V) marks the tokens so far (for
+    the repetition penalty; None without one). No host sync: a CUDA graph can hold it."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:  # make seen tokens less likely, whatever the logit's sign
+        penalised = torch.where(logits < 0, logits * repetition_penalty,
+                                logits / repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_best = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # keep the smallest set of tokens with mass >= top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    # a draw from the softmax as argmax(p / Exponential(1)): what torch.multinomial does for one
+    # sample (the same draws under a seed), without its check of p that reads it on the host
+    probs = logits.softmax(dim=-1)
+    return probs.div_(torch.empty_like(probs).exponential_()).argmax(dim=-1)
+
+
+@torch.no_grad()
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                    repetition_penalty=1.0, eos_token_id=None, cache=None):
+    """Yield the next tokens (B, 1) one step at a time (see generate). Decoding keeps at most
+    keep_window_size keys per layer, so each step costs the same however long the text.
+
+    cache: a DogeCache (new_cache, load_cache) that this call continues: idx (B, T >= 1)
+    follows the tokens the cache holds, and once the call ends (max_new_tokens, eos, or the
+    caller stopping or closing the iteration) the cache holds idx and every token yielded,
+    so the next call continues right after them. The repetition penalty sees only this
+    call's tokens. None: a cache of this call's own."""
+    eos_ids = torch.tensor([] if eos_token_id is None else
+                           [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id,
+                           dtype=torch.long, device=idx.device)
+    batch, vocab = idx.shape[0], model.lm_head.out_features
+    continued = cache is not None
+    if continued and (cache.batch != batch or idx.shape[1] == 0):
+        raise ValueError(f"idx {tuple(idx.shape)} must continue the cache's {cache.batch} "
+                         f"sequences with at least one token each")
+    if not continued:
+        cache = DogeCache(model.config, batch, idx.device, model.lm_head.weight.dtype,
+                          static=uses_static_decoding(idx.device))
+    finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
+    seen = None  # (B, V): which tokens the repetition penalty applies to
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=idx.device)
+        seen.scatter_(1, idx, True)
+    # The model runs in inference mode, which skips the bookkeeping no_grad still does (version
+    # counters, view tracking). Tokens are sampled outside it, so callers get ordinary tensors
+    # that they may use in training.
+    with torch.inference_mode():
+        step_weights = decoding_weights(model)
+        logits = output_logits(model.hidden_states(idx, cache)[:, -1], step_weights[-1],
+                               vocab)  # (B, V)
+
+    def next_token(token):  # (B,) -> (B,): static shapes with a static cache, no host sync
+        if seen is not None:
+            seen.scatter_(1, token.unsqueeze(1), True)
+        with torch.inference_mode():
+            logits = decode_step(model, token, cache, step_weights)
+        return sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
+
+    if cache.static:
+        next_token = capture_step(next_token)  # on CUDA, replayed as a CUDA graph
+    token = None  # the last token yielded; the next step feeds it to the cache
+    try:
+        for step in range(max_new_tokens):
+            token = next_token(token) if step else sample_next(
+                logits, seen, temperature, top_k, top_p, repetition_penalty)
+            if len(eos_ids):
+                token = torch.where(finished, eos_ids[0], token)
+                finished |= torch.isin(token, eos_ids)
+            yield token.unsqueeze(1)
+            if len(eos_ids) and finished.all():
+                return
+    finally:
+        if continued:  # the last token joins the cache too (its logits are not needed)
+            if token is not None:
+                with torch.inference_mode():
+                    decode_step(model, token, cache, step_weights)
+            cache.catch_up()
+
+
+def read_cache_state(path):
+    """The state_dict that DogeCache.save wrote to path; anything else is a one-line ValueError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a file it cannot read
+        raise ValueError(f"{path}: not a Doge cache state (torch.load: {type(e).__name__})") \
+            from None
+    if not isinstance(state, dict) or not {"shape", "length", "keys"} <= state.keys():
+        raise ValueError(f"{path}: not a Doge cache state")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring: log-likelihoods of continuations, for benchmarks and bits per byte
+
+
+@torch.inference_mode()
+def loglikelihoods(model, requests, batch_size=32):
+    """The summed log-probability of each request's continuation after its context.
+    requests: (context_ids, continuation_ids) pairs of token id lists, the context not empty,
+    the continuation at most max_position_embeddings tokens; a longer pair loses the start
+    of its context. The pairs are sorted by length and padded on the right into batches of
+    batch_size rows: causal attention makes padding invisible to the tokens before it, and
+    neighbours in length waste little on it. Returns floats in request order."""
+    limit = model.config.max_position_embeddings
+    for i, (context, continuation) in enumerate(requests):
+        if not context or len(continuation) > limit:
+            raise ValueError(f"request {i}: {len(context)} context tokens (1 or more "
+                             f"needed), {len(continuation)} continuation tokens (at most "
+                             f"{limit})")
+    sequences = [(list(context) + list(continuation))[-(limit + 1):]
+                 for context, continuation in requests]
+    order = sorted((i for i in range(len(requests)) if requests[i][1]),  # empty: 0.0
+                   key=lambda i: -len(sequences[i]))
+    scores = [0.0] * len(requests)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        idx = torch.zeros(len(batch), len(sequences[batch[0]]) - 1, dtype=torch.long)
+        targets = torch.full_like(idx, -1)  # (B, T): the continuation's tokens, else -1
+        for row, i in enumerate(batch):
+            tokens, scored = torch.tensor(sequences[i]), len(requests[i][1])
+            end = len(tokens) - 1  # the inputs are every token but the last
+            idx[row, :end] = tokens[:-1]
+            targets[row, end - scored:end] = tokens[-scored:]
+        for i, score in zip(batch, target_log_probs(model, idx, targets)):
+            scores[i] = score
+    return scores
+
+
+def target_log_probs(model, idx, targets):
+    """The summed log-probability of targets (B, T) after idx (B, T), -1 left out, one float
+    per row. Logits only for the target positions, a chunk of rows at a time."""
+    device = model.lm_head.weight.device
+    hidden = model.hidden_states(idx.to(device))  # (B, T, D)
+    targets = targets.to(device)
+    scored = targets != -1
+    hidden, wanted = hidden[scored], targets[scored]  # (N, D), (N,)
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // model.config.vocab_size)
+    token_scores = torch.cat([
+        model.lm_head(hidden[i:i + chunk]).float().log_softmax(-1)
+        .gather(1, wanted[i:i + chunk, None]).squeeze(1)
+        for i in range(0, len(wanted), chunk)])  # (N,)
+    rows = scored.nonzero()[:, 0]  # (N,) the row of each scored token
+    return torch.zeros(len(idx), device=device).index_add_(0, rows, token_scores).tolist()
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: Hugging Face format import and export; dense -> MoE upcycling, vocabulary growth
+
+
+def config_from_json(raw):
+    """Read a Hugging Face config.json dict: either RoPE spelling, unknown keys ignored."""
+    known = {f.name for f in fields(DogeConfig)}
+    values = {key: value for key, value in raw.items() if key in known}
+    if values.get("num_key_value_heads") is None:  # transformers: absent means plain MHA
+        values["num_key_value_heads"] = values.get("num_attention_heads",
+                                                   DogeConfig.num_attention_heads)
+    rope = raw.get("rope_parameters")  # transformers 5.x spelling
+    if isinstance(rope, dict):
+        values["rope_theta"] = rope.get("rope_theta", values.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        values["rope_scaling"] = None if rope_type == "default" else {
+            key: value for key, value in rope.items() if key != "rope_theta"}
+    elif values.get("rope_scaling") and "type" in values["rope_scaling"]:
+        values["rope_scaling"] = {"rope_type": values["rope_scaling"]["type"],
+                                  **values["rope_scaling"]}
+    return DogeConfig(**values)
+
+
+def config_json(config):
+    """The config.json that transformers' DogeForCausalLM reads, RoPE in both spellings:
+    transformers 5.x reads rope_parameters, 4.x rope_theta and rope_scaling."""
+    values = asdict(config)
+    values["rope_parameters"] = {"rope_theta": values["rope_theta"],
+                                 **(values["rope_scaling"] or {"rope_type": "default"})}
+    return {"architectures": ["DogeForCausalLM"], "model_type": "doge", **values}
 
 
 def hf_name(name):
@@ -1684,6 +1754,8 @@ def load_checkpoint(path, device="cpu", dtype=None, checkpoint=None):
 # Hub names: owner/name, or owner/name@revision (a branch, tag or commit)
 HUB_NAME = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"
                       r"(?:@(?P<revision>[\w./-]+))?")
+
+
 # what a Doge needs of a hub repository: safetensors weights (one file, or shards and their index)
 # or else pytorch_model.bin, never both; not its remote code, training state or other formats
 HUB_FILES = ("config.json", "generation_config.json", "model.safetensors",
