@@ -132,8 +132,8 @@ def best_time(function, repeats):
 
 # ----------------------------------------------------------------------------------------------
 # Cases: each runs in its own process and returns a dict of numbers. Speed-only cases hold both
-# models and run them in turns (returning {"ours": ..., "ref": ...}): this machine's speed drifts
-# by 20% within seconds to minutes, and taking turns exposes both to the same drift.
+# models and run them in turns (returning {"ours": ..., "ref": ...}): a shared machine's speed
+# drifts within seconds to minutes, and taking turns exposes both to the same drift.
 
 WHICH = ("ours", "ref")
 
@@ -518,12 +518,10 @@ def case_gpu_train(which, batch, length, steps=10, compiled=True, config_overrid
 
 
 def attention_reference(q, k, v, dt, scale):
-    """The T <= W attention in float32 with an explicit causal mask, the oracle of the paths."""
-    groups = q.shape[1] // k.shape[1]
-    k, v, dt = (t.float().repeat_interleave(groups, dim=1) for t in (k, v, dt))
-    logits = q.float() @ k.transpose(-1, -2) * scale + dt.unsqueeze(-2)  # (B, H, T, T)
-    future = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
-    return logits.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
+    """The T <= W attention in float32 by its definition (doge.attention_by_definition with a
+    window of T: every visible key kept), the oracle of the paths."""
+    return doge.attention_by_definition(q.float(), k.float(), v.float(), dt.float(), q.shape[2],
+                                        scale)
 
 
 def flash_without_bias(q, k, v, dt, scale):
@@ -558,7 +556,7 @@ def case_gpu_attention(batch, length, heads=2, bias_heads=1, head_dim=128, repea
 
     expected = outputs_and_grads(attention_reference)
     paths = {"folded": doge.attend_short_folded, "flex": doge.attend_short_flex,
-             "additive": doge.attend_short_additive, "flash_no_bias": flash_without_bias}
+             "flash_no_bias": flash_without_bias}
     result = {}
     for name, attend in paths.items():
         try:

@@ -1,8 +1,11 @@
 """
 Doge: a small language model with Dynamic Mask Attention and Cross-Domain Mixture of Experts.
 
-This one file is the whole model, written to be read top to bottom. Doge is a decoder-only
-transformer that differs from a GPT in three places:
+This one file is the whole model, written to be read top to bottom, in three parts: part 1 is
+what the model computes (a reader who stops there has read the whole architecture, DMAttn's
+definition as plain code included), part 2 computes the same faster (the attention paths, the
+chunked loss, the decoding caches, CUDA graphs), part 3 is checkpoints and the plumbing of
+generation. Doge is a decoder-only transformer that differs from a GPT in three places:
 
 1. Learnable residuals. Each block scales its residual stream by a learned vector before adding
    the sublayer output: h = input_residual * h + attn(norm(h)), and the same around the MLP.
@@ -34,13 +37,24 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# what doge.py shares with the data side (which never imports torch): files written atomically,
+# the tokenizer's files, and the export of a SentencePiece tokenizer for transformers
+from prepare_data import TOKENIZER_FILES, atomic_write, atomic_write_text, sentencepiece_export
+
+# ==============================================================================================
+# PART 1 - THE MODEL: what it computes. Config, RMSNorm, RoPE, Dynamic Mask Attention (its
+# definition as plain code first), the MLP and CDMoE, the block, the language model and the
+# sequence classifier. A reader who stops at the end of this part has read the whole
+# architecture; parts 2 and 3 compute the same things faster and move them in and out of files.
+# ==============================================================================================
+
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -124,30 +138,12 @@ class DogeConfig:
 
     @classmethod
     def from_dict(cls, raw):
-        """Read a Hugging Face config.json dict: either RoPE spelling, unknown keys ignored."""
-        known = {f.name for f in fields(cls)}
-        values = {key: value for key, value in raw.items() if key in known}
-        if values.get("num_key_value_heads") is None:  # transformers: absent means plain MHA
-            values["num_key_value_heads"] = values.get("num_attention_heads",
-                                                       cls.num_attention_heads)
-        rope = raw.get("rope_parameters")  # transformers 5.x spelling
-        if isinstance(rope, dict):
-            values["rope_theta"] = rope.get("rope_theta", values.get("rope_theta", 10000.0))
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            values["rope_scaling"] = None if rope_type == "default" else {
-                key: value for key, value in rope.items() if key != "rope_theta"}
-        elif values.get("rope_scaling") and "type" in values["rope_scaling"]:
-            values["rope_scaling"] = {"rope_type": values["rope_scaling"]["type"],
-                                      **values["rope_scaling"]}
-        return cls(**values)
+        """Read a Hugging Face config.json dict (see config_from_json, part 3)."""
+        return config_from_json(raw)
 
     def to_dict(self):
-        """The config.json that transformers' DogeForCausalLM reads, RoPE in both spellings:
-        transformers 5.x reads rope_parameters, 4.x rope_theta and rope_scaling."""
-        values = asdict(self)
-        values["rope_parameters"] = {"rope_theta": values["rope_theta"],
-                                     **(values["rope_scaling"] or {"rope_type": "default"})}
-        return {"architectures": ["DogeForCausalLM"], "model_type": "doge", **values}
+        """The config.json that transformers' DogeForCausalLM reads (see config_json, part 3)."""
+        return config_json(self)
 
 
 # Published shapes (SmallDoges). All use tied embeddings, 2048 positions, dynamic RoPE x4.
@@ -164,6 +160,7 @@ PRESETS = {
                          num_hidden_layers=8, num_attention_heads=2, num_key_value_heads=1,
                          is_moe=True, num_experts=1024, num_experts_per_tok=8),
 }
+
 
 # ----------------------------------------------------------------------------------------------
 # RMSNorm
@@ -222,35 +219,510 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((second, first), dim=-1) * sin
 
 
-def rope_matrix(cos, sin):
-    """apply_rope at one position as a (d, d) matrix R, x @ R == apply_rope(x, cos, sin), from
-    that position's cos and sin (d,): R[j, j] = cos[j] and R[(j + d/2) % d, j] = sin[j]. Decoding
-    builds it once per step and rotates every layer's queries and keys with one product."""
-    return torch.diag(cos) + torch.diag(sin).roll(cos.shape[0] // 2, dims=0)
-
-
 # ----------------------------------------------------------------------------------------------
 # Dynamic Mask Attention
 #
-# Every attention path below computes the same function: query row i attends to the keys j <= i
-# with logit q.k / sqrt(d) + dt[j], restricted to the keep_window_size "best" visible keys, where
-# best means larger dt, and among equal dt the later key. The paths differ only in cost:
-#   short    T <= W, no cache: one fused causal SDPA, the bias folded into q and k (on CUDA
-#            FlexAttention or an additive mask may replace it: attend_short picks).
-#   blocked  anything longer on CPU, or appending to a cache: queries in blocks; a block's
-#            candidates are the best W keys before it (the "state") plus its own keys. Memory
-#            O(T * W).
-#   lifetime T > W on CUDA, no cache: one FlexAttention call whose mask is each key's lifetime
-#            (below), with the bias as a score_mod. Memory O(T) a head.
-#   decode   generate's one-token step (Doge.decode_step): the new key takes a free slot of the
-#            cache or, once W are kept, the slot of the worst key, in place. On CUDA the cache
-#            is static (fixed shapes) and the whole step replays as a CUDA graph.
+# Query row i attends to the keys j <= i with logit q.k / sqrt(d) + dt[j], restricted to the
+# keep_window_size (W) "best" visible keys, where best means larger dt, and among equal dt the
+# later key.
 #
 # Key lifetimes. dt does not depend on the query, and the number of keys better than key j among
 # keys 0..i only grows with i, so key j is kept exactly by the queries j <= i < death[j], where
 # death[j] is the first query that sees W keys better than j. The whole dynamic mask is then
 # kv <= q < death[kv], and death depends on dt alone (no gradient: the choice is discrete, dt's
 # gradient flows through the bias).
+#
+# The three functions below are that definition as plain code, with dense (T, T) masks.
+
+
+def better_than(dt):
+    """The rule that ranks keys, for every pair: (B, Hb, T, T) bool, [..., j, kv] true when key j
+    is better than key kv: a larger dt, or an equal dt and a later position."""
+    position = torch.arange(dt.shape[-1], device=dt.device)
+    dt_j, dt_kv = dt[..., :, None], dt[..., None, :]  # (B, Hb, T, 1), (B, Hb, 1, T)
+    return (dt_j > dt_kv) | ((dt_j == dt_kv) & (position[:, None] > position))
+
+
+def key_deaths_by_definition(dt, keep_window_size):
+    """death (B, Hb, T) of the keys 0..T-1 with biases dt (B, Hb, T), by its definition:
+    death[kv] is the first query q >= kv that sees keep_window_size keys better than kv, or T
+    when none does. Dense and brute force (memory O(T^2) a head): key_lifetimes is fast."""
+    length = dt.shape[-1]
+    position = torch.arange(length, device=dt.device)
+    better_seen = better_than(dt).cumsum(dim=-2)  # [..., q, kv]: keys j <= q better than kv
+    sees_window = (better_seen >= keep_window_size) & (position[:, None] >= position)  # q >= kv
+    first = sees_window.int().argmax(dim=-2)  # argmax returns the first of equal maxima
+    return torch.where(sees_window.any(dim=-2), first, length)  # (B, Hb, T)
+
+
+def attention_by_definition(q, k, v, dt, keep_window_size, scale):
+    """DMAttn by its definition, with dense (T, T) masks: query q sees key kv when
+    kv <= q < death[kv], with the score q.k * scale + dt[kv], then a softmax over what it sees.
+    q (B, H, T, d); k, v (B, Hb, T, d), one head per bias head; dt (B, Hb, T). The H / Hb query
+    heads h of a group share the bias head h // (H / Hb). Returns (B, H, T, d). Every path of
+    part 2 computes exactly this, faster: it is their oracle in the tests."""
+    groups = q.shape[1] // k.shape[1]
+    death = key_deaths_by_definition(dt, keep_window_size)  # (B, Hb, T)
+    position = torch.arange(dt.shape[-1], device=dt.device)
+    sees = (position <= position[:, None]) & (position[:, None] < death.unsqueeze(-2))  # [q, kv]
+    k, v, dt, sees = (t.repeat_interleave(groups, dim=1) for t in (k, v, dt, sees))  # H heads
+    scores = q @ k.transpose(-1, -2) * scale + dt.unsqueeze(-2)  # (B, H, T, T)
+    return scores.masked_fill(~sees, float("-inf")).softmax(dim=-1) @ v  # (B, H, T, d)
+
+
+class DynamicMaskAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        heads, kv_heads, head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                     config.head_dim)
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.bias_heads = config.bias_heads
+        self.keep_window_size = config.keep_window_size
+        self.scale = head_dim ** -0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
+        self.A = nn.Parameter(torch.zeros(self.bias_heads))
+        self.dt_proj = nn.Linear(kv_heads * head_dim, self.bias_heads, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, config.hidden_size, bias=bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, start=0):
+        """x (B, T, D) at positions start.. -> (B, T, D). With a cache, the tokens continue the
+        cached sequence, and the cache is updated."""
+        batch, length, _ = x.shape
+        # queries and keys take the same per-head norm and rotation: one stack of heads
+        qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1)
+        qk = qk.view(batch, length, self.heads + self.kv_heads, self.head_dim)
+        norm_weight = self.qk_norm_weight()  # (H + Hkv, d)
+        if norm_weight is not None:
+            qk = rms_norm(qk, norm_weight, self.q_norm.eps)
+        qk = apply_rope(qk.transpose(1, 2), cos, sin)  # (B, H + Hkv, T, d)
+        q, k = qk.split((self.heads, self.kv_heads), dim=1)
+        values = self.v_proj(x)
+        v = values.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        dt = self.dynamic_bias(self.dt_proj(values)).transpose(1, 2)  # (B, Hb, T)
+        k, v = self.to_bias_heads(k), self.to_bias_heads(v)
+        # exactly attention_by_definition(q, k, v, dt, ...), by the fastest path (part 2)
+        out = attend(q, k, v, dt, self.keep_window_size, self.scale, cache, start)  # (B, H, T, d)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def qk_norm_weight(self):
+        """The per-head RMSNorm weights of the stacked heads (H + Hkv, d), or None (older layout)."""
+        if not hasattr(self, "q_norm"):
+            return None
+        return torch.cat((self.q_norm.weight.expand(self.heads, -1),
+                          self.k_norm.weight.expand(self.kv_heads, -1)))
+
+    def dynamic_bias(self, dt_logits):
+        """The dynamic mask's bias of each key, dt = exp(A * softplus(dt_proj(v))): a
+        zero-order-hold step size per bias head, from dt_proj's output (..., Hb)."""
+        return torch.exp(self.A * F.softplus(dt_logits))
+
+    def to_bias_heads(self, keys):
+        """Keys or values (B, Hkv, ...) as one head per bias head (B, Hb, ...): in the older
+        layout every query head has its own dt, so its own copy of the keys."""
+        if self.bias_heads == self.kv_heads:
+            return keys
+        return keys.repeat_interleave(self.bias_heads // self.kv_heads, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# MLP and Cross-Domain Mixture of Experts
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class CDMoE(MLP):
+    """The MLP as a shared expert, plus num_experts tiny experts e, each computing
+    silu(down_embed[e] . x) * up_embed[e], of which each token uses num_experts_per_tok.
+
+    Product-key routing: the experts form a num_keys x num_keys grid; router_gate scores the rows
+    (sx) and the columns (sy) and expert (i, j) scores sx[i] + sy[j]. The best k pairs only ever
+    use the best k rows and the best k columns, so only k x k sums are formed."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_keys = math.isqrt(config.num_experts)
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.router_gate = nn.Linear(config.hidden_size, 2 * self.num_keys, bias=False)
+        self.down_embed = nn.Embedding(config.num_experts, config.hidden_size)
+        self.up_embed = nn.Embedding(config.num_experts, config.hidden_size)
+
+    def forward(self, x, router_stats=None):
+        return super().forward(x) + self.routed_experts(x, router_stats)
+
+    def routed_experts(self, x, router_stats=None):
+        """The routed experts' sum for each token of x (..., D)."""
+        tokens = x.reshape(-1, x.shape[-1])  # (N, D)
+        # each token's own scores: the first num_keys score rows, the next num_keys columns
+        scores = self.router_gate(tokens).view(-1, 2, self.num_keys)  # (N, 2, K)
+        per_axis = min(self.top_k, self.num_keys)
+        row_scores, rows = scores[:, 0].topk(per_axis, dim=-1)  # (N, k)
+        col_scores, cols = scores[:, 1].topk(per_axis, dim=-1)
+        pair_scores = (row_scores.unsqueeze(-1) + col_scores.unsqueeze(-2)).flatten(1)  # (N, k*k)
+        top_scores, pairs = pair_scores.topk(self.top_k, dim=-1)  # (N, top_k)
+        experts = rows.gather(1, pairs // per_axis) * self.num_keys + cols.gather(1, pairs % per_axis)
+        weights = top_scores.softmax(dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        down = self.down_embed(experts)  # (N, top_k, D)
+        gates = F.silu(torch.bmm(down, tokens.unsqueeze(-1)).squeeze(-1)) * weights  # (N, top_k)
+        routed = torch.bmm(gates.unsqueeze(1), self.up_embed(experts)).squeeze(1)  # (N, D)
+        if router_stats is not None:
+            router_stats.append(self.routing_stats(scores, experts))
+        return routed.view_as(x)
+
+    def routing_stats(self, scores, experts):
+        """What the load-balancing loss needs from this layer: how often each expert was chosen,
+        and the summed router probability of each expert. The probability of expert (i, j) under
+        a softmax over all K*K pair scores factorises into softmax(sx)[i] * softmax(sy)[j]."""
+        # a scatter, not bincount: on CUDA bincount reads the largest index back to the host
+        experts = experts.flatten()
+        counts = scores.new_zeros(self.num_keys ** 2, dtype=torch.float32).index_add_(
+            0, experts, torch.ones_like(experts, dtype=torch.float32))  # (K*K,)
+        row_probs, col_probs = scores.float().softmax(dim=-1).unbind(dim=1)  # (N, K) each
+        prob_sums = (row_probs.t() @ col_probs).flatten()  # (K*K,) summed over tokens
+        return counts, prob_sums, scores.shape[0]
+
+
+def load_balancing_loss(router_stats, num_experts, top_k):
+    """Switch Transformer loss pooled over all layers, as the reference does:
+    num_experts * sum_e (fraction of routing slots given to e) * (mean router probability of e).
+    It is 1 when routing is uniform and grows as it concentrates."""
+    counts = sum(stats[0] for stats in router_stats)
+    prob_sums = sum(stats[1] for stats in router_stats)
+    tokens = sum(stats[2] for stats in router_stats)
+    return num_experts * torch.sum(counts / (tokens * top_k) * prob_sums / tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer whose residual stream is rescaled by learned vectors."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dropout = config.hidden_dropout
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DynamicMaskAttention(config)
+        self.input_residual = nn.Parameter(torch.ones(config.hidden_size))
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = CDMoE(config) if config.is_moe else MLP(config)
+        self.post_attention_residual = nn.Parameter(torch.ones(config.hidden_size))
+
+    def forward(self, x, cos, sin, cache=None, start=0, router_stats=None):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        x = self.input_residual * x + F.dropout(attn, self.dropout, self.training)
+        mlp_in = self.post_attention_layernorm(x)
+        mlp = self.mlp(mlp_in, router_stats) if isinstance(self.mlp, CDMoE) else self.mlp(mlp_in)
+        return self.post_attention_residual * x + F.dropout(mlp, self.dropout, self.training)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Doge(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """
+        | tensor                                             | init                         |
+        |----------------------------------------------------|------------------------------|
+        | every nn.Linear weight, embed_tokens, down/up_embed | normal(0, initializer_range) |
+        | every bias, A                                      | zeros (A = 0: dt = 1, no mask preference) |
+        | RMSNorm weights, input/post_attention_residual     | ones                         |
+        """
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, DynamicMaskAttention):
+                nn.init.zeros_(module.A)
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            if isinstance(module, Block):
+                nn.init.ones_(module.input_residual)
+                nn.init.ones_(module.post_attention_residual)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward and backward, 3x forward) as nanoGPT and PaLM count
+        them: 6 per weight the token is multiplied by, plus 12 * layers * heads * head_dim * the
+        keys each query attends to (at most keep_window_size). A CDMoE token uses only
+        num_experts_per_tok of its experts' vectors; embedding lookups are free unless tied."""
+        config = self.config
+        weights = self.num_params()
+        if not config.tie_word_embeddings:
+            weights -= self.embed_tokens.weight.numel()
+        if config.is_moe:  # only the chosen experts' down and up vectors
+            weights -= 2 * config.num_hidden_layers * config.hidden_size * (
+                config.num_experts - config.num_experts_per_tok)
+        keys = min(seq_len, config.keep_window_size)
+        return 6 * weights + 12 * config.num_hidden_layers * config.num_attention_heads * \
+            config.head_dim * keys
+
+    def hidden_states(self, idx, cache=None, router_stats=None):
+        """The final normalised hidden states (B, T, D) of tokens idx (B, T), which continue the
+        cached sequence when a cache is given."""
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"idx must be a (B, T) int64 tensor, got {tuple(idx.shape)} {idx.dtype}")
+        start = cache.length if cache is not None else 0
+        x = self.embed_tokens(idx)  # (B, T, D)
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+        cos, sin = rope_cos_sin(self.config, positions, start + idx.shape[1], x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, start,
+                      router_stats)
+        if cache is not None:
+            cache.advance(idx.shape[1])
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, cache=None, keep_logits=True):
+        """logits (B, T, V) and loss. targets[b, t] is the token after idx[b, t], -1 ignored; the
+        loss is their mean cross-entropy plus, for MoE in training, the weighted load-balancing
+        loss. With targets, logits carry no gradient (the loss does), and keep_logits=False skips
+        them altogether (training needs only the loss)."""
+        moe_training = self.config.is_moe and self.training
+        router_stats = [] if moe_training and targets is not None else None
+        hidden = self.hidden_states(idx, cache, router_stats)
+        if targets is None:
+            return self.lm_head(hidden), None
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+        loss, logits = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight,
+                                            targets.flatten(), keep_logits)
+        if router_stats:
+            loss = loss + self.config.router_aux_loss_coef * load_balancing_loss(
+                router_stats, self.config.num_experts, self.config.num_experts_per_tok)
+        return (logits.view(*idx.shape, -1) if logits is not None else None), loss
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None):
+        """Load a Hugging Face format Doge directory (either layout) or hub name (owner/name, or
+        owner/name@revision, fetched with the optional huggingface_hub package when no such
+        local path exists), a train.py checkpoint file, or a train.py out_dir (its newest
+        checkpoint)."""
+        return load_pretrained(path, device, dtype)
+
+    def save_pretrained(self, path, tokenizer_dir=None):
+        """Write a Hugging Face format directory that transformers loads (same layout as ours)
+        and the hub takes: the tokenizer of tokenizer_dir (e.g. a train.py out_dir) when given,
+        and a model card from that run's records (see the module function save_pretrained)."""
+        save_pretrained(self, path, tokenizer_dir)
+
+    # ------------------------------------------------------------------------------------------
+    # Scoring and generation: the work is done in parts 2 and 3
+
+    def loglikelihoods(self, requests, batch_size=32):
+        """The summed log-probability of each request's (context_ids, continuation_ids)
+        continuation after its context, floats in request order (see loglikelihoods, part 3)."""
+        return loglikelihoods(self, requests, batch_size)
+
+    def new_cache(self, batch_size=1):
+        """An empty state for generate to continue, on the model's device and in its dtype:
+        static (fixed shapes, for a CUDA graph) where decoding is (uses_static_decoding)."""
+        weight = self.lm_head.weight
+        return DogeCache(self.config, batch_size, weight.device, weight.dtype,
+                         static=uses_static_decoding(weight.device))
+
+    def load_cache(self, source):
+        """A cache holding the state that DogeCache.save wrote to the file source (or the dict
+        that DogeCache.state_dict made). A state of another model shape is a ValueError."""
+        state = source if isinstance(source, dict) else read_cache_state(source)
+        cache = self.new_cache(state["keys"].shape[1])
+        cache.load_state_dict(state, "the state" if state is source else str(source))
+        return cache
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 repetition_penalty=1.0, eos_token_id=None, cache=None):
+        """idx (B, T) -> (B, T + new) token ids. temperature 0 is greedy. A row that emits an
+        eos id is finished and is padded with that id; generation stops when all are. With a
+        cache (new_cache), idx holds only the tokens after what the cache holds (see
+        generate_stream)."""
+        new_tokens = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
+                                               repetition_penalty, eos_token_id, cache))
+        return torch.cat([idx, *new_tokens], dim=1)
+
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        repetition_penalty=1.0, eos_token_id=None, cache=None):
+        """Yield the next tokens (B, 1) one step at a time, at a constant cost per token (see
+        generate_stream, part 3, and generate)."""
+        return generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p,
+                               repetition_penalty, eos_token_id, cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence classification: the same body, a score per label instead of a token distribution
+
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+class DogeForSequenceClassification(nn.Module):
+    """Doge's body (every layer of the causal LM but its output layer) and a linear score head
+    without bias on the final hidden state of each row's last token that is not padding. Names
+    follow transformers' checkpoints of this class: model.* for the body, score.weight."""
+
+    def __init__(self, config, num_labels=2, id2label=None, problem_type=None):
+        super().__init__()
+        id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
+        if len(id2label) != num_labels or sorted(id2label) != list(range(num_labels)):
+            raise ValueError(f"id2label must name the labels 0..{num_labels - 1}, got {id2label}")
+        if problem_type not in (None, *PROBLEM_TYPES) or (
+                problem_type == "single_label_classification" and num_labels == 1):
+            raise ValueError(f"problem_type {problem_type!r} with {num_labels} labels: choose "
+                             f"None, {', '.join(PROBLEM_TYPES)} (single-label needs 2 or more)")
+        self.config = config
+        self.id2label = id2label
+        self.problem_type = problem_type  # None: the labels' dtype decides, in loss()
+        self.model = Doge(config)
+        del self.model.lm_head  # a classifier has no use for it
+        self.score = nn.Linear(config.hidden_size, num_labels, bias=False)
+        nn.init.normal_(self.score.weight, mean=0.0, std=config.initializer_range)
+
+    @property
+    def num_labels(self):
+        return len(self.id2label)
+
+    def forward(self, idx, labels=None):
+        """logits (B, num_labels) of each row of idx (B, T), and their loss against labels (or
+        None). Padding may be on either side: there is no attention mask, so right padding is
+        invisible to the pooled token (causality) while left padding is attended to, as in
+        transformers called without an attention mask."""
+        hidden = self.model.hidden_states(idx)  # (B, T, D)
+        rows = torch.arange(len(idx), device=idx.device)
+        logits = self.score(hidden[rows, self.last_tokens(idx)])  # (B, num_labels)
+        return logits, None if labels is None else self.loss(logits, labels)
+
+    def last_tokens(self, idx):
+        """(B,) the position of each row's rightmost token that is not pad_token_id (0 for a row
+        of padding only); the last position when there is no pad token, for one row only."""
+        pad = self.config.pad_token_id
+        if pad is None:
+            if len(idx) > 1:
+                raise ValueError("config.pad_token_id is None, so padding cannot be told apart: "
+                                 "set it, or classify one row at a time")
+            return torch.full((1,), idx.shape[1] - 1, device=idx.device)
+        positions = torch.arange(idx.shape[1], device=idx.device)  # (T,)
+        return (positions * (idx != pad)).argmax(dim=-1)  # argmax takes the first of equals
+
+    def loss(self, logits, labels):
+        """transformers' rules: problem_type when set, else regression (mean squared error) for
+        one label, single-label classification (cross-entropy, label -100 ignored) for int64 or
+        int32 labels (B,), multi-label (binary cross-entropy per label) for float labels (B, N)."""
+        problem = self.problem_type or (
+            "regression" if self.num_labels == 1 else "single_label_classification"
+            if labels.dtype in (torch.int64, torch.int32) else "multi_label_classification")
+        labels = labels.to(logits.device)
+        if problem == "regression":
+            return F.mse_loss(logits, labels.view_as(logits).to(logits.dtype))
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits, labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+    @classmethod
+    def from_pretrained(cls, path, num_labels=2, id2label=None, device="cpu", dtype=None):
+        """A transformers DogeForSequenceClassification directory (either layout, its labels from
+        config.json), or anything Doge.from_pretrained reads: then the causal LM's body with a
+        fresh score head of num_labels outputs (id2label naming them), and one line saying so."""
+        return load_classifier(path, num_labels, id2label, device, dtype)
+
+    def save_pretrained(self, path, tokenizer_dir=None):
+        """A transformers DogeForSequenceClassification directory, as Doge.save_pretrained."""
+        save_pretrained(self, path, tokenizer_dir)
+
+
+# ==============================================================================================
+# PART 2 - MAKING IT FAST: the attention paths, the chunked loss, the decoding caches, the fused
+# decoding step and CUDA graph capture. Each computes exactly what part 1 defines, and each
+# section opens with where it wins and the bench.py case that shows it.
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention paths, and attend, the one place that picks among them by device and cache
+#
+# Every attention path below computes attention_by_definition (part 1). They differ only in cost:
+#   short    T <= W, no cache: one fused causal SDPA, the bias folded into q and k (on CUDA
+#            FlexAttention may replace it: attend_short picks).
+#   blocked  anything longer on CPU, or appending to a cache: queries in blocks; a block's
+#            candidates are the best W keys before it (the "state") plus its own keys. Memory
+#            O(T * W).
+#   lifetime T > W on CUDA, no cache: one FlexAttention call whose mask is each key's lifetime
+#            (key_lifetimes), with the bias as a score_mod. Memory O(T) a head.
+#   decode   generate's one-token step (decode_step): the new key takes a free slot of the
+#            cache or, once W are kept, the slot of the worst key, in place. On CUDA the cache
+#            is static (fixed shapes) and the whole step replays as a CUDA graph.
+
+
+def attend(q, k, v, dt, keep_window_size, scale, cache=None, start=0):
+    """attention_by_definition's output (B, H, T, d) for T new queries at positions start.., by
+    the fastest path for the device; with a cache (a LayerCache), over the cached keys too, and
+    the cache takes the new state. q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T)."""
+    if cache is None and dt.shape[-1] > keep_window_size and uses_lifetime_path(q.device):
+        return attend_lifetimes(q, k, v, dt, keep_window_size, scale)
+    # the blocked path, which also hands a cache its new state
+    state = cache.state() if cache is not None else None
+    out, state = dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale)
+    if cache is not None:
+        cache.store(state)
+    return out
+
+
+def product_dtype(tensor):
+    """The dtype tensor's products run in: autocast's when it is on for tensor's device, else
+    tensor's own."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
+def in_product_dtype(*tensors):
+    """The tensors in the dtype their products run in (product_dtype of the first). Under
+    autocast SDPA would cast its inputs anyway: casting first is exact and moves fewer bytes
+    through the folding (and FlexAttention, not autocast's, needs one dtype)."""
+    dtype = product_dtype(tensors[0])
+    return tuple(t.to(dtype) for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Key lifetimes, O(T * W) and no (T, T) tensor: win past the window (bench.py --cases=gpu)
 
 
 def rank_keys(dt, positions):
@@ -291,10 +763,28 @@ def key_lifetimes(dt, keep_window_size):
         # key c of the chunk is beaten by every earlier key and the chunk's keys before it
         beats = source.unsqueeze(-2) < in_chunk[:, None]  # (B, Hb, c, W + c)
         beaten_up_to = beats.cumsum(dim=-1, dtype=torch.int32)
-        wth = (beaten_up_to < window).sum(dim=-1)  # (B, Hb, c), where the W-th better key sits
-        death.scatter_(-1, keys, merged.gather(-1, wth))
+        # (B, Hb, c): where in merged each key's W-th better key sits, whose position is its death
+        death_index = (beaten_up_to < window).sum(dim=-1)
+        death.scatter_(-1, keys, merged.gather(-1, death_index))
         smallest = merged[..., :window]
     return torch.maximum(death, torch.arange(length, device=device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Short path: wins at T <= W, no cache (bench.py --cases=train; gpu_attn_t2048 in --cases=gpu)
+
+
+# The exact T <= W path on CUDA: "folded" or "flex" (bench.py --cases=gpu times both).
+CUDA_SHORT_ATTENTION = "folded"
+
+
+def attend_short(q, k, v, dt, scale):
+    """T <= W with nothing cached: every visible key is kept, so the mask is causal + bias.
+    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T). The one place that picks the path by
+    device: the folded bias on CPU (the fastest there), CUDA_SHORT_ATTENTION on CUDA."""
+    if q.is_cuda and CUDA_SHORT_ATTENTION == "flex":
+        return attend_short_flex(q, k, v, dt, scale)
+    return attend_short_folded(q, k, v, dt, scale)
 
 
 def fold_bias(q, k, v, dt, scale):
@@ -305,38 +795,6 @@ def fold_bias(q, k, v, dt, scale):
     q = F.pad(torch.cat((q, torch.ones_like(q[..., :1])), dim=-1), (0, pad))
     k = F.pad(torch.cat((k, (dt / scale).unsqueeze(-1).to(k.dtype)), dim=-1), (0, pad))
     return q, k, F.pad(v, (0, pad + 1))
-
-
-def product_dtype(tensor):
-    """The dtype tensor's products run in: autocast's when it is on for tensor's device, else
-    tensor's own."""
-    device = tensor.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
-
-
-# The exact T <= W path on CUDA: "folded" (issue 13 measured it at 1.31 ms forward+backward per
-# layer at Doge-20M shapes on an H200, against 0.73 ms for a plain causal flash call), "flex" or
-# "additive". Not yet measured against each other: bench.py --cases=gpu times all three.
-CUDA_SHORT_ATTENTION = "folded"
-
-
-def attend_short(q, k, v, dt, scale):
-    """T <= W with nothing cached: every visible key is kept, so the mask is causal + bias.
-    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T). The one place that picks the path by
-    device: the folded bias on CPU (the fastest there), CUDA_SHORT_ATTENTION on CUDA."""
-    if q.is_cuda and CUDA_SHORT_ATTENTION == "flex":
-        return attend_short_flex(q, k, v, dt, scale)
-    if q.is_cuda and CUDA_SHORT_ATTENTION == "additive":
-        return attend_short_additive(q, k, v, dt, scale)
-    return attend_short_folded(q, k, v, dt, scale)
-
-
-def in_product_dtype(*tensors):
-    """The tensors in the dtype their products run in (product_dtype of the first). Under
-    autocast SDPA would cast its inputs anyway: casting first is exact and moves fewer bytes
-    through the folding (and FlexAttention, not autocast's, needs one dtype)."""
-    dtype = product_dtype(tensors[0])
-    return tuple(t.to(dtype) for t in tensors)
 
 
 def attend_short_folded(q, k, v, dt, scale):
@@ -371,19 +829,35 @@ def attend_short_flex(q, k, v, dt, scale):
                           enable_gqa=groups > 1)
 
 
-def attend_short_additive(q, k, v, dt, scale):
-    """attend_short as SDPA with an explicit float mask, dt[key] where causal and -inf elsewhere
-    (B, Hb, T, T): the memory-efficient kernel, no padding, but a T x T mask and its gradient."""
-    q, k, v = in_product_dtype(q, k, v)
-    batch, heads, length, head_dim = q.shape
-    bias_heads = k.shape[1]
-    groups = heads // bias_heads
-    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)  # (T, T)
-    bias = dt.unsqueeze(-2).masked_fill(future, float("-inf")).to(q.dtype)  # (B, Hb, T, T)
-    if bias_heads > 1 and groups > 1:  # one mask per query head; one bias head broadcasts
-        bias = bias.repeat_interleave(groups, dim=1)  # (B, H, T, T)
-    k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))  # (B, H, T, d)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+# ----------------------------------------------------------------------------------------------
+# Blocked path: wins past the window on CPU, and appends to a cache (bench.py --cases=long)
+
+
+QUERY_BLOCK = 512  # queries per block on the blocked path: memory O(block * (W + block)) a head
+
+
+def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
+    """Attention of T new queries at positions start.. over the cached state and their own keys.
+    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T); state as in attend_block, or None.
+    Returns out (B, H, T, d) and the new state (the best <= W keys seen so far)."""
+    batch, bias_heads, length = dt.shape
+    positions = torch.arange(start, start + length, device=q.device)
+    outs = []
+    if state is None:  # the first W queries see at most W keys: everything visible is kept
+        first = min(keep_window_size, length)
+        outs.append(attend_short(q[:, :, :first], k[:, :, :first], v[:, :, :first],
+                                 dt[:, :, :first], scale))
+        state = (k[:, :, :first], v[:, :, :first], dt[:, :, :first],
+                 positions[:first].expand(batch, bias_heads, first))
+    else:
+        first = 0
+    for begin in range(first, length, QUERY_BLOCK):
+        end = min(begin + QUERY_BLOCK, length)
+        out, state = attend_block(q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end],
+                                  dt[:, :, begin:end], positions[begin:end], state,
+                                  keep_window_size, scale)
+        outs.append(out)
+    return torch.cat(outs, dim=2), state
 
 
 def attend_block(q, k, v, dt, positions, state, keep_window_size, scale):
@@ -418,7 +892,16 @@ def attend_block(q, k, v, dt, positions, state, keep_window_size, scale):
     return out, new_state
 
 
-QUERY_BLOCK = 512  # queries per block on the blocked path: memory O(block * (W + block)) a head
+# ----------------------------------------------------------------------------------------------
+# Lifetime path: wins past the window on CUDA, no cache (gpu_train_t8192 in bench.py --cases=gpu)
+
+
+def uses_lifetime_path(device):
+    """Whether attention past the window without a cache takes the lifetime path: on CUDA, where
+    one masked call runs faster than many small blocks. On CPU the blocks are faster."""
+    return torch.device(device).type == "cuda"
+
+
 FLEX_BLOCK = 128  # FlexAttention's tile: the block mask says which (query, key) tiles are live
 
 
@@ -451,12 +934,6 @@ def lifetime_block_mask(death, groups, mask_mod, length):
     return BlockMask.from_kv_blocks(*block_lists(partial), *block_lists(full),
                                     BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
                                     seq_lengths=(length, length))
-
-
-def lifetime_path(device):
-    """Whether attention past the window without a cache takes the lifetime path: on CUDA, where
-    one masked call runs faster than many small blocks. On CPU the blocks are faster."""
-    return torch.device(device).type == "cuda"
 
 
 @functools.cache
@@ -493,28 +970,183 @@ def attend_lifetimes(q, k, v, dt, keep_window_size, scale, flex_attention=None):
                           enable_gqa=groups > 1)
 
 
-def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
-    """Attention of T new queries at positions start.. over the cached state and their own keys.
-    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T); state as in attend_block, or None.
-    Returns out (B, H, T, d) and the new state (the best <= W keys seen so far)."""
-    batch, bias_heads, length = dt.shape
-    positions = torch.arange(start, start + length, device=q.device)
-    outs = []
-    if state is None:  # the first W queries see at most W keys: everything visible is kept
-        first = min(keep_window_size, length)
-        outs.append(attend_short(q[:, :, :first], k[:, :, :first], v[:, :, :first],
-                                 dt[:, :, :first], scale))
-        state = (k[:, :, :first], v[:, :, :first], dt[:, :, :first],
-                 positions[:first].expand(batch, bias_heads, first))
-    else:
-        first = 0
-    for begin in range(first, length, QUERY_BLOCK):
-        end = min(begin + QUERY_BLOCK, length)
-        out, state = attend_block(q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end],
-                                  dt[:, :, begin:end], positions[begin:end], state,
-                                  keep_window_size, scale)
-        outs.append(out)
-    return torch.cat(outs, dim=2), state
+# ----------------------------------------------------------------------------------------------
+# Chunked loss: wins at a large vocabulary (bench.py --cases=train; gpu_train_b16 in --cases=gpu)
+#
+# The output projection and cross-entropy, a chunk of rows at a time. At vocabulary 32768 the
+# logits dominate a small model's activations: (B*T, V) floats, then a log-softmax copy, then a
+# gradient of the same size. Here each chunk of rows goes through logits -> loss ->
+# d(loss)/d(logits) -> gradients of hidden and weight before the next chunk, so no full-size
+# logits gradient ever exists (and full logits only when asked for).
+
+
+# logits per chunk: 64 MB of float32. Smaller chunks make less efficient products.
+LOSS_CHUNK_ELEMENTS = 2 ** 24
+
+
+def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
+    """hidden (N, D), weight (V, D), targets (N,) with -1 ignored.
+    Returns mean loss, logits (N, V) or None, and the gradients of the mean loss wrt hidden and
+    weight (None unless compute_grads)."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    kept = targets != -1
+    count = kept.sum().clamp(min=1)
+    safe_targets = targets.clamp(min=0)
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // vocab)
+    # The products write into tensors kept across chunks (out=, addmm_): on CPU a fresh 64 MB
+    # tensor per chunk costs page faults. Autocast skips such calls, so the products' dtype is
+    # chosen here: autocast's when it is on, else hidden's.
+    dtype = product_dtype(hidden)
+    product_weight = weight.to(dtype)  # (V, D)
+    logits_buffer = hidden.new_empty(min(chunk, rows), vocab, dtype=dtype)
+    loss = torch.zeros((), device=hidden.device)
+    logits_out = grad_hidden = grad_weight = None
+    if keep_logits:
+        logits_out = hidden.new_empty(rows, vocab, dtype=dtype)
+    if compute_grads:
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, device=weight.device)
+    for begin in range(0, rows, chunk):
+        end = min(begin + chunk, rows)
+        h, target, weight_rows = hidden[begin:end].to(dtype), safe_targets[begin:end], \
+            kept[begin:end]
+        logits = torch.mm(h, product_weight.t(), out=logits_buffer[:end - begin])  # (n, V)
+        if keep_logits:
+            logits_out[begin:end] = logits
+        logits = logits.float()
+        target_logits = logits.gather(1, target.unsqueeze(1)).squeeze(1)  # (n,)
+        # log-sum-exp by hand, in place, keeping exp(logits - max): divided by its row sums it is
+        # the softmax the gradient needs, so each logit goes through exp once
+        max_logits = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+        exps = logits.sub_(max_logits).exp_()  # (n, V)
+        sums = exps.sum(dim=-1)  # (n,)
+        log_norm = max_logits.squeeze(1) + sums.log()
+        loss += ((log_norm - target_logits) * weight_rows).sum()
+        if compute_grads:  # d loss / d logits = (softmax - onehot) * kept / count, in place
+            row_scale = weight_rows / count  # (n,)
+            grad = exps.mul_((row_scale / sums).unsqueeze(1))
+            grad[torch.arange(end - begin, device=grad.device), target] -= row_scale
+            grad = grad.to(dtype)
+            grad_hidden[begin:end] = grad @ product_weight
+            if dtype == grad_weight.dtype:
+                grad_weight.addmm_(grad.t(), h)
+            else:  # low-precision products, summed in float32
+                grad_weight += (grad.t() @ h).float()
+    if compute_grads:
+        grad_weight = grad_weight.to(weight.dtype)
+    return loss / count, logits_out, grad_hidden, grad_weight
+
+
+# On CUDA the loss runs chunks of about this many logits (8192 rows at V=32768) through one
+# compiled function (loss_chunk): a CPU-style loop of small kernels per chunk is launch-bound on
+# a GPU; compiled, inductor fuses the log-sum-exp and the gradient into a few kernels that keep
+# the chunk's logits in the products' dtype (no float32 copy).
+COMPILED_LOSS_CHUNK_ELEMENTS = 2 ** 28
+
+
+def loss_chunk(h, weight, targets, row_scale, keep_logits, compute_grads):
+    """One chunk of the loss, written for torch.compile. h (n, D) and weight (V, D) in the
+    products' dtype; targets (n,), none -1; row_scale (n,) float32: 1 / count for a supervised
+    row, 0 for an ignored one. Returns the chunk's share of the mean loss, its logits (n, V) or
+    None, and the gradients of the mean loss wrt h (n, D, products' dtype) and wrt weight (V, D,
+    float32), or None, None."""
+    logits = h @ weight.t()  # (n, V)
+    logits32 = logits.float()
+    log_norm = logits32.logsumexp(dim=-1)  # (n,)
+    target_logits = logits32.gather(1, targets.unsqueeze(1)).squeeze(1)  # (n,)
+    loss = ((log_norm - target_logits) * row_scale).sum()
+    kept_logits = logits if keep_logits else None
+    if not compute_grads:
+        return loss, kept_logits, None, None
+    # d loss / d logits = (softmax - onehot) * row_scale
+    onehot = torch.arange(weight.shape[0], device=h.device) == targets.unsqueeze(1)  # (n, V)
+    grad = ((logits32 - log_norm.unsqueeze(1)).exp() - onehot.float()) * row_scale.unsqueeze(1)
+    grad = grad.to(h.dtype)
+    return loss, kept_logits, grad @ weight, (grad.t() @ h).float()
+
+
+@functools.cache
+def compiled_loss_chunk():
+    """loss_chunk compiled, once per process (compiling is deferred to the first CUDA loss).
+    Whatever train.py's compile setting; TORCHDYNAMO_DISABLE=1 runs it uncompiled (a GPU that
+    triton does not support)."""
+    return torch.compile(loss_chunk)
+
+
+def compiled_cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
+    """cross_entropy_chunks (same arguments and results) as a loop over compiled_loss_chunk. The
+    chunks have the same number of rows, the last one padded with ignored rows, so one compiled
+    graph serves every input of at least a chunk's rows (SFT's micro-batches vary in length);
+    a smaller input is one chunk of its own size."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    chunk = min(rows, max(1, COMPILED_LOSS_CHUNK_ELEMENTS // vocab))
+    kept = targets != -1
+    row_scale = kept / kept.sum().clamp(min=1)  # (N,) float32
+    safe_targets = targets.clamp(min=0)
+    dtype = product_dtype(hidden)
+    product_weight = weight.to(dtype)  # (V, D)
+    run_chunk = compiled_loss_chunk()
+    loss = torch.zeros((), device=hidden.device)
+    logits_out = hidden.new_empty(rows, vocab, dtype=dtype) if keep_logits else None
+    grad_hidden = torch.empty_like(hidden) if compute_grads else None
+    grad_weight = torch.zeros(weight.shape, device=weight.device) if compute_grads else None
+    for begin in range(0, rows, chunk):
+        end = min(begin + chunk, rows)
+        h, target, scale = (hidden[begin:end].to(dtype), safe_targets[begin:end],
+                            row_scale[begin:end])
+        pad = chunk - (end - begin)
+        if pad:  # the last chunk's missing rows: zeros with row_scale 0, no loss, no gradient
+            h, target, scale = F.pad(h, (0, 0, 0, pad)), F.pad(target, (0, pad)), \
+                F.pad(scale, (0, pad))
+        chunk_loss, logits, chunk_grad_hidden, chunk_grad_weight = run_chunk(
+            h, product_weight, target, scale, keep_logits, compute_grads)
+        loss += chunk_loss
+        if keep_logits:
+            logits_out[begin:end] = logits[:end - begin]
+        if compute_grads:
+            grad_hidden[begin:end] = chunk_grad_hidden[:end - begin]
+            grad_weight += chunk_grad_weight
+    if compute_grads:
+        grad_weight = grad_weight.to(weight.dtype)
+    return loss, logits_out, grad_hidden, grad_weight
+
+
+def pick_cross_entropy(hidden):
+    """The chunked cross-entropy function for hidden's device (the one place that picks): the
+    compiled chunks on CUDA, the CPU-tuned loop (cross_entropy_chunks, faster there) elsewhere."""
+    return compiled_cross_entropy_chunks if hidden.is_cuda else cross_entropy_chunks
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Autograd wrapper: the gradients are computed during the forward pass, chunk by chunk, and
+    the backward pass only scales them by the incoming gradient of the loss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, keep_logits):
+        loss, logits, grad_hidden, grad_weight = pick_cross_entropy(hidden)(
+            hidden, weight, targets, keep_logits, compute_grads=True)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        if logits is not None:
+            ctx.mark_non_differentiable(logits)
+        return loss, logits
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logits):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+@torch.compiler.disable  # a Python loop over chunks; compiling it would unroll every chunk
+def linear_cross_entropy(hidden, weight, targets, keep_logits=True):
+    """Mean cross-entropy of hidden @ weight.T against targets (-1 ignored), and the logits."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(hidden, weight, targets, keep_logits)
+    loss, logits, _, _ = pick_cross_entropy(hidden)(hidden, weight, targets, keep_logits, False)
+    return loss, logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding caches: win once a text outgrows the window (bench.py --cases=window, --cases=chat)
 
 
 def attend_cached(q, k, values_t, dt, scale):
@@ -522,8 +1154,7 @@ def attend_cached(q, k, values_t, dt, scale):
     q (B, H, d); k (R, n, d), values_t (R, d, n) (the values transposed) and dt (R, n), with one
     row per (sequence, bias head): R = B * Hb. Returns the heads' outputs (B, H*d).
     Both products multiply the contiguous cache by a few columns, each column contiguous: the
-    layout the BLAS kernels read fastest (measured on CPU: up to 3x faster than q @ k^T and p @ v
-    once the cache has left the CPU caches). Past the window, reading W keys and values per layer
+    layout the BLAS kernels read fastest. Past the window, reading W keys and values per layer
     is the only cost a step adds, so this read sets how flat time per token stays."""
     batch, heads, head_dim = q.shape
     rows = dt.shape[0]
@@ -689,686 +1320,87 @@ class DogeCache:
         atomic_write(path, lambda temp_path: torch.save(state, temp_path))
 
 
-def read_cache_state(path):
-    """The state_dict that DogeCache.save wrote to path; anything else is a one-line ValueError."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a file it cannot read
-        raise ValueError(f"{path}: not a Doge cache state (torch.load: {type(e).__name__})") \
-            from None
-    if not isinstance(state, dict) or not {"shape", "length", "keys"} <= state.keys():
-        raise ValueError(f"{path}: not a Doge cache state")
-    return state
-
-
-class DynamicMaskAttention(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        heads, kv_heads, head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                     config.head_dim)
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.bias_heads = config.bias_heads
-        self.keep_window_size = config.keep_window_size
-        self.scale = head_dim ** -0.5
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
-        self.A = nn.Parameter(torch.zeros(self.bias_heads))
-        self.dt_proj = nn.Linear(kv_heads * head_dim, self.bias_heads, bias=bias)
-        self.o_proj = nn.Linear(heads * head_dim, config.hidden_size, bias=bias)
-        if config.qk_norm:
-            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
-
-    def forward(self, x, cos, sin, cache=None, start=0):
-        """x (B, T, D) at positions start.. -> (B, T, D). With a cache, the tokens continue the
-        cached sequence, and the cache is updated."""
-        batch, length, _ = x.shape
-        # queries and keys take the same per-head norm and rotation: one stack of heads
-        qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1)
-        qk = qk.view(batch, length, self.heads + self.kv_heads, self.head_dim)
-        norm_weight = self.qk_norm_weight()  # (H + Hkv, d)
-        if norm_weight is not None:
-            qk = rms_norm(qk, norm_weight, self.q_norm.eps)
-        qk = apply_rope(qk.transpose(1, 2), cos, sin)  # (B, H + Hkv, T, d)
-        q, k = qk.split((self.heads, self.kv_heads), dim=1)
-        values = self.v_proj(x)
-        v = values.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        dt = self.dynamic_bias(self.dt_proj(values)).transpose(1, 2)  # (B, Hb, T)
-        k, v = self.to_bias_heads(k), self.to_bias_heads(v)
-        if cache is None and length > self.keep_window_size and lifetime_path(x.device):
-            out = attend_lifetimes(q, k, v, dt, self.keep_window_size, self.scale)
-        else:  # the blocked path, which also hands a cache its new state
-            state = cache.state() if cache is not None else None
-            out, state = dynamic_mask_attention(q, k, v, dt, start, state, self.keep_window_size,
-                                                self.scale)
-            if cache is not None:
-                cache.store(state)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-
-    def qk_norm_weight(self):
-        """The per-head RMSNorm weights of the stacked heads (H + Hkv, d), or None (older layout)."""
-        if not hasattr(self, "q_norm"):
-            return None
-        return torch.cat((self.q_norm.weight.expand(self.heads, -1),
-                          self.k_norm.weight.expand(self.kv_heads, -1)))
-
-    def dynamic_bias(self, dt_logits):
-        """The dynamic mask's bias of each key, dt = exp(A * softplus(dt_proj(v))): a
-        zero-order-hold step size per bias head, from dt_proj's output (..., Hb)."""
-        return torch.exp(self.A * F.softplus(dt_logits))
-
-    def to_bias_heads(self, keys):
-        """Keys or values (B, Hkv, ...) as one head per bias head (B, Hb, ...): in the older
-        layout every query head has its own dt, so its own copy of the keys."""
-        if self.bias_heads == self.kv_heads:
-            return keys
-        return keys.repeat_interleave(self.bias_heads // self.kv_heads, dim=1)
-
-
 # ----------------------------------------------------------------------------------------------
-# MLP and Cross-Domain Mixture of Experts
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, config):
-        super().__init__()
-        bias = config.mlp_bias
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class CDMoE(MLP):
-    """The MLP as a shared expert, plus num_experts tiny experts e, each computing
-    silu(down_embed[e] . x) * up_embed[e], of which each token uses num_experts_per_tok.
-
-    Product-key routing: the experts form a num_keys x num_keys grid; router_gate scores the rows
-    (sx) and the columns (sy) and expert (i, j) scores sx[i] + sy[j]. The best k pairs only ever
-    use the best k rows and the best k columns, so only k x k sums are formed."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.num_keys = math.isqrt(config.num_experts)
-        self.top_k = config.num_experts_per_tok
-        self.norm_topk_prob = config.norm_topk_prob
-        self.router_gate = nn.Linear(config.hidden_size, 2 * self.num_keys, bias=False)
-        self.down_embed = nn.Embedding(config.num_experts, config.hidden_size)
-        self.up_embed = nn.Embedding(config.num_experts, config.hidden_size)
-
-    def forward(self, x, router_stats=None):
-        return super().forward(x) + self.routed_experts(x, router_stats)
-
-    def routed_experts(self, x, router_stats=None):
-        """The routed experts' sum for each token of x (..., D)."""
-        tokens = x.reshape(-1, x.shape[-1])  # (N, D)
-        # each token's own scores: the first num_keys score rows, the next num_keys columns
-        scores = self.router_gate(tokens).view(-1, 2, self.num_keys)  # (N, 2, K)
-        per_axis = min(self.top_k, self.num_keys)
-        row_scores, rows = scores[:, 0].topk(per_axis, dim=-1)  # (N, k)
-        col_scores, cols = scores[:, 1].topk(per_axis, dim=-1)
-        pair_scores = (row_scores.unsqueeze(-1) + col_scores.unsqueeze(-2)).flatten(1)  # (N, k*k)
-        top_scores, pairs = pair_scores.topk(self.top_k, dim=-1)  # (N, top_k)
-        experts = rows.gather(1, pairs // per_axis) * self.num_keys + cols.gather(1, pairs % per_axis)
-        weights = top_scores.softmax(dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        down = self.down_embed(experts)  # (N, top_k, D)
-        gates = F.silu(torch.bmm(down, tokens.unsqueeze(-1)).squeeze(-1)) * weights  # (N, top_k)
-        routed = torch.bmm(gates.unsqueeze(1), self.up_embed(experts)).squeeze(1)  # (N, D)
-        if router_stats is not None:
-            router_stats.append(self.routing_stats(scores, experts))
-        return routed.view_as(x)
-
-    def routing_stats(self, scores, experts):
-        """What the load-balancing loss needs from this layer: how often each expert was chosen,
-        and the summed router probability of each expert. The probability of expert (i, j) under
-        a softmax over all K*K pair scores factorises into softmax(sx)[i] * softmax(sy)[j]."""
-        # a scatter, not bincount: on CUDA bincount reads the largest index back to the host
-        experts = experts.flatten()
-        counts = scores.new_zeros(self.num_keys ** 2, dtype=torch.float32).index_add_(
-            0, experts, torch.ones_like(experts, dtype=torch.float32))  # (K*K,)
-        row_probs, col_probs = scores.float().softmax(dim=-1).unbind(dim=1)  # (N, K) each
-        prob_sums = (row_probs.t() @ col_probs).flatten()  # (K*K,) summed over tokens
-        return counts, prob_sums, scores.shape[0]
-
-
-def load_balancing_loss(router_stats, num_experts, top_k):
-    """Switch Transformer loss pooled over all layers, as the reference does:
-    num_experts * sum_e (fraction of routing slots given to e) * (mean router probability of e).
-    It is 1 when routing is uniform and grows as it concentrates."""
-    counts = sum(stats[0] for stats in router_stats)
-    prob_sums = sum(stats[1] for stats in router_stats)
-    tokens = sum(stats[2] for stats in router_stats)
-    return num_experts * torch.sum(counts / (tokens * top_k) * prob_sums / tokens)
-
-
-# ----------------------------------------------------------------------------------------------
-# Block
-
-
-class Block(nn.Module):
-    """Pre-norm decoder layer whose residual stream is rescaled by learned vectors."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.dropout = config.hidden_dropout
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = DynamicMaskAttention(config)
-        self.input_residual = nn.Parameter(torch.ones(config.hidden_size))
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = CDMoE(config) if config.is_moe else MLP(config)
-        self.post_attention_residual = nn.Parameter(torch.ones(config.hidden_size))
-
-    def forward(self, x, cos, sin, cache=None, start=0, router_stats=None):
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
-        x = self.input_residual * x + F.dropout(attn, self.dropout, self.training)
-        mlp_in = self.post_attention_layernorm(x)
-        mlp = self.mlp(mlp_in, router_stats) if isinstance(self.mlp, CDMoE) else self.mlp(mlp_in)
-        return self.post_attention_residual * x + F.dropout(mlp, self.dropout, self.training)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss: the output projection and cross-entropy, a chunk of rows at a time
-#
-# At vocabulary 32768 the logits dominate a small model's activations: (B*T, V) floats, then a
-# log-softmax copy, then a gradient of the same size. Here each chunk of rows goes through
-# logits -> loss -> d(loss)/d(logits) -> gradients of hidden and weight before the next chunk, so
-# no full-size logits gradient ever exists (and full logits only when asked for).
-
-
-# logits per chunk: 64 MB of float32. Smaller chunks make less efficient products (the loss at
-# B=4, T=512 took 10% longer with 32 MB chunks).
-LOSS_CHUNK_ELEMENTS = 2 ** 24
-
-
-def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
-    """hidden (N, D), weight (V, D), targets (N,) with -1 ignored.
-    Returns mean loss, logits (N, V) or None, and the gradients of the mean loss wrt hidden and
-    weight (None unless compute_grads)."""
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    kept = targets != -1
-    count = kept.sum().clamp(min=1)
-    safe_targets = targets.clamp(min=0)
-    chunk = max(1, LOSS_CHUNK_ELEMENTS // vocab)
-    # The products write into tensors kept across chunks (out=, addmm_): on CPU a fresh 64 MB
-    # tensor per chunk costs page faults, about 5% of a training step. Autocast skips such calls,
-    # so the products' dtype is chosen here: autocast's when it is on, else hidden's.
-    dtype = product_dtype(hidden)
-    product_weight = weight.to(dtype)  # (V, D)
-    logits_buffer = hidden.new_empty(min(chunk, rows), vocab, dtype=dtype)
-    loss = torch.zeros((), device=hidden.device)
-    logits_out = grad_hidden = grad_weight = None
-    if keep_logits:
-        logits_out = hidden.new_empty(rows, vocab, dtype=dtype)
-    if compute_grads:
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, device=weight.device)
-    for begin in range(0, rows, chunk):
-        end = min(begin + chunk, rows)
-        h, target, weight_rows = hidden[begin:end].to(dtype), safe_targets[begin:end], \
-            kept[begin:end]
-        logits = torch.mm(h, product_weight.t(), out=logits_buffer[:end - begin])  # (n, V)
-        if keep_logits:
-            logits_out[begin:end] = logits
-        logits = logits.float()
-        target_logits = logits.gather(1, target.unsqueeze(1)).squeeze(1)  # (n,)
-        # log-sum-exp by hand, in place, keeping exp(logits - max): divided by its row sums it is
-        # the softmax the gradient needs, so each logit goes through exp once (a tenth of a step)
-        max_logits = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-        exps = logits.sub_(max_logits).exp_()  # (n, V)
-        sums = exps.sum(dim=-1)  # (n,)
-        log_norm = max_logits.squeeze(1) + sums.log()
-        loss += ((log_norm - target_logits) * weight_rows).sum()
-        if compute_grads:  # d loss / d logits = (softmax - onehot) * kept / count, in place
-            row_scale = weight_rows / count  # (n,)
-            grad = exps.mul_((row_scale / sums).unsqueeze(1))
-            grad[torch.arange(end - begin, device=grad.device), target] -= row_scale
-            grad = grad.to(dtype)
-            grad_hidden[begin:end] = grad @ product_weight
-            if dtype == grad_weight.dtype:
-                grad_weight.addmm_(grad.t(), h)
-            else:  # low-precision products, summed in float32
-                grad_weight += (grad.t() @ h).float()
-    if compute_grads:
-        grad_weight = grad_weight.to(weight.dtype)
-    return loss / count, logits_out, grad_hidden, grad_weight
-
-
-# On CUDA the loss runs chunks of about this many logits (8192 rows at V=32768) through one
-# compiled function (loss_chunk): a CPU-style loop of small kernels per chunk took 43% of a GPU
-# training step (issue 13); compiled, inductor fuses the log-sum-exp and the gradient into a few
-# kernels that keep the chunk's logits in the products' dtype (no float32 copy).
-COMPILED_LOSS_CHUNK_ELEMENTS = 2 ** 28
-
-
-def loss_chunk(h, weight, targets, row_scale, keep_logits, compute_grads):
-    """One chunk of the loss, written for torch.compile. h (n, D) and weight (V, D) in the
-    products' dtype; targets (n,), none -1; row_scale (n,) float32: 1 / count for a supervised
-    row, 0 for an ignored one. Returns the chunk's share of the mean loss, its logits (n, V) or
-    None, and the gradients of the mean loss wrt h (n, D, products' dtype) and wrt weight (V, D,
-    float32), or None, None."""
-    logits = h @ weight.t()  # (n, V)
-    logits32 = logits.float()
-    log_norm = logits32.logsumexp(dim=-1)  # (n,)
-    target_logits = logits32.gather(1, targets.unsqueeze(1)).squeeze(1)  # (n,)
-    loss = ((log_norm - target_logits) * row_scale).sum()
-    kept_logits = logits if keep_logits else None
-    if not compute_grads:
-        return loss, kept_logits, None, None
-    # d loss / d logits = (softmax - onehot) * row_scale
-    onehot = torch.arange(weight.shape[0], device=h.device) == targets.unsqueeze(1)  # (n, V)
-    grad = ((logits32 - log_norm.unsqueeze(1)).exp() - onehot.float()) * row_scale.unsqueeze(1)
-    grad = grad.to(h.dtype)
-    return loss, kept_logits, grad @ weight, (grad.t() @ h).float()
-
-
-@functools.cache
-def compiled_loss_chunk():
-    """loss_chunk compiled, once per process (compiling is deferred to the first CUDA loss).
-    Whatever train.py's compile setting; TORCHDYNAMO_DISABLE=1 runs it uncompiled (a GPU that
-    triton does not support)."""
-    return torch.compile(loss_chunk)
-
-
-def compiled_cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
-    """cross_entropy_chunks (same arguments and results) as a loop over compiled_loss_chunk. The
-    chunks have the same number of rows, the last one padded with ignored rows, so one compiled
-    graph serves every input of at least a chunk's rows (SFT's micro-batches vary in length);
-    a smaller input is one chunk of its own size."""
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    chunk = min(rows, max(1, COMPILED_LOSS_CHUNK_ELEMENTS // vocab))
-    kept = targets != -1
-    row_scale = kept / kept.sum().clamp(min=1)  # (N,) float32
-    safe_targets = targets.clamp(min=0)
-    dtype = product_dtype(hidden)
-    product_weight = weight.to(dtype)  # (V, D)
-    run_chunk = compiled_loss_chunk()
-    loss = torch.zeros((), device=hidden.device)
-    logits_out = hidden.new_empty(rows, vocab, dtype=dtype) if keep_logits else None
-    grad_hidden = torch.empty_like(hidden) if compute_grads else None
-    grad_weight = torch.zeros(weight.shape, device=weight.device) if compute_grads else None
-    for begin in range(0, rows, chunk):
-        end = min(begin + chunk, rows)
-        h, target, scale = (hidden[begin:end].to(dtype), safe_targets[begin:end],
-                            row_scale[begin:end])
-        pad = chunk - (end - begin)
-        if pad:  # the last chunk's missing rows: zeros with row_scale 0, no loss, no gradient
-            h, target, scale = F.pad(h, (0, 0, 0, pad)), F.pad(target, (0, pad)), \
-                F.pad(scale, (0, pad))
-        chunk_loss, logits, chunk_grad_hidden, chunk_grad_weight = run_chunk(
-            h, product_weight, target, scale, keep_logits, compute_grads)
-        loss += chunk_loss
-        if keep_logits:
-            logits_out[begin:end] = logits[:end - begin]
-        if compute_grads:
-            grad_hidden[begin:end] = chunk_grad_hidden[:end - begin]
-            grad_weight += chunk_grad_weight
-    if compute_grads:
-        grad_weight = grad_weight.to(weight.dtype)
-    return loss, logits_out, grad_hidden, grad_weight
-
-
-def chunked_loss(hidden):
-    """The chunked loss for hidden's device (the one place that picks): the compiled chunks on
-    CUDA, the CPU-tuned loop (cross_entropy_chunks, faster there) elsewhere."""
-    return compiled_cross_entropy_chunks if hidden.is_cuda else cross_entropy_chunks
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Autograd wrapper: the gradients are computed during the forward pass, chunk by chunk, and
-    the backward pass only scales them by the incoming gradient of the loss."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, keep_logits):
-        loss, logits, grad_hidden, grad_weight = chunked_loss(hidden)(
-            hidden, weight, targets, keep_logits, compute_grads=True)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        if logits is not None:
-            ctx.mark_non_differentiable(logits)
-        return loss, logits
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_logits):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
-
-
-@torch.compiler.disable  # a Python loop over chunks; compiling it would unroll every chunk
-def linear_cross_entropy(hidden, weight, targets, keep_logits=True):
-    """Mean cross-entropy of hidden @ weight.T against targets (-1 ignored), and the logits."""
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(hidden, weight, targets, keep_logits)
-    loss, logits, _, _ = chunked_loss(hidden)(hidden, weight, targets, keep_logits, False)
-    return loss, logits
-
-
-# ----------------------------------------------------------------------------------------------
-# The model
-
-
-class Doge(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self):
-        """
-        | tensor                                             | init                         |
-        |----------------------------------------------------|------------------------------|
-        | every nn.Linear weight, embed_tokens, down/up_embed | normal(0, initializer_range) |
-        | every bias, A                                      | zeros (A = 0: dt = 1, no mask preference) |
-        | RMSNorm weights, input/post_attention_residual     | ones                         |
-        """
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, DynamicMaskAttention):
-                nn.init.zeros_(module.A)
-            if isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            if isinstance(module, Block):
-                nn.init.ones_(module.input_residual)
-                nn.init.ones_(module.post_attention_residual)
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
-
-    def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward and backward, 3x forward) as nanoGPT and PaLM count
-        them: 6 per weight the token is multiplied by, plus 12 * layers * heads * head_dim * the
-        keys each query attends to (at most keep_window_size). A CDMoE token uses only
-        num_experts_per_tok of its experts' vectors; embedding lookups are free unless tied."""
-        config = self.config
-        weights = self.num_params()
-        if not config.tie_word_embeddings:
-            weights -= self.embed_tokens.weight.numel()
-        if config.is_moe:  # only the chosen experts' down and up vectors
-            weights -= 2 * config.num_hidden_layers * config.hidden_size * (
-                config.num_experts - config.num_experts_per_tok)
-        keys = min(seq_len, config.keep_window_size)
-        return 6 * weights + 12 * config.num_hidden_layers * config.num_attention_heads * \
-            config.head_dim * keys
-
-    def hidden_states(self, idx, cache=None, router_stats=None):
-        """The final normalised hidden states (B, T, D) of tokens idx (B, T), which continue the
-        cached sequence when a cache is given."""
-        if idx.dim() != 2 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be a (B, T) int64 tensor, got {tuple(idx.shape)} {idx.dtype}")
-        start = cache.length if cache is not None else 0
-        x = self.embed_tokens(idx)  # (B, T, D)
-        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
-        cos, sin = rope_cos_sin(self.config, positions, start + idx.shape[1], x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, start,
-                      router_stats)
-        if cache is not None:
-            cache.advance(idx.shape[1])
-        return self.norm(x)
-
-    def forward(self, idx, targets=None, cache=None, keep_logits=True):
-        """logits (B, T, V) and loss. targets[b, t] is the token after idx[b, t], -1 ignored; the
-        loss is their mean cross-entropy plus, for MoE in training, the weighted load-balancing
-        loss. With targets, logits carry no gradient (the loss does), and keep_logits=False skips
-        them altogether (training needs only the loss)."""
-        moe_training = self.config.is_moe and self.training
-        router_stats = [] if moe_training and targets is not None else None
-        hidden = self.hidden_states(idx, cache, router_stats)
-        if targets is None:
-            return self.lm_head(hidden), None
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
-        loss, logits = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight,
-                                            targets.flatten(), keep_logits)
-        if router_stats:
-            loss = loss + self.config.router_aux_loss_coef * load_balancing_loss(
-                router_stats, self.config.num_experts, self.config.num_experts_per_tok)
-        return (logits.view(*idx.shape, -1) if logits is not None else None), loss
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=None):
-        """Load a Hugging Face format Doge directory (either layout) or hub name (owner/name, or
-        owner/name@revision, fetched with the optional huggingface_hub package when no such
-        local path exists), a train.py checkpoint file, or a train.py out_dir (its newest
-        checkpoint)."""
-        return load_pretrained(path, device, dtype)
-
-    def save_pretrained(self, path, tokenizer_dir=None):
-        """Write a Hugging Face format directory that transformers loads (same layout as ours)
-        and the hub takes: the tokenizer of tokenizer_dir (e.g. a train.py out_dir) when given,
-        and a model card from that run's records (see the module function save_pretrained)."""
-        save_pretrained(self, path, tokenizer_dir)
-
-    # ------------------------------------------------------------------------------------------
-    # Scoring: log-likelihoods of continuations, for benchmarks and bits per byte
-
-    @torch.inference_mode()
-    def loglikelihoods(self, requests, batch_size=32):
-        """The summed log-probability of each request's continuation after its context.
-        requests: (context_ids, continuation_ids) pairs of token id lists, the context not empty,
-        the continuation at most max_position_embeddings tokens; a longer pair loses the start
-        of its context. The pairs are sorted by length and padded on the right into batches of
-        batch_size rows: causal attention makes padding invisible to the tokens before it, and
-        neighbours in length waste little on it. Returns floats in request order."""
-        limit = self.config.max_position_embeddings
-        for i, (context, continuation) in enumerate(requests):
-            if not context or len(continuation) > limit:
-                raise ValueError(f"request {i}: {len(context)} context tokens (1 or more "
-                                 f"needed), {len(continuation)} continuation tokens (at most "
-                                 f"{limit})")
-        sequences = [(list(context) + list(continuation))[-(limit + 1):]
-                     for context, continuation in requests]
-        order = sorted((i for i in range(len(requests)) if requests[i][1]),  # empty: 0.0
-                       key=lambda i: -len(sequences[i]))
-        scores = [0.0] * len(requests)
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            idx = torch.zeros(len(batch), len(sequences[batch[0]]) - 1, dtype=torch.long)
-            targets = torch.full_like(idx, -1)  # (B, T): the continuation's tokens, else -1
-            for row, i in enumerate(batch):
-                tokens, scored = torch.tensor(sequences[i]), len(requests[i][1])
-                end = len(tokens) - 1  # the inputs are every token but the last
-                idx[row, :end] = tokens[:-1]
-                targets[row, end - scored:end] = tokens[-scored:]
-            for i, score in zip(batch, self.target_log_probs(idx, targets)):
-                scores[i] = score
-        return scores
-
-    def target_log_probs(self, idx, targets):
-        """The summed log-probability of targets (B, T) after idx (B, T), -1 left out, one float
-        per row. Logits only for the target positions, a chunk of rows at a time."""
-        device = self.lm_head.weight.device
-        hidden = self.hidden_states(idx.to(device))  # (B, T, D)
-        targets = targets.to(device)
-        scored = targets != -1
-        hidden, wanted = hidden[scored], targets[scored]  # (N, D), (N,)
-        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
-        token_scores = torch.cat([
-            self.lm_head(hidden[i:i + chunk]).float().log_softmax(-1)
-            .gather(1, wanted[i:i + chunk, None]).squeeze(1)
-            for i in range(0, len(wanted), chunk)])  # (N,)
-        rows = scored.nonzero()[:, 0]  # (N,) the row of each scored token
-        return torch.zeros(len(idx), device=device).index_add_(0, rows, token_scores).tolist()
-
-    # ------------------------------------------------------------------------------------------
-    # Generation
-
-    def new_cache(self, batch_size=1):
-        """An empty state for generate to continue, on the model's device and in its dtype:
-        static (fixed shapes, for a CUDA graph) where decoding is (static_decoding)."""
-        weight = self.lm_head.weight
-        return DogeCache(self.config, batch_size, weight.device, weight.dtype,
-                         static=static_decoding(weight.device))
-
-    def load_cache(self, source):
-        """A cache holding the state that DogeCache.save wrote to the file source (or the dict
-        that DogeCache.state_dict made). A state of another model shape is a ValueError."""
-        state = source if isinstance(source, dict) else read_cache_state(source)
-        cache = self.new_cache(state["keys"].shape[1])
-        cache.load_state_dict(state, "the state" if state is source else str(source))
-        return cache
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, eos_token_id=None, cache=None):
-        """idx (B, T) -> (B, T + new) token ids. temperature 0 is greedy. A row that emits an
-        eos id is finished and is padded with that id; generation stops when all are. With a
-        cache (new_cache), idx holds only the tokens after what the cache holds (see
-        generate_stream)."""
-        new_tokens = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                               repetition_penalty, eos_token_id, cache))
-        return torch.cat([idx, *new_tokens], dim=1)
-
-    @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        repetition_penalty=1.0, eos_token_id=None, cache=None):
-        """Yield the next tokens (B, 1) one step at a time (see generate). Decoding keeps at most
-        keep_window_size keys per layer, so each step costs the same however long the text.
-
-        cache: a DogeCache (new_cache, load_cache) that this call continues: idx (B, T >= 1)
-        follows the tokens the cache holds, and once the call ends (max_new_tokens, eos, or the
-        caller stopping or closing the iteration) the cache holds idx and every token yielded,
-        so the next call continues right after them. The repetition penalty sees only this
-        call's tokens. None: a cache of this call's own."""
-        eos_ids = torch.tensor([] if eos_token_id is None else
-                               [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id,
-                               dtype=torch.long, device=idx.device)
-        batch, vocab = idx.shape[0], self.lm_head.out_features
-        continued = cache is not None
-        if continued and (cache.batch != batch or idx.shape[1] == 0):
-            raise ValueError(f"idx {tuple(idx.shape)} must continue the cache's {cache.batch} "
-                             f"sequences with at least one token each")
-        if not continued:
-            cache = DogeCache(self.config, batch, idx.device, self.lm_head.weight.dtype,
-                              static=static_decoding(idx.device))
-        finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
-        seen = None  # (B, V): which tokens the repetition penalty applies to
-        if repetition_penalty != 1.0:
-            seen = torch.zeros(batch, vocab, dtype=torch.bool, device=idx.device)
-            seen.scatter_(1, idx, True)
-        # The model runs in inference mode, which skips the bookkeeping no_grad still does (version
-        # counters, view tracking; about a tenth of a small model's step). Tokens are sampled
-        # outside it, so callers get ordinary tensors that they may use in training.
-        with torch.inference_mode():
-            step_weights = self.decoding_weights()
-            logits = output_logits(self.hidden_states(idx, cache)[:, -1], step_weights[-1],
-                                   vocab)  # (B, V)
-
-        def next_token(token):  # (B,) -> (B,): static shapes with a static cache, no host sync
-            if seen is not None:
-                seen.scatter_(1, token.unsqueeze(1), True)
-            with torch.inference_mode():
-                logits = self.decode_step(token, cache, step_weights)
-            return sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
-
-        if cache.static:
-            next_token = capture_step(next_token)  # on CUDA, replayed as a CUDA graph
-        token = None  # the last token yielded; the next step feeds it to the cache
-        try:
-            for step in range(max_new_tokens):
-                token = next_token(token) if step else sample_next(
-                    logits, seen, temperature, top_k, top_p, repetition_penalty)
-                if len(eos_ids):
-                    token = torch.where(finished, eos_ids[0], token)
-                    finished |= torch.isin(token, eos_ids)
-                yield token.unsqueeze(1)
-                if len(eos_ids) and finished.all():
-                    return
-        finally:
-            if continued:  # the last token joins the cache too (its logits are not needed)
-                if token is not None:
-                    with torch.inference_mode():
-                        self.decode_step(token, cache, step_weights)
-                cache.catch_up()
-
-    @torch.no_grad()
-    def decoding_weights(self):
-        """The weights of a one-token step, rearranged once per generate call (it costs about one
-        step). Decoding one token reads every weight once, so the layout decides its speed:
-        - transposed to (in, out): x @ W streams through a contiguous matrix several times faster
-          than F.linear through the (out, in) weight;
-        - fused: q, k, v and dt side by side, gate and up side by side: fewer, larger products;
-        - dt_proj folded into v_proj: dt_proj(v_proj(x)) = x @ (W_dt W_v)^T + (W_dt b_v + b_dt);
-        - the input and post-attention RMSNorm weights folded into the rows of the matrix after
-          them: (w * x) @ M = x @ (w[:, None] * M).
-        Returns one dict of (matrix, bias) pairs per layer, and the output matrix in blocks."""
-        layers = []
-        for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            q, k, v, o, gate, up, down = ((linear.weight, linear.bias) for linear in (
-                attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-            dt = composed_linear(attn.dt_proj, attn.v_proj)
-            layers.append({
-                "qkv_dt": fuse_linears([q, k, v, dt], layer.input_layernorm.weight),
-                "qk_norm": attn.qk_norm_weight(),
-                "o": fuse_linears([o]),
-                "gate_up": fuse_linears([gate, up], layer.post_attention_layernorm.weight),
-                "down": fuse_linears([down])})
-        # The output matrix, the largest by far, as column blocks (n, D, V/n), one per CPU thread:
-        # a batched product gives each thread its own block, while one matrix-vector product
-        # reads the whole matrix at about the speed of one thread.
-        output = self.lm_head.weight.t()  # (D, V)
-        blocks = torch.get_num_threads() if output.device.type == "cpu" else 1
-        output = F.pad(output, (0, -output.shape[1] % blocks))  # V padded to a multiple of n
-        return layers, output.view(output.shape[0], blocks, -1).transpose(0, 1).contiguous()
-
-    def decode_step(self, token, cache, step_weights):
-        """Logits (B, V) after one more token (B,) of the cached sequence: what forward computes
-        for it, with decoding_weights' matrices and the fewest small operations per layer (each
-        costs a few microseconds, as long as the products of a small model's step)."""
-        config, (layer_weights, output_blocks) = self.config, step_weights
-        heads, kv_heads, head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                     config.head_dim)
-        eps = config.rms_norm_eps
-        x = self.embed_tokens(token)  # (B, D)
-        batch = x.shape[0]
-        if cache.static:  # the position stays on the device: a captured step replays right
-            start = positions = cache.position  # (1,)
-        else:
-            start, positions = cache.length, torch.tensor([cache.length], device=x.device)
-        cos, sin = rope_cos_sin(config, positions, start + 1, x.dtype)
-        rotation = rope_matrix(cos[0], sin[0])  # (d, d), the same for every layer
-        for layer, layer_cache, weights in zip(self.layers, cache.layers, layer_weights):
-            attn, mlp = layer.self_attn, layer.mlp
-            qk, values, dt_logits = fused_linear(rms_norm(x, None, eps), *weights["qkv_dt"]).split(
-                ((heads + kv_heads) * head_dim, kv_heads * head_dim, attn.bias_heads), dim=-1)
-            qk = qk.view(batch, heads + kv_heads, head_dim)
-            if weights["qk_norm"] is not None:
-                qk = rms_norm(qk, weights["qk_norm"], eps)
-            q, k = (qk @ rotation).split((heads, kv_heads), dim=1)
-            k = attn.to_bias_heads(k).flatten(0, 1)  # (B*Hb, d), the cache's rows
-            v = attn.to_bias_heads(values.view(batch, kv_heads, head_dim)).flatten(0, 1)
-            layer_cache.insert(k, v, attn.dynamic_bias(dt_logits).flatten(), start)
-            out = attend_cached(q, *layer_cache.kept(), attn.scale)  # (B, H*d)
-            x = torch.addcmul(fused_linear(out, *weights["o"]), layer.input_residual, x)
-            h = rms_norm(x, None, eps)
-            gate, up = fused_linear(h, *weights["gate_up"]).chunk(2, dim=-1)
-            mlp_out = fused_linear(F.silu(gate) * up, *weights["down"])
-            if isinstance(mlp, CDMoE):
-                mlp_out = mlp_out + mlp.routed_experts(layer.post_attention_layernorm.weight * h)
-            x = torch.addcmul(mlp_out, layer.post_attention_residual, x)
-        cache.advance(1)
-        return output_logits(self.norm(x), output_blocks, self.lm_head.out_features)
+# Fused one-token step: wins in decoding, which reads each weight a token (bench.py --cases=decode)
+
+
+@torch.no_grad()
+def decoding_weights(model):
+    """The weights of a one-token step, rearranged once per generate call. Decoding one token
+    reads every weight once, so the layout decides its speed:
+    - transposed to (in, out): x @ W streams through a contiguous matrix several times faster
+      than F.linear through the (out, in) weight;
+    - fused: q, k, v and dt side by side, gate and up side by side: fewer, larger products;
+    - dt_proj folded into v_proj: dt_proj(v_proj(x)) = x @ (W_dt W_v)^T + (W_dt b_v + b_dt);
+    - the input and post-attention RMSNorm weights folded into the rows of the matrix after
+      them: (w * x) @ M = x @ (w[:, None] * M).
+    Returns one dict of (matrix, bias) pairs per layer, and the output matrix in blocks."""
+    layers = []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        q, k, v, o, gate, up, down = ((linear.weight, linear.bias) for linear in (
+            attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+            mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        dt = composed_linear(attn.dt_proj, attn.v_proj)
+        layers.append({
+            "qkv_dt": fuse_linears([q, k, v, dt], layer.input_layernorm.weight),
+            "qk_norm": attn.qk_norm_weight(),
+            "o": fuse_linears([o]),
+            "gate_up": fuse_linears([gate, up], layer.post_attention_layernorm.weight),
+            "down": fuse_linears([down])})
+    # The output matrix, the largest by far, as column blocks (n, D, V/n), one per CPU thread:
+    # a batched product gives each thread its own block, while one matrix-vector product
+    # reads the whole matrix at about the speed of one thread.
+    output = model.lm_head.weight.t()  # (D, V)
+    blocks = torch.get_num_threads() if output.device.type == "cpu" else 1
+    output = F.pad(output, (0, -output.shape[1] % blocks))  # V padded to a multiple of n
+    return layers, output.view(output.shape[0], blocks, -1).transpose(0, 1).contiguous()
+
+
+def decode_step(model, token, cache, step_weights):
+    """Logits (B, V) after one more token (B,) of the cached sequence: what forward computes
+    for it, with decoding_weights' matrices and the fewest small operations per layer (each
+    has a fixed cost, large beside a small model's products)."""
+    config, (layer_weights, output_blocks) = model.config, step_weights
+    heads, kv_heads, head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                 config.head_dim)
+    eps = config.rms_norm_eps
+    x = model.embed_tokens(token)  # (B, D)
+    batch = x.shape[0]
+    if cache.static:  # the position stays on the device: a captured step replays right
+        start = positions = cache.position  # (1,)
+    else:
+        start, positions = cache.length, torch.tensor([cache.length], device=x.device)
+    cos, sin = rope_cos_sin(config, positions, start + 1, x.dtype)
+    rotation = rope_matrix(cos[0], sin[0])  # (d, d), the same for every layer
+    for layer, layer_cache, weights in zip(model.layers, cache.layers, layer_weights):
+        attn, mlp = layer.self_attn, layer.mlp
+        qk, values, dt_logits = fused_linear(rms_norm(x, None, eps), *weights["qkv_dt"]).split(
+            ((heads + kv_heads) * head_dim, kv_heads * head_dim, attn.bias_heads), dim=-1)
+        qk = qk.view(batch, heads + kv_heads, head_dim)
+        if weights["qk_norm"] is not None:
+            qk = rms_norm(qk, weights["qk_norm"], eps)
+        q, k = (qk @ rotation).split((heads, kv_heads), dim=1)
+        k = attn.to_bias_heads(k).flatten(0, 1)  # (B*Hb, d), the cache's rows
+        v = attn.to_bias_heads(values.view(batch, kv_heads, head_dim)).flatten(0, 1)
+        layer_cache.insert(k, v, attn.dynamic_bias(dt_logits).flatten(), start)
+        out = attend_cached(q, *layer_cache.kept(), attn.scale)  # (B, H*d)
+        x = torch.addcmul(fused_linear(out, *weights["o"]), layer.input_residual, x)
+        h = rms_norm(x, None, eps)
+        gate, up = fused_linear(h, *weights["gate_up"]).chunk(2, dim=-1)
+        mlp_out = fused_linear(F.silu(gate) * up, *weights["down"])
+        if isinstance(mlp, CDMoE):
+            mlp_out = mlp_out + mlp.routed_experts(layer.post_attention_layernorm.weight * h)
+        x = torch.addcmul(mlp_out, layer.post_attention_residual, x)
+    cache.advance(1)
+    return output_logits(model.norm(x), output_blocks, model.lm_head.out_features)
+
+
+def rope_matrix(cos, sin):
+    """apply_rope at one position as a (d, d) matrix R, x @ R == apply_rope(x, cos, sin), from
+    that position's cos and sin (d,): R[j, j] = cos[j] and R[(j + d/2) % d, j] = sin[j]. Decoding
+    builds it once per step and rotates every layer's queries and keys with one product."""
+    return torch.diag(cos) + torch.diag(sin).roll(cos.shape[0] // 2, dims=0)
 
 
 def composed_linear(outer, inner):
@@ -1402,7 +1434,11 @@ def output_logits(h, output_blocks, vocab_size):
     return logits.transpose(0, 1).reshape(h.shape[0], -1)[:, :vocab_size]
 
 
-def static_decoding(device):
+# ----------------------------------------------------------------------------------------------
+# CUDA graph capture: wins where decoding is launch-bound (gpu_decode_b1 in bench.py --cases=gpu)
+
+
+def uses_static_decoding(device):
     """Whether generation decodes with a static cache and a captured step: on CUDA, where a step
     of a small model is launch-bound. On CPU the step reads only the filled part of the cache."""
     return torch.device(device).type == "cuda"
@@ -1441,6 +1477,16 @@ def capture_step(step):
     return replay
 
 
+# ==============================================================================================
+# PART 3 - CHECKPOINTS AND THE PLUMBING OF GENERATION: sampling, the generation loop, cache files,
+# scoring, Hugging Face import and export, hub names, model cards, upcycling, vocabulary growth.
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: sampling, the loop of generate_stream, cache files
+
+
 def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):
     """Pick the next token (B,) from logits (B, V); seen (B, V) marks the tokens so far (for
     the repetition penalty; None without one). No host sync: a CUDA graph can hold it."""
@@ -1467,148 +1513,171 @@ def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):
     return probs.div_(torch.empty_like(probs).exponential_()).argmax(dim=-1)
 
 
+@torch.no_grad()
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                    repetition_penalty=1.0, eos_token_id=None, cache=None):
+    """Yield the next tokens (B, 1) one step at a time (see generate). Decoding keeps at most
+    keep_window_size keys per layer, so each step costs the same however long the text.
+
+    cache: a DogeCache (new_cache, load_cache) that this call continues: idx (B, T >= 1)
+    follows the tokens the cache holds, and once the call ends (max_new_tokens, eos, or the
+    caller stopping or closing the iteration) the cache holds idx and every token yielded,
+    so the next call continues right after them. The repetition penalty sees only this
+    call's tokens. None: a cache of this call's own."""
+    eos_ids = torch.tensor([] if eos_token_id is None else
+                           [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id,
+                           dtype=torch.long, device=idx.device)
+    batch, vocab = idx.shape[0], model.lm_head.out_features
+    continued = cache is not None
+    if continued and (cache.batch != batch or idx.shape[1] == 0):
+        raise ValueError(f"idx {tuple(idx.shape)} must continue the cache's {cache.batch} "
+                         f"sequences with at least one token each")
+    if not continued:
+        cache = DogeCache(model.config, batch, idx.device, model.lm_head.weight.dtype,
+                          static=uses_static_decoding(idx.device))
+    finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
+    seen = None  # (B, V): which tokens the repetition penalty applies to
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=idx.device)
+        seen.scatter_(1, idx, True)
+    # The model runs in inference mode, which skips the bookkeeping no_grad still does (version
+    # counters, view tracking). Tokens are sampled outside it, so callers get ordinary tensors
+    # that they may use in training.
+    with torch.inference_mode():
+        step_weights = decoding_weights(model)
+        logits = output_logits(model.hidden_states(idx, cache)[:, -1], step_weights[-1],
+                               vocab)  # (B, V)
+
+    def next_token(token):  # (B,) -> (B,): static shapes with a static cache, no host sync
+        if seen is not None:
+            seen.scatter_(1, token.unsqueeze(1), True)
+        with torch.inference_mode():
+            logits = decode_step(model, token, cache, step_weights)
+        return sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
+
+    if cache.static:
+        next_token = capture_step(next_token)  # on CUDA, replayed as a CUDA graph
+    token = None  # the last token yielded; the next step feeds it to the cache
+    try:
+        for step in range(max_new_tokens):
+            token = next_token(token) if step else sample_next(
+                logits, seen, temperature, top_k, top_p, repetition_penalty)
+            if len(eos_ids):
+                token = torch.where(finished, eos_ids[0], token)
+                finished |= torch.isin(token, eos_ids)
+            yield token.unsqueeze(1)
+            if len(eos_ids) and finished.all():
+                return
+    finally:
+        if continued:  # the last token joins the cache too (its logits are not needed)
+            if token is not None:
+                with torch.inference_mode():
+                    decode_step(model, token, cache, step_weights)
+            cache.catch_up()
+
+
+def read_cache_state(path):
+    """The state_dict that DogeCache.save wrote to path; anything else is a one-line ValueError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a file it cannot read
+        raise ValueError(f"{path}: not a Doge cache state (torch.load: {type(e).__name__})") \
+            from None
+    if not isinstance(state, dict) or not {"shape", "length", "keys"} <= state.keys():
+        raise ValueError(f"{path}: not a Doge cache state")
+    return state
+
+
 # ----------------------------------------------------------------------------------------------
-# Sequence classification: the same body, a score per label instead of a token distribution
-
-PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+# Scoring: log-likelihoods of continuations, for benchmarks and bits per byte
 
 
-class DogeForSequenceClassification(nn.Module):
-    """Doge's body (every layer of the causal LM but its output layer) and a linear score head
-    without bias on the final hidden state of each row's last token that is not padding. Names
-    follow transformers' checkpoints of this class: model.* for the body, score.weight."""
+@torch.inference_mode()
+def loglikelihoods(model, requests, batch_size=32):
+    """The summed log-probability of each request's continuation after its context.
+    requests: (context_ids, continuation_ids) pairs of token id lists, the context not empty,
+    the continuation at most max_position_embeddings tokens; a longer pair loses the start
+    of its context. The pairs are sorted by length and padded on the right into batches of
+    batch_size rows: causal attention makes padding invisible to the tokens before it, and
+    neighbours in length waste little on it. Returns floats in request order."""
+    limit = model.config.max_position_embeddings
+    for i, (context, continuation) in enumerate(requests):
+        if not context or len(continuation) > limit:
+            raise ValueError(f"request {i}: {len(context)} context tokens (1 or more "
+                             f"needed), {len(continuation)} continuation tokens (at most "
+                             f"{limit})")
+    sequences = [(list(context) + list(continuation))[-(limit + 1):]
+                 for context, continuation in requests]
+    order = sorted((i for i in range(len(requests)) if requests[i][1]),  # empty: 0.0
+                   key=lambda i: -len(sequences[i]))
+    scores = [0.0] * len(requests)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        idx = torch.zeros(len(batch), len(sequences[batch[0]]) - 1, dtype=torch.long)
+        targets = torch.full_like(idx, -1)  # (B, T): the continuation's tokens, else -1
+        for row, i in enumerate(batch):
+            tokens, scored = torch.tensor(sequences[i]), len(requests[i][1])
+            end = len(tokens) - 1  # the inputs are every token but the last
+            idx[row, :end] = tokens[:-1]
+            targets[row, end - scored:end] = tokens[-scored:]
+        for i, score in zip(batch, target_log_probs(model, idx, targets)):
+            scores[i] = score
+    return scores
 
-    def __init__(self, config, num_labels=2, id2label=None, problem_type=None):
-        super().__init__()
-        id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
-        if len(id2label) != num_labels or sorted(id2label) != list(range(num_labels)):
-            raise ValueError(f"id2label must name the labels 0..{num_labels - 1}, got {id2label}")
-        if problem_type not in (None, *PROBLEM_TYPES) or (
-                problem_type == "single_label_classification" and num_labels == 1):
-            raise ValueError(f"problem_type {problem_type!r} with {num_labels} labels: choose "
-                             f"None, {', '.join(PROBLEM_TYPES)} (single-label needs 2 or more)")
-        self.config = config
-        self.id2label = id2label
-        self.problem_type = problem_type  # None: the labels' dtype decides, in loss()
-        self.model = Doge(config)
-        del self.model.lm_head  # a classifier has no use for it
-        self.score = nn.Linear(config.hidden_size, num_labels, bias=False)
-        nn.init.normal_(self.score.weight, mean=0.0, std=config.initializer_range)
 
-    @property
-    def num_labels(self):
-        return len(self.id2label)
-
-    def forward(self, idx, labels=None):
-        """logits (B, num_labels) of each row of idx (B, T), and their loss against labels (or
-        None). Padding may be on either side: there is no attention mask, so right padding is
-        invisible to the pooled token (causality) while left padding is attended to, as in
-        transformers called without an attention mask."""
-        hidden = self.model.hidden_states(idx)  # (B, T, D)
-        rows = torch.arange(len(idx), device=idx.device)
-        logits = self.score(hidden[rows, self.last_tokens(idx)])  # (B, num_labels)
-        return logits, None if labels is None else self.loss(logits, labels)
-
-    def last_tokens(self, idx):
-        """(B,) the position of each row's rightmost token that is not pad_token_id (0 for a row
-        of padding only); the last position when there is no pad token, for one row only."""
-        pad = self.config.pad_token_id
-        if pad is None:
-            if len(idx) > 1:
-                raise ValueError("config.pad_token_id is None, so padding cannot be told apart: "
-                                 "set it, or classify one row at a time")
-            return torch.full((1,), idx.shape[1] - 1, device=idx.device)
-        positions = torch.arange(idx.shape[1], device=idx.device)  # (T,)
-        return (positions * (idx != pad)).argmax(dim=-1)  # argmax takes the first of equals
-
-    def loss(self, logits, labels):
-        """transformers' rules: problem_type when set, else regression (mean squared error) for
-        one label, single-label classification (cross-entropy, label -100 ignored) for int64 or
-        int32 labels (B,), multi-label (binary cross-entropy per label) for float labels (B, N)."""
-        problem = self.problem_type or (
-            "regression" if self.num_labels == 1 else "single_label_classification"
-            if labels.dtype in (torch.int64, torch.int32) else "multi_label_classification")
-        labels = labels.to(logits.device)
-        if problem == "regression":
-            return F.mse_loss(logits, labels.view_as(logits).to(logits.dtype))
-        if problem == "single_label_classification":
-            return F.cross_entropy(logits, labels.view(-1))
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-
-    @classmethod
-    def from_pretrained(cls, path, num_labels=2, id2label=None, device="cpu", dtype=None):
-        """A transformers DogeForSequenceClassification directory (either layout, its labels from
-        config.json), or anything Doge.from_pretrained reads: then the causal LM's body with a
-        fresh score head of num_labels outputs (id2label naming them), and one line saying so."""
-        return load_classifier(path, num_labels, id2label, device, dtype)
-
-    def save_pretrained(self, path, tokenizer_dir=None):
-        """A transformers DogeForSequenceClassification directory, as Doge.save_pretrained."""
-        save_pretrained(self, path, tokenizer_dir)
+def target_log_probs(model, idx, targets):
+    """The summed log-probability of targets (B, T) after idx (B, T), -1 left out, one float
+    per row. Logits only for the target positions, a chunk of rows at a time."""
+    device = model.lm_head.weight.device
+    hidden = model.hidden_states(idx.to(device))  # (B, T, D)
+    targets = targets.to(device)
+    scored = targets != -1
+    hidden, wanted = hidden[scored], targets[scored]  # (N, D), (N,)
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // model.config.vocab_size)
+    token_scores = torch.cat([
+        model.lm_head(hidden[i:i + chunk]).float().log_softmax(-1)
+        .gather(1, wanted[i:i + chunk, None]).squeeze(1)
+        for i in range(0, len(wanted), chunk)])  # (N,)
+    rows = scored.nonzero()[:, 0]  # (N,) the row of each scored token
+    return torch.zeros(len(idx), device=device).index_add_(0, rows, token_scores).tolist()
 
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: Hugging Face format import and export; dense -> MoE upcycling, vocabulary growth
 
 
+def config_from_json(raw):
+    """Read a Hugging Face config.json dict: either RoPE spelling, unknown keys ignored."""
+    known = {f.name for f in fields(DogeConfig)}
+    values = {key: value for key, value in raw.items() if key in known}
+    if values.get("num_key_value_heads") is None:  # transformers: absent means plain MHA
+        values["num_key_value_heads"] = values.get("num_attention_heads",
+                                                   DogeConfig.num_attention_heads)
+    rope = raw.get("rope_parameters")  # transformers 5.x spelling
+    if isinstance(rope, dict):
+        values["rope_theta"] = rope.get("rope_theta", values.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        values["rope_scaling"] = None if rope_type == "default" else {
+            key: value for key, value in rope.items() if key != "rope_theta"}
+    elif values.get("rope_scaling") and "type" in values["rope_scaling"]:
+        values["rope_scaling"] = {"rope_type": values["rope_scaling"]["type"],
+                                  **values["rope_scaling"]}
+    return DogeConfig(**values)
+
+
+def config_json(config):
+    """The config.json that transformers' DogeForCausalLM reads, RoPE in both spellings:
+    transformers 5.x reads rope_parameters, 4.x rope_theta and rope_scaling."""
+    values = asdict(config)
+    values["rope_parameters"] = {"rope_theta": values["rope_theta"],
+                                 **(values["rope_scaling"] or {"rope_type": "default"})}
+    return {"architectures": ["DogeForCausalLM"], "model_type": "doge", **values}
+
+
 def hf_name(name):
     """Our parameter name -> the checkpoint's (the body's tensors sit under "model.", the heads
     lm_head and score do not)."""
     return name if name.startswith(("lm_head.", "score.")) else "model." + name
-
-
-TEMPORARY_PREFIX = ".tmp-"  # atomic_write's files: .tmp-<name><8 random characters>
-
-
-def atomic_write(path, write):
-    """Call write(temp_path), sync it to disk, then rename over path: a crash (even a power loss)
-    never leaves a partial file under the real name. The file gets the mode an ordinary open()
-    would give it (0666 less the umask), not mkstemp's private 0600."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temp_path = tempfile.mkstemp(dir=directory,
-                                     prefix=TEMPORARY_PREFIX + os.path.basename(path))
-    os.close(fd)
-    try:
-        os.chmod(temp_path, 0o666 & ~current_umask())
-        write(temp_path)
-        fd = os.open(temp_path, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp_path, path)
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-
-
-def current_umask():
-    """The process's umask: reading it means setting it, so it is set straight back."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-def remove_temporary_files(directory):
-    """Delete what atomic_write left in directory when a process died in mid-write (only the
-    names it makes). Returns how many files and bytes."""
-    if not os.path.isdir(directory):
-        return 0, 0
-    paths = [os.path.join(directory, name) for name in os.listdir(directory)
-             if re.fullmatch(re.escape(TEMPORARY_PREFIX) + r".+[a-z0-9_]{8}", name)]
-    paths = [path for path in paths if os.path.isfile(path)]
-    sizes = [os.path.getsize(path) for path in paths]
-    for path in paths:
-        os.remove(path)
-    return len(paths), sum(sizes)
-
-
-def atomic_write_text(path, text):
-    """Write text (UTF-8) to path through atomic_write."""
-    def write(temp_path):
-        with open(temp_path, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
 
 
 def read_weights(path):
@@ -1682,13 +1751,11 @@ def load_checkpoint(path, device="cpu", dtype=None, checkpoint=None):
     return model.to(device=device, dtype=dtype)
 
 
-# what a model directory holds of its tokenizer (the names prepare_data.py writes too)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "chat_template.jinja")
-
 # Hub names: owner/name, or owner/name@revision (a branch, tag or commit)
 HUB_NAME = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"
                       r"(?:@(?P<revision>[\w./-]+))?")
+
+
 # what a Doge needs of a hub repository: safetensors weights (one file, or shards and their index)
 # or else pytorch_model.bin, never both; not its remote code, training state or other formats
 HUB_FILES = ("config.json", "generation_config.json", "model.safetensors",
@@ -1870,7 +1937,6 @@ def write_tokenizer_files(tokenizer_dir, path):
         copy_tokenizer_files(tokenizer_dir, path)
         return
     try:
-        from prepare_data import sentencepiece_export  # tokenizers are the data side's subject
         tokenizer_json, tokenizer_config = sentencepiece_export(model_file)
     except ImportError as e:  # the conversion needs the optional `tokenizers` package
         copy_tokenizer_files(tokenizer_dir, path)

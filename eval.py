@@ -38,10 +38,10 @@ import torch
 from tqdm import tqdm
 
 from configurator import apply_config
-from doge import Doge, atomic_write_text, local_model_path
-from prepare_data import (document_start, found_keys, hub_offline_setting, hub_unreachable,
-                          jsonl_rows, load_text_tokenizer, one_line, open_parquet, read_documents,
-                          read_shard, tokenizer_directory)
+from doge import Doge, local_model_path
+from prepare_data import (atomic_write_text, document_start, found_keys, hub_offline_setting,
+                          hub_unreachable, jsonl_rows, load_text_tokenizer, one_line, open_parquet,
+                          read_documents, read_shard, tokenizer_directory)
 
 
 # ----------------------------------------------------------------------------------------------

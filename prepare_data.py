@@ -86,7 +86,8 @@ HEADER_BYTES = HEADER_INTS * 4
 VERSION_OF_DTYPE = {np.dtype(np.uint16): 1, np.dtype(np.uint32): 2}
 DTYPE_OF_VERSION = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 SHARD_FILE = re.compile(r"^(?P<name>.+)_(?P<split>train|val)_(?P<index>\d{6})\.bin$")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+# what a tokenizer directory holds of its tokenizer: prepare_data.py's out_dir and a model directory alike
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 REBUILD_HINT = "re-run prepare_data.py to rebuild it"
 
 
@@ -118,23 +119,65 @@ def shard_dtype(chunks):
     return np.dtype(np.uint16) if high < 1 << 16 else np.dtype(np.uint32)
 
 
+TEMPORARY_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # atomic_path's <name>.<random>.tmp
+
+
 @contextlib.contextmanager
-def atomic_open(path):
-    """Open path for binary writing under a temporary name in the same directory (<name>.<random>.tmp), synced
-    and renamed to path only when the block completes: a file that exists under its real name is complete. The
+def atomic_path(path):
+    """The one atomic writer: a temporary path in path's directory (<name>.<random>.tmp) for the block
+    to write; when it completes, the file is synced to disk and renamed to path, so a crash (even a power
+    loss) never leaves a partial file under the real name. On failure the temporary file is removed. The
     file gets the mode open() would give (0o666 less the umask), not mkstemp's private 0o600."""
     temp_path = f"{os.path.abspath(path)}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    os.close(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield temp_path
+        fd = os.open(temp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temp_path, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(temp_path)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """path open for binary writing through atomic_path: a file that exists under its real name is complete."""
+    with atomic_path(path) as temp_path, open(temp_path, "wb") as f:
+        yield f
+
+
+def atomic_write(path, write):
+    """Call write(temp_path), which writes the file (torch.save, safetensors, ...), through atomic_path."""
+    with atomic_path(path) as temp_path:
+        write(temp_path)
+
+
+def write_file_atomically(path, data: bytes):
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def atomic_write_text(path, text):
+    """Write text (UTF-8) to path through atomic_path."""
+    write_file_atomically(path, text.encode("utf-8"))
+
+
+def remove_temporary_files(directory, ours=None):
+    """Delete what atomic_path left in directory when a process died in mid-write: only the names it makes,
+    and of those only the ones whose real name ours(name) accepts (all when None). Returns how many files and
+    bytes."""
+    matches = [TEMPORARY_FILE.match(name) for name in os.listdir(directory)] if os.path.isdir(directory) else []
+    paths = [os.path.join(directory, m.string) for m in matches if m and (ours is None or ours(m["name"]))]
+    paths = [path for path in paths if os.path.isfile(path)]
+    sizes = [os.path.getsize(path) for path in paths]
+    for path in paths:
+        os.remove(path)
+    return len(paths), sum(sizes)
 
 
 def shard_header(version, num_tokens, count=0) -> bytes:
@@ -1029,11 +1072,6 @@ def up_to_date(out_dir, settings):
         return False
 
 
-def write_file_atomically(path, data: bytes):
-    with atomic_open(path) as f:
-        f.write(data)
-
-
 def write_meta(out_dir, meta):
     write_file_atomically(os.path.join(out_dir, META_FILE), (json.dumps(meta, indent=2) + "\n").encode())
 
@@ -1053,20 +1091,12 @@ def left_by_earlier_run(filename):
     return bool(SHARD_FILE.match(filename)) or filename in TOKENIZER_FILES
 
 
-TEMPORARY_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # atomic_open's <name>.<random>.tmp
-
-
-def remove_temporary_files(out_dir):
+def remove_interrupted_writes(out_dir):
     """Remove the temporary files that atomic writes of ours (shards, tokenizer files, meta.json) left in out_dir:
     a run killed while writing never renames them. Says in one line how many and how big."""
-    matches = [TEMPORARY_FILE.match(filename) for filename in os.listdir(out_dir)] if os.path.isdir(out_dir) else []
-    paths = [os.path.join(out_dir, m.string) for m in matches
-             if m and (left_by_earlier_run(m["name"]) or m["name"] == META_FILE)]
-    if paths:
-        size = sum(map(os.path.getsize, paths))
-        for path in paths:
-            os.remove(path)
-        log(f"removed {len(paths)} temporary file{'s' * (len(paths) > 1)} ({size:,} bytes) that an interrupted "
+    count, size = remove_temporary_files(out_dir, lambda name: left_by_earlier_run(name) or name == META_FILE)
+    if count:
+        log(f"removed {count} temporary file{'s' * (count > 1)} ({size:,} bytes) that an interrupted "
             f"run left in {out_dir}")
 
 
@@ -1138,7 +1168,7 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
         tokenizer=hashlib.sha256(tokenizer_bytes).hexdigest() if tokenizer else None,
         vocab_size=None if tokenizer else vocab_size, eos_id=None if tokenizer else eos_id,
         sample_bytes=None if tokenizer else sample_bytes, format=1)
-    remove_temporary_files(out_dir)
+    remove_interrupted_writes(out_dir)
     if not force and up_to_date(out_dir, settings):
         log(f"{out_dir} is already prepared from {description} with these settings; --force rebuilds it")
         return read_meta(out_dir)
@@ -1564,7 +1594,7 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
     settings = dict(kind="conversations", source=description, val_inputs=val_inputs, tokenizer=os.path.abspath(tokenizer),
                     seed=seed, name=name, shard_tokens=shard_tokens, format=1)
 
-    remove_temporary_files(out_dir)
+    remove_interrupted_writes(out_dir)
     start_rebuild(out_dir, settings)
     write_file_atomically(os.path.join(out_dir, "tokenizer.json"), chat.to_str().encode())
     write_file_atomically(os.path.join(out_dir, "tokenizer_config.json"),

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from configurator import apply_config
-from doge import Doge, atomic_write, local_model_path
-from prepare_data import (END_OF_TURN_TOKENS, document_start, load_chat_template,
+from doge import Doge, local_model_path
+from prepare_data import (END_OF_TURN_TOKENS, atomic_write, document_start, load_chat_template,
                           load_text_tokenizer, read_json, render_chat, token_text,
                           tokenizer_directory)
 

@@ -41,13 +41,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from configurator import apply_config
-from doge import (PRESETS, TOKENIZER_FILES, Doge, DogeConfig, atomic_write, atomic_write_text,
-                  copy_tokenizer_files, grow_vocabulary, latest_checkpoint, list_checkpoints,
-                  local_model_path, newest_checkpoint, read_checkpoint, remove_temporary_files,
-                  upcycle_to_moe)
+from doge import (PRESETS, Doge, DogeConfig, copy_tokenizer_files, grow_vocabulary,
+                  latest_checkpoint, list_checkpoints, local_model_path, newest_checkpoint,
+                  read_checkpoint, upcycle_to_moe)
 from eval import BENCHMARKS, benchmark_requests, grade, read_benchmark
-from prepare_data import (DEFAULT_DATA_DIR, ConversationLoader, ShardLoader, ensure_prepared,
-                          load_text_tokenizer, one_line, padded_length, read_meta)
+from prepare_data import (DEFAULT_DATA_DIR, TOKENIZER_FILES, ConversationLoader, ShardLoader,
+                          atomic_write, atomic_write_text, ensure_prepared, load_text_tokenizer,
+                          one_line, padded_length, read_meta, remove_temporary_files)
 
 # ----------------------------------------------------------------------------------------------
 # Settings

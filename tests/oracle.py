@@ -2,8 +2,9 @@
 
 The reference picks the keep_window_size keys of a row with torch.topk, which leaves ties to the
 device and version. Ties are common (every repeated token in layer 0, every key when A = 0), so
-the tests compare against the reference with REFERENCE.md's rule installed: larger dt first, the
-later key among equals. The rule is counted pairwise here, independently of doge.py's sort.
+the tests compare against the reference with the rule of docs/reference.md, The tie rule,
+installed: larger dt first, the later key among equals. The rule is counted pairwise
+(doge.better_than, part 1's definition), independently of doge.py's sort.
 """
 
 import math
@@ -16,11 +17,10 @@ import doge
 
 def keep_mask(dt, visible, keep_window_size):
     """dt (B, Hb, Tk); visible (B or 1, 1 or Hb, Tq, Tk) bool. A key is kept by a row while fewer
-    than keep_window_size of the row's visible keys beat it."""
-    key_pos = torch.arange(dt.shape[-1])
-    dt_other, dt_this = dt[..., :, None], dt[..., None, :]  # [.., j', j]
-    beats = (dt_other > dt_this) | ((dt_other == dt_this) & (key_pos[:, None] > key_pos[None, :]))
-    rank = visible.double() @ beats.double()  # (B, Hb, Tq, Tk)
+    than keep_window_size of the row's visible keys beat it. The reference's rows are not always
+    the queries 0..Tk-1 that doge.key_deaths_by_definition assumes (a cached step's rows are the
+    new queries only), so its mask is counted row by row from what each row sees."""
+    rank = visible.double() @ doge.better_than(dt).double()  # (B, Hb, Tq, Tk)
     return visible & (rank < keep_window_size)
 
 
@@ -89,7 +89,6 @@ def naive_forward(model, idx):
         half = head_dim // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
     x = model.embed_tokens.weight[idx]
     for layer in model.layers:
         attn = layer.self_attn
@@ -102,16 +101,11 @@ def naive_forward(model, idx):
             q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
         q, k, v = rope(q.transpose(1, 2)), rope(k.transpose(1, 2)), v.transpose(1, 2)
         dt = torch.exp(attn.A * F.softplus(values @ attn.dt_proj.weight.t())).transpose(1, 2)
-        keep = keep_mask(dt, causal[None, None], config.keep_window_size).expand(
-            batch, dt.shape[1], length, length)  # (B, Hb, T, T)
-        # every query head h uses kv head h // (H / Hkv) and bias head h // (H / Hb)
-        k = k.repeat_interleave(heads // kv_heads, 1)
-        v = v.repeat_interleave(heads // kv_heads, 1)
-        bias_repeat = heads // dt.shape[1]
-        logits = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
-        logits = logits + dt.repeat_interleave(bias_repeat, 1)[:, :, None, :]
-        logits = logits.masked_fill(~keep.repeat_interleave(bias_repeat, 1), float("-inf"))
-        out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, -1)
+        # one copy of the kv heads per bias head: query head h uses kv head h // (H / Hkv)
+        k, v = (t.repeat_interleave(dt.shape[1] // kv_heads, 1) for t in (k, v))
+        out = doge.attention_by_definition(q, k, v, dt, config.keep_window_size,
+                                           1 / math.sqrt(head_dim))
+        out = out.transpose(1, 2).reshape(batch, length, -1)
         x = layer.input_residual * x + out @ attn.o_proj.weight.t()
         h = rms(x, layer.post_attention_layernorm.weight)
         mlp = layer.mlp
@@ -126,15 +120,3 @@ def tiny_config(**overrides):
                   num_attention_heads=4, num_key_value_heads=2, keep_window_size=8,
                   max_position_embeddings=64)
     return doge.DogeConfig(**{**values, **overrides})
-
-
-def lifetime_attention(q, k, v, dt, death, scale):
-    """Attention under the lifetime mask kv <= q < death[kv] plus the bias, as one dense SDPA
-    call with a (T, T) mask: the reference for the lifetime path, backward included (FlexAttention
-    has no backward on CPU). q (B, H, T, d); k, v (B, Hb, T, d); dt, death (B, Hb, T)."""
-    groups = q.shape[1] // k.shape[1]
-    position = torch.arange(q.shape[2])
-    keep = (position <= position[:, None]) & (position[:, None] < death.unsqueeze(-2))
-    bias = dt.unsqueeze(-2).masked_fill(~keep, float("-inf"))  # (B, Hb, T, T)
-    k, v, bias = (t.repeat_interleave(groups, dim=1) for t in (k, v, bias))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)

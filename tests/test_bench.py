@@ -57,10 +57,10 @@ def test_gpu_training_step_case_runs_both_models(which):
 def test_gpu_attention_case_checks_every_path_against_the_oracle():
     result = bench.case_gpu_attention(1, 24, heads=4, bias_heads=2, head_dim=16, repeats=1,
                                       compiled=False)
-    assert result["folded_error"] < 1e-5 and result["additive_error"] < 1e-5
+    assert result["folded_error"] < 1e-5
     assert result["flash_no_bias_error"] > 1e-2  # the oracle sees the bias that flash leaves out
     assert result.get("flex_error", 0) < 1e-5  # or "flex_failed": no FlexAttention backward on CPU
-    assert all(result[f"{name}_ms"] > 0 for name in ("folded", "additive", "flash_no_bias"))
+    assert all(result[f"{name}_ms"] > 0 for name in ("folded", "flash_no_bias"))
 
 
 def test_synthetic_data_is_what_train_py_reads(tmp_path):

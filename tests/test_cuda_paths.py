@@ -70,7 +70,8 @@ def test_compiled_loss_trains_the_model_like_the_cpu_loss(compiled_loss, monkeyp
     targets[0, :4] = -1
     expected_logits, expected = models[0](idx, targets)
     expected.backward()
-    monkeypatch.setattr(doge, "chunked_loss", lambda hidden: doge.compiled_cross_entropy_chunks)
+    monkeypatch.setattr(doge, "pick_cross_entropy",
+                        lambda hidden: doge.compiled_cross_entropy_chunks)
     logits, loss = models[1](idx, targets)
     loss.backward()
     close(loss, expected, 1e-5)
@@ -101,9 +102,9 @@ def test_every_compiled_chunk_has_the_same_rows(monkeypatch):
 
 
 def test_cpu_takes_the_cpu_loss_and_cuda_the_compiled_one():
-    assert doge.chunked_loss(torch.zeros(1)) is doge.cross_entropy_chunks
+    assert doge.pick_cross_entropy(torch.zeros(1)) is doge.cross_entropy_chunks
     meta = torch.zeros(1, device="meta")  # not CUDA either
-    assert doge.chunked_loss(meta) is doge.cross_entropy_chunks
+    assert doge.pick_cross_entropy(meta) is doge.cross_entropy_chunks
 
 
 # --- attention for T <= keep_window_size
@@ -127,20 +128,6 @@ def outputs_and_grads(attend, inputs, scale):
 
 
 LAYOUTS = [(4, 2), (4, 4), (2, 1)]  # (H, Hb): GQA groups, a bias per query head, Doge-20M's 2/1
-
-
-@pytest.mark.parametrize("heads, bias_heads", LAYOUTS)
-def test_additive_mask_attention_equals_the_folded_bias(heads, bias_heads):
-    inputs = attention_inputs(heads, bias_heads)
-    expected = outputs_and_grads(doge.attend_short_folded, inputs, 0.25)
-    actual = outputs_and_grads(doge.attend_short_additive, inputs, 0.25)
-    for a, b in zip(actual, expected):  # the output, then the gradients of q, k, v and dt
-        close(a, b, 1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the inputs as the model gives them
-        expected = doge.attend_short_folded(*inputs, 0.25)
-        actual = doge.attend_short_additive(*inputs, 0.25)
-    assert actual.dtype == expected.dtype == torch.bfloat16
-    close(actual.float(), expected.float(), 1e-2)
 
 
 NO_COMPILE_WARNING = "ignore:.*flex_attention called without torch.compile"
@@ -176,9 +163,9 @@ def test_flex_attention_gradients_equal_the_folded_bias():
 def test_cpu_attention_is_the_folded_bias(monkeypatch):
     """Whatever CUDA_SHORT_ATTENTION says, the CPU keeps its path."""
     inputs = attention_inputs(4, 2)
-    monkeypatch.setattr(doge, "CUDA_SHORT_ATTENTION", "additive")
+    monkeypatch.setattr(doge, "CUDA_SHORT_ATTENTION", "flex")
     calls = []
-    monkeypatch.setattr(doge, "attend_short_additive", lambda *args: calls.append(args))
+    monkeypatch.setattr(doge, "attend_short_flex", lambda *args: calls.append(args))
     with torch.no_grad():
         close(doge.attend_short(*inputs, 0.25), doge.attend_short_folded(*inputs, 0.25), 0)
     assert not calls
@@ -197,12 +184,12 @@ def tied_dt(batch, heads, length, seed=0):
 def test_key_lifetimes_equal_brute_force_top_w(length, window):
     dt = tied_dt(2, 3, length)
     death = doge.key_lifetimes(dt, window)
+    assert torch.equal(death, doge.key_deaths_by_definition(dt, window))
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     keep = oracle.keep_mask(dt, causal[None, None], window)  # (B, Hb, T, T), top W per row
     position = torch.arange(length)
     # each key is kept by one unbroken run of queries starting at itself, and no longer
-    expected = position + keep.sum(dim=-2)
-    assert torch.equal(death, expected)
+    assert torch.equal(death, position + keep.sum(dim=-2))
     assert torch.equal((position <= position[:, None]) & (position[:, None] < death.unsqueeze(-2)),
                        keep)
 
@@ -246,16 +233,16 @@ def lifetime_inputs(heads, bias_heads, length, seed=0):
 @pytest.mark.parametrize("length, window", [(150, 40), (150, 1), (30, 40)])
 def test_dense_lifetime_mask_equals_blocked_path_with_gradients(monkeypatch, heads, bias_heads,
                                                                  length, window):
-    """The lifetime mask built from death gives the blocked path's values and gradients (q, k, v
-    and dt) on CPU: the backward the CUDA path relies on, checked through a dense mask."""
+    """The dense lifetime mask (attention_by_definition) gives the blocked path's values and
+    gradients (q, k, v and dt) on CPU: the backward the CUDA path relies on, checked through a
+    dense mask."""
     monkeypatch.setattr(doge, "QUERY_BLOCK", 32)
     inputs = lifetime_inputs(heads, bias_heads, length)
     ours = [t.clone().requires_grad_() for t in inputs]
     dense = [t.clone().requires_grad_() for t in inputs]
     scale = 16 ** -0.5
     out, _ = doge.dynamic_mask_attention(*ours, 0, None, window, scale)
-    death = doge.key_lifetimes(inputs[3], window)
-    expected = oracle.lifetime_attention(*dense, death, scale)
+    expected = doge.attention_by_definition(*dense, window, scale)
     close(out, expected)
     upstream = torch.randn_like(out)
     (out * upstream).sum().backward()
@@ -286,7 +273,7 @@ def test_flex_attention_lifetime_path_equals_blocked_path(monkeypatch, heads, bi
 def test_model_on_the_lifetime_path_matches_naive_oracle(monkeypatch, layout):
     """The whole model as it runs on CUDA past the window (eager FlexAttention, forward only)."""
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
-    monkeypatch.setattr(doge, "lifetime_path", lambda device: True)
+    monkeypatch.setattr(doge, "uses_lifetime_path", lambda device: True)
     monkeypatch.setattr(doge, "compiled_flex_attention", lambda: flex.flex_attention)
     model = random_model(**layout)
     idx = torch.randint(0, 97, (2, 43))
@@ -326,7 +313,7 @@ def test_static_decoding_gives_the_same_tokens(monkeypatch, overrides, prompt_le
         shapes.add(tuple(t.shape for t in self.kept()))
 
     monkeypatch.setattr(doge.LayerCache, "insert", insert)
-    monkeypatch.setattr(doge, "static_decoding", lambda device: True)
+    monkeypatch.setattr(doge, "uses_static_decoding", lambda device: True)
     for sampling, tokens in zip(settings, expected):
         torch.manual_seed(3)
         assert torch.equal(model.generate(prompt, new_tokens, **sampling), tokens), sampling
@@ -339,7 +326,7 @@ def test_a_continued_static_cache_computes_one_forward_pass(monkeypatch, tmp_pat
     test_model.test_turns_on_one_cache_compute_one_forward_pass): the logits of one forward pass
     at every generated position; its saved state continues in a dynamic cache as it does itself."""
     model = tie_free_model(**overrides)
-    monkeypatch.setattr(doge, "static_decoding", lambda device: True)
+    monkeypatch.setattr(doge, "uses_static_decoding", lambda device: True)
     cache = model.new_cache(batch_size=2)
     assert cache.static
     prompts = distinct_prompts(2)
@@ -347,7 +334,7 @@ def test_a_continued_static_cache_computes_one_forward_pass(monkeypatch, tmp_pat
     with torch.no_grad():
         close(logits, model(tokens)[0][:, positions])
     cache.save(tmp_path / "static.pt")
-    monkeypatch.setattr(doge, "static_decoding", lambda device: False)
+    monkeypatch.setattr(doge, "uses_static_decoding", lambda device: False)
     dynamic = model.load_cache(tmp_path / "static.pt")
     assert not dynamic.static
     more = distinct_prompts(2, seed=1)[:1]  # one more turn
@@ -376,7 +363,7 @@ def test_cuda_lifetime_path_equals_blocked_path_with_gradients(monkeypatch):
         return loss, [p.grad.clone() for p in model.parameters()]
 
     loss, grads = loss_and_grads()
-    monkeypatch.setattr(doge, "lifetime_path", lambda device: False)
+    monkeypatch.setattr(doge, "uses_lifetime_path", lambda device: False)
     expected_loss, expected_grads = loss_and_grads()
     close(loss, expected_loss)
     for a, b in zip(grads, expected_grads):
@@ -392,7 +379,7 @@ def test_cuda_graph_decoding_gives_the_same_tokens(monkeypatch, batch):
     captured = model.generate(prompt, 30, temperature=0)
     sampled = model.generate(prompt, 30, temperature=0.8, top_k=20, top_p=0.9,
                              repetition_penalty=1.3)
-    monkeypatch.setattr(doge, "static_decoding", lambda device: False)
+    monkeypatch.setattr(doge, "uses_static_decoding", lambda device: False)
     assert torch.equal(captured, model.generate(prompt, 30, temperature=0))
     assert sampled.shape == captured.shape and sampled.min() >= 0 and sampled.max() < 97
 

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import doge
-import oracle
 from oracle import assert_close_to_scale, naive_forward, randomize, tiny_config
 
 
@@ -89,8 +88,8 @@ def test_zero_A_is_a_sliding_window_of_the_last_keys(monkeypatch):
     with torch.no_grad():
         ours = model(idx)[0]
     window = model.config.keep_window_size
-    monkeypatch.setattr(oracle, "keep_mask", lambda dt, visible, size: visible & (
-        torch.arange(visible.shape[-1])[None, :] > torch.arange(visible.shape[-2])[:, None] - window))
+    monkeypatch.setattr(doge, "key_deaths_by_definition", lambda dt, size: (
+        torch.arange(dt.shape[-1]) + window).clamp(max=dt.shape[-1]).expand_as(dt))
     assert_close_to_scale(ours, naive_forward(model, idx))
 
 
@@ -101,11 +100,11 @@ def decode_one_by_one(model, idx, prompt_length):
     """Logits at every position the way generate makes them: the prompt through forward with a
     cache, then one decode_step (fused weights, in-place eviction) per token."""
     cache = doge.DogeCache(model.config, idx.shape[0], "cpu", torch.float32)
-    weights = model.decoding_weights()
+    weights = doge.decoding_weights(model)
     with torch.no_grad():
         steps = [model(idx[:, :prompt_length], cache=cache)[0]]
         for t in range(prompt_length, idx.shape[1]):
-            steps.append(model.decode_step(idx[:, t], cache, weights).unsqueeze(1))
+            steps.append(doge.decode_step(model, idx[:, t], cache, weights).unsqueeze(1))
             assert all(layer.size <= model.config.keep_window_size for layer in cache.layers)
     return torch.cat(steps, dim=1)
 
@@ -418,7 +417,7 @@ def test_output_layer_blocks_equal_the_plain_product(threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _, output_blocks = model.decoding_weights()
+        _, output_blocks = doge.decoding_weights(model)
     finally:
         torch.set_num_threads(previous)
     assert output_blocks.shape == (threads, model.config.hidden_size, -(-97 // threads))

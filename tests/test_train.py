@@ -705,15 +705,15 @@ def test_atomic_writes_keep_the_umask_mode(tmp_path, umask):
 
 
 def test_the_temporary_files_of_interrupted_writes_are_removed(tmp_path, data_dir, capsys):
-    """Only atomic_write's own names, in out_dir, runs/ and hf/, reported in one line."""
+    """Only atomic_path's own names, in out_dir, runs/ and hf/, reported in one line."""
     out = tmp_path / "out"
     run(data_dir, out, "--max_iters=1")
     (out / "hf").mkdir()
-    left = [out / ".tmp-ckpt_000008.ptk3j_x9a2", out / "runs" / ".tmp-20261205.jsonabcdefgh",
-            out / "hf" / ".tmp-model.safetensors0a1b2c3d"]
+    left = [out / "ckpt_000008.pt.k3j_x9a2.tmp", out / "runs" / "20261205.json.abcdefgh.tmp",
+            out / "hf" / "model.safetensors.0a1b2c3d.tmp"]
     for path in left:
         path.write_bytes(b"x" * 1000)
-    kept = [out / "notes.txt", out / ".tmp-mine", out / "hf" / "README.md"]
+    kept = [out / "notes.txt", out / "mine.tmp", out / "hf" / "README.md"]
     for path in kept:
         path.write_text("mine")
     capsys.readouterr()
@@ -809,7 +809,8 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, data_dir):
     first = launch(tmp_path, [*args, f"--out_dir={out}"], SIGNAL_AT="5:SIGKILL")
     assert first.returncode == -signal.SIGKILL and latest_checkpoint(out).endswith("4.pt")
     assert launch(tmp_path, [*args, *resume], KILL_IN_SAVE="6").returncode == -signal.SIGKILL
-    assert any(name.startswith(".tmp-ckpt_000006") for name in os.listdir(out))
+    assert any(name.startswith("ckpt_000006.pt.") and name.endswith(".tmp")
+               for name in os.listdir(out))
     third = launch(tmp_path, [*args, *resume], SIGNAL_AT="8:SIGTERM")
     assert third.returncode == 0 and "removed 1 temporary file(s)" in third.stderr
     assert latest_checkpoint(out).endswith("ckpt_000009.pt")  # the step ran to its end
@@ -822,7 +823,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, data_dir):
     assert_same_tensors(a["model"], b["model"])
     for key in a["optimizer"]["state"]:
         assert_same_tensors(a["optimizer"]["state"][key], b["optimizer"]["state"][key])
-    assert not [path for path in out.rglob("*") if path.name.startswith(".tmp-")]
+    assert not [path for path in out.rglob("*") if path.name.endswith(".tmp")]
 
 
 @pytest.mark.slow
