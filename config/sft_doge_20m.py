@@ -1,7 +1,7 @@
 # Doge-20M -> Doge-20M-Instruct, the supervised fine-tuning of the published recipe
 # (docs/reference.md, Published shapes and recipes): smoltalk, 2 epochs, context 8192, lr 8e-5,
 # bf16, one 24 GB RTX 4090.
-#     huggingface-cli download SmallDoge/Doge-20M --local-dir models/Doge-20M
+#     hf download SmallDoge/Doge-20M --local-dir models/Doge-20M
 #     pip install datasets                            # smoltalk comes from the hub
 #     python prepare_data.py --chat --source=HuggingFaceTB/smoltalk:all --tokenizer=models/Doge-20M \
 #         --out_dir=data/smoltalk                     # the chat tokenizer, conversation shards

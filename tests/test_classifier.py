@@ -36,7 +36,8 @@ def classifier_pair(tmp_path, num_labels=3, **overrides):
 def padded_batch():
     """Four rows of distinct tokens (none the pad id): right-padded, left-padded, both, and none;
     all but the third pooled past keep_window_size 8. Returns the batch and each row's last real
-    position. Repeated pads tie in dt, and an exact tie is not bit-stable (see README), so a row
+    position. Repeated pads tie in dt, and an exact tie is not bit-stable (docs/differences.md, the tie rule
+    across paths), so a row
     holds several left pads only where its pooled token sees at most 8 keys."""
     idx = (torch.randperm(96)[:4 * 20] + 1).view(4, 20)
     idx[0, 15:] = PAD

@@ -171,7 +171,7 @@ def test_cache_evicts_lowest_dt_then_oldest(static):
 def tie_free_model(**overrides):
     """random_model with A = 0 in layer 0. There dt depends on the token alone, so a repeated
     token ties exactly in exact arithmetic, and which copy a path keeps hangs on the last bit of
-    its products (README: the tie rule across paths). Greedy replies repeat tokens; with A = 0
+    its products (docs/differences.md: the tie rule across paths). Greedy replies repeat tokens; with A = 0
     every dt of layer 0 is exactly 1 on every path, so the tie rule decides the same way
     everywhere. Later layers see context: their keys do not tie."""
     model = random_model(**overrides)
