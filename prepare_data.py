@@ -129,8 +129,8 @@ def atomic_path(path):
     loss) never leaves a partial file under the real name. On failure the temporary file is removed. The
     file gets the mode open() would give (0o666 less the umask), not mkstemp's private 0o600."""
     temp_path = f"{os.path.abspath(path)}.{secrets.token_hex(4)}.tmp"
-    os.close(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
+    try:  # created inside the try: a Ctrl-C that lands just after the file is made still removes it
+        os.close(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield temp_path
         fd = os.open(temp_path, os.O_RDONLY)
         try:

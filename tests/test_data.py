@@ -109,6 +109,19 @@ def test_write_shard_leaves_nothing_when_interrupted(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # neither the shard nor its temporary file
 
 
+def test_ctrl_c_just_after_the_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """The moment a CI run once caught: the signal arrives as os.open returns, before the first byte."""
+    real_close = os.close
+
+    def interrupted(fd):
+        real_close(fd)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare_data.os, "close", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_shard(tmp_path / "x_train_000001.bin", np.arange(10, dtype=np.uint16))
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_written_files_get_the_mode_open_gives(tmp_path, umask):
     old_umask = os.umask(umask)
