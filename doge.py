@@ -191,6 +191,7 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(config, positions, total_length, dtype):
     """cos and sin, each (T, head_dim), for the given positions, in the form apply_rope takes.
+    A decoding step of rows at different positions gives total_length per row, positions + 1.
 
     Dynamic NTK: once the sequence (total_length) is longer than max_position_embeddings, the
     base grows so the lowest frequencies stretch over the longer context. The base depends on the
@@ -201,8 +202,9 @@ def rope_cos_sin(config, positions, total_length, dtype):
     if scaling.get("rope_type") == "dynamic":
         factor = scaling["factor"]
         stretch = factor * total_length / config.max_position_embeddings - (factor - 1)
-        if isinstance(total_length, torch.Tensor):  # a static decoding step's, on the device
-            base = base * stretch.clamp(min=1) ** (dim / (dim - 2))  # stretch > 1: longer
+        if isinstance(total_length, torch.Tensor):  # a decoding step's, on the device: (1,) or
+            # one per row (B,), each row's base its own, (1 or B, 1)
+            base = (base * stretch.clamp(min=1) ** (dim / (dim - 2))).unsqueeze(-1)
         elif total_length > config.max_position_embeddings:
             base = base * stretch ** (dim / (dim - 2))
     exponents = torch.arange(0, dim, 2, device=positions.device).float() / dim
@@ -1178,24 +1180,32 @@ class LayerCache:
     reads all W slots, the empty ones holding dt = -inf (weight 0) and position -1, so the
     eviction rule alone finds the next free slot (the worst, the oldest among equals), and the
     kept keys always fill the first slots. Its decode steps leave `size` behind (a replayed graph
-    runs no Python); DogeCache.catch_up sets it again before a forward or a save reads it."""
+    runs no Python); DogeCache.catch_up sets it again before a forward or a save reads it.
 
-    def __init__(self, batch, bias_heads, window, head_dim, device, dtype, static=False):
+    A ragged cache (join_caches) holds sequences of different lengths, one per row, and decodes
+    them together: empty slots as in a static cache, so that each row fills its own next free
+    slot, and `size` the most any row holds: attention reads that many slots, a shorter row's
+    empty ones with weight 0."""
+
+    def __init__(self, batch, bias_heads, window, head_dim, device, dtype, static=False,
+                 ragged=False):
         self.window = window
         self.size = 0
-        self.static = static
+        self.static, self.ragged = static, ragged
         self.heads_shape = (batch, bias_heads)
         rows = batch * bias_heads
+        empty_marked = static or ragged  # an empty slot: dt = -inf (weight 0), position -1
         self.k = torch.zeros(rows, window + 1, head_dim, device=device, dtype=dtype)
         self.values_t = torch.zeros(rows, head_dim, window + 1, device=device, dtype=dtype)
-        self.dt = torch.full((rows, window + 1), float("-inf") if static else 0.0, device=device,
-                             dtype=dtype)
-        self.pos = torch.full((rows, window + 1), -1 if static else 0, device=device,
+        self.dt = torch.full((rows, window + 1), float("-inf") if empty_marked else 0.0,
+                             device=device, dtype=dtype)
+        self.pos = torch.full((rows, window + 1), -1 if empty_marked else 0, device=device,
                               dtype=torch.long)
 
     def kept(self):
         """The cached keys (R, n, d), values transposed (R, d, n) and dt (R, n), as attend_cached
-        takes them: views, no copies (a static cache: all W slots)."""
+        takes them: views, no copies (a static cache: all W slots; a ragged one: the slots of
+        its longest row)."""
         size = self.window if self.static else self.size
         return self.k[:, :size], self.values_t[..., :size], self.dt[:, :size]
 
@@ -1210,17 +1220,20 @@ class LayerCache:
                      (self.k[:, :size], self.values_t[..., :size].transpose(1, 2),
                       self.dt[:, :size], self.pos[:, :size]))
 
-    def store(self, state):
+    def store(self, state, rows=slice(None)):
+        """Write kept keys k, v (B, Hb, n, d), dt and pos (B, Hb, n) into the first n slots of
+        the cache's rows (some of them, in a ragged cache: rows of R)."""
         k, v, dt, pos = (t.flatten(0, 1) for t in state)
-        self.size = size = k.shape[1]
-        self.k[:, :size], self.values_t[..., :size] = k, v.transpose(1, 2)
-        self.dt[:, :size], self.pos[:, :size] = dt, pos
+        size = k.shape[1]
+        self.size = max(self.size, size) if self.ragged else size
+        self.k[rows, :size], self.values_t[rows, :, :size] = k, v.transpose(1, 2)
+        self.dt[rows, :size], self.pos[rows, :size] = dt, pos
 
     def insert(self, k, v, dt, position):
-        """Add one key per row: k, v (R, d), dt (R,), at position (an int, or (1,) on the device
-        for a static cache). Once full, it replaces the worst key (lowest dt, the oldest among
-        equals) if it is at least as good (being later, it wins ties)."""
-        if self.size < self.window and not self.static:
+        """Add one key per row: k, v (R, d), dt (R,), at position (an int, or on the device (1,)
+        for a static cache, (R, 1) for a ragged one). Once full, it replaces the worst key (lowest
+        dt, the oldest among equals) if it is at least as good (being later, it wins ties)."""
+        if self.size < self.window and not (self.static or self.ragged):
             slot = torch.full((dt.shape[0], 1), self.size, device=dt.device)  # (R, 1)
             self.size += 1
         else:
@@ -1229,6 +1242,8 @@ class LayerCache:
             oldest_worst = torch.where(cached_dt == worst_dt, cached_pos,
                                        torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)
             slot = torch.where(dt.unsqueeze(-1) >= worst_dt, oldest_worst, self.window)
+            if self.ragged:  # every row took a key: the longest holds one more, up to W
+                self.size = min(self.window, self.size + 1)
         self.k.scatter_(1, slot.unsqueeze(-1).expand(-1, -1, k.shape[-1]), k.unsqueeze(1))
         self.values_t.scatter_(2, slot.unsqueeze(1).expand(-1, v.shape[-1], -1), v.unsqueeze(-1))
         self.dt.scatter_(1, slot, dt.unsqueeze(-1))
@@ -1251,22 +1266,26 @@ class DogeCache:
 
     A static cache (see LayerCache) also counts the length on the device, in `position`, which
     its decode steps read and advance (a replayed CUDA graph runs no Python: `length` falls
-    behind until catch_up)."""
+    behind until catch_up). A ragged one (join_caches) counts each row's length, in
+    `row_lengths` (B,) on the device; `length` is then the longest row's."""
 
-    def __init__(self, config, batch, device, dtype, static=False):
+    def __init__(self, config, batch, device, dtype, static=False, ragged=False):
         self.shape = cache_shape(config)
         self.batch = batch
         self.length = 0
         self.static = static
         self.position = torch.zeros(1, dtype=torch.long, device=device) if static else None
+        self.row_lengths = torch.zeros(batch, dtype=torch.long, device=device) if ragged else None
         self.layers = [LayerCache(batch, config.bias_heads, config.keep_window_size,
-                                  config.head_dim, device, dtype, static)
+                                  config.head_dim, device, dtype, static, ragged)
                        for _ in range(config.num_hidden_layers)]
 
     def advance(self, count):
         self.length += count
         if self.static:
             self.position += count
+        if self.row_lengths is not None:
+            self.row_lengths += count
 
     def catch_up(self):
         """Bring a static cache's host-side counts up to its decode steps: every token added one
@@ -1276,13 +1295,20 @@ class DogeCache:
             for layer in self.layers:
                 layer.size = min(layer.window, self.length)
 
-    def state_dict(self):
-        """The state as plain CPU tensors: the kept keys, values, dt and positions of every layer,
-        each (layers, B, Hb, n, ...) with n = min(W, length), the length and the model shape."""
+    def state_dict(self, row=None):
+        """The state as plain CPU tensors (copies): the kept keys, values, dt and positions of
+        every layer, each (layers, B, Hb, n, ...) with n = min(W, length), the length and the
+        model shape. row: that sequence alone, as a cache of one sequence holding it would
+        give (a ragged cache's rows are at different lengths)."""
         self.catch_up()
-        keys, values, dt, positions = (torch.stack(parts).cpu() for parts in
-                                       zip(*(layer.contents() for layer in self.layers)))
-        return {"shape": dict(self.shape), "length": torch.tensor(self.length), "keys": keys,
+        rows = slice(None) if row is None else slice(row, row + 1)
+        length = self.length if self.row_lengths is None or row is None else \
+            int(self.row_lengths[row])
+        size = min(self.shape["keep_window_size"], length)
+        keys, values, dt, positions = (
+            torch.stack(parts).cpu() for parts in
+            zip(*((t[rows, :, :size] for t in layer.contents()) for layer in self.layers)))
+        return {"shape": dict(self.shape), "length": torch.tensor(length), "keys": keys,
                 "values": values, "dt": dt, "positions": positions}
 
     def load_state_dict(self, state, source="the state"):
@@ -1318,6 +1344,28 @@ class DogeCache:
         """Write state_dict to path (torch.save), atomically."""
         state = self.state_dict()
         atomic_write(path, lambda temp_path: torch.save(state, temp_path))
+
+
+def join_caches(model, sequences):
+    """A ragged cache whose rows continue the given sequences, each at its own length, so that
+    decode_step decodes them together (serve.py's batch of conversations). sequences: (cache,
+    row) pairs, a cache of one sequence (row 0) or a row of another ragged cache; each is copied
+    once. state_dict(row) takes a row back out."""
+    weight = model.lm_head.weight
+    joined = DogeCache(model.config, len(sequences), weight.device, weight.dtype, ragged=True)
+    lengths = []
+    for cache, row in sequences:
+        cache.catch_up()
+        lengths.append(cache.length if cache.row_lengths is None else int(cache.row_lengths[row]))
+    joined.row_lengths = torch.tensor(lengths, dtype=torch.long, device=weight.device)
+    joined.length = max(lengths, default=0)
+    bias_heads = model.config.bias_heads
+    for i, layer in enumerate(joined.layers):
+        for new_row, ((cache, row), length) in enumerate(zip(sequences, lengths)):
+            size = min(layer.window, length)
+            contents = tuple(t[row:row + 1, :, :size] for t in cache.layers[i].contents())
+            layer.store(contents, slice(new_row * bias_heads, (new_row + 1) * bias_heads))
+    return joined
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1369,10 +1417,14 @@ def decode_step(model, token, cache, step_weights):
     batch = x.shape[0]
     if cache.static:  # the position stays on the device: a captured step replays right
         start = positions = cache.position  # (1,)
+    elif cache.row_lengths is not None:  # a ragged cache: each row at its own position
+        positions = cache.row_lengths  # (B,)
+        start = positions.repeat_interleave(config.bias_heads).unsqueeze(1)  # (R, 1), the keys'
     else:
         start, positions = cache.length, torch.tensor([cache.length], device=x.device)
-    cos, sin = rope_cos_sin(config, positions, start + 1, x.dtype)
-    rotation = rope_matrix(cos[0], sin[0])  # (d, d), the same for every layer
+    cos, sin = rope_cos_sin(config, positions, positions + 1 if cache.row_lengths is not None
+                            else start + 1, x.dtype)  # (1 or B, d)
+    rotation = rope_matrix(cos, sin)  # (d, d) the same for every layer, or (B, d, d) per row
     for layer, layer_cache, weights in zip(model.layers, cache.layers, layer_weights):
         attn, mlp = layer.self_attn, layer.mlp
         qk, values, dt_logits = fused_linear(rms_norm(x, None, eps), *weights["qkv_dt"]).split(
@@ -1399,8 +1451,10 @@ def decode_step(model, token, cache, step_weights):
 def rope_matrix(cos, sin):
     """apply_rope at one position as a (d, d) matrix R, x @ R == apply_rope(x, cos, sin), from
     that position's cos and sin (d,): R[j, j] = cos[j] and R[(j + d/2) % d, j] = sin[j]. Decoding
-    builds it once per step and rotates every layer's queries and keys with one product."""
-    return torch.diag(cos) + torch.diag(sin).roll(cos.shape[0] // 2, dims=0)
+    builds it once per step and rotates every layer's queries and keys with one product.
+    cos, sin (1, d) give one R (d, d); (B, d), rows at different positions, one R per row."""
+    rotation = torch.diag_embed(cos) + torch.diag_embed(sin).roll(cos.shape[-1] // 2, dims=-2)
+    return rotation[0] if rotation.shape[0] == 1 else rotation  # (d, d) or (B, d, d)
 
 
 def composed_linear(outer, inner):
@@ -1487,9 +1541,10 @@ def capture_step(step):
 # Generation: sampling, the loop of generate_stream, cache files
 
 
-def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):
+def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, generator=None):
     """Pick the next token (B,) from logits (B, V); seen (B, V) marks the tokens so far (for
-    the repetition penalty; None without one). No host sync: a CUDA graph can hold it."""
+    the repetition penalty; None without one); generator: the random draws' own (else torch's
+    global one). No host sync: a CUDA graph can hold it."""
     logits = logits.float()
     if repetition_penalty != 1.0:  # make seen tokens less likely, whatever the logit's sign
         penalised = torch.where(logits < 0, logits * repetition_penalty,
@@ -1510,7 +1565,7 @@ def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty):
     # a draw from the softmax as argmax(p / Exponential(1)): what torch.multinomial does for one
     # sample (the same draws under a seed), without its check of p that reads it on the host
     probs = logits.softmax(dim=-1)
-    return probs.div_(torch.empty_like(probs).exponential_()).argmax(dim=-1)
+    return probs.div_(torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)
 
 
 @torch.no_grad()

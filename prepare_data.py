@@ -1333,6 +1333,33 @@ def render_chat(chat_template, messages, add_generation_prompt=True):
         eos_token=chat_template["eos_token"])
 
 
+def end_of_turn_text(chat_template):
+    """The text the template puts after an assistant's reply, when rendering a conversation
+    extends the rendering of the one before it, turn by turn (so that each turn can feed the
+    model only its own text); None when the template does not."""
+    user, reply = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+    asking = render_chat(chat_template, [user]) + reply["content"]
+    answered = render_chat(chat_template, [user, reply], add_generation_prompt=False)
+    asking_again = render_chat(chat_template, [user, reply, user])
+    if not (answered.startswith(asking) and asking_again.startswith(answered)):
+        return None
+    return answered[len(asking):]
+
+
+def stop_ids(model, tokenizer, directory):
+    """Every id that ends generation: the model's config.json's and generation_config.json's eos ids, and the
+    tokenizer's own end-of-text and end-of-turn tokens."""
+    ids = {tokenizer.eot_id}
+    for value in (model.config.eos_token_id,
+                  read_json(os.path.join(directory, "generation_config.json")).get("eos_token_id")):
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    tokenizer_config = read_json(os.path.join(directory, "tokenizer_config.json"))
+    for text in (token_text(tokenizer_config.get("eos_token")), *END_OF_TURN_TOKENS):
+        if text is not None and tokenizer.token_to_id(text) is not None:
+            ids.add(tokenizer.token_to_id(text))
+    return sorted(ids)
+
+
 # what transformers' tokenizer(...) returns for a Doge: transformers 4.x adds token_type_ids by default,
 # which generate() refuses
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]

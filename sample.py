@@ -29,9 +29,8 @@ import torch
 
 from configurator import apply_config
 from doge import Doge, local_model_path
-from prepare_data import (END_OF_TURN_TOKENS, atomic_write, document_start, load_chat_template,
-                          load_text_tokenizer, read_json, render_chat, token_text,
-                          tokenizer_directory)
+from prepare_data import (atomic_write, document_start, end_of_turn_text, load_chat_template,
+                          load_text_tokenizer, render_chat, stop_ids, tokenizer_directory)
 
 
 @dataclass
@@ -82,20 +81,6 @@ def load_model(path, device, dtype):
         raise SystemExit(f"error: {e}") from None
 
 
-def stop_ids(model, tokenizer, directory):
-    """Every id that ends generation: config.json's and generation_config.json's eos ids, and the
-    tokenizer's own end-of-text and end-of-turn tokens."""
-    ids = {tokenizer.eot_id}
-    for value in (model.config.eos_token_id,
-                  read_json(os.path.join(directory, "generation_config.json")).get("eos_token_id")):
-        ids.update(value if isinstance(value, list) else [] if value is None else [value])
-    tokenizer_config = read_json(os.path.join(directory, "tokenizer_config.json"))
-    for text in (token_text(tokenizer_config.get("eos_token")), *END_OF_TURN_TOKENS):
-        if text is not None and tokenizer.token_to_id(text) is not None:
-            ids.add(tokenizer.token_to_id(text))
-    return sorted(ids)
-
-
 # ----------------------------------------------------------------------------------------------
 # Generation with streaming
 
@@ -126,19 +111,6 @@ def stream_reply(model, tokenizer, prompt_ids, cfg, stop, device, cache=None):
 
 # ----------------------------------------------------------------------------------------------
 # Chat
-
-
-def end_of_turn_text(chat_template):
-    """The text the template puts after an assistant's reply, when rendering a conversation
-    extends the rendering of the one before it, turn by turn (so that each turn can feed the
-    model only its own text); None when the template does not."""
-    user, reply = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
-    asking = render_chat(chat_template, [user]) + reply["content"]
-    answered = render_chat(chat_template, [user, reply], add_generation_prompt=False)
-    asking_again = render_chat(chat_template, [user, reply, user])
-    if not (answered.startswith(asking) and asking_again.startswith(answered)):
-        return None
-    return answered[len(asking):]
 
 
 class Chat:
