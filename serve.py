@@ -139,7 +139,7 @@ class Job:
     out: asyncio.Queue
     cancelled: bool = False  # set by the client's side: stop at the next step
     held: list = field(default_factory=list)  # the tokens the cache holds
-    to_feed: list = field(default_factory=list)  # prompt tokens not yet fed
+    to_feed: list = field(default_factory=list)  # pieces of the prompt not yet fed
     generated: list = field(default_factory=list)
     cache: object = None  # its own cache while its prompt is fed, then a row of the batch's
     generator: object = None
@@ -210,14 +210,17 @@ class Engine:
             except Exception as e:  # jinja2's errors: the template cannot render these messages
                 raise ValueError(f"the chat template cannot render these messages: {e}") from None
             found = self.states.continued(text=text) if self.end_of_turn else None
-            rest = text[len(found[1].text):] if found else text
-            new = (found[1].pending if found else []) + self.tokenizer.encode([rest])[0]
+            new = self.tokenizer.encode([text[len(found[1].text):] if found else text])[0]
         else:
             tokens = self.tokenizer.encode_prompt(job.prompt) or [document_start(self.tokenizer)]
             found = self.states.continued(tokens=tokens)
-            new = tokens[len(found[0]):] if found else tokens
-        job.held = list(found[0]) if found else []
-        job.to_feed, job.prompt_tokens = new, len(job.held) + len(new)
+            new = tokens[len(found[0]) + len(found[1].pending):] if found else tokens
+        job.held, pending = (list(found[0]), found[1].pending) if found else ([], [])
+        # fed in the pieces sample.py's chat feeds them (the reply's last token, the end of
+        # turn, the new text), which dynamic RoPE's base past max_position_embeddings tells apart
+        job.to_feed = [piece for piece in (pending[:1], pending[1:]) if piece] + [
+            new[i:i + self.cfg.prefill_chunk] for i in range(0, len(new), self.cfg.prefill_chunk)]
+        job.prompt_tokens = len(job.held) + len(pending) + len(new)
         if job.prompt_tokens > self.cfg.max_prompt_tokens:
             raise ValueError(f"the prompt is {job.prompt_tokens} tokens, more than this server's "
                              f"limit of {self.cfg.max_prompt_tokens}")
@@ -227,9 +230,8 @@ class Engine:
         return job
 
     def feed(self, job):
-        """Feed the next chunk of job's prompt; at its end, sample its first token: True."""
-        chunk, job.to_feed = (job.to_feed[:self.cfg.prefill_chunk],
-                              job.to_feed[self.cfg.prefill_chunk:])
+        """Feed the next piece of job's prompt; at its end, sample its first token: True."""
+        chunk = job.to_feed.pop(0)
         device = self.model.lm_head.weight.device
         hidden = self.model.hidden_states(torch.tensor([chunk], device=device), job.cache)
         job.held += chunk

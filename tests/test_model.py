@@ -455,3 +455,41 @@ def test_generated_tokens_can_feed_training():
     model.train()
     model(out[:, :-1], out[:, 1:])[1].backward()
     assert model.embed_tokens.weight.grad is not None
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(qk_norm=False, dt_per_query_head=True),
+    dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}, max_position_embeddings=24)])
+def test_a_ragged_cache_decodes_each_row_at_its_own_position(overrides):
+    """Sequences of 5, 20 and 40 tokens (the window is 8, dynamic RoPE stretches past 24)
+    joined in one ragged cache (serve.py's batch): each step gives every row the logits that
+    row gets decoded alone, and (without dynamic RoPE, whose base changes with the length) one
+    forward pass over it. Rows regrouped (two of them, in another order) go on, and a row taken
+    out with state_dict(row) continues as a cache of its own."""
+    model = random_model(**overrides)
+    lengths = [5, 20, 40]
+    rows = [torch.randperm(97)[:length + 6] for length in lengths]  # distinct tokens
+    caches = [model.new_cache() for _ in rows]
+    weights = doge.decoding_weights(model)
+    with torch.no_grad():
+        for row, length, cache in zip(rows, lengths, caches):
+            model(row[None, :length], cache=cache)
+        joined = doge.join_caches(model, [(cache, 0) for cache in caches])
+        order = [0, 1, 2]
+        for step in range(6):
+            if step == 3:
+                order = [2, 0]
+                joined = doge.join_caches(model, [(joined, 2), (joined, 0)])
+            tokens = torch.stack([rows[i][lengths[i] + step] for i in order])
+            logits = doge.decode_step(model, tokens, joined, weights)  # (B, V)
+            alone = torch.cat([doge.decode_step(model, tokens[j:j + 1], caches[i], weights)
+                               for j, i in enumerate(order)])
+            assert_close_to_scale(logits, alone)
+            if "rope_scaling" not in overrides:
+                assert_close_to_scale(logits, torch.stack([
+                    model(rows[i][None, :lengths[i] + step + 1])[0][0, -1] for i in order]))
+        assert joined.row_lengths.tolist() == [46, 11] and joined.length == 46
+        taken_out = model.load_cache(joined.state_dict(1))  # row 0's 11 tokens
+        assert taken_out.length == 11 and taken_out.layers[0].size == 8
+        more = torch.randperm(97)[:3].unsqueeze(0)
+        assert_close_to_scale(model(more, cache=taken_out)[0], model(more, cache=caches[0])[0])
