@@ -324,6 +324,161 @@ def case_chat(which, reference_mode, prompt=CHAT_PROMPT, reply=CHAT_REPLY,
             f"rss_growth_{first}_{last}": rss[last] - rss[first]}
 
 
+# Serving (--cases=serve): our serve.py and `transformers serve` on the same exported Doge-20M,
+# driven by the openai client as chat clients drive them: the whole history sent every turn
+SERVE_TURNS = 100  # of SERVE_PROMPT-token user turns and SERVE_REPLY-token greedy replies
+SERVE_PROMPT, SERVE_REPLY = 40, 30
+SERVE_CONCURRENT, SERVE_CONCURRENT_TURNS = 8, 4  # conversations at once, turns each
+SERVE_ROUNDS = 2  # tokens/s of 1 and of SERVE_CONCURRENT conversations, measured in turns
+SERVE_WORDS = ("the quick brown fox jumps over the lazy dog while a small language model writes "
+               "short sentences about rivers mountains cities numbers colours and music").split()
+
+
+def export_chat_model(directory):
+    """The Doge-20M shape (random weights, as make_models) with a small byte-level BPE
+    tokenizer.json and the Doge chat template, saved so that transformers loads it. The rows of
+    the (tied) embedding past the tokenizer's tokens, and of its special tokens, are zero: their
+    logits are 0 while the others' largest is above it, so greedy replies are words that the
+    tokenizer spells, and they never end early."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    special = ["<|end_of_text|>", *prepare_data.CHAT_TOKENS]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([" ".join(SERVE_WORDS)] * 50, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+                   "eos_token": "<|eot_id|>", "chat_template": prepare_data.DOGE_CHAT_TEMPLATE,
+                   "model_input_names": prepare_data.MODEL_INPUT_NAMES}, f)
+    model = make_models("ours", dtype=torch.float32)
+    ids = [tokenizer.token_to_id(token) for token in special]
+    with torch.no_grad():
+        model.embed_tokens.weight[tokenizer.get_vocab_size():] = 0
+        model.embed_tokens.weight[ids] = 0
+    model.config.bos_token_id, model.config.eos_token_id = ids[1], ids[4]
+    model.save_pretrained(directory)
+
+
+def server_command(which, directory, port):
+    if which == "ours":
+        return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                "serve.py"), f"--init_from={directory}", f"--port={port}", "--model_name=doge"]
+    return ["transformers", "serve", directory, "--port", str(port), "--device", "cpu",
+            "--host", "127.0.0.1"]
+
+
+@contextlib.contextmanager
+def running_server(which, directory, threads):
+    """The server's process, answering on a free local port: (process, base url, model name)."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    process = subprocess.Popen(server_command(which, directory, port), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+        for _ in range(600):
+            if process.poll() is not None:
+                raise RuntimeError(f"the {which} server exited: {process.stderr.read()[-500:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"the {which} server did not answer in 5 minutes")
+        yield process, url + "/v1", "doge" if which == "ours" else directory
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def serve_turn(client, model, messages, rng):
+    """One turn: a new SERVE_PROMPT-word user message, and the reply (the seconds it took)."""
+    messages.append({"role": "user", "content": " ".join(
+        rng.choice(SERVE_WORDS) for _ in range(SERVE_PROMPT))})
+    start = time.perf_counter()
+    response = client.chat.completions.create(model=model, messages=messages,
+                                              max_tokens=SERVE_REPLY, temperature=0)
+    seconds = time.perf_counter() - start
+    messages.append({"role": "assistant", "content": response.choices[0].message.content})
+    return seconds, response.usage.completion_tokens
+
+
+def served_tokens_per_sec(client, model, conversations):
+    """Reply tokens per second of `conversations` clients at once, SERVE_CONCURRENT_TURNS each."""
+    import random
+    import threading
+    counts = [0] * conversations
+
+    def talk(i):
+        messages, rng = [], random.Random(1000 + i)
+        for _ in range(SERVE_CONCURRENT_TURNS):
+            counts[i] += serve_turn(client, model, messages, rng)[1]
+
+    threads = [threading.Thread(target=talk, args=(i,)) for i in range(conversations)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def peak_server_mb(process):
+    """The server process's peak resident memory (VmHWM), in MB."""
+    with open(f"/proc/{process.pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def case_serve(which, turns=SERVE_TURNS):
+    """Seconds per turn at turns 10, 50 and 100 of one conversation, the turn at which the
+    server stopped answering (if it did), its peak memory, and reply tokens/s for 1 and
+    SERVE_CONCURRENT conversations at once."""
+    import random
+    try:
+        import httpx  # noqa: F401
+        import openai
+    except ImportError:
+        raise SystemExit("the serve case needs the openai client and httpx (pip install openai "
+                         "httpx)") from None
+    if which == "ref" and subprocess.run(["transformers", "serve", "--help"],
+                                         capture_output=True).returncode != 0:
+        raise SystemExit("the reference needs `transformers serve` (pip install "
+                         "'transformers[serving]')")
+    with tempfile.TemporaryDirectory() as directory:
+        export_chat_model(directory)
+        with running_server(which, directory, torch.get_num_threads()) as (process, url, model):
+            client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+            messages, rng, seconds, stopped = [], random.Random(0), [], None
+            for turn in range(1, turns + 1):
+                try:
+                    seconds.append(serve_turn(client, model, messages, rng)[0])
+                except openai.APIStatusError as e:  # the reference past its positions
+                    stopped = {"stopped_at_turn": turn, "stopped_status": e.status_code}
+                    break
+            figures = {f"ms_turn_{t}": 1e3 * float(np.median(seconds[t - 5:t]))
+                       for t in (10, 50, 100) if t <= len(seconds)}
+            if "ms_turn_100" in figures:
+                figures["turn100/turn10"] = figures["ms_turn_100"] / figures["ms_turn_10"]
+            single, together = 0, 0
+            for _ in range(SERVE_ROUNDS):  # in turns: the best of each, on a shared machine
+                single = max(single, served_tokens_per_sec(client, model, 1))
+                together = max(together, served_tokens_per_sec(client, model, SERVE_CONCURRENT))
+            return {**figures, **(stopped or {}), "peak_mb": peak_server_mb(process),
+                    "tokens_per_sec_1": single, f"tokens_per_sec_{SERVE_CONCURRENT}": together,
+                    f"x{SERVE_CONCURRENT}/x1": together / single}
+
+
 def case_moe(which):
     device, dtype = device_and_dtype()
     config = doge.DogeConfig.from_preset("doge-40m-moe", vocab_size=32768)
@@ -694,6 +849,7 @@ CASES = {
     "moe": [("moe_e1024_top8", case_moe, (), "apart")],
     "chat": [("chat_vs_cache", case_chat, ("cache",), "apart"),
              ("chat_vs_reencode", case_chat, ("reencode",), "apart")],
+    "serve": [("serve", case_serve, (), "apart")],
     # CUDA only; more GPU cases go on this list
     "gpu": [("gpu_train_b16", case_gpu_train, (16, 2048), "apart"),
             ("gpu_attn_t2048", case_gpu_attention, (16, 2048), "alone"),

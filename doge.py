@@ -1167,14 +1167,18 @@ def attend_cached(q, k, values_t, dt, scale):
     return out.transpose(1, 2).reshape(batch, heads * head_dim)
 
 
+FIRST_CACHE_SLOTS = 64  # a cache's slots at first; it doubles them as it fills, up to W
+
+
 class LayerCache:
     """The best <= W keys (with values, dt and positions) one attention layer has seen, one row
     per (sequence, bias head).
 
-    Buffers hold W + 1 slots; slot W is a discard slot, so a decode step writes unconditionally:
+    Buffers hold S + 1 slots; slot S is a discard slot, so a decode step writes unconditionally:
     into the next free slot, into the slot of the key it evicts, or (when the new key is itself
-    the worst) into the discard slot, which attention never reads. Values are kept transposed,
-    one row per channel, for attend_cached.
+    the worst) into the discard slot, which attention never reads. S starts small and doubles
+    as keys come, up to W: a short text's state costs what it holds, not the window. Values are
+    kept transposed, one row per channel, for attend_cached.
 
     A static cache (for a CUDA graph) gives a decode step the same shapes every time: attention
     reads all W slots, the empty ones holding dt = -inf (weight 0) and position -1, so the
@@ -1193,14 +1197,32 @@ class LayerCache:
         self.size = 0
         self.static, self.ragged = static, ragged
         self.heads_shape = (batch, bias_heads)
-        rows = batch * bias_heads
-        empty_marked = static or ragged  # an empty slot: dt = -inf (weight 0), position -1
-        self.k = torch.zeros(rows, window + 1, head_dim, device=device, dtype=dtype)
-        self.values_t = torch.zeros(rows, head_dim, window + 1, device=device, dtype=dtype)
-        self.dt = torch.full((rows, window + 1), float("-inf") if empty_marked else 0.0,
-                             device=device, dtype=dtype)
-        self.pos = torch.full((rows, window + 1), -1 if empty_marked else 0, device=device,
-                              dtype=torch.long)
+        slots = window if static else min(window, FIRST_CACHE_SLOTS)
+        self.k, self.values_t, self.dt, self.pos = self.empty_slots(
+            batch * bias_heads, slots, head_dim, device, dtype)
+
+    def empty_slots(self, rows, slots, head_dim, device, dtype):
+        """Buffers k (R, S + 1, d), values_t (R, d, S + 1), dt and pos (R, S + 1), empty: in a
+        static or ragged cache marked so (dt = -inf, weight 0; position -1)."""
+        marked = self.static or self.ragged
+        return (torch.zeros(rows, slots + 1, head_dim, device=device, dtype=dtype),
+                torch.zeros(rows, head_dim, slots + 1, device=device, dtype=dtype),
+                torch.full((rows, slots + 1), float("-inf") if marked else 0.0, device=device,
+                           dtype=dtype),
+                torch.full((rows, slots + 1), -1 if marked else 0, device=device,
+                           dtype=torch.long))
+
+    def make_room(self, size):
+        """Grow the buffers, doubling the slots (up to W), until size keys fit."""
+        slots = self.k.shape[1] - 1
+        if size <= slots:
+            return
+        old = (self.k, self.values_t, self.dt, self.pos)
+        self.k, self.values_t, self.dt, self.pos = self.empty_slots(
+            self.k.shape[0], min(self.window, max(size, 2 * slots)), self.k.shape[2],
+            self.k.device, self.k.dtype)
+        self.k[:, :slots], self.values_t[..., :slots] = old[0][:, :slots], old[1][..., :slots]
+        self.dt[:, :slots], self.pos[:, :slots] = old[2][:, :slots], old[3][:, :slots]
 
     def kept(self):
         """The cached keys (R, n, d), values transposed (R, d, n) and dt (R, n), as attend_cached
@@ -1225,6 +1247,7 @@ class LayerCache:
         the cache's rows (some of them, in a ragged cache: rows of R)."""
         k, v, dt, pos = (t.flatten(0, 1) for t in state)
         size = k.shape[1]
+        self.make_room(size)
         self.size = max(self.size, size) if self.ragged else size
         self.k[rows, :size], self.values_t[rows, :, :size] = k, v.transpose(1, 2)
         self.dt[rows, :size], self.pos[rows, :size] = dt, pos
@@ -1233,15 +1256,18 @@ class LayerCache:
         """Add one key per row: k, v (R, d), dt (R,), at position (an int, or on the device (1,)
         for a static cache, (R, 1) for a ragged one). Once full, it replaces the worst key (lowest
         dt, the oldest among equals) if it is at least as good (being later, it wins ties)."""
+        if self.size < self.window:
+            self.make_room(self.size + 1)
         if self.size < self.window and not (self.static or self.ragged):
             slot = torch.full((dt.shape[0], 1), self.size, device=dt.device)  # (R, 1)
             self.size += 1
         else:
-            cached_dt, cached_pos = self.dt[:, :self.window], self.pos[:, :self.window]
+            slots = self.k.shape[1] - 1  # W, or in a ragged cache at least its longest row + 1
+            cached_dt, cached_pos = self.dt[:, :slots], self.pos[:, :slots]
             worst_dt = cached_dt.min(dim=-1, keepdim=True).values  # (R, 1)
             oldest_worst = torch.where(cached_dt == worst_dt, cached_pos,
                                        torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)
-            slot = torch.where(dt.unsqueeze(-1) >= worst_dt, oldest_worst, self.window)
+            slot = torch.where(dt.unsqueeze(-1) >= worst_dt, oldest_worst, slots)
             if self.ragged:  # every row took a key: the longest holds one more, up to W
                 self.size = min(self.window, self.size + 1)
         self.k.scatter_(1, slot.unsqueeze(-1).expand(-1, -1, k.shape[-1]), k.unsqueeze(1))

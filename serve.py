@@ -241,10 +241,14 @@ class Engine:
         self.emit(job, logits)
         return True
 
-    def emit(self, job, logits):
-        """Sample job's next token from its logits (1, V) and send it."""
-        token = sample_next(logits, None, job.temperature, None, job.top_p, 1.0,
-                            job.generator).item()
+    def emit(self, job, logits, best=None):
+        """Sample job's next token from its logits (1, V) and send it. best: the argmax, when
+        the step found it for every row at once."""
+        if job.temperature == 0 and best is not None:
+            token = best
+        else:
+            token = sample_next(logits, None, job.temperature, None, job.top_p, 1.0,
+                                job.generator).item()
         job.generated.append(token)
         if token not in self.stop:
             job.send("token", token)
@@ -265,9 +269,10 @@ class Engine:
         tokens = torch.tensor([job.generated[-1] for job in self.rows],
                               device=self.model.lm_head.weight.device)
         logits = decode_step(self.model, tokens, self.batch_cache, self.weights)  # (B, V)
+        best = logits.argmax(dim=-1).tolist()  # the greedy rows' tokens, in one operation
         for row, job in enumerate(self.rows):
             job.held.append(job.generated[-1])
-            self.emit(job, logits[row:row + 1])
+            self.emit(job, logits[row:row + 1], best[row])
         self.regroup([])
 
     def regroup(self, joining):
