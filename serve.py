@@ -216,11 +216,17 @@ class Engine:
             found = self.states.continued(tokens=tokens)
             new = tokens[len(found[0]) + len(found[1].pending):] if found else tokens
         job.held, pending = (list(found[0]), found[1].pending) if found else ([], [])
-        # fed in the pieces sample.py's chat feeds them (the reply's last token, the end of
-        # turn, the new text), which dynamic RoPE's base past max_position_embeddings tells apart
-        job.to_feed = [piece for piece in (pending[:1], pending[1:]) if piece] + [
-            new[i:i + self.cfg.prefill_chunk] for i in range(0, len(new), self.cfg.prefill_chunk)]
         job.prompt_tokens = len(job.held) + len(pending) + len(new)
+        job.to_feed = [pending + new]
+        config = self.model.config
+        if (config.rope_scaling or {}).get("rope_type") == "dynamic" and \
+                job.prompt_tokens > config.max_position_embeddings:
+            # past max_position_embeddings dynamic RoPE's base follows the length fed so far:
+            # feed the pieces sample.py's chat feeds (the reply's last token, the end of turn,
+            # the new text), so that the two agree there too
+            job.to_feed = [piece for piece in (pending[:1], pending[1:], new) if piece]
+        job.to_feed = [piece[i:i + self.cfg.prefill_chunk] for piece in job.to_feed
+                       for i in range(0, len(piece), self.cfg.prefill_chunk)]
         if job.prompt_tokens > self.cfg.max_prompt_tokens:
             raise ValueError(f"the prompt is {job.prompt_tokens} tokens, more than this server's "
                              f"limit of {self.cfg.max_prompt_tokens}")

@@ -147,6 +147,46 @@ def test_turns_continue_their_state_and_equal_sample_chat_and_a_forward_pass(
     assert logits[start - 1:-1].argmax(-1).tolist() == conversation[start:]
 
 
+def by_position(state):
+    """A state's keys and dt in the order of their positions (slots may differ)."""
+    order = state["positions"].argsort(dim=-1)
+    return [state[name].gather(-2 if name == "keys" else -1, order.unsqueeze(-1).expand_as(
+        state[name]) if name == "keys" else order) for name in ("keys", "dt")]
+
+
+def test_past_max_position_embeddings_the_state_goes_on_as_sample_chat(chat_dir, tmp_path):
+    """With max_position_embeddings 16, the conversation passes it in its first turn, where
+    dynamic RoPE's base follows the length fed so far: the server goes on, and holds the state
+    that sample.py's chat holds (it feeds the same pieces: the reply's last token, the end of
+    turn, the new text), so it replies as sample.py does."""
+    directory = tmp_path / "short"
+    directory.mkdir()
+    for path in chat_dir.iterdir():
+        (directory / path.name).write_bytes(path.read_bytes())
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    with live_server(directory) as (url, engine):
+        replies = greedy_conversation(url, QUESTIONS)
+        assert engine.states.hits == 2
+        held, kept = max(engine.states.kept.items(), key=lambda item: len(item[0]))
+    model = doge.Doge.from_pretrained(directory).eval()
+    tokenizer = sample.load_text_tokenizer(str(directory), 10 ** 6)
+    chat = sample.Chat(model, tokenizer, sample.load_chat_template(str(directory)),
+                       sample.SampleConfig(temperature=0, max_new_tokens=8),
+                       sample.stop_ids(model, tokenizer, str(directory)), "cpu")
+    for question in QUESTIONS:
+        chat.answer(question)
+    assert [m["content"] for m in chat.messages[1::2]] == replies
+    cache = model.load_cache(kept.state)  # then the pending tokens, as sample.py feeds them
+    with torch.no_grad():
+        doge.decode_step(model, torch.tensor(kept.pending[:1]), cache,
+                         doge.decoding_weights(model))
+        model(torch.tensor([kept.pending[1:]]), cache=cache)
+    assert cache.length == chat.cache.length == len(held) + len(kept.pending) > 16
+    for ours, theirs in zip(by_position(cache.state_dict()), by_position(chat.cache.state_dict())):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
 def test_concurrent_streams_decode_together_as_each_would_alone(chat_dir, monkeypatch):
     """Four conversations at once: their rows decode in one batch (different lengths), and
     each stream gets the replies it gets alone."""
