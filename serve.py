@@ -181,23 +181,34 @@ class Engine:
         with torch.inference_mode():
             self.weights = decoding_weights(self.model)
             feeding = []  # jobs whose prompts are being fed
-            while True:
-                while len(self.rows) + len(feeding) < self.cfg.max_batch:
-                    try:  # wait for work only when there is none
-                        job = self.jobs.get(block=not (self.rows or feeding))
-                    except queue.Empty:
-                        break
-                    if job is None:
-                        return
-                    try:
-                        feeding.append(self.start(job))
-                    except ValueError as e:  # a prompt too long, a template that refuses it
-                        self.end(job, error=(400, str(e)))
-                joining = [job for job in feeding if self.feed(job)]
-                feeding = [job for job in feeding if job.to_feed]
-                self.regroup([job for job in joining if not self.finished(job)])
-                if self.rows:
-                    self.step()
+            while feeding is not None:
+                try:
+                    feeding = self.iterate(feeding)
+                except Exception as e:  # a bug: it fails the jobs in flight, not the server
+                    for job in feeding + self.rows:
+                        self.end(job, error=(500, f"internal error: {type(e).__name__}: {e}"))
+                    feeding, self.rows, self.batch_cache = [], [], None
+
+    def iterate(self, feeding):
+        """Take new jobs while there is room, feed a piece of each prompt being fed, decode one
+        token for every row: the jobs still being fed (None once closed)."""
+        while len(self.rows) + len(feeding) < self.cfg.max_batch:
+            try:  # wait for work only when there is none
+                job = self.jobs.get(block=not (self.rows or feeding))
+            except queue.Empty:
+                break
+            if job is None:
+                return None
+            try:
+                feeding.append(self.start(job))
+            except ValueError as e:  # a prompt too long, a template that refuses it
+                self.end(job, error=(400, str(e)))
+        joining = [job for job in feeding if self.feed(job)]
+        feeding = [job for job in feeding if job.to_feed]
+        self.regroup([job for job in joining if not self.finished(job)])
+        if self.rows:
+            self.step()
+        return feeding
 
     def start(self, job):
         """Find the tokens job continues (a kept state's) and those it feeds: job, or a
@@ -205,9 +216,7 @@ class Engine:
         if job.messages is not None:
             try:
                 text = render_chat(self.template, job.messages)
-            except ValueError:
-                raise
-            except Exception as e:  # jinja2's errors: the template cannot render these messages
+            except Exception as e:  # jinja2's errors too: the template refuses these messages
                 raise ValueError(f"the chat template cannot render these messages: {e}") from None
             found = self.states.continued(text=text) if self.end_of_turn else None
             new = self.tokenizer.encode([text[len(found[1].text):] if found else text])[0]
@@ -336,7 +345,7 @@ class Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2 ** 63)
     stream: bool = False
     stream_options: dict | None = None  # {"include_usage": true}
     n: int = Field(1, ge=1, le=1)  # one choice per request
@@ -444,6 +453,10 @@ def make_app(cfg, model, tokenizer, chat_template, stop):
         if max_tokens > cfg.max_tokens:
             return error(400, f"max_tokens {max_tokens} is more than this server's limit of "
                               f"{cfg.max_tokens}")
+        characters = len(prompt) if prompt is not None else sum(len(m["content"]) for m in messages)
+        if characters > 16 * cfg.max_prompt_tokens:  # refused before the engine tokenizes it
+            return error(400, f"the prompt is {characters} characters, far more than this "
+                              f"server's limit of {cfg.max_prompt_tokens} tokens")
         if engine.in_flight() >= cfg.max_requests:
             return error(429, f"the server has {engine.in_flight()} requests in flight: try again",
                          "rate_limit_error", "server_busy")

@@ -257,7 +257,9 @@ def test_bad_input_gets_an_openai_error_and_the_server_goes_on(chat_dir, tmp_pat
                 ({**good, "max_tokens": 10 ** 30}, 400), ({**good, "temperature": "hot"}, 400),
                 ({**good, "messages": []}, 400), ({**good, "n": 2}, 400),
                 ({**good, "messages": [{"role": "robot", "content": "Hi"}]}, 400),
-                ({**good, "messages": [{"role": "user", "content": "Hi " * 100}]}, 400)]:
+                ({**good, "seed": 2 ** 70}, 400), ({**good, "stop": [1]}, 400),
+                ({**good, "messages": [{"role": "user", "content": "Hi " * 100}]}, 400),
+                ({**good, "messages": [{"role": "user", "content": "Hi " * 10 ** 4}]}, 400)]:
             assert_error(post(url, body, **key), status)
             assert post(url, good, **key).status_code == 200
         assert_error(httpx.get(url + "/v1/nothing", **key), 404)
