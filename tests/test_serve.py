@@ -24,29 +24,12 @@ pytest.importorskip("tokenizers")
 import doge  # noqa: E402
 import sample  # noqa: E402
 import serve  # noqa: E402
-from helpers import one_thread, write_bpe_tokenizer  # noqa: E402,F401
-from oracle import randomize  # noqa: E402
-from test_sample import CORPUS, SPECIAL, TEMPLATE  # noqa: E402
+from helpers import one_thread  # noqa: E402,F401
+# the tiny model with random weights, its tokenizer.json and a Llama-3 style chat template
+from test_sample import chat_dir, model_dir  # noqa: E402,F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "tiny-doge"
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory):
-    """A tiny model with every weight random (so that replies depend on the conversation), its
-    tokenizer.json and a Llama-3 style chat template."""
-    directory = tmp_path_factory.mktemp("serve")
-    vocab_size = write_bpe_tokenizer(directory, CORPUS, SPECIAL, 300)
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": TEMPLATE, "bos_token": "<|begin_of_text|>",
-        "eos_token": {"content": "<|end_of_text|>"}}))
-    torch.manual_seed(0)
-    config = doge.DogeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                             keep_window_size=16, bos_token_id=0, eos_token_id=1)
-    randomize(doge.Doge(config)).save_pretrained(directory)
-    return directory
 
 
 @contextlib.contextmanager
