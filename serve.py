@@ -36,7 +36,7 @@ from prepare_data import (document_start, end_of_turn_text, load_chat_template,
 
 try:
     import uvicorn
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
@@ -409,12 +409,14 @@ def make_app(cfg, model, tokenizer, chat_template, stop):
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error')})")
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         return error(400, f"{where}: {first.get('msg')}" if where else first.get("msg"))
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
-        return error(exc.status_code, str(exc.detail), code=exc.status_code)
+        return error(exc.status_code, str(exc.detail))
 
     @app.middleware("http")
     async def check_key(request, call_next):
