@@ -1575,6 +1575,12 @@ def write_conversation_shards(examples, out_dir, name, split, first_index, shard
     return shards
 
 
+def shard_lists(shards):
+    """meta.json's "shards" and "shard_tokens" of conversation shards {split: [(filename, tokens)]}."""
+    return dict(shards={split: [filename for filename, _ in shards[split]] for split in shards},
+                shard_tokens={split: [n for _, n in shards[split]] for split in shards})
+
+
 def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=None, name=None, seed=1337,
                  shard_tokens=100_000_000):
     """Conversations (jsonl files, or a Hugging Face data set) -> out_dir: the chat tokenizer (tokenizer.json,
@@ -1622,8 +1628,7 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
         conversations={split: counts[split]["conversations"] - counts[split]["dropped"] for split in shards},
         tokens={split: counts[split]["tokens"] for split in shards},
         supervised={split: counts[split]["supervised"] for split in shards},
-        shards={split: [filename for filename, _ in shards[split]] for split in shards},
-        shard_tokens={split: [n for _, n in shards[split]] for split in shards}, python=platform.python_version())
+        **shard_lists(shards), python=platform.python_version())
     write_meta(out_dir, meta)
     log(f"wrote {sum(meta['conversations'].values()):,} conversations to {out_dir}; added to the vocabulary: "
         f"{', '.join(meta['added_tokens']) or 'nothing'}")
@@ -1755,8 +1760,7 @@ def prepare_mqar(out_dir, num_kv_pairs=8, seq_len=40, vocab_size=128, train_exam
         conversations={"val": val_examples, "train": train_examples},
         tokens={"val": val_tokens.size, "train": train_tokens.size},
         supervised={"val": int(val_supervised.sum()), "train": int(train_supervised.sum())},
-        shards={split: [filename for filename, _ in shards[split]] for split in shards},
-        shard_tokens={split: [n for _, n in shards[split]] for split in shards}, python=platform.python_version())
+        **shard_lists(shards), python=platform.python_version())
     write_meta(out_dir, meta)
     log(f"wrote {train_examples:,} training and {val_examples:,} validation MQAR sequences to {out_dir} "
         f"({description})")

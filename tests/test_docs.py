@@ -39,7 +39,8 @@ TINY_DATA = dict(vocab_size=512, sample_bytes=200_000, max_tokens=60_000, val_to
 TIMEOUT = 300  # seconds a block may take
 # What a block needs beyond requirements.txt, by what it contains: such a block is skipped
 # where the optional package is missing, as the other tests skip.
-OPTIONAL = {"transformers": ["transformers"], "--chat": ["tokenizers", "jinja2"]}
+OPTIONAL = {"transformers": ["transformers"], "--chat": ["tokenizers", "jinja2"],
+            "--task=mask": ["matplotlib"], "--plot": ["matplotlib"]}
 
 
 @dataclass
