@@ -30,6 +30,7 @@ differ on purpose: ties in the top-keep_window_size choice are broken determinis
 bias first, then the later key), and CDMoE routes each token by its own router scores.
 """
 
+import difflib
 import functools
 import json
 import math
@@ -1765,10 +1766,13 @@ HUB_FILES = ("config.json", "generation_config.json", "model.safetensors",
 def local_model_path(path):
     """path itself when it exists; else a hub name, whose files a Doge needs are fetched with the
     optional huggingface_hub package into its usual cache (or found there, offline): the local
-    directory of that snapshot. Anything else is a FileNotFoundError of one line."""
+    directory of that snapshot. A name that can only be a local path (looks_local) is never sent
+    to the hub. Anything else is a FileNotFoundError of one line."""
     path = os.fspath(path)
-    if os.path.exists(path):
-        return path
+    if os.path.exists(os.path.expanduser(path)):
+        return os.path.expanduser(path)
+    if looks_local(path):  # a typo of a local path is no hub name: say what is there instead
+        raise FileNotFoundError(f"{path}: no such file or directory{nearest_names(path)}")
     hub = HUB_NAME.fullmatch(path)
     if hub is None or re.search(r"\.\.|--|[.-]$", hub["repo"]):
         raise FileNotFoundError(f"{path}: no such file or directory, nor a hub name "
@@ -1777,6 +1781,27 @@ def local_model_path(path):
     if not any(name.endswith(".safetensors") for name in os.listdir(directory)):
         directory = hub_snapshot(hub["repo"], hub["revision"], ("pytorch_model.bin",))
     return directory
+
+
+def looks_local(path):
+    """Whether path can only mean a local one: it starts with '.', '/' or '~', or its first part
+    is a directory here (out/..., data/...)."""
+    return path.startswith((".", "/", "~")) or os.path.isdir(path.split("/")[0])
+
+
+def nearest_names(path):
+    """'; the nearest in DIR: a, b' for the names in the deepest existing directory of path
+    that are closest to the first missing part, or '' when none is close."""
+    parts = os.path.expanduser(path).rstrip("/").split("/")
+
+    def first(count):  # the directory of the first count parts ("/" of an absolute path)
+        return "/".join(parts[:count]) or ("/" if count and not parts[0] else ".")
+    existing = next(i for i in range(len(parts), -1, -1) if os.path.isdir(first(i)))
+    if existing == len(parts):  # every part exists: nothing to suggest
+        return ""
+    directory = first(existing)
+    matches = difflib.get_close_matches(parts[existing], sorted(os.listdir(directory)), n=3)
+    return f"; the nearest in {directory}: {', '.join(matches)}" if matches else ""
 
 
 def hub_snapshot(repo_id, revision, patterns):
