@@ -1716,32 +1716,50 @@ def latest_checkpoint(out_dir):
 def read_checkpoint(path):
     """A train.py checkpoint as saved; ValueError in one line if it cannot be read (truncated,
     empty, damaged) or is not one."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged file raises many kinds
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {reason}") from None
-    if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
-        raise ValueError(f"{path} is not a train.py checkpoint (no 'model' and 'model_config')")
+    checkpoint, problem = checkpoint_or_problem(path)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     return checkpoint
 
 
-def newest_checkpoint(out_dir, say=None):
-    """(path, checkpoint) of the newest checkpoint in out_dir that can be read, or (None, None).
-    A damaged one (a disk error, a truncated copy) is renamed to <name>.damaged, so that nothing
-    picks it again, with one warning line, and the one before it is tried."""
+def checkpoint_or_problem(path):
+    """(the train.py checkpoint at path, None), or (None, what is wrong with it, in one line)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file raises many kinds; its message may span lines
+        return None, f"cannot be read: {type(e).__name__}: {' '.join(str(e).split())}"
+    if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
+        return None, "not a train.py checkpoint (no 'model' and 'model_config')"
+    return checkpoint, None
+
+
+def newest_checkpoint(out_dir, say=None, set_aside=False):
+    """(path, checkpoint) of the newest checkpoint in out_dir that can be read, or (None, None)
+    when it holds none. A damaged one (a disk error, a truncated copy) costs one warning line and
+    the one before it is tried; only the writer (train.py's resume) passes set_aside, which
+    renames it to <name>.damaged so that nothing picks it again. When every one is damaged, a
+    ValueError of one line says so."""
     say = say or (lambda message: print(message, file=sys.stderr))
-    for _, path in sorted(list_checkpoints(out_dir).items(), reverse=True):
-        try:
-            return path, read_checkpoint(path)
-        except ValueError as e:
+    found = sorted(list_checkpoints(out_dir).items(), reverse=True)
+    for index, (_, path) in enumerate(found):
+        checkpoint, problem = checkpoint_or_problem(path)
+        if checkpoint is not None:
+            return path, checkpoint
+        kept = ""
+        if set_aside:
             try:
                 os.replace(path, path + ".damaged")
-                kept = f"kept as {os.path.basename(path)}.damaged"
+                kept = f", kept as {os.path.basename(path)}.damaged"
             except OSError:  # a read-only directory, or another process renamed it first
-                kept = "left in place"
-            say(f"warning: skipping it: {e} ({kept}); trying the one before")
-    return None, None
+                kept = ", left in place"
+        if index + 1 < len(found):
+            say(f"warning: skipping {path}{kept}: {problem}; trying the one before")
+    if not found:
+        return None, None
+    name = os.path.basename(found[-1][1])
+    raise ValueError(f"{out_dir}: its only checkpoint, {name}, is damaged ({problem}){kept}"
+                     if len(found) == 1 else f"{out_dir}: all {len(found)} of its checkpoints "
+                     f"are damaged (the oldest, {name}: {problem})")
 
 
 def load_checkpoint(path, device="cpu", dtype=None, checkpoint=None):
@@ -1827,8 +1845,8 @@ def hub_snapshot(repo_id, revision, patterns):
 
 def train_checkpoint(path):
     """(path, checkpoint) of the train.py checkpoint that path names: the file itself, or the
-    newest readable one of an out_dir (a directory without config.json; damaged ones are set
-    aside); (None, None) for anything else. Read once: the caller builds the model from it."""
+    newest readable one of an out_dir (a directory without config.json; damaged ones are
+    skipped); (None, None) for anything else. Read once: the caller builds the model from it."""
     if os.path.isfile(path):
         return path, read_checkpoint(path)
     if os.path.exists(os.path.join(path, "config.json")):

@@ -681,7 +681,8 @@ def load_model(cfg, overrides, meta, run):
         with refused("resume_ckpt: "):
             checkpoint = path and read_checkpoint(path)
         if not path:  # the newest that can be read: damaged ones are set aside
-            path, checkpoint = newest_checkpoint(cfg.out_dir, run.say)
+            with refused():
+                path, checkpoint = newest_checkpoint(cfg.out_dir, run.say, set_aside=True)
         need(path is not None, f"no checkpoint to resume in {cfg.out_dir}; " + (
             "its log.jsonl is of a run that saved none: start again with overwrite=True"
             if logged_steps(os.path.join(cfg.out_dir, "log.jsonl")) else

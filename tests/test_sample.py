@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import doge
+import eval as eval_script
 import sample
 from helpers import write_bpe_tokenizer
 from oracle import randomize
@@ -309,3 +310,46 @@ def test_clear_errors(tmp_path, model_dir):
     (small / "generation_config.json").write_text("[1]")
     with pytest.raises(SystemExit, match="generation_config.json: expected a JSON object"):
         sample.main([f"--init_from={small}", "--max_new_tokens=2"])
+
+
+def files_of(directory):
+    return {path.name: path.read_bytes() for path in directory.iterdir()}
+
+
+def test_reading_commands_skip_a_damaged_checkpoint_and_rename_nothing(tmp_path, capsys,
+                                                                        monkeypatch):
+    """Doge.from_pretrained, sample.py and eval.py on an out_dir: a damaged newest checkpoint is
+    skipped with a warning that quotes the error whole, on one line; with no intact one left,
+    one line says so. Every file stays as it was (only train.py's resume sets one aside)."""
+    config = doge.DogeConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    model = doge.Doge(config)
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(config)},
+               tmp_path / "ckpt_000010.pt")
+    (tmp_path / "ckpt_000020.pt").write_bytes((tmp_path / "ckpt_000010.pt").read_bytes()[:500])
+    before = files_of(tmp_path)
+    capsys.readouterr()
+    loaded = doge.Doge.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                  model.state_dict().values()))
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and warning.startswith(
+        f"warning: skipping {tmp_path / 'ckpt_000020.pt'}: cannot be read: ")
+    assert files_of(tmp_path) == before
+
+    os.remove(tmp_path / "ckpt_000010.pt")
+    before = files_of(tmp_path)
+    expected = (f"error: {tmp_path}: its only checkpoint, ckpt_000020.pt, is damaged "
+                f"(cannot be read: ")
+    for main in (sample.main, eval_script.main):
+        with pytest.raises(SystemExit) as e:
+            main([f"--out_dir={tmp_path}" if main is sample.main else f"--init_from={tmp_path}"])
+        assert str(e.value).startswith(expected) and "\n" not in str(e.value)
+        assert capsys.readouterr().err == "" and files_of(tmp_path) == before
+
+    def failing_load(*args, **kwargs):  # an error of several lines, quoted whole on one
+        raise RuntimeError("the first line\n  and the second, where the cause is.")
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(ValueError, match=r"\(cannot be read: RuntimeError: the first line and the "
+                                         r"second, where the cause is\.\)$"):
+        doge.Doge.from_pretrained(tmp_path)
