@@ -32,6 +32,7 @@ bias first, then the later key), and CDMoE routes each token by its own router s
 
 import difflib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -1587,6 +1588,18 @@ def read_cache_state(path):
     if not isinstance(state, dict) or not {"shape", "length", "keys"} <= state.keys():
         raise ValueError(f"{path}: not a Doge cache state")
     return state
+
+
+@torch.no_grad()
+def model_fingerprint(model):
+    """16 hex digits that tell one model from another: a hash of its config and its weights, the
+    weights rounded to bfloat16 so that one model has one fingerprint in float32 or bfloat16, on
+    any device. A saved conversation records it: its state means nothing to another model."""
+    digest = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------
