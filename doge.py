@@ -1770,9 +1770,9 @@ def newest_checkpoint(out_dir, say=None, set_aside=False):
     if not found:
         return None, None
     name = os.path.basename(found[-1][1])
-    raise ValueError(f"{out_dir}: its only checkpoint, {name}, is damaged ({problem}){kept}"
-                     if len(found) == 1 else f"{out_dir}: all {len(found)} of its checkpoints "
-                     f"are damaged (the oldest, {name}: {problem})")
+    damaged = (f"its only checkpoint, {name}, is damaged ({problem})" if len(found) == 1 else
+               f"all {len(found)} of its checkpoints are damaged (the oldest, {name}: {problem})")
+    raise ValueError(f"{out_dir}: {damaged}{kept}")
 
 
 def load_checkpoint(path, device="cpu", dtype=None, checkpoint=None):

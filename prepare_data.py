@@ -313,7 +313,7 @@ def list_shards(data_dir, split) -> list:
         matches = sorted((int(m["index"]), m.string) for m in matches if m and m["split"] == split)
         paths = [os.path.join(data_dir, filename) for _, filename in matches]
     if not paths:
-        raise ValueError(f"{data_dir}: no {split} shards (files named <name>_{split}_000000.bin); "
+        raise ValueError(f"{data_dir}: no {split} shards (files named <name>_{split}_NNNNNN.bin); "
                          f"run prepare_data.py first")
     return paths
 

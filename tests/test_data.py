@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -178,6 +179,33 @@ def test_list_shards_orders_by_index_and_checks_meta(tmp_path):
                                                                     "train": ["n_train_000001.bin", "gone.bin"]}})
     with pytest.raises(ValueError, match="gone.bin: listed in meta.json but missing"):
         list_shards(tmp_path, "train")
+
+
+def file_pattern(text):
+    """The regular expression of a file pattern a message or the docs write: <name> is any name,
+    NNNNNN six digits, anything else itself."""
+    return re.compile(re.escape(text).replace("<name>", r"[^/]+").replace("NNNNNN", r"\d{6}"))
+
+
+@pytest.mark.parametrize("val_tokens", [None, 250])  # val in one shard, or in three
+def test_messages_and_the_docstring_name_the_shards_a_run_writes(tmp_path, sp_model, val_tokens):
+    """What the missing-shards error and the module's table of files say the shards are named:
+    the names of a real run's shards of that split, and no other."""
+    out = tmp_path / "out"
+    run("--input", write_jsonl(tmp_path / "d.jsonl", random_documents(30, seed=3)), f"--out_dir={out}",
+        f"--tokenizer={sp_model}", "--shard_tokens=100", *([f"--val_tokens={val_tokens}"] if val_tokens else []))
+    written = {split: [os.path.basename(p) for p in list_shards(out, split)] for split in ("val", "train")}
+    assert len(written["val"]) == (3 if val_tokens else 1) and written["train"]
+    table = dict(re.findall(r"^ +(\S+_(val|train)_\d{6}\.bin) ", prepare_data.__doc__, flags=re.M))
+    assert {split: name for name, split in table.items()} == {"val": "<name>_val_000000.bin",
+                                                              "train": "<name>_train_000001.bin"}
+    if not val_tokens:  # the table's names are the first shards of a run with a small val split
+        assert [name.replace("<name>", "d") for name in table] == [written["val"][0], written["train"][0]]
+    for split in ("val", "train"):
+        with pytest.raises(ValueError) as e:
+            list_shards(tmp_path / "empty", split)
+        pattern = file_pattern(re.search(r"files named (\S+)\)", str(e.value))[1])
+        assert sorted(name for name in os.listdir(out) if pattern.fullmatch(name)) == written[split]
 
 
 def test_dtype_for_vocab():

@@ -696,6 +696,30 @@ def test_a_damaged_newest_checkpoint_is_set_aside(tmp_path, data_dir, capsys, ho
                         load(tmp_path / "full" / "ckpt_000004.pt")["model"])
 
 
+def test_checkpoint_messages_name_the_files_a_run_writes(tmp_path, data_dir, capsys):
+    """With every checkpoint of a real run damaged: a reader's one line names the file the run
+    wrote and leaves it; resume's warnings name it and the name it is kept under."""
+    out = tmp_path / "out"
+    run(data_dir, out, "--max_iters=2", "--save_interval=1")
+    written = sorted(name for name in os.listdir(out) if name.startswith("ckpt_"))
+    assert written == ["ckpt_000001.pt", "ckpt_000002.pt"]
+    for name in written:
+        damage(out / name, "empty")
+    with pytest.raises(ValueError) as excinfo:
+        train.Doge.from_pretrained(out)
+    assert str(excinfo.value).startswith(f"{out}: all 2 of its checkpoints are damaged (the "
+                                         f"oldest, {written[0]}: cannot be read: ")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as excinfo:
+        run(data_dir, out, "--max_iters=2", "--init_from=resume")
+    warning = capsys.readouterr().err.strip()
+    kept = sorted(name for name in os.listdir(out) if name.startswith("ckpt_"))
+    assert kept == [name + ".damaged" for name in written]
+    assert warning.startswith(f"warning: skipping {out / written[1]}, kept as {kept[1]}: ")
+    assert f"(the oldest, {written[0]}: " in one_line_exit(excinfo)
+    assert one_line_exit(excinfo).endswith(f"), kept as {kept[0]}")
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_atomic_writes_keep_the_umask_mode(tmp_path, umask):
     """As open() would: 0666 less the umask (mkstemp alone gives 0600)."""
