@@ -1008,6 +1008,22 @@ def available_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def busy_machine_note(load=None, cores=None):
+    """One line when the CPU is oversubscribed: the 1-minute load average (processes running or
+    waiting to run) more than half as high again as the cores this process may use, as when
+    several programs each take every core. None on a quiet machine, or where the load average
+    cannot be read. Timings in the docs are from a quiet machine; this says why a run is slower."""
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except (AttributeError, OSError):  # no load average (Windows)
+        return None
+    cores = cores or available_cpus()
+    if load <= 1.5 * cores:
+        return None
+    return (f"note: the CPU is busy: load average {load:.1f} over {cores} core"
+            f"{'s' * (cores > 1)} available; expect slower than the docs' figures")
+
+
 def default_val_tokens(input_bytes, max_tokens):
     """About 5% of the data (at a typical 4 bytes per token), at most 10M tokens."""
     estimates = [n for n in (input_bytes and input_bytes // 4, max_tokens) if n]

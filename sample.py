@@ -29,9 +29,9 @@ import torch
 
 from configurator import apply_config
 from doge import Doge, local_model_path, model_fingerprint
-from prepare_data import (END_OF_TURN_TOKENS, atomic_write, document_start, load_chat_template,
-                          load_text_tokenizer, read_json, render_chat, token_text,
-                          tokenizer_directory)
+from prepare_data import (END_OF_TURN_TOKENS, atomic_write, busy_machine_note, document_start,
+                          load_chat_template, load_text_tokenizer, read_json, render_chat,
+                          token_text, tokenizer_directory)
 
 
 @dataclass
@@ -332,6 +332,8 @@ def main(argv=None):
 
 def sample(cfg):
     cfg.start = read_prompt(cfg.start)
+    if busy := busy_machine_note():
+        log(busy)
     device, dtype = resolve_device_dtype(cfg)
     torch.manual_seed(cfg.seed)
     path = model_location(cfg)

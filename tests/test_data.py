@@ -208,6 +208,27 @@ def test_messages_and_the_docstring_name_the_shards_a_run_writes(tmp_path, sp_mo
         assert sorted(name for name in os.listdir(out) if pattern.fullmatch(name)) == written[split]
 
 
+@pytest.mark.parametrize("load, cores, note", [
+    (6.5, 2, "note: the CPU is busy: load average 6.5 over 2 cores available; expect slower than the docs' figures"),
+    (3.1, 2, "note: the CPU is busy: load average 3.1 over 2 cores available; expect slower than the docs' figures"),
+    (2.0, 1, "note: the CPU is busy: load average 2.0 over 1 core available; expect slower than the docs' figures"),
+    (2.9, 2, None), (0.3, 16, None), (20.0, 16, None)])
+def test_a_busy_machine_gets_one_line(load, cores, note):
+    """Oversubscribed: a 1-minute load average more than 1.5 times the cores available."""
+    assert prepare_data.busy_machine_note(load, cores) == note
+
+
+def test_the_busy_machine_note_reads_the_load_and_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 1.0, 1.0))
+    monkeypatch.setattr(prepare_data, "available_cpus", lambda: 4)
+    assert "load average 9.0 over 4 cores" in prepare_data.busy_machine_note()
+
+    def no_load_average():
+        raise OSError("unavailable")
+    monkeypatch.setattr(os, "getloadavg", no_load_average)
+    assert prepare_data.busy_machine_note() is None
+
+
 def test_dtype_for_vocab():
     assert prepare_data.dtype_for_vocab(32768) == np.uint16
     assert prepare_data.dtype_for_vocab(65536) == np.uint16

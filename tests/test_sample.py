@@ -225,6 +225,15 @@ def test_an_unknown_command_lists_the_commands_and_a_double_slash_sends_a_slash(
     assert all(command in unknown[0] for command in ("/save FILE", "/reset", "/exit", "//text"))
 
 
+def test_a_busy_machine_is_named_when_the_chat_starts(chat_dir, capsys, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (1000.0, 1.0, 1.0))  # busy with any core count
+    out = piped_chat(capsys, monkeypatch, chat_dir, ["Hi"])
+    assert out.err.startswith("note: the CPU is busy: load average 1000.0 over ")
+    assert out.err.splitlines()[0].endswith("available; expect slower than the docs' figures")
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 1.0, 1.0))
+    assert "busy" not in piped_chat(capsys, monkeypatch, chat_dir, ["Hi"]).err
+
+
 def test_piped_chat_saved_and_continued_answers_as_one_process(chat_dir, capsys, monkeypatch,
                                                                tmp_path):
     """Three turns piped in and /save, then a second process (a real one, piped: no prompt on

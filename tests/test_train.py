@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -718,6 +719,29 @@ def test_checkpoint_messages_name_the_files_a_run_writes(tmp_path, data_dir, cap
     assert warning.startswith(f"warning: skipping {out / written[1]}, kept as {kept[1]}: ")
     assert f"(the oldest, {written[0]}: " in one_line_exit(excinfo)
     assert one_line_exit(excinfo).endswith(f"), kept as {kept[0]}")
+
+
+def test_a_busy_machine_is_named_at_start_and_when_throughput_falls(tmp_path, data_dir, capsys,
+                                                                    monkeypatch):
+    """At start, one line with the load when the CPU is oversubscribed (the load injected); a
+    logged throughput under half of the run's best so far gets one line, once until it
+    recovers, with the load when the machine is busy."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (1000.0, 7.0, 7.0))  # busy with any core count
+    run(data_dir, tmp_path / "busy", "--max_iters=1")
+    assert capsys.readouterr().err.startswith("note: the CPU is busy: load average 1000.0 over ")
+    busy = "note: the CPU is busy: load average 7.0 over 2 cores available; expect slower..."
+    monkeypatch.setattr(train, "busy_machine_note", lambda: busy)
+    cfg = TrainConfig(out_dir=str(tmp_path / "log"))
+    os.makedirs(cfg.out_dir)
+    log = train.RunLog(cfg, types.SimpleNamespace(master=True, say=print), 0, {})
+    for step, (speed, busy) in enumerate([(1000, None), (1200, None), (500, None), (400, None),
+                                          (700, None), (550, busy), (100, busy)], 1):
+        log.write({"step": step, "tokens_per_sec": speed})
+    log.close()
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: 500 tokens/s, under half of this run's best (1,200)",
+                     "note: 550 tokens/s, under half of this run's best (1,200); the CPU is busy: "
+                     "load average 7.0 over 2 cores available; expect slower..."]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
