@@ -1133,12 +1133,21 @@ def describe_input(inputs, source, source_split, text_field):
     return files, description, name, sum(os.path.getsize(path) for path in files), files_digest(files)
 
 
+def size_text(size):
+    """A size in bytes as one reads it: '27.3 KB', '8.0 MB', '1.2 GB' (units of 1024)."""
+    for unit in ("KB", "MB"):
+        size /= 1024
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} GB"
+
+
 def install_tokenizer(out_dir, source_file, tokenizer_bytes, sample, vocab_size, eos_id):
     """Put the tokenizer into out_dir: a copy of --tokenizer, or a SentencePiece model trained on the sample.
     Returns its path there."""
     if source_file is None:
         log(f"training a SentencePiece BPE tokenizer (vocab {vocab_size:,}) on a "
-            f"{sum(len(doc) for doc in sample) / 1e6:.1f} MB sample")
+            f"{size_text(sum(len(doc.encode()) for doc in sample))} sample")
         tokenizer_path = os.path.join(out_dir, "tokenizer.model")
         write_file_atomically(tokenizer_path, train_sentencepiece(sample, vocab_size, eos_id))
         return tokenizer_path

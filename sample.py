@@ -31,7 +31,7 @@ from configurator import apply_config
 from doge import Doge, local_model_path, model_fingerprint
 from prepare_data import (END_OF_TURN_TOKENS, atomic_write, busy_machine_note, document_start,
                           load_chat_template, load_text_tokenizer, read_json, render_chat,
-                          token_text, tokenizer_directory)
+                          size_text, token_text, tokenizer_directory)
 
 
 @dataclass
@@ -189,9 +189,8 @@ class Chat:
             if end_ids:
                 with torch.no_grad():
                     self.model(torch.tensor([end_ids], device=self.device), cache=self.cache)
-        size = self.cache.state_bytes()
         log(f"[{speed}; conversation {self.cache.length} tokens, state "
-            f"{f'{size / 2 ** 20:.1f} MB' if size >= 2 ** 20 else f'{size / 2 ** 10:.1f} KB'}]")
+            f"{size_text(self.cache.state_bytes())}]")
 
     def model_record(self):
         """What made the conversation: the model as given (--init_from, else out_dir) and its

@@ -229,6 +229,34 @@ def test_the_busy_machine_note_reads_the_load_and_the_cores(monkeypatch):
     assert prepare_data.busy_machine_note() is None
 
 
+@pytest.mark.parametrize("size, text", [(512, "0.5 KB"), (27_000, "26.4 KB"), (8_000_000, "7.6 MB"),
+                                        (3 * 2 ** 30, "3.0 GB")])
+def test_sizes_read_as_kb_mb_gb(size, text):
+    assert prepare_data.size_text(size) == text
+
+
+def test_the_tokenizer_sample_size_is_said_in_kb_for_a_small_corpus(tmp_path, capsys):
+    """A 27 KB corpus is a 26.4 KB sample (of units of 1024 bytes), not a 0.0 MB one."""
+    text = "".join(random.Random(0).choice("abcdefgh \n") for _ in range(27_000))
+    run("--input", write_text(tmp_path / "small.txt", text), f"--out_dir={tmp_path / 'out'}")
+    assert "(vocab 512) on a 26.4 KB sample" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("inputs, name", [(["dir"], "input"), (["dir/a.txt"], "a"), (["one"], "b"),
+                                         (["dir/*.txt"], "input"), (["dir/a.txt", "one/b.txt.gz"], "input")])
+def test_the_shard_prefix_is_the_file_name_or_input(tmp_path, monkeypatch, inputs, name):
+    """As docs/data.md's --name says: one input file gives its name, several give `input`."""
+    monkeypatch.chdir(tmp_path)
+    write_docs_as_files(tmp_path / "dir", ["some text " * 50, "more words " * 50])
+    for i, path in enumerate(sorted((tmp_path / "dir").iterdir())):
+        path.rename(tmp_path / "dir" / f"{'ab'[i]}.txt")
+    (tmp_path / "one").mkdir()
+    with gzip.open(tmp_path / "one" / "b.txt.gz", "wt") as f:
+        f.write("other text " * 50)
+    run("--input", *inputs, "--out_dir=out", "--vocab_size=300")
+    assert sorted(os.path.basename(p) for p in list_shards("out", "val")) == [f"{name}_val_000000.bin"]
+
+
 def test_dtype_for_vocab():
     assert prepare_data.dtype_for_vocab(32768) == np.uint16
     assert prepare_data.dtype_for_vocab(65536) == np.uint16
