@@ -313,7 +313,7 @@ def list_shards(data_dir, split) -> list:
         matches = sorted((int(m["index"]), m.string) for m in matches if m and m["split"] == split)
         paths = [os.path.join(data_dir, filename) for _, filename in matches]
     if not paths:
-        raise ValueError(f"{data_dir}: no {split} shards (files named <name>_{split}_000000.bin); "
+        raise ValueError(f"{data_dir}: no {split} shards (files named <name>_{split}_NNNNNN.bin); "
                          f"run prepare_data.py first")
     return paths
 
@@ -1008,6 +1008,22 @@ def available_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def busy_machine_note(load=None, cores=None):
+    """One line when the CPU is oversubscribed: the 1-minute load average (processes running or
+    waiting to run) more than half as high again as the cores this process may use, as when
+    several programs each take every core. None on a quiet machine, or where the load average
+    cannot be read. Timings in the docs are from a quiet machine; this says why a run is slower."""
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except (AttributeError, OSError):  # no load average (Windows)
+        return None
+    cores = cores or available_cpus()
+    if load <= 1.5 * cores:
+        return None
+    return (f"note: the CPU is busy: load average {load:.1f} over {cores} core"
+            f"{'s' * (cores > 1)} available; expect slower than the docs' figures")
+
+
 def default_val_tokens(input_bytes, max_tokens):
     """About 5% of the data (at a typical 4 bytes per token), at most 10M tokens."""
     estimates = [n for n in (input_bytes and input_bytes // 4, max_tokens) if n]
@@ -1117,12 +1133,21 @@ def describe_input(inputs, source, source_split, text_field):
     return files, description, name, sum(os.path.getsize(path) for path in files), files_digest(files)
 
 
+def size_text(size):
+    """A size in bytes as one reads it: '27.3 KB', '8.0 MB', '1.2 GB' (units of 1024)."""
+    for unit in ("KB", "MB"):
+        size /= 1024
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} GB"
+
+
 def install_tokenizer(out_dir, source_file, tokenizer_bytes, sample, vocab_size, eos_id):
     """Put the tokenizer into out_dir: a copy of --tokenizer, or a SentencePiece model trained on the sample.
     Returns its path there."""
     if source_file is None:
         log(f"training a SentencePiece BPE tokenizer (vocab {vocab_size:,}) on a "
-            f"{sum(len(doc) for doc in sample) / 1e6:.1f} MB sample")
+            f"{size_text(sum(len(doc.encode()) for doc in sample))} sample")
         tokenizer_path = os.path.join(out_dir, "tokenizer.model")
         write_file_atomically(tokenizer_path, train_sentencepiece(sample, vocab_size, eos_id))
         return tokenizer_path

@@ -47,8 +47,9 @@ from doge import (PRESETS, Doge, DogeConfig, copy_tokenizer_files, grow_vocabula
                   read_checkpoint, upcycle_to_moe)
 from eval import BENCHMARKS, benchmark_requests, grade, read_benchmark
 from prepare_data import (DEFAULT_DATA_DIR, TOKENIZER_FILES, ConversationLoader, ShardLoader,
-                          atomic_write, atomic_write_text, ensure_prepared, load_text_tokenizer,
-                          one_line, padded_length, read_meta, remove_temporary_files)
+                          atomic_write, atomic_write_text, busy_machine_note, ensure_prepared,
+                          load_text_tokenizer, one_line, padded_length, read_meta,
+                          remove_temporary_files)
 
 # ----------------------------------------------------------------------------------------------
 # Settings
@@ -458,8 +459,9 @@ class RunLog:
     the master log.jsonl, loss.png and Weights & Biases (wandb_log)."""
 
     def __init__(self, cfg, run, start_step, wandb_config):
-        self.cfg, self.master = cfg, run.master
+        self.cfg, self.master, self.say = cfg, run.master, run.say
         self.wandb = self.progress = None
+        self.best_tokens_per_sec, self.said_slow = 0.0, False  # see watch_throughput
         if not self.master:
             return
         self.file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
@@ -488,6 +490,21 @@ class RunLog:
             self.wandb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
         if "val_loss" in record and record["step"] > 0:  # a curve once training has begun
             plot_losses(os.path.join(self.cfg.out_dir, "loss.png"), self.file.name)
+        if record.get("tokens_per_sec"):
+            self.watch_throughput(record["tokens_per_sec"])
+
+    def watch_throughput(self, tokens_per_sec):
+        """One line when throughput falls under half of this run's best so far (the device's
+        usual figure, as this run measured it on this machine), with the load when the CPU is
+        busy; said once until throughput recovers."""
+        slow = tokens_per_sec < self.best_tokens_per_sec / 2
+        if slow and not self.said_slow:
+            busy = busy_machine_note()
+            self.say(f"note: {tokens_per_sec:,.0f} tokens/s, under half of this run's best "
+                     f"({self.best_tokens_per_sec:,.0f})" + (f"; {busy.removeprefix('note: ')}"
+                                                              if busy else ""))
+        self.said_slow = slow
+        self.best_tokens_per_sec = max(self.best_tokens_per_sec, tokens_per_sec)
 
     def step_done(self, loss=None):
         if self.progress is not None:
@@ -710,7 +727,8 @@ def load_model(cfg, overrides, meta, run):
         with refused("resume_ckpt: "):
             checkpoint = path and read_checkpoint(path)
         if not path:  # the newest that can be read: damaged ones are set aside
-            path, checkpoint = newest_checkpoint(cfg.out_dir, run.say)
+            with refused():
+                path, checkpoint = newest_checkpoint(cfg.out_dir, run.say, set_aside=True)
         need(path is not None, f"no checkpoint to resume in {cfg.out_dir}; " + (
             "its log.jsonl is of a run that saved none: start again with overwrite=True"
             if logged_steps(os.path.join(cfg.out_dir, "log.jsonl")) else
@@ -826,6 +844,8 @@ def main(argv=None):
 def train(cfg, overrides, argv):
     # ---- set-up: processes and devices, out_dir checked, the data's description
     run = set_up(cfg)
+    if busy := busy_machine_note():
+        run.say(busy)
     check_out_dir(cfg)
     if run.master:
         clean_temporary_files(cfg, run)
