@@ -32,6 +32,7 @@ status 2. A case that fails prints its error and the others still run; the exit 
 """
 
 import contextlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -278,10 +279,17 @@ def continued_turns(model, which, prompt, reply):
                 pass
         else:
             history = model.generate(torch.cat((history, new), dim=1).to(device),
-                                     past_key_values=cache, max_new_tokens=reply,
+                                     **{cache_argument(model): cache}, max_new_tokens=reply,
                                      min_new_tokens=reply, do_sample=False).cpu()
         sync()
         yield time.perf_counter() - start
+
+
+def cache_argument(model):
+    """The name transformers' generate gives a cache to continue: `cache` where the model's
+    forward takes it (later releases, which warn at the older name), else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters \
+        else "past_key_values"
 
 
 def reencoded_turn_seconds(model, turn, prompt, reply):

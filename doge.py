@@ -30,7 +30,9 @@ differ on purpose: ties in the top-keep_window_size choice are broken determinis
 bias first, then the later key), and CDMoE routes each token by its own router scores.
 """
 
+import difflib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -1672,6 +1674,18 @@ def read_cache_state(path):
     return state
 
 
+@torch.no_grad()
+def model_fingerprint(model):
+    """16 hex digits that tell one model from another: a hash of its config and its weights, the
+    weights rounded to bfloat16 so that one model has one fingerprint in float32 or bfloat16, on
+    any device. A saved conversation records it: its state means nothing to another model."""
+    digest = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------------------------
 # Scoring: log-likelihoods of continuations, for benchmarks and bits per byte
 
@@ -1799,32 +1813,50 @@ def latest_checkpoint(out_dir):
 def read_checkpoint(path):
     """A train.py checkpoint as saved; ValueError in one line if it cannot be read (truncated,
     empty, damaged) or is not one."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged file raises many kinds
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {reason}") from None
-    if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
-        raise ValueError(f"{path} is not a train.py checkpoint (no 'model' and 'model_config')")
+    checkpoint, problem = checkpoint_or_problem(path)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     return checkpoint
 
 
-def newest_checkpoint(out_dir, say=None):
-    """(path, checkpoint) of the newest checkpoint in out_dir that can be read, or (None, None).
-    A damaged one (a disk error, a truncated copy) is renamed to <name>.damaged, so that nothing
-    picks it again, with one warning line, and the one before it is tried."""
+def checkpoint_or_problem(path):
+    """(the train.py checkpoint at path, None), or (None, what is wrong with it, in one line)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file raises many kinds; its message may span lines
+        return None, f"cannot be read: {type(e).__name__}: {' '.join(str(e).split())}"
+    if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
+        return None, "not a train.py checkpoint (no 'model' and 'model_config')"
+    return checkpoint, None
+
+
+def newest_checkpoint(out_dir, say=None, set_aside=False):
+    """(path, checkpoint) of the newest checkpoint in out_dir that can be read, or (None, None)
+    when it holds none. A damaged one (a disk error, a truncated copy) costs one warning line and
+    the one before it is tried; only the writer (train.py's resume) passes set_aside, which
+    renames it to <name>.damaged so that nothing picks it again. When every one is damaged, a
+    ValueError of one line says so."""
     say = say or (lambda message: print(message, file=sys.stderr))
-    for _, path in sorted(list_checkpoints(out_dir).items(), reverse=True):
-        try:
-            return path, read_checkpoint(path)
-        except ValueError as e:
+    found = sorted(list_checkpoints(out_dir).items(), reverse=True)
+    for index, (_, path) in enumerate(found):
+        checkpoint, problem = checkpoint_or_problem(path)
+        if checkpoint is not None:
+            return path, checkpoint
+        kept = ""
+        if set_aside:
             try:
                 os.replace(path, path + ".damaged")
-                kept = f"kept as {os.path.basename(path)}.damaged"
+                kept = f", kept as {os.path.basename(path)}.damaged"
             except OSError:  # a read-only directory, or another process renamed it first
-                kept = "left in place"
-            say(f"warning: skipping it: {e} ({kept}); trying the one before")
-    return None, None
+                kept = ", left in place"
+        if index + 1 < len(found):
+            say(f"warning: skipping {path}{kept}: {problem}; trying the one before")
+    if not found:
+        return None, None
+    name = os.path.basename(found[-1][1])
+    damaged = (f"its only checkpoint, {name}, is damaged ({problem})" if len(found) == 1 else
+               f"all {len(found)} of its checkpoints are damaged (the oldest, {name}: {problem})")
+    raise ValueError(f"{out_dir}: {damaged}{kept}")
 
 
 def load_checkpoint(path, device="cpu", dtype=None, checkpoint=None):
@@ -1849,10 +1881,13 @@ HUB_FILES = ("config.json", "generation_config.json", "model.safetensors",
 def local_model_path(path):
     """path itself when it exists; else a hub name, whose files a Doge needs are fetched with the
     optional huggingface_hub package into its usual cache (or found there, offline): the local
-    directory of that snapshot. Anything else is a FileNotFoundError of one line."""
+    directory of that snapshot. A name that can only be a local path (looks_local) is never sent
+    to the hub. Anything else is a FileNotFoundError of one line."""
     path = os.fspath(path)
-    if os.path.exists(path):
-        return path
+    if os.path.exists(os.path.expanduser(path)):
+        return os.path.expanduser(path)
+    if looks_local(path):  # a typo of a local path is no hub name: say what is there instead
+        raise FileNotFoundError(f"{path}: no such file or directory{nearest_names(path)}")
     hub = HUB_NAME.fullmatch(path)
     if hub is None or re.search(r"\.\.|--|[.-]$", hub["repo"]):
         raise FileNotFoundError(f"{path}: no such file or directory, nor a hub name "
@@ -1861,6 +1896,27 @@ def local_model_path(path):
     if not any(name.endswith(".safetensors") for name in os.listdir(directory)):
         directory = hub_snapshot(hub["repo"], hub["revision"], ("pytorch_model.bin",))
     return directory
+
+
+def looks_local(path):
+    """Whether path can only mean a local one: it starts with '.', '/' or '~', or its first part
+    is a directory here (out/..., data/...)."""
+    return path.startswith((".", "/", "~")) or os.path.isdir(path.split("/")[0])
+
+
+def nearest_names(path):
+    """'; the nearest in DIR: a, b' for the names in the deepest existing directory of path
+    that are closest to the first missing part, or '' when none is close."""
+    parts = os.path.expanduser(path).rstrip("/").split("/")
+
+    def first(count):  # the directory of the first count parts ("/" of an absolute path)
+        return "/".join(parts[:count]) or ("/" if count and not parts[0] else ".")
+    existing = next(i for i in range(len(parts), -1, -1) if os.path.isdir(first(i)))
+    if existing == len(parts):  # every part exists: nothing to suggest
+        return ""
+    directory = first(existing)
+    matches = difflib.get_close_matches(parts[existing], sorted(os.listdir(directory)), n=3)
+    return f"; the nearest in {directory}: {', '.join(matches)}" if matches else ""
 
 
 def hub_snapshot(repo_id, revision, patterns):
@@ -1886,8 +1942,8 @@ def hub_snapshot(repo_id, revision, patterns):
 
 def train_checkpoint(path):
     """(path, checkpoint) of the train.py checkpoint that path names: the file itself, or the
-    newest readable one of an out_dir (a directory without config.json; damaged ones are set
-    aside); (None, None) for anything else. Read once: the caller builds the model from it."""
+    newest readable one of an out_dir (a directory without config.json; damaged ones are
+    skipped); (None, None) for anything else. Read once: the caller builds the model from it."""
     if os.path.isfile(path):
         return path, read_checkpoint(path)
     if os.path.exists(os.path.join(path, "config.json")):

@@ -313,7 +313,7 @@ def list_shards(data_dir, split) -> list:
         matches = sorted((int(m["index"]), m.string) for m in matches if m and m["split"] == split)
         paths = [os.path.join(data_dir, filename) for _, filename in matches]
     if not paths:
-        raise ValueError(f"{data_dir}: no {split} shards (files named <name>_{split}_000000.bin); "
+        raise ValueError(f"{data_dir}: no {split} shards (files named <name>_{split}_NNNNNN.bin); "
                          f"run prepare_data.py first")
     return paths
 
@@ -1008,6 +1008,22 @@ def available_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def busy_machine_note(load=None, cores=None):
+    """One line when the CPU is oversubscribed: the 1-minute load average (processes running or
+    waiting to run) more than half as high again as the cores this process may use, as when
+    several programs each take every core. None on a quiet machine, or where the load average
+    cannot be read. Timings in the docs are from a quiet machine; this says why a run is slower."""
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except (AttributeError, OSError):  # no load average (Windows)
+        return None
+    cores = cores or available_cpus()
+    if load <= 1.5 * cores:
+        return None
+    return (f"note: the CPU is busy: load average {load:.1f} over {cores} core"
+            f"{'s' * (cores > 1)} available; expect slower than the docs' figures")
+
+
 def default_val_tokens(input_bytes, max_tokens):
     """About 5% of the data (at a typical 4 bytes per token), at most 10M tokens."""
     estimates = [n for n in (input_bytes and input_bytes // 4, max_tokens) if n]
@@ -1117,12 +1133,21 @@ def describe_input(inputs, source, source_split, text_field):
     return files, description, name, sum(os.path.getsize(path) for path in files), files_digest(files)
 
 
+def size_text(size):
+    """A size in bytes as one reads it: '27.3 KB', '8.0 MB', '1.2 GB' (units of 1024)."""
+    for unit in ("KB", "MB"):
+        size /= 1024
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} GB"
+
+
 def install_tokenizer(out_dir, source_file, tokenizer_bytes, sample, vocab_size, eos_id):
     """Put the tokenizer into out_dir: a copy of --tokenizer, or a SentencePiece model trained on the sample.
     Returns its path there."""
     if source_file is None:
         log(f"training a SentencePiece BPE tokenizer (vocab {vocab_size:,}) on a "
-            f"{sum(len(doc) for doc in sample) / 1e6:.1f} MB sample")
+            f"{size_text(sum(len(doc.encode()) for doc in sample))} sample")
         tokenizer_path = os.path.join(out_dir, "tokenizer.model")
         write_file_atomically(tokenizer_path, train_sentencepiece(sample, vocab_size, eos_id))
         return tokenizer_path
@@ -1584,20 +1609,28 @@ def tokenize_conversations(conversations, tokenizer, chat_template):
 def write_conversation_shards(examples, out_dir, name, split, first_index, shard_tokens):
     """Conversation shards of at most shard_tokens tokens each (a longer conversation gets one of its own);
     returns [(filename, tokens)]."""
-    shards, group = [], []
+    shards, group, group_tokens = [], [], 0
 
     def flush():
         filename = f"{name}_{split}_{first_index + len(shards):06d}.bin"
         write_conversation_shard(os.path.join(out_dir, filename), group)
-        shards.append((filename, sum(len(ids) for ids, _ in group)))
+        shards.append((filename, group_tokens))
         group.clear()
 
     for example in examples:
-        if group and sum(len(ids) for ids, _ in group) + len(example[0]) > shard_tokens:
+        if group and group_tokens + len(example[0]) > shard_tokens:
             flush()
+            group_tokens = 0
         group.append(example)
+        group_tokens += len(example[0])
     flush()
     return shards
+
+
+def shard_lists(shards):
+    """meta.json's "shards" and "shard_tokens" of conversation shards {split: [(filename, tokens)]}."""
+    return dict(shards={split: [filename for filename, _ in shards[split]] for split in shards},
+                shard_tokens={split: [n for _, n in shards[split]] for split in shards})
 
 
 def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=None, name=None, seed=1337,
@@ -1647,12 +1680,156 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
         conversations={split: counts[split]["conversations"] - counts[split]["dropped"] for split in shards},
         tokens={split: counts[split]["tokens"] for split in shards},
         supervised={split: counts[split]["supervised"] for split in shards},
-        shards={split: [filename for filename, _ in shards[split]] for split in shards},
-        shard_tokens={split: [n for _, n in shards[split]] for split in shards}, python=platform.python_version())
+        **shard_lists(shards), python=platform.python_version())
     write_meta(out_dir, meta)
     log(f"wrote {sum(meta['conversations'].values()):,} conversations to {out_dir}; added to the vocabulary: "
         f"{', '.join(meta['added_tokens']) or 'nothing'}")
     return meta
+
+
+# -----------------------------------------------------------------------------
+# Recall (MQAR, multi-query associative recall, from "Zoology", Arora et al. 2023): a synthetic task that
+# tests what attention keeps. A sequence opens with P key-value pairs; later each key comes back once as a
+# query, and the token after it must be its value. The pairing is drawn afresh for every sequence, so only
+# recall from the context can answer. The sequences are written as conversation shards, whose per-token mask
+# marks the value after each query as the one thing trained on, so train.py learns the task as it fine-tunes
+# on conversations, and eval.py scores it (eval.py --task=mqar).
+#
+#     position   0  1  2  3 ...  2P-2 2P-1 | 2P ...                                         seq_len-1
+#     token      k1 v1 k2 v2 ...  kP   vP  | filler, and each key k once more followed by its value v
+#                                          |              ^ query        ^ trained on
+
+MQAR_DEFAULTS = dict(num_kv_pairs=8, seq_len=40, vocab_size=128, train_examples=100_000, val_examples=1024)
+
+
+def mqar_layout(vocab_size):
+    """The token ids of each kind, as half-open ranges [start, end): a quarter of the vocabulary is filler,
+    the rest split evenly between keys and values."""
+    filler = vocab_size // 4
+    kinds = (vocab_size - filler) // 2
+    return {"keys": [0, kinds], "values": [kinds, 2 * kinds], "filler": [2 * kinds, vocab_size]}
+
+
+def check_mqar_settings(num_kv_pairs, seq_len, vocab_size, train_examples, val_examples):
+    """Refuse, in one line each, settings that cannot make an MQAR sequence."""
+    settings = dict(num_kv_pairs=num_kv_pairs, seq_len=seq_len, vocab_size=vocab_size,
+                    train_examples=train_examples, val_examples=val_examples)
+    for key, value in settings.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"--{key} must be a positive integer, not {value!r}")
+    if 4 * num_kv_pairs > seq_len:
+        raise ValueError(f"--seq_len {seq_len} cannot hold --num_kv_pairs {num_kv_pairs}: the pairs and then "
+                         f"each key again with its value take 4 x {num_kv_pairs} = {4 * num_kv_pairs} tokens")
+    if vocab_size > 65536:
+        raise ValueError(f"--vocab_size {vocab_size} is more than MQAR needs (at most 65536, uint16 tokens)")
+    layout = mqar_layout(vocab_size)
+    start, end = layout["keys"]
+    if end - start < num_kv_pairs or layout["filler"][0] == layout["filler"][1]:
+        smallest = next(size for size in range(4, 65537) if mqar_layout(size)["keys"][1] >= num_kv_pairs)
+        raise ValueError(f"--vocab_size {vocab_size} holds {end - start} keys and as many values (3/8 of it each), "
+                         f"fewer than the {num_kv_pairs} distinct ones a sequence needs, or no filler: give "
+                         f"--vocab_size >= {smallest}")
+
+
+def mqar_sequences(count, num_kv_pairs, seq_len, layout, rng):
+    """count MQAR sequences: tokens (count, seq_len) uint16 and supervised (count, seq_len) uint8, 1 at the
+    value after each query. Keys are distinct within a sequence, and so are values; the queries come in a
+    random order at random places after the pairs, filler (random filler ids) everywhere else."""
+    pairs = num_kv_pairs
+    (key_start, key_end), (value_start, value_end), (filler_start, filler_end) = (
+        layout["keys"], layout["values"], layout["filler"])
+    rows = np.arange(count)[:, None]
+    keys = key_start + rng.random((count, key_end - key_start)).argsort(axis=1)[:, :pairs]  # (N, P)
+    values = value_start + rng.random((count, value_end - value_start)).argsort(axis=1)[:, :pairs]
+    tokens = np.zeros((count, seq_len), dtype=np.int64)
+    tokens[:, 0:2 * pairs:2], tokens[:, 1:2 * pairs:2] = keys, values
+    # after the pairs: P query units of 2 tokens and F filler units of 1, in a random order
+    fillers = seq_len - 4 * pairs
+    units = pairs + fillers
+    is_query = np.zeros((count, units), dtype=np.int64)
+    is_query[rows, rng.random((count, units)).argsort(axis=1)[:, :pairs]] = 1
+    sizes = 1 + is_query
+    starts = 2 * pairs + np.cumsum(sizes, axis=1) - sizes  # (N, units) where each unit begins
+    query_at = starts[is_query.astype(bool)].reshape(count, pairs)  # in position order
+    asked = rng.random((count, pairs)).argsort(axis=1)  # which pair each query asks for
+    tokens[rows, query_at] = np.take_along_axis(keys, asked, axis=1)
+    tokens[rows, query_at + 1] = np.take_along_axis(values, asked, axis=1)
+    if fillers:
+        filler_at = starts[~is_query.astype(bool)].reshape(count, fillers)
+        tokens[rows, filler_at] = rng.integers(filler_start, filler_end, size=(count, fillers))
+    supervised = np.zeros((count, seq_len), dtype=np.uint8)
+    supervised[rows, query_at + 1] = 1
+    return tokens.astype(np.uint16), supervised
+
+
+def mqar_split(count, settings, layout, seed, avoid=frozenset(), max_rounds=100):
+    """count sequences drawn with the generator seeded by seed, none of them in avoid (a set of row bytes):
+    a clash is drawn again. Returns tokens, supervised and the set of its rows' bytes."""
+    rng = np.random.default_rng(seed)
+    tokens, supervised = [], []
+    have, seen = 0, set()
+    for _ in range(max_rounds):
+        new_tokens, new_supervised = mqar_sequences(count - have, settings["num_kv_pairs"], settings["seq_len"],
+                                                    layout, rng)
+        keep = np.array([row.tobytes() not in avoid for row in new_tokens], dtype=bool)
+        tokens.append(new_tokens[keep])
+        supervised.append(new_supervised[keep])
+        seen.update(row.tobytes() for row in new_tokens[keep])
+        have += int(keep.sum())
+        if have == count:
+            return np.concatenate(tokens), np.concatenate(supervised), seen
+    raise ValueError(f"these settings allow too few distinct sequences to keep {count:,} training ones apart "
+                     f"from the validation ones: give a larger --seq_len or --vocab_size, or fewer examples")
+
+
+def prepare_mqar(out_dir, num_kv_pairs=8, seq_len=40, vocab_size=128, train_examples=100_000,
+                 val_examples=1024, seed=1337, shard_tokens=100_000_000):
+    """MQAR sequences -> out_dir: conversation shards (val first) and meta.json with every setting and the token
+    layout. The validation sequences come from the generator seeded by (seed, 1), the training ones from
+    (seed, 0), and no validation sequence is among the training ones. No tokenizer: the ids are the tokens."""
+    check_mqar_settings(num_kv_pairs, seq_len, vocab_size, train_examples, val_examples)
+    if not isinstance(shard_tokens, int) or not 1 <= shard_tokens <= np.iinfo(np.int32).max:
+        raise ValueError(f"--shard_tokens must be a positive integer that fits int32, not {shard_tokens!r}")
+    settings = dict(task="mqar", num_kv_pairs=num_kv_pairs, seq_len=seq_len, vocab_size=vocab_size,
+                    train_examples=train_examples, val_examples=val_examples, seed=seed, shard_tokens=shard_tokens)
+    layout = mqar_layout(vocab_size)
+    remove_interrupted_writes(out_dir)
+    start_rebuild(out_dir, settings)
+    val_tokens, val_supervised, val_rows = mqar_split(val_examples, settings, layout, [seed, 1])
+    train_tokens, train_supervised, _ = mqar_split(train_examples, settings, layout, [seed, 0], avoid=val_rows)
+    shards = {}
+    for split, tokens, supervised in (("val", val_tokens, val_supervised),
+                                      ("train", train_tokens, train_supervised)):
+        shards[split] = write_conversation_shards(list(zip(tokens, supervised)), out_dir, "mqar", split,
+                                                  len(shards.get("val", [])), shard_tokens)
+    description = f"MQAR: {num_kv_pairs} key-value pairs in {seq_len} tokens, vocabulary {vocab_size}"
+    meta = dict(
+        complete=True, kind="conversations", task="mqar", source=description, settings=settings,
+        layout=dict(**layout, pairs=f"positions 0..{2 * num_kv_pairs - 1}: key, value, key, value, ...",
+                    queries="after the pairs: each key once more, followed by its value (trained on), "
+                            "filler elsewhere"),
+        tokenizer=None, vocab_size=vocab_size, bos_id=None, eos_id=None,
+        conversations={"val": val_examples, "train": train_examples},
+        tokens={"val": val_tokens.size, "train": train_tokens.size},
+        supervised={"val": int(val_supervised.sum()), "train": int(train_supervised.sum())},
+        **shard_lists(shards), python=platform.python_version())
+    write_meta(out_dir, meta)
+    log(f"wrote {train_examples:,} training and {val_examples:,} validation MQAR sequences to {out_dir} "
+        f"({description})")
+    return meta
+
+
+def read_mqar(data_dir, split="val"):
+    """The MQAR sequences of a data directory: (meta, tokens (N, seq_len) int64, supervised (N, seq_len) bool).
+    A directory that does not hold MQAR data is a ValueError."""
+    meta = read_meta(data_dir)
+    if not meta or meta.get("task") != "mqar":
+        raise ValueError(f"{data_dir} holds no MQAR data (make it with `python prepare_data.py --mqar "
+                         f"--out_dir={data_dir}`)")
+    tokens, supervised = zip(*(read_conversation_shard(path)[:2] for path in list_shards(data_dir, split)))
+    seq_len = meta["settings"]["seq_len"]
+    return (meta, np.concatenate(tokens).astype(np.int64).reshape(-1, seq_len),
+            np.concatenate(supervised).astype(bool).reshape(-1, seq_len))
 
 
 # -----------------------------------------------------------------------------
@@ -1904,7 +2081,8 @@ def parse_args(argv=None):
         help="split .txt files into documents on this string (escapes like \\n are read); bare: a blank line")
     add("--out_dir", type=as_str, default=DEFAULT_DATA_DIR)
     add("--name", type=as_str, help="shard name prefix (default from the input: stdlib, the file name, ...)")
-    add("--vocab_size", type=as_int, default=32768, help="size of the SentencePiece vocabulary to train")
+    add("--vocab_size", type=as_int, help="size of the SentencePiece vocabulary to train (default 32768; "
+                                          "--mqar: the task's vocabulary, default 128)")
     add("--tokenizer", type=as_str, help="reuse a SentencePiece .model, or a tokenizer.json (or a directory with one)")
     add("--eot_token", type=as_str, help="end-of-text token (default: eos of a .model; <|end_of_text|>, </s>, ...)")
     add("--eos_id", type=as_int, default=2, help="id of eos (end of text) in a trained tokenizer; unk is 0, bos 1")
@@ -1920,14 +2098,29 @@ def parse_args(argv=None):
         help="conversations ({\"messages\": [...]} jsonl, or a data set) -> chat tokenizer + conversation shards")
     add("--val_input", dest="val_inputs", nargs="+", metavar="PATH",
         help="--chat: validation conversations; default: the data set's test split, or 1 in 20 held out")
-    add("--seed", type=as_int, default=1337, help="--chat: chooses the held-out conversations")
+    add("--seed", type=as_int, default=1337, help="--chat: chooses the held-out conversations; --mqar: draws "
+                                                  "the sequences")
+    add("--mqar", type=as_bool, nargs="?", const=True, default=False,
+        help="write the synthetic recall task (MQAR) as conversation shards instead of tokenizing text")
+    add("--num_kv_pairs", type=as_int, default=MQAR_DEFAULTS["num_kv_pairs"], help="--mqar: key-value pairs a sequence")
+    add("--seq_len", type=as_int, default=MQAR_DEFAULTS["seq_len"], help="--mqar: tokens a sequence")
+    add("--train_examples", type=as_int, default=MQAR_DEFAULTS["train_examples"], help="--mqar: training sequences")
+    add("--val_examples", type=as_int, default=MQAR_DEFAULTS["val_examples"], help="--mqar: validation sequences")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = vars(parse_args(argv))
     chat, val_inputs, seed = args.pop("chat"), args.pop("val_inputs"), args.pop("seed")
+    mqar = {key: args.pop(key) for key in ("mqar", "num_kv_pairs", "seq_len", "train_examples", "val_examples")}
+    if args["vocab_size"] is None:
+        args["vocab_size"] = MQAR_DEFAULTS["vocab_size"] if mqar["mqar"] else 32768
     try:
+        if mqar.pop("mqar"):
+            if args["out_dir"] == DEFAULT_DATA_DIR:
+                raise ValueError(f"--mqar needs --out_dir (data/mqar, say): {DEFAULT_DATA_DIR} holds the default corpus")
+            return prepare_mqar(args["out_dir"], vocab_size=args["vocab_size"], seed=seed,
+                                shard_tokens=args["shard_tokens"], **mqar)
         if chat:
             return prepare_chat(args["out_dir"], args["inputs"], args["source"], args["tokenizer"], val_inputs,
                                 args["name"], seed, args["shard_tokens"])

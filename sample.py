@@ -8,7 +8,7 @@ Talk to a Doge: text continuation or chat, from a train.py run or a Hugging Face
     python sample.py --init_from=SmallDoge/Doge-20M-Instruct --chat       # fetched from the hub
     python sample.py --init_from=models/Doge-20M-Instruct --chat --start="Hi, who are you?"
     python sample.py --init_from=models/Doge-20M-Instruct --chat < questions.txt   # piped
-    python sample.py --init_from=models/Doge-20M-Instruct --chat_state=talk.pt     # after /save
+    python sample.py --chat_state=talk.pt      # after /save: goes on with the model that made it
 
 Generated text goes to stdout as it is produced; everything else (loading, tokens/s) to stderr.
 The chat keeps the model's state between turns (at most keep_window_size keys per layer), so a
@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from configurator import apply_config
-from doge import Doge, local_model_path
-from prepare_data import (atomic_write, document_start, end_of_turn_text, load_chat_template,
-                          load_text_tokenizer, render_chat, stop_ids, tokenizer_directory)
+from doge import Doge, local_model_path, model_fingerprint
+from prepare_data import (atomic_write, busy_machine_note, document_start, end_of_turn_text,
+                          load_chat_template, load_text_tokenizer, render_chat, size_text,
+                          stop_ids, tokenizer_directory)
 
 
 @dataclass
@@ -48,7 +49,8 @@ class SampleConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     chat: bool = False  # chat with an Instruct model using its chat template
-    chat_state: str = ""  # continue the conversation that /save wrote to this file (implies chat)
+    chat_state: str = ""  # continue the conversation that /save wrote to this file (implies chat;
+    # without init_from or out_dir, with the model that made it)
 
 
 def log(message):
@@ -61,7 +63,9 @@ def log(message):
 
 def model_location(cfg):
     """The local path of the model: --init_from (a hub name is fetched, see
-    doge.local_model_path), or else out_dir."""
+    doge.local_model_path), or else out_dir; with --chat_state alone, the model that made it."""
+    if cfg.chat_state and not cfg.init_from and cfg.out_dir == SampleConfig.out_dir:
+        cfg.init_from = read_chat_state(cfg.chat_state).get("model", {}).get("path", "")
     if cfg.init_from:
         try:
             return local_model_path(cfg.init_from)
@@ -125,6 +129,7 @@ class Chat:
         self.model, self.tokenizer, self.template = model, tokenizer, chat_template
         self.cfg, self.stop, self.device = cfg, stop, device
         self.end_of_turn = end_of_turn_text(chat_template)
+        self.fingerprint = None  # of the model, once a save or load needs it
         if self.end_of_turn is None:
             log("chat template: a longer conversation's text does not extend a shorter one's, "
                 "so each turn re-encodes the whole conversation")
@@ -157,31 +162,59 @@ class Chat:
             if end_ids:
                 with torch.no_grad():
                     self.model(torch.tensor([end_ids], device=self.device), cache=self.cache)
-        size = self.cache.state_bytes()
         log(f"[{speed}; conversation {self.cache.length} tokens, state "
-            f"{f'{size / 2 ** 20:.1f} MB' if size >= 2 ** 20 else f'{size / 2 ** 10:.1f} KB'}]")
+            f"{size_text(self.cache.state_bytes())}]")
+
+    def model_record(self):
+        """What made the conversation: the model as given (--init_from, else out_dir) and its
+        fingerprint (doge.model_fingerprint), computed once."""
+        if self.fingerprint is None:
+            self.fingerprint = model_fingerprint(self.model)
+        return {"path": self.cfg.init_from or self.cfg.out_dir, "fingerprint": self.fingerprint}
 
     def save(self, path):
-        """The conversation (messages and state) as one file, written atomically."""
-        saved = {"messages": self.messages, "state": self.cache.state_dict()}
+        """The conversation (messages and state) and the model that made it, as one file,
+        written atomically."""
+        saved = {"messages": self.messages, "state": self.cache.state_dict(),
+                 "model": self.model_record()}
         atomic_write(path, lambda temp_path: torch.save(saved, temp_path))
 
     def load(self, path):
-        """Continue the conversation that save wrote to path."""
-        if not os.path.isfile(path):
-            raise ValueError(f"--chat_state={path}: no such file")
+        """Continue the conversation that save wrote to path, if this model made it."""
+        saved, ours = read_chat_state(path), self.model_record()
+        theirs = saved.get("model", ours)  # a file from before the record: the shape decides
+        if theirs["fingerprint"] != ours["fingerprint"]:
+            made_by = f"{theirs['path']} (fingerprint {theirs['fingerprint']})"
+            raise ValueError(
+                f"--chat_state={path} was made by {made_by}, not by this model, {ours['path']} "
+                f"(fingerprint {ours['fingerprint']}): give --init_from={theirs['path']}, or "
+                f"leave --init_from and --out_dir out" if theirs["path"] != ours["path"] else
+                f"--chat_state={path} was made by {made_by} as it was then; it holds another "
+                f"model now (fingerprint {ours['fingerprint']})")
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            messages, state = saved["messages"], saved["state"]
-        except Exception as e:  # a foreign file: torch raises many kinds
-            raise ValueError(f"--chat_state={path}: not a saved conversation "
-                             f"({type(e).__name__})") from None
-        try:
-            self.cache = self.model.load_cache(state)
+            self.cache = self.model.load_cache(saved["state"])
         except ValueError as e:
             raise ValueError(f"--chat_state={path}: {e}") from None
-        self.messages = messages
-        log(f"continuing {path}: {len(messages)} messages, {self.cache.length} tokens")
+        self.messages = saved["messages"]
+        log(f"continuing {path}: {len(self.messages)} messages, {self.cache.length} tokens")
+
+
+def read_chat_state(path):
+    """What Chat.save wrote to path: messages, state and (since it records it) the model."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--chat_state={path}: no such file")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign file: torch raises many kinds
+        raise ValueError(f"--chat_state={path}: not a saved conversation "
+                         f"({type(e).__name__})") from None
+    if not isinstance(saved, dict) or not {"messages", "state"} <= saved.keys():
+        raise ValueError(f"--chat_state={path}: not a saved conversation (no messages and state)")
+    return saved
+
+
+COMMANDS = ("/save FILE keeps the conversation, /reset starts over, /exit (or Ctrl-D) quits, "
+            "//text sends a message that starts with /")
 
 
 def user_lines():
@@ -191,8 +224,7 @@ def user_lines():
         for line in sys.stdin:
             yield line.rstrip("\n")
         return
-    log("chat: type a message; /save FILE keeps the conversation, /reset starts over, "
-        "/exit (or Ctrl-D) quits")
+    log(f"chat: type a message; {COMMANDS}")
     while True:
         try:
             yield input("> ")
@@ -228,6 +260,10 @@ def chat_loop(chat, cfg):
             log("(conversation cleared)")
         elif command == "/save":
             save(chat, argument.strip())
+        elif line.lstrip().startswith("//"):  # a message that starts with /
+            chat.answer(line.lstrip()[1:])
+        elif command.startswith("/"):
+            log(f"unknown command {command}: {COMMANDS}")
         elif line.strip():
             chat.answer(line)
 
@@ -268,6 +304,8 @@ def main(argv=None):
 
 def sample(cfg):
     cfg.start = read_prompt(cfg.start)
+    if busy := busy_machine_note():
+        log(busy)
     device, dtype = resolve_device_dtype(cfg)
     torch.manual_seed(cfg.seed)
     path = model_location(cfg)

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -46,8 +47,9 @@ from doge import (PRESETS, Doge, DogeConfig, copy_tokenizer_files, grow_vocabula
                   read_checkpoint, upcycle_to_moe)
 from eval import BENCHMARKS, benchmark_requests, grade, read_benchmark
 from prepare_data import (DEFAULT_DATA_DIR, TOKENIZER_FILES, ConversationLoader, ShardLoader,
-                          atomic_write, atomic_write_text, ensure_prepared, load_text_tokenizer,
-                          one_line, padded_length, read_meta, remove_temporary_files)
+                          atomic_write, atomic_write_text, busy_machine_note, ensure_prepared,
+                          load_text_tokenizer, one_line, padded_length, read_meta,
+                          remove_temporary_files)
 
 # ----------------------------------------------------------------------------------------------
 # Settings
@@ -65,6 +67,9 @@ class TrainConfig:
     model: str | None = "doge-20m"  # a name from doge.PRESETS; None: DogeConfig's own defaults
     upcycle_experts: int = 0  # > 0: make the loaded dense model a CDMoE with this many experts
     upcycle_experts_per_tok: int = 8  # experts each token uses in the upcycled CDMoE
+    dynamic_mask: bool = True  # False: hold every A at 0 and out of the optimizer, so every key's
+    # bias is 1, every key ties, and the tie rule keeps the latest keep_window_size keys: a
+    # sliding window of keep_window_size (the baseline DMAttn is compared with)
     # batch: gradient accumulation = total_batch_size / (batch_size * block_size * processes)
     batch_size: int = 16  # micro-batch: sequences per forward pass on each process
     block_size: int = 2048  # tokens per sequence
@@ -227,13 +232,30 @@ def fetch(loader, run):
     return x, y, counts * run.world_size / total.clamp(min=1), loader.step_tokens
 
 
-def evaluator(cfg, model, eval_model, val_loader, run):
+SUPERVISED_CHUNK = 4096  # targets whose logits are made at once in supervised_scores
+
+
+def supervised_scores(model, x, y):
+    """The summed cross-entropy, the right guesses (the most likely token is the target) and the
+    count of the supervised targets (not -1) of one micro-batch of conversations, from the logits
+    of those targets alone, a few thousand at a time."""
+    hidden, targets = model.hidden_states(x)[y != -1], y[y != -1]  # (N, D), (N,)
+    nats, right = torch.zeros((), device=y.device), torch.zeros((), device=y.device)
+    for h, t in zip(hidden.split(SUPERVISED_CHUNK), targets.split(SUPERVISED_CHUNK)):
+        logits = model.lm_head(h).float()  # (n, V)
+        nats += F.cross_entropy(logits, t, reduction="sum")
+        right += (logits.argmax(dim=-1) == t).sum()
+    return torch.stack([nats, right.float(), torch.tensor(float(len(targets)), device=y.device)])
+
+
+def evaluator(cfg, model, eval_model, val_loader, run, chat):
     """A function that evaluates: {"val_loss": ..., "hellaswag_acc": ..., "hellaswag_acc_norm":
     ..., ...}. The validation loss is the mean per supervised target over eval_iters micro-batches
     on every process, all of them together, read from the start of the split each time so that
-    evaluations compare. eval_tasks are made ready here, once (rows read and tokenized); each
-    process scores every world_size-th question and the counts are all-reduced: the numbers one
-    process would get."""
+    evaluations compare. On conversations, val_acc is the share of those targets that the model's
+    most likely token gets right (a synthetic task's accuracy). eval_tasks are made ready here,
+    once (rows read and tokenized); each process scores every world_size-th question and the
+    counts are all-reduced: the numbers one process would get."""
     names = [task for task in cfg.eval_tasks.split(",") if task]
     tasks = {}
     with refused("eval_tasks: "):
@@ -247,16 +269,23 @@ def evaluator(cfg, model, eval_model, val_loader, run):
     def evaluation():
         model.eval()
         val_loader.reset()
-        sums = torch.zeros(2, device=run.device)  # the loss summed over targets, the targets
+        sums = torch.zeros(3, device=run.device)  # summed loss, right guesses (chat), targets
         for _ in range(cfg.eval_iters):
             (x,), (y,) = read_batch(val_loader, 1, run.device)
             with run.autocast:
+                if chat:
+                    sums += supervised_scores(model, x, y)
+                    continue
                 _, loss = eval_model(x, y, keep_logits=False)
             targets = (y != -1).sum()
-            sums += torch.stack([loss.float() * targets, targets.float()])
+            sums += torch.stack([loss.float() * targets, torch.zeros_like(sums[0]),
+                                 targets.float()])
         if run.ddp:
             dist.all_reduce(sums)
-        scores = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
+        nats, right, targets = sums.tolist()
+        scores = {"val_loss": nats / max(targets, 1)}
+        if chat:
+            scores["val_acc"] = right / max(targets, 1)
         for task, (questions, requests) in tasks.items():
             with run.autocast:
                 grades = grade(questions, model.loglikelihoods(requests, cfg.batch_size))
@@ -430,8 +459,9 @@ class RunLog:
     the master log.jsonl, loss.png and Weights & Biases (wandb_log)."""
 
     def __init__(self, cfg, run, start_step, wandb_config):
-        self.cfg, self.master = cfg, run.master
+        self.cfg, self.master, self.say = cfg, run.master, run.say
         self.wandb = self.progress = None
+        self.best_tokens_per_sec, self.said_slow = 0.0, False  # see watch_throughput
         if not self.master:
             return
         self.file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
@@ -460,6 +490,21 @@ class RunLog:
             self.wandb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
         if "val_loss" in record and record["step"] > 0:  # a curve once training has begun
             plot_losses(os.path.join(self.cfg.out_dir, "loss.png"), self.file.name)
+        if record.get("tokens_per_sec"):
+            self.watch_throughput(record["tokens_per_sec"])
+
+    def watch_throughput(self, tokens_per_sec):
+        """One line when throughput falls under half of this run's best so far (the device's
+        usual figure, as this run measured it on this machine), with the load when the CPU is
+        busy; said once until throughput recovers."""
+        slow = tokens_per_sec < self.best_tokens_per_sec / 2
+        if slow and not self.said_slow:
+            busy = busy_machine_note()
+            self.say(f"note: {tokens_per_sec:,.0f} tokens/s, under half of this run's best "
+                     f"({self.best_tokens_per_sec:,.0f})" + (f"; {busy.removeprefix('note: ')}"
+                                                              if busy else ""))
+        self.said_slow = slow
+        self.best_tokens_per_sec = max(self.best_tokens_per_sec, tokens_per_sec)
 
     def step_done(self, loss=None):
         if self.progress is not None:
@@ -665,8 +710,9 @@ def load_model(cfg, overrides, meta, run):
     chat = meta.get("kind") == "conversations"
     torch.manual_seed(cfg.seed)
     checkpoint = None
-    if cfg.init_from == "scratch":
-        need(not chat, f"{cfg.data_dir} holds conversations, to fine-tune a trained model: give "
+    if cfg.init_from == "scratch":  # conversations in a model's tokenizer are there to tune it
+        need(not (chat and meta.get("tokenizer")), f"{cfg.data_dir} holds conversations, to "
+             f"fine-tune a trained model: give "
              f"init_from=PATH (one of our checkpoints or out_dirs, or a Hugging Face Doge "
              f"directory), or 'resume'")
         need(cfg.model is None or cfg.model in PRESETS, f"unknown model preset {cfg.model!r}; "
@@ -681,7 +727,8 @@ def load_model(cfg, overrides, meta, run):
         with refused("resume_ckpt: "):
             checkpoint = path and read_checkpoint(path)
         if not path:  # the newest that can be read: damaged ones are set aside
-            path, checkpoint = newest_checkpoint(cfg.out_dir, run.say)
+            with refused():
+                path, checkpoint = newest_checkpoint(cfg.out_dir, run.say, set_aside=True)
         need(path is not None, f"no checkpoint to resume in {cfg.out_dir}; " + (
             "its log.jsonl is of a run that saved none: start again with overwrite=True"
             if logged_steps(os.path.join(cfg.out_dir, "log.jsonl")) else
@@ -706,16 +753,27 @@ def load_model(cfg, overrides, meta, run):
         model = upcycle_to_moe(model, cfg.upcycle_experts, cfg.upcycle_experts_per_tok)
         run.say(f"upcycled to a CDMoE with {cfg.upcycle_experts} experts, "
                 f"{cfg.upcycle_experts_per_tok} per token")
-    if chat and checkpoint is None and meta["added_tokens"]:  # a resumed model has them already
+    if chat and checkpoint is None and meta.get("added_tokens"):  # a resumed one has them already
         model = grow_vocabulary(model, meta["vocab_size"], list(meta["added_tokens"].values()))
         run.say(f"added {', '.join(meta['added_tokens'])} to the vocabulary: vocab_size "
                 f"{model.config.vocab_size}")
-    if chat:  # what the chat tokenizer begins and ends with (the export's generation config)
+    if chat and "eos_ids" in meta:  # what the chat tokenizer begins and ends with (the export)
         model.config.bos_token_id, model.config.eos_token_id = meta["bos_id"], meta["eos_ids"]
+    if not cfg.dynamic_mask:
+        hold_mask_bias_at_zero(model)
     need(meta.get("vocab_size", 0) <= model.config.vocab_size, f"the data's vocabulary "
          f"({meta.get('vocab_size')} tokens, {cfg.data_dir}/meta.json) does not fit the model's "
          f"vocab_size {model.config.vocab_size}")
     return model, checkpoint
+
+
+def hold_mask_bias_at_zero(model):
+    """dynamic_mask=False: every layer's A set to 0 and frozen (configure_optimizer leaves it
+    out), so dt = exp(0) = 1 for every key: DMAttn becomes a sliding window."""
+    for layer in model.layers:
+        with torch.no_grad():
+            layer.self_attn.A.zero_()
+        layer.self_attn.A.requires_grad_(False)
 
 
 def compiled(model, cfg):
@@ -786,6 +844,8 @@ def main(argv=None):
 def train(cfg, overrides, argv):
     # ---- set-up: processes and devices, out_dir checked, the data's description
     run = set_up(cfg)
+    if busy := busy_machine_note():
+        run.say(busy)
     check_out_dir(cfg)
     if run.master:
         clean_temporary_files(cfg, run)
@@ -826,7 +886,7 @@ def train(cfg, overrides, argv):
     step, tokens = 0, 0
     if checkpoint is not None:
         step, tokens = restore(cfg, run, checkpoint, optimizer, train_loader)
-    evaluation = evaluator(cfg, raw_model, eval_model, val_loader, run)
+    evaluation = evaluator(cfg, raw_model, eval_model, val_loader, run, chat)
     resumed = checkpoint is not None
     seed_processes(cfg, run, checkpoint)
     del checkpoint  # its weights and optimizer state are in use: no second copy on the host
@@ -839,7 +899,7 @@ def train(cfg, overrides, argv):
     clear_out_dir(cfg, run, step)
     if run.master:
         write_run_record(cfg, raw_model.config, argv, run.world_size, run.device, meta)
-        tokenizer_files = {meta.get("tokenizer", {}).get("path"), *TOKENIZER_FILES}
+        tokenizer_files = {(meta.get("tokenizer") or {}).get("path"), *TOKENIZER_FILES}
         copy_tokenizer_files(cfg.data_dir, cfg.out_dir, sorted(filter(None, tokenizer_files)))
     log = RunLog(cfg, run, step, {**asdict(cfg), **asdict(raw_model.config)})
     if first_scores is not None:
@@ -907,12 +967,12 @@ def train(cfg, overrides, argv):
 
     # ---- the end: the Hugging Face export of a chat model, where to sample it
     log.close()
-    if run.master and not stopped and chat:
+    if run.master and not stopped and meta.get("chat_template"):
         directory = os.path.join(cfg.out_dir, "hf")
         raw_model.save_pretrained(directory, tokenizer_dir=cfg.out_dir)
         run.say(f"exported {directory} (transformers loads it); chat with it: python sample.py "
                 f"--init_from={directory} --chat")
-    elif run.master and not stopped:
+    elif run.master and not stopped and not chat:
         run.say(f"sample it: python sample.py --out_dir={cfg.out_dir}")
     if run.ddp:
         dist.destroy_process_group()

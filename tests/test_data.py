@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -178,6 +179,82 @@ def test_list_shards_orders_by_index_and_checks_meta(tmp_path):
                                                                     "train": ["n_train_000001.bin", "gone.bin"]}})
     with pytest.raises(ValueError, match="gone.bin: listed in meta.json but missing"):
         list_shards(tmp_path, "train")
+
+
+def file_pattern(text):
+    """The regular expression of a file pattern a message or the docs write: <name> is any name,
+    NNNNNN six digits, anything else itself."""
+    return re.compile(re.escape(text).replace("<name>", r"[^/]+").replace("NNNNNN", r"\d{6}"))
+
+
+@pytest.mark.parametrize("val_tokens", [None, 250])  # val in one shard, or in three
+def test_messages_and_the_docstring_name_the_shards_a_run_writes(tmp_path, sp_model, val_tokens):
+    """What the missing-shards error and the module's table of files say the shards are named:
+    the names of a real run's shards of that split, and no other."""
+    out = tmp_path / "out"
+    run("--input", write_jsonl(tmp_path / "d.jsonl", random_documents(30, seed=3)), f"--out_dir={out}",
+        f"--tokenizer={sp_model}", "--shard_tokens=100", *([f"--val_tokens={val_tokens}"] if val_tokens else []))
+    written = {split: [os.path.basename(p) for p in list_shards(out, split)] for split in ("val", "train")}
+    assert len(written["val"]) == (3 if val_tokens else 1) and written["train"]
+    table = dict(re.findall(r"^ +(\S+_(val|train)_\d{6}\.bin) ", prepare_data.__doc__, flags=re.M))
+    assert {split: name for name, split in table.items()} == {"val": "<name>_val_000000.bin",
+                                                              "train": "<name>_train_000001.bin"}
+    if not val_tokens:  # the table's names are the first shards of a run with a small val split
+        assert [name.replace("<name>", "d") for name in table] == [written["val"][0], written["train"][0]]
+    for split in ("val", "train"):
+        with pytest.raises(ValueError) as e:
+            list_shards(tmp_path / "empty", split)
+        pattern = file_pattern(re.search(r"files named (\S+)\)", str(e.value))[1])
+        assert sorted(name for name in os.listdir(out) if pattern.fullmatch(name)) == written[split]
+
+
+@pytest.mark.parametrize("load, cores, note", [
+    (6.5, 2, "note: the CPU is busy: load average 6.5 over 2 cores available; expect slower than the docs' figures"),
+    (3.1, 2, "note: the CPU is busy: load average 3.1 over 2 cores available; expect slower than the docs' figures"),
+    (2.0, 1, "note: the CPU is busy: load average 2.0 over 1 core available; expect slower than the docs' figures"),
+    (2.9, 2, None), (0.3, 16, None), (20.0, 16, None)])
+def test_a_busy_machine_gets_one_line(load, cores, note):
+    """Oversubscribed: a 1-minute load average more than 1.5 times the cores available."""
+    assert prepare_data.busy_machine_note(load, cores) == note
+
+
+def test_the_busy_machine_note_reads_the_load_and_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 1.0, 1.0))
+    monkeypatch.setattr(prepare_data, "available_cpus", lambda: 4)
+    assert "load average 9.0 over 4 cores" in prepare_data.busy_machine_note()
+
+    def no_load_average():
+        raise OSError("unavailable")
+    monkeypatch.setattr(os, "getloadavg", no_load_average)
+    assert prepare_data.busy_machine_note() is None
+
+
+@pytest.mark.parametrize("size, text", [(512, "0.5 KB"), (27_000, "26.4 KB"), (8_000_000, "7.6 MB"),
+                                        (3 * 2 ** 30, "3.0 GB")])
+def test_sizes_read_as_kb_mb_gb(size, text):
+    assert prepare_data.size_text(size) == text
+
+
+def test_the_tokenizer_sample_size_is_said_in_kb_for_a_small_corpus(tmp_path, capsys):
+    """A 27 KB corpus is a 26.4 KB sample (of units of 1024 bytes), not a 0.0 MB one."""
+    text = "".join(random.Random(0).choice("abcdefgh \n") for _ in range(27_000))
+    run("--input", write_text(tmp_path / "small.txt", text), f"--out_dir={tmp_path / 'out'}")
+    assert "(vocab 512) on a 26.4 KB sample" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("inputs, name", [(["dir"], "input"), (["dir/a.txt"], "a"), (["one"], "b"),
+                                         (["dir/*.txt"], "input"), (["dir/a.txt", "one/b.txt.gz"], "input")])
+def test_the_shard_prefix_is_the_file_name_or_input(tmp_path, monkeypatch, inputs, name):
+    """As docs/data.md's --name says: one input file gives its name, several give `input`."""
+    monkeypatch.chdir(tmp_path)
+    write_docs_as_files(tmp_path / "dir", ["some text " * 50, "more words " * 50])
+    for i, path in enumerate(sorted((tmp_path / "dir").iterdir())):
+        path.rename(tmp_path / "dir" / f"{'ab'[i]}.txt")
+    (tmp_path / "one").mkdir()
+    with gzip.open(tmp_path / "one" / "b.txt.gz", "wt") as f:
+        f.write("other text " * 50)
+    run("--input", *inputs, "--out_dir=out", "--vocab_size=300")
+    assert sorted(os.path.basename(p) for p in list_shards("out", "val")) == [f"{name}_val_000000.bin"]
 
 
 def test_dtype_for_vocab():

@@ -10,7 +10,8 @@ A marker line right before a fence changes that:
                                                    command of the block (e.g. train.py --max_iters=4)
 
 Other fences (```text: output, file trees) are not code, and every fence names its language.
-The blocks run with no network: a block that needs one says so in its marker.
+The blocks run with no network: a block that needs one says so in its marker. A block writes
+under out/ or data/ (which .gitignore covers): after each, `git status` of the copy shows nothing.
 """
 
 import json
@@ -39,7 +40,8 @@ TINY_DATA = dict(vocab_size=512, sample_bytes=200_000, max_tokens=60_000, val_to
 TIMEOUT = 300  # seconds a block may take
 # What a block needs beyond requirements.txt, by what it contains: such a block is skipped
 # where the optional package is missing, as the other tests skip.
-OPTIONAL = {"transformers": ["transformers"], "--chat": ["tokenizers", "jinja2"]}
+OPTIONAL = {"transformers": ["transformers"], "--chat": ["tokenizers", "jinja2"],
+            "--task=mask": ["matplotlib"], "--plot": ["matplotlib"]}
 
 
 @dataclass
@@ -153,7 +155,22 @@ def quick_start(tmp_path_factory, shim_dir):
     (directory / "reviews.jsonl").write_text("".join(  # the file classification.md's user has
         json.dumps({"text": text, "label": label}) + "\n"
         for text, label in [("a fine and useful module", 1), ("broken, slow and confusing", 0)] * 8))
+    if shutil.which("git"):  # a clone as a reader has it: what the blocks leave shows in git status
+        for command in (["init", "-q"], ["add", "-A"], ["-c", "user.name=docs", "-c",
+                        "user.email=docs@localhost", "-c", "commit.gpgsign=false", "commit", "-qm",
+                        "the quick start's copy"]):
+            subprocess.run(["git", *command], cwd=directory, check=True, capture_output=True)
     return directory
+
+
+def files_left(directory):
+    """What git status shows in a copy (a clone as a reader has it): files the blocks wrote
+    outside out/ and data/ (ignored), or changed; [] without git."""
+    if not (directory / ".git").is_dir():
+        return []
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                            cwd=directory, capture_output=True, text=True, check=True).stdout
+    return [line for line in status.splitlines() if line[3:] != "docs_snippet.py"]
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +204,9 @@ def test_code_block_runs(block, page_copies, shim_dir):
             done.add(other.line)
     run_code(block, directory, shim_dir)
     done.add(block.line)
+    left = files_left(directory)
+    assert left == [], (f"{block.name} (or a block before it) left {left} behind, outside out/ "
+                        f"and data/ (which .gitignore covers): write under out/ or data/")
 
 
 def test_every_fence_names_its_language_and_markers_are_well_formed():

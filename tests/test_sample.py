@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import doge
+import eval as eval_script
 import sample
 from helpers import write_bpe_tokenizer
 from oracle import randomize
@@ -211,6 +212,28 @@ def test_chat_turns_feed_only_their_own_text(chat_dir, capsys, monkeypatch):
     assert stats[2] == stats[0].replace(stats[0].split()[2], stats[2].split()[2])  # after /reset
 
 
+def test_an_unknown_command_lists_the_commands_and_a_double_slash_sends_a_slash(
+        chat_dir, capsys, monkeypatch):
+    prompts, _ = recorded_turns(monkeypatch)
+    out = piped_chat(capsys, monkeypatch, chat_dir, ["/bogus now", "//etc/hosts?", "/exit"])
+    template = sample.load_chat_template(str(chat_dir))
+    tokenizer = sample.load_text_tokenizer(str(chat_dir), 10 ** 6)
+    asked = [{"role": "user", "content": "/etc/hosts?"}]
+    assert prompts == [tokenizer.encode([sample.render_chat(template, asked)])[0]]
+    unknown = [line for line in out.err.splitlines() if "/bogus" in line]
+    assert unknown == [f"unknown command /bogus: {sample.COMMANDS}"]
+    assert all(command in unknown[0] for command in ("/save FILE", "/reset", "/exit", "//text"))
+
+
+def test_a_busy_machine_is_named_when_the_chat_starts(chat_dir, capsys, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (1000.0, 1.0, 1.0))  # busy with any core count
+    out = piped_chat(capsys, monkeypatch, chat_dir, ["Hi"])
+    assert out.err.startswith("note: the CPU is busy: load average 1000.0 over ")
+    assert out.err.splitlines()[0].endswith("available; expect slower than the docs' figures")
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 1.0, 1.0))
+    assert "busy" not in piped_chat(capsys, monkeypatch, chat_dir, ["Hi"]).err
+
+
 def test_piped_chat_saved_and_continued_answers_as_one_process(chat_dir, capsys, monkeypatch,
                                                                tmp_path):
     """Three turns piped in and /save, then a second process (a real one, piped: no prompt on
@@ -261,15 +284,60 @@ def test_chat_state_errors_are_one_line(chat_dir, tmp_path, capsys, monkeypatch)
     shutil.copytree(chat_dir, other)
     config = doge.Doge.from_pretrained(chat_dir).config
     doge.Doge(dataclasses.replace(config, keep_window_size=8)).save_pretrained(other)
-    piped_chat(capsys, monkeypatch, other, ["Hi", f"/save {tmp_path / 'narrow.pt'}"])
+    narrow = tmp_path / "narrow.pt"
+    piped_chat(capsys, monkeypatch, other, ["Hi", f"/save {narrow}"])
+    with pytest.raises(SystemExit) as e:
+        piped_chat(capsys, monkeypatch, chat_dir, [], f"--chat_state={narrow}")
+    fingerprints = [doge.model_fingerprint(doge.Doge.from_pretrained(d)) for d in (other, chat_dir)]
+    assert str(e.value) == (
+        f"error: --chat_state={narrow} was made by {other} (fingerprint {fingerprints[0]}), not by "
+        f"this model, {chat_dir} (fingerprint {fingerprints[1]}): give --init_from={other}, or "
+        f"leave --init_from and --out_dir out")
+    saved = torch.load(narrow)
+    del saved["model"]  # a file from before states recorded their model: the shape decides
+    torch.save(saved, narrow)
     with pytest.raises(SystemExit, match=r"narrow.pt: the state was made by a model of another "
                                          r"shape: keep_window_size 8 there, 16 here$"):
-        piped_chat(capsys, monkeypatch, chat_dir, [], f"--chat_state={tmp_path / 'narrow.pt'}")
+        piped_chat(capsys, monkeypatch, chat_dir, [], f"--chat_state={narrow}")
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(SystemExit, match=r"text.pt: not a saved conversation \(\w+\)$"):
         piped_chat(capsys, monkeypatch, chat_dir, [], f"--chat_state={tmp_path / 'text.pt'}")
     out = piped_chat(capsys, monkeypatch, chat_dir, ["/save", f"/save {tmp_path / 'no/such.pt'}"])
     assert "/save needs a file name" in out.err and "No such file or directory" in out.err
+
+
+def test_a_chat_state_alone_reopens_the_model_that_made_it(chat_dir, capsys, monkeypatch,
+                                                          tmp_path):
+    """The file records the model as given and its fingerprint; --chat_state=FILE alone goes on
+    with that model, as --init_from with it does."""
+    saved = tmp_path / "talk.pt"
+    piped_chat(capsys, monkeypatch, chat_dir, ["Hi", f"/save {saved}"])
+    record = torch.load(saved)["model"]
+    assert record == {"path": str(chat_dir),
+                      "fingerprint": doge.model_fingerprint(doge.Doge.from_pretrained(chat_dir))}
+    given = piped_chat(capsys, monkeypatch, chat_dir, ["And then?"], f"--chat_state={saved}")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("And then?\n"))
+    alone = run(capsys, f"--chat_state={saved}", "--temperature=0", "--max_new_tokens=8")
+    assert f"loaded {chat_dir}" in alone.err and "continuing" in alone.err
+    assert alone.out == given.out
+
+
+def test_the_fingerprint_tells_models_apart_whatever_their_dtype():
+    config = doge.DogeConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = randomize(doge.Doge(config))
+    fingerprint = doge.model_fingerprint(model)
+    assert len(fingerprint) == 16
+    bfloat16 = doge.Doge(config).to(torch.bfloat16)
+    bfloat16.load_state_dict(model.state_dict())
+    assert doge.model_fingerprint(bfloat16) == fingerprint
+    with torch.no_grad():
+        bfloat16.norm.weight[0] += 0.5
+    assert doge.model_fingerprint(bfloat16) != fingerprint
+    other = doge.Doge(dataclasses.replace(config, keep_window_size=8))
+    other.load_state_dict(model.state_dict())  # the same weights, another config
+    assert doge.model_fingerprint(other) != fingerprint
 
 
 def test_our_checkpoint_with_a_sentencepiece_tokenizer(tmp_path, capsys):
@@ -309,3 +377,46 @@ def test_clear_errors(tmp_path, model_dir):
     (small / "generation_config.json").write_text("[1]")
     with pytest.raises(SystemExit, match="generation_config.json: expected a JSON object"):
         sample.main([f"--init_from={small}", "--max_new_tokens=2"])
+
+
+def files_of(directory):
+    return {path.name: path.read_bytes() for path in directory.iterdir()}
+
+
+def test_reading_commands_skip_a_damaged_checkpoint_and_rename_nothing(tmp_path, capsys,
+                                                                        monkeypatch):
+    """Doge.from_pretrained, sample.py and eval.py on an out_dir: a damaged newest checkpoint is
+    skipped with a warning that quotes the error whole, on one line; with no intact one left,
+    one line says so. Every file stays as it was (only train.py's resume sets one aside)."""
+    config = doge.DogeConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    model = doge.Doge(config)
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(config)},
+               tmp_path / "ckpt_000010.pt")
+    (tmp_path / "ckpt_000020.pt").write_bytes((tmp_path / "ckpt_000010.pt").read_bytes()[:500])
+    before = files_of(tmp_path)
+    capsys.readouterr()
+    loaded = doge.Doge.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                  model.state_dict().values()))
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and warning.startswith(
+        f"warning: skipping {tmp_path / 'ckpt_000020.pt'}: cannot be read: ")
+    assert files_of(tmp_path) == before
+
+    os.remove(tmp_path / "ckpt_000010.pt")
+    before = files_of(tmp_path)
+    expected = (f"error: {tmp_path}: its only checkpoint, ckpt_000020.pt, is damaged "
+                f"(cannot be read: ")
+    for main in (sample.main, eval_script.main):
+        with pytest.raises(SystemExit) as e:
+            main([f"--out_dir={tmp_path}" if main is sample.main else f"--init_from={tmp_path}"])
+        assert str(e.value).startswith(expected) and "\n" not in str(e.value)
+        assert capsys.readouterr().err == "" and files_of(tmp_path) == before
+
+    def failing_load(*args, **kwargs):  # an error of several lines, quoted whole on one
+        raise RuntimeError("the first line\n  and the second, where the cause is.")
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(ValueError, match=r"\(cannot be read: RuntimeError: the first line and the "
+                                         r"second, where the cause is\.\)$"):
+        doge.Doge.from_pretrained(tmp_path)

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -663,8 +664,9 @@ def damage(path, how):
 
 @pytest.mark.parametrize("how", ["truncated", "empty", "not a checkpoint"])
 def test_a_damaged_newest_checkpoint_is_set_aside(tmp_path, data_dir, capsys, how):
-    """resume and Doge.from_pretrained(out_dir) warn in one line, keep the damaged file as
-    <name>.damaged and take the checkpoint before it; resume_ckpt naming it is refused."""
+    """resume and Doge.from_pretrained(out_dir) warn in one line and take the checkpoint before
+    it; resume (the writer) keeps the damaged file as <name>.damaged, from_pretrained (a reader)
+    leaves every file as it was; resume_ckpt naming it is refused."""
     full = run(data_dir, tmp_path / "full", "--max_iters=4", "--save_interval=2")
     out = tmp_path / "out"
     run(data_dir, out, "--max_iters=4", "--save_interval=2")
@@ -675,14 +677,16 @@ def test_a_damaged_newest_checkpoint_is_set_aside(tmp_path, data_dir, capsys, ho
     assert "ckpt_000004.pt" in one_line_exit(excinfo)
     import shutil
     shutil.copytree(out, tmp_path / "copy")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "copy").iterdir()
+              if path.is_file()}
     capsys.readouterr()
     model = train.Doge.from_pretrained(tmp_path / "copy")
     warning = capsys.readouterr().err.strip()
     assert "\n" not in warning and warning.startswith("warning:") and "ckpt_000004.pt" in warning
     assert torch.equal(model.state_dict()["norm.weight"],
                        load(out / "ckpt_000002.pt")["model"]["norm.weight"])
-    assert sorted(os.listdir(tmp_path / "copy"))[:2] == ["ckpt_000002.pt",
-                                                          "ckpt_000004.pt.damaged"]
+    assert before == {path.name: path.read_bytes() for path in (tmp_path / "copy").iterdir()
+                      if path.is_file()}
 
     resumed = run(data_dir, out, "--max_iters=4", "--save_interval=2", "--init_from=resume")
     warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
@@ -691,6 +695,53 @@ def test_a_damaged_newest_checkpoint_is_set_aside(tmp_path, data_dir, capsys, ho
     assert losses(resumed) == losses(full)
     assert_same_tensors(load(out / "ckpt_000004.pt")["model"],
                         load(tmp_path / "full" / "ckpt_000004.pt")["model"])
+
+
+def test_checkpoint_messages_name_the_files_a_run_writes(tmp_path, data_dir, capsys):
+    """With every checkpoint of a real run damaged: a reader's one line names the file the run
+    wrote and leaves it; resume's warnings name it and the name it is kept under."""
+    out = tmp_path / "out"
+    run(data_dir, out, "--max_iters=2", "--save_interval=1")
+    written = sorted(name for name in os.listdir(out) if name.startswith("ckpt_"))
+    assert written == ["ckpt_000001.pt", "ckpt_000002.pt"]
+    for name in written:
+        damage(out / name, "empty")
+    with pytest.raises(ValueError) as excinfo:
+        train.Doge.from_pretrained(out)
+    assert str(excinfo.value).startswith(f"{out}: all 2 of its checkpoints are damaged (the "
+                                         f"oldest, {written[0]}: cannot be read: ")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as excinfo:
+        run(data_dir, out, "--max_iters=2", "--init_from=resume")
+    warning = capsys.readouterr().err.strip()
+    kept = sorted(name for name in os.listdir(out) if name.startswith("ckpt_"))
+    assert kept == [name + ".damaged" for name in written]
+    assert warning.startswith(f"warning: skipping {out / written[1]}, kept as {kept[1]}: ")
+    assert f"(the oldest, {written[0]}: " in one_line_exit(excinfo)
+    assert one_line_exit(excinfo).endswith(f"), kept as {kept[0]}")
+
+
+def test_a_busy_machine_is_named_at_start_and_when_throughput_falls(tmp_path, data_dir, capsys,
+                                                                    monkeypatch):
+    """At start, one line with the load when the CPU is oversubscribed (the load injected); a
+    logged throughput under half of the run's best so far gets one line, once until it
+    recovers, with the load when the machine is busy."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (1000.0, 7.0, 7.0))  # busy with any core count
+    run(data_dir, tmp_path / "busy", "--max_iters=1")
+    assert capsys.readouterr().err.startswith("note: the CPU is busy: load average 1000.0 over ")
+    busy = "note: the CPU is busy: load average 7.0 over 2 cores available; expect slower..."
+    monkeypatch.setattr(train, "busy_machine_note", lambda: busy)
+    cfg = TrainConfig(out_dir=str(tmp_path / "log"))
+    os.makedirs(cfg.out_dir)
+    log = train.RunLog(cfg, types.SimpleNamespace(master=True, say=print), 0, {})
+    for step, (speed, busy) in enumerate([(1000, None), (1200, None), (500, None), (400, None),
+                                          (700, None), (550, busy), (100, busy)], 1):
+        log.write({"step": step, "tokens_per_sec": speed})
+    log.close()
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: 500 tokens/s, under half of this run's best (1,200)",
+                     "note: 550 tokens/s, under half of this run's best (1,200); the CPU is busy: "
+                     "load average 7.0 over 2 cores available; expect slower..."]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])

@@ -1,0 +1,289 @@
+"""Recall (MQAR): the generator's sequences and meta.json, train.py on them (val_acc, the sliding
+window of dynamic_mask=False), eval.py's recall scores and the mask's picture and statistics."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import doge
+import eval as eval_program
+import prepare_data
+import train
+from helpers import one_thread  # noqa: F401 (one_thread: a fixture)
+
+SMALL = dict(num_kv_pairs=3, seq_len=16, vocab_size=32, train_examples=600, val_examples=64)
+
+
+def prepare(directory, **settings):
+    return prepare_data.prepare_mqar(str(directory), **{**SMALL, **settings})
+
+
+@pytest.fixture(scope="module")
+def mqar_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mqar")
+    prepare(directory)
+    return directory
+
+
+def all_sequences(directory, split):
+    meta, tokens, supervised = prepare_data.read_mqar(str(directory), split)
+    return meta, tokens, supervised
+
+
+def test_every_sequence_is_pairs_then_each_key_once_as_a_query_followed_by_its_value(mqar_dir):
+    meta, tokens, supervised = all_sequences(mqar_dir, "train")
+    pairs, layout = SMALL["num_kv_pairs"], meta["layout"]
+    assert tokens.shape == (SMALL["train_examples"], SMALL["seq_len"])
+    for row, marks in zip(tokens, supervised):
+        keys, values = row[0:2 * pairs:2], row[1:2 * pairs:2]
+        assert len(set(keys)) == pairs and len(set(values)) == pairs  # distinct within a sequence
+        assert all(layout["keys"][0] <= k < layout["keys"][1] for k in keys)
+        assert all(layout["values"][0] <= v < layout["values"][1] for v in values)
+        value_of = dict(zip(keys.tolist(), values.tolist()))
+        answers = np.flatnonzero(marks)
+        assert len(answers) == pairs and answers.min() > 2 * pairs  # only the answers are trained on
+        queries = row[answers - 1]
+        assert sorted(queries.tolist()) == sorted(keys.tolist())  # every key asked once
+        assert [value_of[q] for q in queries.tolist()] == row[answers].tolist()
+        rest = np.ones(len(row), dtype=bool)
+        rest[:2 * pairs], rest[answers], rest[answers - 1] = False, False, False
+        assert all(layout["filler"][0] <= t < layout["filler"][1] for t in row[rest])
+    # the pairing is drawn afresh: the same key takes many values across sequences
+    first_key_values = {}
+    for row in tokens:
+        first_key_values.setdefault(int(row[0]), set()).add(int(row[1]))
+    assert max(len(values) for values in first_key_values.values()) > 3
+
+
+def test_meta_json_records_the_settings_and_the_layout(mqar_dir):
+    meta = prepare_data.read_meta(str(mqar_dir))
+    assert meta["kind"] == "conversations" and meta["task"] == "mqar" and meta["complete"]
+    assert {k: meta["settings"][k] for k in SMALL} == SMALL
+    layout = meta["layout"]
+    ranges = [layout[kind] for kind in ("keys", "values", "filler")]
+    assert ranges[0][0] == 0 and ranges[-1][1] == SMALL["vocab_size"]  # the vocabulary, whole
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:]))  # in order
+    assert meta["supervised"] == {"val": 64 * 3, "train": 600 * 3}
+    assert meta["tokenizer"] is None
+
+
+def test_train_and_val_are_disjoint_and_drawn_from_separate_seeds(mqar_dir, tmp_path):
+    _, train_tokens, _ = all_sequences(mqar_dir, "train")
+    _, val_tokens, _ = all_sequences(mqar_dir, "val")
+    assert not {r.tobytes() for r in val_tokens} & {r.tobytes() for r in train_tokens}
+    # settings with only 9 distinct sequences (1 pair, no filler): a clash is drawn again
+    prepare(tmp_path / "few", num_kv_pairs=1, seq_len=4, vocab_size=8, train_examples=50,
+            val_examples=3)
+    _, few_train, _ = all_sequences(tmp_path / "few", "train")
+    _, few_val, _ = all_sequences(tmp_path / "few", "val")
+    assert not {r.tobytes() for r in few_val} & {r.tobytes() for r in few_train}
+    assert len(few_train) == 50
+    with pytest.raises(ValueError, match="too few distinct sequences"):
+        prepare(tmp_path / "none", num_kv_pairs=1, seq_len=4, vocab_size=8, train_examples=50,
+                val_examples=400)
+    # the same seed gives the same data; another seed other data
+    prepare(tmp_path / "again")
+    assert np.array_equal(all_sequences(tmp_path / "again", "train")[1], train_tokens)
+    prepare(tmp_path / "other", seed=7)
+    assert not np.array_equal(all_sequences(tmp_path / "other", "train")[1], train_tokens)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_kv_pairs=8", "--seq_len=30"], "cannot hold --num_kv_pairs 8"),
+    (["--num_kv_pairs=20", "--seq_len=100", "--vocab_size=40"], "give --vocab_size >= 53"),
+    (["--num_kv_pairs=0"], "--num_kv_pairs must be a positive integer"),
+    (["--val_examples=-1"], "--val_examples must be a positive integer"),
+])
+def test_bad_settings_are_refused_in_one_line(tmp_path, args, message):
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_data.main(["--mqar", f"--out_dir={tmp_path / 'm'}", *args])
+    text = str(excinfo.value.code)
+    assert message in text and "\n" not in text
+    assert not (tmp_path / "m" / "meta.json").exists()
+
+
+def test_the_smallest_vocabulary_named_in_the_error_is_enough(tmp_path):
+    prepare(tmp_path / "m", num_kv_pairs=20, seq_len=100, vocab_size=53)  # the message's figure
+    with pytest.raises(ValueError, match=">= 53"):
+        prepare(tmp_path / "n", num_kv_pairs=20, seq_len=100, vocab_size=52)
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.py on models whose answers are known
+
+
+class Recaller(torch.nn.Module):
+    """A model that answers each query with the value its key had, except where the pair lies more
+    than `reach` positions back: then it answers the first value id (wrong, as values are distinct
+    ... unless that is the right one)."""
+
+    def __init__(self, meta, reach):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(1, 1)
+        self.pairs, self.vocab, self.reach = (meta["settings"]["num_kv_pairs"],
+                                              meta["vocab_size"], reach)
+        self.wrong = meta["layout"]["values"][0]
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, self.vocab)
+        for b, row in enumerate(idx.tolist()):
+            value_at = {row[2 * i]: (2 * i, row[2 * i + 1]) for i in range(self.pairs)}
+            for t, token in enumerate(row):
+                if t >= 2 * self.pairs and token in value_at:
+                    key_at, value = value_at[token]
+                    logits[b, t, value if t - key_at <= self.reach else self.wrong] = 1.0
+        return logits, None
+
+
+def test_recall_accuracy_and_distances_match_a_hand_count(mqar_dir):
+    meta, tokens, supervised = all_sequences(mqar_dir, "val")
+    reach = 8
+    right, distance = eval_program.mqar_recall(Recaller(meta, reach), tokens, supervised,
+                                               meta["settings"]["num_kv_pairs"], 16,
+                                               torch.autocast("cpu", enabled=False))
+    expected, distances = [], []
+    for row, marks in zip(tokens, supervised):
+        for answer in np.flatnonzero(marks):
+            key_at = 2 * row[0:6:2].tolist().index(row[answer - 1])
+            distances.append(answer - 1 - key_at)
+            expected.append(distances[-1] <= reach or row[answer] == meta["layout"]["values"][0])
+    assert distance.tolist() == distances
+    assert right.tolist() == expected
+    assert 0 < right.mean() < 1  # the hand-made model is right near and wrong far
+
+
+def tiny_model(meta, keep_window_size, seed=0):
+    torch.manual_seed(seed)
+    config = doge.DogeConfig(vocab_size=meta["vocab_size"], hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                             keep_window_size=keep_window_size, max_position_embeddings=64)
+    return doge.Doge(config).eval()
+
+
+def test_kept_keys_at_a_held_a_is_the_sliding_window(mqar_dir):
+    meta, tokens, _ = all_sequences(mqar_dir, "val")
+    model = tiny_model(meta, keep_window_size=5)  # A = 0 at initialisation: every key ties
+    kept = eval_program.kept_keys(model, torch.from_numpy(tokens[:4]))
+    q, kv = np.indices((16, 16))
+    window = (kv <= q) & (kv > q - 5)
+    assert len(kept) == 2 and kept[0].shape == (4, 2, 16, 16)
+    assert all((layer == window).all() for layer in kept)
+    assert eval_program.mask_kind(model, 16) == "sliding"
+    with torch.no_grad():
+        model.layers[1].self_attn.A.fill_(-1.0)
+    assert eval_program.mask_kind(model, 16) == "dynamic"
+    assert eval_program.mask_kind(tiny_model(meta, keep_window_size=16), 16) == "full"
+
+
+def test_mask_shares_on_a_hand_made_dt():
+    # 8 positions: key value key value | query answer filler filler; W = 3 keeps the values
+    kinds = np.array([[0, 1, 0, 1, 2, 3, 4, 4]])
+    dt = torch.tensor([[[0.1, 5.0, 0.2, 6.0, 0.3, 0.4, 0.05, 0.06]]])  # (B=1, Hb=1, T=8)
+    death = doge.key_deaths_by_definition(dt, 3)[0, 0]
+    position = torch.arange(8)
+    kept = ((position <= position[:, None]) & (position[:, None] < death)).numpy()[None, None]
+    # query at 6 asks for the first pair (value at 1), the one at 4 for the second (value at 3)
+    shares, value_kept = eval_program.mask_shares(kept, kinds, np.array([0, 0]), np.array([4, 6]),
+                                                  np.array([1, 3]))
+    # at 4: keys 0..4 seen, the 3 best are the two values and the query (dt 0.3)
+    # at 6: the two values and the answer (dt 0.4): 3 + 3 kept keys
+    assert shares["value"][0] == pytest.approx(4 / 6)
+    assert shares["query"][0] == pytest.approx(1 / 6)
+    assert shares["answer"][0] == pytest.approx(1 / 6)
+    assert shares["key"][0] == shares["filler"][0] == 0
+    assert value_kept.tolist() == [1.0]
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: prepare, a few steps of train.py, eval.py
+
+
+def train_run(mqar_dir, out_dir, *args):
+    train.main([f"--data_dir={mqar_dir}", f"--out_dir={out_dir}", "--model=None",
+                "--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=2",
+                "--num_attention_heads=2", "--num_key_value_heads=2",
+                "--max_position_embeddings=64", "--batch_size=16", "--block_size=16",
+                "--total_batch_size=256", "--max_iters=6", "--warmup_iters=1", "--decay_iters=2",
+                "--learning_rate=1e-2", "--eval_interval=3", "--eval_iters=4", "--log_interval=3",
+                "--save_interval=0", "--device=cpu", *args])
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_eval_end_to_end(mqar_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    records = train_run(mqar_dir, out, "--keep_window_size=8")
+    evaluations = [r for r in records if "val_acc" in r]
+    assert [r["step"] for r in evaluations] == [0, 3, 6]
+    assert not (out / "tokenizer.json").exists() and not (out / "hf").exists()
+    capsys.readouterr()
+    eval_program.main([f"--task=mqar", f"--init_from={out}", f"--data_dir={mqar_dir}"])
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert result["n"] == 64 * 3 and result["keep_window_size"] == 8
+    assert result["mask"] == "dynamic"  # A trained away from 0
+    # eval.py counts what train.py's val_acc counts: the same 64 sequences, the same model
+    assert result["acc"] == pytest.approx(evaluations[-1]["val_acc"], abs=1e-9)
+
+
+def test_dynamic_mask_false_holds_a_at_zero_a_sliding_window(mqar_dir, tmp_path, capsys):
+    out = tmp_path / "sliding"
+    train_run(mqar_dir, out, "--keep_window_size=8", "--dynamic_mask=False")
+    checkpoint = torch.load(out / "ckpt_000006.pt", weights_only=True)
+    a_values = [v for k, v in checkpoint["model"].items() if k.endswith("self_attn.A")]
+    assert len(a_values) == 2 and all((a == 0).all() for a in a_values)
+    trained = sum(len(group["params"]) for group in checkpoint["optimizer"]["param_groups"])
+    model = doge.Doge.from_pretrained(str(out))
+    assert trained == sum(1 for p in model.parameters()) - 2  # A is no optimizer's
+    capsys.readouterr()
+    eval_program.main([f"--task=mqar", f"--init_from={out}", f"--data_dir={mqar_dir}",
+                       f"--plot={tmp_path / 'recall.png'}"])
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert result["mask"] == "sliding"
+    if eval_program_has_matplotlib():
+        assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def eval_program_has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_the_mask_picture_of_an_mqar_sequence_and_its_statistics(mqar_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    meta = prepare_data.read_meta(str(mqar_dir))
+    directory = tmp_path / "model"
+    tiny_model(meta, keep_window_size=6).save_pretrained(str(directory))
+    eval_program.main(["--task=mask", f"--init_from={directory}", f"--data_dir={mqar_dir}",
+                       "--example=5", f"--out={tmp_path / 'mask.png'}", "--limit=16"])
+    assert (tmp_path / "mask.png").read_bytes()[:4] == b"\x89PNG"
+    err = capsys.readouterr().err
+    rows = [line.split() for line in err.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 4  # 2 layers x 2 bias heads
+    for row in rows:  # a sliding window of 6 at A = 0: shares add up to all kept keys
+        shares = [float(cell.rstrip("%")) for cell in row[2:7]]
+        assert sum(shares) == pytest.approx(100, abs=0.5)
+
+
+def test_mask_and_plot_without_matplotlib_say_so_in_one_line(mqar_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    meta = prepare_data.read_meta(str(mqar_dir))
+    directory = tmp_path / "model"
+    tiny_model(meta, keep_window_size=6).save_pretrained(str(directory))
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        eval_program.main(["--task=mask", f"--init_from={directory}", f"--data_dir={mqar_dir}",
+                           f"--out={tmp_path / 'mask.png'}", "--limit=4"])
+    assert not (tmp_path / "mask.png").exists()
+
+
+def test_eval_mqar_refuses_data_that_is_not_mqar(tmp_path, mqar_dir):
+    with pytest.raises(SystemExit, match="holds no MQAR data"):
+        eval_program.main(["--task=mqar", f"--init_from={tmp_path}", f"--data_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="matches nothing"):
+        eval_program.main(["--task=mqar", f"--init_from={tmp_path}/nothing-*",
+                           f"--data_dir={mqar_dir}"])
