@@ -31,8 +31,9 @@ import torch
 from configurator import apply_config
 from doge import (Doge, decode_step, decoding_weights, join_caches, local_model_path,
                   output_logits, sample_next)
-from prepare_data import (document_start, end_of_turn_text, load_chat_template,
-                          load_text_tokenizer, render_chat, stop_ids, tokenizer_directory)
+from prepare_data import (busy_machine_note, document_start, end_of_turn_text,
+                          load_chat_template, load_text_tokenizer, render_chat, stop_ids,
+                          tokenizer_directory)
 
 try:
     import uvicorn
@@ -558,6 +559,8 @@ def serve(cfg):
     app = make_app(cfg, model, tokenizer, chat_template, stop)
     print(f"serving {cfg.model_name or cfg.init_from} at "
           f"http://{cfg.host}:{listening.getsockname()[1]}/v1", file=sys.stderr, flush=True)
+    if busy := busy_machine_note():
+        print(busy, file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listening])
     app.state.engine.close()
 
