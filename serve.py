@@ -145,6 +145,7 @@ class Job:
     cache: object = None  # its own cache while its prompt is fed, then a row of the batch's
     generator: object = None
     prompt_tokens: int = 0
+    continues: tuple | None = None  # the key of the kept state it continues
 
     def send(self, *item):
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -226,6 +227,7 @@ class Engine:
             found = self.states.continued(tokens=tokens)
             new = tokens[len(found[0]) + len(found[1].pending):] if found else tokens
         job.held, pending = (list(found[0]), found[1].pending) if found else ([], [])
+        job.continues = found[0] if found else None
         job.prompt_tokens = len(job.held) + len(pending) + len(new)
         job.to_feed = [pending + new]
         config = self.model.config
@@ -321,6 +323,9 @@ class Engine:
             text = render_chat(self.template, job.messages + [
                 {"role": "assistant", "content": reply}], add_generation_prompt=False)
         if job.messages is None or text is not None:
+            # the state it continued gives way to this one: one state a conversation (a client
+            # that goes back a turn costs one re-encode)
+            self.states.drop(job.continues)
             self.states.keep(job.held, state, pending, text)
         self.ended += 1
         job.send("end", finish_reason, {
