@@ -18,7 +18,11 @@ tokens with keep_window_size 1024: ms/token before and after the window fills), 
 forward+backward with 1024 experts, top 8), chat (a 200-turn conversation, 40-token
 prompts and 30-token replies: ms per turn at turns 10, 50, 100 and 200 and peak memory, ours on
 one continued state against the reference with its cache carried and re-encoding the history;
-18 minutes on 2 cores shared with other work), tiny (train.py's tokens/s and MFU on the CPU demo
+18 minutes on 2 cores shared with other work), serve (serve.py and `transformers serve` on one
+exported Doge-20M, driven by the openai client: seconds per turn of a 100-turn conversation,
+the turn at which a server stops answering, peak server memory, reply tokens/s of 1 and 8
+conversations at once; needs openai and httpx, and for the reference `transformers[serving]`),
+tiny (train.py's tokens/s and MFU on the CPU demo
 config), tokenize (prepare_data end to end against bare SentencePiece encode, same processes; and
 prepare_data.py at its default settings on one big .txt file of each --big_text_mb size: MB/s and
 the peak memory of it and its workers, which streaming keeps the same whatever the size),
