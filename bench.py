@@ -342,6 +342,7 @@ SERVE_TURNS = 100  # of SERVE_PROMPT-token user turns and SERVE_REPLY-token gree
 SERVE_PROMPT, SERVE_REPLY = 40, 30
 SERVE_CONCURRENT, SERVE_CONCURRENT_TURNS = 8, 4  # conversations at once, turns each
 SERVE_ROUNDS = 2  # tokens/s of 1 and of SERVE_CONCURRENT conversations, measured in turns
+SERVE_BUDGET = 900  # seconds the long conversation may take; a slower server stops there
 SERVE_WORDS = ("the quick brown fox jumps over the lazy dog while a small language model writes "
                "short sentences about rivers mountains cities numbers colours and music").split()
 
@@ -453,8 +454,9 @@ def peak_server_mb(process):
 
 
 def case_serve(which, turns=SERVE_TURNS):
-    """Seconds per turn at turns 10, 50 and 100 of one conversation, the turn at which the
-    server stopped answering (if it did), its peak memory, and reply tokens/s for 1 and
+    """Seconds per turn at turns 10, 50 and 100 of one conversation (the median of the five
+    turns ending there), the turn at which the server stopped answering or the turns it served
+    in SERVE_BUDGET seconds (if fewer than all), its peak memory, and reply tokens/s for 1 and
     SERVE_CONCURRENT conversations at once."""
     import random
     try:
@@ -471,13 +473,17 @@ def case_serve(which, turns=SERVE_TURNS):
         export_chat_model(directory)
         with running_server(which, directory, torch.get_num_threads()) as (process, url, model):
             client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-            messages, rng, seconds, stopped = [], random.Random(0), [], None
+            messages, rng, seconds, stopped = [], random.Random(0), [], {}
             for turn in range(1, turns + 1):
+                if sum(seconds) > SERVE_BUDGET:
+                    stopped = {"turns_in_budget_s": len(seconds)}
+                    break
                 try:
                     seconds.append(serve_turn(client, model, messages, rng)[0])
                 except openai.APIStatusError as e:  # the reference past its positions
                     stopped = {"stopped_at_turn": turn, "stopped_status": e.status_code}
                     break
+                print(f"turn {turn}: {seconds[-1]:.2f} s", file=sys.stderr, flush=True)
             figures = {f"ms_turn_{t}": 1e3 * float(np.median(seconds[t - 5:t]))
                        for t in (10, 50, 100) if t <= len(seconds)}
             if "ms_turn_100" in figures:
@@ -486,7 +492,7 @@ def case_serve(which, turns=SERVE_TURNS):
             for _ in range(SERVE_ROUNDS):  # in turns: the best of each, on a shared machine
                 single = max(single, served_tokens_per_sec(client, model, 1))
                 together = max(together, served_tokens_per_sec(client, model, SERVE_CONCURRENT))
-            return {**figures, **(stopped or {}), "peak_mb": peak_server_mb(process),
+            return {**figures, **stopped, "peak_mb": peak_server_mb(process),
                     "tokens_per_sec_1": single, f"tokens_per_sec_{SERVE_CONCURRENT}": together,
                     f"x{SERVE_CONCURRENT}/x1": together / single}
 

@@ -96,6 +96,15 @@ def test_the_openai_client_holds_a_conversation_streamed_and_not(chat_dir):
         pieces = client(url).completions.create(model=NAME, prompt="the quick", max_tokens=6,
                                                 temperature=0, stream=True)
         assert "".join(chunk.choices[0].text for chunk in pieces) == text.choices[0].text
+        full = text.choices[0].text
+        stop = full[3:5]  # cut before its first occurrence, streamed or not
+        for stream in (False, True):
+            cut = client(url).completions.create(model=NAME, prompt="the quick", max_tokens=6,
+                                                 temperature=0, stop=[stop, "never"],
+                                                 stream=stream)
+            chunks = list(cut) if stream else [cut]
+            assert "".join(chunk.choices[0].text for chunk in chunks) == full[:full.find(stop)]
+            assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_turns_continue_their_state_and_equal_sample_chat_and_a_forward_pass(
