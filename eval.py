@@ -651,11 +651,14 @@ def print_mask_shares(model, tokens, supervised, meta, device):
         f"kind, and how often the queried pair's value is kept")
     log(f"{'layer':>5} {'head':>4} " + " ".join(f"{kind:>7}" for kind in MQAR_KINDS) +
         f" {'value kept':>10}")
-    for layer, kept_in_layer in enumerate(kept):
-        shares, value_kept = mask_shares(kept_in_layer, kinds, rows, query_at, key_at + 1)
-        for head in range(len(value_kept)):
-            log(f"{layer:>5} {head:>4} " + " ".join(f"{shares[k][head]:>7.1%}" for k in MQAR_KINDS)
-                + f" {value_kept[head]:>10.1%}")
+    for layer, kept_in_layer in enumerate(kept):  # each bias head, then the keys any head keeps
+        for heads, names in ((kept_in_layer, range(kept_in_layer.shape[1])),
+                             (kept_in_layer.any(axis=1, keepdims=True), ["any"])):
+            shares, value_kept = mask_shares(heads, kinds, rows, query_at, key_at + 1)
+            for head, name in enumerate(names):
+                log(f"{layer:>5} {name:>4} " + " ".join(f"{shares[k][head]:>7.1%}"
+                                                        for k in MQAR_KINDS)
+                    + f" {value_kept[head]:>10.1%}")
 
 
 def mqar_data(data_dir):

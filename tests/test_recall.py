@@ -264,10 +264,12 @@ def test_the_mask_picture_of_an_mqar_sequence_and_its_statistics(mqar_dir, tmp_p
     assert (tmp_path / "mask.png").read_bytes()[:4] == b"\x89PNG"
     err = capsys.readouterr().err
     rows = [line.split() for line in err.splitlines() if line.strip()[:1].isdigit()]
-    assert len(rows) == 4  # 2 layers x 2 bias heads
+    assert [row[:2] for row in rows] == [["0", "0"], ["0", "1"], ["0", "any"],
+                                         ["1", "0"], ["1", "1"], ["1", "any"]]
     for row in rows:  # a sliding window of 6 at A = 0: shares add up to all kept keys
         shares = [float(cell.rstrip("%")) for cell in row[2:7]]
         assert sum(shares) == pytest.approx(100, abs=0.5)
+    assert len({tuple(row[2:]) for row in rows}) == 1  # every head keeps the same window
 
 
 def test_mask_and_plot_without_matplotlib_say_so_in_one_line(mqar_dir, tmp_path, monkeypatch):
