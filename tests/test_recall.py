@@ -289,3 +289,17 @@ def test_eval_mqar_refuses_data_that_is_not_mqar(tmp_path, mqar_dir):
     with pytest.raises(SystemExit, match="matches nothing"):
         eval_program.main(["--task=mqar", f"--init_from={tmp_path}/nothing-*",
                            f"--data_dir={mqar_dir}"])
+
+
+def test_resuming_with_the_other_mask_is_refused_in_one_line(mqar_dir, tmp_path):
+    out = tmp_path / "sliding"
+    train_run(mqar_dir, out, "--keep_window_size=8", "--dynamic_mask=False")
+    with pytest.raises(SystemExit) as excinfo:
+        train_run(mqar_dir, out, "--keep_window_size=8", "--init_from=resume", "--max_iters=8")
+    message = str(excinfo.value.code)
+    assert "dynamic_mask=False: resume with the same" in message and "\n" not in message
+    records = train_run(mqar_dir, out, "--keep_window_size=8", "--dynamic_mask=False",
+                        "--init_from=resume", "--max_iters=9")
+    assert records[-1]["step"] == 9
+    checkpoint = torch.load(out / "ckpt_000009.pt", weights_only=True)
+    assert all((v == 0).all() for k, v in checkpoint["model"].items() if k.endswith(".A"))
