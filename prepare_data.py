@@ -2092,7 +2092,8 @@ def main(argv=None):
     try:
         if mqar.pop("mqar"):
             if args["out_dir"] == DEFAULT_DATA_DIR:
-                raise ValueError(f"--mqar needs --out_dir (data/mqar, say): {DEFAULT_DATA_DIR} holds the default corpus")
+                raise ValueError(f"--mqar needs --out_dir (data/mqar, say): {DEFAULT_DATA_DIR} holds the "
+                                 f"default corpus")
             return prepare_mqar(args["out_dir"], vocab_size=args["vocab_size"], seed=seed,
                                 shard_tokens=args["shard_tokens"], **mqar)
         if chat:

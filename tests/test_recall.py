@@ -44,7 +44,7 @@ def test_every_sequence_is_pairs_then_each_key_once_as_a_query_followed_by_its_v
         assert all(layout["values"][0] <= v < layout["values"][1] for v in values)
         value_of = dict(zip(keys.tolist(), values.tolist()))
         answers = np.flatnonzero(marks)
-        assert len(answers) == pairs and answers.min() > 2 * pairs  # only the answers are trained on
+        assert len(answers) == pairs and answers.min() > 2 * pairs  # only answers are trained
         queries = row[answers - 1]
         assert sorted(queries.tolist()) == sorted(keys.tolist())  # every key asked once
         assert [value_of[q] for q in queries.tolist()] == row[answers].tolist()
