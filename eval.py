@@ -421,7 +421,8 @@ def mqar_kinds(tokens, meta):
     for kind, name in (("keys", "query"), ("values", "answer")):
         start, end = layout[kind]
         kinds[(tokens >= start) & (tokens < end)] = MQAR_KINDS.index(name)
-    kinds[:, 0:2 * pairs:2], kinds[:, 1:2 * pairs:2] = MQAR_KINDS.index("key"), MQAR_KINDS.index("value")
+    kinds[:, 0:2 * pairs:2] = MQAR_KINDS.index("key")
+    kinds[:, 1:2 * pairs:2] = MQAR_KINDS.index("value")
     return kinds
 
 
@@ -493,9 +494,9 @@ def print_recall_table(results):
     log(f"{'run':<28} {'mask':<8} {'W':>5} {'queries':>8} {'acc':>7}  by distance " +
         " ".join(f"{b:>7}" for b in bins))
     for r in results:
+        by_distance = " ".join(f"{r['acc_by_distance'].get(b, math.nan):>7.3f}" for b in bins)
         log(f"{r['init_from'][-28:]:<28} {r['mask']:<8} {r['keep_window_size']:>5} {r['n']:>8} "
-            f"{r['acc']:>7.4f}  {'':11} " + " ".join(f"{r['acc_by_distance'].get(b, math.nan):>7.3f}"
-                                                    for b in bins))
+            f"{r['acc']:>7.4f}  {'':11} {by_distance}")
     log(f"\n{'mask':<8} {'W':>5} {'runs':>5} {'mean acc':>9} {'min':>7} {'max':>7}")
     for (kind, window), accs in recall_groups(results):
         log(f"{kind:<8} {window:>5} {len(accs):>5} {mean(accs):>9.4f} {min(accs):>7.4f} "
@@ -524,7 +525,8 @@ def plot_recall(results, path, seq_len):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, colour in (("full", "black"), ("dynamic", "tab:blue"), ("sliding", "tab:orange")):
-        points = [(min(r["keep_window_size"], seq_len), r["acc"]) for r in results if r["mask"] == kind]
+        points = [(min(r["keep_window_size"], seq_len), r["acc"]) for r in results
+                  if r["mask"] == kind]
         if points:
             ax.scatter(*zip(*points), label=kind, color=colour, alpha=0.7)
     ax.set(xlabel="keep_window_size", ylabel="recall accuracy", ylim=(-0.02, 1.02),
@@ -606,7 +608,8 @@ def mqar_labels(tokens, meta):
     """Axis labels of an MQAR sequence: k3 for key id 3, v5 for the fifth value id, . for filler."""
     start = meta["layout"]["values"][0]
     filler = meta["layout"]["filler"][0]
-    return [f"k{t}" if t < start else f"v{t - start}" if t < filler else "." for t in tokens.tolist()]
+    return [f"k{t}" if t < start else f"v{t - start}" if t < filler else "."
+            for t in tokens.tolist()]
 
 
 MASK_TOKENS = 96  # text drawn at most: wider pictures are unreadable
@@ -634,7 +637,8 @@ def run_mask(cfg, model, path, device):
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         ids = np.array(tokenizer.encode_prompt(cfg.text)[:MASK_TOKENS])
-        kinds, labels = None, [tokenizer.decode([t]) or repr(tokenizer.decode([t])) for t in ids.tolist()]
+        # each token's text as Python writes it in quotes: a newline reads \n on the axis
+        kinds, labels = None, [repr(tokenizer.decode([t]))[1:-1] for t in ids.tolist()]
         title = f"{path}: {len(ids)} tokens of --text"
     kept = kept_keys(model, torch.from_numpy(ids[None]).to(device))
     draw_mask([layer[0] for layer in kept], labels, kinds, cfg.out,
@@ -651,11 +655,14 @@ def print_mask_shares(model, tokens, supervised, meta, device):
         f"kind, and how often the queried pair's value is kept")
     log(f"{'layer':>5} {'head':>4} " + " ".join(f"{kind:>7}" for kind in MQAR_KINDS) +
         f" {'value kept':>10}")
-    for layer, kept_in_layer in enumerate(kept):
-        shares, value_kept = mask_shares(kept_in_layer, kinds, rows, query_at, key_at + 1)
-        for head in range(len(value_kept)):
-            log(f"{layer:>5} {head:>4} " + " ".join(f"{shares[k][head]:>7.1%}" for k in MQAR_KINDS)
-                + f" {value_kept[head]:>10.1%}")
+    for layer, kept_in_layer in enumerate(kept):  # each bias head, then the keys any head keeps
+        for heads, names in ((kept_in_layer, range(kept_in_layer.shape[1])),
+                             (kept_in_layer.any(axis=1, keepdims=True), ["any"])):
+            shares, value_kept = mask_shares(heads, kinds, rows, query_at, key_at + 1)
+            for head, name in enumerate(names):
+                log(f"{layer:>5} {name:>4} " + " ".join(f"{shares[k][head]:>7.1%}"
+                                                        for k in MQAR_KINDS)
+                    + f" {value_kept[head]:>10.1%}")
 
 
 def mqar_data(data_dir):

@@ -2106,19 +2106,21 @@ def parse_args(argv=None):
     add("--seq_len", type=as_int, default=MQAR_DEFAULTS["seq_len"], help="--mqar: tokens a sequence")
     add("--train_examples", type=as_int, default=MQAR_DEFAULTS["train_examples"], help="--mqar: training sequences")
     add("--val_examples", type=as_int, default=MQAR_DEFAULTS["val_examples"], help="--mqar: validation sequences")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.vocab_size is None:
+        args.vocab_size = MQAR_DEFAULTS["vocab_size"] if args.mqar else 32768
+    return args
 
 
 def main(argv=None):
     args = vars(parse_args(argv))
     chat, val_inputs, seed = args.pop("chat"), args.pop("val_inputs"), args.pop("seed")
     mqar = {key: args.pop(key) for key in ("mqar", "num_kv_pairs", "seq_len", "train_examples", "val_examples")}
-    if args["vocab_size"] is None:
-        args["vocab_size"] = MQAR_DEFAULTS["vocab_size"] if mqar["mqar"] else 32768
     try:
         if mqar.pop("mqar"):
             if args["out_dir"] == DEFAULT_DATA_DIR:
-                raise ValueError(f"--mqar needs --out_dir (data/mqar, say): {DEFAULT_DATA_DIR} holds the default corpus")
+                raise ValueError(f"--mqar needs --out_dir (data/mqar, say): {DEFAULT_DATA_DIR} holds the "
+                                 f"default corpus")
             return prepare_mqar(args["out_dir"], vocab_size=args["vocab_size"], seed=seed,
                                 shard_tokens=args["shard_tokens"], **mqar)
         if chat:

@@ -275,11 +275,11 @@ def evaluator(cfg, model, eval_model, val_loader, run, chat):
             with run.autocast:
                 if chat:
                     sums += supervised_scores(model, x, y)
-                    continue
-                _, loss = eval_model(x, y, keep_logits=False)
-            targets = (y != -1).sum()
-            sums += torch.stack([loss.float() * targets, torch.zeros_like(sums[0]),
-                                 targets.float()])
+                else:
+                    _, loss = eval_model(x, y, keep_logits=False)
+                    targets = (y != -1).sum().float()
+                    sums += torch.stack([loss.float() * targets, torch.zeros_like(targets),
+                                         targets])
         if run.ddp:
             dist.all_reduce(sums)
         nats, right, targets = sums.tolist()
@@ -793,6 +793,9 @@ def restore(cfg, run, checkpoint, optimizer, train_loader):
     start_step, before = checkpoint["step"], checkpoint["train_config"]
     need(start_step <= cfg.max_iters,
          f"the checkpoint is at step {start_step}, past max_iters {cfg.max_iters}")
+    need(before.get("dynamic_mask", True) == cfg.dynamic_mask, f"the checkpoint was trained "
+         f"with dynamic_mask={before.get('dynamic_mask', True)}: resume with the same (the "
+         f"optimizer holds A or not)")
     need(set(checkpoint["data_position"]) == set(train_loader.state_dict()),
          f"the checkpoint was made reading other data than {cfg.data_dir} (conversations and a "
          f"token stream do not mix; to fine-tune a pretrained model, give its checkpoint as "

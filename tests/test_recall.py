@@ -44,7 +44,7 @@ def test_every_sequence_is_pairs_then_each_key_once_as_a_query_followed_by_its_v
         assert all(layout["values"][0] <= v < layout["values"][1] for v in values)
         value_of = dict(zip(keys.tolist(), values.tolist()))
         answers = np.flatnonzero(marks)
-        assert len(answers) == pairs and answers.min() > 2 * pairs  # only the answers are trained on
+        assert len(answers) == pairs and answers.min() > 2 * pairs  # only answers are trained
         queries = row[answers - 1]
         assert sorted(queries.tolist()) == sorted(keys.tolist())  # every key asked once
         assert [value_of[q] for q in queries.tolist()] == row[answers].tolist()
@@ -264,10 +264,12 @@ def test_the_mask_picture_of_an_mqar_sequence_and_its_statistics(mqar_dir, tmp_p
     assert (tmp_path / "mask.png").read_bytes()[:4] == b"\x89PNG"
     err = capsys.readouterr().err
     rows = [line.split() for line in err.splitlines() if line.strip()[:1].isdigit()]
-    assert len(rows) == 4  # 2 layers x 2 bias heads
+    assert [row[:2] for row in rows] == [["0", "0"], ["0", "1"], ["0", "any"],
+                                         ["1", "0"], ["1", "1"], ["1", "any"]]
     for row in rows:  # a sliding window of 6 at A = 0: shares add up to all kept keys
         shares = [float(cell.rstrip("%")) for cell in row[2:7]]
         assert sum(shares) == pytest.approx(100, abs=0.5)
+    assert len({tuple(row[2:]) for row in rows}) == 1  # every head keeps the same window
 
 
 def test_mask_and_plot_without_matplotlib_say_so_in_one_line(mqar_dir, tmp_path, monkeypatch):
@@ -287,3 +289,17 @@ def test_eval_mqar_refuses_data_that_is_not_mqar(tmp_path, mqar_dir):
     with pytest.raises(SystemExit, match="matches nothing"):
         eval_program.main(["--task=mqar", f"--init_from={tmp_path}/nothing-*",
                            f"--data_dir={mqar_dir}"])
+
+
+def test_resuming_with_the_other_mask_is_refused_in_one_line(mqar_dir, tmp_path):
+    out = tmp_path / "sliding"
+    train_run(mqar_dir, out, "--keep_window_size=8", "--dynamic_mask=False")
+    with pytest.raises(SystemExit) as excinfo:
+        train_run(mqar_dir, out, "--keep_window_size=8", "--init_from=resume", "--max_iters=8")
+    message = str(excinfo.value.code)
+    assert "dynamic_mask=False: resume with the same" in message and "\n" not in message
+    records = train_run(mqar_dir, out, "--keep_window_size=8", "--dynamic_mask=False",
+                        "--init_from=resume", "--max_iters=9")
+    assert records[-1]["step"] == 9
+    checkpoint = torch.load(out / "ckpt_000009.pt", weights_only=True)
+    assert all((v == 0).all() for k, v in checkpoint["model"].items() if k.endswith(".A"))
