@@ -493,3 +493,22 @@ def test_a_ragged_cache_decodes_each_row_at_its_own_position(overrides):
         assert taken_out.length == 11 and taken_out.layers[0].size == 8
         more = torch.randperm(97)[:3].unsqueeze(0)
         assert_close_to_scale(model(more, cache=taken_out)[0], model(more, cache=caches[0])[0])
+
+
+@pytest.mark.parametrize("prompt_length", [3, 20])
+def test_a_cache_grows_its_slots_as_keys_come(monkeypatch, prompt_length):
+    """With 2 slots at first (doubled as keys come, up to the window of 8), decoding after a
+    prompt fed in one piece gives one forward pass's logits, a ragged cache too, and the buffers
+    end at W + 1 slots."""
+    monkeypatch.setattr(doge, "FIRST_CACHE_SLOTS", 2)
+    model = random_model()
+    idx = torch.stack([torch.randperm(97)[:40] for _ in range(2)])
+    with torch.no_grad():
+        full = model(idx)[0]
+    assert_close_to_scale(decode_one_by_one(model, idx, prompt_length), full)
+    cache = model.new_cache()
+    assert cache.layers[0].k.shape[1] == 3
+    with torch.no_grad():
+        model(idx[:1, :prompt_length], cache=cache)
+    assert cache.layers[0].k.shape[1] == min(8, max(prompt_length, 4)) + 1
+    test_a_ragged_cache_decodes_each_row_at_its_own_position({})
