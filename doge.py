@@ -1315,6 +1315,10 @@ class DogeCache:
         if self.row_lengths is not None:
             self.row_lengths += count
 
+    def row_length(self, row):
+        """The tokens that sequence `row` holds (a ragged cache's rows differ; else `length`)."""
+        return self.length if self.row_lengths is None else int(self.row_lengths[row])
+
     def catch_up(self):
         """Bring a static cache's host-side counts up to its decode steps: every token added one
         key to each layer, so each holds min(W, length) (one host sync, between calls)."""
@@ -1330,8 +1334,7 @@ class DogeCache:
         give (a ragged cache's rows are at different lengths)."""
         self.catch_up()
         rows = slice(None) if row is None else slice(row, row + 1)
-        length = self.length if self.row_lengths is None or row is None else \
-            int(self.row_lengths[row])
+        length = self.length if row is None else self.row_length(row)
         size = min(self.shape["keep_window_size"], length)
         keys, values, dt, positions = (
             torch.stack(parts).cpu() for parts in
@@ -1384,7 +1387,7 @@ def join_caches(model, sequences):
     lengths = []
     for cache, row in sequences:
         cache.catch_up()
-        lengths.append(cache.length if cache.row_lengths is None else int(cache.row_lengths[row]))
+        lengths.append(cache.row_length(row))
     joined.row_lengths = torch.tensor(lengths, dtype=torch.long, device=weight.device)
     joined.length = max(lengths, default=0)
     bias_heads = model.config.bias_heads

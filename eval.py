@@ -543,9 +543,9 @@ def kept_keys(model, idx):
     """What DMAttn keeps for tokens idx (B, T): per layer, kept (B, Hb, T, T) bool, [.., q, kv]
     true when query q keeps key kv, from the dt the model computes and the mask's definition,
     kv <= q < death[kv] (doge.key_deaths_by_definition)."""
-    inputs = []  # each layer's attention input, caught on the way in
-    hooks = [layer.self_attn.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
-             for layer in model.layers]
+    dt_logits = []  # each layer's dt_proj output (B, T, Hb), caught as the model computes it
+    hooks = [layer.self_attn.dt_proj.register_forward_hook(
+        lambda _, args, output: dt_logits.append(output)) for layer in model.layers]
     try:
         model(idx)
     finally:
@@ -553,9 +553,9 @@ def kept_keys(model, idx):
             hook.remove()
     position = torch.arange(idx.shape[1], device=idx.device)
     kept = []
-    for layer, x in zip(model.layers, inputs):
+    for layer, logits in zip(model.layers, dt_logits):
         attention = layer.self_attn
-        dt = attention.dynamic_bias(attention.dt_proj(attention.v_proj(x))).transpose(1, 2)
+        dt = attention.dynamic_bias(logits).transpose(1, 2)  # (B, Hb, T)
         death = key_deaths_by_definition(dt, attention.keep_window_size)  # (B, Hb, T)
         kept.append(((position <= position[:, None]) & (position[:, None] < death[..., None, :]))
                     .cpu().numpy())  # (B, Hb, T, T)

@@ -1764,20 +1764,18 @@ def mqar_sequences(count, num_kv_pairs, seq_len, layout, rng):
 
 def mqar_split(count, settings, layout, seed, avoid=frozenset(), max_rounds=100):
     """count sequences drawn with the generator seeded by seed, none of them in avoid (a set of row bytes):
-    a clash is drawn again. Returns tokens, supervised and the set of its rows' bytes."""
+    a clash is drawn again. Returns tokens and supervised."""
     rng = np.random.default_rng(seed)
-    tokens, supervised = [], []
-    have, seen = 0, set()
+    tokens, supervised, have = [], [], 0
     for _ in range(max_rounds):
         new_tokens, new_supervised = mqar_sequences(count - have, settings["num_kv_pairs"], settings["seq_len"],
                                                     layout, rng)
         keep = np.array([row.tobytes() not in avoid for row in new_tokens], dtype=bool)
         tokens.append(new_tokens[keep])
         supervised.append(new_supervised[keep])
-        seen.update(row.tobytes() for row in new_tokens[keep])
         have += int(keep.sum())
         if have == count:
-            return np.concatenate(tokens), np.concatenate(supervised), seen
+            return np.concatenate(tokens), np.concatenate(supervised)
     raise ValueError(f"these settings allow too few distinct sequences to keep {count:,} training ones apart "
                      f"from the validation ones: give a larger --seq_len or --vocab_size, or fewer examples")
 
@@ -1795,8 +1793,9 @@ def prepare_mqar(out_dir, num_kv_pairs=8, seq_len=40, vocab_size=128, train_exam
     layout = mqar_layout(vocab_size)
     remove_interrupted_writes(out_dir)
     start_rebuild(out_dir, settings)
-    val_tokens, val_supervised, val_rows = mqar_split(val_examples, settings, layout, [seed, 1])
-    train_tokens, train_supervised, _ = mqar_split(train_examples, settings, layout, [seed, 0], avoid=val_rows)
+    val_tokens, val_supervised = mqar_split(val_examples, settings, layout, [seed, 1])
+    train_tokens, train_supervised = mqar_split(train_examples, settings, layout, [seed, 0],
+                                                avoid={row.tobytes() for row in val_tokens})
     shards = {}
     for split, tokens, supervised in (("val", val_tokens, val_supervised),
                                       ("train", train_tokens, train_supervised)):
