@@ -1203,6 +1203,7 @@ class LayerCache:
         self.k, self.values_t, self.dt, self.pos = self.empty_slots(
             batch * bias_heads, slots, head_dim, device, dtype)
 
+    @torch.inference_mode(False)  # see DogeCache: a cache's tensors are never inference tensors
     def empty_slots(self, rows, slots, head_dim, device, dtype):
         """Buffers k (R, S + 1, d), values_t (R, d, S + 1), dt and pos (R, S + 1), empty: in a
         static or ragged cache marked so (dt = -inf, weight 0; position -1)."""
@@ -1247,7 +1248,7 @@ class LayerCache:
     def store(self, state, rows=slice(None)):
         """Write kept keys k, v (B, Hb, n, d), dt and pos (B, Hb, n) into the first n slots of
         the cache's rows (some of them, in a ragged cache: rows of R)."""
-        k, v, dt, pos = (t.flatten(0, 1) for t in state)
+        k, v, dt, pos = (t.detach().flatten(0, 1) for t in state)  # a state, not a graph
         size = k.shape[1]
         self.make_room(size)
         self.size = max(self.size, size) if self.ragged else size
@@ -1295,8 +1296,15 @@ class DogeCache:
     A static cache (see LayerCache) also counts the length on the device, in `position`, which
     its decode steps read and advance (a replayed CUDA graph runs no Python: `length` falls
     behind until catch_up). A ragged one (join_caches) counts each row's length, in
-    `row_lengths` (B,) on the device; `length` is then the longest row's."""
+    `row_lengths` (B,) on the device; `length` is then the longest row's.
 
+    A cache outlives the call that grew it, and callers use it in any grad mode: generation runs
+    in inference mode, a chat feeds its end of turn under no_grad, a user's code may do either.
+    So its tensors are always made as ordinary tensors (inference_mode(False)), never as
+    inference tensors, which nothing outside inference mode may write; and it keeps what it is
+    given detached (a state, not part of a graph)."""
+
+    @torch.inference_mode(False)
     def __init__(self, config, batch, device, dtype, static=False, ragged=False):
         self.shape = cache_shape(config)
         self.batch = batch
@@ -1327,6 +1335,7 @@ class DogeCache:
             for layer in self.layers:
                 layer.size = min(layer.window, self.length)
 
+    @torch.inference_mode(False)  # ordinary tensors, whatever the caller's mode
     def state_dict(self, row=None):
         """The state as plain CPU tensors (copies): the kept keys, values, dt and positions of
         every layer, each (layers, B, Hb, n, ...) with n = min(W, length), the length and the
@@ -1388,7 +1397,7 @@ def join_caches(model, sequences):
     for cache, row in sequences:
         cache.catch_up()
         lengths.append(cache.row_length(row))
-    joined.row_lengths = torch.tensor(lengths, dtype=torch.long, device=weight.device)
+    joined.row_lengths.copy_(torch.tensor(lengths))
     joined.length = max(lengths, default=0)
     bias_heads = model.config.bias_heads
     for i, layer in enumerate(joined.layers):

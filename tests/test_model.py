@@ -1,5 +1,6 @@
 """The model on its own: configs, invariants, the attention paths, the cache, the loss, sampling."""
 
+import itertools
 from unittest import mock
 
 import pytest
@@ -512,3 +513,49 @@ def test_a_cache_grows_its_slots_as_keys_come(monkeypatch, prompt_length):
         model(idx[:1, :prompt_length], cache=cache)
     assert cache.layers[0].k.shape[1] == min(8, max(prompt_length, 4)) + 1
     test_a_ragged_cache_decodes_each_row_at_its_own_position({})
+
+
+GRAD_MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad,
+              "grad": torch.enable_grad}
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(GRAD_MODES)), ids="-".join)
+def test_a_cache_works_in_every_grad_mode_whichever_grew_it(monkeypatch, order):
+    """Three rounds of one conversation, each in its own grad mode, in every order: generate
+    continues the cache (it decodes in inference mode), the forward pass feeds more tokens with
+    it, and the state goes through join_caches, state_dict(row) and load_cache into a new cache,
+    which the next round writes. The cache starts with 2 slots and grows as keys come (the
+    window is 16). Every logit is one forward pass's over the whole conversation; what the cache
+    holds and hands out is never an inference tensor and never part of a graph."""
+    monkeypatch.setattr(doge, "FIRST_CACHE_SLOTS", 2)
+    model = tie_free_model(keep_window_size=16)
+    fresh = iter(torch.randperm(97).tolist())  # the tokens fed, distinct
+    conversation, picked_from, fed_logits, positions = [], [], [], []
+    sample_next = doge.sample_next
+    monkeypatch.setattr(doge, "sample_next", lambda logits, *rest: picked_from.append(logits) or
+                        sample_next(logits, *rest))
+    for mode in order:
+        with GRAD_MODES[mode]():
+            if not conversation:
+                cache = model.new_cache()
+            prompt = [next(fresh) for _ in range(2)]
+            reply = [t.item() for t in model.generate_stream(torch.tensor([prompt]), 3,
+                                                             temperature=0, cache=cache)]
+            positions += range(len(conversation) + 1, len(conversation) + 4)
+            conversation += prompt + reply
+            fed = [next(fresh) for _ in range(3)]
+            fed_logits.append(model(torch.tensor([fed]), cache=cache)[0][0].detach())
+            positions += range(len(conversation), len(conversation) + 3)
+            conversation += fed
+            state = doge.join_caches(model, [(cache, 0)]).state_dict(0)
+            assert not state["keys"].is_inference()
+            cache = model.load_cache(state)
+            assert cache.length == len(conversation)
+            assert cache.layers[0].k.shape[1] - 1 == min(16, len(conversation))
+            buffers = [t for layer in cache.layers for t in (layer.k, layer.values_t, layer.dt)]
+            assert not any(t.is_inference() or t.requires_grad for t in buffers)
+    with torch.no_grad():
+        full = model(torch.tensor([conversation]))[0][0]
+    found = torch.cat([torch.cat([*picked_from[3 * i:3 * i + 3], fed_logits[i]])
+                       for i in range(3)])  # (18, V), in the conversation's order
+    assert_close_to_scale(found, full[positions])

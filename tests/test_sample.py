@@ -57,6 +57,19 @@ def chat_dir(model_dir, tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="module")
+def wide_chat_dir(chat_dir, tmp_path_factory):
+    """chat_dir's model with a window of 200 keys: a chat's state starts with fewer slots
+    (doge.FIRST_CACHE_SLOTS, 64) and grows them during the replies, then the window fills."""
+    directory = tmp_path_factory.mktemp("wide")
+    doge.copy_tokenizer_files(str(chat_dir), str(directory))
+    model = doge.Doge.from_pretrained(chat_dir)
+    wide = doge.Doge(dataclasses.replace(model.config, keep_window_size=200))
+    wide.load_state_dict(model.state_dict())
+    wide.save_pretrained(directory)
+    return directory
+
+
 def run(capsys, *args):
     sample.main(list(args))
     return capsys.readouterr()
@@ -254,6 +267,51 @@ def test_piped_chat_saved_and_continued_answers_as_one_process(chat_dir, capsys,
     assert not second.stdout.startswith("> ")
     fresh = piped_chat(capsys, monkeypatch, chat_dir, ["Fourth"])
     assert fresh.out != second.stdout  # the answer depends on the conversation before it
+
+
+TEN_TURNS = ["Hi", "how are you today?", "the quick brown fox", "and then?", "a small model",
+             "jumps over the lazy dog", "hello world", "what now?", "small sentences", "bye"]
+
+
+def sample_py(*args, lines=()):
+    """sample.py as a user runs it, with lines piped to its stdin: (exit code, stdout, stderr)."""
+    done = subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, capture_output=True,
+                          text=True, input="".join(line + "\n" for line in lines),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return done.returncode, done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("max_new_tokens, temperature", [(8, 0), (8, 0.8), (64, 0), (64, 0.8)])
+def test_a_piped_chat_runs_to_its_end_while_its_state_grows(wide_chat_dir, max_new_tokens,
+                                                             temperature):
+    """Ten turns piped into sample.py --chat, replies short and long, greedy and sampled: the
+    state grows its slots during the replies (64, 128, then the window of 200) and every turn is
+    answered, its figures on a line of stderr, until the window holds the state's size."""
+    code, out, err = sample_py(f"--init_from={wide_chat_dir}", "--chat",
+                               f"--max_new_tokens={max_new_tokens}",
+                               f"--temperature={temperature}", lines=TEN_TURNS)
+    assert code == 0, err
+    stats = [line for line in err.splitlines() if "tokens/s" in line]
+    assert len(stats) == 10 and out.count("\n") >= 10
+    held = [int(line.split("conversation ")[1].split()[0]) for line in stats]
+    assert held == sorted(held) and held[-1] > 200  # past the window
+    if max_new_tokens == 64:  # the window is full: 200 keys in each of 2 layers, each 16 key
+        # and 16 value channels and dt in float32 and an int64 position: 56,000 bytes
+        assert stats[-1].endswith("state 54.7 KB]") and stats[-2].endswith("state 54.7 KB]")
+
+
+def test_a_long_piped_chat_saved_and_continued_answers_as_one_process(wide_chat_dir, tmp_path):
+    """Five turns of long greedy replies and /save, then --chat_state and five more: the same
+    replies as the ten turns in one process, across the growth of the state's slots."""
+    args = (f"--init_from={wide_chat_dir}", "--chat", "--max_new_tokens=64", "--temperature=0")
+    code, uninterrupted, err = sample_py(*args, lines=TEN_TURNS)
+    assert code == 0, err
+    saved = tmp_path / "talk.pt"
+    code, first, err = sample_py(*args, lines=TEN_TURNS[:5] + [f"/save {saved}"])
+    assert code == 0 and "conversation saved" in err, err
+    code, second, err = sample_py(*args, f"--chat_state={saved}", lines=TEN_TURNS[5:])
+    assert code == 0 and "continuing" in err, err
+    assert first + second == uninterrupted
 
 
 def test_a_template_that_does_not_extend_re_encodes_each_turn(chat_dir, capsys, monkeypatch,
