@@ -40,10 +40,10 @@ from tqdm import tqdm
 
 from configurator import apply_config
 from doge import Doge, key_deaths_by_definition, local_model_path
-from prepare_data import (atomic_write, atomic_write_text, document_start, found_keys,
-                          hub_offline_setting, hub_unreachable, jsonl_rows, load_text_tokenizer,
-                          one_line, open_parquet, read_documents, read_mqar, read_shard,
-                          tokenizer_directory)
+from prepare_data import (LOSSLESS_PROBE, atomic_write, atomic_write_text, document_start,
+                          found_keys, hub_offline_setting, hub_unreachable, jsonl_rows,
+                          load_text_tokenizer, load_tokenizer, one_line, open_parquet,
+                          read_documents, read_meta, read_mqar, read_shard, tokenizer_directory)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,6 +248,7 @@ def bpb_documents(path, tokenizer, limit=0):
     .parquet, .gz)."""
     if path.endswith(".bin"):
         tokens = np.asarray(read_shard(path))
+        check_shard_tokenizer(path, tokens, tokenizer)
         ends = np.flatnonzero(tokens == tokenizer.eot_id)
         starts, ends = np.concatenate(([0], ends + 1)), np.concatenate((ends, [len(tokens)]))
         pieces = [tokens[start:end].tolist() for start, end in zip(starts, ends) if end > start]
@@ -262,6 +263,24 @@ def bpb_documents(path, tokenizer, limit=0):
     if not any(size for _, size in documents):
         raise ValueError(f"{path}: no text to score")
     return documents
+
+
+def check_shard_tokenizer(path, tokens, tokenizer):
+    """A shard's ids mean the model's tokens only if the model's tokenizer made them: an id
+    past its vocabulary, or a tokenizer recorded beside the shard (meta.json) that encodes
+    text otherwise, is a ValueError naming both."""
+    largest = int(tokens.max()) if len(tokens) else 0
+    if largest >= tokenizer.vocab_size:
+        raise ValueError(f"{path} holds token id {largest}, past the model's tokenizer of "
+                         f"{tokenizer.vocab_size} tokens: it was tokenized with another one")
+    directory = os.path.dirname(os.path.abspath(path))
+    recorded = ((read_meta(directory) or {}).get("tokenizer") or {}).get("path")
+    if recorded and os.path.isfile(os.path.join(directory, recorded)):
+        theirs = load_tokenizer(os.path.join(directory, recorded))
+        if theirs.encode([LOSSLESS_PROBE]) != tokenizer.encode([LOSSLESS_PROBE]):
+            raise ValueError(f"{path} was tokenized with {os.path.join(directory, recorded)}, "
+                             f"which is not the model's tokenizer: score text (.txt, .jsonl) "
+                             f"or a shard of the model's own data")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,10 +615,16 @@ def draw_mask(kept, labels, kinds, path, title):
             ax.set_xticks(range(length), labels, rotation=90, fontsize=7)
             ax.set_yticks(range(length), labels, fontsize=7)
             ax.set(title=f"layer {layer}, bias head {head}", xlabel="key", ylabel="query")
-    fig.legend(handles=[Patch(color=MQAR_COLOURS[name], label=f"kept: {name}") for name in names]
-               + [Patch(color="#e6e6e6", label="seen, not kept")], loc="upper right")
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.9, 0.97))
+    kept_labels = [f"kept: {name}" for name in names] if kinds is not None else ["kept"]
+    handles = [Patch(color=MQAR_COLOURS[name], label=label)
+               for name, label in zip(names, kept_labels)]
+    handles.append(Patch(color="#e6e6e6", label="seen, not kept"))
+    # the title, then the legend in rows of 3 under it, above the grid (sizes in inches)
+    height, legend_rows = size * layers, math.ceil(len(handles) / 3)
+    fig.suptitle(title, y=1 - 0.1 / height, va="top")
+    fig.legend(handles=handles, loc="upper center", ncol=3,
+               bbox_to_anchor=(0.5, 1 - 0.45 / height))
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.55 + 0.3 * legend_rows) / height))
     save_figure(fig, path)
     plt.close(fig)
 
@@ -624,6 +649,7 @@ def run_mask(cfg, model, path, device):
         if not 0 <= cfg.example < len(tokens):
             raise SystemExit(f"error: --example={cfg.example}: {cfg.data_dir} holds validation "
                              f"sequences 0 .. {len(tokens) - 1}")
+        check_mqar_vocabulary(model, cfg.init_from, meta, cfg.data_dir)
         ids, kinds = tokens[cfg.example], mqar_kinds(tokens[cfg.example:cfg.example + 1], meta)[0]
         labels, title = mqar_labels(ids, meta), f"{path}: MQAR validation sequence {cfg.example}"
         print_mask_shares(model, tokens[:cfg.limit or 256], supervised[:cfg.limit or 256], meta,
@@ -637,12 +663,19 @@ def run_mask(cfg, model, path, device):
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         ids = np.array(tokenizer.encode_prompt(cfg.text)[:MASK_TOKENS])
-        # each token's text as Python writes it in quotes: a newline reads \n on the axis
-        kinds, labels = None, [repr(tokenizer.decode([t]))[1:-1] for t in ids.tolist()]
+        kinds, labels = None, [token_label(tokenizer, t) for t in ids.tolist()]
         title = f"{path}: {len(ids)} tokens of --text"
     kept = kept_keys(model, torch.from_numpy(ids[None]).to(device))
     draw_mask([layer[0] for layer in kept], labels, kinds, cfg.out,
               f"{title} (keep_window_size {model.config.keep_window_size})")
+
+
+def token_label(tokenizer, token):
+    """A token on the mask's axes: its text as Python writes it in quotes (a newline reads \n),
+    spaces as ␣, or for a special token that decodes to nothing, its role or id."""
+    special = {tokenizer.eot_id: "<eot>", tokenizer.bos_id: "<bos>"}
+    text = repr(tokenizer.decode([token]))[1:-1].replace(" ", "\u2423")
+    return text or special.get(token, f"#{token}")
 
 
 def print_mask_shares(model, tokens, supervised, meta, device):
@@ -673,6 +706,16 @@ def mqar_data(data_dir):
         raise SystemExit(f"error: {e}") from None
 
 
+def check_mqar_vocabulary(model, init_from, meta, data_dir):
+    """A model scores MQAR data only if it was trained on such data: its vocabulary is the
+    data's (a text model's tokens mean something else); else one line naming both."""
+    data_vocab = meta["settings"]["vocab_size"]
+    if model.config.vocab_size != data_vocab:
+        raise SystemExit(f"error: {init_from} has a vocabulary of {model.config.vocab_size} "
+                         f"tokens, the MQAR data in {data_dir} one of {data_vocab}: score a model "
+                         f"trained on this data (python train.py config/mqar.py)")
+
+
 def run_recall(cfg, device, autocast):
     """--task=mqar: each --init_from run scored on the MQAR validation sequences, a JSON line
     each, then the table (and --plot)."""
@@ -682,6 +725,7 @@ def run_recall(cfg, device, autocast):
     results = []
     for init_from in run_paths(cfg.init_from):
         model, path = load_model(init_from, device)
+        check_mqar_vocabulary(model, init_from, meta, cfg.data_dir or "data/mqar")
         result = score_mqar(model, init_from, tokens, supervised, meta, cfg, autocast)
         print(json.dumps(result), flush=True)
         results.append(result)

@@ -418,6 +418,13 @@ def make_app(cfg, model, tokenizer, chat_template, stop):
         if first.get("type") == "json_invalid":
             return error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error')})")
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        if not where and first.get("type") == "missing":  # no body at all: name what it needs
+            request_class = ChatRequest if request.url.path.endswith("/chat/completions") \
+                else CompletionRequest
+            fields = [name for name, info in request_class.model_fields.items()
+                      if info.is_required()]
+            return error(400, f"the request has no body: send a JSON object with "
+                              f"{' and '.join(fields)}")
         return error(400, f"{where}: {first.get('msg')}" if where else first.get("msg"))
 
     @app.exception_handler(HTTPException)

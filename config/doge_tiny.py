@@ -16,6 +16,10 @@ num_hidden_layers = 4
 num_attention_heads = 4
 num_key_value_heads = 2
 max_position_embeddings = 256
+# Each query keeps at most 64 of the keys it sees (of up to 256 in a block): the dynamic mask
+# drops keys in training, and a chat's state stops growing at 64 keys a layer. It costs about
+# 0.04 in validation loss against a window that keeps every key (4.86 against 4.82 at step 300).
+keep_window_size = 64
 
 # 8 sequences of 256 tokens per step, no gradient accumulation
 batch_size = 8

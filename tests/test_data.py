@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import tracemalloc
 import types
 
@@ -857,22 +856,40 @@ def test_worker_processes_leave_ctrl_c_to_the_main_process():
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # and this process does not
 
 
+# prepare_data.py with Ctrl-C sent, as a terminal sends it, to its process group (workers
+# included) the moment its first shard is full: a point the test controls, not a race with a sleep
+CTRL_C_AT_FIRST_SHARD = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import prepare_data
+real_shard_header = prepare_data.shard_header
+
+def shard_header(*args):
+    prepare_data.shard_header = real_shard_header
+    os.killpg(0, signal.SIGINT)
+    return real_shard_header(*args)
+
+if __name__ == "__main__":  # the workers import this file too
+    prepare_data.shard_header = shard_header
+    prepare_data.main(sys.argv[1:])
+"""
+
+
 def test_ctrl_c_while_tokenizing_is_one_line(tmp_path, sp_model):
     path = write_text(tmp_path / "big.txt", "".join(random_documents(2000, seed=14)) * 20)  # about 20 MB
     out = tmp_path / "out"
-    command = [sys.executable, prepare_data.__file__, "--input", path, f"--tokenizer={sp_model}", f"--out_dir={out}",
+    driver = tmp_path / "driver.py"
+    driver.write_text(CTRL_C_AT_FIRST_SHARD.format(root=os.path.dirname(prepare_data.__file__)))
+    command = [sys.executable, str(driver), "--input", path, f"--tokenizer={sp_model}", f"--out_dir={out}",
                "--workers=2", "--shard_tokens=10000"]
-    with open(tmp_path / "stderr", "w") as stderr:
-        # a session of its own: the signal goes to its process group, workers included, as a terminal's Ctrl-C does
-        done = subprocess.Popen(command, stderr=stderr, start_new_session=True)
-        while not (out.exists() and any(name.endswith(".bin") for name in os.listdir(out))) and done.poll() is None:
-            time.sleep(0.05)
-        os.killpg(done.pid, signal.SIGINT)
-        assert done.wait(timeout=60) == 130
-    lines = (tmp_path / "stderr").read_text().splitlines()
+    # a session of its own: the signal goes to its process group alone
+    done = subprocess.run(command, capture_output=True, text=True, start_new_session=True, timeout=300)
+    assert done.returncode == 130, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
     assert lines[-1] == f"prepare_data.py: interrupted; run it again to prepare {out}"
     assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in lines)
     assert read_meta(out)["complete"] is False and not any(name.endswith(".tmp") for name in os.listdir(out))
+    assert "tokenizing" in done.stderr  # interrupted while its workers tokenize
 
 
 def test_command_line_forms(tmp_path, sp_model):

@@ -5,6 +5,7 @@ end, and eval_tasks in train.py."""
 import json
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -276,6 +277,34 @@ def test_bpb_of_a_shard_equals_bpb_of_its_text(model_dir, tmp_path, capsys):
                            f"--data={tmp_path / 'docs_val_000000.bin'}")
     assert from_shard["bytes"] == from_text["bytes"] == sum(len(t.encode()) for t in texts)
     assert from_shard["bpb"] == pytest.approx(from_text["bpb"], rel=1e-6)
+
+
+def test_a_shard_of_another_tokenizer_is_refused_in_one_line(model_dir, tmp_path, capsys):
+    """A shard whose meta.json names another tokenizer, or with ids past the model's, would be
+    scored as the wrong text: one line says so. The model's own tokenizer beside it is fine."""
+    tokenizer = tokenizer_of(model_dir)
+    stream = np.array([tokenizer.eot_id] + tokenizer.encode(["the quick brown fox"])[0])
+    for name, corpus in (("same", CORPUS), ("other", ["completely different words here"] * 30)):
+        directory = tmp_path / name
+        directory.mkdir()
+        if name == "same":
+            shutil.copy(model_dir / "tokenizer.json", directory / "tokenizer.json")
+        else:
+            write_bpe_tokenizer(directory, corpus, ["<|end_of_text|>"], 280)
+        prepare_data.write_meta(str(directory), {"tokenizer": {"path": "tokenizer.json"}})
+        prepare_data.write_shard(str(directory / "docs_val_000000.bin"), stream)
+    same, = run_eval(capsys, f"--init_from={model_dir}", "--task=bpb",
+                     f"--data={tmp_path / 'same' / 'docs_val_000000.bin'}")
+    assert same["tokens"] == len(stream) - 1
+    with pytest.raises(SystemExit) as excinfo:
+        run_eval(capsys, f"--init_from={model_dir}", "--task=bpb",
+                 f"--data={tmp_path / 'other' / 'docs_val_000000.bin'}")
+    assert "which is not the model's tokenizer" in one_line_exit(excinfo)
+    prepare_data.write_shard(str(tmp_path / "wide_val_000000.bin"), np.array([1, 10 ** 5]))
+    with pytest.raises(SystemExit) as excinfo:
+        run_eval(capsys, f"--init_from={model_dir}", "--task=bpb",
+                 f"--data={tmp_path / 'wide_val_000000.bin'}")
+    assert "holds token id 100000, past the model's tokenizer" in one_line_exit(excinfo)
 
 
 # ----------------------------------------------------------------------------------------------

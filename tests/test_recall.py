@@ -3,6 +3,7 @@ window of dynamic_mask=False), eval.py's recall scores and the mask's picture an
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -303,3 +304,43 @@ def test_resuming_with_the_other_mask_is_refused_in_one_line(mqar_dir, tmp_path)
     assert records[-1]["step"] == 9
     checkpoint = torch.load(out / "ckpt_000009.pt", weights_only=True)
     assert all((v == 0).all() for k, v in checkpoint["model"].items() if k.endswith(".A"))
+
+
+def test_a_model_of_another_vocabulary_is_refused_in_one_line(mqar_dir, tmp_path):
+    """A text model scored on MQAR data would print an accuracy of 0 for tokens that mean
+    nothing to it: eval.py refuses, naming both vocabularies."""
+    directory = tmp_path / "text-model"
+    tiny_model({"vocab_size": 300}, keep_window_size=6).save_pretrained(str(directory))
+    for task in (["--task=mqar"], ["--task=mask", "--example=0", f"--out={tmp_path / 'm.png'}"]):
+        with pytest.raises(SystemExit) as excinfo:
+            eval_program.main([*task, f"--init_from={directory}", f"--data_dir={mqar_dir}"])
+        message = str(excinfo.value.code)
+        assert "vocabulary of 300 tokens" in message and "one of 32" in message, message
+        assert "\n" not in message
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_a_text_mask_picture_names_every_token_and_keeps_its_title_clear(tmp_path, monkeypatch):
+    """The text picture: one legend entry "kept" (no kind), a special token that decodes to
+    nothing labelled by its role, and the legend clear of the title and of the grid."""
+    pytest.importorskip("matplotlib")
+    tokenizer = SimpleNamespace(eot_id=2, bos_id=1,
+                                decode=lambda ids: {2: "", 1: "", 5: "\n", 7: " ab"}.get(ids[0], ""))
+    assert [eval_program.token_label(tokenizer, t) for t in (2, 1, 5, 7, 9)] == \
+        ["<eot>", "<bos>", "\\n", "\u2423ab", "#9"]
+    figures = []
+    monkeypatch.setattr(eval_program, "save_figure", lambda fig, path: figures.append(fig))
+    kept = [np.tril(np.ones((2, 6, 6), dtype=bool)) for _ in range(2)]  # 2 layers, 2 heads
+    labels = ["<eot>", "a", "b", "c", "d", "e"]
+    eval_program.draw_mask(kept, labels, None, "mask.png", "a long title " * 6)
+    fig, = figures
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)  # drawn again, as savefig drew it
+    canvas.draw()
+    legend, = fig.legends
+    assert [text.get_text() for text in legend.get_texts()] == ["kept", "seen, not kept"]
+    renderer = canvas.get_renderer()
+    title, box = fig._suptitle.get_window_extent(renderer), legend.get_window_extent(renderer)
+    assert title.y0 >= box.y1  # the legend stands below the title
+    assert all(ax.get_tightbbox(renderer).y1 <= box.y0 for ax in fig.axes)  # and above the grid
+    assert [tick.get_text() for tick in fig.axes[0].get_xticklabels()] == labels

@@ -314,6 +314,37 @@ def test_a_long_piped_chat_saved_and_continued_answers_as_one_process(wide_chat_
     assert first + second == uninterrupted
 
 
+def test_the_demo_model_drops_keys_and_its_chat_state_stops_growing(chat_dir, capsys,
+                                                                    monkeypatch, tmp_path):
+    """config/doge_tiny.py (and the SFT demo, which takes its model from it) keeps fewer keys
+    than a training block holds, so the mask drops keys in training; a 20-turn chat with a
+    model of its shape reports the state on each turn's line, and it stops growing once the
+    window is full: at 64 keys in each of 4 layers, each 2 bias heads of 32 key and 32 value
+    channels and dt in float32 and an int64 position (137,216 bytes)."""
+    import configurator
+    import train
+    demo, shape = configurator.apply_config([train.TrainConfig(), train.ModelOverrides()],
+                                            [os.path.join(REPO, "config", "doge_tiny.py")])
+    assert shape.keep_window_size == 64 < demo.block_size == 256
+    sft, sft_shape = configurator.apply_config([train.TrainConfig(), train.ModelOverrides()],
+                                               [os.path.join(REPO, "config", "sft_doge_tiny.py")])
+    assert sft.init_from == demo.out_dir and sft_shape.keep_window_size is None  # inherited
+    directory = tmp_path / "demo-shape"
+    directory.mkdir()
+    doge.copy_tokenizer_files(str(chat_dir), str(directory))
+    config = doge.Doge.from_pretrained(chat_dir).config
+    torch.manual_seed(0)
+    demo_shape = {key: value for key, value in dataclasses.asdict(shape).items()
+                  if value is not None}  # the demo's model on chat_dir's vocabulary
+    randomize(doge.Doge(dataclasses.replace(config, head_dim=None, **demo_shape))).save_pretrained(
+        directory)
+    out = piped_chat(capsys, monkeypatch, directory, (TEN_TURNS * 2))
+    sizes = [line.split("state ")[1] for line in out.err.splitlines() if "tokens/s" in line]
+    assert len(sizes) == 20 and sizes[-1] == "134.0 KB]"
+    full = sizes.index("134.0 KB]")
+    assert 0 < full < 10 and set(sizes[full:]) == {"134.0 KB]"}
+
+
 def test_a_template_that_does_not_extend_re_encodes_each_turn(chat_dir, capsys, monkeypatch,
                                                                tmp_path):
     """A template that closes a finished conversation with <|end_of_text|>: a longer one's text

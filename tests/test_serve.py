@@ -254,6 +254,12 @@ def test_bad_input_gets_an_openai_error_and_the_server_goes_on(chat_dir, tmp_pat
                 ({**good, "messages": [{"role": "user", "content": "Hi " * 10 ** 4}]}, 400)]:
             assert_error(post(url, body, **key), status)
             assert post(url, good, **key).status_code == 200
+        for route, fields in (("/v1/chat/completions", "model and messages"),
+                              ("/v1/completions", "model and prompt")):
+            response = httpx.post(url + route, **key)  # no body at all
+            assert_error(response, 400)
+            assert response.json()["error"]["message"] == \
+                f"the request has no body: send a JSON object with {fields}"
         assert_error(httpx.get(url + "/v1/nothing", **key), 404)
         openai_error = pytest.raises(openai.AuthenticationError)
         with openai_error:

@@ -324,7 +324,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, data_dir, monkeypatch):
 
     def interrupt_at_step_4(step, cfg):
         if step == 4:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # handled before it returns: no race
         return real_wsd_lr(step, cfg)
     monkeypatch.setattr(train, "wsd_lr", interrupt_at_step_4)
     handler = signal.getsignal(signal.SIGINT)
@@ -630,7 +630,9 @@ def test_ctrl_c_before_the_first_step_leaves_out_dir_as_it_was(tmp_path, data_di
 
     def interrupted_evaluator(*args):
         def evaluation():
-            os.kill(os.getpid(), signal.SIGINT)  # as the terminal sends it
+            # as the terminal sends it, handled before raise_signal returns: no race with
+            # the handler the loop installs after the evaluation
+            signal.raise_signal(signal.SIGINT)
             return real_evaluator(*args)()
         return evaluation
     monkeypatch.setattr(train, "evaluator", interrupted_evaluator)
@@ -820,7 +822,7 @@ kill_in_save = "ckpt_%06d" % int(os.environ.get("KILL_IN_SAVE", -1))
 
 def wsd_lr(step, cfg):
     if step == int(at) and os.environ.get("RANK", "0") in ranks:
-        os.kill(os.getpid(), getattr(signal, name))
+        signal.raise_signal(getattr(signal, name))  # handled before it returns: no race
     return real_lr(step, cfg)
 
 def save(obj, path):
