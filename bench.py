@@ -51,8 +51,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import common
 import doge
 import prepare_data
+from tokenizer import CHAT_TOKENS, DOGE_CHAT_TEMPLATE, MODEL_INPUT_NAMES
 
 # ----------------------------------------------------------------------------------------------
 # Shared set-up
@@ -354,7 +356,7 @@ def export_chat_model(directory):
     logits are 0 while the others' largest is above it, so greedy replies are words that the
     tokenizer spells, and they never end early."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    special = ["<|end_of_text|>", *prepare_data.CHAT_TOKENS]
+    special = ["<|end_of_text|>", *CHAT_TOKENS]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -364,8 +366,8 @@ def export_chat_model(directory):
     tokenizer.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
-                   "eos_token": "<|eot_id|>", "chat_template": prepare_data.DOGE_CHAT_TEMPLATE,
-                   "model_input_names": prepare_data.MODEL_INPUT_NAMES}, f)
+                   "eos_token": "<|eot_id|>", "chat_template": DOGE_CHAT_TEMPLATE,
+                   "model_input_names": MODEL_INPUT_NAMES}, f)
     model = make_models("ours", dtype=torch.float32)
     ids = [tokenizer.token_to_id(token) for token in special]
     with torch.no_grad():
@@ -545,7 +547,7 @@ def bench_tokenize(target_mb=36, workers=None, vocab_size=32768, rounds=3):
     the worker processes, encoding, writing shards and meta.json. The baseline gets its processes started and
     the model loaded before its clock starts, and keeps the ids in the workers. Each measurement runs `rounds`
     times, interleaved, and the best time counts, since other work on the machine only ever slows a run down."""
-    workers = workers or prepare_data.available_cpus()
+    workers = workers or common.available_cpus()
     _, files = prepare_data.stdlib_files()
     documents = [doc for path in files for doc in prepare_data.read_documents(path)]
     documents *= max(1, round(target_mb * 1e6 / sum(map(len, documents))))

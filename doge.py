@@ -37,7 +37,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -46,9 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# what doge.py shares with the data side (which never imports torch): files written atomically,
-# the tokenizer's files, and the export of a SentencePiece tokenizer for transformers
-from prepare_data import TOKENIZER_FILES, atomic_write, atomic_write_text, sentencepiece_export
+from common import atomic_write, atomic_write_text  # files written whole or not at all
 
 # ==============================================================================================
 # PART 1 - THE MODEL: what it computes. Config, RMSNorm, RoPE, Dynamic Mask Attention (its
@@ -1885,9 +1882,11 @@ HUB_NAME = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"
 
 
 # what a Doge needs of a hub repository: safetensors weights (one file, or shards and their index)
-# or else pytorch_model.bin, never both; not its remote code, training state or other formats
+# or else pytorch_model.bin, never both; not its remote code, training state or other formats; and
+# the tokenizer's files (tokenizer.py's TOKENIZER_FILES, named here: doge.py imports nothing of ours)
 HUB_FILES = ("config.json", "generation_config.json", "model.safetensors",
-             "model.safetensors.index.json", "model-*-of-*.safetensors", *TOKENIZER_FILES)
+             "model.safetensors.index.json", "model-*-of-*.safetensors", "tokenizer.json",
+             "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 
 
 def local_model_path(path):
@@ -2041,14 +2040,6 @@ def load_classifier(path, num_labels=2, id2label=None, device="cpu", dtype=None)
     return model.to(device=device, dtype=dtype)
 
 
-def copy_tokenizer_files(source_dir, target_dir, names=TOKENIZER_FILES):
-    """Whichever of the named files source_dir holds, copied into target_dir (each atomically)."""
-    for name in names:
-        source = os.path.join(source_dir, name)
-        if os.path.isfile(source):
-            atomic_write(os.path.join(target_dir, name), lambda temp: shutil.copyfile(source, temp))
-
-
 def save_pretrained(model, path, tokenizer_dir=None):
     """The one export, of a Doge or a DogeForSequenceClassification, with what `hf upload` needs:
     model.safetensors, config.json (a classifier's with its labels), for a Doge
@@ -2074,29 +2065,10 @@ def save_pretrained(model, path, tokenizer_dir=None):
         atomic_write_text(os.path.join(path, "generation_config.json"),
                           json.dumps(generation, indent=2))
     atomic_write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
-    if tokenizer_dir is not None:
+    if tokenizer_dir is not None:  # the tokenizer's business: tokenizer.py, the one import of ours
+        from tokenizer import write_tokenizer_files
         write_tokenizer_files(tokenizer_dir, path)
     atomic_write_text(os.path.join(path, "README.md"), model_card(model, path, tokenizer_dir))
-
-
-def write_tokenizer_files(tokenizer_dir, path):
-    """tokenizer_dir's tokenizer into path: a tokenizer.json and its company as they are; our
-    SentencePiece tokenizer.model, alone, as a tokenizer.json and tokenizer_config.json that
-    transformers' AutoTokenizer loads (it reads a lone tokenizer.model as a tiktoken file)."""
-    model_file = os.path.join(tokenizer_dir, "tokenizer.model")
-    if os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")) or \
-            not os.path.isfile(model_file):
-        copy_tokenizer_files(tokenizer_dir, path)
-        return
-    try:
-        tokenizer_json, tokenizer_config = sentencepiece_export(model_file)
-    except ImportError as e:  # the conversion needs the optional `tokenizers` package
-        copy_tokenizer_files(tokenizer_dir, path)
-        print(f"exported tokenizer.model only, which transformers cannot load: a tokenizer.json "
-              f"needs {e.name or 'a missing package'} (pip install tokenizers)", file=sys.stderr)
-        return
-    atomic_write_text(os.path.join(path, "tokenizer.json"), tokenizer_json)
-    atomic_write_text(os.path.join(path, "tokenizer_config.json"), tokenizer_config)
 
 
 def run_records(run_dir):

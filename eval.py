@@ -24,8 +24,6 @@ one JSON line per task, {"task", "n", "acc", "acc_norm"} ({"task": "bpb", "bpb",
 per byte), and --output=FILE.json also keeps every question's per-choice log-likelihoods.
 """
 
-import contextlib
-import glob
 import json
 import math
 import os
@@ -35,15 +33,15 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
+from common import atomic_write_text, autocast, device_and_dtype, log, one_line
 from configurator import apply_config
-from doge import Doge, key_deaths_by_definition, local_model_path
-from prepare_data import (LOSSLESS_PROBE, atomic_write, atomic_write_text, document_start,
-                          found_keys, hub_offline_setting, hub_unreachable, jsonl_rows,
-                          load_text_tokenizer, load_tokenizer, one_line, open_parquet,
-                          read_documents, read_meta, read_mqar, read_shard, tokenizer_directory)
+from engine import load_model
+from prepare_data import (found_keys, hub_offline_setting, hub_unreachable, jsonl_rows,
+                          open_parquet, read_documents, read_meta, read_shard)
+from tokenizer import (LOSSLESS_PROBE, document_start, load_text_tokenizer, load_tokenizer,
+                       tokenizer_directory)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,54 +291,15 @@ class EvalConfig:
     # a Hugging Face Doge directory (either layout) or hub name; its tokenizer beside the weights
     tasks: str = ",".join(BENCHMARKS)  # comma-separated benchmark names, and/or bpb
     task: str = ""  # one task, instead of tasks (--task=bpb --data=FILE)
-    data_dir: str = ""  # benchmarks: <task>.jsonl, .jsonl.gz or .parquet (default data/eval;
-    # missing: from the hub); mqar: the MQAR data (default data/mqar); mask: MQAR data to draw
+    data_dir: str = "data/eval"  # benchmarks: <task>.jsonl, .jsonl.gz or .parquet (missing: from
+    # the hub)
     data: str = ""  # bpb: a text file (.txt, .jsonl, .parquet, .gz) or one of our .bin shards
     limit: int = 0  # > 0: only the first limit questions of each task (bpb: documents)
     output: str = ""  # a .json file for every question's per-choice log-likelihoods
-    plot: str = ""  # mqar: a .png of accuracy against keep_window_size, a point per run
-    text: str = ""  # mask: the text whose mask is drawn (at most 96 tokens)
-    example: int = 0  # mask with MQAR data (data_dir): the validation sequence drawn
-    out: str = "mask.png"  # mask: the picture
     batch_size: int = 32  # sequences per forward pass
     block_size: int = 0  # bpb: tokens scored per window; 0: the model's max_position_embeddings
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bfloat16 autocast on cuda, float32 elsewhere; or either one
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_model(init_from, device):
-    """The model and the local path it came from (a hub name is fetched: see
-    doge.local_model_path)."""
-    try:
-        path = local_model_path(init_from)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: --init_from={e}") from None
-    try:
-        return Doge.from_pretrained(path, device=device).eval(), path
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def device_and_autocast(cfg):
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in ("float32", "bfloat16"):
-        raise SystemExit(f"error: dtype {cfg.dtype!r}: choose auto, float32 or bfloat16")
-    if dtype == "float32":
-        return device, contextlib.nullcontext()
-    return device, torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,363 +379,32 @@ def print_table(results):
         log(f"{'bpb':<16} {result['bytes']:>10} {result['tokens']:>10} {result['bpb']:>8.4f}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Recall (MQAR) and what the mask keeps: prepare_data.py --mqar writes the sequences (key-value
-# pairs, then each key again as a query followed by its value); here a model is scored on them,
-# and DMAttn's mask is drawn, from its definition in doge.py (key_deaths_by_definition).
-
-MQAR_KINDS = ("key", "value", "query", "answer", "filler")  # what a position of a sequence holds
-MQAR_COLOURS = {"key": "tab:blue", "value": "tab:red", "query": "tab:cyan", "answer": "tab:orange",
-                "filler": "tab:gray", "kept": "tab:blue"}
-
-
-def mqar_kinds(tokens, meta):
-    """What each position of MQAR sequences tokens (N, T) holds, as indices into MQAR_KINDS
-    (N, T): the pairs (key, value, ...) first, then queries (a key again), answers (the value
-    after a query) and filler, read from the token layout in meta.json."""
-    pairs = meta["settings"]["num_kv_pairs"]
-    layout = meta["layout"]
-    kinds = np.full(tokens.shape, MQAR_KINDS.index("filler"))
-    for kind, name in (("keys", "query"), ("values", "answer")):
-        start, end = layout[kind]
-        kinds[(tokens >= start) & (tokens < end)] = MQAR_KINDS.index(name)
-    kinds[:, 0:2 * pairs:2] = MQAR_KINDS.index("key")
-    kinds[:, 1:2 * pairs:2] = MQAR_KINDS.index("value")
-    return kinds
-
-
-def mqar_queries(tokens, supervised, num_kv_pairs):
-    """Every query of MQAR sequences (N, T) as (row, query position, the position of the key it
-    asks for), three (Q,) arrays in row-major order: the token after a query is its value, the one
-    trained on (supervised), and its pair stands at 2i, 2i + 1 for the key's index i."""
-    rows, answer_at = np.nonzero(supervised)
-    query_at = answer_at - 1
-    keys = tokens[rows, 0:2 * num_kv_pairs:2]  # (Q, P) every row's keys
-    key_at = 2 * (keys == tokens[rows, query_at][:, None]).argmax(axis=1)
-    return rows, query_at, key_at
-
-
-@torch.no_grad()
-def mqar_recall(model, tokens, supervised, num_kv_pairs, batch_size, autocast):
-    """Per query (mqar_queries' order): whether the model's most likely next token after it is
-    its value, and how far back its pair lies (query position - key position)."""
-    predictions = np.zeros(tokens.shape, dtype=np.int64)
-    device = model.lm_head.weight.device
-    for start in range(0, len(tokens), batch_size):
-        idx = torch.from_numpy(tokens[start:start + batch_size]).to(device)
-        with autocast:
-            logits, _ = model(idx)
-        predictions[start:start + batch_size] = logits.argmax(dim=-1).cpu().numpy()
-    rows, query_at, key_at = mqar_queries(tokens, supervised, num_kv_pairs)
-    return predictions[rows, query_at] == tokens[rows, query_at + 1], query_at - key_at
-
-
-def distance_bins(seq_len, count=5):
-    """count ranges of equal width [low, high] covering distances 1 .. seq_len - 1."""
-    width = -(-(seq_len - 1) // count)
-    return [(low, low + width - 1) for low in range(1, seq_len, width)]
-
-
-def mask_kind(model, seq_len):
-    """'full' when every query keeps every key it sees (keep_window_size >= seq_len), 'sliding'
-    when every A is 0 (every key ties: the latest keep_window_size keys), else 'dynamic'."""
-    if model.config.keep_window_size >= seq_len:
-        return "full"
-    return "sliding" if all((layer.self_attn.A == 0).all() for layer in model.layers) else "dynamic"
-
-
-def score_mqar(model, path, tokens, supervised, meta, cfg, autocast):
-    """One run's result: accuracy over every query, by distance, with its window and mask kind."""
-    settings = meta["settings"]
-    right, distance = mqar_recall(model, tokens, supervised, settings["num_kv_pairs"],
-                                  cfg.batch_size, autocast)
-    by_distance = {f"{low}-{high}": mean(right[(distance >= low) & (distance <= high)])
-                   for low, high in distance_bins(settings["seq_len"])
-                   if ((distance >= low) & (distance <= high)).any()}
-    return {"task": "mqar", "init_from": path, "n": len(right), "acc": float(right.mean()),
-            "keep_window_size": model.config.keep_window_size,
-            "mask": mask_kind(model, settings["seq_len"]), "acc_by_distance": by_distance}
-
-
-def recall_groups(results):
-    """Runs grouped by (mask, keep_window_size), each group's accuracies, in table order."""
-    groups = {}
-    for result in results:
-        groups.setdefault((result["mask"], result["keep_window_size"]), []).append(result["acc"])
-    order = {"full": 0, "dynamic": 1, "sliding": 2}
-    return sorted(groups.items(), key=lambda item: (-item[0][1], order[item[0][0]]))
-
-
-def print_recall_table(results):
-    """Each run's accuracy by distance, then the runs grouped by window and mask: mean and range."""
-    bins = list(results[0]["acc_by_distance"])
-    log(f"{'run':<28} {'mask':<8} {'W':>5} {'queries':>8} {'acc':>7}  by distance " +
-        " ".join(f"{b:>7}" for b in bins))
-    for r in results:
-        by_distance = " ".join(f"{r['acc_by_distance'].get(b, math.nan):>7.3f}" for b in bins)
-        log(f"{r['init_from'][-28:]:<28} {r['mask']:<8} {r['keep_window_size']:>5} {r['n']:>8} "
-            f"{r['acc']:>7.4f}  {'':11} {by_distance}")
-    log(f"\n{'mask':<8} {'W':>5} {'runs':>5} {'mean acc':>9} {'min':>7} {'max':>7}")
-    for (kind, window), accs in recall_groups(results):
-        log(f"{kind:<8} {window:>5} {len(accs):>5} {mean(accs):>9.4f} {min(accs):>7.4f} "
-            f"{max(accs):>7.4f}")
-
-
-def pyplot():
-    """matplotlib's pyplot (an optional package), drawing to files."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("error: pictures need matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path):
-    atomic_write(path, lambda temp: fig.savefig(temp, format="png", dpi=100))
-    log(f"wrote {path}")
-
-
-def plot_recall(results, path, seq_len):
-    """Accuracy against keep_window_size, one point per run, a colour per mask kind (plain
-    attention drawn at the sequence length)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, colour in (("full", "black"), ("dynamic", "tab:blue"), ("sliding", "tab:orange")):
-        points = [(min(r["keep_window_size"], seq_len), r["acc"]) for r in results
-                  if r["mask"] == kind]
-        if points:
-            ax.scatter(*zip(*points), label=kind, color=colour, alpha=0.7)
-    ax.set(xlabel="keep_window_size", ylabel="recall accuracy", ylim=(-0.02, 1.02),
-           title="MQAR: accuracy against the window (one point per run)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-@torch.no_grad()
-def kept_keys(model, idx):
-    """What DMAttn keeps for tokens idx (B, T): per layer, kept (B, Hb, T, T) bool, [.., q, kv]
-    true when query q keeps key kv, from the dt the model computes and the mask's definition,
-    kv <= q < death[kv] (doge.key_deaths_by_definition)."""
-    dt_logits = []  # each layer's dt_proj output (B, T, Hb), caught as the model computes it
-    hooks = [layer.self_attn.dt_proj.register_forward_hook(
-        lambda _, args, output: dt_logits.append(output)) for layer in model.layers]
-    try:
-        model(idx)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    position = torch.arange(idx.shape[1], device=idx.device)
-    kept = []
-    for layer, logits in zip(model.layers, dt_logits):
-        attention = layer.self_attn
-        dt = attention.dynamic_bias(logits).transpose(1, 2)  # (B, Hb, T)
-        death = key_deaths_by_definition(dt, attention.keep_window_size)  # (B, Hb, T)
-        kept.append(((position <= position[:, None]) & (position[:, None] < death[..., None, :]))
-                    .cpu().numpy())  # (B, Hb, T, T)
-    return kept
-
-
-def mask_shares(kept, kinds, rows, query_at, value_at):
-    """At the query positions (rows, query_at), per bias head: the share of the kept keys of each
-    kind (kinds (N, T) indices into MQAR_KINDS), and how often the queried pair's value (at
-    value_at) is kept. kept (N, Hb, T, T) bool. Returns ({kind: (Hb,)}, (Hb,))."""
-    at_queries = kept[rows, :, query_at, :]  # (Q, Hb, T): the keys each query keeps
-    kinds = kinds[rows][:, None, :]  # (Q, 1, T)
-    total = at_queries.sum(axis=(0, 2))  # (Hb,)
-    shares = {kind: (at_queries & (kinds == i)).sum(axis=(0, 2)) / np.maximum(total, 1)
-              for i, kind in enumerate(MQAR_KINDS)}
-    return shares, at_queries[np.arange(len(rows)), :, value_at].mean(axis=0)
-
-
-def draw_mask(kept, labels, kinds, path, title):
-    """A grid of pictures, a row per layer and a column per bias head: query x key, the kept
-    cells filled (in the colour of the key's kind for MQAR), the ones dropped light grey."""
-    plt = pyplot()
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-    names = list(MQAR_KINDS) if kinds is not None else ["kept"]
-    colours = ["white", "#e6e6e6"] + [MQAR_COLOURS[name] for name in names]
-    layers, heads, length = len(kept), kept[0].shape[0], len(labels)
-    size = max(4.0, 0.16 * length)
-    fig, axes = plt.subplots(layers, heads, figsize=(size * heads, size * layers), squeeze=False)
-    key_colour = 2 + (kinds if kinds is not None else np.zeros(length, dtype=np.int64))
-    visible = np.tril(np.ones((length, length), dtype=bool))
-    for layer in range(layers):
-        for head in range(heads):
-            cells = np.where(kept[layer][head], key_colour[None, :], visible.astype(np.int64))
-            ax = axes[layer][head]
-            ax.imshow(cells, cmap=ListedColormap(colours), vmin=0, vmax=len(colours) - 1,
-                      interpolation="nearest")
-            ax.set_xticks(range(length), labels, rotation=90, fontsize=7)
-            ax.set_yticks(range(length), labels, fontsize=7)
-            ax.set(title=f"layer {layer}, bias head {head}", xlabel="key", ylabel="query")
-    kept_labels = [f"kept: {name}" for name in names] if kinds is not None else ["kept"]
-    handles = [Patch(color=MQAR_COLOURS[name], label=label)
-               for name, label in zip(names, kept_labels)]
-    handles.append(Patch(color="#e6e6e6", label="seen, not kept"))
-    # the title, then the legend in rows of 3 under it, above the grid (sizes in inches)
-    height, legend_rows = size * layers, math.ceil(len(handles) / 3)
-    fig.suptitle(title, y=1 - 0.1 / height, va="top")
-    fig.legend(handles=handles, loc="upper center", ncol=3,
-               bbox_to_anchor=(0.5, 1 - 0.45 / height))
-    fig.tight_layout(rect=(0, 0, 1, 1 - (0.55 + 0.3 * legend_rows) / height))
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def mqar_labels(tokens, meta):
-    """Axis labels of an MQAR sequence: k3 for key id 3, v5 for the fifth value id, . for filler."""
-    start = meta["layout"]["values"][0]
-    filler = meta["layout"]["filler"][0]
-    return [f"k{t}" if t < start else f"v{t - start}" if t < filler else "."
-            for t in tokens.tolist()]
-
-
-MASK_TOKENS = 96  # text drawn at most: wider pictures are unreadable
-
-
-def run_mask(cfg, model, path, device):
-    """--task=mask: the picture of what the mask keeps, for --text or an MQAR sequence
-    (--data_dir, --example); for MQAR also the shares of kept keys at the query positions over the
-    first --limit validation sequences (256 by default)."""
-    if cfg.data_dir:
-        meta, tokens, supervised = mqar_data(cfg.data_dir)
-        if not 0 <= cfg.example < len(tokens):
-            raise SystemExit(f"error: --example={cfg.example}: {cfg.data_dir} holds validation "
-                             f"sequences 0 .. {len(tokens) - 1}")
-        check_mqar_vocabulary(model, cfg.init_from, meta, cfg.data_dir)
-        ids, kinds = tokens[cfg.example], mqar_kinds(tokens[cfg.example:cfg.example + 1], meta)[0]
-        labels, title = mqar_labels(ids, meta), f"{path}: MQAR validation sequence {cfg.example}"
-        print_mask_shares(model, tokens[:cfg.limit or 256], supervised[:cfg.limit or 256], meta,
-                          device)
-    else:
-        if not cfg.text:
-            raise SystemExit("error: --task=mask needs --text=\"...\" or MQAR data (--data_dir, "
-                             "--example)")
-        try:
-            tokenizer = load_text_tokenizer(tokenizer_directory(path), model.config.vocab_size)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        ids = np.array(tokenizer.encode_prompt(cfg.text)[:MASK_TOKENS])
-        kinds, labels = None, [token_label(tokenizer, t) for t in ids.tolist()]
-        title = f"{path}: {len(ids)} tokens of --text"
-    kept = kept_keys(model, torch.from_numpy(ids[None]).to(device))
-    draw_mask([layer[0] for layer in kept], labels, kinds, cfg.out,
-              f"{title} (keep_window_size {model.config.keep_window_size})")
-
-
-def token_label(tokenizer, token):
-    """A token on the mask's axes: its text as Python writes it in quotes (a newline reads \n),
-    spaces as ␣, or for a special token that decodes to nothing, its role or id."""
-    special = {tokenizer.eot_id: "<eot>", tokenizer.bos_id: "<bos>"}
-    text = repr(tokenizer.decode([token]))[1:-1].replace(" ", "\u2423")
-    return text or special.get(token, f"#{token}")
-
-
-def print_mask_shares(model, tokens, supervised, meta, device):
-    """The shares of kept keys of each kind at the query positions, per layer and bias head, and
-    how often the queried value is kept."""
-    rows, query_at, key_at = mqar_queries(tokens, supervised, meta["settings"]["num_kv_pairs"])
-    kept = kept_keys(model, torch.from_numpy(tokens).to(device))
-    kinds = mqar_kinds(tokens, meta)
-    log(f"at the {len(rows):,} queries of {len(tokens):,} validation sequences: the kept keys by "
-        f"kind, and how often the queried pair's value is kept")
-    log(f"{'layer':>5} {'head':>4} " + " ".join(f"{kind:>7}" for kind in MQAR_KINDS) +
-        f" {'value kept':>10}")
-    for layer, kept_in_layer in enumerate(kept):  # each bias head, then the keys any head keeps
-        for heads, names in ((kept_in_layer, range(kept_in_layer.shape[1])),
-                             (kept_in_layer.any(axis=1, keepdims=True), ["any"])):
-            shares, value_kept = mask_shares(heads, kinds, rows, query_at, key_at + 1)
-            for head, name in enumerate(names):
-                log(f"{layer:>5} {name:>4} " + " ".join(f"{shares[k][head]:>7.1%}"
-                                                        for k in MQAR_KINDS)
-                    + f" {value_kept[head]:>10.1%}")
-
-
-def mqar_data(data_dir):
-    """meta, tokens and supervised of the MQAR validation sequences in data_dir, or one line."""
-    try:
-        return read_mqar(data_dir, "val")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def check_mqar_vocabulary(model, init_from, meta, data_dir):
-    """A model scores MQAR data only if it was trained on such data: its vocabulary is the
-    data's (a text model's tokens mean something else); else one line naming both."""
-    data_vocab = meta["settings"]["vocab_size"]
-    if model.config.vocab_size != data_vocab:
-        raise SystemExit(f"error: {init_from} has a vocabulary of {model.config.vocab_size} "
-                         f"tokens, the MQAR data in {data_dir} one of {data_vocab}: score a model "
-                         f"trained on this data (python train.py config/mqar.py)")
-
-
-def run_recall(cfg, device, autocast):
-    """--task=mqar: each --init_from run scored on the MQAR validation sequences, a JSON line
-    each, then the table (and --plot)."""
-    meta, tokens, supervised = mqar_data(cfg.data_dir or "data/mqar")
-    if cfg.limit:
-        tokens, supervised = tokens[:cfg.limit], supervised[:cfg.limit]
-    results = []
-    for init_from in run_paths(cfg.init_from):
-        model, path = load_model(init_from, device)
-        check_mqar_vocabulary(model, init_from, meta, cfg.data_dir or "data/mqar")
-        result = score_mqar(model, init_from, tokens, supervised, meta, cfg, autocast)
-        print(json.dumps(result), flush=True)
-        results.append(result)
-    print_recall_table(results)
-    if cfg.plot:
-        plot_recall(results, cfg.plot, meta["settings"]["seq_len"])
-    return results
-
-
-def run_paths(init_from):
-    """--init_from as a list: comma-separated, each a path, a glob ('out/mqar-*') or a hub name."""
-    paths = []
-    for part in filter(None, init_from.split(",")):
-        matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
-        if not matches:
-            raise SystemExit(f"error: --init_from={part} matches nothing")
-        paths += matches
-    return paths
-
-
 def main(argv=None):
     cfg = apply_config(EvalConfig(), sys.argv[1:] if argv is None else argv)
-    if cfg.task in ("mqar", "mask"):
-        device, autocast = device_and_autocast(cfg)
-        if cfg.task == "mqar":
-            return run_recall(cfg, device, autocast)
-        model, path = load_model(cfg.init_from, device)
-        return run_mask(cfg, model, path, device)
     tasks = [task for task in (cfg.task or cfg.tasks).split(",") if task]
     unknown = [task for task in tasks if task not in BENCHMARKS and task != "bpb"]
     if unknown or not tasks:
         raise SystemExit(f"error: unknown task {', '.join(unknown) or '(none given)'}; choose from "
-                         f"{', '.join(BENCHMARKS)}, bpb, mqar, mask")
+                         f"{', '.join(BENCHMARKS)}, bpb (recall: recall.py)")
     if "bpb" in tasks and not cfg.data:
         raise SystemExit("error: bpb needs --data=FILE: a text file or one of our .bin shards")
-    device, autocast = device_and_autocast(cfg)
-    model, path = load_model(cfg.init_from, device)
+    device, dtype = device_and_dtype(cfg.device, cfg.dtype)
+    model, path = load_model(cfg.init_from, device)  # float32 weights, products in dtype
+    products = autocast(device, dtype)
     log(f"loaded {cfg.init_from}: {model.num_params() / 1e6:.1f}M parameters on {device}")
     try:  # the tokenizer and every task's data first: a missing file stops it before any scoring
         tokenizer = load_text_tokenizer(tokenizer_directory(path), model.config.vocab_size)
         inputs = {task: bpb_documents(cfg.data, tokenizer, cfg.limit) if task == "bpb" else
-                  read_benchmark(task, cfg.data_dir or "data/eval", cfg.limit) for task in tasks}
+                  read_benchmark(task, cfg.data_dir, cfg.limit) for task in tasks}
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     results, items = [], {}
     for task in tasks:
         if task == "bpb":
-            result, items[task] = score_bpb(model, tokenizer, inputs[task], cfg, autocast)
+            result, items[task] = score_bpb(model, tokenizer, inputs[task], cfg, products)
         else:
             result, items[task] = score_benchmark(model, tokenizer, task, inputs[task], cfg,
-                                                  autocast)
+                                                  products)
         print(json.dumps(result), flush=True)
         results.append(result)
     print_table(results)

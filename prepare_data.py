@@ -30,15 +30,15 @@ slower on one multi-megabyte string and because one huge file should still keep 
 read a block at a time and shards written as they fill, so memory holds a few blocks, the tasks in flight and the
 tokenizer's sample, whatever the size of a file or of a document in it.
 
-The file holds, top to bottom (the benchmarks that train.py and eval.py score live in eval.py):
+The file holds, top to bottom (tokenizers and chat templates live in tokenizer.py, the recall
+task's data in recall.py, the benchmarks in eval.py):
 
     Shard format                     write, read and list token shards and conversation shards; read meta.json
     Documents                        where the text comes from: files, directories, a data set on the hub
-    Tokenizer                        train SentencePiece BPE, or load a .model / tokenizer.json
     Cutting long documents           where tokenizers never merge across
     Tokenizing in worker processes   and writing the shards as they fill
     The whole preparation            prepare(): inputs -> tokenizer, shards and meta.json in --out_dir
-    Chat                             Doge's chat format, the chat tokenizer, conversations -> conversation shards
+    Chat                             conversations -> the chat tokenizer and conversation shards
     Reading shards for training      the loaders that read both kinds of shards in training (train.py)
     Command line                     prepare_data.py's arguments, and main()
 """
@@ -48,31 +48,32 @@ import contextlib
 import glob
 import gzip
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import platform
 import random
 import re
-import secrets
 import signal
 import socket
 import sys
 import sysconfig
 import time
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from itertools import chain
-from typing import Callable, Optional
 from urllib.parse import urlparse
 
 import numpy as np
 from tqdm import tqdm
 
+from common import (atomic_open, available_cpus, log, one_line, remove_temporary_files,
+                    size_text, write_file_atomically)
 from configurator import parse_value
+from tokenizer import (END_OF_TURN_TOKENS, LOSSLESS_PROBE, TOKENIZER_FILES, chat_tokenizer,
+                       is_lossless, load_chat_template, load_tokenizer, render_chat,
+                       tokenizer_file, train_sentencepiece)
 
 DEFAULT_DATA_DIR = "data/default"
 META_FILE = "meta.json"
@@ -86,8 +87,6 @@ HEADER_BYTES = HEADER_INTS * 4
 VERSION_OF_DTYPE = {np.dtype(np.uint16): 1, np.dtype(np.uint32): 2}
 DTYPE_OF_VERSION = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 SHARD_FILE = re.compile(r"^(?P<name>.+)_(?P<split>train|val)_(?P<index>\d{6})\.bin$")
-# what a tokenizer directory holds of its tokenizer: prepare_data.py's out_dir and a model directory alike
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 REBUILD_HINT = "re-run prepare_data.py to rebuild it"
 
 
@@ -117,67 +116,6 @@ def shard_dtype(chunks):
     if low < 0 or high >= 1 << 32:
         raise ValueError(f"token ids must lie in [0, 2**32), got values from {low} to {high}")
     return np.dtype(np.uint16) if high < 1 << 16 else np.dtype(np.uint32)
-
-
-TEMPORARY_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # atomic_path's <name>.<random>.tmp
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """The one atomic writer: a temporary path in path's directory (<name>.<random>.tmp) for the block
-    to write; when it completes, the file is synced to disk and renamed to path, so a crash (even a power
-    loss) never leaves a partial file under the real name. On failure the temporary file is removed. The
-    file gets the mode open() would give (0o666 less the umask), not mkstemp's private 0o600."""
-    temp_path = f"{os.path.abspath(path)}.{secrets.token_hex(4)}.tmp"
-    try:  # created inside the try: a Ctrl-C that lands just after the file is made still removes it
-        os.close(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        yield temp_path
-        fd = os.open(temp_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temp_path)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_open(path):
-    """path open for binary writing through atomic_path: a file that exists under its real name is complete."""
-    with atomic_path(path) as temp_path, open(temp_path, "wb") as f:
-        yield f
-
-
-def atomic_write(path, write):
-    """Call write(temp_path), which writes the file (torch.save, safetensors, ...), through atomic_path."""
-    with atomic_path(path) as temp_path:
-        write(temp_path)
-
-
-def write_file_atomically(path, data: bytes):
-    with atomic_open(path) as f:
-        f.write(data)
-
-
-def atomic_write_text(path, text):
-    """Write text (UTF-8) to path through atomic_path."""
-    write_file_atomically(path, text.encode("utf-8"))
-
-
-def remove_temporary_files(directory, ours=None):
-    """Delete what atomic_path left in directory when a process died in mid-write: only the names it makes,
-    and of those only the ones whose real name ours(name) accepts (all when None). Returns how many files and
-    bytes."""
-    matches = [TEMPORARY_FILE.match(name) for name in os.listdir(directory)] if os.path.isdir(directory) else []
-    paths = [os.path.join(directory, m.string) for m in matches if m and (ours is None or ours(m["name"]))]
-    paths = [path for path in paths if os.path.isfile(path)]
-    sizes = [os.path.getsize(path) for path in paths]
-    for path in paths:
-        os.remove(path)
-    return len(paths), sum(sizes)
 
 
 def shard_header(version, num_tokens, count=0) -> bytes:
@@ -542,235 +480,6 @@ def check_hub_reachable(name):
                          f"for local files")
 
 
-def one_line(error):
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
-# -----------------------------------------------------------------------------
-# Tokenizer: train SentencePiece BPE, or load a .model / tokenizer.json. Both give the same small record.
-
-@dataclass
-class Tokenizer:
-    kind: str  # "sentencepiece" or "huggingface"
-    vocab_size: int  # ids are 0 .. vocab_size - 1
-    eot_id: int  # end of text: closes every document in the shards
-    bos_id: Optional[int]
-    encode: Callable  # list of str -> list of lists of ids, no special tokens added
-    decode: Callable  # ids -> str
-    token_to_id: Callable  # token text -> id, or None when the vocabulary has no such token
-    # str -> the ids a prompt is given to the model as: for a tokenizer.json, what transformers'
-    # tokenizer(text) gives (its post-processor adds whatever special tokens it names, perhaps none);
-    # for our SentencePiece models, the end-of-text token first, as every document follows one in the shards.
-    encode_prompt: Callable
-
-
-# Every option here is about getting the text back exactly (or fast, or small).
-SENTENCEPIECE_OPTIONS = dict(
-    model_type="bpe",
-    byte_fallback=True,  # characters outside the vocabulary become UTF-8 byte pieces: never <unk>
-    normalization_rule_name="identity",  # no NFKC: text comes back as it went in
-    add_dummy_prefix=False,  # no invented space at the start of the text
-    remove_extra_whitespaces=False,  # keep indentation, runs of spaces, trailing spaces
-    allow_whitespace_only_pieces=True,  # an indentation of 8 spaces is one piece, not 8
-    split_digits=True,  # numbers digit by digit, as in Llama
-    character_coverage=0.9995,  # the rarest characters go to byte pieces
-    max_sentence_length=1 << 14,  # bytes; the trainer is given lines of at most 4096 characters
-    hard_vocab_limit=False,  # a tiny corpus gets a smaller vocabulary instead of an error
-    shuffle_input_sentence=True,
-    input_sentence_size=5_000_000,  # lines; a bound on training time whatever --sample_bytes says
-    unk_id=0, bos_id=1, pad_id=-1,
-    minloglevel=2,  # SentencePiece logs hundreds of lines otherwise
-)
-EOT_TOKENS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eos|>")  # searched in tokenizer.json
-BOS_TOKENS = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
-META_SYMBOL = "\u2581"  # "▁": SentencePiece's stand-in for a space
-
-
-def train_sentencepiece(sample, vocab_size, eos_id=2):
-    """Train SentencePiece BPE on the lines of the sample documents; returns the model file's bytes.
-    Lines go in without their line break, so no piece contains "\\n": a newline is always its own byte piece,
-    and cutting documents at line starts never changes the tokens."""
-    # SentencePiece leaves out lines longer than max_sentence_length bytes: slice them (minified text, CJK).
-    lines = [line[i:i + 4096] for doc in sample for line in doc.splitlines() for i in range(0, len(line), 4096)]
-    if vocab_size < 260:
-        raise ValueError(f"--vocab_size={vocab_size} is too small: the 256 byte pieces and unk, bos, eos come first")
-    if eos_id in (0, 1) or not 0 <= eos_id < vocab_size:
-        raise ValueError(f"--eos_id={eos_id} must lie in [2, vocab_size): 0 is unk and 1 is bos")
-    if not lines:
-        raise ValueError("the tokenizer's training sample holds no text, only line breaks")
-    try:
-        return run_sentencepiece_trainer(lines, vocab_size, eos_id)
-    except ValueError as e:
-        if "required_chars" not in str(e):
-            raise
-    # The vocabulary cannot hold every character that 99.95% coverage asks for (text in Chinese, say, with a
-    # vocabulary of 512): train on the commonest characters only, cutting lines at the others, which byte
-    # pieces encode as they encode any character the tokenizer never saw.
-    counts = Counter(chain.from_iterable(lines))
-    keep = {char for char, _ in counts.most_common(max(1, (vocab_size - 259) // 2))}
-    rare = re.compile("[" + re.escape("".join(set(counts) - keep)) + "]+")
-    return run_sentencepiece_trainer([part for line in lines for part in rare.split(line) if part], vocab_size, eos_id)
-
-
-def run_sentencepiece_trainer(lines, vocab_size, eos_id):
-    import sentencepiece
-
-    model = io.BytesIO()
-    try:
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, eos_id=eos_id,
-            num_threads=available_cpus(), **SENTENCEPIECE_OPTIONS)
-    except RuntimeError as e:  # SentencePiece reports bad settings as "INTERNAL: file(line) [check] message"
-        reason = str(e).split("] ", 1)[-1].strip() or str(e).strip()
-        raise ValueError(f"training the tokenizer failed: {reason} "
-                         f"(--vocab_size={vocab_size}, --eos_id={eos_id}; unk is 0, bos 1)") from None
-    return model.getvalue()
-
-
-def tokenizer_file(path):
-    """--tokenizer names a file, or a model directory whose tokenizer.json is meant."""
-    return os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-
-
-def load_tokenizer(path, eot_token=None, parse_special_tokens=False) -> Tokenizer:
-    """A SentencePiece .model, or a Hugging Face tokenizer.json (or a model directory holding one).
-    parse_special_tokens: text that spells a special token (a chat template's <|start_header_id|>) is encoded as
-    that token, as prompts need; off for data, where such text must stay text. SentencePiece never parses its
-    control pieces (<s>, </s>) from text, so there it changes nothing."""
-    path = tokenizer_file(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"--tokenizer {path}: no such file")
-    if path.endswith(".json"):
-        return load_huggingface_tokenizer(path, eot_token, parse_special_tokens)
-    return load_sentencepiece(path, eot_token)
-
-
-def load_sentencepiece(path, eot_token=None):
-    import sentencepiece
-
-    try:
-        processor = sentencepiece.SentencePieceProcessor(model_file=path)
-    except (OSError, RuntimeError) as e:
-        raise ValueError(f"--tokenizer {path}: not a SentencePiece model ({one_line(e)})") from None
-    if eot_token is not None:
-        eot_id = processor.piece_to_id(eot_token)
-        if eot_id == processor.unk_id() and eot_token != processor.id_to_piece(eot_id):
-            raise ValueError(f"--tokenizer {path}: no end-of-text token {eot_token!r} (--eot_token)")
-    else:
-        eot_id = processor.eos_id()
-        if eot_id < 0:
-            raise ValueError(f"--tokenizer {path}: the model has no eos piece; name an end-of-text piece "
-                             f"with --eot_token")
-    bos_id = processor.bos_id() if processor.bos_id() >= 0 else None
-
-    def token_to_id(piece):
-        piece_id = processor.piece_to_id(piece)
-        return None if piece_id == processor.unk_id() and piece != processor.id_to_piece(piece_id) else piece_id
-
-    encode = sentencepiece_encoder(processor)
-    return Tokenizer("sentencepiece", processor.get_piece_size(), eot_id, bos_id, encode,
-                     lambda ids: processor.decode(np.asarray(ids).tolist()), token_to_id,
-                     lambda text: [eot_id] + encode([text])[0])
-
-
-def sentencepiece_encoder(processor):
-    """SentencePiece's encode, made lossless for text that contains "▁" itself: SentencePiece would decode
-    it as a space, so such text is encoded around it, and "▁" is spelled with its three UTF-8 byte pieces."""
-    meta_symbol_ids = [processor.piece_to_id(f"<0x{byte:02X}>") for byte in META_SYMBOL.encode()]
-    has_byte_pieces = all(processor.is_byte(i) for i in meta_symbol_ids)
-
-    def encode_around_meta_symbol(text):
-        parts = text.split(META_SYMBOL)
-        ids = processor.encode(parts[0])
-        for part in parts[1:]:
-            ids += meta_symbol_ids + processor.encode(part)
-        return ids
-
-    def encode(texts):
-        ids = processor.encode(texts, num_threads=1)  # parallelism comes from worker processes
-        if has_byte_pieces:
-            for i, text in enumerate(texts):
-                if META_SYMBOL in text:
-                    ids[i] = encode_around_meta_symbol(text)
-        return ids
-
-    return encode
-
-
-def load_huggingface_tokenizer(path, eot_token=None, parse_special_tokens=False):
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
-    try:
-        import tokenizers
-    except ImportError:
-        raise ValueError(f"--tokenizer {path}: a tokenizer.json needs the optional `tokenizers` package "
-                         f"(pip install tokenizers)") from None
-    try:
-        hf_tokenizer = tokenizers.Tokenizer.from_file(path)
-    except Exception as e:  # tokenizers raises a bare Exception for malformed files
-        raise ValueError(f"--tokenizer {path}: not a tokenizer.json ({one_line(e)})") from None
-    # In data, text that happens to spell "<|end_of_text|>" must stay text, or it would end a document.
-    with contextlib.suppress(AttributeError):  # tokenizers < 0.15 lacks the switch
-        hf_tokenizer.encode_special_tokens = not parse_special_tokens
-    candidates = [eot_token] if eot_token is not None else EOT_TOKENS
-    eot_id = next((hf_tokenizer.token_to_id(t) for t in candidates if hf_tokenizer.token_to_id(t) is not None), None)
-    if eot_id is None:
-        raise ValueError(f"--tokenizer {path}: no end-of-text token ({', '.join(candidates)}); "
-                         f"name one with --eot_token")
-    bos_id = next((hf_tokenizer.token_to_id(t) for t in BOS_TOKENS if hf_tokenizer.token_to_id(t) is not None), None)
-
-    def encode(texts):
-        return [encoding.ids for encoding in hf_tokenizer.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(ids):
-        return hf_tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
-
-    def encode_prompt(text):
-        return hf_tokenizer.encode(text, add_special_tokens=True).ids
-
-    return Tokenizer("huggingface", hf_tokenizer.get_vocab_size(with_added_tokens=True), eot_id, bos_id,
-                     encode, decode, hf_tokenizer.token_to_id, encode_prompt)
-
-
-def tokenizer_directory(path):
-    """Where a model's tokenizer lies: beside the weights (a model directory, or a checkpoint's
-    out_dir)."""
-    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-
-
-def load_text_tokenizer(directory, vocab_size):
-    """The tokenizer.json or tokenizer.model of a model directory, checked against the model's
-    vocab_size, parsing special tokens in text (as prompts need). Problems raise ValueError."""
-    for name in ("tokenizer.json", "tokenizer.model"):
-        if os.path.exists(os.path.join(directory, name)):
-            tokenizer = load_tokenizer(os.path.join(directory, name), parse_special_tokens=True)
-            break
-    else:
-        raise ValueError(f"no tokenizer.json or tokenizer.model in {directory}")
-    if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model only "
-                         f"{vocab_size}: they do not belong together")
-    return tokenizer
-
-
-def document_start(tokenizer):
-    """The token that scoring puts before a document (bits per byte) or an empty context: the one every
-    prompt starts with when there is one (end-of-text for our SentencePiece models and their tokenizer.json
-    export, begin-of-text for a tokenizer.json whose post-processor adds it), else a tokenizer.json's
-    begin-of-text (lm-evaluation-harness's prefix token), else end-of-text."""
-    prompt_start = tokenizer.encode_prompt("")
-    if prompt_start:
-        return prompt_start[0]
-    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
-
-
-LOSSLESS_PROBE = "def f(x):\n\tif x:  # ok\r\n        return 'héllo wörld 日本語 🙂'\n\n\x00\x7f \u2028▁ end  "
-
-
-def is_lossless(tokenizer):
-    return tokenizer.decode(list(chain.from_iterable(tokenizer.encode([LOSSLESS_PROBE])))) == LOSSLESS_PROBE
-
-
 # -----------------------------------------------------------------------------
 # Cutting long documents where tokenizers never merge across
 
@@ -1004,25 +713,6 @@ def write_shards(results, out_dir, name, dtype, val_tokens, shard_tokens, max_to
 # -----------------------------------------------------------------------------
 # The whole preparation
 
-def available_cpus():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def busy_machine_note(load=None, cores=None):
-    """One line when the CPU is oversubscribed: the 1-minute load average (processes running or
-    waiting to run) more than half as high again as the cores this process may use, as when
-    several programs each take every core. None on a quiet machine, or where the load average
-    cannot be read. Timings in the docs are from a quiet machine; this says why a run is slower."""
-    try:
-        load = os.getloadavg()[0] if load is None else load
-    except (AttributeError, OSError):  # no load average (Windows)
-        return None
-    cores = cores or available_cpus()
-    if load <= 1.5 * cores:
-        return None
-    return (f"note: the CPU is busy: load average {load:.1f} over {cores} core"
-            f"{'s' * (cores > 1)} available; expect slower than the docs' figures")
-
 
 def default_val_tokens(input_bytes, max_tokens):
     """About 5% of the data (at a typical 4 bytes per token), at most 10M tokens."""
@@ -1131,15 +821,6 @@ def describe_input(inputs, source, source_split, text_field):
         description = f"Python {platform.python_version()} standard library: {len(files)} .py files in {root}"
         name = "stdlib"
     return files, description, name, sum(os.path.getsize(path) for path in files), files_digest(files)
-
-
-def size_text(size):
-    """A size in bytes as one reads it: '27.3 KB', '8.0 MB', '1.2 GB' (units of 1024)."""
-    for unit in ("KB", "MB"):
-        size /= 1024
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-    return f"{size / 1024:.1f} GB"
 
 
 def install_tokenizer(out_dir, source_file, tokenizer_bytes, sample, vocab_size, eos_id):
@@ -1283,192 +964,11 @@ def check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_t
         raise ValueError(f"--shard_tokens must fit the int32 header: at most {np.iinfo(np.int32).max:,}")
 
 
-def log(message):
-    print(message, file=sys.stderr, flush=True)
-
-
 # -----------------------------------------------------------------------------
-# Chat: templates, the chat tokenizer, and conversations -> conversation shards (prepare_data.py --chat)
+# Chat: conversations -> the chat tokenizer and conversation shards (prepare_data.py --chat)
 #
 # Packing several conversations into one row would let them attend to each other (Doge's attention has no
 # document mask), so conversations are kept whole and apart; train.py makes each one a row of its own.
-
-# Doge's chat format (Llama-3 style), for tokenizers that bring no template of their own
-DOGE_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] "
-    "+ '<|eot_id|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-    "{% endif %}")
-CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-END_OF_TURN_TOKENS = ("<|eot_id|>", "<|end_of_text|>")  # besides the tokenizer's own end of text
-
-
-def read_json(path):
-    """The JSON object in path, or {} when there is no such file; an unreadable one is a ValueError."""
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
-
-
-def token_text(value):
-    """tokenizer_config.json writes special tokens as strings or as {"content": ...} objects."""
-    return value.get("content") if isinstance(value, dict) else value
-
-
-def load_chat_template(directory):
-    """The Jinja chat template of a model directory ({"template", "bos_token", "eos_token"}), or None."""
-    tokenizer_config = read_json(os.path.join(directory, "tokenizer_config.json"))
-    template = tokenizer_config.get("chat_template")
-    jinja_path = os.path.join(directory, "chat_template.jinja")  # transformers 5.x writes it apart
-    if template is None and os.path.exists(jinja_path):
-        with open(jinja_path, encoding="utf-8") as f:
-            template = f.read()
-    if isinstance(template, list):  # several named templates: take the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if template is None:
-        return None
-    return {"template": template, "bos_token": token_text(tokenizer_config.get("bos_token")) or "",
-            "eos_token": token_text(tokenizer_config.get("eos_token")) or ""}
-
-
-def render_chat(chat_template, messages, add_generation_prompt=True):
-    """The text of a conversation; with add_generation_prompt it ends where the assistant's answer begins."""
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise ValueError("a chat template needs the optional jinja2 package (pip install jinja2)") from None
-
-    def raise_exception(message):
-        raise ValueError(f"chat template: {message}")
-
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.globals["raise_exception"] = raise_exception
-    return environment.from_string(chat_template["template"]).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=chat_template["bos_token"],
-        eos_token=chat_template["eos_token"])
-
-
-def end_of_turn_text(chat_template):
-    """The text the template puts after an assistant's reply, when rendering a conversation
-    extends the rendering of the one before it, turn by turn (so that each turn can feed the
-    model only its own text); None when the template does not."""
-    user, reply = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
-    asking = render_chat(chat_template, [user]) + reply["content"]
-    answered = render_chat(chat_template, [user, reply], add_generation_prompt=False)
-    asking_again = render_chat(chat_template, [user, reply, user])
-    if not (answered.startswith(asking) and asking_again.startswith(answered)):
-        return None
-    return answered[len(asking):]
-
-
-def stop_ids(model, tokenizer, directory):
-    """Every id that ends generation: the model's config.json's and generation_config.json's eos ids, and the
-    tokenizer's own end-of-text and end-of-turn tokens."""
-    ids = {tokenizer.eot_id}
-    for value in (model.config.eos_token_id,
-                  read_json(os.path.join(directory, "generation_config.json")).get("eos_token_id")):
-        ids.update(value if isinstance(value, list) else [] if value is None else [value])
-    tokenizer_config = read_json(os.path.join(directory, "tokenizer_config.json"))
-    for text in (token_text(tokenizer_config.get("eos_token")), *END_OF_TURN_TOKENS):
-        if text is not None and tokenizer.token_to_id(text) is not None:
-            ids.add(tokenizer.token_to_id(text))
-    return sorted(ids)
-
-
-# what transformers' tokenizer(...) returns for a Doge: transformers 4.x adds token_type_ids by default,
-# which generate() refuses
-MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
-
-
-def sentencepiece_as_tokenizers(path):
-    """Our SentencePiece BPE model (byte fallback, identity normalisation, no dummy prefix) as a `tokenizers`
-    BPE giving the same ids, so that transformers can load it: the vocabulary in id order, and a merge for every
-    split of a piece into two pieces, ranked by the piece's score (SentencePiece BPE merges the adjacent pair
-    whose union scores best). The pieces spell a space as a space, not as SentencePiece's "▁": text that holds
-    "▁" itself then finds no piece for it and spells it with byte pieces, as load_tokenizer does."""
-    import sentencepiece
-    from tokenizers import Tokenizer, decoders, models
-
-    processor = sentencepiece.SentencePieceProcessor(model_file=path)
-    pieces = [piece if processor.is_byte(i) else piece.replace(META_SYMBOL, " ")
-              for i, piece in enumerate(map(processor.id_to_piece, range(processor.get_piece_size())))]
-    vocab = {piece: i for i, piece in enumerate(pieces)}
-    plain = {piece for i, piece in enumerate(pieces)  # never made from text by merging
-             if not (processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i)
-                     or processor.is_unused(i))}
-    merges = sorted((-processor.get_score(vocab[piece]), vocab[piece], k, piece[:k], piece[k:])
-                    for piece in plain for k in range(1, len(piece))
-                    if piece[:k] in plain and piece[k:] in plain)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges],
-                                     unk_token=pieces[processor.unk_id()], byte_fallback=True))
-    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    return tokenizer
-
-
-def sentencepiece_export(path):
-    """Our SentencePiece tokenizer.model as files that transformers' AutoTokenizer loads with no package but
-    `tokenizers`: a tokenizer.json (sentencepiece_as_tokenizers, with unk, bos and eos as special tokens and a
-    post-processor that puts end-of-text first, so that tokenizer(text) gives what load_tokenizer's
-    encode_prompt gives) and its tokenizer_config.json, both as text. split_special_tokens keeps text that
-    spells "</s>" text, as SentencePiece does."""
-    import sentencepiece
-    from tokenizers import AddedToken, processors
-
-    processor = sentencepiece.SentencePieceProcessor(model_file=path)
-    if processor.eos_id() < 0:
-        raise ValueError(f"{path}: the model has no eos piece, which every document follows")
-    ids = {"unk_token": processor.unk_id(), "bos_token": processor.bos_id(), "eos_token": processor.eos_id()}
-    special = {name: processor.id_to_piece(i) for name, i in ids.items() if i >= 0}
-    tokenizer = sentencepiece_as_tokenizers(path)
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special.values()])
-    eos = special["eos_token"]
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{eos} $A", pair=f"{eos} $A {eos} $B", special_tokens=[(eos, processor.eos_id())])
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "split_special_tokens": True,
-              "clean_up_tokenization_spaces": False, "model_input_names": MODEL_INPUT_NAMES}
-    return tokenizer.to_str(), json.dumps(config, indent=2)
-
-
-def chat_tokenizer(path):
-    """The chat tokenizer made from a model's (path: its directory, or its tokenizer.json or tokenizer.model):
-    the tokenizer.json, or our SentencePiece tokenizer.model converted, and its tokenizer_config.json. A
-    tokenizer with a chat template keeps it; one without gets the Doge template, with <|begin_of_text|> as bos,
-    <|eot_id|> as eos, and the template's special tokens that its vocabulary lacks (new ids after the last).
-    Returns the `tokenizers.Tokenizer`, the tokenizer_config dict and the ids of the added tokens."""
-    try:
-        from tokenizers import AddedToken, Tokenizer
-    except ImportError:
-        raise ValueError("--chat needs the optional `tokenizers` package (pip install tokenizers)") from None
-    candidates = [os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")] \
-        if os.path.isdir(path) else [path]
-    found = next((candidate for candidate in candidates if os.path.isfile(candidate)), None)
-    if found is None:
-        raise ValueError(f"--tokenizer {path}: no tokenizer.json or tokenizer.model there")
-    try:
-        tokenizer = Tokenizer.from_file(found) if found.endswith(".json") else sentencepiece_as_tokenizers(found)
-    except Exception as e:  # tokenizers and sentencepiece raise their own kinds for damaged files
-        raise ValueError(f"--tokenizer {found}: unreadable ({one_line(e)})") from None
-    directory = os.path.dirname(found)
-    config = read_json(os.path.join(directory, "tokenizer_config.json"))
-    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-    config.setdefault("model_input_names", MODEL_INPUT_NAMES)
-    own_template = load_chat_template(directory)
-    if own_template is not None:  # chat_template.jinja, if that is where it was, goes inline
-        return tokenizer, {**config, "chat_template": own_template["template"]}, []
-    missing = [token for token in CHAT_TOKENS if tokenizer.token_to_id(token) is None]
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in missing])
-    config = {**config, "chat_template": DOGE_CHAT_TEMPLATE, "bos_token": CHAT_TOKENS[0], "eos_token": "<|eot_id|>"}
-    return tokenizer, config, [tokenizer.token_to_id(token) for token in missing]
 
 
 def check_messages(messages, where):
@@ -1685,150 +1185,6 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
     log(f"wrote {sum(meta['conversations'].values()):,} conversations to {out_dir}; added to the vocabulary: "
         f"{', '.join(meta['added_tokens']) or 'nothing'}")
     return meta
-
-
-# -----------------------------------------------------------------------------
-# Recall (MQAR, multi-query associative recall, from "Zoology", Arora et al. 2023): a synthetic task that
-# tests what attention keeps. A sequence opens with P key-value pairs; later each key comes back once as a
-# query, and the token after it must be its value. The pairing is drawn afresh for every sequence, so only
-# recall from the context can answer. The sequences are written as conversation shards, whose per-token mask
-# marks the value after each query as the one thing trained on, so train.py learns the task as it fine-tunes
-# on conversations, and eval.py scores it (eval.py --task=mqar).
-#
-#     position   0  1  2  3 ...  2P-2 2P-1 | 2P ...                                         seq_len-1
-#     token      k1 v1 k2 v2 ...  kP   vP  | filler, and each key k once more followed by its value v
-#                                          |              ^ query        ^ trained on
-
-MQAR_DEFAULTS = dict(num_kv_pairs=8, seq_len=40, vocab_size=128, train_examples=100_000, val_examples=1024)
-
-
-def mqar_layout(vocab_size):
-    """The token ids of each kind, as half-open ranges [start, end): a quarter of the vocabulary is filler,
-    the rest split evenly between keys and values."""
-    filler = vocab_size // 4
-    kinds = (vocab_size - filler) // 2
-    return {"keys": [0, kinds], "values": [kinds, 2 * kinds], "filler": [2 * kinds, vocab_size]}
-
-
-def check_mqar_settings(num_kv_pairs, seq_len, vocab_size, train_examples, val_examples):
-    """Refuse, in one line each, settings that cannot make an MQAR sequence."""
-    settings = dict(num_kv_pairs=num_kv_pairs, seq_len=seq_len, vocab_size=vocab_size,
-                    train_examples=train_examples, val_examples=val_examples)
-    for key, value in settings.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"--{key} must be a positive integer, not {value!r}")
-    if 4 * num_kv_pairs > seq_len:
-        raise ValueError(f"--seq_len {seq_len} cannot hold --num_kv_pairs {num_kv_pairs}: the pairs and then "
-                         f"each key again with its value take 4 x {num_kv_pairs} = {4 * num_kv_pairs} tokens")
-    if vocab_size > 65536:
-        raise ValueError(f"--vocab_size {vocab_size} is more than MQAR needs (at most 65536, uint16 tokens)")
-    layout = mqar_layout(vocab_size)
-    start, end = layout["keys"]
-    if end - start < num_kv_pairs or layout["filler"][0] == layout["filler"][1]:
-        smallest = next(size for size in range(4, 65537) if mqar_layout(size)["keys"][1] >= num_kv_pairs)
-        raise ValueError(f"--vocab_size {vocab_size} holds {end - start} keys and as many values (3/8 of it each), "
-                         f"fewer than the {num_kv_pairs} distinct ones a sequence needs, or no filler: give "
-                         f"--vocab_size >= {smallest}")
-
-
-def mqar_sequences(count, num_kv_pairs, seq_len, layout, rng):
-    """count MQAR sequences: tokens (count, seq_len) uint16 and supervised (count, seq_len) uint8, 1 at the
-    value after each query. Keys are distinct within a sequence, and so are values; the queries come in a
-    random order at random places after the pairs, filler (random filler ids) everywhere else."""
-    pairs = num_kv_pairs
-    (key_start, key_end), (value_start, value_end), (filler_start, filler_end) = (
-        layout["keys"], layout["values"], layout["filler"])
-    rows = np.arange(count)[:, None]
-    keys = key_start + rng.random((count, key_end - key_start)).argsort(axis=1)[:, :pairs]  # (N, P)
-    values = value_start + rng.random((count, value_end - value_start)).argsort(axis=1)[:, :pairs]
-    tokens = np.zeros((count, seq_len), dtype=np.int64)
-    tokens[:, 0:2 * pairs:2], tokens[:, 1:2 * pairs:2] = keys, values
-    # after the pairs: P query units of 2 tokens and F filler units of 1, in a random order
-    fillers = seq_len - 4 * pairs
-    units = pairs + fillers
-    is_query = np.zeros((count, units), dtype=np.int64)
-    is_query[rows, rng.random((count, units)).argsort(axis=1)[:, :pairs]] = 1
-    sizes = 1 + is_query
-    starts = 2 * pairs + np.cumsum(sizes, axis=1) - sizes  # (N, units) where each unit begins
-    query_at = starts[is_query.astype(bool)].reshape(count, pairs)  # in position order
-    asked = rng.random((count, pairs)).argsort(axis=1)  # which pair each query asks for
-    tokens[rows, query_at] = np.take_along_axis(keys, asked, axis=1)
-    tokens[rows, query_at + 1] = np.take_along_axis(values, asked, axis=1)
-    if fillers:
-        filler_at = starts[~is_query.astype(bool)].reshape(count, fillers)
-        tokens[rows, filler_at] = rng.integers(filler_start, filler_end, size=(count, fillers))
-    supervised = np.zeros((count, seq_len), dtype=np.uint8)
-    supervised[rows, query_at + 1] = 1
-    return tokens.astype(np.uint16), supervised
-
-
-def mqar_split(count, settings, layout, seed, avoid=frozenset(), max_rounds=100):
-    """count sequences drawn with the generator seeded by seed, none of them in avoid (a set of row bytes):
-    a clash is drawn again. Returns tokens and supervised."""
-    rng = np.random.default_rng(seed)
-    tokens, supervised, have = [], [], 0
-    for _ in range(max_rounds):
-        new_tokens, new_supervised = mqar_sequences(count - have, settings["num_kv_pairs"], settings["seq_len"],
-                                                    layout, rng)
-        keep = np.array([row.tobytes() not in avoid for row in new_tokens], dtype=bool)
-        tokens.append(new_tokens[keep])
-        supervised.append(new_supervised[keep])
-        have += int(keep.sum())
-        if have == count:
-            return np.concatenate(tokens), np.concatenate(supervised)
-    raise ValueError(f"these settings allow too few distinct sequences to keep {count:,} training ones apart "
-                     f"from the validation ones: give a larger --seq_len or --vocab_size, or fewer examples")
-
-
-def prepare_mqar(out_dir, num_kv_pairs=8, seq_len=40, vocab_size=128, train_examples=100_000,
-                 val_examples=1024, seed=1337, shard_tokens=100_000_000):
-    """MQAR sequences -> out_dir: conversation shards (val first) and meta.json with every setting and the token
-    layout. The validation sequences come from the generator seeded by (seed, 1), the training ones from
-    (seed, 0), and no validation sequence is among the training ones. No tokenizer: the ids are the tokens."""
-    check_mqar_settings(num_kv_pairs, seq_len, vocab_size, train_examples, val_examples)
-    if not isinstance(shard_tokens, int) or not 1 <= shard_tokens <= np.iinfo(np.int32).max:
-        raise ValueError(f"--shard_tokens must be a positive integer that fits int32, not {shard_tokens!r}")
-    settings = dict(task="mqar", num_kv_pairs=num_kv_pairs, seq_len=seq_len, vocab_size=vocab_size,
-                    train_examples=train_examples, val_examples=val_examples, seed=seed, shard_tokens=shard_tokens)
-    layout = mqar_layout(vocab_size)
-    remove_interrupted_writes(out_dir)
-    start_rebuild(out_dir, settings)
-    val_tokens, val_supervised = mqar_split(val_examples, settings, layout, [seed, 1])
-    train_tokens, train_supervised = mqar_split(train_examples, settings, layout, [seed, 0],
-                                                avoid={row.tobytes() for row in val_tokens})
-    shards = {}
-    for split, tokens, supervised in (("val", val_tokens, val_supervised),
-                                      ("train", train_tokens, train_supervised)):
-        shards[split] = write_conversation_shards(list(zip(tokens, supervised)), out_dir, "mqar", split,
-                                                  len(shards.get("val", [])), shard_tokens)
-    description = f"MQAR: {num_kv_pairs} key-value pairs in {seq_len} tokens, vocabulary {vocab_size}"
-    meta = dict(
-        complete=True, kind="conversations", task="mqar", source=description, settings=settings,
-        layout=dict(**layout, pairs=f"positions 0..{2 * num_kv_pairs - 1}: key, value, key, value, ...",
-                    queries="after the pairs: each key once more, followed by its value (trained on), "
-                            "filler elsewhere"),
-        tokenizer=None, vocab_size=vocab_size, bos_id=None, eos_id=None,
-        conversations={"val": val_examples, "train": train_examples},
-        tokens={"val": val_tokens.size, "train": train_tokens.size},
-        supervised={"val": int(val_supervised.sum()), "train": int(train_supervised.sum())},
-        **shard_lists(shards), python=platform.python_version())
-    write_meta(out_dir, meta)
-    log(f"wrote {train_examples:,} training and {val_examples:,} validation MQAR sequences to {out_dir} "
-        f"({description})")
-    return meta
-
-
-def read_mqar(data_dir, split="val"):
-    """The MQAR sequences of a data directory: (meta, tokens (N, seq_len) int64, supervised (N, seq_len) bool).
-    A directory that does not hold MQAR data is a ValueError."""
-    meta = read_meta(data_dir)
-    if not meta or meta.get("task") != "mqar":
-        raise ValueError(f"{data_dir} holds no MQAR data (make it with `python prepare_data.py --mqar "
-                         f"--out_dir={data_dir}`)")
-    tokens, supervised = zip(*(read_conversation_shard(path)[:2] for path in list_shards(data_dir, split)))
-    seq_len = meta["settings"]["seq_len"]
-    return (meta, np.concatenate(tokens).astype(np.int64).reshape(-1, seq_len),
-            np.concatenate(supervised).astype(bool).reshape(-1, seq_len))
 
 
 # -----------------------------------------------------------------------------
@@ -2080,8 +1436,7 @@ def parse_args(argv=None):
         help="split .txt files into documents on this string (escapes like \\n are read); bare: a blank line")
     add("--out_dir", type=as_str, default=DEFAULT_DATA_DIR)
     add("--name", type=as_str, help="shard name prefix (default from the input: stdlib, the file name, ...)")
-    add("--vocab_size", type=as_int, help="size of the SentencePiece vocabulary to train (default 32768; "
-                                          "--mqar: the task's vocabulary, default 128)")
+    add("--vocab_size", type=as_int, default=32768, help="size of the SentencePiece vocabulary to train")
     add("--tokenizer", type=as_str, help="reuse a SentencePiece .model, or a tokenizer.json (or a directory with one)")
     add("--eot_token", type=as_str, help="end-of-text token (default: eos of a .model; <|end_of_text|>, </s>, ...)")
     add("--eos_id", type=as_int, default=2, help="id of eos (end of text) in a trained tokenizer; unk is 0, bos 1")
@@ -2097,31 +1452,14 @@ def parse_args(argv=None):
         help="conversations ({\"messages\": [...]} jsonl, or a data set) -> chat tokenizer + conversation shards")
     add("--val_input", dest="val_inputs", nargs="+", metavar="PATH",
         help="--chat: validation conversations; default: the data set's test split, or 1 in 20 held out")
-    add("--seed", type=as_int, default=1337, help="--chat: chooses the held-out conversations; --mqar: draws "
-                                                  "the sequences")
-    add("--mqar", type=as_bool, nargs="?", const=True, default=False,
-        help="write the synthetic recall task (MQAR) as conversation shards instead of tokenizing text")
-    add("--num_kv_pairs", type=as_int, default=MQAR_DEFAULTS["num_kv_pairs"], help="--mqar: key-value pairs a sequence")
-    add("--seq_len", type=as_int, default=MQAR_DEFAULTS["seq_len"], help="--mqar: tokens a sequence")
-    add("--train_examples", type=as_int, default=MQAR_DEFAULTS["train_examples"], help="--mqar: training sequences")
-    add("--val_examples", type=as_int, default=MQAR_DEFAULTS["val_examples"], help="--mqar: validation sequences")
-    args = parser.parse_args(argv)
-    if args.vocab_size is None:
-        args.vocab_size = MQAR_DEFAULTS["vocab_size"] if args.mqar else 32768
-    return args
+    add("--seed", type=as_int, default=1337, help="--chat: chooses the held-out conversations")
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = vars(parse_args(argv))
     chat, val_inputs, seed = args.pop("chat"), args.pop("val_inputs"), args.pop("seed")
-    mqar = {key: args.pop(key) for key in ("mqar", "num_kv_pairs", "seq_len", "train_examples", "val_examples")}
     try:
-        if mqar.pop("mqar"):
-            if args["out_dir"] == DEFAULT_DATA_DIR:
-                raise ValueError(f"--mqar needs --out_dir (data/mqar, say): {DEFAULT_DATA_DIR} holds the "
-                                 f"default corpus")
-            return prepare_mqar(args["out_dir"], vocab_size=args["vocab_size"], seed=seed,
-                                shard_tokens=args["shard_tokens"], **mqar)
         if chat:
             return prepare_chat(args["out_dir"], args["inputs"], args["source"], args["tokenizer"], val_inputs,
                                 args["name"], seed, args["shard_tokens"])

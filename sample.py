@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from common import atomic_write, busy_machine_note, size_text
 from configurator import apply_config
 from doge import Doge, local_model_path, model_fingerprint
-from prepare_data import (atomic_write, busy_machine_note, document_start, end_of_turn_text,
-                          load_chat_template, load_text_tokenizer, render_chat, size_text,
-                          stop_ids, tokenizer_directory)
+from tokenizer import (document_start, end_of_turn_text, load_chat_template, load_text_tokenizer,
+                       render_chat, stop_ids, tokenizer_directory)
 
 
 @dataclass

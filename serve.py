@@ -28,12 +28,12 @@ from typing import Literal
 
 import torch
 
+from common import busy_machine_note
 from configurator import apply_config
 from doge import (Doge, decode_step, decoding_weights, join_caches, local_model_path,
                   output_logits, sample_next)
-from prepare_data import (busy_machine_note, document_start, end_of_turn_text,
-                          load_chat_template, load_text_tokenizer, render_chat, stop_ids,
-                          tokenizer_directory)
+from tokenizer import (document_start, end_of_turn_text, load_chat_template, load_text_tokenizer,
+                       render_chat, stop_ids, tokenizer_directory)
 
 try:
     import uvicorn

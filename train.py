@@ -41,15 +41,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from common import (atomic_write, atomic_write_text, busy_machine_note, one_line,
+                    remove_temporary_files)
 from configurator import apply_config
-from doge import (PRESETS, Doge, DogeConfig, copy_tokenizer_files, grow_vocabulary,
-                  latest_checkpoint, list_checkpoints, local_model_path, newest_checkpoint,
-                  read_checkpoint, upcycle_to_moe)
+from doge import (PRESETS, Doge, DogeConfig, grow_vocabulary, latest_checkpoint, list_checkpoints,
+                  local_model_path, newest_checkpoint, read_checkpoint, upcycle_to_moe)
 from eval import BENCHMARKS, benchmark_requests, grade, read_benchmark
-from prepare_data import (DEFAULT_DATA_DIR, TOKENIZER_FILES, ConversationLoader, ShardLoader,
-                          atomic_write, atomic_write_text, busy_machine_note, ensure_prepared,
-                          load_text_tokenizer, one_line, padded_length, read_meta,
-                          remove_temporary_files)
+from prepare_data import (DEFAULT_DATA_DIR, ConversationLoader, ShardLoader, ensure_prepared,
+                          padded_length, read_meta)
+from tokenizer import TOKENIZER_FILES, copy_tokenizer_files, load_text_tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # Settings

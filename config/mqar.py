@@ -1,11 +1,11 @@
 # Multi-query associative recall (MQAR): does the model find, for each key that comes back as a
 # query, the value that followed it earlier in the sequence? A 2-layer Doge of about 91k
 # parameters learns it on a CPU in a few minutes (docs/recall.md).
-#     python prepare_data.py --mqar --out_dir=data/mqar   # seconds: 100,000 + 1,024 sequences
+#     python recall.py --task=data --out_dir=data/mqar   # seconds: 100,000 + 1,024 sequences
 #     python train.py config/mqar.py                      # plain attention (keep_window_size 40)
 #     python train.py config/mqar.py --keep_window_size=20 --out_dir=out/mqar-w20
 #     python train.py config/mqar.py --keep_window_size=20 --dynamic_mask=False --out_dir=out/mqar-w20-sliding
-#     python eval.py --task=mqar --init_from=out/mqar
+#     python recall.py --task=score --init_from=out/mqar
 # The data are conversation shards: the loss is on the value after each query alone, one sequence
 # a row, and val_acc (logged at each evaluation) is the share of those values the model gets right.
 

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import prepare_data  # noqa: E402
-from prepare_data import list_shards, load_tokenizer, main, read_meta, read_shard, write_shard  # noqa: E402
+from prepare_data import list_shards, main, read_meta, read_shard, write_shard  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 from helpers import FRAGMENTS, random_documents  # noqa: E402
 
 def write_text(path, text):
@@ -214,24 +216,24 @@ def test_messages_and_the_docstring_name_the_shards_a_run_writes(tmp_path, sp_mo
     (2.9, 2, None), (0.3, 16, None), (20.0, 16, None)])
 def test_a_busy_machine_gets_one_line(load, cores, note):
     """Oversubscribed: a 1-minute load average more than 1.5 times the cores available."""
-    assert prepare_data.busy_machine_note(load, cores) == note
+    assert common.busy_machine_note(load, cores) == note
 
 
 def test_the_busy_machine_note_reads_the_load_and_the_cores(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 1.0, 1.0))
-    monkeypatch.setattr(prepare_data, "available_cpus", lambda: 4)
-    assert "load average 9.0 over 4 cores" in prepare_data.busy_machine_note()
+    monkeypatch.setattr(common, "available_cpus", lambda: 4)
+    assert "load average 9.0 over 4 cores" in common.busy_machine_note()
 
     def no_load_average():
         raise OSError("unavailable")
     monkeypatch.setattr(os, "getloadavg", no_load_average)
-    assert prepare_data.busy_machine_note() is None
+    assert common.busy_machine_note() is None
 
 
 @pytest.mark.parametrize("size, text", [(512, "0.5 KB"), (27_000, "26.4 KB"), (8_000_000, "7.6 MB"),
                                         (3 * 2 ** 30, "3.0 GB")])
 def test_sizes_read_as_kb_mb_gb(size, text):
-    assert prepare_data.size_text(size) == text
+    assert common.size_text(size) == text
 
 
 def test_the_tokenizer_sample_size_is_said_in_kb_for_a_small_corpus(tmp_path, capsys):

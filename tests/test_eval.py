@@ -19,6 +19,7 @@ import train
 from eval import Question, benchmark_requests, encode_pairs, grade, read_benchmark
 from helpers import one_thread, write_bpe_tokenizer  # noqa: F401 (one_thread: a fixture)
 from oracle import randomize, reference_class, tiny_config
+from tokenizer import load_tokenizer
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
           "a small language model writes small sentences", "héllo wörld 日本語 🙂"] * 20
@@ -44,7 +45,7 @@ def model_dir(tmp_path_factory):
 
 
 def tokenizer_of(directory):
-    return prepare_data.load_tokenizer(str(directory / "tokenizer.json"))
+    return load_tokenizer(str(directory / "tokenizer.json"))
 
 
 def reference_model(directory):

@@ -11,7 +11,7 @@ import torch
 import doge
 from helpers import random_documents
 from oracle import tiny_config
-from prepare_data import document_start, load_text_tokenizer, load_tokenizer, train_sentencepiece
+from tokenizer import document_start, load_text_tokenizer, load_tokenizer, train_sentencepiece
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Recall (MQAR): the generator's sequences and meta.json, train.py on them (val_acc, the sliding
-window of dynamic_mask=False), eval.py's recall scores and the mask's picture and statistics."""
+"""The recall lab (recall.py): the MQAR generator's sequences and meta.json, train.py on them
+(val_acc, the sliding window of dynamic_mask=False), the recall scores and the mask's picture and
+statistics."""
 
 import json
 import os
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 import doge
-import eval as eval_program
 import prepare_data
+import recall
 import train
 from helpers import one_thread  # noqa: F401 (one_thread: a fixture)
 
@@ -19,7 +20,7 @@ SMALL = dict(num_kv_pairs=3, seq_len=16, vocab_size=32, train_examples=600, val_
 
 
 def prepare(directory, **settings):
-    return prepare_data.prepare_mqar(str(directory), **{**SMALL, **settings})
+    return recall.prepare_mqar(str(directory), **{**SMALL, **settings})
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def mqar_dir(tmp_path_factory):
 
 
 def all_sequences(directory, split):
-    meta, tokens, supervised = prepare_data.read_mqar(str(directory), split)
+    meta, tokens, supervised = recall.read_mqar(str(directory), split)
     return meta, tokens, supervised
 
 
@@ -100,7 +101,7 @@ def test_train_and_val_are_disjoint_and_drawn_from_separate_seeds(mqar_dir, tmp_
 ])
 def test_bad_settings_are_refused_in_one_line(tmp_path, args, message):
     with pytest.raises(SystemExit) as excinfo:
-        prepare_data.main(["--mqar", f"--out_dir={tmp_path / 'm'}", *args])
+        recall.main(["--task=data", f"--out_dir={tmp_path / 'm'}", *args])
     text = str(excinfo.value.code)
     assert message in text and "\n" not in text
     assert not (tmp_path / "m" / "meta.json").exists()
@@ -113,7 +114,7 @@ def test_the_smallest_vocabulary_named_in_the_error_is_enough(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# eval.py on models whose answers are known
+# recall.py on models whose answers are known
 
 
 class Recaller(torch.nn.Module):
@@ -142,7 +143,7 @@ class Recaller(torch.nn.Module):
 def test_recall_accuracy_and_distances_match_a_hand_count(mqar_dir):
     meta, tokens, supervised = all_sequences(mqar_dir, "val")
     reach = 8
-    right, distance = eval_program.mqar_recall(Recaller(meta, reach), tokens, supervised,
+    right, distance = recall.mqar_recall(Recaller(meta, reach), tokens, supervised,
                                                meta["settings"]["num_kv_pairs"], 16,
                                                torch.autocast("cpu", enabled=False))
     expected, distances = [], []
@@ -167,16 +168,16 @@ def tiny_model(meta, keep_window_size, seed=0):
 def test_kept_keys_at_a_held_a_is_the_sliding_window(mqar_dir):
     meta, tokens, _ = all_sequences(mqar_dir, "val")
     model = tiny_model(meta, keep_window_size=5)  # A = 0 at initialisation: every key ties
-    kept = eval_program.kept_keys(model, torch.from_numpy(tokens[:4]))
+    kept = recall.kept_keys(model, torch.from_numpy(tokens[:4]))
     q, kv = np.indices((16, 16))
     window = (kv <= q) & (kv > q - 5)
     assert len(kept) == 2 and kept[0].shape == (4, 2, 16, 16)
     assert all((layer == window).all() for layer in kept)
-    assert eval_program.mask_kind(model, 16) == "sliding"
+    assert recall.mask_kind(model, 16) == "sliding"
     with torch.no_grad():
         model.layers[1].self_attn.A.fill_(-1.0)
-    assert eval_program.mask_kind(model, 16) == "dynamic"
-    assert eval_program.mask_kind(tiny_model(meta, keep_window_size=16), 16) == "full"
+    assert recall.mask_kind(model, 16) == "dynamic"
+    assert recall.mask_kind(tiny_model(meta, keep_window_size=16), 16) == "full"
 
 
 def test_mask_shares_on_a_hand_made_dt():
@@ -187,7 +188,7 @@ def test_mask_shares_on_a_hand_made_dt():
     position = torch.arange(8)
     kept = ((position <= position[:, None]) & (position[:, None] < death)).numpy()[None, None]
     # query at 6 asks for the first pair (value at 1), the one at 4 for the second (value at 3)
-    shares, value_kept = eval_program.mask_shares(kept, kinds, np.array([0, 0]), np.array([4, 6]),
+    shares, value_kept = recall.mask_shares(kept, kinds, np.array([0, 0]), np.array([4, 6]),
                                                   np.array([1, 3]))
     # at 4: keys 0..4 seen, the 3 best are the two values and the query (dt 0.3)
     # at 6: the two values and the answer (dt 0.4): 3 + 3 kept keys
@@ -199,7 +200,7 @@ def test_mask_shares_on_a_hand_made_dt():
 
 
 # ----------------------------------------------------------------------------------------------
-# End to end: prepare, a few steps of train.py, eval.py
+# End to end: the data, a few steps of train.py, the score
 
 
 def train_run(mqar_dir, out_dir, *args):
@@ -221,11 +222,11 @@ def test_train_eval_end_to_end(mqar_dir, tmp_path, capsys):
     assert [r["step"] for r in evaluations] == [0, 3, 6]
     assert not (out / "tokenizer.json").exists() and not (out / "hf").exists()
     capsys.readouterr()
-    eval_program.main([f"--task=mqar", f"--init_from={out}", f"--data_dir={mqar_dir}"])
+    recall.main(["--task=score", f"--init_from={out}", f"--data_dir={mqar_dir}"])
     result = json.loads(capsys.readouterr().out.splitlines()[0])
     assert result["n"] == 64 * 3 and result["keep_window_size"] == 8
     assert result["mask"] == "dynamic"  # A trained away from 0
-    # eval.py counts what train.py's val_acc counts: the same 64 sequences, the same model
+    # recall.py counts what train.py's val_acc counts: the same 64 sequences, the same model
     assert result["acc"] == pytest.approx(evaluations[-1]["val_acc"], abs=1e-9)
 
 
@@ -239,15 +240,15 @@ def test_dynamic_mask_false_holds_a_at_zero_a_sliding_window(mqar_dir, tmp_path,
     model = doge.Doge.from_pretrained(str(out))
     assert trained == sum(1 for p in model.parameters()) - 2  # A is no optimizer's
     capsys.readouterr()
-    eval_program.main([f"--task=mqar", f"--init_from={out}", f"--data_dir={mqar_dir}",
+    recall.main(["--task=score", f"--init_from={out}", f"--data_dir={mqar_dir}",
                        f"--plot={tmp_path / 'recall.png'}"])
     result = json.loads(capsys.readouterr().out.splitlines()[0])
     assert result["mask"] == "sliding"
-    if eval_program_has_matplotlib():
+    if has_matplotlib():
         assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def eval_program_has_matplotlib():
+def has_matplotlib():
     try:
         import matplotlib  # noqa: F401
         return True
@@ -260,7 +261,7 @@ def test_the_mask_picture_of_an_mqar_sequence_and_its_statistics(mqar_dir, tmp_p
     meta = prepare_data.read_meta(str(mqar_dir))
     directory = tmp_path / "model"
     tiny_model(meta, keep_window_size=6).save_pretrained(str(directory))
-    eval_program.main(["--task=mask", f"--init_from={directory}", f"--data_dir={mqar_dir}",
+    recall.main(["--task=mask", f"--init_from={directory}", f"--data_dir={mqar_dir}",
                        "--example=5", f"--out={tmp_path / 'mask.png'}", "--limit=16"])
     assert (tmp_path / "mask.png").read_bytes()[:4] == b"\x89PNG"
     err = capsys.readouterr().err
@@ -279,16 +280,16 @@ def test_mask_and_plot_without_matplotlib_say_so_in_one_line(mqar_dir, tmp_path,
     directory = tmp_path / "model"
     tiny_model(meta, keep_window_size=6).save_pretrained(str(directory))
     with pytest.raises(SystemExit, match="pip install matplotlib"):
-        eval_program.main(["--task=mask", f"--init_from={directory}", f"--data_dir={mqar_dir}",
+        recall.main(["--task=mask", f"--init_from={directory}", f"--data_dir={mqar_dir}",
                            f"--out={tmp_path / 'mask.png'}", "--limit=4"])
     assert not (tmp_path / "mask.png").exists()
 
 
-def test_eval_mqar_refuses_data_that_is_not_mqar(tmp_path, mqar_dir):
+def test_scoring_refuses_data_that_is_not_mqar(tmp_path, mqar_dir):
     with pytest.raises(SystemExit, match="holds no MQAR data"):
-        eval_program.main(["--task=mqar", f"--init_from={tmp_path}", f"--data_dir={tmp_path}"])
+        recall.main(["--task=score", f"--init_from={tmp_path}", f"--data_dir={tmp_path}"])
     with pytest.raises(SystemExit, match="matches nothing"):
-        eval_program.main(["--task=mqar", f"--init_from={tmp_path}/nothing-*",
+        recall.main(["--task=score", f"--init_from={tmp_path}/nothing-*",
                            f"--data_dir={mqar_dir}"])
 
 
@@ -308,12 +309,12 @@ def test_resuming_with_the_other_mask_is_refused_in_one_line(mqar_dir, tmp_path)
 
 def test_a_model_of_another_vocabulary_is_refused_in_one_line(mqar_dir, tmp_path):
     """A text model scored on MQAR data would print an accuracy of 0 for tokens that mean
-    nothing to it: eval.py refuses, naming both vocabularies."""
+    nothing to it: recall.py refuses, naming both vocabularies."""
     directory = tmp_path / "text-model"
     tiny_model({"vocab_size": 300}, keep_window_size=6).save_pretrained(str(directory))
-    for task in (["--task=mqar"], ["--task=mask", "--example=0", f"--out={tmp_path / 'm.png'}"]):
+    for task in (["--task=score"], ["--task=mask", "--example=0", f"--out={tmp_path / 'm.png'}"]):
         with pytest.raises(SystemExit) as excinfo:
-            eval_program.main([*task, f"--init_from={directory}", f"--data_dir={mqar_dir}"])
+            recall.main([*task, f"--init_from={directory}", f"--data_dir={mqar_dir}"])
         message = str(excinfo.value.code)
         assert "vocabulary of 300 tokens" in message and "one of 32" in message, message
         assert "\n" not in message
@@ -326,13 +327,13 @@ def test_a_text_mask_picture_names_every_token_and_keeps_its_title_clear(tmp_pat
     pytest.importorskip("matplotlib")
     tokenizer = SimpleNamespace(eot_id=2, bos_id=1,
                                 decode=lambda ids: {2: "", 1: "", 5: "\n", 7: " ab"}.get(ids[0], ""))
-    assert [eval_program.token_label(tokenizer, t) for t in (2, 1, 5, 7, 9)] == \
+    assert [recall.token_label(tokenizer, t) for t in (2, 1, 5, 7, 9)] == \
         ["<eot>", "<bos>", "\\n", "\u2423ab", "#9"]
     figures = []
-    monkeypatch.setattr(eval_program, "save_figure", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(recall, "save_figure", lambda fig, path: figures.append(fig))
     kept = [np.tril(np.ones((2, 6, 6), dtype=bool)) for _ in range(2)]  # 2 layers, 2 heads
     labels = ["<eot>", "a", "b", "c", "d", "e"]
-    eval_program.draw_mask(kept, labels, None, "mask.png", "a long title " * 6)
+    recall.draw_mask(kept, labels, None, "mask.png", "a long title " * 6)
     fig, = figures
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     canvas = FigureCanvasAgg(fig)  # drawn again, as savefig drew it

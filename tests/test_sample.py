@@ -17,6 +17,7 @@ import eval as eval_script
 import sample
 from helpers import write_bpe_tokenizer
 from oracle import randomize
+from tokenizer import copy_tokenizer_files
 
 tokenizers = pytest.importorskip("tokenizers")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,7 @@ def chat_dir(model_dir, tmp_path_factory):
     """model_dir with every weight random (oracle.randomize), so that replies depend on the
     conversation (at initialisation greedy replies are the same token again and again)."""
     directory = tmp_path_factory.mktemp("chat")
-    doge.copy_tokenizer_files(str(model_dir), str(directory))
+    copy_tokenizer_files(str(model_dir), str(directory))
     randomize(doge.Doge.from_pretrained(model_dir)).save_pretrained(directory)
     return directory
 
@@ -62,7 +63,7 @@ def wide_chat_dir(chat_dir, tmp_path_factory):
     """chat_dir's model with a window of 200 keys: a chat's state starts with fewer slots
     (doge.FIRST_CACHE_SLOTS, 64) and grows them during the replies, then the window fills."""
     directory = tmp_path_factory.mktemp("wide")
-    doge.copy_tokenizer_files(str(chat_dir), str(directory))
+    copy_tokenizer_files(str(chat_dir), str(directory))
     model = doge.Doge.from_pretrained(chat_dir)
     wide = doge.Doge(dataclasses.replace(model.config, keep_window_size=200))
     wide.load_state_dict(model.state_dict())
@@ -331,7 +332,7 @@ def test_the_demo_model_drops_keys_and_its_chat_state_stops_growing(chat_dir, ca
     assert sft.init_from == demo.out_dir and sft_shape.keep_window_size is None  # inherited
     directory = tmp_path / "demo-shape"
     directory.mkdir()
-    doge.copy_tokenizer_files(str(chat_dir), str(directory))
+    copy_tokenizer_files(str(chat_dir), str(directory))
     config = doge.Doge.from_pretrained(chat_dir).config
     torch.manual_seed(0)
     demo_shape = {key: value for key, value in dataclasses.asdict(shape).items()

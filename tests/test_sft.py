@@ -22,8 +22,10 @@ import train  # noqa: E402
 from doge import Doge, DogeConfig, grow_vocabulary  # noqa: E402
 from helpers import one_thread, random_documents  # noqa: E402,F401 (an autouse fixture)
 from oracle import assert_close_to_scale  # noqa: E402
-from prepare_data import (ConversationLoader, collate, load_tokenizer, prepare_chat,  # noqa: E402
-                          read_conversation_shard, train_sentencepiece, write_conversation_shard)
+from prepare_data import (ConversationLoader, collate, prepare_chat,  # noqa: E402
+                          read_conversation_shard, write_conversation_shard)
+from tokenizer import (CHAT_TOKENS, DOGE_CHAT_TEMPLATE, chat_tokenizer, load_tokenizer,  # noqa: E402
+                       sentencepiece_as_tokenizers, train_sentencepiece)
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
@@ -88,7 +90,7 @@ def base_run(base_dir, tmp_path_factory):
 def chat_dir(base_dir, tmp_path_factory):
     """The chat tokenizer prepare_data.py --chat makes from base_dir, written alone."""
     directory = tmp_path_factory.mktemp("chat")
-    tokenizer, config, _ = prepare_data.chat_tokenizer(str(base_dir))
+    tokenizer, config, _ = chat_tokenizer(str(base_dir))
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
@@ -132,7 +134,7 @@ def one_line_exit(excinfo):
 
 def test_sentencepiece_becomes_an_equal_tokenizer_json(base_dir):
     reference = load_tokenizer(str(base_dir / "tokenizer.model"))
-    converted = prepare_data.sentencepiece_as_tokenizers(str(base_dir / "tokenizer.model"))
+    converted = sentencepiece_as_tokenizers(str(base_dir / "tokenizer.model"))
     texts = CORPUS + ["  two leading spaces, trailing  ", "\n\n\tnew lines\r\n", "Ünïcödé 🙂 ü",
                       "digits 3.14159 and x2", "<s> </s> <unk> are text here", ""] + \
         random_documents(50, seed=3)  # "▁" itself, control characters, byte fallback, ...
@@ -150,7 +152,7 @@ def test_the_default_corpus_tokenizer_converts_exactly():
     import glob
     import sysconfig
     reference = load_tokenizer(DEFAULT_TOKENIZER)
-    converted = prepare_data.sentencepiece_as_tokenizers(DEFAULT_TOKENIZER)
+    converted = sentencepiece_as_tokenizers(DEFAULT_TOKENIZER)
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:30]
     texts = [open(path, encoding="utf-8", errors="replace").read() for path in files]
     for text, ids in zip(texts, reference.encode(texts)):
@@ -166,16 +168,16 @@ def test_a_tokenizer_json_gains_the_chat_tokens(tmp_path):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     size = tokenizer.get_vocab_size()
-    chat, config, added = prepare_data.chat_tokenizer(str(tmp_path))
-    assert [chat.token_to_id(t) for t in prepare_data.CHAT_TOKENS] == [size, size + 1, size + 2, 1]
+    chat, config, added = chat_tokenizer(str(tmp_path))
+    assert [chat.token_to_id(t) for t in CHAT_TOKENS] == [size, size + 1, size + 2, 1]
     assert added == [size, size + 1, size + 2] and config["bos_token"] == "<|begin_of_text|>"
-    assert config["chat_template"] == prepare_data.DOGE_CHAT_TEMPLATE
+    assert config["chat_template"] == DOGE_CHAT_TEMPLATE
 
 
 def test_chat_tokenizer_adds_what_the_template_needs(base_dir, chat_dir, tmp_path):
     sp_size = load_tokenizer(str(base_dir / "tokenizer.model")).vocab_size
     tokenizer = sample.load_text_tokenizer(str(chat_dir), 10 ** 6)
-    assert [tokenizer.token_to_id(t) for t in prepare_data.CHAT_TOKENS] == \
+    assert [tokenizer.token_to_id(t) for t in CHAT_TOKENS] == \
         list(range(sp_size, sp_size + 4))  # new ids after the SentencePiece vocabulary
     assert tokenizer.eot_id == 2  # </s>, the documents' separator in pretraining, still ends text
     assert tokenizer.bos_id == sp_size
@@ -184,7 +186,7 @@ def test_chat_tokenizer_adds_what_the_template_needs(base_dir, chat_dir, tmp_pat
     # a model's own template is kept, and nothing is added
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ 'x' }}"}))
     (tmp_path / "tokenizer.json").write_text((chat_dir / "tokenizer.json").read_text())
-    _, config, added = prepare_data.chat_tokenizer(str(tmp_path))
+    _, config, added = chat_tokenizer(str(tmp_path))
     assert config["chat_template"] == "{{ 'x' }}" and added == []
 
 
@@ -509,9 +511,9 @@ def test_prepare_chat_writes_what_a_run_needs(base_dir, tmp_path):
                      "tokenizer.json", "tokenizer_config.json"]
     size = load_tokenizer(str(base_dir / "tokenizer.model")).vocab_size
     assert meta["kind"] == "conversations" and meta["vocab_size"] == size + 4
-    assert meta["added_tokens"] == dict(zip(prepare_data.CHAT_TOKENS, range(size, size + 4)))
+    assert meta["added_tokens"] == dict(zip(CHAT_TOKENS, range(size, size + 4)))
     assert meta["conversations"] == {"val": 2, "train": 38} and meta["eos_ids"][0] == size + 3
-    assert meta["chat_template"] == prepare_data.DOGE_CHAT_TEMPLATE and "seed=3" in meta["held_out"]
+    assert meta["chat_template"] == DOGE_CHAT_TEMPLATE and "seed=3" in meta["held_out"]
     _, supervised, offsets = read_conversation_shard(tmp_path / "data" / "chat_val_000000.bin")
     assert len(offsets) == 3 and int(supervised.sum()) == meta["supervised"]["val"]
     again = prepare_chat(str(tmp_path / "other"), [str(tmp_path / "c.jsonl")],
