@@ -2,6 +2,7 @@
 tokenizers get wrong."""
 
 import random
+import signal
 
 import pytest
 import torch
@@ -15,6 +16,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    """SIGINT raises KeyboardInterrupt, as in a program started from a terminal, whatever this
+    process inherited: a shell starts a background job (`pytest &`, nohup) with SIGINT ignored,
+    and a Ctrl-C test would then see nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def write_bpe_tokenizer(directory, corpus, special_tokens, vocab_size):

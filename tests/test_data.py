@@ -864,6 +864,9 @@ CTRL_C_AT_FIRST_SHARD = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import prepare_data
+# SIGINT raises KeyboardInterrupt, as in a program started from a terminal, whatever this process
+# inherited (a shell starts a background job with SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 real_shard_header = prepare_data.shard_header
 
 def shard_header(*args):

@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 from configurator import apply_config  # noqa: E402
-from helpers import one_thread  # noqa: E402,F401 (an autouse fixture)
+from helpers import ctrl_c_as_in_a_terminal, one_thread  # noqa: E402,F401 (fixtures)
 from prepare_data import ShardLoader, read_shard  # noqa: E402
 from train import TrainConfig, latest_checkpoint, list_checkpoints, wsd_lr  # noqa: E402
 
@@ -313,7 +313,8 @@ def test_loss_falls_on_held_out_data(tmp_path, data_dir):
     assert record["versions"]["torch"] == torch.__version__
 
 
-def test_stop_and_resume_equals_uninterrupted(tmp_path, data_dir, monkeypatch):
+def test_stop_and_resume_equals_uninterrupted(tmp_path, data_dir, monkeypatch,
+                                              ctrl_c_as_in_a_terminal):
     """Ctrl-C during step 5 saves ckpt_000005 and stops; resuming then matches a run that was
     never stopped exactly: every loss, the final weights and optimizer state. Dropout is on, so
     the RNG state has to come back too. A log line cut short by a crash is dropped on resume."""
@@ -622,7 +623,7 @@ def test_a_refused_run_deletes_nothing(tmp_path, data_dir):
 
 
 def test_ctrl_c_before_the_first_step_leaves_out_dir_as_it_was(tmp_path, data_dir, monkeypatch,
-                                                               capsys):
+                                                               capsys, ctrl_c_as_in_a_terminal):
     """Ctrl-C during the step-0 evaluation is one line (exit 130), and neither a new out_dir nor
     an earlier run's is touched; a log that holds no trained step counts as empty, so a plain
     rerun then works, as does resume of a run that has checkpoints."""
