@@ -681,8 +681,7 @@ class DogeForSequenceClassification(nn.Module):
 # Attention paths, and attend, the one place that picks among them by device and cache
 #
 # Every attention path below computes attention_by_definition (part 1). They differ only in cost:
-#   short    T <= W, no cache: one fused causal SDPA, the bias folded into q and k (on CUDA
-#            FlexAttention may replace it: attend_short picks).
+#   short    T <= W, no cache: one fused causal SDPA, the bias folded into q and k.
 #   blocked  anything longer on CPU, or appending to a cache: queries in blocks; a block's
 #            candidates are the best W keys before it (the "state") plus its own keys. Memory
 #            O(T * W).
@@ -775,19 +774,6 @@ def key_lifetimes(dt, keep_window_size):
 # Short path: wins at T <= W, no cache (bench.py --cases=train; gpu_attn_t2048 in --cases=gpu)
 
 
-# The exact T <= W path on CUDA: "folded" or "flex" (bench.py --cases=gpu times both).
-CUDA_SHORT_ATTENTION = "folded"
-
-
-def attend_short(q, k, v, dt, scale):
-    """T <= W with nothing cached: every visible key is kept, so the mask is causal + bias.
-    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T). The one place that picks the path by
-    device: the folded bias on CPU (the fastest there), CUDA_SHORT_ATTENTION on CUDA."""
-    if q.is_cuda and CUDA_SHORT_ATTENTION == "flex":
-        return attend_short_flex(q, k, v, dt, scale)
-    return attend_short_folded(q, k, v, dt, scale)
-
-
 def fold_bias(q, k, v, dt, scale):
     """Append a channel so that SDPA's q.k picks up the per-key bias: q gets 1, k gets dt / scale.
     Channels are padded to a multiple of 8, the fused kernels' favourite widths."""
@@ -798,8 +784,10 @@ def fold_bias(q, k, v, dt, scale):
     return q, k, F.pad(v, (0, pad + 1))
 
 
-def attend_short_folded(q, k, v, dt, scale):
-    """attend_short as one fused causal SDPA call, the bias folded into q and k (fold_bias)."""
+def attend_short(q, k, v, dt, scale):
+    """T <= W with nothing cached: every visible key is kept, so the mask is causal + bias, and
+    one fused causal SDPA call computes it, the bias folded into q and k (fold_bias).
+    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T)."""
     q, k, v = in_product_dtype(q, k, v)
     groups = q.shape[1] // k.shape[1]  # query heads per bias head
     k, v, dt = (t.repeat_interleave(groups, dim=1) for t in (k, v, dt))  # (B, H, T, ...)
@@ -807,27 +795,6 @@ def attend_short_folded(q, k, v, dt, scale):
     q, k, v = fold_bias(q, k, v, dt, scale)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return out[..., :head_dim]
-
-
-def causal(batch, head, query, key):
-    return query >= key
-
-
-def attend_short_flex(q, k, v, dt, scale):
-    """attend_short as FlexAttention: dt[key] added to each score in float32, a causal block mask,
-    the head dim unpadded, GQA without copies. Fast only compiled (torch.compile of the model);
-    on CPU it runs forward only (no backward there in torch 2.14)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    q, k, v = in_product_dtype(q, k, v)
-    batch, heads, length, _ = q.shape
-    groups = heads // k.shape[1]
-
-    def add_bias(score, batch, head, query, key):
-        return score + dt[batch, head // groups, key]
-
-    mask = create_block_mask(causal, None, None, length, length, device=q.device)
-    return flex_attention(q, k, v, score_mod=add_bias, block_mask=mask, scale=scale,
-                          enable_gqa=groups > 1)
 
 
 # ----------------------------------------------------------------------------------------------

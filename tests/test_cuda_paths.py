@@ -130,45 +130,16 @@ def outputs_and_grads(attend, inputs, scale):
 LAYOUTS = [(4, 2), (4, 4), (2, 1)]  # (H, Hb): GQA groups, a bias per query head, Doge-20M's 2/1
 
 
-NO_COMPILE_WARNING = "ignore:.*flex_attention called without torch.compile"
-
-
-@pytest.mark.filterwarnings(NO_COMPILE_WARNING)
 @pytest.mark.parametrize("heads, bias_heads", LAYOUTS)
-def test_flex_attention_forward_equals_the_folded_bias(heads, bias_heads):
-    pytest.importorskip("torch.nn.attention.flex_attention")
-    inputs = [t.detach() for t in attention_inputs(heads, bias_heads)]  # forward only on CPU
-    with torch.no_grad():
-        expected = doge.attend_short_folded(*inputs, 0.25)
-        close(doge.attend_short_flex(*inputs, 0.25), expected, 1e-5)
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 q, k and bfloat16 v
-            values = inputs[2].to(torch.bfloat16)
-            actual = doge.attend_short_flex(inputs[0], inputs[1], values, inputs[3], 0.25)
-        close(actual.float(), expected, 1e-2)
-
-
-@pytest.mark.filterwarnings(NO_COMPILE_WARNING)
-def test_flex_attention_gradients_equal_the_folded_bias():
-    pytest.importorskip("torch.nn.attention.flex_attention")
-    inputs = attention_inputs(4, 2)
-    expected = outputs_and_grads(doge.attend_short_folded, inputs, 0.25)
-    try:
-        actual = outputs_and_grads(doge.attend_short_flex, inputs, 0.25)
-    except NotImplementedError as e:  # torch 2.14: "FlexAttention does not support backward on CPU"
-        pytest.skip(f"FlexAttention backward does not run on CPU here: {e}")
-    for a, b in zip(actual, expected):
-        close(a, b, 1e-5)
-
-
-def test_cpu_attention_is_the_folded_bias(monkeypatch):
-    """Whatever CUDA_SHORT_ATTENTION says, the CPU keeps its path."""
-    inputs = attention_inputs(4, 2)
-    monkeypatch.setattr(doge, "CUDA_SHORT_ATTENTION", "flex")
-    calls = []
-    monkeypatch.setattr(doge, "attend_short_flex", lambda *args: calls.append(args))
-    with torch.no_grad():
-        close(doge.attend_short(*inputs, 0.25), doge.attend_short_folded(*inputs, 0.25), 0)
-    assert not calls
+def test_the_short_path_equals_the_definition_with_its_gradients(heads, bias_heads):
+    """T <= W: one fused causal SDPA with the bias folded into q and k (the path on every
+    device) gives attention_by_definition's outputs and gradients."""
+    inputs = attention_inputs(heads, bias_heads)
+    expected = outputs_and_grads(
+        lambda q, k, v, dt, scale: doge.attention_by_definition(q, k, v, dt, 24, scale), inputs,
+        0.25)
+    for actual, wanted in zip(outputs_and_grads(doge.attend_short, inputs, 0.25), expected):
+        close(actual, wanted, 1e-5)
 
 
 # --- key lifetimes (the lifetime path: FlexAttention on CUDA)
