@@ -2,6 +2,7 @@
 The model loaded for a program, and the generation core that sample.py and serve.py stand on.
 """
 
+from common import one_line
 from doge import Doge, local_model_path
 
 
@@ -20,5 +21,7 @@ def load_model(init_from, device="cpu", dtype=None, setting="--init_from="):
         raise SystemExit(f"error: {setting}{e}") from None
     try:
         return Doge.from_pretrained(path, device=device, dtype=dtype).eval(), path
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # they name the file and what is wrong
         raise SystemExit(f"error: {e}") from None
+    except Exception as e:  # a damaged file: torch and safetensors raise many kinds
+        raise SystemExit(f"error: {path}: {one_line(e)}") from None

@@ -41,11 +41,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (atomic_write, atomic_write_text, busy_machine_note, one_line,
-                    remove_temporary_files)
+import engine
+from common import (atomic_write, atomic_write_text, autocast, busy_machine_note,
+                    device_and_dtype, one_line, remove_temporary_files)
 from configurator import apply_config
 from doge import (PRESETS, Doge, DogeConfig, grow_vocabulary, latest_checkpoint, list_checkpoints,
-                  local_model_path, newest_checkpoint, read_checkpoint, upcycle_to_moe)
+                  newest_checkpoint, read_checkpoint, upcycle_to_moe)
 from eval import BENCHMARKS, benchmark_requests, grade, read_benchmark
 from prepare_data import (DEFAULT_DATA_DIR, ConversationLoader, ShardLoader, ensure_prepared,
                           padded_length, read_meta)
@@ -544,12 +545,16 @@ def plot_losses(path, log_path):
     plt.close(fig)
 
 
+# the code a run imports, kept in its record
+SOURCE_FILES = ("train.py", "doge.py", "common.py", "configurator.py", "prepare_data.py",
+                "tokenizer.py", "eval.py", "engine.py")
+
+
 def write_run_record(cfg, model_config, argv, world_size, device, meta):
     """out_dir/runs/<time>.json: settings, the data's source (meta.json's, for the export's model
     card), versions and this code, so a result can be redone."""
     here = Path(__file__).resolve().parent
-    source = {name: (here / name).read_text()
-              for name in ("train.py", "doge.py", "configurator.py", "prepare_data.py")}
+    source = {name: (here / name).read_text() for name in SOURCE_FILES}
     record = {"argv": argv, "train_config": asdict(cfg), "model_config": asdict(model_config),
               "data": {"source": meta.get("source"), "kind": meta.get("kind", "tokens")},
               "world_size": world_size, "device": str(device),
@@ -586,8 +591,7 @@ class Run:
 
     @property
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype) \
-            if self.dtype != torch.float32 else contextlib.nullcontext()
+        return autocast(self.device, self.dtype)
 
     def say(self, message):
         """Progress and diagnostics (stderr), from the master process."""
@@ -601,16 +605,9 @@ def set_up(cfg):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
-    device = cfg.device
-    if device == "auto" and torch.cuda.is_available() or device == "cuda" and ddp:
-        device = f"cuda:{local_rank}"  # each process its own GPU
-    try:
-        device = torch.device("cpu" if device == "auto" else device)
-    except RuntimeError:
-        raise SystemExit(f"error: device {cfg.device!r} is not 'auto', 'cpu', 'cuda' or "
-                         f"'cuda:N'") from None
-    need(device.type != "cuda" or torch.cuda.is_available(),
-         f"device {cfg.device!r}, but this machine has no CUDA GPU torch can use (device=cpu)")
+    device, dtype = device_and_dtype(cfg.device, cfg.dtype)
+    if ddp and device.type == "cuda" and device.index is None:  # each process its own GPU
+        device = torch.device("cuda", local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if ddp:
         dist.init_process_group(backend=backend)
@@ -624,8 +621,6 @@ def set_up(cfg):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else torch.bfloat16 \
-        if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     use_compile = device.type == "cuda" if cfg.compile == "auto" else cfg.compile
     return Run(ddp, rank, world_size, device, backend, dtype, use_compile,
                cfg.total_batch_size // tokens_per_micro_step)
@@ -735,15 +730,9 @@ def load_model(cfg, overrides, meta, run):
             "start with init_from='scratch' or give resume_ckpt=PATH"))
         model = build_model(checkpoint["model_config"], overrides, checkpoint["model"], path)
         run.say(f"resuming from {path} at step {checkpoint['step']}")
-    else:  # weights only: a Hugging Face Doge directory, an out_dir, or one of our checkpoints
-        try:  # a hub name is fetched (doge.local_model_path)
-            path = local_model_path(cfg.init_from)
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: init_from is not 'scratch' or 'resume', and {e}") from None
-        try:  # a checkpoint file, an out_dir (its newest readable one) or a Hugging Face directory
-            loaded = Doge.from_pretrained(path)
-        except Exception as e:  # torch.load of a damaged file raises many kinds
-            raise SystemExit(f"error: init_from {path}: {one_line(e)}") from None
+    else:  # weights only: a Hugging Face Doge directory or hub name, an out_dir, a checkpoint
+        loaded, path = engine.load_model(cfg.init_from, setting="init_from is not 'scratch' or "
+                                                         "'resume', and ")
         model = build_model(asdict(loaded.config), overrides, loaded.state_dict(), path) \
             if overrides else loaded
         run.say(f"initialised from the weights of {path}")
@@ -838,7 +827,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         newest = latest_checkpoint(cfg.out_dir)
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"\ninterrupted: " + (f"the newest checkpoint is {newest} (init_from=resume "
+            print("\ninterrupted: " + (f"the newest checkpoint is {newest} (init_from=resume "
                   f"continues from it)" if newest else f"no checkpoint in {cfg.out_dir}, nothing "
                   f"to resume"), file=sys.stderr)
         raise SystemExit(130) from None

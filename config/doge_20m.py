@@ -7,28 +7,11 @@
 #     python prepare_data.py --source=HuggingFaceTB/smollm-corpus:cosmopedia-v2 \
 #         --tokenizer=path/to/Doge-20M --out_dir=data/smollm --max_tokens=4.3e9
 
+# train.py's defaults (TrainConfig) are this recipe: the doge-20m preset, micro-batches of 16 x 2048
+# (16 micro-steps a step on one GPU), 524288 tokens a step, every checkpoint of the stable phase
+# (every 1000 steps) able to branch a decay of its own. What is set here differs from them.
+
 out_dir = "out/doge-20m"
 data_dir = "data/smollm"
-model = "doge-20m"
-
-batch_size = 16  # x 2048 tokens per micro-step: 16 micro-steps per step on one GPU
-block_size = 2048
-total_batch_size = 524288  # 256 sequences of 2048 tokens
-
-max_iters = 8000
-learning_rate = 8e-3
-warmup_iters = 800
-decay_iters = 800
-min_lr_ratio = 0.0
-weight_decay = 0.01
-beta1 = 0.9
-beta2 = 0.95
-adam_eps = 1e-8
-grad_clip = 1.0
-
-eval_interval = 250
-eval_iters = 20
-log_interval = 10
-save_interval = 1000  # stable-phase checkpoints: any of them can branch its own decay
 dtype = "bfloat16"
 compile = True

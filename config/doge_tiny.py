@@ -5,7 +5,6 @@
 # The vocabulary comes from data/default/meta.json (the corpus' tokenizer).
 
 out_dir = "out/doge-tiny"
-data_dir = "data/default"
 overwrite = True  # a demo: running it again starts afresh (the recipes refuse to)
 
 # the model: no preset, this shape (about 1.1M parameters besides the embedding)
@@ -31,9 +30,7 @@ max_iters = 300
 learning_rate = 5e-3
 warmup_iters = 30
 decay_iters = 60
-weight_decay = 0.01
 
 eval_interval = 100
 eval_iters = 10
-log_interval = 10
 save_interval = 100

@@ -33,7 +33,6 @@ max_iters = 1500
 learning_rate = 3e-3
 warmup_iters = 50
 decay_iters = 300
-weight_decay = 0.01
 
 eval_interval = 100
 eval_iters = 16  # 16 x 64 rows: the 1,024 validation sequences once

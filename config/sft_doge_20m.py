@@ -33,15 +33,8 @@ learning_rate = 8e-5
 warmup_iters = 1600
 decay_iters = 3200
 min_lr_ratio = 0.1
-weight_decay = 0.01
-beta1 = 0.9
 beta2 = 0.999  # TRL's AdamW defaults, as the recipe ran
-adam_eps = 1e-8
-grad_clip = 1.0
 
 eval_interval = 500
-eval_iters = 20
-log_interval = 10
-save_interval = 1000
 dtype = "bfloat16"
 compile = True

@@ -26,7 +26,6 @@ sft_epochs = 40  # about 150 steps
 learning_rate = 6e-3
 warmup_iters = 10
 decay_iters = 40
-weight_decay = 0.01
 
 eval_interval = 25
 eval_iters = 1  # 8 rows: the 3 held-out conversations, again and again
