@@ -50,8 +50,7 @@ def atomic_open(path):
 
 
 def atomic_write(path, write):
-    """Call write(temp_path), which writes the file (torch.save, safetensors, ...), through
-    atomic_path."""
+    """write(temp_path) writes the file (torch.save, safetensors, ...) through atomic_path."""
     with atomic_path(path) as temp_path:
         write(temp_path)
 

@@ -108,9 +108,8 @@ def dtype_for_vocab(vocab_size, dtype=None):
     if dtype not in VERSION_OF_DTYPE:
         raise ValueError(f"dtype must be uint16 or uint32, not {dtype}")
     if vocab_size > np.iinfo(dtype).max + 1:
-        raise ValueError(f"a vocabulary of {vocab_size:,} tokens does not fit {dtype} "
-                         f"(at most {np.iinfo(dtype).max + 1:,}); use --dtype=uint32 or leave "
-                         f"--dtype unset")
+        raise ValueError(f"a vocabulary of {vocab_size:,} tokens does not fit {dtype} (at most "
+                         f"{np.iinfo(dtype).max + 1:,}); use --dtype=uint32 or leave --dtype unset")
     return dtype
 
 
@@ -1018,9 +1017,8 @@ def rebuild(out_dir, settings, files, source, source_tokenizer, tokenizer_bytes,
 
 def finish_rebuild(out_dir, settings, source_tokenizer, written, loaded, tokenizer_path,
                    token_dtype):
-    """prepare()'s end: refuse data that leaves nothing for training, then write meta.json (its
-    "complete" marks a finished preparation) and say in one line what was written. Returns the
-    meta dict."""
+    """prepare()'s end: refuse data that leaves nothing for training, write meta.json ("complete": a
+    finished preparation), say in one line what was written. Returns the meta dict."""
     val_tokens = settings["val_tokens"]
     if written["tokens"] <= val_tokens:
         raise ValueError(f"only {written['tokens']:,} tokens in all, and the first "
@@ -1068,9 +1066,8 @@ def ensure_prepared(data_dir, prepare_default=True):
 # ----------------------------------------------------------------------------------------------
 # Chat: conversations -> the chat tokenizer and conversation shards (prepare_data.py --chat)
 #
-# Packing several conversations into one row would let them attend to each other (Doge's attention
-# has no document mask), so conversations are kept whole and apart; train.py makes each one a row
-# of its own.
+# Packing conversations into one row would let them attend to each other (Doge's attention has no
+# document mask), so they are kept whole and apart; train.py makes each one a row of its own.
 
 
 def check_messages(messages, where):
@@ -1301,8 +1298,7 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading shards for training (train.py): batches in a shuffled order fixed by the seed, the same
-# whatever the number of processes. ShardLoader reads a token stream, ConversationLoader
+# Reading shards for training (train.py). ShardLoader reads a token stream, ConversationLoader
 # conversation shards; both give next_batch(micro_steps) -> (x, y) int64 arrays of this process's
 # rows, step_tokens, reset(), and a position (state_dict / load_state_dict) that checkpoints save.
 # Problems raise ValueError.

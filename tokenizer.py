@@ -31,8 +31,7 @@ from common import atomic_write, atomic_write_text, available_cpus, one_line
 # Tokenizers: train SentencePiece BPE, or load a .model or a tokenizer.json; both give one record
 
 
-# what a tokenizer directory holds of its tokenizer: prepare_data.py's out_dir and a model
-# directory alike
+# a tokenizer directory's tokenizer files: prepare_data.py's out_dir and a model directory alike
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "chat_template.jinja")
 
@@ -83,8 +82,7 @@ def train_sentencepiece(sample, vocab_size, eos_id=2):
     """Train SentencePiece BPE on the lines of the sample documents; returns the model file's bytes.
     Lines go in without their line break, so no piece contains "\\n": a newline is always its own
     byte piece, and cutting documents at line starts never changes the tokens."""
-    # SentencePiece leaves out lines longer than max_sentence_length bytes: slice them (minified
-    # text, CJK).
+    # SentencePiece drops lines over max_sentence_length bytes: slice them (minified text, CJK).
     lines = [line[i:i + 4096] for doc in sample for line in doc.splitlines()
              for i in range(0, len(line), 4096)]
     if vocab_size < 260:
