@@ -87,8 +87,7 @@ DEFAULT_DATA_DIR = "data/default"
 META_FILE = "meta.json"
 
 # ----------------------------------------------------------------------------------------------
-# Shard format: shared with train.py (write_shard, read_shard, list_shards; conversation shards
-# below)
+# Shard format: shared with train.py (write_shard, read_shard, list_shards; conversation ones below)
 
 SHARD_MAGIC = 20240520
 HEADER_INTS = 256  # the header is 256 int32 = 1024 bytes
@@ -742,8 +741,8 @@ def write_shards(results, out_dir, name, dtype, val_tokens, shard_tokens, max_to
                              split, filename, total)
                     shard[0].write(bytes(HEADER_BYTES))  # a placeholder until the count is known
                 end = shard_end(total, val_tokens, shard_tokens)
-                shard[0].write(tokens[:end - total].astype(dtype.newbyteorder("<"), copy=False)
-                               .tobytes())
+                part = tokens[:end - total].astype(dtype.newbyteorder("<"), copy=False)
+                shard[0].write(part.tobytes())
                 tokens, total = tokens[end - total:], min(end, total + len(tokens))
                 if total == end:
                     finish()
@@ -1318,11 +1317,11 @@ class ShardLoader:
     A shard is read as sequences of block_size + 1 tokens (inputs, and targets shifted by one)
     starting at multiples of block_size, in a random order fixed by (seed, epoch, shard), so a batch
     mixes many documents even in a small corpus. Each call takes the next micro_steps * world_size
-    rows of batch_size sequences of that order; process `rank` gets rows rank, rank + world_size,
-    ..., one per micro-step. Shards are read in turn: when the current one has too few sequences
-    left, the next one starts (after the last, the first again, in a new order: the next epoch). The
-    position is three ints, saved in checkpoints. step_tokens: the tokens the last next_batch read,
-    all processes together."""
+    rows of batch_size sequences of that order; process `rank` gets rows rank,
+    rank + world_size, ..., one per micro-step. Shards are read in turn: when the current one has
+    too few sequences left, the next one starts (after the last, the first again, in a new order:
+    the next epoch). The position is three ints, saved in checkpoints. step_tokens: the tokens the
+    last next_batch read, all processes together."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
                  seed=0):
