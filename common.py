@@ -14,15 +14,17 @@ import sys
 # Files written atomically: a file that exists under its real name is complete
 
 
-TEMPORARY_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # atomic_path's <name>.<random>.tmp
+# atomic_path's <name>.<random>.tmp
+TEMPORARY_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """The one atomic writer: a temporary path in path's directory (<name>.<random>.tmp) for the block
-    to write; when it completes, the file is synced to disk and renamed to path, so a crash (even a power
-    loss) never leaves a partial file under the real name. On failure the temporary file is removed. The
-    file gets the mode open() would give (0o666 less the umask), not mkstemp's private 0o600."""
+    """The one atomic writer: a temporary path in path's directory (<name>.<random>.tmp) for the
+    block to write; when it completes, the file is synced to disk and renamed to path, so a crash
+    (even a power loss) never leaves a partial file under the real name. On failure the temporary
+    file is removed. The file gets the mode open() would give (0o666 less the umask), not mkstemp's
+    private 0o600."""
     temp_path = f"{os.path.abspath(path)}.{secrets.token_hex(4)}.tmp"
     try:  # created inside the try: a Ctrl-C that lands just after the file is made still removes it
         os.close(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -41,13 +43,14 @@ def atomic_path(path):
 
 @contextlib.contextmanager
 def atomic_open(path):
-    """path open for binary writing through atomic_path: a file that exists under its real name is complete."""
+    """path open for binary writing through atomic_path: a file that exists under its real name is
+    complete."""
     with atomic_path(path) as temp_path, open(temp_path, "wb") as f:
         yield f
 
 
 def atomic_write(path, write):
-    """Call write(temp_path), which writes the file (torch.save, safetensors, ...), through atomic_path."""
+    """write(temp_path) writes the file (torch.save, safetensors, ...) through atomic_path."""
     with atomic_path(path) as temp_path:
         write(temp_path)
 
@@ -63,17 +66,18 @@ def atomic_write_text(path, text):
 
 
 def remove_temporary_files(directory, ours=None):
-    """Delete what atomic_path left in directory when a process died in mid-write: only the names it makes,
-    and of those only the ones whose real name ours(name) accepts (all when None). Returns how many files and
-    bytes."""
-    matches = [TEMPORARY_FILE.match(name) for name in os.listdir(directory)] if os.path.isdir(directory) else []
-    paths = [os.path.join(directory, m.string) for m in matches if m and (ours is None or ours(m["name"]))]
+    """Delete what atomic_path left in directory when a process died in mid-write: only the names it
+    makes, and of those only the ones whose real name ours(name) accepts (all when None). Returns
+    how many files and bytes."""
+    matches = [TEMPORARY_FILE.match(name) for name in os.listdir(directory)] \
+        if os.path.isdir(directory) else []
+    paths = [os.path.join(directory, m.string) for m in matches
+             if m and (ours is None or ours(m["name"]))]
     paths = [path for path in paths if os.path.isfile(path)]
     sizes = [os.path.getsize(path) for path in paths]
     for path in paths:
         os.remove(path)
     return len(paths), sum(sizes)
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,9 +99,9 @@ def available_cpus():
 
 def busy_machine_note(load=None, cores=None):
     """One line when the CPU is oversubscribed: the 1-minute load average (processes running or
-    waiting to run) more than half as high again as the cores this process may use, as when
-    several programs each take every core. None on a quiet machine, or where the load average
-    cannot be read. Timings in the docs are from a quiet machine; this says why a run is slower."""
+    waiting to run) more than half as high again as the cores this process may use, as when several
+    programs each take every core. None on a quiet machine, or where the load average cannot be
+    read. Timings in the docs are from a quiet machine; this says why a run is slower."""
     try:
         load = os.getloadavg()[0] if load is None else load
     except (AttributeError, OSError):  # no load average (Windows)
@@ -118,7 +122,6 @@ def size_text(size):
     return f"{size / 1024:.1f} GB"
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Where a program runs
 
@@ -126,10 +129,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def device_and_dtype(device="auto", dtype="auto"):
-    """The one rule for where a program runs: (torch.device, torch dtype). auto: cuda and
-    bfloat16 when torch sees a GPU (float32 on one without bfloat16), else cpu and float32; a
-    program's --device ('cpu', 'cuda', 'cuda:1') and --dtype override either. A value that cannot
-    work is a one-line SystemExit."""
+    """The one rule for where a program runs: (torch.device, torch dtype). auto: cuda and bfloat16
+    when torch sees a GPU (float32 on one without bfloat16), else cpu and float32; a program's
+    --device ('cpu', 'cuda', 'cuda:1') and --dtype override either. A value that cannot work is a
+    one-line SystemExit."""
     import torch  # here: the data side imports this file and never needs torch
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

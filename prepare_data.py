@@ -1,46 +1,54 @@
 """
 Turn raw text into what train.py reads: a tokenizer plus pre-tokenized binary shards.
 
-    python prepare_data.py                       # offline: the running Python's stdlib source -> data/default/
-    python prepare_data.py --input notes/ 'books/*.txt' --doc_sep='\\n\\n' --out_dir=data/books --vocab_size=8192
-    python prepare_data.py --input corpus.jsonl --tokenizer=path/to/Doge-20M --out_dir=data/continued
-    python prepare_data.py --source=HuggingFaceTB/smollm-corpus:cosmopedia-v2 --max_tokens=4e9   # datasets + network
-    python prepare_data.py --chat --input=config/sft_doge_tiny.jsonl --tokenizer=out/doge-tiny --out_dir=data/sft-tiny
+    python prepare_data.py         # offline: the running Python's stdlib source -> data/default/
+    python prepare_data.py --input notes/ 'books/*.txt' --doc_sep='\\n\\n' --out_dir=data/books \\
+        --vocab_size=8192
+    python prepare_data.py --input corpus.jsonl --tokenizer=path/to/Doge-20M \\
+        --out_dir=data/continued
+    python prepare_data.py --source=HuggingFaceTB/smollm-corpus:cosmopedia-v2 \\
+        --max_tokens=4e9                                                    # datasets + network
+    python prepare_data.py --chat --input=config/sft_doge_tiny.jsonl --tokenizer=out/doge-tiny \\
+        --out_dir=data/sft-tiny
 
 What it writes in --out_dir:
 
-    tokenizer.model            SentencePiece BPE with byte fallback, trained on a bounded sample
-                               (or a copy of --tokenizer: a .model, or a Hugging Face tokenizer.json)
-    <name>_val_000000.bin      the first --val_tokens tokens of the stream: the validation split
-    <name>_train_000001.bin    the rest, at most --shard_tokens per file
-    meta.json                  tokenizer, vocab_size, bos/eos ids, token counts, source; "complete" once done
+    tokenizer.model          SentencePiece BPE with byte fallback, trained on a bounded sample (or a
+                             copy of --tokenizer: a .model, or a Hugging Face tokenizer.json)
+    <name>_val_000000.bin    the first --val_tokens tokens of the stream: the validation split
+    <name>_train_000001.bin  the rest, at most --shard_tokens per file
+    meta.json                tokenizer, vocab_size, bos/eos ids, token counts, source; "complete"
+                             once done
 
-Shards follow the llm.c convention: a header of 256 int32 [20240520, version, num_tokens, 0, ...], then the
-tokens, uint16 (version 1) or, for vocabularies above 65536, uint32 (version 2). Every document ends with the
-end-of-text (eos) token, so reading the shards in index order (val first) and splitting on it gives the
-documents back, exactly: the tokenizer is lossless (identity normalisation, byte fallback).
+Shards follow the llm.c convention: a header of 256 int32 [20240520, version, num_tokens, 0, ...],
+then the tokens, uint16 (version 1) or, for vocabularies above 65536, uint32 (version 2). Every
+document ends with the end-of-text (eos) token, so reading the shards in index order (val first) and
+splitting on it gives the documents back, exactly: the tokenizer is lossless (identity
+normalisation, byte fallback).
 
---chat turns conversations ({"messages": [{"role", "content"}, ...]} jsonl, or a data set) into what an SFT run
-reads: the chat tokenizer (the model's, with Doge's chat template and its special tokens if it has none) and
-conversation shards (tokens, which of them are trained on, where each conversation starts); see "Chat" below.
+--chat turns conversations ({"messages": [{"role", "content"}, ...]} jsonl, or a data set) into what
+an SFT run reads: the chat tokenizer (the model's, with Doge's chat template and its special tokens
+if it has none) and conversation shards (tokens, which of them are trained on, where each
+conversation starts); see "Chat" below.
 
-Tokenizing runs in --workers processes. Long documents are cut into pieces of a few KB at line starts, where
-the tokenizer never merges across (checked on the data at start-up): because SentencePiece is several times
-slower on one multi-megabyte string and because one huge file should still keep every worker busy. Text files are
-read a block at a time and shards written as they fill, so memory holds a few blocks, the tasks in flight and the
-tokenizer's sample, whatever the size of a file or of a document in it.
+Tokenizing runs in --workers processes. Long documents are cut into pieces of a few KB at line
+starts, where the tokenizer never merges across (checked on the data at start-up): because
+SentencePiece is several times slower on one multi-megabyte string and because one huge file should
+still keep every worker busy. Text files are read a block at a time and shards written as they fill,
+so memory holds a few blocks, the tasks in flight and the tokenizer's sample, whatever the size of a
+file or of a document in it.
 
-The file holds, top to bottom (tokenizers and chat templates live in tokenizer.py, the recall
-task's data in recall.py, the benchmarks in eval.py):
+The file holds, top to bottom (tokenizers and chat templates live in tokenizer.py, the recall task's
+data in recall.py, the benchmarks in eval.py):
 
-    Shard format                     write, read and list token shards and conversation shards; read meta.json
-    Documents                        where the text comes from: files, directories, a data set on the hub
-    Cutting long documents           where tokenizers never merge across
-    Tokenizing in worker processes   and writing the shards as they fill
-    The whole preparation            prepare(): inputs -> tokenizer, shards and meta.json in --out_dir
-    Chat                             conversations -> the chat tokenizer and conversation shards
-    Reading shards for training      the loaders that read both kinds of shards in training (train.py)
-    Command line                     prepare_data.py's arguments, and main()
+    Shard format                    write, read, list token and conversation shards; read meta.json
+    Documents                       where the text comes from: files, directories, a hub data set
+    Cutting long documents          where tokenizers never merge across
+    Tokenizing in worker processes  and writing the shards as they fill
+    The whole preparation           prepare(): inputs -> tokenizer, shards, meta.json in --out_dir
+    Chat                            conversations -> the chat tokenizer and conversation shards
+    Reading shards for training     the loaders that read both kinds of shards for train.py
+    Command line                    prepare_data.py's arguments, and main()
 """
 
 import argparse
@@ -78,8 +86,8 @@ from tokenizer import (END_OF_TURN_TOKENS, LOSSLESS_PROBE, TOKENIZER_FILES, chat
 DEFAULT_DATA_DIR = "data/default"
 META_FILE = "meta.json"
 
-# -----------------------------------------------------------------------------
-# Shard format: shared with train.py (write_shard, read_shard, list_shards; conversation shards below)
+# ----------------------------------------------------------------------------------------------
+# Shard format: shared with train.py (write_shard, read_shard, list_shards; conversation ones below)
 
 SHARD_MAGIC = 20240520
 HEADER_INTS = 256  # the header is 256 int32 = 1024 bytes
@@ -91,20 +99,22 @@ REBUILD_HINT = "re-run prepare_data.py to rebuild it"
 
 
 def dtype_for_vocab(vocab_size, dtype=None):
-    """Token dtype for a vocabulary: uint16 up to 65536 entries, else uint32 (or the dtype asked for, if it fits)."""
+    """Token dtype for a vocabulary: uint16 up to 65536 entries, else uint32 (or the dtype asked
+    for, if it fits)."""
     if dtype is None:
         dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
     dtype = np.dtype(dtype)
     if dtype not in VERSION_OF_DTYPE:
         raise ValueError(f"dtype must be uint16 or uint32, not {dtype}")
     if vocab_size > np.iinfo(dtype).max + 1:
-        raise ValueError(f"a vocabulary of {vocab_size:,} tokens does not fit {dtype} "
-                         f"(at most {np.iinfo(dtype).max + 1:,}); use --dtype=uint32 or leave --dtype unset")
+        raise ValueError(f"a vocabulary of {vocab_size:,} tokens does not fit {dtype} (at most "
+                         f"{np.iinfo(dtype).max + 1:,}); use --dtype=uint32 or leave --dtype unset")
     return dtype
 
 
 def shard_dtype(chunks):
-    """uint16 and uint32 arrays keep their dtype; other integers become uint16 when every value fits, else uint32."""
+    """uint16 and uint32 arrays keep their dtype; other integers become uint16 when every value
+    fits, else uint32."""
     dtypes = {chunk.dtype for chunk in chunks}
     if dtypes and dtypes <= set(VERSION_OF_DTYPE):
         return max(dtypes, key=lambda d: d.itemsize)
@@ -126,50 +136,56 @@ def shard_header(version, num_tokens, count=0) -> bytes:
 
 
 def write_shard(path, tokens: np.ndarray):
-    """Write one shard atomically: header [20240520, version, num_tokens, 0 ...] then the tokens. uint16 tokens
-    give version 1, uint32 version 2; other integer arrays are stored as uint16 when they fit, else uint32."""
+    """Write one shard atomically: header [20240520, version, num_tokens, 0 ...] then the tokens.
+    uint16 tokens give version 1, uint32 version 2; other integer arrays are stored as uint16 when
+    they fit, else uint32."""
     tokens = np.asarray(tokens).ravel()
     dtype = shard_dtype([tokens])
     if tokens.size > np.iinfo(np.int32).max:
-        raise ValueError(f"{path}: {tokens.size:,} tokens do not fit the int32 token count of the header")
+        raise ValueError(f"{path}: {tokens.size:,} tokens do not fit the int32 token count of the "
+                         f"header")
     with atomic_open(path) as f:
         f.write(shard_header(VERSION_OF_DTYPE[dtype], tokens.size))
         f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
 
 
 def read_header(path):
-    """The header of a shard as ints, and the file's size, after checking the size and the magic number."""
+    """A shard's header as ints and the file's size, after checking size and magic number."""
     try:
         size = os.path.getsize(path)
         header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     except OSError as e:
-        raise ValueError(f"{path}: cannot read the shard ({e.strerror or e}); {REBUILD_HINT}") from None
+        raise ValueError(f"{path}: cannot read the shard ({e.strerror or e}); "
+                         f"{REBUILD_HINT}") from None
     if size < HEADER_BYTES:
         raise ValueError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte header "
                          f"(truncated); {REBUILD_HINT}")
     if int(header[0]) != SHARD_MAGIC:
-        raise ValueError(f"{path}: not a token shard (magic number {int(header[0])}, expected {SHARD_MAGIC}); "
-                         f"{REBUILD_HINT}")
+        raise ValueError(f"{path}: not a token shard (magic number {int(header[0])}, expected "
+                         f"{SHARD_MAGIC}); {REBUILD_HINT}")
     if min(header[2], header[3]) < 0:
-        raise ValueError(f"{path}: a negative count in the header (truncated or corrupt); {REBUILD_HINT}")
+        raise ValueError(f"{path}: a negative count in the header (truncated or corrupt); "
+                         f"{REBUILD_HINT}")
     return [int(x) for x in header], size
 
 
 def check_size(path, size, expected, what):
     if size != expected:
-        raise ValueError(f"{path}: the header says {what} ({expected:,} bytes) but the file has {size:,} bytes "
-                         f"(truncated or corrupt); {REBUILD_HINT}")
+        raise ValueError(f"{path}: the header says {what} ({expected:,} bytes) but the file has "
+                         f"{size:,} bytes (truncated or corrupt); {REBUILD_HINT}")
 
 
 def read_shard(path) -> np.ndarray:
-    """Memory-map the tokens of a shard (read-only), after checking magic, version and that the file size
-    matches the token count. Any problem raises ValueError naming the file."""
+    """Memory-map the tokens of a shard (read-only), after checking magic, version and that the file
+    size matches the token count. Any problem raises ValueError naming the file."""
     header, size = read_header(path)
     version, num_tokens = header[1], header[2]
     if version in CHAT_DTYPE_OF_VERSION:
-        raise ValueError(f"{path}: holds conversations (prepare_data.py --chat), not a token stream")
+        raise ValueError(f"{path}: holds conversations (prepare_data.py --chat), not a token "
+                         f"stream")
     if version not in DTYPE_OF_VERSION:
-        raise ValueError(f"{path}: unknown shard version {version} (1 = uint16 tokens, 2 = uint32); {REBUILD_HINT}")
+        raise ValueError(f"{path}: unknown shard version {version} (1 = uint16 tokens, "
+                         f"2 = uint32); {REBUILD_HINT}")
     dtype = DTYPE_OF_VERSION[version]
     check_size(path, size, HEADER_BYTES + num_tokens * dtype.itemsize, f"{num_tokens:,} tokens")
     if num_tokens == 0:
@@ -177,22 +193,25 @@ def read_shard(path) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
 
 
-# A conversation shard (prepare_data.py --chat) holds whole conversations: the header [20240520, version,
-# num_tokens, num_conversations, 0, ...] (version 3: uint16 tokens, 4: uint32), then num_conversations + 1
-# int32 offsets (conversation i is tokens[offsets[i]:offsets[i + 1]]), the tokens, and one uint8 per token:
-# 1 where the token is trained on (an assistant's answer and its end of turn), else 0.
+# A conversation shard (prepare_data.py --chat) holds whole conversations: the header [20240520,
+# version, num_tokens, num_conversations, 0, ...] (version 3: uint16 tokens, 4: uint32), then
+# num_conversations + 1 int32 offsets (conversation i is tokens[offsets[i]:offsets[i + 1]]), the
+# tokens, and one uint8 per token: 1 where the token is trained on (an assistant's answer and its
+# end of turn), else 0.
 CHAT_VERSION_OF_DTYPE = {np.dtype(np.uint16): 3, np.dtype(np.uint32): 4}
 CHAT_DTYPE_OF_VERSION = {3: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
 def write_conversation_shard(path, examples):
-    """Write conversations, a list of (ids, supervised) arrays of equal lengths, as one shard, atomically."""
+    """Write conversations, (ids, supervised) arrays of equal lengths, as one shard, atomically."""
     lengths = [len(ids) for ids, _ in examples]
     if sum(lengths) > np.iinfo(np.int32).max:
-        raise ValueError(f"{path}: {sum(lengths):,} tokens do not fit the int32 token count of the header")
+        raise ValueError(f"{path}: {sum(lengths):,} tokens do not fit the int32 token count of the "
+                         f"header")
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype("<i4")
     tokens = np.concatenate([np.asarray(ids) for ids, _ in examples] or [np.zeros(0, np.uint16)])
-    supervised = np.concatenate([np.asarray(s, dtype=np.uint8) for _, s in examples] or [np.zeros(0, np.uint8)])
+    supervised = np.concatenate([np.asarray(s, dtype=np.uint8) for _, s in examples]
+                                or [np.zeros(0, np.uint8)])
     dtype = shard_dtype([tokens])
     with atomic_open(path) as f:
         f.write(shard_header(CHAT_VERSION_OF_DTYPE[dtype], len(tokens), len(examples)))
@@ -201,20 +220,23 @@ def write_conversation_shard(path, examples):
 
 
 def read_conversation_shard(path):
-    """(tokens, supervised, offsets) of a conversation shard: tokens and supervised (uint8) memory-mapped
-    read-only, offsets (num_conversations + 1,) int64. Checked like read_shard; problems raise ValueError."""
+    """(tokens, supervised, offsets) of a conversation shard: tokens and supervised (uint8)
+    memory-mapped read-only, offsets (num_conversations + 1,) int64. Checked like read_shard;
+    problems raise ValueError."""
     header, size = read_header(path)
     version, num_tokens, count = header[1], header[2], header[3]
     if version not in CHAT_DTYPE_OF_VERSION:
-        raise ValueError(f"{path}: not a conversation shard (version {version}; versions 3 and 4 hold "
-                         f"conversations); {REBUILD_HINT}")
+        raise ValueError(f"{path}: not a conversation shard (version {version}; versions 3 and 4 "
+                         f"hold conversations); {REBUILD_HINT}")
     dtype = CHAT_DTYPE_OF_VERSION[version]
     tokens_at = HEADER_BYTES + 4 * (count + 1)
     mask_at = tokens_at + num_tokens * dtype.itemsize
-    check_size(path, size, mask_at + num_tokens, f"{num_tokens:,} tokens in {count:,} conversations")
+    check_size(path, size, mask_at + num_tokens,
+               f"{num_tokens:,} tokens in {count:,} conversations")
     offsets = np.fromfile(path, dtype="<i4", count=count + 1, offset=HEADER_BYTES).astype(np.int64)
     if offsets[0] != 0 or offsets[-1] != num_tokens or (np.diff(offsets) < 0).any():
-        raise ValueError(f"{path}: the conversations' offsets are out of order (corrupt); {REBUILD_HINT}")
+        raise ValueError(f"{path}: the conversations' offsets are out of order (corrupt); "
+                         f"{REBUILD_HINT}")
     if num_tokens == 0:
         return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.uint8), offsets
     return (np.memmap(path, dtype=dtype, mode="r", offset=tokens_at, shape=(num_tokens,)),
@@ -234,20 +256,24 @@ def read_meta(data_dir):
 
 
 def list_shards(data_dir, split) -> list:
-    """Paths of the `split` ('train' or 'val') shards of a data directory, in index order. meta.json, when
-    present, is the authority: an unfinished preparation or a missing shard is an error, not a smaller dataset."""
+    """Paths of the `split` ('train' or 'val') shards of a data directory, in index order.
+    meta.json, when present, is the authority: an unfinished preparation or a missing shard is an
+    error, not a smaller dataset."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     meta = read_meta(data_dir)
     if meta is not None and not meta.get("complete"):
-        raise ValueError(f"{data_dir}: an earlier prepare_data.py run did not finish; re-run prepare_data.py")
+        raise ValueError(f"{data_dir}: an earlier prepare_data.py run did not finish; re-run "
+                         f"prepare_data.py")
     if meta is not None and "shards" in meta:
         paths = [os.path.join(data_dir, filename) for filename in meta["shards"][split]]
         missing = [path for path in paths if not os.path.exists(path)]
         if missing:
-            raise ValueError(f"{missing[0]}: listed in {META_FILE} but missing; re-run prepare_data.py")
+            raise ValueError(f"{missing[0]}: listed in {META_FILE} but missing; re-run "
+                             f"prepare_data.py")
     else:  # shards made by hand or by another tool: take what is there
-        matches = [SHARD_FILE.match(f) for f in os.listdir(data_dir)] if os.path.isdir(data_dir) else []
+        matches = [SHARD_FILE.match(f) for f in os.listdir(data_dir)] \
+            if os.path.isdir(data_dir) else []
         matches = sorted((int(m["index"]), m.string) for m in matches if m and m["split"] == split)
         paths = [os.path.join(data_dir, filename) for _, filename in matches]
     if not paths:
@@ -256,38 +282,42 @@ def list_shards(data_dir, split) -> list:
     return paths
 
 
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Documents: where the text comes from, one document or piece of one at a time.
 
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
-INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")  # what a directory walk picks up
+INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")  # what walk_directory takes
 
 
 def stdlib_files():
-    """The .py files of the running Python's standard library minus its test suites (about 12 MB for 3.11), in a
-    fixed shuffled order: the validation split is the start of the stream, and should be a fair sample rather than
-    the alphabetically first modules."""
+    """The .py files of the running Python's standard library minus its test suites (about 12 MB for
+    3.11), in a fixed shuffled order: the validation split is the start of the stream, and should be
+    a fair sample rather than the alphabetically first modules."""
     root = sysconfig.get_paths()["stdlib"]
     paths = []
     for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if d not in STDLIB_SKIP_DIRS and not d.startswith("."))
+        subdirs[:] = sorted(d for d in subdirs
+                            if d not in STDLIB_SKIP_DIRS and not d.startswith("."))
         paths += [os.path.join(directory, f) for f in sorted(files) if f.endswith(".py")]
     random.Random(0).shuffle(paths)
     return root, paths
 
 
 def find_input_files(patterns):
-    """Expand --input: files as given, globs, directories walked (sorted, picking .txt/.jsonl/.parquet)."""
+    """Expand --input: files as given, globs, directories walked (sorted, picking
+    .txt/.jsonl/.parquet)."""
     files = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if re.search(r"[*?[]", pattern) else [pattern]
+        matches = sorted(glob.glob(pattern, recursive=True)) if re.search(r"[*?[]", pattern) \
+            else [pattern]
         if not matches:
             raise ValueError(f"--input {pattern}: no files match")
         for match in matches:
             if os.path.isdir(match):
                 found = walk_directory(match)
                 if not found:
-                    raise ValueError(f"{match}: no {', '.join(INPUT_SUFFIXES)} files in this directory")
+                    raise ValueError(f"{match}: no {', '.join(INPUT_SUFFIXES)} files in this "
+                                     f"directory")
                 files += found
             elif os.path.isfile(match):
                 files.append(match)
@@ -315,14 +345,15 @@ def open_text(path):
     return open(path, encoding="utf-8", newline="")
 
 
-BLOCK_CHARS = 1 << 16  # a plain text file is read this many characters at a time (see bench_big_text)
+BLOCK_CHARS = 1 << 16  # a plain text file is read this many characters at a time (bench_big_text)
 
 
 def read_pieces(path, doc_sep=None, text_field="text"):
-    """The documents of one file as (text, ends_document) pieces, none empty, each document's last one flagged:
-    .jsonl (one per line, field text_field) and .parquet (column text_field) give every document in one piece;
-    anything else is plain text, one document per file or split on doc_sep, read a block at a time so that a
-    document may be larger than memory. Empty documents are skipped."""
+    """The documents of one file as (text, ends_document) pieces, none empty, each document's last
+    one flagged: .jsonl (one per line, field text_field) and .parquet (column text_field) give every
+    document in one piece; anything else is plain text, one document per file or split on doc_sep,
+    read a block at a time so that a document may be larger than memory. Empty documents are
+    skipped."""
     name = path[:-3] if path.endswith(".gz") else path
     try:
         if name.endswith(".jsonl"):
@@ -333,15 +364,16 @@ def read_pieces(path, doc_sep=None, text_field="text"):
             with open_text(path) as f:
                 yield from read_text_pieces(f, doc_sep)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 (at the bytes {e.object[e.start:e.start + 4]!r}); "
-                         f"convert it to UTF-8 first") from None
+        raise ValueError(f"{path}: not valid UTF-8 (at the bytes "
+                         f"{e.object[e.start:e.start + 4]!r}); convert it to UTF-8 first") from None
     except (OSError, EOFError) as e:
         raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
 def read_text_pieces(f, doc_sep):
-    """(text, ends_document) pieces of the documents `f.read().split(doc_sep)` (or the whole text), less the empty
-    ones, reading BLOCK_CHARS at a time. A block's last characters that may begin a separator wait for the next."""
+    """(text, ends_document) pieces of the documents `f.read().split(doc_sep)` (or the whole text),
+    less the empty ones, reading BLOCK_CHARS at a time. A block's last characters that may begin a
+    separator wait for the next."""
     held, carry = "", ""  # held: the current document's latest text, not yet known to be its last
     while True:
         block = f.read(BLOCK_CHARS)
@@ -363,7 +395,7 @@ def read_text_pieces(f, doc_sep):
 
 
 def read_documents(path, doc_sep=None, text_field="text"):
-    """The documents of one file as str: read_pieces joined, for files whose documents fit in memory."""
+    """A file's documents as str: read_pieces joined, for files whose documents fit in memory."""
     pieces = []
     for text, ends_document in read_pieces(path, doc_sep, text_field):
         pieces.append(text)
@@ -416,19 +448,21 @@ def read_parquet(path, text_field):
     parquet_file = open_parquet(path)
     columns = parquet_file.schema_arrow.names
     if text_field not in columns:
-        raise ValueError(f"{path}: no column {text_field!r} (found {columns}); name it with --text_field")
+        raise ValueError(f"{path}: no column {text_field!r} (found {columns}); name it with "
+                         f"--text_field")
     for batch in parquet_file.iter_batches(columns=[text_field], batch_size=1024):
         yield from (text for text in batch.column(0).to_pylist() if text)
 
 
 def open_source(name, text_field="text", split="train"):
-    """Stream a Hugging Face data set, given as NAME or NAME:CONFIG, with the optional `datasets` package.
-    Everything that can fail without data fails here, at once: the package, the network, the name."""
+    """Stream a Hugging Face data set, given as NAME or NAME:CONFIG, with the optional `datasets`
+    package. Everything that can fail without data fails here, at once: the package, the network,
+    the name."""
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"--source {name}: streaming a data set needs the optional `datasets` package "
-                         f"(pip install datasets); for local files use --input") from None
+        raise ValueError(f"--source {name}: streaming a data set needs the optional `datasets` "
+                         f"package (pip install datasets); for local files use --input") from None
     path, _, config = name.partition(":")
     if not os.path.exists(path):  # a local data set directory needs no network
         check_hub_reachable(name)
@@ -442,8 +476,8 @@ def open_source(name, text_field="text", split="train"):
 def source_documents(name, rows, text_field):
     for row in rows:
         if text_field not in row:
-            raise ValueError(f"--source {name}: rows have no field {text_field!r} (found {list(row)}); "
-                             f"name it with --text_field")
+            raise ValueError(f"--source {name}: rows have no field {text_field!r} (found "
+                             f"{list(row)}); name it with --text_field")
         if row[text_field]:
             yield row[text_field]
 
@@ -480,13 +514,14 @@ def check_hub_reachable(name):
                          f"for local files")
 
 
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Cutting long documents where tokenizers never merge across
 
-# Where a long text may be cut, most permissive first: at line starts (before a line with visible text) or
-# before a single space between words. Our SentencePiece models and Llama-3-style byte-level BPE never merge
-# across either; GPT-2-style pre-tokenizers join runs of newlines and indentation, so the second rule keeps
-# to a newline between two visible characters. choose_cut_rule() checks them on the data.
+# Where a long text may be cut, most permissive first: at line starts (before a line with visible
+# text) or before a single space between words. Our SentencePiece models and Llama-3-style
+# byte-level BPE never merge across either; GPT-2-style pre-tokenizers join runs of newlines and
+# indentation, so the second rule keeps to a newline between two visible characters.
+# choose_cut_rule() checks them on the data.
 CUT_RULES = (
     re.compile(r"(?<=\n)(?=[ \t]*\S)|(?<=\S)(?= \S)"),
     re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)"),
@@ -494,8 +529,8 @@ CUT_RULES = (
 
 
 def split_text(text, max_chars, cut_rule=CUT_RULES[0]):
-    """Cut text into pieces of max_chars / 2 to max_chars characters at places cut_rule allows (a piece is
-    longer only where the text offers none). No cuts when max_chars or cut_rule is None."""
+    """Cut text into pieces of max_chars / 2 to max_chars characters at places cut_rule allows (a
+    piece is longer only where the text offers none). No cuts when max_chars or cut_rule is None."""
     if max_chars is None or cut_rule is None or len(text) <= max_chars:
         return [text]
     pieces, start = [], 0
@@ -511,16 +546,19 @@ def split_text(text, max_chars, cut_rule=CUT_RULES[0]):
 
 
 def cut_pieces(pieces, max_chars, cut_rule):
-    """split_text for documents that arrive in (text, ends_document) pieces, as read_pieces gives them, holding
-    about max_chars and a piece rather than a whole document: yields (part, ends_document), where a document's
-    parts are split_text(document, max_chars, cut_rule). (For max_chars >= 4: a cut's lookbehind reaches two
-    characters back, and the search starts max_chars // 2 into the part.)
-    A cut is settled once the text reaches max_chars past the part's start, as split_text's first search looks no
-    further. When that search finds nothing, the fallback's first match in the text so far is its first match in
-    the whole document: a place whose lookahead runs off the end lies in the blanks ([ \\t]) that end the text,
-    after any match. With no match, the search resumes there when more text has come."""
-    buf, start, searched = "", 0, 0  # buf[start:]: the current part so far; no cut in buf[start:searched]
-    waiting, waiting_chars = [], 0  # text for buf, joined once it is as long as the part: linear time without cuts
+    """split_text for documents that arrive in (text, ends_document) pieces, as read_pieces gives
+    them, holding about max_chars and a piece rather than a whole document: yields (part,
+    ends_document), where a document's parts are split_text(document, max_chars, cut_rule). (For
+    max_chars >= 4: a cut's lookbehind reaches two characters back, and the search starts
+    max_chars // 2 into the part.)
+    A cut is settled once the text reaches max_chars past the part's start, as split_text's first
+    search looks no further. When that search finds nothing, the fallback's first match in the text
+    so far is its first match in the whole document: a place whose lookahead runs off the end lies
+    in the blanks ([ \\t]) that end the text, after any match. With no match, the search resumes
+    there when more text has come."""
+    buf, start, searched = "", 0, 0  # buf[start:]: the part so far; no cut in buf[start:searched]
+    # waiting: text for buf, joined once it is as long as the part: linear time without cuts
+    waiting, waiting_chars = [], 0
     for text, ends_document in pieces:
         waiting.append(text)
         waiting_chars += len(text)
@@ -530,7 +568,8 @@ def cut_pieces(pieces, max_chars, cut_rule):
         waiting, waiting_chars = [], 0
         while cut_rule and len(buf) - start > max_chars:
             low = start + max_chars // 2
-            match = cut_rule.search(buf, low, start + max_chars) or cut_rule.search(buf, max(low, searched))
+            match = cut_rule.search(buf, low, start + max_chars) \
+                or cut_rule.search(buf, max(low, searched))
             if match is None:
                 searched = len(buf.rstrip(" \t"))
                 break
@@ -542,8 +581,9 @@ def cut_pieces(pieces, max_chars, cut_rule):
 
 
 def choose_cut_rule(tokenizer, sample):
-    """Index of the first of CUT_RULES that leaves the tokens of the data unchanged (whole text against cut
-    pieces), or None: then documents are encoded whole, e.g. for a model that adds a dummy prefix."""
+    """Index of the first of CUT_RULES that leaves the tokens of the data unchanged (whole text
+    against cut pieces), or None: then documents are encoded whole, e.g. for a model that adds a
+    dummy prefix."""
     text = "".join(sample)[:1 << 16] + LOSSLESS_PROBE
     whole = list(tokenizer.encode([text])[0])
     for index, cut_rule in enumerate(CUT_RULES):
@@ -552,22 +592,23 @@ def choose_cut_rule(tokenizer, sample):
     return None
 
 
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Tokenizing in worker processes
 
 PIECE_CHARS = 2048  # what one encode call sees: a few lines, where SentencePiece runs at full speed
-TASK_CHARS = 1 << 18  # what one worker task holds: big enough that passing it between processes costs little
+TASK_CHARS = 1 << 18  # one worker task: big enough that passing it between processes costs little
 _worker = {}  # this process's tokenizer, loaded by its first task
 
 
 def encode_task(task, settings):
-    """task: a list of (text, ends_a_document); settings: (tokenizer path, eot_token, dtype, cut rule index).
-    Returns the tokens, with an end-of-text token after every document's last text, and how many documents
-    ended."""
+    """task: a list of (text, ends_a_document); settings: (tokenizer path, eot_token, dtype, cut
+    rule index). Returns the tokens, with an end-of-text token after every document's last text, and
+    how many documents ended."""
     if _worker.get("settings") != settings:
         tokenizer_path, eot_token, dtype, cut_rule_index = settings
         tokenizer = load_tokenizer(tokenizer_path, eot_token)
-        _worker.update(settings=settings, encode=tokenizer.encode, eot_id=tokenizer.eot_id, dtype=np.dtype(dtype),
+        _worker.update(settings=settings, encode=tokenizer.encode, eot_id=tokenizer.eot_id,
+                       dtype=np.dtype(dtype),
                        cut_rule=None if cut_rule_index is None else CUT_RULES[cut_rule_index])
     texts, ends = [], []
     for text, ends_document in task:
@@ -590,8 +631,9 @@ def encode_task(task, settings):
 
 
 def make_tasks(pieces, task_chars, cut_rule):
-    """Group the documents' (text, ends_document) pieces into tasks of about task_chars, cutting long documents as
-    split_text would, so that every worker gets work even when the input is one huge document."""
+    """Group the documents' (text, ends_document) pieces into tasks of about task_chars, cutting
+    long documents as split_text would, so that every worker gets work even when the input is one
+    huge document."""
     task, size = [], 0
     for part, ends_document in cut_pieces(pieces, task_chars, cut_rule):
         task.append((part, ends_document))
@@ -604,11 +646,12 @@ def make_tasks(pieces, task_chars, cut_rule):
 
 
 def start_workers(workers):
-    """A pool of `workers` processes, started at once so that their start-up (an interpreter, numpy and the
-    tokenizer library each: about half a second) overlaps the sampling and tokenizer training; for one worker,
-    a stand-in: then everything runs in this process.
-    spawn, not fork: the caller (train.py) may have threads running (torch), and fork with threads can hang.
-    concurrent.futures, not multiprocessing.Pool: a worker that cannot start is an error, not a restart loop."""
+    """A pool of `workers` processes, started at once so that their start-up (an interpreter, numpy
+    and the tokenizer library each: about half a second) overlaps the sampling and tokenizer
+    training; for one worker, a stand-in: then everything runs in this process.
+    spawn, not fork: the caller (train.py) may have threads running (torch), and fork with threads
+    can hang. concurrent.futures, not multiprocessing.Pool: a worker that cannot start is an error,
+    not a restart loop."""
     if workers == 1:
         return contextlib.nullcontext()
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
@@ -618,10 +661,10 @@ def start_workers(workers):
 
 
 def submit(pool, function, *args):
-    """pool.submit with SIGINT held back meanwhile, so that a worker process it starts inherits SIGINT blocked (as
-    multiprocessing's resource tracker does). Ctrl-C in a terminal, sent to every process of the group, then
-    interrupts only this one, which stops the workers, instead of each printing a traceback. A Ctrl-C in the
-    meantime arrives when the submission returns."""
+    """pool.submit with SIGINT held back meanwhile, so that a worker process it starts inherits
+    SIGINT blocked (as multiprocessing's resource tracker does). Ctrl-C in a terminal, sent to every
+    process of the group, then interrupts only this one, which stops the workers, instead of each
+    printing a traceback. A Ctrl-C in the meantime arrives when the submission returns."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         return pool.submit(function, *args)
@@ -630,10 +673,10 @@ def submit(pool, function, *args):
 
 
 def encode_in_order(tasks, pool, workers, settings):
-    """Yield encode_task(task, settings) for every task, in order, computed in the pool (or here when pool is
-    None) with only a few tasks in flight, so memory stays bounded whatever the input size."""
+    """Yield encode_task(task, settings) for each task, in order, computed in the pool (or here when
+    pool is None) with a few tasks in flight, so memory stays bounded whatever the input size."""
     if pool is None:
-        _worker.clear()  # the tokenizer file may have been rebuilt under the same name since the last call
+        _worker.clear()  # the tokenizer file may be rebuilt under the same name between calls
         yield from (encode_task(task, settings) for task in tasks)
         return
     in_flight = deque()
@@ -645,28 +688,31 @@ def encode_in_order(tasks, pool, workers, settings):
         while in_flight:
             yield in_flight.popleft().result()
     except BrokenProcessPool:
-        raise ValueError("a tokenizer worker process died (out of memory? or, called from a script, that "
-                         "script lacks `if __name__ == '__main__':`); --workers=1 runs in-process") from None
+        raise ValueError("a tokenizer worker process died (out of memory? or, called from a "
+                         "script, that script lacks `if __name__ == '__main__':`); --workers=1 "
+                         "runs in-process") from None
     finally:
         for future in in_flight:  # stopping early (--max_tokens, an error): drop what is not needed
             future.cancel()
 
 
 def shard_end(position, val_tokens, shard_tokens):
-    """Stream position where the shard holding the token at `position` ends: val shards end at multiples of
-    shard_tokens and at val_tokens; train shards every shard_tokens after that."""
+    """Stream position where the shard holding the token at `position` ends: val shards end at
+    multiples of shard_tokens and at val_tokens; train shards every shard_tokens after that."""
     if position < val_tokens:
         return min(val_tokens, (position // shard_tokens + 1) * shard_tokens)
     return val_tokens + ((position - val_tokens) // shard_tokens + 1) * shard_tokens
 
 
-def write_shards(results, out_dir, name, dtype, val_tokens, shard_tokens, max_tokens=None, eot_id=None):
-    """Cut the token stream into shards of `dtype` tokens: the first val_tokens tokens are validation, the rest
-    train. A shard may end inside a document; the next shard carries on. With max_tokens, stop at the first
-    document end past it. Each shard is written as its tokens come (its header's count set when it is full),
-    under a temporary name until then, so memory holds a result, not a shard."""
+def write_shards(results, out_dir, name, dtype, val_tokens, shard_tokens, max_tokens=None,
+                 eot_id=None):
+    """Cut the token stream into shards of `dtype` tokens: the first val_tokens tokens are
+    validation, the rest train. A shard may end inside a document; the next shard carries on. With
+    max_tokens, stop at the first document end past it. Each shard is written as its tokens come
+    (its header's count set when it is full), under a temporary name until then, so memory holds a
+    result, not a shard."""
     shards = {"val": [], "train": []}
-    total, documents, shard = 0, 0, None  # shard: the one being written, (file, split, filename, its start)
+    total, documents, shard = 0, 0, None  # shard being written: (file, split, filename, its start)
     start = time.perf_counter()
     with tqdm(desc="tokenizing", unit=" docs", file=sys.stderr, dynamic_ncols=True) as bar, \
             contextlib.ExitStack() as open_shard:
@@ -691,26 +737,28 @@ def write_shards(results, out_dir, name, dtype, val_tokens, shard_tokens, max_to
                 if shard is None:
                     split = "val" if total < val_tokens else "train"
                     filename = f"{name}_{split}_{len(shards['val']) + len(shards['train']):06d}.bin"
-                    shard = (open_shard.enter_context(atomic_open(os.path.join(out_dir, filename))), split,
-                             filename, total)
+                    shard = (open_shard.enter_context(atomic_open(os.path.join(out_dir, filename))),
+                             split, filename, total)
                     shard[0].write(bytes(HEADER_BYTES))  # a placeholder until the count is known
                 end = shard_end(total, val_tokens, shard_tokens)
-                shard[0].write(tokens[:end - total].astype(dtype.newbyteorder("<"), copy=False).tobytes())
+                part = tokens[:end - total].astype(dtype.newbyteorder("<"), copy=False)
+                shard[0].write(part.tobytes())
                 tokens, total = tokens[end - total:], min(end, total + len(tokens))
                 if total == end:
                     finish()
                     shard = None
             bar.update(documents_ended)
-            bar.set_postfix_str(f"{total:,} tokens, {total / (time.perf_counter() - start):,.0f} tok/s",
-                                refresh=False)
+            rate = total / (time.perf_counter() - start)
+            bar.set_postfix_str(f"{total:,} tokens, {rate:,.0f} tok/s", refresh=False)
             if reached_max:
                 break
         if shard:
             finish()
-    return dict(shards=shards, documents=documents, tokens=total, seconds=time.perf_counter() - start)
+    return dict(shards=shards, documents=documents, tokens=total,
+                seconds=time.perf_counter() - start)
 
 
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # The whole preparation
 
 
@@ -727,14 +775,15 @@ def files_digest(files):
 
 
 def sample_files(files, read, sample_chars):
-    """About sample_chars of text spread over all input files (each gives a share proportional to its size),
-    so that the tokenizer sees every kind of input, not only the first file: the start of each document,
-    `doc[:max(1, int(quota - taken))]`, until the file's quota is taken. read(path) gives a file's pieces."""
+    """About sample_chars of text spread over all input files (each gives a share proportional to
+    its size), so that the tokenizer sees every kind of input, not only the first file: the start of
+    each document, `doc[:max(1, int(quota - taken))]`, until the file's quota is taken. read(path)
+    gives a file's pieces."""
     sizes = [os.path.getsize(path) for path in files]
     sample = []
     for path, size in zip(files, sizes):
         quota = sample_chars * size / max(1, sum(sizes))
-        taken, room = 0, None  # room: what the current document may still add; None between documents
+        taken, room = 0, None  # room: what the document may still add; None between documents
         with contextlib.closing(read(path)) as pieces:
             for text, ends_document in pieces:
                 if room is None:
@@ -764,7 +813,7 @@ def take_head(documents, sample_chars):
 
 
 def up_to_date(out_dir, settings):
-    """True when out_dir holds a finished preparation made with exactly these settings and inputs."""
+    """Whether out_dir holds a finished preparation made with exactly these settings and inputs."""
     try:
         meta = read_meta(out_dir)
         if not meta or not meta.get("complete") or meta.get("settings") != settings:
@@ -779,12 +828,19 @@ def up_to_date(out_dir, settings):
 
 
 def write_meta(out_dir, meta):
-    write_file_atomically(os.path.join(out_dir, META_FILE), (json.dumps(meta, indent=2) + "\n").encode())
+    write_file_atomically(os.path.join(out_dir, META_FILE),
+                          (json.dumps(meta, indent=2) + "\n").encode())
+
+
+def shard_lists(shards):
+    """meta.json's "shards" and "shard_tokens" of shards {split: [(filename, tokens)]}."""
+    return dict(shards={split: [filename for filename, _ in shards[split]] for split in shards},
+                shard_tokens={split: [n for _, n in shards[split]] for split in shards})
 
 
 def start_rebuild(out_dir, settings):
-    """Mark out_dir as unfinished first (list_shards refuses it from then on), then remove what an earlier run
-    left: its shards and tokenizer."""
+    """Mark out_dir as unfinished first (list_shards refuses it from then on), then remove what an
+    earlier run left: its shards and tokenizer."""
     os.makedirs(out_dir, exist_ok=True)
     write_meta(out_dir, dict(complete=False, settings=settings))
     for filename in os.listdir(out_dir):
@@ -798,34 +854,39 @@ def left_by_earlier_run(filename):
 
 
 def remove_interrupted_writes(out_dir):
-    """Remove the temporary files that atomic writes of ours (shards, tokenizer files, meta.json) left in out_dir:
-    a run killed while writing never renames them. Says in one line how many and how big."""
-    count, size = remove_temporary_files(out_dir, lambda name: left_by_earlier_run(name) or name == META_FILE)
+    """Remove the temporary files that atomic writes of ours (shards, tokenizer files, meta.json)
+    left in out_dir: a run killed while writing never renames them. Says in one line how many and
+    how big."""
+    count, size = remove_temporary_files(
+        out_dir, lambda name: left_by_earlier_run(name) or name == META_FILE)
     if count:
-        log(f"removed {count} temporary file{'s' * (count > 1)} ({size:,} bytes) that an interrupted "
-            f"run left in {out_dir}")
+        log(f"removed {count} temporary file{'s' * (count > 1)} ({size:,} bytes) that an "
+            f"interrupted run left in {out_dir}")
 
 
 def describe_input(inputs, source, source_split, text_field):
-    """Where the text comes from, without reading it: (files or None for a stream, description, default shard
-    name, total input bytes or None, digest of the files)."""
+    """Where the text comes from, without reading it: (files or None for a stream, description,
+    default shard name, total input bytes or None, digest of the files)."""
     if source:
         description = f"--source {source} (split {source_split}, field {text_field!r})"
         return None, description, source.split("/")[-1].replace(":", "-"), None, None
     if inputs:
         files = find_input_files(inputs)
         description = f"--input {' '.join(inputs)} ({len(files)} files)"
-        name = os.path.splitext(os.path.basename(files[0].removesuffix(".gz")))[0] if len(files) == 1 else "input"
+        name = os.path.splitext(os.path.basename(files[0].removesuffix(".gz")))[0] \
+            if len(files) == 1 else "input"
     else:
         root, files = stdlib_files()
-        description = f"Python {platform.python_version()} standard library: {len(files)} .py files in {root}"
+        description = (f"Python {platform.python_version()} standard library: {len(files)} .py "
+                       f"files in {root}")
         name = "stdlib"
-    return files, description, name, sum(os.path.getsize(path) for path in files), files_digest(files)
+    input_bytes = sum(os.path.getsize(path) for path in files)
+    return files, description, name, input_bytes, files_digest(files)
 
 
 def install_tokenizer(out_dir, source_file, tokenizer_bytes, sample, vocab_size, eos_id):
-    """Put the tokenizer into out_dir: a copy of --tokenizer, or a SentencePiece model trained on the sample.
-    Returns its path there."""
+    """Put the tokenizer into out_dir: a copy of --tokenizer, or a SentencePiece model trained on
+    the sample. Returns its path there."""
     if source_file is None:
         log(f"training a SentencePiece BPE tokenizer (vocab {vocab_size:,}) on a "
             f"{size_text(sum(len(doc.encode()) for doc in sample))} sample")
@@ -843,114 +904,8 @@ def install_tokenizer(out_dir, source_file, tokenizer_bytes, sample, vocab_size,
     return tokenizer_path
 
 
-def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="train", text_field="text",
-            doc_sep=None, name=None, vocab_size=32768, tokenizer=None, eot_token=None, eos_id=2,
-            sample_bytes=8_000_000, val_tokens=None, shard_tokens=100_000_000, max_tokens=None, dtype=None,
-            workers=None, force=False):
-    """Build out_dir from local files (inputs), a streamed data set (source) or by default the Python standard
-    library. Returns the meta dict, also written to out_dir/meta.json. Problems raise ValueError, and every
-    one that can be found without reading all the text is found before out_dir is touched. Ctrl-C raises
-    KeyboardInterrupt (the worker processes ignore it), leaving out_dir unfinished for a rerun to rebuild."""
-    check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens, workers)
-    workers = workers or available_cpus()
-    files, description, default_name, input_bytes, inputs_digest = describe_input(inputs, source, source_split,
-                                                                                  text_field)
-    name = re.sub(r"[^A-Za-z0-9.-]+", "-", name or default_name).strip("-") or "data"
-    val_tokens = default_val_tokens(input_bytes, max_tokens) if val_tokens is None else val_tokens
-    source_tokenizer = tokenizer_file(tokenizer) if tokenizer else None
-    tokenizer_bytes = None
-    if tokenizer is None:
-        dtype_for_vocab(vocab_size, dtype)
-    else:
-        dtype_for_vocab(load_tokenizer(source_tokenizer, eot_token).vocab_size, dtype)
-        with open(source_tokenizer, "rb") as f:
-            tokenizer_bytes = f.read()  # now: it may live in out_dir, which is cleaned before the copy
-
-    # Everything that decides the output: when none of it changed, the existing data is reused.
-    settings = dict(
-        source=description, inputs=inputs_digest, source_split=source_split if source else None,
-        text_field=text_field, doc_sep=doc_sep, name=name, val_tokens=val_tokens, shard_tokens=shard_tokens,
-        max_tokens=max_tokens, dtype=dtype, eot_token=eot_token,
-        tokenizer=hashlib.sha256(tokenizer_bytes).hexdigest() if tokenizer else None,
-        vocab_size=None if tokenizer else vocab_size, eos_id=None if tokenizer else eos_id,
-        sample_bytes=None if tokenizer else sample_bytes, format=1)
-    remove_interrupted_writes(out_dir)
-    if not force and up_to_date(out_dir, settings):
-        log(f"{out_dir} is already prepared from {description} with these settings; --force rebuilds it")
-        return read_meta(out_dir)
-
-    def read(path):
-        return read_pieces(path, doc_sep, text_field)
-
-    stream = open_source(source, text_field, source_split) if source else None  # fails at once if it must
-    with start_workers(workers) as pool:
-        sample_chars = 1 << 16 if tokenizer else sample_bytes  # with --tokenizer: enough to check cutting
-        if source:
-            sample, documents = take_head(stream, sample_chars)
-            pieces = ((doc, True) for doc in documents)
-        else:
-            sample, pieces = sample_files(files, read, sample_chars), chain.from_iterable(map(read, files))
-        if not sample:
-            raise ValueError(f"no text in the input: {description} holds no non-empty document")
-
-        start_rebuild(out_dir, settings)
-        tokenizer_path = install_tokenizer(out_dir, source_tokenizer, tokenizer_bytes, sample, vocab_size, eos_id)
-        loaded = load_tokenizer(tokenizer_path, eot_token)
-        token_dtype = dtype_for_vocab(loaded.vocab_size, dtype)
-        if not is_lossless(loaded):
-            log(f"warning: {tokenizer_path} changes text (it normalises it): documents will not decode back exactly")
-        cut_rule_index = choose_cut_rule(loaded, sample)
-        if cut_rule_index is None:
-            log("warning: this tokenizer merges across lines and words, so documents are encoded whole (slower)")
-
-        log(f"tokenizing {description} with {workers} worker{'s' * (workers > 1)} into {out_dir}")
-        tasks = make_tasks(pieces, TASK_CHARS, None if cut_rule_index is None else CUT_RULES[cut_rule_index])
-        settings_of_workers = (tokenizer_path, eot_token, token_dtype.name, cut_rule_index)
-        with contextlib.closing(encode_in_order(tasks, pool, workers, settings_of_workers)) as results:
-            written = write_shards(results, out_dir, name, token_dtype, val_tokens, shard_tokens, max_tokens,
-                                   loaded.eot_id)
-    if written["tokens"] <= val_tokens:
-        raise ValueError(f"only {written['tokens']:,} tokens in all, and the first --val_tokens={val_tokens:,} go "
-                         f"to validation: nothing is left for training; lower --val_tokens or add text")
-
-    shards = written["shards"]
-    meta = dict(
-        complete=True, source=description, settings=settings,
-        tokenizer=dict(kind=loaded.kind, path=os.path.basename(tokenizer_path), trained=tokenizer is None,
-                       origin=os.path.abspath(source_tokenizer) if tokenizer else None),
-        vocab_size=loaded.vocab_size, bos_id=loaded.bos_id, eos_id=loaded.eot_id,
-        dtype=token_dtype.name, shard_version=VERSION_OF_DTYPE[token_dtype], documents=written["documents"],
-        tokens={split: sum(n for _, n in shards[split]) for split in shards},
-        shards={split: [filename for filename, _ in shards[split]] for split in shards},
-        shard_tokens={split: [n for _, n in shards[split]] for split in shards},
-        tokens_per_second=round(written["tokens"] / written["seconds"]), python=platform.python_version())
-    write_meta(out_dir, meta)
-    log(f"wrote {meta['tokens']['val']:,} val + {meta['tokens']['train']:,} train tokens "
-        f"({written['documents']:,} documents) in {len(shards['val']) + len(shards['train'])} shards "
-        f"to {out_dir} ({meta['tokens_per_second']:,} tokens/s)")
-    return meta
-
-
-def ensure_prepared(data_dir, prepare_default=True):
-    """Refuse (ValueError, saying how to make it) a data directory without training shards, unless it is the
-    default one: the default corpus is then prepared there (if prepare_default; train.py's first run)."""
-    try:
-        list_shards(data_dir, "train")
-        return
-    except ValueError as e:
-        if os.path.abspath(data_dir) != os.path.abspath(DEFAULT_DATA_DIR):
-            raise ValueError(f"{e} (make it with `python prepare_data.py --input=YOUR_TEXT --out_dir={data_dir}`, "
-                             f"conversations with `prepare_data.py --chat`, or use the default corpus: "
-                             f"data_dir={DEFAULT_DATA_DIR})") from None
-    if prepare_default:
-        log(f"no data in {data_dir}: preparing the default corpus there")
-        try:
-            prepare(data_dir)  # no inputs: the default corpus
-        except ValueError as e:
-            raise ValueError(f"preparing the default corpus: {e}") from None
-
-
-def check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens, workers):
+def check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens,
+                   workers):
     if inputs and source:
         raise ValueError("give --input or --source, not both")
     positive = dict(vocab_size=vocab_size, sample_bytes=sample_bytes, shard_tokens=shard_tokens,
@@ -961,22 +916,165 @@ def check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_t
     if val_tokens is not None and (not isinstance(val_tokens, int) or val_tokens < 0):
         raise ValueError(f"--val_tokens must be an integer >= 0, not {val_tokens!r}")
     if shard_tokens > np.iinfo(np.int32).max:
-        raise ValueError(f"--shard_tokens must fit the int32 header: at most {np.iinfo(np.int32).max:,}")
+        raise ValueError(f"--shard_tokens must fit the int32 header: at most "
+                         f"{np.iinfo(np.int32).max:,}")
 
 
-# -----------------------------------------------------------------------------
+def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="train",
+            text_field="text", doc_sep=None, name=None, vocab_size=32768, tokenizer=None,
+            eot_token=None, eos_id=2, sample_bytes=8_000_000, val_tokens=None,
+            shard_tokens=100_000_000, max_tokens=None, dtype=None, workers=None, force=False):
+    """Build out_dir from local files (inputs), a streamed data set (source) or by default the
+    Python standard library. Returns the meta dict, also written to out_dir/meta.json. Problems
+    raise ValueError, and every one that can be found without reading all the text is found before
+    out_dir is touched. Ctrl-C raises KeyboardInterrupt (the worker processes ignore it), leaving
+    out_dir unfinished for a rerun to rebuild.
+    Here the settings, and whether out_dir already holds them; then rebuild() makes the tokenizer
+    and the shards, and finish_rebuild() writes meta.json."""
+    check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens,
+                   workers)
+    workers = workers or available_cpus()
+    files, description, default_name, input_bytes, inputs_digest = describe_input(
+        inputs, source, source_split, text_field)
+    name = re.sub(r"[^A-Za-z0-9.-]+", "-", name or default_name).strip("-") or "data"
+    val_tokens = default_val_tokens(input_bytes, max_tokens) if val_tokens is None else val_tokens
+    source_tokenizer = tokenizer_file(tokenizer) if tokenizer else None
+    tokenizer_bytes = None
+    if tokenizer is None:
+        dtype_for_vocab(vocab_size, dtype)
+    else:
+        dtype_for_vocab(load_tokenizer(source_tokenizer, eot_token).vocab_size, dtype)
+        with open(source_tokenizer, "rb") as f:
+            tokenizer_bytes = f.read()  # now: it may lie in out_dir, cleaned before the copy
+
+    # Everything that decides the output: when none of it changed, the existing data is reused.
+    settings = dict(
+        source=description, inputs=inputs_digest, source_split=source_split if source else None,
+        text_field=text_field, doc_sep=doc_sep, name=name, val_tokens=val_tokens,
+        shard_tokens=shard_tokens, max_tokens=max_tokens, dtype=dtype, eot_token=eot_token,
+        tokenizer=hashlib.sha256(tokenizer_bytes).hexdigest() if tokenizer else None,
+        vocab_size=None if tokenizer else vocab_size, eos_id=None if tokenizer else eos_id,
+        sample_bytes=None if tokenizer else sample_bytes, format=1)
+    remove_interrupted_writes(out_dir)
+    if not force and up_to_date(out_dir, settings):
+        log(f"{out_dir} is already prepared from {description} with these settings; --force "
+            f"rebuilds it")
+        return read_meta(out_dir)
+    built = rebuild(out_dir, settings, files, source, source_tokenizer, tokenizer_bytes, workers)
+    return finish_rebuild(out_dir, settings, source_tokenizer, *built)
+
+
+def rebuild(out_dir, settings, files, source, source_tokenizer, tokenizer_bytes, workers):
+    """prepare()'s run: sample the input (files, or the data set source), put the tokenizer into
+    out_dir (source_tokenizer's bytes, or one trained on the sample), and tokenize in the worker
+    processes into shards. Every choice comes from settings, which meta.json records. Returns
+    write_shards()'s summary, the tokenizer, its path in out_dir and the tokens' dtype."""
+    description, text_field = settings["source"], settings["text_field"]
+
+    def read(path):
+        return read_pieces(path, settings["doc_sep"], text_field)
+
+    # fails at once if it must
+    stream = open_source(source, text_field, settings["source_split"]) if source else None
+    with start_workers(workers) as pool:
+        # with --tokenizer: enough to check cutting
+        sample_chars = 1 << 16 if source_tokenizer else settings["sample_bytes"]
+        if source:
+            sample, documents = take_head(stream, sample_chars)
+            pieces = ((doc, True) for doc in documents)
+        else:
+            sample = sample_files(files, read, sample_chars)
+            pieces = chain.from_iterable(map(read, files))
+        if not sample:
+            raise ValueError(f"no text in the input: {description} holds no non-empty document")
+
+        start_rebuild(out_dir, settings)
+        tokenizer_path = install_tokenizer(out_dir, source_tokenizer, tokenizer_bytes, sample,
+                                           settings["vocab_size"], settings["eos_id"])
+        loaded = load_tokenizer(tokenizer_path, settings["eot_token"])
+        token_dtype = dtype_for_vocab(loaded.vocab_size, settings["dtype"])
+        if not is_lossless(loaded):
+            log(f"warning: {tokenizer_path} changes text (it normalises it): documents will not "
+                f"decode back exactly")
+        cut_rule_index = choose_cut_rule(loaded, sample)
+        if cut_rule_index is None:
+            log("warning: this tokenizer merges across lines and words, so documents are encoded "
+                "whole (slower)")
+
+        log(f"tokenizing {description} with {workers} worker{'s' * (workers > 1)} into {out_dir}")
+        cut_rule = None if cut_rule_index is None else CUT_RULES[cut_rule_index]
+        tasks = make_tasks(pieces, TASK_CHARS, cut_rule)
+        settings_of_workers = (tokenizer_path, settings["eot_token"], token_dtype.name,
+                               cut_rule_index)
+        results = encode_in_order(tasks, pool, workers, settings_of_workers)
+        with contextlib.closing(results):
+            written = write_shards(results, out_dir, settings["name"], token_dtype,
+                                   settings["val_tokens"], settings["shard_tokens"],
+                                   settings["max_tokens"], loaded.eot_id)
+    return written, loaded, tokenizer_path, token_dtype
+
+
+def finish_rebuild(out_dir, settings, source_tokenizer, written, loaded, tokenizer_path,
+                   token_dtype):
+    """prepare()'s end: refuse data that leaves nothing for training, write meta.json ("complete": a
+    finished preparation), say in one line what was written. Returns the meta dict."""
+    val_tokens = settings["val_tokens"]
+    if written["tokens"] <= val_tokens:
+        raise ValueError(f"only {written['tokens']:,} tokens in all, and the first "
+                         f"--val_tokens={val_tokens:,} go to validation: nothing is left for "
+                         f"training; lower --val_tokens or add text")
+    shards = written["shards"]
+    meta = dict(
+        complete=True, source=settings["source"], settings=settings,
+        tokenizer=dict(kind=loaded.kind, path=os.path.basename(tokenizer_path),
+                       trained=source_tokenizer is None,
+                       origin=os.path.abspath(source_tokenizer) if source_tokenizer else None),
+        vocab_size=loaded.vocab_size, bos_id=loaded.bos_id, eos_id=loaded.eot_id,
+        dtype=token_dtype.name, shard_version=VERSION_OF_DTYPE[token_dtype],
+        documents=written["documents"],
+        tokens={split: sum(n for _, n in shards[split]) for split in shards}, **shard_lists(shards),
+        tokens_per_second=round(written["tokens"] / written["seconds"]),
+        python=platform.python_version())
+    write_meta(out_dir, meta)
+    log(f"wrote {meta['tokens']['val']:,} val + {meta['tokens']['train']:,} train tokens "
+        f"({written['documents']:,} documents) in {len(shards['val']) + len(shards['train'])} "
+        f"shards to {out_dir} ({meta['tokens_per_second']:,} tokens/s)")
+    return meta
+
+
+def ensure_prepared(data_dir, prepare_default=True):
+    """Refuse (ValueError, saying how to make it) a data directory without training shards, unless
+    it is the default one: the default corpus is then prepared there (if prepare_default; train.py's
+    first run)."""
+    try:
+        list_shards(data_dir, "train")
+        return
+    except ValueError as e:
+        if os.path.abspath(data_dir) != os.path.abspath(DEFAULT_DATA_DIR):
+            raise ValueError(f"{e} (make it with `python prepare_data.py --input=YOUR_TEXT "
+                             f"--out_dir={data_dir}`, conversations with `prepare_data.py --chat`, "
+                             f"or use the default corpus: data_dir={DEFAULT_DATA_DIR})") from None
+    if prepare_default:
+        log(f"no data in {data_dir}: preparing the default corpus there")
+        try:
+            prepare(data_dir)  # no inputs: the default corpus
+        except ValueError as e:
+            raise ValueError(f"preparing the default corpus: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
 # Chat: conversations -> the chat tokenizer and conversation shards (prepare_data.py --chat)
 #
-# Packing several conversations into one row would let them attend to each other (Doge's attention has no
-# document mask), so conversations are kept whole and apart; train.py makes each one a row of its own.
+# Packing conversations into one row would let them attend to each other (Doge's attention has no
+# document mask), so they are kept whole and apart; train.py makes each one a row of its own.
 
 
 def check_messages(messages, where):
     if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages)):
-        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}} "
-                         f"objects")
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages)):
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of "
+                         f"{{\"role\": str, \"content\": str}} objects")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -985,9 +1083,9 @@ def read_jsonl_conversations(path):
     try:
         for where, row in jsonl_rows(path):
             if not isinstance(row, dict) or "messages" not in row:
-                raise ValueError(f"{where}: no 'messages' (found {found_keys(row)}); each line must be "
-                                 f"{{\"messages\": [{{\"role\": \"user\", \"content\": \"...\"}}, "
-                                 f"{{\"role\": \"assistant\", ...}}]}}")
+                raise ValueError(f"{where}: no 'messages' (found {found_keys(row)}); each line "
+                                 f"must be {{\"messages\": [{{\"role\": \"user\", "
+                                 f"\"content\": \"...\"}}, {{\"role\": \"assistant\", ...}}]}}")
             conversations.append(check_messages(row["messages"], where))
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read ({one_line(e)})") from None
@@ -995,33 +1093,38 @@ def read_jsonl_conversations(path):
 
 
 def read_conversations(inputs=None, source=None):
-    """{split: conversations} from jsonl files (inputs: paths, globs, directories; all 'train'), or from a
-    Hugging Face data set NAME[:CONFIG] (source; every split, read with the optional `datasets` package)."""
+    """{split: conversations} from jsonl files (inputs: paths, globs, directories; all 'train'), or
+    from a Hugging Face data set NAME[:CONFIG] (source; every split, read with the optional
+    `datasets` package)."""
     if inputs:
-        return {"train": [c for path in find_input_files(inputs) for c in read_jsonl_conversations(path)]}
+        return {"train": [c for path in find_input_files(inputs)
+                          for c in read_jsonl_conversations(path)]}
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"--source {source}: reading a data set needs the optional `datasets` package "
-                         f"(pip install datasets); or give jsonl files with --input") from None
+        raise ValueError(f"--source {source}: reading a data set needs the optional "
+                         f"`datasets` package (pip install datasets); or give jsonl files "
+                         f"with --input") from None
     name, _, config = source.partition(":")
-    local = os.path.exists(name) or hub_offline_setting()  # offline, datasets reads its cache at once
+    local = os.path.exists(name) or hub_offline_setting()  # offline, datasets only reads its cache
     reason = None if local else hub_unreachable()
     if reason:
-        raise ValueError(f"--source {source}: the data set needs the network: {reason}; give jsonl files with "
-                         f"--input, or set HF_DATASETS_OFFLINE=1 to read the data set from the local cache")
+        raise ValueError(f"--source {source}: the data set needs the network: {reason}; give jsonl "
+                         f"files with --input, or set HF_DATASETS_OFFLINE=1 to read the data set "
+                         f"from the local cache")
     try:
         splits = datasets.load_dataset(name, config or None)
     except Exception as e:  # datasets raises many kinds: bad name, bad config, network
         raise ValueError(f"--source {source}: cannot load it ({one_line(e)})") from None
-    return {split: [check_messages(row.get("messages"), f"{source}[{split}][{i}]") for i, row in enumerate(rows)]
+    return {split: [check_messages(row.get("messages"), f"{source}[{split}][{i}]")
+                    for i, row in enumerate(rows)]
             for split, rows in splits.items()}
 
 
 def chat_splits(data, val_data, seed):
-    """(training conversations, validation conversations, how the latter were chosen): val_data's ('test' or
-    'train'), else the data set's 'test' split, else 1 in 20 held out by the seed (at most 1000), else (fewer
-    than 20) the training conversations themselves."""
+    """(training conversations, validation conversations, how the latter were chosen): val_data's
+    ('test' or 'train'), else the data set's 'test' split, else 1 in 20 held out by the seed (at
+    most 1000), else (fewer than 20) the training conversations themselves."""
     train_set = data.get("train") or []
     if not train_set:
         raise ValueError("no training conversations in the input")
@@ -1036,7 +1139,8 @@ def chat_splits(data, val_data, seed):
         train_set = [c for i, c in enumerate(train_set) if i not in chosen]
         held_out = f"1 in 20 of the input's conversations (at most 1000), chosen by --seed={seed}"
     else:
-        val_set, held_out = train_set, "none held out (fewer than 20 conversations): the training ones"
+        val_set = train_set
+        held_out = "none held out (fewer than 20 conversations): the training ones"
     if not val_set:
         raise ValueError("--val_input holds no conversations")
     return train_set, val_set, held_out
@@ -1046,9 +1150,9 @@ RENDER_SEPARATOR = "\x00<|next rendering|>\x00"
 
 
 def render_many(chat_template, items):
-    """render_chat of many (messages, add_generation_prompt) pairs in one call: the template runs in a loop
-    that binds both names for each pair (compiling the template anew for each costs 1.5 ms, hours for
-    smoltalk)."""
+    """render_chat of many (messages, add_generation_prompt) pairs in one call: the template runs in
+    a loop that binds both names for each pair (compiling the template anew for each costs 1.5 ms,
+    hours for smoltalk)."""
     loop = ("{% for messages, add_generation_prompt in messages %}" + chat_template["template"]
             + RENDER_SEPARATOR + "{% endfor %}")
     texts = render_chat({**chat_template, "template": loop}, items).split(RENDER_SEPARATOR)
@@ -1058,10 +1162,11 @@ def render_many(chat_template, items):
 
 
 def assistant_spans(chat_template, conversations):
-    """Each conversation as text, with the character spans of the assistant's turns in it. Found by rendering
-    prefix by prefix: a turn starts where its prompt ends (the conversation before it plus the generation prompt:
-    what sample.py --chat gives the model) and ends where the conversation up to and including it ends. So what
-    is supervised is exactly what the model has to write: the content and the template's end of turn."""
+    """Each conversation as text, with the character spans of the assistant's turns in it. Found by
+    rendering prefix by prefix: a turn starts where its prompt ends (the conversation before it plus
+    the generation prompt: what sample.py --chat gives the model) and ends where the conversation up
+    to and including it ends. So what is supervised is exactly what the model has to write: the
+    content and the template's end of turn."""
     items = []
     for messages in conversations:
         items.append((messages, False))
@@ -1075,18 +1180,20 @@ def assistant_spans(chat_template, conversations):
             if message["role"] == "assistant":
                 prompt, through = next(texts), next(texts)
                 if not (text.startswith(through) and through.startswith(prompt)):
-                    raise ValueError("the chat template does not render a conversation as its prompts followed "
-                                     "by the answers, so the assistant's turns cannot be found in it")
+                    raise ValueError("the chat template does not render a conversation as its "
+                                     "prompts followed by the answers, so the assistant's turns "
+                                     "cannot be found in it")
                 spans.append((len(prompt), len(through)))
         rendered.append((text, spans))
     return rendered
 
 
 def tokenize_conversations(conversations, tokenizer, chat_template):
-    """Examples (ids int32, supervised bool), and counts. Each piece of text between span boundaries is
-    encoded on its own, as sample.py encodes a prompt that ends where the answer begins; the text after the
-    last answer is left out. Conversations with nothing supervised are dropped."""
-    examples, counts = [], {"conversations": len(conversations), "dropped": 0, "tokens": 0, "supervised": 0}
+    """Examples (ids int32, supervised bool), and counts. Each piece of text between span boundaries
+    is encoded on its own, as sample.py encodes a prompt that ends where the answer begins; the text
+    after the last answer is left out. Conversations with nothing supervised are dropped."""
+    examples = []
+    counts = {"conversations": len(conversations), "dropped": 0, "tokens": 0, "supervised": 0}
     for begin in range(0, len(conversations), 1024):
         pieces, layout = [], []  # layout: per conversation, (its first piece, pieces)
         for text, spans in assistant_spans(chat_template, conversations[begin:begin + 1024]):
@@ -1107,8 +1214,8 @@ def tokenize_conversations(conversations, tokenizer, chat_template):
 
 
 def write_conversation_shards(examples, out_dir, name, split, first_index, shard_tokens):
-    """Conversation shards of at most shard_tokens tokens each (a longer conversation gets one of its own);
-    returns [(filename, tokens)]."""
+    """Conversation shards of at most shard_tokens tokens each (a longer conversation gets one of
+    its own); returns [(filename, tokens)]."""
     shards, group, group_tokens = [], [], 0
 
     def flush():
@@ -1127,32 +1234,30 @@ def write_conversation_shards(examples, out_dir, name, split, first_index, shard
     return shards
 
 
-def shard_lists(shards):
-    """meta.json's "shards" and "shard_tokens" of conversation shards {split: [(filename, tokens)]}."""
-    return dict(shards={split: [filename for filename, _ in shards[split]] for split in shards},
-                shard_tokens={split: [n for _, n in shards[split]] for split in shards})
-
-
-def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=None, name=None, seed=1337,
-                 shard_tokens=100_000_000):
-    """Conversations (jsonl files, or a Hugging Face data set) -> out_dir: the chat tokenizer (tokenizer.json,
-    tokenizer_config.json with the template) and conversation shards, val first. Returns the meta dict, also
-    written to out_dir/meta.json. Rebuilt at every call (about 10,000 conversations a second)."""
+def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=None, name=None,
+                 seed=1337, shard_tokens=100_000_000):
+    """Conversations (jsonl files, or a Hugging Face data set) -> out_dir: the chat tokenizer
+    (tokenizer.json, tokenizer_config.json with the template) and conversation shards, val first.
+    Returns the meta dict, also written to out_dir/meta.json. Rebuilt at every call (about 10,000
+    conversations a second)."""
     if not tokenizer:
-        raise ValueError("--chat needs --tokenizer: the directory of the model to fine-tune (its tokenizer.json "
-                         "or tokenizer.model)")
+        raise ValueError("--chat needs --tokenizer: the directory of the model to fine-tune (its "
+                         "tokenizer.json or tokenizer.model)")
     if bool(inputs) == bool(source):
-        raise ValueError("--chat needs the conversations: --input jsonl files or --source NAME[:CONFIG], one of them")
+        raise ValueError("--chat needs the conversations: --input jsonl files or --source "
+                         "NAME[:CONFIG], one of them")
     if not isinstance(shard_tokens, int) or not 1 <= shard_tokens <= np.iinfo(np.int32).max:
-        raise ValueError(f"--shard_tokens must be a positive integer that fits int32, not {shard_tokens!r}")
+        raise ValueError(f"--shard_tokens must be a positive integer that fits int32, not "
+                         f"{shard_tokens!r}")
     chat, tokenizer_config, added = chat_tokenizer(tokenizer)
     data = read_conversations(inputs, source)
     val_data = read_conversations(val_inputs) if val_inputs else None
     train_set, val_set, held_out = chat_splits(data, val_data, seed)
     description = f"--input {' '.join(inputs)}" if inputs else f"--source {source}"
     name = re.sub(r"[^A-Za-z0-9.-]+", "-", name or "chat").strip("-") or "chat"
-    settings = dict(kind="conversations", source=description, val_inputs=val_inputs, tokenizer=os.path.abspath(tokenizer),
-                    seed=seed, name=name, shard_tokens=shard_tokens, format=1)
+    settings = dict(kind="conversations", source=description, val_inputs=val_inputs,
+                    tokenizer=os.path.abspath(tokenizer), seed=seed, name=name,
+                    shard_tokens=shard_tokens, format=1)
 
     remove_interrupted_writes(out_dir)
     start_rebuild(out_dir, settings)
@@ -1167,51 +1272,56 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
         examples, counts[split] = tokenize_conversations(conversations, loaded, chat_template)
         if not examples:
             raise ValueError(f"no {split} conversation has an assistant turn")
-        shards[split] = write_conversation_shards(examples, out_dir, name, split, len(shards.get("val", [])),
-                                                  shard_tokens)
-        log(f"{split}: {counts[split]['conversations']:,} conversations ({counts[split]['dropped']:,} dropped: no "
-            f"answer), {counts[split]['tokens']:,} tokens, {counts[split]['supervised']:,} trained on")
+        shards[split] = write_conversation_shards(examples, out_dir, name, split,
+                                                  len(shards.get("val", [])), shard_tokens)
+        log(f"{split}: {counts[split]['conversations']:,} conversations "
+            f"({counts[split]['dropped']:,} dropped: no answer), "
+            f"{counts[split]['tokens']:,} tokens, {counts[split]['supervised']:,} trained on")
     meta = dict(
-        complete=True, kind="conversations", source=description, settings=settings, held_out=held_out,
-        tokenizer=dict(kind="huggingface", path="tokenizer.json", trained=False, origin=os.path.abspath(tokenizer)),
+        complete=True, kind="conversations", source=description, settings=settings,
+        held_out=held_out, tokenizer=dict(kind="huggingface", path="tokenizer.json", trained=False,
+                                          origin=os.path.abspath(tokenizer)),
         vocab_size=loaded.vocab_size, bos_id=loaded.bos_id, eos_id=loaded.eot_id,
         eos_ids=list(dict.fromkeys(i for i in eos_ids if i is not None)),
-        added_tokens={chat.id_to_token(i): i for i in added}, chat_template=chat_template["template"],
-        conversations={split: counts[split]["conversations"] - counts[split]["dropped"] for split in shards},
+        added_tokens={chat.id_to_token(i): i for i in added},
+        chat_template=chat_template["template"],
+        conversations={split: counts[split]["conversations"] - counts[split]["dropped"]
+                       for split in shards},
         tokens={split: counts[split]["tokens"] for split in shards},
         supervised={split: counts[split]["supervised"] for split in shards},
         **shard_lists(shards), python=platform.python_version())
     write_meta(out_dir, meta)
-    log(f"wrote {sum(meta['conversations'].values()):,} conversations to {out_dir}; added to the vocabulary: "
-        f"{', '.join(meta['added_tokens']) or 'nothing'}")
+    log(f"wrote {sum(meta['conversations'].values()):,} conversations to {out_dir}; added to the "
+        f"vocabulary: {', '.join(meta['added_tokens']) or 'nothing'}")
     return meta
 
 
-# -----------------------------------------------------------------------------
-# Reading shards for training (train.py): batches in a shuffled order fixed by the seed, the same whatever the
-# number of processes. ShardLoader reads a token stream, ConversationLoader conversation shards; both give
-# next_batch(micro_steps) -> (x, y) int64 arrays of this process's rows, step_tokens, reset(), and a position
-# (state_dict / load_state_dict) that checkpoints save. Problems raise ValueError.
+# ----------------------------------------------------------------------------------------------
+# Reading shards for training (train.py). ShardLoader reads a token stream, ConversationLoader
+# conversation shards; both give next_batch(micro_steps) -> (x, y) int64 arrays of this process's
+# rows, step_tokens, reset(), and a position (state_dict / load_state_dict) that checkpoints save.
+# Problems raise ValueError.
 
 def check_token_ids(tokens, vocab_size, path):
-    """Every token id of a shard fits a model of vocab_size; a ValueError naming the shard if not."""
+    """Each token id of a shard fits a model of vocab_size; a ValueError naming the shard if not."""
     largest = int(tokens.max()) if len(tokens) else 0
     if largest >= vocab_size:
-        raise ValueError(f"{path} holds token id {largest}, outside the model's vocabulary of {vocab_size}")
+        raise ValueError(f"{path} holds token id {largest}, outside the model's vocabulary of "
+                         f"{vocab_size}")
 
 
 class ShardLoader:
-    """Batches of sequences from memory-mapped shards, in a shuffled order fixed by the seed and
-    the same whatever the number of processes.
+    """Batches of sequences from memory-mapped shards, in a shuffled order fixed by the seed and the
+    same whatever the number of processes.
 
     A shard is read as sequences of block_size + 1 tokens (inputs, and targets shifted by one)
-    starting at multiples of block_size, in a random order fixed by (seed, epoch, shard), so a
-    batch mixes many documents even in a small corpus. Each call takes the next micro_steps *
-    world_size rows of batch_size sequences of that order; process `rank` gets rows rank,
+    starting at multiples of block_size, in a random order fixed by (seed, epoch, shard), so a batch
+    mixes many documents even in a small corpus. Each call takes the next micro_steps * world_size
+    rows of batch_size sequences of that order; process `rank` gets rows rank,
     rank + world_size, ..., one per micro-step. Shards are read in turn: when the current one has
-    too few sequences left, the next one starts (after the last, the first again, in a new
-    order: the next epoch). The position is three ints, saved in checkpoints. step_tokens: the
-    tokens the last next_batch read, all processes together."""
+    too few sequences left, the next one starts (after the last, the first again, in a new order:
+    the next epoch). The position is three ints, saved in checkpoints. step_tokens: the tokens the
+    last next_batch read, all processes together."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
                  seed=0):
@@ -1275,21 +1385,20 @@ class ConversationLoader:
 
     Packing would let conversations attend to each other (our attention has no document mask), so
     each is a row of its own, right-padded (which changes nothing before the padding: attention is
-    causal) and cut after block_size + 1 tokens; one left with no supervised target is dropped.
-    The conversations are an endless stream of epochs, each in its own order fixed by (seed,
-    epoch). A step takes the next micro_steps * world_size * batch_size of them, sorts them by
-    length and deals them out: micro-step m of process r gets rows (m * world_size + r) *
-    batch_size onwards. Sorting keeps the step's conversations, and so its loss (the mean over
-    every supervised token of the step), and makes each micro-batch's rows alike in length. A
-    micro-batch is padded to padded_length of its longest row, so x and y are lists of
-    micro_steps arrays (batch_size, length). The position is one int, saved in checkpoints with
-    the number of conversations."""
+    causal) and cut after block_size + 1 tokens; one left with no supervised target is dropped. The
+    conversations are an endless stream of epochs, each in its own order fixed by (seed, epoch). A
+    step takes the next micro_steps * world_size * batch_size of them, sorts them by length and
+    deals them out: micro-step m of process r gets rows (m * world_size + r) * batch_size onwards.
+    Sorting keeps the step's conversations, and so its loss (the mean over every supervised token of
+    the step), and makes each micro-batch's rows alike in length. A micro-batch is padded to
+    padded_length of its longest row, so x and y are lists of micro_steps arrays (batch_size,
+    length). The position is one int, saved in checkpoints with the number of conversations."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
                  seed=0, bucket=False):
         self.paths = list_shards(data_dir, split)
         self.shards = [read_conversation_shard(path) for path in self.paths]
-        for path, (tokens, _, _) in zip(self.paths, self.shards):  # all, here: every process refuses
+        for path, (tokens, _, _) in zip(self.paths, self.shards):  # all now: every process refuses
             check_token_ids(tokens, vocab_size, path)
         shard_of, starts, lengths, self.cut, self.dropped = [], [], [], 0, 0
         for index, (tokens, supervised, offsets) in enumerate(self.shards):
@@ -1367,9 +1476,9 @@ BUCKET_MIN = 64  # with torch.compile: to a power of two of at least this many
 
 def padded_length(longest, block_size, bucket=False):
     """The length a micro-batch of conversations is padded to: its longest row rounded up to a
-    multiple of PAD_MULTIPLE, or, with bucket (torch.compile, which compiles one graph per
-    length), to a power of two of at least BUCKET_MIN, so a run meets a handful of lengths
-    (8 up to block_size 8192) instead of one per multiple of 16. Never more than block_size."""
+    multiple of PAD_MULTIPLE, or, with bucket (torch.compile, which compiles one graph per length),
+    to a power of two of at least BUCKET_MIN, so a run meets a handful of lengths (8 up to
+    block_size 8192) instead of one per multiple of 16. Never more than block_size."""
     if bucket:
         return min(block_size, max(BUCKET_MIN, 1 << (longest - 1).bit_length()))
     return min(block_size, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
@@ -1389,7 +1498,7 @@ def collate(examples, block_size, length=None, bucket=False):
     return x, y
 
 
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Command line: --key=value or --key value; values are Python literals or bare strings
 # (see docs/reference.md, Command-line values)
 
@@ -1408,7 +1517,8 @@ def as_str(text):
 
 
 def as_separator(text):
-    """--doc_sep='\\n\\n' arrives with a real backslash from the shell: read escapes as Python would."""
+    """--doc_sep='\\n\\n' arrives with a real backslash from the shell: read escapes as Python
+    would."""
     value = parse_value(text)
     if isinstance(value, str) and value != text:
         return value
@@ -1423,35 +1533,48 @@ def as_bool(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--input", dest="inputs", nargs="+", metavar="PATH",
         help="local .txt (one document per file, or split on --doc_sep), .jsonl, .parquet files, "
              "directories or globs; default: the Python standard library's source")
-    add("--source", type=as_str, help="stream a Hugging Face data set NAME or NAME:CONFIG (needs `datasets`)")
+    add("--source", type=as_str,
+        help="stream a Hugging Face data set NAME or NAME:CONFIG (needs `datasets`)")
     add("--source_split", type=as_str, default="train", help="split of --source to stream")
-    add("--text_field", type=as_str, default="text", help="field holding the text in .jsonl, .parquet, --source")
+    add("--text_field", type=as_str, default="text",
+        help="field holding the text in .jsonl, .parquet, --source")
     add("--doc_sep", type=as_separator, nargs="?", const="\n\n",
-        help="split .txt files into documents on this string (escapes like \\n are read); bare: a blank line")
+        help="split .txt files into documents on this string (escapes like \\n are read); "
+             "bare: a blank line")
     add("--out_dir", type=as_str, default=DEFAULT_DATA_DIR)
-    add("--name", type=as_str, help="shard name prefix (default from the input: stdlib, the file name, ...)")
-    add("--vocab_size", type=as_int, default=32768, help="size of the SentencePiece vocabulary to train")
-    add("--tokenizer", type=as_str, help="reuse a SentencePiece .model, or a tokenizer.json (or a directory with one)")
-    add("--eot_token", type=as_str, help="end-of-text token (default: eos of a .model; <|end_of_text|>, </s>, ...)")
-    add("--eos_id", type=as_int, default=2, help="id of eos (end of text) in a trained tokenizer; unk is 0, bos 1")
+    add("--name", type=as_str,
+        help="shard name prefix (default from the input: stdlib, the file name, ...)")
+    add("--vocab_size", type=as_int, default=32768,
+        help="size of the SentencePiece vocabulary to train")
+    add("--tokenizer", type=as_str,
+        help="reuse a SentencePiece .model, or a tokenizer.json (or a directory with one)")
+    add("--eot_token", type=as_str,
+        help="end-of-text token (default: eos of a .model; <|end_of_text|>, </s>, ...)")
+    add("--eos_id", type=as_int, default=2,
+        help="id of eos (end of text) in a trained tokenizer; unk is 0, bos 1")
     add("--sample_bytes", type=as_int, default=8_000_000, help="text the tokenizer is trained on")
-    add("--val_tokens", type=as_int, help="tokens in the validation split (default about 5%%, at most 10M)")
+    add("--val_tokens", type=as_int,
+        help="tokens in the validation split (default about 5%%, at most 10M)")
     add("--shard_tokens", type=as_int, default=100_000_000, help="tokens per shard file")
     add("--max_tokens", type=as_int, help="stop after the first document end past this many tokens")
-    add("--dtype", type=as_str, choices=["uint16", "uint32"], help="token dtype (default from the vocabulary size)")
+    add("--dtype", type=as_str, choices=["uint16", "uint32"],
+        help="token dtype (default from the vocabulary size)")
     add("--workers", type=as_int, default=available_cpus(), help="tokenizer processes")
     add("--force", type=as_bool, nargs="?", const=True, default=False,
         help="rebuild even when out_dir already holds this exact preparation")
     add("--chat", type=as_bool, nargs="?", const=True, default=False,
-        help="conversations ({\"messages\": [...]} jsonl, or a data set) -> chat tokenizer + conversation shards")
+        help="conversations ({\"messages\": [...]} jsonl, or a data set) -> chat tokenizer + "
+             "conversation shards")
     add("--val_input", dest="val_inputs", nargs="+", metavar="PATH",
-        help="--chat: validation conversations; default: the data set's test split, or 1 in 20 held out")
+        help="--chat: validation conversations; default: the data set's test split, or 1 in 20 "
+             "held out")
     add("--seed", type=as_int, default=1337, help="--chat: chooses the held-out conversations")
     return parser.parse_args(argv)
 
@@ -1461,8 +1584,8 @@ def main(argv=None):
     chat, val_inputs, seed = args.pop("chat"), args.pop("val_inputs"), args.pop("seed")
     try:
         if chat:
-            return prepare_chat(args["out_dir"], args["inputs"], args["source"], args["tokenizer"], val_inputs,
-                                args["name"], seed, args["shard_tokens"])
+            return prepare_chat(args["out_dir"], args["inputs"], args["source"], args["tokenizer"],
+                                val_inputs, args["name"], seed, args["shard_tokens"])
         if val_inputs:
             raise ValueError("--val_input is for --chat")
         return prepare(**args)

@@ -31,8 +31,9 @@ from common import atomic_write, atomic_write_text, available_cpus, one_line
 # Tokenizers: train SentencePiece BPE, or load a .model or a tokenizer.json; both give one record
 
 
-# what a tokenizer directory holds of its tokenizer: prepare_data.py's out_dir and a model directory alike
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
+# a tokenizer directory's tokenizer files: prepare_data.py's out_dir and a model directory alike
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "chat_template.jinja")
 
 
 @dataclass
@@ -45,8 +46,9 @@ class Tokenizer:
     decode: Callable  # ids -> str
     token_to_id: Callable  # token text -> id, or None when the vocabulary has no such token
     # str -> the ids a prompt is given to the model as: for a tokenizer.json, what transformers'
-    # tokenizer(text) gives (its post-processor adds whatever special tokens it names, perhaps none);
-    # for our SentencePiece models, the end-of-text token first, as every document follows one in the shards.
+    # tokenizer(text) gives (its post-processor adds whatever special tokens it names, perhaps
+    # none); for our SentencePiece models, the end-of-text token first, as every document follows
+    # one in the shards.
     encode_prompt: Callable
 
 
@@ -69,23 +71,23 @@ SENTENCEPIECE_OPTIONS = dict(
 )
 
 
-EOT_TOKENS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eos|>")  # searched in tokenizer.json
-
-
+# searched in tokenizer.json
+EOT_TOKENS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eos|>")
 BOS_TOKENS = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
-
 
 META_SYMBOL = "\u2581"  # "▁": SentencePiece's stand-in for a space
 
 
 def train_sentencepiece(sample, vocab_size, eos_id=2):
     """Train SentencePiece BPE on the lines of the sample documents; returns the model file's bytes.
-    Lines go in without their line break, so no piece contains "\\n": a newline is always its own byte piece,
-    and cutting documents at line starts never changes the tokens."""
-    # SentencePiece leaves out lines longer than max_sentence_length bytes: slice them (minified text, CJK).
-    lines = [line[i:i + 4096] for doc in sample for line in doc.splitlines() for i in range(0, len(line), 4096)]
+    Lines go in without their line break, so no piece contains "\\n": a newline is always its own
+    byte piece, and cutting documents at line starts never changes the tokens."""
+    # SentencePiece drops lines over max_sentence_length bytes: slice them (minified text, CJK).
+    lines = [line[i:i + 4096] for doc in sample for line in doc.splitlines()
+             for i in range(0, len(line), 4096)]
     if vocab_size < 260:
-        raise ValueError(f"--vocab_size={vocab_size} is too small: the 256 byte pieces and unk, bos, eos come first")
+        raise ValueError(f"--vocab_size={vocab_size} is too small: the 256 byte pieces and unk, "
+                         f"bos, eos come first")
     if eos_id in (0, 1) or not 0 <= eos_id < vocab_size:
         raise ValueError(f"--eos_id={eos_id} must lie in [2, vocab_size): 0 is unk and 1 is bos")
     if not lines:
@@ -95,13 +97,14 @@ def train_sentencepiece(sample, vocab_size, eos_id=2):
     except ValueError as e:
         if "required_chars" not in str(e):
             raise
-    # The vocabulary cannot hold every character that 99.95% coverage asks for (text in Chinese, say, with a
-    # vocabulary of 512): train on the commonest characters only, cutting lines at the others, which byte
-    # pieces encode as they encode any character the tokenizer never saw.
+    # The vocabulary cannot hold every character that 99.95% coverage asks for (text in Chinese,
+    # say, with a vocabulary of 512): train on the commonest characters only, cutting lines at the
+    # others, which byte pieces encode as they encode any character the tokenizer never saw.
     counts = Counter(chain.from_iterable(lines))
     keep = {char for char, _ in counts.most_common(max(1, (vocab_size - 259) // 2))}
     rare = re.compile("[" + re.escape("".join(set(counts) - keep)) + "]+")
-    return run_sentencepiece_trainer([part for line in lines for part in rare.split(line) if part], vocab_size, eos_id)
+    return run_sentencepiece_trainer([part for line in lines for part in rare.split(line) if part],
+                                     vocab_size, eos_id)
 
 
 def run_sentencepiece_trainer(lines, vocab_size, eos_id):
@@ -112,10 +115,10 @@ def run_sentencepiece_trainer(lines, vocab_size, eos_id):
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, eos_id=eos_id,
             num_threads=available_cpus(), **SENTENCEPIECE_OPTIONS)
-    except RuntimeError as e:  # SentencePiece reports bad settings as "INTERNAL: file(line) [check] message"
+    except RuntimeError as e:  # SentencePiece says "INTERNAL: file(line) [check] message"
         reason = str(e).split("] ", 1)[-1].strip() or str(e).strip()
-        raise ValueError(f"training the tokenizer failed: {reason} "
-                         f"(--vocab_size={vocab_size}, --eos_id={eos_id}; unk is 0, bos 1)") from None
+        raise ValueError(f"training the tokenizer failed: {reason} (--vocab_size={vocab_size}, "
+                         f"--eos_id={eos_id}; unk is 0, bos 1)") from None
     return model.getvalue()
 
 
@@ -126,9 +129,10 @@ def tokenizer_file(path):
 
 def load_tokenizer(path, eot_token=None, parse_special_tokens=False) -> Tokenizer:
     """A SentencePiece .model, or a Hugging Face tokenizer.json (or a model directory holding one).
-    parse_special_tokens: text that spells a special token (a chat template's <|start_header_id|>) is encoded as
-    that token, as prompts need; off for data, where such text must stay text. SentencePiece never parses its
-    control pieces (<s>, </s>) from text, so there it changes nothing."""
+    parse_special_tokens: text that spells a special token (a chat template's <|start_header_id|>)
+    is encoded as that token, as prompts need; off for data, where such text must stay text.
+    SentencePiece never parses its control pieces (<s>, </s>) from text, so there it changes
+    nothing."""
     path = tokenizer_file(path)
     if not os.path.isfile(path):
         raise ValueError(f"--tokenizer {path}: no such file")
@@ -147,17 +151,19 @@ def load_sentencepiece(path, eot_token=None):
     if eot_token is not None:
         eot_id = processor.piece_to_id(eot_token)
         if eot_id == processor.unk_id() and eot_token != processor.id_to_piece(eot_id):
-            raise ValueError(f"--tokenizer {path}: no end-of-text token {eot_token!r} (--eot_token)")
+            raise ValueError(f"--tokenizer {path}: no end-of-text token {eot_token!r} "
+                             f"(--eot_token)")
     else:
         eot_id = processor.eos_id()
         if eot_id < 0:
-            raise ValueError(f"--tokenizer {path}: the model has no eos piece; name an end-of-text piece "
-                             f"with --eot_token")
+            raise ValueError(f"--tokenizer {path}: the model has no eos piece; name an end-of-text "
+                             f"piece with --eot_token")
     bos_id = processor.bos_id() if processor.bos_id() >= 0 else None
 
     def token_to_id(piece):
         piece_id = processor.piece_to_id(piece)
-        return None if piece_id == processor.unk_id() and piece != processor.id_to_piece(piece_id) else piece_id
+        unknown = piece_id == processor.unk_id() and piece != processor.id_to_piece(piece_id)
+        return None if unknown else piece_id
 
     encode = sentencepiece_encoder(processor)
     return Tokenizer("sentencepiece", processor.get_piece_size(), eot_id, bos_id, encode,
@@ -166,8 +172,9 @@ def load_sentencepiece(path, eot_token=None):
 
 
 def sentencepiece_encoder(processor):
-    """SentencePiece's encode, made lossless for text that contains "▁" itself: SentencePiece would decode
-    it as a space, so such text is encoded around it, and "▁" is spelled with its three UTF-8 byte pieces."""
+    """SentencePiece's encode, made lossless for text that contains "▁" itself: SentencePiece would
+    decode it as a space, so such text is encoded around it, and "▁" is spelled with its three UTF-8
+    byte pieces."""
     meta_symbol_ids = [processor.piece_to_id(f"<0x{byte:02X}>") for byte in META_SYMBOL.encode()]
     has_byte_pieces = all(processor.is_byte(i) for i in meta_symbol_ids)
 
@@ -194,24 +201,27 @@ def load_huggingface_tokenizer(path, eot_token=None, parse_special_tokens=False)
     try:
         import tokenizers
     except ImportError:
-        raise ValueError(f"--tokenizer {path}: a tokenizer.json needs the optional `tokenizers` package "
-                         f"(pip install tokenizers)") from None
+        raise ValueError(f"--tokenizer {path}: a tokenizer.json needs the optional `tokenizers` "
+                         f"package (pip install tokenizers)") from None
     try:
         hf_tokenizer = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise ValueError(f"--tokenizer {path}: not a tokenizer.json ({one_line(e)})") from None
-    # In data, text that happens to spell "<|end_of_text|>" must stay text, or it would end a document.
+    # In data, text that spells "<|end_of_text|>" must stay text, or it would end a document.
     with contextlib.suppress(AttributeError):  # tokenizers < 0.15 lacks the switch
         hf_tokenizer.encode_special_tokens = not parse_special_tokens
     candidates = [eot_token] if eot_token is not None else EOT_TOKENS
-    eot_id = next((hf_tokenizer.token_to_id(t) for t in candidates if hf_tokenizer.token_to_id(t) is not None), None)
+    eot_id = next((hf_tokenizer.token_to_id(t) for t in candidates
+                   if hf_tokenizer.token_to_id(t) is not None), None)
     if eot_id is None:
         raise ValueError(f"--tokenizer {path}: no end-of-text token ({', '.join(candidates)}); "
                          f"name one with --eot_token")
-    bos_id = next((hf_tokenizer.token_to_id(t) for t in BOS_TOKENS if hf_tokenizer.token_to_id(t) is not None), None)
+    bos_id = next((hf_tokenizer.token_to_id(t) for t in BOS_TOKENS
+                   if hf_tokenizer.token_to_id(t) is not None), None)
 
     def encode(texts):
-        return [encoding.ids for encoding in hf_tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return [encoding.ids
+                for encoding in hf_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(ids):
         return hf_tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
@@ -219,8 +229,8 @@ def load_huggingface_tokenizer(path, eot_token=None, parse_special_tokens=False)
     def encode_prompt(text):
         return hf_tokenizer.encode(text, add_special_tokens=True).ids
 
-    return Tokenizer("huggingface", hf_tokenizer.get_vocab_size(with_added_tokens=True), eot_id, bos_id,
-                     encode, decode, hf_tokenizer.token_to_id, encode_prompt)
+    return Tokenizer("huggingface", hf_tokenizer.get_vocab_size(with_added_tokens=True), eot_id,
+                     bos_id, encode, decode, hf_tokenizer.token_to_id, encode_prompt)
 
 
 def tokenizer_directory(path):
@@ -239,28 +249,29 @@ def load_text_tokenizer(directory, vocab_size):
     else:
         raise ValueError(f"no tokenizer.json or tokenizer.model in {directory}")
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model only "
-                         f"{vocab_size}: they do not belong together")
+        raise ValueError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the "
+                         f"model only {vocab_size}: they do not belong together")
     return tokenizer
 
 
 def document_start(tokenizer):
-    """The token that scoring puts before a document (bits per byte) or an empty context: the one every
-    prompt starts with when there is one (end-of-text for our SentencePiece models and their tokenizer.json
-    export, begin-of-text for a tokenizer.json whose post-processor adds it), else a tokenizer.json's
-    begin-of-text (lm-evaluation-harness's prefix token), else end-of-text."""
+    """The token that scoring puts before a document (bits per byte) or an empty context: the one
+    every prompt starts with when there is one (end-of-text for our SentencePiece models and their
+    tokenizer.json export, begin-of-text for a tokenizer.json whose post-processor adds it), else a
+    tokenizer.json's begin-of-text (lm-evaluation-harness's prefix token), else end-of-text."""
     prompt_start = tokenizer.encode_prompt("")
     if prompt_start:
         return prompt_start[0]
     return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
 
 
-LOSSLESS_PROBE = "def f(x):\n\tif x:  # ok\r\n        return 'héllo wörld 日本語 🙂'\n\n\x00\x7f \u2028▁ end  "
+LOSSLESS_PROBE = ("def f(x):\n\tif x:  # ok\r\n        return 'héllo wörld 日本語 🙂'\n\n"
+                  "\x00\x7f \u2028▁ end  ")
 
 
 def is_lossless(tokenizer):
-    return tokenizer.decode(list(chain.from_iterable(tokenizer.encode([LOSSLESS_PROBE])))) == LOSSLESS_PROBE
-
+    decoded = tokenizer.decode(list(chain.from_iterable(tokenizer.encode([LOSSLESS_PROBE]))))
+    return decoded == LOSSLESS_PROBE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,15 +288,12 @@ DOGE_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
     "{% endif %}")
 
-
 CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-
-
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|end_of_text|>")  # besides the tokenizer's own end of text
 
 
 def read_json(path):
-    """The JSON object in path, or {} when there is no such file; an unreadable one is a ValueError."""
+    """The JSON object in path, or {} when there is no such file; an unreadable one: ValueError."""
     if not os.path.exists(path):
         return {}
     try:
@@ -304,7 +312,7 @@ def token_text(value):
 
 
 def load_chat_template(directory):
-    """The Jinja chat template of a model directory ({"template", "bos_token", "eos_token"}), or None."""
+    """A model directory's Jinja chat template ({"template", "bos_token", "eos_token"}), or None."""
     tokenizer_config = read_json(os.path.join(directory, "tokenizer_config.json"))
     template = tokenizer_config.get("chat_template")
     jinja_path = os.path.join(directory, "chat_template.jinja")  # transformers 5.x writes it apart
@@ -320,11 +328,13 @@ def load_chat_template(directory):
 
 
 def render_chat(chat_template, messages, add_generation_prompt=True):
-    """The text of a conversation; with add_generation_prompt it ends where the assistant's answer begins."""
+    """The text of a conversation; with add_generation_prompt it ends where the assistant's answer
+    begins."""
     try:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        raise ValueError("a chat template needs the optional jinja2 package (pip install jinja2)") from None
+        raise ValueError("a chat template needs the optional jinja2 package "
+                         "(pip install jinja2)") from None
 
     def raise_exception(message):
         raise ValueError(f"chat template: {message}")
@@ -332,14 +342,14 @@ def render_chat(chat_template, messages, add_generation_prompt=True):
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     environment.globals["raise_exception"] = raise_exception
     return environment.from_string(chat_template["template"]).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=chat_template["bos_token"],
-        eos_token=chat_template["eos_token"])
+        messages=messages, add_generation_prompt=add_generation_prompt,
+        bos_token=chat_template["bos_token"], eos_token=chat_template["eos_token"])
 
 
 def end_of_turn_text(chat_template):
-    """The text the template puts after an assistant's reply, when rendering a conversation
-    extends the rendering of the one before it, turn by turn (so that each turn can feed the
-    model only its own text); None when the template does not."""
+    """The text the template puts after an assistant's reply, when rendering a conversation extends
+    the rendering of the one before it, turn by turn (so that each turn can feed the model only its
+    own text); None when the template does not."""
     user, reply = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
     asking = render_chat(chat_template, [user]) + reply["content"]
     answered = render_chat(chat_template, [user, reply], add_generation_prompt=False)
@@ -350,8 +360,8 @@ def end_of_turn_text(chat_template):
 
 
 def stop_ids(model, tokenizer, directory):
-    """Every id that ends generation: the model's config.json's and generation_config.json's eos ids, and the
-    tokenizer's own end-of-text and end-of-turn tokens."""
+    """Every id that ends generation: the model's config.json's and generation_config.json's eos
+    ids, and the tokenizer's own end-of-text and end-of-turn tokens."""
     ids = {tokenizer.eot_id}
     for value in (model.config.eos_token_id,
                   read_json(os.path.join(directory, "generation_config.json")).get("eos_token_id")):
@@ -363,23 +373,25 @@ def stop_ids(model, tokenizer, directory):
     return sorted(ids)
 
 
-# what transformers' tokenizer(...) returns for a Doge: transformers 4.x adds token_type_ids by default,
-# which generate() refuses
+# what transformers' tokenizer(...) returns for a Doge: transformers 4.x adds token_type_ids by
+# default, which generate() refuses
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
 
 
 def sentencepiece_as_tokenizers(path):
-    """Our SentencePiece BPE model (byte fallback, identity normalisation, no dummy prefix) as a `tokenizers`
-    BPE giving the same ids, so that transformers can load it: the vocabulary in id order, and a merge for every
-    split of a piece into two pieces, ranked by the piece's score (SentencePiece BPE merges the adjacent pair
-    whose union scores best). The pieces spell a space as a space, not as SentencePiece's "▁": text that holds
-    "▁" itself then finds no piece for it and spells it with byte pieces, as load_tokenizer does."""
+    """Our SentencePiece BPE model (byte fallback, identity normalisation, no dummy prefix) as a
+    `tokenizers` BPE giving the same ids, so that transformers can load it: the vocabulary in id
+    order, and a merge for every split of a piece into two pieces, ranked by the piece's score
+    (SentencePiece BPE merges the adjacent pair whose union scores best). The pieces spell a space
+    as a space, not as SentencePiece's "▁": text that holds "▁" itself then finds no piece for it
+    and spells it with byte pieces, as load_tokenizer does."""
     import sentencepiece
     from tokenizers import Tokenizer, decoders, models
 
     processor = sentencepiece.SentencePieceProcessor(model_file=path)
     pieces = [piece if processor.is_byte(i) else piece.replace(META_SYMBOL, " ")
-              for i, piece in enumerate(map(processor.id_to_piece, range(processor.get_piece_size())))]
+              for i, piece in enumerate(map(processor.id_to_piece,
+                                            range(processor.get_piece_size())))]
     vocab = {piece: i for i, piece in enumerate(pieces)}
     plain = {piece for i, piece in enumerate(pieces)  # never made from text by merging
              if not (processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i)
@@ -394,21 +406,23 @@ def sentencepiece_as_tokenizers(path):
 
 
 def sentencepiece_export(path):
-    """Our SentencePiece tokenizer.model as files that transformers' AutoTokenizer loads with no package but
-    `tokenizers`: a tokenizer.json (sentencepiece_as_tokenizers, with unk, bos and eos as special tokens and a
-    post-processor that puts end-of-text first, so that tokenizer(text) gives what load_tokenizer's
-    encode_prompt gives) and its tokenizer_config.json, both as text. split_special_tokens keeps text that
-    spells "</s>" text, as SentencePiece does."""
+    """Our SentencePiece tokenizer.model as files that transformers' AutoTokenizer loads with no
+    package but `tokenizers`: a tokenizer.json (sentencepiece_as_tokenizers, with unk, bos and eos
+    as special tokens and a post-processor that puts end-of-text first, so that tokenizer(text)
+    gives what load_tokenizer's encode_prompt gives) and its tokenizer_config.json, both as text.
+    split_special_tokens keeps text that spells "</s>" text, as SentencePiece does."""
     import sentencepiece
     from tokenizers import AddedToken, processors
 
     processor = sentencepiece.SentencePieceProcessor(model_file=path)
     if processor.eos_id() < 0:
         raise ValueError(f"{path}: the model has no eos piece, which every document follows")
-    ids = {"unk_token": processor.unk_id(), "bos_token": processor.bos_id(), "eos_token": processor.eos_id()}
+    ids = {"unk_token": processor.unk_id(), "bos_token": processor.bos_id(),
+           "eos_token": processor.eos_id()}
     special = {name: processor.id_to_piece(i) for name, i in ids.items() if i >= 0}
     tokenizer = sentencepiece_as_tokenizers(path)
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special.values()])
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                  for token in special.values()])
     eos = special["eos_token"]
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{eos} $A", pair=f"{eos} $A {eos} $B", special_tokens=[(eos, processor.eos_id())])
@@ -418,22 +432,25 @@ def sentencepiece_export(path):
 
 
 def chat_tokenizer(path):
-    """The chat tokenizer made from a model's (path: its directory, or its tokenizer.json or tokenizer.model):
-    the tokenizer.json, or our SentencePiece tokenizer.model converted, and its tokenizer_config.json. A
-    tokenizer with a chat template keeps it; one without gets the Doge template, with <|begin_of_text|> as bos,
-    <|eot_id|> as eos, and the template's special tokens that its vocabulary lacks (new ids after the last).
-    Returns the `tokenizers.Tokenizer`, the tokenizer_config dict and the ids of the added tokens."""
+    """The chat tokenizer made from a model's (path: its directory, or its tokenizer.json or
+    tokenizer.model): the tokenizer.json, or our SentencePiece tokenizer.model converted, and its
+    tokenizer_config.json. A tokenizer with a chat template keeps it; one without gets the Doge
+    template, with <|begin_of_text|> as bos, <|eot_id|> as eos, and the template's special tokens
+    that its vocabulary lacks (new ids after the last). Returns the `tokenizers.Tokenizer`, the
+    tokenizer_config dict and the ids of the added tokens."""
     try:
         from tokenizers import AddedToken, Tokenizer
     except ImportError:
-        raise ValueError("--chat needs the optional `tokenizers` package (pip install tokenizers)") from None
+        raise ValueError("--chat needs the optional `tokenizers` package "
+                         "(pip install tokenizers)") from None
     candidates = [os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")] \
         if os.path.isdir(path) else [path]
     found = next((candidate for candidate in candidates if os.path.isfile(candidate)), None)
     if found is None:
         raise ValueError(f"--tokenizer {path}: no tokenizer.json or tokenizer.model there")
     try:
-        tokenizer = Tokenizer.from_file(found) if found.endswith(".json") else sentencepiece_as_tokenizers(found)
+        tokenizer = Tokenizer.from_file(found) if found.endswith(".json") \
+            else sentencepiece_as_tokenizers(found)
     except Exception as e:  # tokenizers and sentencepiece raise their own kinds for damaged files
         raise ValueError(f"--tokenizer {found}: unreadable ({one_line(e)})") from None
     directory = os.path.dirname(found)
@@ -444,10 +461,11 @@ def chat_tokenizer(path):
     if own_template is not None:  # chat_template.jinja, if that is where it was, goes inline
         return tokenizer, {**config, "chat_template": own_template["template"]}, []
     missing = [token for token in CHAT_TOKENS if tokenizer.token_to_id(token) is None]
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in missing])
-    config = {**config, "chat_template": DOGE_CHAT_TEMPLATE, "bos_token": CHAT_TOKENS[0], "eos_token": "<|eot_id|>"}
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                  for token in missing])
+    config = {**config, "chat_template": DOGE_CHAT_TEMPLATE, "bos_token": CHAT_TOKENS[0],
+              "eos_token": "<|eot_id|>"}
     return tokenizer, config, [tokenizer.token_to_id(token) for token in missing]
-
 
 
 # ----------------------------------------------------------------------------------------------
