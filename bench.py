@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 import common
 import doge
+import engine
 import prepare_data
 from tokenizer import CHAT_TOKENS, DOGE_CHAT_TEMPLATE, MODEL_INPUT_NAMES
 
@@ -60,33 +61,30 @@ from tokenizer import CHAT_TOKENS, DOGE_CHAT_TEMPLATE, MODEL_INPUT_NAMES
 # Shared set-up
 
 
-def device_and_dtype():
-    if torch.cuda.is_available():
-        return "cuda", torch.bfloat16
-    return "cpu", torch.float32
-
-
 def make_models(which, config_overrides=None, dtype=None):
-    """Doge-20M-shaped model, A randomised so the dynamic mask is not constant; for "ref" the
-    same weights loaded into transformers. dtype: the weights' (default device_and_dtype's)."""
-    device, default_dtype = device_and_dtype()
-    dtype = dtype or default_dtype
+    """A Doge-20M-shaped model with random weights, A randomised so the dynamic mask is not
+    constant, saved and loaded as a program loads one: ours with engine.load_model, "ref" as
+    transformers' DogeForCausalLM (sdpa), from the same files. dtype: the weights' (default: the
+    device rule's, common.device_and_dtype)."""
+    device, default_dtype = common.device_and_dtype()
     config = doge.DogeConfig.from_preset("doge-20m", **(config_overrides or {}))
     torch.manual_seed(0)
     model = doge.Doge(config)
     with torch.no_grad():
         for layer in model.layers:
             layer.self_attn.A.normal_()
-    if which == "ref":
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        if which == "ours":
+            return engine.load_model(directory, device, dtype or default_dtype)[0]
         from transformers import DogeForCausalLM
-        with tempfile.TemporaryDirectory() as directory:
-            model.save_pretrained(directory)
-            model = DogeForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
-    return model.to(device=device, dtype=dtype)
+        model = DogeForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
+        return model.to(device=device, dtype=dtype or default_dtype)
 
 
 def sync():
-    if torch.cuda.is_available():
+    """Wait for the GPU's queued work (none where CUDA never started)."""
+    if torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
 
@@ -500,7 +498,7 @@ def case_serve(which, turns=SERVE_TURNS):
 
 
 def case_moe(which):
-    device, dtype = device_and_dtype()
+    device, dtype = common.device_and_dtype()
     config = doge.DogeConfig.from_preset("doge-40m-moe", vocab_size=32768)
     torch.manual_seed(0)
     moe = doge.CDMoE(config)
@@ -632,8 +630,9 @@ def bench_big_text(sizes_mb=(200, 2000), workers=2):
 # and at whatever sizes they are given, which is how the tests check them.
 
 
-def gpu_peak_mb():
-    return torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
+def gpu_peak_mb(device):
+    """The most GPU memory allocated since the last reset, in MB; None off CUDA."""
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
 
 
 def mean_time(function, repeats):
@@ -647,10 +646,10 @@ def mean_time(function, repeats):
     return (time.perf_counter() - start) / repeats
 
 
-def host_syncs(function):
+def host_syncs(function, device):
     """How often function makes the host wait for the GPU, as torch.cuda's sync debug mode sees it
     (.item(), copies to the host, nonzero, ...); None off CUDA."""
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -667,15 +666,15 @@ def case_gpu_train(which, batch, length, steps=10, compiled=True, config_overrid
     """One training step as train.py takes it on a GPU: float32 weights, bf16 autocast, the model
     compiled, fused AdamW. tokens/s over `steps` steps in a row, peak GPU memory, and the host
     syncs of one step (ours should make none)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = common.device_and_dtype()[0]
     model = make_models(which, config_overrides, dtype=torch.float32).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_model = torch.compile(model) if compiled else model
     vocab_size = model.config.vocab_size
     idx = torch.randint(0, vocab_size, (batch, length), device=device)
 
     def step():
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = loss_of(step_model, which, idx)
         loss.backward()
         optimizer.step()
@@ -683,11 +682,11 @@ def case_gpu_train(which, batch, length, steps=10, compiled=True, config_overrid
 
     for _ in range(3):  # compiles, then warms up
         step()
-    syncs = host_syncs(step)
-    if device == "cuda":
+    syncs = host_syncs(step, device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = mean_time(step, steps)
-    result = {"tokens_per_sec": batch * length / seconds, "peak_mb": gpu_peak_mb(),
+    result = {"tokens_per_sec": batch * length / seconds, "peak_mb": gpu_peak_mb(device),
               "host_syncs": syncs}
     return {key: value for key, value in result.items() if value is not None}
 
@@ -711,7 +710,7 @@ def case_gpu_attention(batch, length, heads=2, bias_heads=1, head_dim=128, repea
     plain causal flash as the floor), forward+backward of one layer at Doge-20M's shapes, each
     compiled on its own: ms per call, and the largest error of the output and of every gradient
     against the float32 oracle (max |a - b| / max |b|). A path that fails reports its error."""
-    device, dtype = device_and_dtype()
+    device, dtype = common.device_and_dtype()
     torch.manual_seed(0)
     q = torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
     k, v = (torch.randn(batch, bias_heads, length, head_dim, device=device, dtype=dtype)
@@ -795,7 +794,7 @@ def case_gpu_long_train(which, length, steps=3, config_overrides=None):
     2048 (Doge-20M): bf16 weights, the models uncompiled (our lifetime path past the window
     compiles its FlexAttention call itself). Seconds per step and peak GPU memory, or
     out_of_memory where the model cannot take the length."""
-    device = device_and_dtype()[0]
+    device = common.device_and_dtype()[0]
     model = make_models(which, config_overrides).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     idx = torch.randint(0, model.config.vocab_size, (1, length), device=device)
@@ -808,19 +807,19 @@ def case_gpu_long_train(which, length, steps=3, config_overrides=None):
     try:
         for _ in range(2):  # compiles, then warms up
             step()
-        if device == "cuda":
+        if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         seconds = mean_time(step, steps)
     except torch.cuda.OutOfMemoryError:
         return {"out_of_memory": 1}
-    result = {"seconds": seconds, "peak_mb": gpu_peak_mb()}
+    result = {"seconds": seconds, "peak_mb": gpu_peak_mb(device)}
     return {key: value for key, value in result.items() if value is not None}
 
 
 def case_gpu_long_forward(which, length, repeats=3, config_overrides=None):
     """Forward at B=1 and `length` tokens with full logits, no gradient (bf16 weights,
     uncompiled): seconds and peak GPU memory."""
-    device = device_and_dtype()[0]
+    device = common.device_and_dtype()[0]
     model = make_models(which, config_overrides).eval()
     idx = torch.randint(0, model.config.vocab_size, (1, length), device=device)
 
@@ -830,9 +829,9 @@ def case_gpu_long_forward(which, length, repeats=3, config_overrides=None):
             del logits
 
     forward()  # compiles
-    if device == "cuda":
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = {"seconds": mean_time(forward, repeats), "peak_mb": gpu_peak_mb()}
+    result = {"seconds": mean_time(forward, repeats), "peak_mb": gpu_peak_mb(device)}
     return {key: value for key, value in result.items() if value is not None}
 
 
@@ -840,7 +839,7 @@ def case_gpu_decode(which, batch, new_tokens=256, rounds=2, config_overrides=Non
     """Greedy decoding after an 8-token prompt (ours graph-captured on CUDA): tokens/s over
     `new_tokens` steps, counted from the third token (ours records its graph at the second),
     best of `rounds` runs."""
-    device = device_and_dtype()[0]
+    device = common.device_and_dtype()[0]
     model = make_models(which, config_overrides).eval()
     prompt = torch.randint(0, model.config.vocab_size, (batch, 8), device=device)
     generate_timestamps(model, which, prompt, 4)  # warms up
@@ -965,19 +964,19 @@ def main():
                     print(json.dumps(function(*which, *parameters)))
         return
     groups = [*CASES, "tiny", "tokenize"]
-    default = [group for group in groups if group != "gpu" or torch.cuda.is_available()]
+    device, dtype = common.device_and_dtype()
+    default = [group for group in groups if group != "gpu" or device.type == "cuda"]
     selected = args.get("cases", ",".join(default)).split(",")
     unknown = [group for group in selected if group not in groups]
     if unknown:
         raise SystemExit(f"bench.py: unknown case group {unknown[0]!r}; choose from "
                          f"{', '.join(groups)}")
-    if "gpu" in selected and not torch.cuda.is_available():
+    if "gpu" in selected and device.type != "cuda":
         print("bench.py: --cases=gpu needs a CUDA GPU and there is none here; nothing measured",
               file=sys.stderr)
         sys.exit(2)
-    device, dtype = device_and_dtype()
-    print(f"# bench.py on {device} ({dtype}), {threads} threads, torch {torch.__version__}")
-    if device == "cuda":
+    print(f"# bench.py on {device.type} ({dtype}), {threads} threads, torch {torch.__version__}")
+    if device.type == "cuda":
         print(f"# {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
     print(f"{'case':<16} {'metric':<18} {'ours':>10} {'reference':>10} {'ratio':>7}")
     failed = 0
