@@ -59,7 +59,6 @@ def test_gpu_attention_case_checks_every_path_against_the_oracle():
                                       compiled=False)
     assert result["folded_error"] < 1e-5
     assert result["flash_no_bias_error"] > 1e-2  # the oracle sees the bias that flash leaves out
-    assert result.get("flex_error", 0) < 1e-5  # or "flex_failed": no FlexAttention backward on CPU
     assert all(result[f"{name}_ms"] > 0 for name in ("folded", "flash_no_bias"))
 
 
