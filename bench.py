@@ -1,38 +1,16 @@
 """
 Side-by-side benchmarks: our Doge against transformers' DogeForCausalLM (sdpa) on the same weights
-and shapes, reported as ratios. Every case runs in a fresh subprocess; the memory cases (long, moe)
-run each model in its own, so peak memory is its own, while the speed-only cases (train, decode,
-window) hold both models and time them in turns, best of several rounds each. CPU float32 here;
-on a CUDA machine the model cases run in bfloat16 on the GPU.
+and shapes, reported as ratios (CASES below says what each case measures). CPU float32 here; on a
+CUDA machine the model cases run in bfloat16 on the GPU. docs/performance.md has the figures.
 
     python bench.py                      # every case (several minutes on 2 CPU cores)
-    python bench.py --cases=train,decode # some of them
+    python bench.py --cases=train,decode # some groups of them
     python bench.py --threads=2          # torch threads per process (default 2)
     python bench.py --cases=gpu          # the GPU cases (CUDA only; under 5 minutes on one GPU)
-    python bench.py --cases=tokenize --big_text_mb=20,200   # one big .txt file of each size (default 200,2000)
+    python bench.py --cases=tokenize --big_text_mb=20,200   # big .txt files (default 200,2000)
 
-Cases: train (training step tokens/s at B=4 T=512 and B=1 T=2048), long (forward and training
-step at T=8192 with keep_window_size 2048: time and peak memory), decode (batch-1 greedy
-decoding of 256 tokens, and the fraction of memory bandwidth it reaches), window (4000 generated
-tokens with keep_window_size 1024: ms/token before and after the window fills), moe (CDMoE
-forward+backward with 1024 experts, top 8), chat (a 200-turn conversation, 40-token
-prompts and 30-token replies: ms per turn at turns 10, 50, 100 and 200 and peak memory, ours on
-one continued state against the reference with its cache carried and re-encoding the history;
-18 minutes on 2 cores shared with other work), serve (serve.py and `transformers serve` on one
-exported Doge-20M, driven by the openai client: seconds per turn of a 100-turn conversation,
-the turn at which a server stops answering, peak server memory, reply tokens/s of 1 and 8
-conversations at once; needs openai and httpx, and for the reference `transformers[serving]`),
-tiny (train.py's tokens/s and MFU on the CPU demo
-config), tokenize (prepare_data end to end against bare SentencePiece encode, same processes; and
-prepare_data.py at its default settings on one big .txt file of each --big_text_mb size: MB/s and
-the peak memory of it and its workers, which streaming keeps the same whatever the size),
-gpu (CUDA only, never part of the default run on a CPU: the compiled training step of both
-models at B=16 T=2048 in bf16 autocast with fused AdamW, tokens/s and peak GPU memory; the exact
-T <= keep_window_size attention paths side by side; train.py's tokens/s and MFU on
-config/doge_20m.py; past the window, B=1 training steps at T=8192 and T=32768 (seconds, peak
-memory, or out of memory) and a forward at T=8192 with full logits; greedy decoding tokens/s at
-batch 1 and 64, ours graph-captured). Without CUDA, --cases=gpu prints one line and exits with
-status 2. A case that fails prints its error and the others still run; the exit status is then 1.
+Without CUDA, --cases=gpu prints one line and exits with status 2. A case that fails prints its
+error and the others still run; the exit status is then 1.
 """
 
 import contextlib
@@ -46,6 +24,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -55,7 +34,46 @@ import common
 import doge
 import engine
 import prepare_data
+from configurator import apply_config
 from tokenizer import CHAT_TOKENS, DOGE_CHAT_TEMPLATE, MODEL_INPUT_NAMES
+
+
+@dataclass
+class BenchConfig:
+    cases: str = ""  # groups of CASES, comma-separated; empty: all (gpu only on a CUDA machine)
+    threads: int = 2  # torch threads in each process
+    big_text_mb: str = "200,2000"  # tokenize: the sizes of its big .txt files, MB, comma-separated
+    worker: str = ""  # run_worker's: the one case this process runs, its numbers printed as JSON
+    which: str = "both"  # run_worker's: ours or ref (a case apart), both (in turns) or alone
+
+
+# Each case: (name, how it runs, what it measures). "turns": both models in one process, timed in
+# turns (measure() returns {"ours": ..., "ref": ...}); "apart": measure("ours") and
+# measure("ref"), each in a process of its own (peak memory its own); "alone": measure() in a
+# process of its own, no reference; "here": measure(cfg) in bench.py's process, no reference.
+CASES = {
+    "train": [("train_b4_t512", "turns", lambda: case_train(4, 512)),  # a training step: tokens/s
+              ("train_b1_t2048", "turns", lambda: case_train(1, 2048))],  # the same at T=2048
+    "long": [("forward_t8192", "apart", lambda which: case_long(which, "forward")),  # W=2048:
+             ("train_t8192", "apart", lambda which: case_long(which, "train"))],  # s, peak MB
+    "decode": [("decode_256", "turns", lambda: case_decode())],  # batch-1 greedy: tokens/s, GB/s
+    "window": [("window_4000", "turns", lambda: case_window())],  # ms/token before, after W fills
+    "moe": [("moe_e1024_top8", "apart", lambda which: case_moe(which))],  # CDMoE forward+backward
+    "chat": [("chat_vs_cache", "apart", lambda which: case_chat(which, "cache")),  # ms/turn, MB
+             ("chat_vs_reencode", "apart", lambda which: case_chat(which, "reencode"))],
+    "serve": [("serve", "apart", lambda which: case_serve(which))],  # serve.py: s/turn, tokens/s
+    "gpu": [  # CUDA only (a CPU's default run leaves it out); more GPU cases go on this list
+        ("gpu_train_b16", "apart", lambda which: case_gpu_train(which, 16, 2048)),  # compiled
+        ("gpu_attn_t2048", "alone", lambda: case_gpu_attention(16, 2048)),  # exact T <= W: ms
+        ("gpu_train_py_20m", "alone", lambda: case_gpu_train_py(12)),  # train.py: tokens/s, MFU
+        ("gpu_train_t8192", "apart", lambda which: case_gpu_long_train(which, 8192)),  # B=1
+        ("gpu_train_t32768", "apart", lambda which: case_gpu_long_train(which, 32768, 1)),
+        ("gpu_forward_t8192", "apart", lambda which: case_gpu_long_forward(which, 8192)),
+        ("gpu_decode_b1", "apart", lambda which: case_gpu_decode(which, 1)),  # greedy tokens/s
+        ("gpu_decode_b64", "apart", lambda which: case_gpu_decode(which, 64))],
+    "tiny": [("tiny", "here", lambda cfg: bench_tiny_training())],  # train.py on the CPU demo
+    "tokenize": [("tokenize", "here", lambda cfg: bench_tokenize_group(cfg.big_text_mb))],
+}
 
 # ----------------------------------------------------------------------------------------------
 # Shared set-up
@@ -535,6 +553,16 @@ def _bare_encode(lines):
     return sum(map(len, _bare_processor.encode(lines, num_threads=1)))  # a count: the ids stay in the worker
 
 
+def bench_tokenize_group(big_text_mb):
+    """The tokenize group: bench_tokenize, then bench_big_text on files of big_text_mb's sizes."""
+    try:
+        sizes = tuple(int(mb) for mb in big_text_mb.split(","))
+    except ValueError:
+        raise SystemExit(f"--big_text_mb={big_text_mb}: give sizes in MB, comma-separated, as "
+                         f"--big_text_mb=200,2000") from None
+    return {**bench_tokenize(), **bench_big_text(sizes)}
+
+
 def bench_tokenize(target_mb=36, workers=None, vocab_size=32768, rounds=3):
     """End-to-end prepare_data tokenization throughput against bare SentencePieceProcessor.encode over the same
     text's lines, with the same number of processes.
@@ -850,38 +878,12 @@ def bench_tiny_training():
                              "--eval_iters=1", "--log_interval=10"])
 
 
-# Each case: (name, function, arguments, how it runs). "turns": both models in one process,
-# timed in turns (the function returns {"ours": ..., "ref": ...}); "apart": each model in a
-# process of its own (peak memory its own); "alone": no reference, one process.
-CASES = {
-    "train": [("train_b4_t512", case_train, (4, 512), "turns"),
-              ("train_b1_t2048", case_train, (1, 2048), "turns")],
-    "long": [("forward_t8192", case_long, ("forward",), "apart"),
-             ("train_t8192", case_long, ("train",), "apart")],
-    "decode": [("decode_256", case_decode, (), "turns")],
-    "window": [("window_4000", case_window, (), "turns")],
-    "moe": [("moe_e1024_top8", case_moe, (), "apart")],
-    "chat": [("chat_vs_cache", case_chat, ("cache",), "apart"),
-             ("chat_vs_reencode", case_chat, ("reencode",), "apart")],
-    "serve": [("serve", case_serve, (), "apart")],
-    # CUDA only; more GPU cases go on this list
-    "gpu": [("gpu_train_b16", case_gpu_train, (16, 2048), "apart"),
-            ("gpu_attn_t2048", case_gpu_attention, (16, 2048), "alone"),
-            ("gpu_train_py_20m", case_gpu_train_py, (12,), "alone"),
-            ("gpu_train_t8192", case_gpu_long_train, (8192,), "apart"),
-            ("gpu_train_t32768", case_gpu_long_train, (32768, 1), "apart"),
-            ("gpu_forward_t8192", case_gpu_long_forward, (8192,), "apart"),
-            ("gpu_decode_b1", case_gpu_decode, (1,), "apart"),
-            ("gpu_decode_b64", case_gpu_decode, (64,), "apart")],
-}
-
-
 # ----------------------------------------------------------------------------------------------
 # Driver
 
 
 class CaseFailed(Exception):
-    """A case's process failed; the message is the last line of its error."""
+    """A case failed; the message is the last line of its error."""
 
 
 def run_worker(name, which, threads):
@@ -897,14 +899,31 @@ def run_worker(name, which, threads):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def case_numbers(name, mode, threads):
-    """(ours, ref) of one case, run as its mode says (see CASES); ref is {} for a case alone."""
+def run_case(cfg):
+    """--worker=NAME: measure that case in this process and print its numbers as one JSON line."""
+    found = [(mode, measure) for cases in CASES.values() for name, mode, measure in cases
+             if name == cfg.worker and mode != "here"]
+    if not found:
+        raise SystemExit(f"bench.py: no case {cfg.worker!r} runs in a worker")
+    mode, measure = found[0]
+    if mode == "apart" and cfg.which not in ("ours", "ref"):
+        raise SystemExit(f"bench.py: case {cfg.worker} runs --which=ours or --which=ref")
+    print(json.dumps(measure(cfg.which) if mode == "apart" else measure()))
+
+
+def case_numbers(name, mode, measure, cfg):
+    """(ours, ref) of one case, run as its mode says (see CASES); ref is {} without a reference."""
+    if mode == "here":
+        try:
+            return measure(cfg), {}
+        except SystemExit as e:
+            raise CaseFailed(str(e.code).splitlines()[0]) from None
     if mode == "turns":
-        both = run_worker(name, "both", threads)
+        both = run_worker(name, "both", cfg.threads)
         return both["ours"], both["ref"]
     if mode == "apart":
-        return run_worker(name, "ours", threads), run_worker(name, "ref", threads)
-    return run_worker(name, "alone", threads), {}
+        return run_worker(name, "ours", cfg.threads), run_worker(name, "ref", cfg.threads)
+    return run_worker(name, "alone", cfg.threads), {}
 
 
 def ratio_rows(name, ours, ref):
@@ -931,13 +950,13 @@ def print_row(name, key, ours, ref=None, ratio=None):
     print(f"{name:<16} {key:<18} {text(ours)} {ref_text} {ratio_text}".rstrip(), flush=True)
 
 
-def run_group(cases, threads):
+def run_group(cases, cfg):
     """Run the cases and print their rows; a case that fails prints one line and the next one
     runs. Returns the number that failed."""
     failed = 0
-    for name, _, _, mode in cases:
+    for name, mode, measure in cases:
         try:
-            ours, ref = case_numbers(name, mode, threads)
+            ours, ref = case_numbers(name, mode, measure, cfg)
         except CaseFailed as e:
             print(f"{name:<16} failed: {e}", flush=True)
             failed += 1
@@ -947,47 +966,28 @@ def run_group(cases, threads):
     return failed
 
 
-def main():
-    args = dict(arg.lstrip("-").split("=", 1) for arg in sys.argv[1:])
-    threads = int(args.get("threads", 2))
-    torch.set_num_threads(threads)
-    if "worker" in args:
-        for cases in CASES.values():
-            for name, function, parameters, _ in cases:
-                if name == args["worker"]:
-                    which = () if args["which"] in ("both", "alone") else (args["which"],)
-                    print(json.dumps(function(*which, *parameters)))
-        return
-    groups = [*CASES, "tiny", "tokenize"]
+def main(argv=None):
+    cfg = apply_config(BenchConfig(), sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(cfg.threads)
+    if cfg.worker:
+        return run_case(cfg)
     device, dtype = common.device_and_dtype()
-    default = [group for group in groups if group != "gpu" or device.type == "cuda"]
-    selected = args.get("cases", ",".join(default)).split(",")
-    unknown = [group for group in selected if group not in groups]
+    default = [group for group in CASES if group != "gpu" or device.type == "cuda"]
+    selected = cfg.cases.split(",") if cfg.cases else default
+    unknown = [group for group in selected if group not in CASES]
     if unknown:
         raise SystemExit(f"bench.py: unknown case group {unknown[0]!r}; choose from "
-                         f"{', '.join(groups)}")
+                         f"{', '.join(CASES)}")
     if "gpu" in selected and device.type != "cuda":
         print("bench.py: --cases=gpu needs a CUDA GPU and there is none here; nothing measured",
               file=sys.stderr)
         sys.exit(2)
-    print(f"# bench.py on {device.type} ({dtype}), {threads} threads, torch {torch.__version__}")
+    print(f"# bench.py on {device.type} ({dtype}), {cfg.threads} threads, "
+          f"torch {torch.__version__}")
     if device.type == "cuda":
         print(f"# {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
     print(f"{'case':<16} {'metric':<18} {'ours':>10} {'reference':>10} {'ratio':>7}")
-    failed = 0
-    for group in selected:
-        if group in ("tiny", "tokenize"):
-            try:
-                numbers = bench_tiny_training() if group == "tiny" else {**bench_tokenize(), **bench_big_text(
-                    tuple(int(mb) for mb in args.get("big_text_mb", "200,2000").split(",")))}
-            except SystemExit as e:
-                print(f"{group:<16} failed: {str(e.code).splitlines()[0]}", flush=True)
-                failed += 1
-                continue
-            for key, value in numbers.items():
-                print_row(group, key, value)
-            continue
-        failed += run_group(CASES[group], threads)
+    failed = sum(run_group(CASES[group], cfg) for group in selected)
     print("ratio: ours/reference for rates, reference/ours for seconds, ms and MB (>1 is better)")
     if failed:
         sys.exit(1)
