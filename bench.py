@@ -112,7 +112,7 @@ def current_rss_mb(pid="self"):
 
 
 def process_tree_rss_mb(root):
-    """Resident memory of a process and all its descendants (its worker processes), summed (Linux /proc)."""
+    """Resident memory of a process and all its descendants (its workers), summed (Linux /proc)."""
     parents = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -154,9 +154,9 @@ def best_time(function, repeats):
 
 
 # ----------------------------------------------------------------------------------------------
-# Cases: each runs in its own process and returns a dict of numbers. Speed-only cases hold both
-# models and run them in turns (returning {"ours": ..., "ref": ...}): a shared machine's speed
-# drifts within seconds to minutes, and taking turns exposes both to the same drift.
+# Cases: each returns a dict of numbers. Speed-only cases hold both models and run them in turns
+# (returning {"ours": ..., "ref": ...}): a shared machine's speed drifts within seconds to
+# minutes, and taking turns exposes both to the same drift.
 
 WHICH = ("ours", "ref")
 
@@ -172,21 +172,29 @@ def in_turns(measures, rounds):
     return best
 
 
+def training_step(model, which, idx, autocast=None, **adamw):
+    """A function that takes one training step of model on idx: forward (under autocast),
+    backward, AdamW (with the options adamw)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **adamw)
+
+    def step():
+        with autocast or contextlib.nullcontext():
+            loss = loss_of(model, which, idx)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def case_train(batch, length):
-    def training_step(which):
+    def timed_step(which):
         model = make_models(which).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         idx = torch.randint(0, 32768, (batch, length), device=model.lm_head.weight.device)
-
-        def step():
-            loss_of(model, which, idx).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+        step = training_step(model, which, idx)
         # each round warms up with one step (the other model has just run), then times one
         return lambda: {"seconds": best_time(step, 1)}
 
-    best = in_turns({which: training_step(which) for which in WHICH}, rounds=10)
+    best = in_turns({which: timed_step(which) for which in WHICH}, rounds=10)
     return {which: {"tokens_per_sec": batch * length / best[which]["seconds"]}
             for which in WHICH}
 
@@ -549,8 +557,8 @@ def _bare_init(model_path):
     _bare_processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
 
 
-def _bare_encode(lines):
-    return sum(map(len, _bare_processor.encode(lines, num_threads=1)))  # a count: the ids stay in the worker
+def _bare_encode(lines):  # a count: the ids stay in the worker
+    return sum(map(len, _bare_processor.encode(lines, num_threads=1)))
 
 
 def bench_tokenize_group(big_text_mb):
@@ -564,15 +572,16 @@ def bench_tokenize_group(big_text_mb):
 
 
 def bench_tokenize(target_mb=36, workers=None, vocab_size=32768, rounds=3):
-    """End-to-end prepare_data tokenization throughput against bare SentencePieceProcessor.encode over the same
-    text's lines, with the same number of processes.
+    """End-to-end prepare_data tokenization throughput against bare SentencePieceProcessor.encode
+    over the same text's lines, with the same number of processes.
 
-    The text is the standard library's source repeated to about target_mb, given to prepare_data twice: as a
-    .jsonl of many documents, and as one huge .txt document (the case that needs cutting). The end-to-end time
-    is all of prepare_data.main with a ready tokenizer: listing and reading files, the start-up checks, starting
-    the worker processes, encoding, writing shards and meta.json. The baseline gets its processes started and
-    the model loaded before its clock starts, and keeps the ids in the workers. Each measurement runs `rounds`
-    times, interleaved, and the best time counts, since other work on the machine only ever slows a run down."""
+    The text is the standard library's source repeated to about target_mb, given to prepare_data
+    twice: as a .jsonl of many documents, and as one huge .txt document (the case that needs
+    cutting). The end-to-end time is all of prepare_data.main with a ready tokenizer: listing and
+    reading files, the start-up checks, starting the worker processes, encoding, writing shards
+    and meta.json. The baseline gets its processes started and the model loaded before its clock
+    starts, and keeps the ids in the workers. Each measurement runs `rounds` times, interleaved,
+    and the best time counts, since other work on the machine only ever slows a run down."""
     workers = workers or common.available_cpus()
     _, files = prepare_data.stdlib_files()
     documents = [doc for path in files for doc in prepare_data.read_documents(path)]
@@ -580,42 +589,46 @@ def bench_tokenize(target_mb=36, workers=None, vocab_size=32768, rounds=3):
     text = "".join(documents)
     megabytes = len(text.encode()) / 1e6
     lines = text.splitlines(keepends=True)
-    chunks = [lines[i * len(lines) // workers:(i + 1) * len(lines) // workers] for i in range(workers)]
+    chunks = [lines[i * len(lines) // workers:(i + 1) * len(lines) // workers]
+              for i in range(workers)]
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"bench_tokenize: training a {vocab_size}-token tokenizer on the standard library", file=sys.stderr)
+        print(f"bench_tokenize: training a {vocab_size}-token tokenizer on the standard library",
+              file=sys.stderr)
         prepare_data.main([f"--out_dir={tmp}/tok", f"--vocab_size={vocab_size}", "--workers=1",
                            "--max_tokens=1000", "--val_tokens=100"])
         model = os.path.join(tmp, "tok", "tokenizer.model")
-        inputs = {"many documents (.jsonl)": f"{tmp}/docs.jsonl", "one huge document (.txt)": f"{tmp}/one.txt"}
-        with open(inputs["many documents (.jsonl)"], "w", encoding="utf-8") as f:
+        inputs = {"jsonl": f"{tmp}/docs.jsonl", "one_doc": f"{tmp}/one.txt"}
+        with open(inputs["jsonl"], "w", encoding="utf-8") as f:  # many documents
             f.writelines(json.dumps({"text": doc}) + "\n" for doc in documents)
-        with open(inputs["one huge document (.txt)"], "w", encoding="utf-8", newline="") as f:
+        with open(inputs["one_doc"], "w", encoding="utf-8", newline="") as f:  # one huge document
             f.write(text)
 
-        best = {}  # label -> best seconds
+        best = {}  # what -> best seconds
         with multiprocessing.get_context("spawn").Pool(workers, _bare_init, (model,)) as pool:
             pool.map(_bare_encode, [["warm up"]] * workers)
             for _ in range(rounds):
                 start = time.perf_counter()
                 bare_tokens = sum(pool.map(_bare_encode, chunks))
                 best["bare"] = min(best.get("bare", float("inf")), time.perf_counter() - start)
-                for label, path in inputs.items():
+                for key, path in inputs.items():
                     start = time.perf_counter()
-                    meta = prepare_data.main(["--input", path, f"--tokenizer={model}", f"--out_dir={tmp}/out",
-                                              f"--workers={workers}", "--force"])
-                    best[label] = min(best.get(label, float("inf")), time.perf_counter() - start)
-                    tokens = meta["tokens"]["val"] + meta["tokens"]["train"] - meta["documents"]  # minus end-of-text
-                    assert tokens == bare_tokens, (label, tokens, bare_tokens)  # cutting never changes the tokens
+                    meta = prepare_data.main(["--input", path, f"--tokenizer={model}",
+                                              f"--out_dir={tmp}/out", f"--workers={workers}",
+                                              "--force"])
+                    best[key] = min(best.get(key, float("inf")), time.perf_counter() - start)
+                    # minus the end-of-text tokens; cutting never changes the tokens
+                    tokens = meta["tokens"]["val"] + meta["tokens"]["train"] - meta["documents"]
+                    assert tokens == bare_tokens, (key, tokens, bare_tokens)
 
     result = {"megabytes": megabytes, "bare_mb_per_sec": megabytes / best["bare"]}
-    for label, key in (("many documents (.jsonl)", "jsonl"), ("one huge document (.txt)", "one_doc")):
-        result[f"{key}_mb_per_sec"] = megabytes / best[label]
-        result[f"{key}_vs_bare"] = best["bare"] / best[label]
+    for key in inputs:
+        result[f"{key}_mb_per_sec"] = megabytes / best[key]
+        result[f"{key}_vs_bare"] = best["bare"] / best[key]
     return result
 
 
 def write_big_text(path, megabytes):
-    """One .txt file of `megabytes` MB (to a line): the standard library's source, repeated; one document."""
+    """One .txt document of `megabytes` MB (to a line): the standard library's source, repeated."""
     _, files = prepare_data.stdlib_files()
     text = "".join(doc for source in files for doc in prepare_data.read_documents(source)).encode()
     with open(path, "wb") as f:
@@ -625,19 +638,23 @@ def write_big_text(path, megabytes):
 
 
 def bench_big_text(sizes_mb=(200, 2000), workers=2):
-    """prepare_data.py at its default settings (a 32768-token tokenizer trained on an 8 MB sample) with 2 workers
-    on one big .txt file of each size: MB/s end to end, and the peak resident memory of prepare_data.py and its
-    worker processes summed (sampled every 50 ms). Streaming keeps the peak the same whatever the file's size."""
+    """prepare_data.py at its default settings (a 32768-token tokenizer trained on an 8 MB sample)
+    with 2 workers on one big .txt file of each size: MB/s end to end, and the peak resident
+    memory of prepare_data.py and its worker processes summed (sampled every 50 ms). Streaming
+    keeps the peak the same whatever the file's size."""
     result = {}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
     with tempfile.TemporaryDirectory() as tmp:
         for megabytes in sizes_mb:
             path = os.path.join(tmp, "big.txt")
             write_big_text(path, megabytes)
-            print(f"bench_big_text: prepare_data.py on {os.path.getsize(path) / 1e6:,.0f} MB", file=sys.stderr)
-            command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py"),
-                       "--input", path, f"--out_dir={tmp}/out", f"--workers={workers}", "--force"]
+            print(f"bench_big_text: prepare_data.py on {os.path.getsize(path) / 1e6:,.0f} MB",
+                  file=sys.stderr)
+            command = [sys.executable, script, "--input", path, f"--out_dir={tmp}/out",
+                       f"--workers={workers}", "--force"]
             peak, start = 0.0, time.perf_counter()
-            with open(os.path.join(tmp, "stderr"), "w+") as stderr:  # a file: a full pipe would stop it
+            # its stderr to a file: a full pipe would stop it
+            with open(os.path.join(tmp, "stderr"), "w+") as stderr:
                 with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr) as run:
                     while run.poll() is None:
                         peak = max(peak, process_tree_rss_mb(run.pid))
@@ -645,22 +662,19 @@ def bench_big_text(sizes_mb=(200, 2000), workers=2):
                 seconds = time.perf_counter() - start
                 if run.returncode:
                     stderr.seek(0)
-                    raise SystemExit(f"prepare_data.py on {megabytes} MB failed: {stderr.read().splitlines()[-1]}")
+                    raise SystemExit(f"prepare_data.py on {megabytes} MB failed: "
+                                     f"{stderr.read().splitlines()[-1]}")
             result[f"{megabytes}mb_mb_per_sec"] = os.path.getsize(path) / 1e6 / seconds
             result[f"{megabytes}mb_peak_mb"] = peak
     if len(sizes_mb) > 1:
-        result["peak_ratio"] = result[f"{max(sizes_mb)}mb_peak_mb"] / result[f"{min(sizes_mb)}mb_peak_mb"]
+        result["peak_ratio"] = (result[f"{max(sizes_mb)}mb_peak_mb"]
+                                / result[f"{min(sizes_mb)}mb_peak_mb"])
     return result
 
 
 # ----------------------------------------------------------------------------------------------
 # GPU cases (--cases=gpu): CUDA only, each in a process of its own. They run on a CPU too, slowly
 # and at whatever sizes they are given, which is how the tests check them.
-
-
-def gpu_peak_mb(device):
-    """The most GPU memory allocated since the last reset, in MB; None off CUDA."""
-    return torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
 
 
 def mean_time(function, repeats):
@@ -672,6 +686,15 @@ def mean_time(function, repeats):
         function()
     sync()
     return (time.perf_counter() - start) / repeats
+
+
+def time_and_gpu_peak(function, repeats, device):
+    """(mean_time of function, {"peak_mb": the most GPU memory it allocated}, {} off CUDA)."""
+    if device.type != "cuda":
+        return mean_time(function, repeats), {}
+    torch.cuda.reset_peak_memory_stats()
+    seconds = mean_time(function, repeats)
+    return seconds, {"peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
 
 
 def host_syncs(function, device):
@@ -696,27 +719,16 @@ def case_gpu_train(which, batch, length, steps=10, compiled=True, config_overrid
     syncs of one step (ours should make none)."""
     device = common.device_and_dtype()[0]
     model = make_models(which, config_overrides, dtype=torch.float32).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step_model = torch.compile(model) if compiled else model
-    vocab_size = model.config.vocab_size
-    idx = torch.randint(0, vocab_size, (batch, length), device=device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = loss_of(step_model, which, idx)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    idx = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
+    step = training_step(torch.compile(model) if compiled else model, which, idx,
+                         torch.autocast(device.type, dtype=torch.bfloat16),
+                         fused=device.type == "cuda")
     for _ in range(3):  # compiles, then warms up
         step()
     syncs = host_syncs(step, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = mean_time(step, steps)
-    result = {"tokens_per_sec": batch * length / seconds, "peak_mb": gpu_peak_mb(device),
-              "host_syncs": syncs}
-    return {key: value for key, value in result.items() if value is not None}
+    seconds, peak = time_and_gpu_peak(step, steps, device)
+    return {"tokens_per_sec": batch * length / seconds, **peak,
+            **({"host_syncs": syncs} if syncs is not None else {})}
 
 
 def attention_reference(q, k, v, dt, scale):
@@ -775,13 +787,13 @@ def write_synthetic_data(directory, vocab_size, train_tokens=2 ** 21 + 1, val_to
     and a meta.json that names them (speed does not depend on what the tokens say)."""
     rng = np.random.default_rng(seed)
     shards = {"train": ["synthetic_train_000001.bin"], "val": ["synthetic_val_000000.bin"]}
-    for split, count in (("train", train_tokens), ("val", val_tokens)):
+    counts = {"train": train_tokens, "val": val_tokens}
+    for split, count in counts.items():
         tokens = rng.integers(0, vocab_size, count).astype(np.uint16 if vocab_size <= 2 ** 16
                                                            else np.uint32)
         prepare_data.write_shard(os.path.join(directory, shards[split][0]), tokens)
     prepare_data.write_meta(directory, {"complete": True, "vocab_size": vocab_size,
-                                        "shards": shards,
-                                        "tokens": {"train": train_tokens, "val": val_tokens}})
+                                        "shards": shards, "tokens": counts})
 
 
 def train_py_figures(args):
@@ -819,24 +831,15 @@ def case_gpu_long_train(which, length, steps=3, config_overrides=None):
     out_of_memory where the model cannot take the length."""
     device = common.device_and_dtype()[0]
     model = make_models(which, config_overrides).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    idx = torch.randint(0, model.config.vocab_size, (1, length), device=device)
-
-    def step():
-        loss_of(model, which, idx).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(model, which, torch.randint(0, model.config.vocab_size, (1, length),
+                                                     device=device))
     try:
         for _ in range(2):  # compiles, then warms up
             step()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds = mean_time(step, steps)
+        seconds, peak = time_and_gpu_peak(step, steps, device)
     except torch.cuda.OutOfMemoryError:
         return {"out_of_memory": 1}
-    result = {"seconds": seconds, "peak_mb": gpu_peak_mb(device)}
-    return {key: value for key, value in result.items() if value is not None}
+    return {"seconds": seconds, **peak}
 
 
 def case_gpu_long_forward(which, length, repeats=3, config_overrides=None):
@@ -852,10 +855,8 @@ def case_gpu_long_forward(which, length, repeats=3, config_overrides=None):
             del logits
 
     forward()  # compiles
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    result = {"seconds": mean_time(forward, repeats), "peak_mb": gpu_peak_mb(device)}
-    return {key: value for key, value in result.items() if value is not None}
+    seconds, peak = time_and_gpu_peak(forward, repeats, device)
+    return {"seconds": seconds, **peak}
 
 
 def case_gpu_decode(which, batch, new_tokens=256, rounds=2, config_overrides=None):
