@@ -1,38 +1,16 @@
 """
 Side-by-side benchmarks: our Doge against transformers' DogeForCausalLM (sdpa) on the same weights
-and shapes, reported as ratios. Every case runs in a fresh subprocess; the memory cases (long, moe)
-run each model in its own, so peak memory is its own, while the speed-only cases (train, decode,
-window) hold both models and time them in turns, best of several rounds each. CPU float32 here;
-on a CUDA machine the model cases run in bfloat16 on the GPU.
+and shapes, reported as ratios (CASES below says what each case measures). CPU float32 here; on a
+CUDA machine the model cases run in bfloat16 on the GPU. docs/performance.md has the figures.
 
     python bench.py                      # every case (several minutes on 2 CPU cores)
-    python bench.py --cases=train,decode # some of them
+    python bench.py --cases=train,decode # some groups of them
     python bench.py --threads=2          # torch threads per process (default 2)
     python bench.py --cases=gpu          # the GPU cases (CUDA only; under 5 minutes on one GPU)
-    python bench.py --cases=tokenize --big_text_mb=20,200   # one big .txt file of each size (default 200,2000)
+    python bench.py --cases=tokenize --big_text_mb=20,200   # big .txt files (default 200,2000)
 
-Cases: train (training step tokens/s at B=4 T=512 and B=1 T=2048), long (forward and training
-step at T=8192 with keep_window_size 2048: time and peak memory), decode (batch-1 greedy
-decoding of 256 tokens, and the fraction of memory bandwidth it reaches), window (4000 generated
-tokens with keep_window_size 1024: ms/token before and after the window fills), moe (CDMoE
-forward+backward with 1024 experts, top 8), chat (a 200-turn conversation, 40-token
-prompts and 30-token replies: ms per turn at turns 10, 50, 100 and 200 and peak memory, ours on
-one continued state against the reference with its cache carried and re-encoding the history;
-18 minutes on 2 cores shared with other work), serve (serve.py and `transformers serve` on one
-exported Doge-20M, driven by the openai client: seconds per turn of a 100-turn conversation,
-the turn at which a server stops answering, peak server memory, reply tokens/s of 1 and 8
-conversations at once; needs openai and httpx, and for the reference `transformers[serving]`),
-tiny (train.py's tokens/s and MFU on the CPU demo
-config), tokenize (prepare_data end to end against bare SentencePiece encode, same processes; and
-prepare_data.py at its default settings on one big .txt file of each --big_text_mb size: MB/s and
-the peak memory of it and its workers, which streaming keeps the same whatever the size),
-gpu (CUDA only, never part of the default run on a CPU: the compiled training step of both
-models at B=16 T=2048 in bf16 autocast with fused AdamW, tokens/s and peak GPU memory; the exact
-T <= keep_window_size attention paths side by side; train.py's tokens/s and MFU on
-config/doge_20m.py; past the window, B=1 training steps at T=8192 and T=32768 (seconds, peak
-memory, or out of memory) and a forward at T=8192 with full logits; greedy decoding tokens/s at
-batch 1 and 64, ours graph-captured). Without CUDA, --cases=gpu prints one line and exits with
-status 2. A case that fails prints its error and the others still run; the exit status is then 1.
+Without CUDA, --cases=gpu prints one line and exits with status 2. A case that fails prints its
+error and the others still run; the exit status is then 1.
 """
 
 import contextlib
@@ -46,6 +24,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,40 +32,77 @@ import torch.nn.functional as F
 
 import common
 import doge
+import engine
 import prepare_data
+from configurator import apply_config
 from tokenizer import CHAT_TOKENS, DOGE_CHAT_TEMPLATE, MODEL_INPUT_NAMES
+
+
+@dataclass
+class BenchConfig:
+    cases: str = ""  # groups of CASES, comma-separated; empty: all (gpu only on a CUDA machine)
+    threads: int = 2  # torch threads in each process
+    big_text_mb: str = "200,2000"  # tokenize: the sizes of its big .txt files, MB, comma-separated
+    worker: str = ""  # run_worker's: the one case this process runs, its numbers printed as JSON
+    which: str = "both"  # run_worker's: ours or ref (a case apart), both (in turns) or alone
+
+
+# Each case: (name, how it runs, what it measures). "turns": both models in one process, timed in
+# turns (measure() returns {"ours": ..., "ref": ...}); "apart": measure("ours") and
+# measure("ref"), each in a process of its own (peak memory its own); "alone": measure() in a
+# process of its own, no reference; "here": measure(cfg) in bench.py's process, no reference.
+CASES = {
+    "train": [("train_b4_t512", "turns", lambda: case_train(4, 512)),  # a training step: tokens/s
+              ("train_b1_t2048", "turns", lambda: case_train(1, 2048))],  # the same at T=2048
+    "long": [("forward_t8192", "apart", lambda which: case_long(which, "forward")),  # W=2048:
+             ("train_t8192", "apart", lambda which: case_long(which, "train"))],  # s, peak MB
+    "decode": [("decode_256", "turns", lambda: case_decode())],  # batch-1 greedy: tokens/s, GB/s
+    "window": [("window_4000", "turns", lambda: case_window())],  # ms/token before, after W fills
+    "moe": [("moe_e1024_top8", "apart", lambda which: case_moe(which))],  # CDMoE forward+backward
+    "chat": [("chat_vs_cache", "apart", lambda which: case_chat(which, "cache")),  # ms/turn, MB
+             ("chat_vs_reencode", "apart", lambda which: case_chat(which, "reencode"))],
+    "serve": [("serve", "apart", lambda which: case_serve(which))],  # serve.py: s/turn, tokens/s
+    "gpu": [  # CUDA only (a CPU's default run leaves it out); more GPU cases go on this list
+        ("gpu_train_b16", "apart", lambda which: case_gpu_train(which, 16, 2048)),  # compiled
+        ("gpu_attn_t2048", "alone", lambda: case_gpu_attention(16, 2048)),  # exact T <= W: ms
+        ("gpu_train_py_20m", "alone", lambda: case_gpu_train_py(12)),  # train.py: tokens/s, MFU
+        ("gpu_train_t8192", "apart", lambda which: case_gpu_long_train(which, 8192)),  # B=1
+        ("gpu_train_t32768", "apart", lambda which: case_gpu_long_train(which, 32768, 1)),
+        ("gpu_forward_t8192", "apart", lambda which: case_gpu_long_forward(which, 8192)),
+        ("gpu_decode_b1", "apart", lambda which: case_gpu_decode(which, 1)),  # greedy tokens/s
+        ("gpu_decode_b64", "apart", lambda which: case_gpu_decode(which, 64))],
+    "tiny": [("tiny", "here", lambda cfg: bench_tiny_training())],  # train.py on the CPU demo
+    "tokenize": [("tokenize", "here", lambda cfg: bench_tokenize_group(cfg.big_text_mb))],
+}
 
 # ----------------------------------------------------------------------------------------------
 # Shared set-up
 
 
-def device_and_dtype():
-    if torch.cuda.is_available():
-        return "cuda", torch.bfloat16
-    return "cpu", torch.float32
-
-
 def make_models(which, config_overrides=None, dtype=None):
-    """Doge-20M-shaped model, A randomised so the dynamic mask is not constant; for "ref" the
-    same weights loaded into transformers. dtype: the weights' (default device_and_dtype's)."""
-    device, default_dtype = device_and_dtype()
-    dtype = dtype or default_dtype
+    """A Doge-20M-shaped model with random weights, A randomised so the dynamic mask is not
+    constant, saved and loaded as a program loads one: ours with engine.load_model, "ref" as
+    transformers' DogeForCausalLM (sdpa), from the same files. dtype: the weights' (default: the
+    device rule's, common.device_and_dtype)."""
+    device, default_dtype = common.device_and_dtype()
     config = doge.DogeConfig.from_preset("doge-20m", **(config_overrides or {}))
     torch.manual_seed(0)
     model = doge.Doge(config)
     with torch.no_grad():
         for layer in model.layers:
             layer.self_attn.A.normal_()
-    if which == "ref":
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        if which == "ours":
+            return engine.load_model(directory, device, dtype or default_dtype)[0]
         from transformers import DogeForCausalLM
-        with tempfile.TemporaryDirectory() as directory:
-            model.save_pretrained(directory)
-            model = DogeForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
-    return model.to(device=device, dtype=dtype)
+        model = DogeForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
+        return model.to(device=device, dtype=dtype or default_dtype)
 
 
 def sync():
-    if torch.cuda.is_available():
+    """Wait for the GPU's queued work (none where CUDA never started)."""
+    if torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
 
@@ -96,7 +112,7 @@ def current_rss_mb(pid="self"):
 
 
 def process_tree_rss_mb(root):
-    """Resident memory of a process and all its descendants (its worker processes), summed (Linux /proc)."""
+    """Resident memory of a process and all its descendants (its workers), summed (Linux /proc)."""
     parents = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -138,9 +154,9 @@ def best_time(function, repeats):
 
 
 # ----------------------------------------------------------------------------------------------
-# Cases: each runs in its own process and returns a dict of numbers. Speed-only cases hold both
-# models and run them in turns (returning {"ours": ..., "ref": ...}): a shared machine's speed
-# drifts within seconds to minutes, and taking turns exposes both to the same drift.
+# Cases: each returns a dict of numbers. Speed-only cases hold both models and run them in turns
+# (returning {"ours": ..., "ref": ...}): a shared machine's speed drifts within seconds to
+# minutes, and taking turns exposes both to the same drift.
 
 WHICH = ("ours", "ref")
 
@@ -156,21 +172,29 @@ def in_turns(measures, rounds):
     return best
 
 
+def training_step(model, which, idx, autocast=None, **adamw):
+    """A function that takes one training step of model on idx: forward (under autocast),
+    backward, AdamW (with the options adamw)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **adamw)
+
+    def step():
+        with autocast or contextlib.nullcontext():
+            loss = loss_of(model, which, idx)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def case_train(batch, length):
-    def training_step(which):
+    def timed_step(which):
         model = make_models(which).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         idx = torch.randint(0, 32768, (batch, length), device=model.lm_head.weight.device)
-
-        def step():
-            loss_of(model, which, idx).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+        step = training_step(model, which, idx)
         # each round warms up with one step (the other model has just run), then times one
         return lambda: {"seconds": best_time(step, 1)}
 
-    best = in_turns({which: training_step(which) for which in WHICH}, rounds=10)
+    best = in_turns({which: timed_step(which) for which in WHICH}, rounds=10)
     return {which: {"tokens_per_sec": batch * length / best[which]["seconds"]}
             for which in WHICH}
 
@@ -500,7 +524,7 @@ def case_serve(which, turns=SERVE_TURNS):
 
 
 def case_moe(which):
-    device, dtype = device_and_dtype()
+    device, dtype = common.device_and_dtype()
     config = doge.DogeConfig.from_preset("doge-40m-moe", vocab_size=32768)
     torch.manual_seed(0)
     moe = doge.CDMoE(config)
@@ -533,20 +557,31 @@ def _bare_init(model_path):
     _bare_processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
 
 
-def _bare_encode(lines):
-    return sum(map(len, _bare_processor.encode(lines, num_threads=1)))  # a count: the ids stay in the worker
+def _bare_encode(lines):  # a count: the ids stay in the worker
+    return sum(map(len, _bare_processor.encode(lines, num_threads=1)))
+
+
+def bench_tokenize_group(big_text_mb):
+    """The tokenize group: bench_tokenize, then bench_big_text on files of big_text_mb's sizes."""
+    try:
+        sizes = tuple(int(mb) for mb in big_text_mb.split(","))
+    except ValueError:
+        raise SystemExit(f"--big_text_mb={big_text_mb}: give sizes in MB, comma-separated, as "
+                         f"--big_text_mb=200,2000") from None
+    return {**bench_tokenize(), **bench_big_text(sizes)}
 
 
 def bench_tokenize(target_mb=36, workers=None, vocab_size=32768, rounds=3):
-    """End-to-end prepare_data tokenization throughput against bare SentencePieceProcessor.encode over the same
-    text's lines, with the same number of processes.
+    """End-to-end prepare_data tokenization throughput against bare SentencePieceProcessor.encode
+    over the same text's lines, with the same number of processes.
 
-    The text is the standard library's source repeated to about target_mb, given to prepare_data twice: as a
-    .jsonl of many documents, and as one huge .txt document (the case that needs cutting). The end-to-end time
-    is all of prepare_data.main with a ready tokenizer: listing and reading files, the start-up checks, starting
-    the worker processes, encoding, writing shards and meta.json. The baseline gets its processes started and
-    the model loaded before its clock starts, and keeps the ids in the workers. Each measurement runs `rounds`
-    times, interleaved, and the best time counts, since other work on the machine only ever slows a run down."""
+    The text is the standard library's source repeated to about target_mb, given to prepare_data
+    twice: as a .jsonl of many documents, and as one huge .txt document (the case that needs
+    cutting). The end-to-end time is all of prepare_data.main with a ready tokenizer: listing and
+    reading files, the start-up checks, starting the worker processes, encoding, writing shards
+    and meta.json. The baseline gets its processes started and the model loaded before its clock
+    starts, and keeps the ids in the workers. Each measurement runs `rounds` times, interleaved,
+    and the best time counts, since other work on the machine only ever slows a run down."""
     workers = workers or common.available_cpus()
     _, files = prepare_data.stdlib_files()
     documents = [doc for path in files for doc in prepare_data.read_documents(path)]
@@ -554,42 +589,46 @@ def bench_tokenize(target_mb=36, workers=None, vocab_size=32768, rounds=3):
     text = "".join(documents)
     megabytes = len(text.encode()) / 1e6
     lines = text.splitlines(keepends=True)
-    chunks = [lines[i * len(lines) // workers:(i + 1) * len(lines) // workers] for i in range(workers)]
+    chunks = [lines[i * len(lines) // workers:(i + 1) * len(lines) // workers]
+              for i in range(workers)]
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"bench_tokenize: training a {vocab_size}-token tokenizer on the standard library", file=sys.stderr)
+        print(f"bench_tokenize: training a {vocab_size}-token tokenizer on the standard library",
+              file=sys.stderr)
         prepare_data.main([f"--out_dir={tmp}/tok", f"--vocab_size={vocab_size}", "--workers=1",
                            "--max_tokens=1000", "--val_tokens=100"])
         model = os.path.join(tmp, "tok", "tokenizer.model")
-        inputs = {"many documents (.jsonl)": f"{tmp}/docs.jsonl", "one huge document (.txt)": f"{tmp}/one.txt"}
-        with open(inputs["many documents (.jsonl)"], "w", encoding="utf-8") as f:
+        inputs = {"jsonl": f"{tmp}/docs.jsonl", "one_doc": f"{tmp}/one.txt"}
+        with open(inputs["jsonl"], "w", encoding="utf-8") as f:  # many documents
             f.writelines(json.dumps({"text": doc}) + "\n" for doc in documents)
-        with open(inputs["one huge document (.txt)"], "w", encoding="utf-8", newline="") as f:
+        with open(inputs["one_doc"], "w", encoding="utf-8", newline="") as f:  # one huge document
             f.write(text)
 
-        best = {}  # label -> best seconds
+        best = {}  # what -> best seconds
         with multiprocessing.get_context("spawn").Pool(workers, _bare_init, (model,)) as pool:
             pool.map(_bare_encode, [["warm up"]] * workers)
             for _ in range(rounds):
                 start = time.perf_counter()
                 bare_tokens = sum(pool.map(_bare_encode, chunks))
                 best["bare"] = min(best.get("bare", float("inf")), time.perf_counter() - start)
-                for label, path in inputs.items():
+                for key, path in inputs.items():
                     start = time.perf_counter()
-                    meta = prepare_data.main(["--input", path, f"--tokenizer={model}", f"--out_dir={tmp}/out",
-                                              f"--workers={workers}", "--force"])
-                    best[label] = min(best.get(label, float("inf")), time.perf_counter() - start)
-                    tokens = meta["tokens"]["val"] + meta["tokens"]["train"] - meta["documents"]  # minus end-of-text
-                    assert tokens == bare_tokens, (label, tokens, bare_tokens)  # cutting never changes the tokens
+                    meta = prepare_data.main(["--input", path, f"--tokenizer={model}",
+                                              f"--out_dir={tmp}/out", f"--workers={workers}",
+                                              "--force"])
+                    best[key] = min(best.get(key, float("inf")), time.perf_counter() - start)
+                    # minus the end-of-text tokens; cutting never changes the tokens
+                    tokens = meta["tokens"]["val"] + meta["tokens"]["train"] - meta["documents"]
+                    assert tokens == bare_tokens, (key, tokens, bare_tokens)
 
     result = {"megabytes": megabytes, "bare_mb_per_sec": megabytes / best["bare"]}
-    for label, key in (("many documents (.jsonl)", "jsonl"), ("one huge document (.txt)", "one_doc")):
-        result[f"{key}_mb_per_sec"] = megabytes / best[label]
-        result[f"{key}_vs_bare"] = best["bare"] / best[label]
+    for key in inputs:
+        result[f"{key}_mb_per_sec"] = megabytes / best[key]
+        result[f"{key}_vs_bare"] = best["bare"] / best[key]
     return result
 
 
 def write_big_text(path, megabytes):
-    """One .txt file of `megabytes` MB (to a line): the standard library's source, repeated; one document."""
+    """One .txt document of `megabytes` MB (to a line): the standard library's source, repeated."""
     _, files = prepare_data.stdlib_files()
     text = "".join(doc for source in files for doc in prepare_data.read_documents(source)).encode()
     with open(path, "wb") as f:
@@ -599,19 +638,23 @@ def write_big_text(path, megabytes):
 
 
 def bench_big_text(sizes_mb=(200, 2000), workers=2):
-    """prepare_data.py at its default settings (a 32768-token tokenizer trained on an 8 MB sample) with 2 workers
-    on one big .txt file of each size: MB/s end to end, and the peak resident memory of prepare_data.py and its
-    worker processes summed (sampled every 50 ms). Streaming keeps the peak the same whatever the file's size."""
+    """prepare_data.py at its default settings (a 32768-token tokenizer trained on an 8 MB sample)
+    with 2 workers on one big .txt file of each size: MB/s end to end, and the peak resident
+    memory of prepare_data.py and its worker processes summed (sampled every 50 ms). Streaming
+    keeps the peak the same whatever the file's size."""
     result = {}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
     with tempfile.TemporaryDirectory() as tmp:
         for megabytes in sizes_mb:
             path = os.path.join(tmp, "big.txt")
             write_big_text(path, megabytes)
-            print(f"bench_big_text: prepare_data.py on {os.path.getsize(path) / 1e6:,.0f} MB", file=sys.stderr)
-            command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py"),
-                       "--input", path, f"--out_dir={tmp}/out", f"--workers={workers}", "--force"]
+            print(f"bench_big_text: prepare_data.py on {os.path.getsize(path) / 1e6:,.0f} MB",
+                  file=sys.stderr)
+            command = [sys.executable, script, "--input", path, f"--out_dir={tmp}/out",
+                       f"--workers={workers}", "--force"]
             peak, start = 0.0, time.perf_counter()
-            with open(os.path.join(tmp, "stderr"), "w+") as stderr:  # a file: a full pipe would stop it
+            # its stderr to a file: a full pipe would stop it
+            with open(os.path.join(tmp, "stderr"), "w+") as stderr:
                 with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr) as run:
                     while run.poll() is None:
                         peak = max(peak, process_tree_rss_mb(run.pid))
@@ -619,21 +662,19 @@ def bench_big_text(sizes_mb=(200, 2000), workers=2):
                 seconds = time.perf_counter() - start
                 if run.returncode:
                     stderr.seek(0)
-                    raise SystemExit(f"prepare_data.py on {megabytes} MB failed: {stderr.read().splitlines()[-1]}")
+                    raise SystemExit(f"prepare_data.py on {megabytes} MB failed: "
+                                     f"{stderr.read().splitlines()[-1]}")
             result[f"{megabytes}mb_mb_per_sec"] = os.path.getsize(path) / 1e6 / seconds
             result[f"{megabytes}mb_peak_mb"] = peak
     if len(sizes_mb) > 1:
-        result["peak_ratio"] = result[f"{max(sizes_mb)}mb_peak_mb"] / result[f"{min(sizes_mb)}mb_peak_mb"]
+        result["peak_ratio"] = (result[f"{max(sizes_mb)}mb_peak_mb"]
+                                / result[f"{min(sizes_mb)}mb_peak_mb"])
     return result
 
 
 # ----------------------------------------------------------------------------------------------
 # GPU cases (--cases=gpu): CUDA only, each in a process of its own. They run on a CPU too, slowly
 # and at whatever sizes they are given, which is how the tests check them.
-
-
-def gpu_peak_mb():
-    return torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
 
 
 def mean_time(function, repeats):
@@ -647,10 +688,19 @@ def mean_time(function, repeats):
     return (time.perf_counter() - start) / repeats
 
 
-def host_syncs(function):
+def time_and_gpu_peak(function, repeats, device):
+    """(mean_time of function, {"peak_mb": the most GPU memory it allocated}, {} off CUDA)."""
+    if device.type != "cuda":
+        return mean_time(function, repeats), {}
+    torch.cuda.reset_peak_memory_stats()
+    seconds = mean_time(function, repeats)
+    return seconds, {"peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
+
+
+def host_syncs(function, device):
     """How often function makes the host wait for the GPU, as torch.cuda's sync debug mode sees it
     (.item(), copies to the host, nonzero, ...); None off CUDA."""
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -667,29 +717,18 @@ def case_gpu_train(which, batch, length, steps=10, compiled=True, config_overrid
     """One training step as train.py takes it on a GPU: float32 weights, bf16 autocast, the model
     compiled, fused AdamW. tokens/s over `steps` steps in a row, peak GPU memory, and the host
     syncs of one step (ours should make none)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = common.device_and_dtype()[0]
     model = make_models(which, config_overrides, dtype=torch.float32).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-    step_model = torch.compile(model) if compiled else model
-    vocab_size = model.config.vocab_size
-    idx = torch.randint(0, vocab_size, (batch, length), device=device)
-
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = loss_of(step_model, which, idx)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    idx = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
+    step = training_step(torch.compile(model) if compiled else model, which, idx,
+                         torch.autocast(device.type, dtype=torch.bfloat16),
+                         fused=device.type == "cuda")
     for _ in range(3):  # compiles, then warms up
         step()
-    syncs = host_syncs(step)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = mean_time(step, steps)
-    result = {"tokens_per_sec": batch * length / seconds, "peak_mb": gpu_peak_mb(),
-              "host_syncs": syncs}
-    return {key: value for key, value in result.items() if value is not None}
+    syncs = host_syncs(step, device)
+    seconds, peak = time_and_gpu_peak(step, steps, device)
+    return {"tokens_per_sec": batch * length / seconds, **peak,
+            **({"host_syncs": syncs} if syncs is not None else {})}
 
 
 def attention_reference(q, k, v, dt, scale):
@@ -707,11 +746,11 @@ def flash_without_bias(q, k, v, dt, scale):
 
 def case_gpu_attention(batch, length, heads=2, bias_heads=1, head_dim=128, repeats=20,
                        compiled=True):
-    """Doge's exact T <= keep_window_size attention paths side by side (doge.attend_short_*, and
-    plain causal flash as the floor), forward+backward of one layer at Doge-20M's shapes, each
-    compiled on its own: ms per call, and the largest error of the output and of every gradient
-    against the float32 oracle (max |a - b| / max |b|). A path that fails reports its error."""
-    device, dtype = device_and_dtype()
+    """Doge's exact T <= keep_window_size attention (doge.attend_short: the bias folded into q and
+    k) beside plain causal flash without the bias (the floor), forward+backward of one layer at
+    Doge-20M's shapes, each compiled on its own: ms per call, and the largest error of the output
+    and of every gradient against the float32 oracle (max |a - b| / max |b|)."""
+    device, dtype = common.device_and_dtype()
     torch.manual_seed(0)
     q = torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
     k, v = (torch.randn(batch, bias_heads, length, head_dim, device=device, dtype=dtype)
@@ -730,20 +769,15 @@ def case_gpu_attention(batch, length, heads=2, bias_heads=1, head_dim=128, repea
         return results
 
     expected = outputs_and_grads(attention_reference)
-    paths = {"folded": doge.attend_short_folded, "flex": doge.attend_short_flex,
-             "flash_no_bias": flash_without_bias}
     result = {}
-    for name, attend in paths.items():
-        try:
-            attend = torch.compile(attend) if compiled else attend
-            actual = outputs_and_grads(attend)  # compiles, and the error
-            outputs_and_grads(attend)
-            result[f"{name}_ms"] = mean_time(lambda: outputs_and_grads(attend), repeats) * 1e3
-            result[f"{name}_error"] = max(
-                ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-                for a, b in zip(actual, expected) if b is not None and a is not None)
-        except Exception as e:  # noqa: BLE001 - a path that cannot run here is a result too
-            result[f"{name}_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
+    for name, attend in {"folded": doge.attend_short, "flash_no_bias": flash_without_bias}.items():
+        attend = torch.compile(attend) if compiled else attend
+        actual = outputs_and_grads(attend)  # compiles, and the error
+        outputs_and_grads(attend)
+        result[f"{name}_ms"] = mean_time(lambda: outputs_and_grads(attend), repeats) * 1e3
+        result[f"{name}_error"] = max(  # flash has no gradient for dt
+            ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+            for a, b in zip(actual, expected) if b is not None and a is not None)
     return result
 
 
@@ -753,13 +787,13 @@ def write_synthetic_data(directory, vocab_size, train_tokens=2 ** 21 + 1, val_to
     and a meta.json that names them (speed does not depend on what the tokens say)."""
     rng = np.random.default_rng(seed)
     shards = {"train": ["synthetic_train_000001.bin"], "val": ["synthetic_val_000000.bin"]}
-    for split, count in (("train", train_tokens), ("val", val_tokens)):
+    counts = {"train": train_tokens, "val": val_tokens}
+    for split, count in counts.items():
         tokens = rng.integers(0, vocab_size, count).astype(np.uint16 if vocab_size <= 2 ** 16
                                                            else np.uint32)
         prepare_data.write_shard(os.path.join(directory, shards[split][0]), tokens)
     prepare_data.write_meta(directory, {"complete": True, "vocab_size": vocab_size,
-                                        "shards": shards,
-                                        "tokens": {"train": train_tokens, "val": val_tokens}})
+                                        "shards": shards, "tokens": counts})
 
 
 def train_py_figures(args):
@@ -795,32 +829,23 @@ def case_gpu_long_train(which, length, steps=3, config_overrides=None):
     2048 (Doge-20M): bf16 weights, the models uncompiled (our lifetime path past the window
     compiles its FlexAttention call itself). Seconds per step and peak GPU memory, or
     out_of_memory where the model cannot take the length."""
-    device = device_and_dtype()[0]
+    device = common.device_and_dtype()[0]
     model = make_models(which, config_overrides).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    idx = torch.randint(0, model.config.vocab_size, (1, length), device=device)
-
-    def step():
-        loss_of(model, which, idx).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(model, which, torch.randint(0, model.config.vocab_size, (1, length),
+                                                     device=device))
     try:
         for _ in range(2):  # compiles, then warms up
             step()
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds = mean_time(step, steps)
+        seconds, peak = time_and_gpu_peak(step, steps, device)
     except torch.cuda.OutOfMemoryError:
         return {"out_of_memory": 1}
-    result = {"seconds": seconds, "peak_mb": gpu_peak_mb()}
-    return {key: value for key, value in result.items() if value is not None}
+    return {"seconds": seconds, **peak}
 
 
 def case_gpu_long_forward(which, length, repeats=3, config_overrides=None):
     """Forward at B=1 and `length` tokens with full logits, no gradient (bf16 weights,
     uncompiled): seconds and peak GPU memory."""
-    device = device_and_dtype()[0]
+    device = common.device_and_dtype()[0]
     model = make_models(which, config_overrides).eval()
     idx = torch.randint(0, model.config.vocab_size, (1, length), device=device)
 
@@ -830,17 +855,15 @@ def case_gpu_long_forward(which, length, repeats=3, config_overrides=None):
             del logits
 
     forward()  # compiles
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    result = {"seconds": mean_time(forward, repeats), "peak_mb": gpu_peak_mb()}
-    return {key: value for key, value in result.items() if value is not None}
+    seconds, peak = time_and_gpu_peak(forward, repeats, device)
+    return {"seconds": seconds, **peak}
 
 
 def case_gpu_decode(which, batch, new_tokens=256, rounds=2, config_overrides=None):
     """Greedy decoding after an 8-token prompt (ours graph-captured on CUDA): tokens/s over
     `new_tokens` steps, counted from the third token (ours records its graph at the second),
     best of `rounds` runs."""
-    device = device_and_dtype()[0]
+    device = common.device_and_dtype()[0]
     model = make_models(which, config_overrides).eval()
     prompt = torch.randint(0, model.config.vocab_size, (batch, 8), device=device)
     generate_timestamps(model, which, prompt, 4)  # warms up
@@ -856,38 +879,12 @@ def bench_tiny_training():
                              "--eval_iters=1", "--log_interval=10"])
 
 
-# Each case: (name, function, arguments, how it runs). "turns": both models in one process,
-# timed in turns (the function returns {"ours": ..., "ref": ...}); "apart": each model in a
-# process of its own (peak memory its own); "alone": no reference, one process.
-CASES = {
-    "train": [("train_b4_t512", case_train, (4, 512), "turns"),
-              ("train_b1_t2048", case_train, (1, 2048), "turns")],
-    "long": [("forward_t8192", case_long, ("forward",), "apart"),
-             ("train_t8192", case_long, ("train",), "apart")],
-    "decode": [("decode_256", case_decode, (), "turns")],
-    "window": [("window_4000", case_window, (), "turns")],
-    "moe": [("moe_e1024_top8", case_moe, (), "apart")],
-    "chat": [("chat_vs_cache", case_chat, ("cache",), "apart"),
-             ("chat_vs_reencode", case_chat, ("reencode",), "apart")],
-    "serve": [("serve", case_serve, (), "apart")],
-    # CUDA only; more GPU cases go on this list
-    "gpu": [("gpu_train_b16", case_gpu_train, (16, 2048), "apart"),
-            ("gpu_attn_t2048", case_gpu_attention, (16, 2048), "alone"),
-            ("gpu_train_py_20m", case_gpu_train_py, (12,), "alone"),
-            ("gpu_train_t8192", case_gpu_long_train, (8192,), "apart"),
-            ("gpu_train_t32768", case_gpu_long_train, (32768, 1), "apart"),
-            ("gpu_forward_t8192", case_gpu_long_forward, (8192,), "apart"),
-            ("gpu_decode_b1", case_gpu_decode, (1,), "apart"),
-            ("gpu_decode_b64", case_gpu_decode, (64,), "apart")],
-}
-
-
 # ----------------------------------------------------------------------------------------------
 # Driver
 
 
 class CaseFailed(Exception):
-    """A case's process failed; the message is the last line of its error."""
+    """A case failed; the message is the last line of its error."""
 
 
 def run_worker(name, which, threads):
@@ -903,14 +900,31 @@ def run_worker(name, which, threads):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def case_numbers(name, mode, threads):
-    """(ours, ref) of one case, run as its mode says (see CASES); ref is {} for a case alone."""
+def run_case(cfg):
+    """--worker=NAME: measure that case in this process and print its numbers as one JSON line."""
+    found = [(mode, measure) for cases in CASES.values() for name, mode, measure in cases
+             if name == cfg.worker and mode != "here"]
+    if not found:
+        raise SystemExit(f"bench.py: no case {cfg.worker!r} runs in a worker")
+    mode, measure = found[0]
+    if mode == "apart" and cfg.which not in ("ours", "ref"):
+        raise SystemExit(f"bench.py: case {cfg.worker} runs --which=ours or --which=ref")
+    print(json.dumps(measure(cfg.which) if mode == "apart" else measure()))
+
+
+def case_numbers(name, mode, measure, cfg):
+    """(ours, ref) of one case, run as its mode says (see CASES); ref is {} without a reference."""
+    if mode == "here":
+        try:
+            return measure(cfg), {}
+        except SystemExit as e:
+            raise CaseFailed(str(e.code).splitlines()[0]) from None
     if mode == "turns":
-        both = run_worker(name, "both", threads)
+        both = run_worker(name, "both", cfg.threads)
         return both["ours"], both["ref"]
     if mode == "apart":
-        return run_worker(name, "ours", threads), run_worker(name, "ref", threads)
-    return run_worker(name, "alone", threads), {}
+        return run_worker(name, "ours", cfg.threads), run_worker(name, "ref", cfg.threads)
+    return run_worker(name, "alone", cfg.threads), {}
 
 
 def ratio_rows(name, ours, ref):
@@ -937,13 +951,13 @@ def print_row(name, key, ours, ref=None, ratio=None):
     print(f"{name:<16} {key:<18} {text(ours)} {ref_text} {ratio_text}".rstrip(), flush=True)
 
 
-def run_group(cases, threads):
+def run_group(cases, cfg):
     """Run the cases and print their rows; a case that fails prints one line and the next one
     runs. Returns the number that failed."""
     failed = 0
-    for name, _, _, mode in cases:
+    for name, mode, measure in cases:
         try:
-            ours, ref = case_numbers(name, mode, threads)
+            ours, ref = case_numbers(name, mode, measure, cfg)
         except CaseFailed as e:
             print(f"{name:<16} failed: {e}", flush=True)
             failed += 1
@@ -953,47 +967,28 @@ def run_group(cases, threads):
     return failed
 
 
-def main():
-    args = dict(arg.lstrip("-").split("=", 1) for arg in sys.argv[1:])
-    threads = int(args.get("threads", 2))
-    torch.set_num_threads(threads)
-    if "worker" in args:
-        for cases in CASES.values():
-            for name, function, parameters, _ in cases:
-                if name == args["worker"]:
-                    which = () if args["which"] in ("both", "alone") else (args["which"],)
-                    print(json.dumps(function(*which, *parameters)))
-        return
-    groups = [*CASES, "tiny", "tokenize"]
-    default = [group for group in groups if group != "gpu" or torch.cuda.is_available()]
-    selected = args.get("cases", ",".join(default)).split(",")
-    unknown = [group for group in selected if group not in groups]
+def main(argv=None):
+    cfg = apply_config(BenchConfig(), sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(cfg.threads)
+    if cfg.worker:
+        return run_case(cfg)
+    device, dtype = common.device_and_dtype()
+    default = [group for group in CASES if group != "gpu" or device.type == "cuda"]
+    selected = cfg.cases.split(",") if cfg.cases else default
+    unknown = [group for group in selected if group not in CASES]
     if unknown:
         raise SystemExit(f"bench.py: unknown case group {unknown[0]!r}; choose from "
-                         f"{', '.join(groups)}")
-    if "gpu" in selected and not torch.cuda.is_available():
+                         f"{', '.join(CASES)}")
+    if "gpu" in selected and device.type != "cuda":
         print("bench.py: --cases=gpu needs a CUDA GPU and there is none here; nothing measured",
               file=sys.stderr)
         sys.exit(2)
-    device, dtype = device_and_dtype()
-    print(f"# bench.py on {device} ({dtype}), {threads} threads, torch {torch.__version__}")
-    if device == "cuda":
+    print(f"# bench.py on {device.type} ({dtype}), {cfg.threads} threads, "
+          f"torch {torch.__version__}")
+    if device.type == "cuda":
         print(f"# {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
     print(f"{'case':<16} {'metric':<18} {'ours':>10} {'reference':>10} {'ratio':>7}")
-    failed = 0
-    for group in selected:
-        if group in ("tiny", "tokenize"):
-            try:
-                numbers = bench_tiny_training() if group == "tiny" else {**bench_tokenize(), **bench_big_text(
-                    tuple(int(mb) for mb in args.get("big_text_mb", "200,2000").split(",")))}
-            except SystemExit as e:
-                print(f"{group:<16} failed: {str(e.code).splitlines()[0]}", flush=True)
-                failed += 1
-                continue
-            for key, value in numbers.items():
-                print_row(group, key, value)
-            continue
-        failed += run_group(CASES[group], threads)
+    failed = sum(run_group(CASES[group], cfg) for group in selected)
     print("ratio: ours/reference for rates, reference/ours for seconds, ms and MB (>1 is better)")
     if failed:
         sys.exit(1)
