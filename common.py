@@ -159,3 +159,26 @@ def autocast(device, dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures (matplotlib, an optional package)
+
+
+def pyplot(required=True):
+    """matplotlib's pyplot, drawing to files; without the package, a one-line SystemExit (None
+    when the picture is not required)."""
+    try:
+        import matplotlib
+    except ImportError:
+        if not required:
+            return None
+        raise SystemExit("error: pictures need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    """fig as a PNG file, written atomically."""
+    atomic_write(path, lambda temp: fig.savefig(temp, format="png", dpi=100))

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import engine
 from common import (atomic_write, atomic_write_text, autocast, busy_machine_note,
-                    device_and_dtype, one_line, remove_temporary_files)
+                    device_and_dtype, one_line, pyplot, remove_temporary_files, save_figure)
 from configurator import apply_config
 from doge import (PRESETS, Doge, DogeConfig, grow_vocabulary, latest_checkpoint, list_checkpoints,
                   newest_checkpoint, read_checkpoint, upcycle_to_moe)
@@ -524,11 +524,8 @@ class RunLog:
 
 def plot_losses(path, log_path):
     """loss.png: train and val loss against tokens from log.jsonl, if matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(required=False)
+    if plt is None:
         return
     with open(log_path) as f:
         records = [json.loads(line) for line in f]
@@ -541,7 +538,7 @@ def plot_losses(path, log_path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda temp: fig.savefig(temp, format="png", dpi=100))
+    save_figure(fig, path)
     plt.close(fig)
 
 
