@@ -2,16 +2,14 @@
 Turn raw text into what train.py reads: a tokenizer plus pre-tokenized binary shards.
 
     python prepare_data.py         # offline: the running Python's stdlib source -> data/default/
-    python prepare_data.py --input notes/ 'books/*.txt' --doc_sep='\\n\\n' --out_dir=data/books \\
-        --vocab_size=8192
+    python prepare_data.py --input notes/ 'books/*.txt' --doc_sep='\\n\\n' --out_dir=data/books
     python prepare_data.py --input corpus.jsonl --tokenizer=path/to/Doge-20M \\
         --out_dir=data/continued
-    python prepare_data.py --source=HuggingFaceTB/smollm-corpus:cosmopedia-v2 \\
-        --max_tokens=4e9                                                    # datasets + network
+    python prepare_data.py --source=HuggingFaceTB/smollm-corpus:cosmopedia-v2 --max_tokens=4e9
     python prepare_data.py --chat --input=config/sft_doge_tiny.jsonl --tokenizer=out/doge-tiny \\
         --out_dir=data/sft-tiny
 
-What it writes in --out_dir:
+What it writes in --out_dir (docs/data.md tells more; --chat writes conversation shards, see Chat):
 
     tokenizer.model          SentencePiece BPE with byte fallback, trained on a bounded sample (or a
                              copy of --tokenizer: a .model, or a Hugging Face tokenizer.json)
@@ -20,35 +18,10 @@ What it writes in --out_dir:
     meta.json                tokenizer, vocab_size, bos/eos ids, token counts, source; "complete"
                              once done
 
-Shards follow the llm.c convention: a header of 256 int32 [20240520, version, num_tokens, 0, ...],
-then the tokens, uint16 (version 1) or, for vocabularies above 65536, uint32 (version 2). Every
-document ends with the end-of-text (eos) token, so reading the shards in index order (val first) and
-splitting on it gives the documents back, exactly: the tokenizer is lossless (identity
-normalisation, byte fallback).
-
---chat turns conversations ({"messages": [{"role", "content"}, ...]} jsonl, or a data set) into what
-an SFT run reads: the chat tokenizer (the model's, with Doge's chat template and its special tokens
-if it has none) and conversation shards (tokens, which of them are trained on, where each
-conversation starts); see "Chat" below.
-
-Tokenizing runs in --workers processes. Long documents are cut into pieces of a few KB at line
-starts, where the tokenizer never merges across (checked on the data at start-up): because
-SentencePiece is several times slower on one multi-megabyte string and because one huge file should
-still keep every worker busy. Text files are read a block at a time and shards written as they fill,
-so memory holds a few blocks, the tasks in flight and the tokenizer's sample, whatever the size of a
-file or of a document in it.
-
-The file holds, top to bottom (tokenizers and chat templates live in tokenizer.py, the recall task's
-data in recall.py, the benchmarks in eval.py):
-
-    Shard format                    write, read, list token and conversation shards; read meta.json
-    Documents                       where the text comes from: files, directories, a hub data set
-    Cutting long documents          where tokenizers never merge across
-    Tokenizing in worker processes  and writing the shards as they fill
-    The whole preparation           prepare(): inputs -> tokenizer, shards, meta.json in --out_dir
-    Chat                            conversations -> the chat tokenizer and conversation shards
-    Reading shards for training     the loaders that read both kinds of shards for train.py
-    Command line                    prepare_data.py's arguments, and main()
+Every document ends with the end-of-text token: the shards read in order and split on it give the
+documents back exactly. Top to bottom: the shard format; documents (files, directories, a hub data
+set); cutting long documents where tokenizers never merge across; tokenizing in worker processes;
+prepare(); Chat (prepare_chat); the loaders that train.py reads shards with; the command line.
 """
 
 import argparse
@@ -80,14 +53,15 @@ from common import (atomic_open, available_cpus, log, one_line, remove_temporary
                     size_text, write_file_atomically)
 from configurator import parse_value
 from tokenizer import (END_OF_TURN_TOKENS, LOSSLESS_PROBE, TOKENIZER_FILES, chat_tokenizer,
-                       is_lossless, load_chat_template, load_tokenizer, render_chat,
-                       tokenizer_file, train_sentencepiece)
+                       copy_tokenizer_files, is_lossless, load_chat_template, load_tokenizer,
+                       render_chat, tokenizer_file, train_sentencepiece)
 
 DEFAULT_DATA_DIR = "data/default"
 META_FILE = "meta.json"
 
 # ----------------------------------------------------------------------------------------------
-# Shard format: shared with train.py (write_shard, read_shard, list_shards; conversation ones below)
+# Shard format, llm.c's: a header of 256 int32 [20240520, version, num_tokens, 0, ...], then the
+# tokens, uint16 (version 1) or, for vocabularies above 65536, uint32 (version 2)
 
 SHARD_MAGIC = 20240520
 HEADER_INTS = 256  # the header is 256 int32 = 1024 bytes
@@ -99,8 +73,7 @@ REBUILD_HINT = "re-run prepare_data.py to rebuild it"
 
 
 def dtype_for_vocab(vocab_size, dtype=None):
-    """Token dtype for a vocabulary: uint16 up to 65536 entries, else uint32 (or the dtype asked
-    for, if it fits)."""
+    """uint16 for a vocabulary of up to 65536 tokens, else uint32; or dtype, if given and fits."""
     if dtype is None:
         dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
     dtype = np.dtype(dtype)
@@ -113,8 +86,7 @@ def dtype_for_vocab(vocab_size, dtype=None):
 
 
 def shard_dtype(chunks):
-    """uint16 and uint32 arrays keep their dtype; other integers become uint16 when every value
-    fits, else uint32."""
+    """uint16, uint32 as given (the wider); other integers: uint16 if all fit, else uint32."""
     dtypes = {chunk.dtype for chunk in chunks}
     if dtypes and dtypes <= set(VERSION_OF_DTYPE):
         return max(dtypes, key=lambda d: d.itemsize)
@@ -136,9 +108,7 @@ def shard_header(version, num_tokens, count=0) -> bytes:
 
 
 def write_shard(path, tokens: np.ndarray):
-    """Write one shard atomically: header [20240520, version, num_tokens, 0 ...] then the tokens.
-    uint16 tokens give version 1, uint32 version 2; other integer arrays are stored as uint16 when
-    they fit, else uint32."""
+    """Write one shard atomically: the header, then the tokens in the dtype shard_dtype chooses."""
     tokens = np.asarray(tokens).ravel()
     dtype = shard_dtype([tokens])
     if tokens.size > np.iinfo(np.int32).max:
@@ -220,9 +190,8 @@ def write_conversation_shard(path, examples):
 
 
 def read_conversation_shard(path):
-    """(tokens, supervised, offsets) of a conversation shard: tokens and supervised (uint8)
-    memory-mapped read-only, offsets (num_conversations + 1,) int64. Checked like read_shard;
-    problems raise ValueError."""
+    """(tokens, supervised uint8, offsets int64 (num_conversations + 1,)) of a conversation shard,
+    the first two memory-mapped read-only; checked like read_shard."""
     header, size = read_header(path)
     version, num_tokens, count = header[1], header[2], header[3]
     if version not in CHAT_DTYPE_OF_VERSION:
@@ -256,9 +225,8 @@ def read_meta(data_dir):
 
 
 def list_shards(data_dir, split) -> list:
-    """Paths of the `split` ('train' or 'val') shards of a data directory, in index order.
-    meta.json, when present, is the authority: an unfinished preparation or a missing shard is an
-    error, not a smaller dataset."""
+    """The paths of data_dir's `split` ('train' or 'val') shards, in index order. meta.json, if
+    there, is the authority: an unfinished run or a missing shard is an error, not less data."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     meta = read_meta(data_dir)
@@ -294,18 +262,13 @@ def stdlib_files():
     3.11), in a fixed shuffled order: the validation split is the start of the stream, and should be
     a fair sample rather than the alphabetically first modules."""
     root = sysconfig.get_paths()["stdlib"]
-    paths = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs
-                            if d not in STDLIB_SKIP_DIRS and not d.startswith("."))
-        paths += [os.path.join(directory, f) for f in sorted(files) if f.endswith(".py")]
+    paths = walk_directory(root, ".py", STDLIB_SKIP_DIRS)
     random.Random(0).shuffle(paths)
     return root, paths
 
 
 def find_input_files(patterns):
-    """Expand --input: files as given, globs, directories walked (sorted, picking
-    .txt/.jsonl/.parquet)."""
+    """Expand --input: files as given, globs, directories walked (walk_directory)."""
     files = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if re.search(r"[*?[]", pattern) \
@@ -329,12 +292,13 @@ def find_input_files(patterns):
     return list(dict.fromkeys(files))  # a file named twice is read once
 
 
-def walk_directory(root):
+def walk_directory(root, suffixes=INPUT_SUFFIXES, skip_dirs=()):
+    """The files under root named *suffixes, sorted, leaving out hidden ones and skip_dirs."""
     found = []
     for directory, subdirs, filenames in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        subdirs[:] = sorted(d for d in subdirs if d not in skip_dirs and not d.startswith("."))
         found += [os.path.join(directory, f) for f in sorted(filenames)
-                  if f.endswith(INPUT_SUFFIXES) and not f.startswith(".")]
+                  if f.endswith(suffixes) and not f.startswith(".")]
     return found
 
 
@@ -349,11 +313,9 @@ BLOCK_CHARS = 1 << 16  # a plain text file is read this many characters at a tim
 
 
 def read_pieces(path, doc_sep=None, text_field="text"):
-    """The documents of one file as (text, ends_document) pieces, none empty, each document's last
-    one flagged: .jsonl (one per line, field text_field) and .parquet (column text_field) give every
-    document in one piece; anything else is plain text, one document per file or split on doc_sep,
-    read a block at a time so that a document may be larger than memory. Empty documents are
-    skipped."""
+    """The documents of one file as (text, ends_document) pieces, none empty: .jsonl (one per line,
+    field text_field) and .parquet (column text_field) give each document whole; anything else is
+    plain text, one document per file or split on doc_sep (read_text_pieces)."""
     name = path[:-3] if path.endswith(".gz") else path
     try:
         if name.endswith(".jsonl"):
@@ -372,8 +334,8 @@ def read_pieces(path, doc_sep=None, text_field="text"):
 
 def read_text_pieces(f, doc_sep):
     """(text, ends_document) pieces of the documents `f.read().split(doc_sep)` (or the whole text),
-    less the empty ones, reading BLOCK_CHARS at a time. A block's last characters that may begin a
-    separator wait for the next."""
+    less the empty ones, reading BLOCK_CHARS at a time, so that a document may be larger than
+    memory. A block's last characters that may begin a separator wait for the next."""
     held, carry = "", ""  # held: the current document's latest text, not yet known to be its last
     while True:
         block = f.read(BLOCK_CHARS)
@@ -455,9 +417,8 @@ def read_parquet(path, text_field):
 
 
 def open_source(name, text_field="text", split="train"):
-    """Stream a Hugging Face data set, given as NAME or NAME:CONFIG, with the optional `datasets`
-    package. Everything that can fail without data fails here, at once: the package, the network,
-    the name."""
+    """Stream a Hugging Face data set NAME or NAME:CONFIG (the optional `datasets` package). What
+    can fail without data fails here, at once: the package, the network, the name."""
     try:
         import datasets
     except ImportError:
@@ -484,10 +445,8 @@ def source_documents(name, rows, text_field):
 
 def hub_offline_setting():
     """The HF_*_OFFLINE variable that is set (datasets then reads only its cache), or None."""
-    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(variable, "").lower() in ("1", "true", "yes", "on"):
-            return variable
-    return None
+    return next((variable for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                 if os.environ.get(variable, "").lower() in ("1", "true", "yes", "on")), None)
 
 
 def hub_unreachable(timeout=5.0):
@@ -504,12 +463,10 @@ def hub_unreachable(timeout=5.0):
 
 def check_hub_reachable(name):
     """Fail fast when --source cannot stream: offline, or no network."""
-    variable = hub_offline_setting()
-    if variable:
+    if variable := hub_offline_setting():
         raise ValueError(f"--source {name}: {variable} is set, so the hub cannot be reached; "
                          f"use --input with local files")
-    reason = hub_unreachable()
-    if reason:
+    if reason := hub_unreachable():
         raise ValueError(f"--source {name}: {reason}; --source needs network access, use --input "
                          f"for local files")
 
@@ -546,11 +503,10 @@ def split_text(text, max_chars, cut_rule=CUT_RULES[0]):
 
 
 def cut_pieces(pieces, max_chars, cut_rule):
-    """split_text for documents that arrive in (text, ends_document) pieces, as read_pieces gives
-    them, holding about max_chars and a piece rather than a whole document: yields (part,
-    ends_document), where a document's parts are split_text(document, max_chars, cut_rule). (For
-    max_chars >= 4: a cut's lookbehind reaches two characters back, and the search starts
-    max_chars // 2 into the part.)
+    """split_text over documents that arrive as (text, ends_document) pieces, holding about
+    max_chars and a piece rather than a whole document: yields (part, ends_document), a document's
+    parts being split_text(document, max_chars, cut_rule) (for max_chars >= 4: a cut's lookbehind
+    reaches two characters back, and the search starts max_chars // 2 into the part).
     A cut is settled once the text reaches max_chars past the part's start, as split_text's first
     search looks no further. When that search finds nothing, the fallback's first match in the text
     so far is its first match in the whole document: a place whose lookahead runs off the end lies
@@ -581,9 +537,8 @@ def cut_pieces(pieces, max_chars, cut_rule):
 
 
 def choose_cut_rule(tokenizer, sample):
-    """Index of the first of CUT_RULES that leaves the tokens of the data unchanged (whole text
-    against cut pieces), or None: then documents are encoded whole, e.g. for a model that adds a
-    dummy prefix."""
+    """Index of the first of CUT_RULES that leaves the data's tokens unchanged (whole text against
+    cut pieces), or None: documents are then encoded whole (a model that adds a dummy prefix)."""
     text = "".join(sample)[:1 << 16] + LOSSLESS_PROBE
     whole = list(tokenizer.encode([text])[0])
     for index, cut_rule in enumerate(CUT_RULES):
@@ -601,9 +556,8 @@ _worker = {}  # this process's tokenizer, loaded by its first task
 
 
 def encode_task(task, settings):
-    """task: a list of (text, ends_a_document); settings: (tokenizer path, eot_token, dtype, cut
-    rule index). Returns the tokens, with an end-of-text token after every document's last text, and
-    how many documents ended."""
+    """task: [(text, ends_a_document)]; settings: (tokenizer path, eot_token, dtype, cut rule).
+    Returns the tokens, an end-of-text after each document's end, and how many documents ended."""
     if _worker.get("settings") != settings:
         tokenizer_path, eot_token, dtype, cut_rule_index = settings
         tokenizer = load_tokenizer(tokenizer_path, eot_token)
@@ -631,9 +585,8 @@ def encode_task(task, settings):
 
 
 def make_tasks(pieces, task_chars, cut_rule):
-    """Group the documents' (text, ends_document) pieces into tasks of about task_chars, cutting
-    long documents as split_text would, so that every worker gets work even when the input is one
-    huge document."""
+    """The pieces in tasks of about task_chars, long documents cut (cut_pieces), so that every
+    worker gets work even when the input is one huge document."""
     task, size = [], 0
     for part, ends_document in cut_pieces(pieces, task_chars, cut_rule):
         task.append((part, ends_document))
@@ -646,12 +599,10 @@ def make_tasks(pieces, task_chars, cut_rule):
 
 
 def start_workers(workers):
-    """A pool of `workers` processes, started at once so that their start-up (an interpreter, numpy
-    and the tokenizer library each: about half a second) overlaps the sampling and tokenizer
-    training; for one worker, a stand-in: then everything runs in this process.
-    spawn, not fork: the caller (train.py) may have threads running (torch), and fork with threads
-    can hang. concurrent.futures, not multiprocessing.Pool: a worker that cannot start is an error,
-    not a restart loop."""
+    """A pool of `workers` processes, started at once so that their start-up (about half a second
+    each) overlaps the sampling and tokenizer training; for one worker, none: all runs here. spawn:
+    the caller (train.py) may run threads (torch), and fork with threads can hang. Not
+    multiprocessing.Pool: a worker that cannot start is an error, not a restart loop."""
     if workers == 1:
         return contextlib.nullcontext()
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
@@ -661,10 +612,9 @@ def start_workers(workers):
 
 
 def submit(pool, function, *args):
-    """pool.submit with SIGINT held back meanwhile, so that a worker process it starts inherits
-    SIGINT blocked (as multiprocessing's resource tracker does). Ctrl-C in a terminal, sent to every
-    process of the group, then interrupts only this one, which stops the workers, instead of each
-    printing a traceback. A Ctrl-C in the meantime arrives when the submission returns."""
+    """pool.submit with SIGINT held back meanwhile, so that a worker it starts inherits SIGINT
+    blocked: Ctrl-C in a terminal, sent to every process of the group, then interrupts only this
+    one, which stops the workers, instead of each printing a traceback."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         return pool.submit(function, *args)
@@ -706,11 +656,9 @@ def shard_end(position, val_tokens, shard_tokens):
 
 def write_shards(results, out_dir, name, dtype, val_tokens, shard_tokens, max_tokens=None,
                  eot_id=None):
-    """Cut the token stream into shards of `dtype` tokens: the first val_tokens tokens are
-    validation, the rest train. A shard may end inside a document; the next shard carries on. With
-    max_tokens, stop at the first document end past it. Each shard is written as its tokens come
-    (its header's count set when it is full), under a temporary name until then, so memory holds a
-    result, not a shard."""
+    """The token stream cut into shards of `dtype` tokens, the first val_tokens validation, the rest
+    train (a shard may end inside a document); with max_tokens, up to the first document end past
+    it. A shard is written as its tokens come (memory holds a result), its count when it is full."""
     shards = {"val": [], "train": []}
     total, documents, shard = 0, 0, None  # shard being written: (file, split, filename, its start)
     start = time.perf_counter()
@@ -775,10 +723,9 @@ def files_digest(files):
 
 
 def sample_files(files, read, sample_chars):
-    """About sample_chars of text spread over all input files (each gives a share proportional to
-    its size), so that the tokenizer sees every kind of input, not only the first file: the start of
-    each document, `doc[:max(1, int(quota - taken))]`, until the file's quota is taken. read(path)
-    gives a file's pieces."""
+    """About sample_chars of text spread over all input files (shares proportional to their sizes),
+    so that the tokenizer sees every kind of input: the start of each document of a file read(path)
+    reads, `doc[:max(1, int(quota - taken))]`, until the file's quota is taken."""
     sizes = [os.path.getsize(path) for path in files]
     sample = []
     for path, size in zip(files, sizes):
@@ -854,9 +801,8 @@ def left_by_earlier_run(filename):
 
 
 def remove_interrupted_writes(out_dir):
-    """Remove the temporary files that atomic writes of ours (shards, tokenizer files, meta.json)
-    left in out_dir: a run killed while writing never renames them. Says in one line how many and
-    how big."""
+    """Remove, saying how many in one line, the temporary files of our atomic writes (shards,
+    tokenizer files, meta.json) that a run killed while writing left in out_dir."""
     count, size = remove_temporary_files(
         out_dir, lambda name: left_by_earlier_run(name) or name == META_FILE)
     if count:
@@ -885,8 +831,7 @@ def describe_input(inputs, source, source_split, text_field):
 
 
 def install_tokenizer(out_dir, source_file, tokenizer_bytes, sample, vocab_size, eos_id):
-    """Put the tokenizer into out_dir: a copy of --tokenizer, or a SentencePiece model trained on
-    the sample. Returns its path there."""
+    """The path in out_dir of a copy of --tokenizer, or of a SentencePiece BPE trained on sample."""
     if source_file is None:
         log(f"training a SentencePiece BPE tokenizer (vocab {vocab_size:,}) on a "
             f"{size_text(sum(len(doc.encode()) for doc in sample))} sample")
@@ -896,11 +841,8 @@ def install_tokenizer(out_dir, source_file, tokenizer_bytes, sample, vocab_size,
     tokenizer_path = os.path.join(out_dir, os.path.basename(source_file))
     write_file_atomically(tokenizer_path, tokenizer_bytes)
     if source_file.endswith(".json"):  # a chat template lives beside it, in either file
-        for name in ("tokenizer_config.json", "chat_template.jinja"):
-            companion = os.path.join(os.path.dirname(source_file), name)
-            if os.path.isfile(companion):
-                with open(companion, "rb") as f:
-                    write_file_atomically(os.path.join(out_dir, name), f.read())
+        copy_tokenizer_files(os.path.dirname(source_file), out_dir,
+                             ("tokenizer_config.json", "chat_template.jinja"))
     return tokenizer_path
 
 
@@ -925,10 +867,9 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
             eot_token=None, eos_id=2, sample_bytes=8_000_000, val_tokens=None,
             shard_tokens=100_000_000, max_tokens=None, dtype=None, workers=None, force=False):
     """Build out_dir from local files (inputs), a streamed data set (source) or by default the
-    Python standard library. Returns the meta dict, also written to out_dir/meta.json. Problems
-    raise ValueError, and every one that can be found without reading all the text is found before
-    out_dir is touched. Ctrl-C raises KeyboardInterrupt (the worker processes ignore it), leaving
-    out_dir unfinished for a rerun to rebuild.
+    Python standard library; returns the meta dict (meta.json). Problems raise ValueError, each
+    one found without reading all the text before out_dir is touched. Ctrl-C raises
+    KeyboardInterrupt (the workers ignore it), leaving out_dir unfinished for a rerun to rebuild.
     Here the settings, and whether out_dir already holds them; then rebuild() makes the tokenizer
     and the shards, and finish_rebuild() writes meta.json."""
     check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens,
@@ -965,16 +906,13 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
 
 
 def rebuild(out_dir, settings, files, source, source_tokenizer, tokenizer_bytes, workers):
-    """prepare()'s run: sample the input (files, or the data set source), put the tokenizer into
-    out_dir (source_tokenizer's bytes, or one trained on the sample), and tokenize in the worker
-    processes into shards. Every choice comes from settings, which meta.json records. Returns
-    write_shards()'s summary, the tokenizer, its path in out_dir and the tokens' dtype."""
+    """prepare()'s run, every choice from settings: sample the input, put the tokenizer in out_dir,
+    tokenize into shards. Returns write_shards()'s summary, the tokenizer, its path and dtype."""
     description, text_field = settings["source"], settings["text_field"]
 
     def read(path):
         return read_pieces(path, settings["doc_sep"], text_field)
 
-    # fails at once if it must
     stream = open_source(source, text_field, settings["source_split"]) if source else None
     with start_workers(workers) as pool:
         # with --tokenizer: enough to check cutting
@@ -1043,9 +981,8 @@ def finish_rebuild(out_dir, settings, source_tokenizer, written, loaded, tokeniz
 
 
 def ensure_prepared(data_dir, prepare_default=True):
-    """Refuse (ValueError, saying how to make it) a data directory without training shards, unless
-    it is the default one: the default corpus is then prepared there (if prepare_default; train.py's
-    first run)."""
+    """Refuse (ValueError, saying how to make it) a data_dir without training shards, unless it is
+    the default one: there the default corpus is made (if prepare_default: train.py's first run)."""
     try:
         list_shards(data_dir, "train")
         return
@@ -1064,9 +1001,6 @@ def ensure_prepared(data_dir, prepare_default=True):
 
 # ----------------------------------------------------------------------------------------------
 # Chat: conversations -> the chat tokenizer and conversation shards (prepare_data.py --chat)
-#
-# Packing conversations into one row would let them attend to each other (Doge's attention has no
-# document mask), so they are kept whole and apart; train.py makes each one a row of its own.
 
 
 def check_messages(messages, where):
@@ -1094,8 +1028,7 @@ def read_jsonl_conversations(path):
 
 def read_conversations(inputs=None, source=None):
     """{split: conversations} from jsonl files (inputs: paths, globs, directories; all 'train'), or
-    from a Hugging Face data set NAME[:CONFIG] (source; every split, read with the optional
-    `datasets` package)."""
+    every split of a Hugging Face data set NAME[:CONFIG] (source; the optional `datasets`)."""
     if inputs:
         return {"train": [c for path in find_input_files(inputs)
                           for c in read_jsonl_conversations(path)]}
@@ -1150,9 +1083,8 @@ RENDER_SEPARATOR = "\x00<|next rendering|>\x00"
 
 
 def render_many(chat_template, items):
-    """render_chat of many (messages, add_generation_prompt) pairs in one call: the template runs in
-    a loop that binds both names for each pair (compiling the template anew for each costs 1.5 ms,
-    hours for smoltalk)."""
+    """render_chat of many (messages, add_generation_prompt) pairs in one call, the template in a
+    loop binding both names for each (compiling it for each costs 1.5 ms, hours for smoltalk)."""
     loop = ("{% for messages, add_generation_prompt in messages %}" + chat_template["template"]
             + RENDER_SEPARATOR + "{% endfor %}")
     texts = render_chat({**chat_template, "template": loop}, items).split(RENDER_SEPARATOR)
@@ -1162,11 +1094,10 @@ def render_many(chat_template, items):
 
 
 def assistant_spans(chat_template, conversations):
-    """Each conversation as text, with the character spans of the assistant's turns in it. Found by
-    rendering prefix by prefix: a turn starts where its prompt ends (the conversation before it plus
-    the generation prompt: what sample.py --chat gives the model) and ends where the conversation up
-    to and including it ends. So what is supervised is exactly what the model has to write: the
-    content and the template's end of turn."""
+    """Each conversation as text, with the character spans of the assistant's turns in it: a turn
+    starts where its prompt ends (the conversation before it plus the generation prompt, as
+    sample.py --chat gives it) and ends where the conversation through it ends: what is supervised
+    is exactly what the model has to write, the content and the template's end of turn."""
     items = []
     for messages in conversations:
         items.append((messages, False))
@@ -1238,8 +1169,7 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
                  seed=1337, shard_tokens=100_000_000):
     """Conversations (jsonl files, or a Hugging Face data set) -> out_dir: the chat tokenizer
     (tokenizer.json, tokenizer_config.json with the template) and conversation shards, val first.
-    Returns the meta dict, also written to out_dir/meta.json. Rebuilt at every call (about 10,000
-    conversations a second)."""
+    Returns the meta dict. Rebuilt at every call (about 10,000 conversations a second)."""
     if not tokenizer:
         raise ValueError("--chat needs --tokenizer: the directory of the model to fine-tune (its "
                          "tokenizer.json or tokenizer.model)")
@@ -1285,10 +1215,9 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
         eos_ids=list(dict.fromkeys(i for i in eos_ids if i is not None)),
         added_tokens={chat.id_to_token(i): i for i in added},
         chat_template=chat_template["template"],
-        conversations={split: counts[split]["conversations"] - counts[split]["dropped"]
-                       for split in shards},
-        tokens={split: counts[split]["tokens"] for split in shards},
-        supervised={split: counts[split]["supervised"] for split in shards},
+        conversations={split: n["conversations"] - n["dropped"] for split, n in counts.items()},
+        tokens={split: n["tokens"] for split, n in counts.items()},
+        supervised={split: n["supervised"] for split, n in counts.items()},
         **shard_lists(shards), python=platform.python_version())
     write_meta(out_dir, meta)
     log(f"wrote {sum(meta['conversations'].values()):,} conversations to {out_dir}; added to the "
@@ -1297,10 +1226,9 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading shards for training (train.py). ShardLoader reads a token stream, ConversationLoader
-# conversation shards; both give next_batch(micro_steps) -> (x, y) int64 arrays of this process's
-# rows, step_tokens, reset(), and a position (state_dict / load_state_dict) that checkpoints save.
-# Problems raise ValueError.
+# Reading shards for training (train.py): ShardLoader a token stream, ConversationLoader
+# conversations; both give next_batch(micro_steps) -> (x, y) int64 arrays of this process's rows,
+# step_tokens, reset(), and a position (state_dict / load_state_dict) that checkpoints save.
 
 def check_token_ids(tokens, vocab_size, path):
     """Each token id of a shard fits a model of vocab_size; a ValueError naming the shard if not."""
@@ -1311,17 +1239,14 @@ def check_token_ids(tokens, vocab_size, path):
 
 
 class ShardLoader:
-    """Batches of sequences from memory-mapped shards, in a shuffled order fixed by the seed and the
-    same whatever the number of processes.
-
+    """Batches of sequences from memory-mapped shards, the same whatever the number of processes.
     A shard is read as sequences of block_size + 1 tokens (inputs, and targets shifted by one)
-    starting at multiples of block_size, in a random order fixed by (seed, epoch, shard), so a batch
-    mixes many documents even in a small corpus. Each call takes the next micro_steps * world_size
-    rows of batch_size sequences of that order; process `rank` gets rows rank,
-    rank + world_size, ..., one per micro-step. Shards are read in turn: when the current one has
-    too few sequences left, the next one starts (after the last, the first again, in a new order:
-    the next epoch). The position is three ints, saved in checkpoints. step_tokens: the tokens the
-    last next_batch read, all processes together."""
+    starting at multiples of block_size, in an order fixed by (seed, epoch, shard), so a batch mixes
+    many documents even in a small corpus. Each call takes the next micro_steps * world_size rows of
+    batch_size sequences of that order; process `rank` gets rows rank, rank + world_size, ..., one
+    per micro-step. When the current shard has too few sequences left, the next one starts (after
+    the last, the first again: the next epoch). The position is three ints. step_tokens: the tokens
+    the last next_batch read, all processes together."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
                  seed=0):
@@ -1380,9 +1305,7 @@ class ShardLoader:
 
 
 class ConversationLoader:
-    """Batches of conversations (SFT) from conversation shards, one per row, in a shuffled order
-    fixed by the seed and the same whatever the number of processes: ShardLoader's interface.
-
+    """Batches of conversations (SFT) from conversation shards, ShardLoader's interface.
     Packing would let conversations attend to each other (our attention has no document mask), so
     each is a row of its own, right-padded (which changes nothing before the padding: attention is
     causal) and cut after block_size + 1 tokens; one left with no supervised target is dropped. The
@@ -1390,9 +1313,9 @@ class ConversationLoader:
     step takes the next micro_steps * world_size * batch_size of them, sorts them by length and
     deals them out: micro-step m of process r gets rows (m * world_size + r) * batch_size onwards.
     Sorting keeps the step's conversations, and so its loss (the mean over every supervised token of
-    the step), and makes each micro-batch's rows alike in length. A micro-batch is padded to
-    padded_length of its longest row, so x and y are lists of micro_steps arrays (batch_size,
-    length). The position is one int, saved in checkpoints with the number of conversations."""
+    the step), and makes each micro-batch's rows alike in length. x and y are lists of micro_steps
+    arrays (batch_size, padded_length of the longest row). The position is one int, saved with the
+    number of conversations."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
                  seed=0, bucket=False):
@@ -1475,10 +1398,9 @@ BUCKET_MIN = 64  # with torch.compile: to a power of two of at least this many
 
 
 def padded_length(longest, block_size, bucket=False):
-    """The length a micro-batch of conversations is padded to: its longest row rounded up to a
-    multiple of PAD_MULTIPLE, or, with bucket (torch.compile, which compiles one graph per length),
-    to a power of two of at least BUCKET_MIN, so a run meets a handful of lengths (8 up to
-    block_size 8192) instead of one per multiple of 16. Never more than block_size."""
+    """A micro-batch's length: its longest row rounded up to a multiple of PAD_MULTIPLE, or, with
+    bucket (torch.compile, which compiles one graph per length), to a power of two of at least
+    BUCKET_MIN: a handful of lengths (8 up to block_size 8192), not one per 16; <= block_size."""
     if bucket:
         return min(block_size, max(BUCKET_MIN, 1 << (longest - 1).bit_length()))
     return min(block_size, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
@@ -1517,8 +1439,7 @@ def as_str(text):
 
 
 def as_separator(text):
-    """--doc_sep='\\n\\n' arrives with a real backslash from the shell: read escapes as Python
-    would."""
+    """--doc_sep='\\n\\n' comes with a real backslash from the shell: read escapes as Python."""
     value = parse_value(text)
     if isinstance(value, str) and value != text:
         return value
