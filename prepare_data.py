@@ -26,6 +26,7 @@ prepare(); Chat (prepare_chat); the loaders that train.py reads shards with; the
 
 import argparse
 import contextlib
+import functools
 import glob
 import gzip
 import hashlib
@@ -68,6 +69,8 @@ HEADER_INTS = 256  # the header is 256 int32 = 1024 bytes
 HEADER_BYTES = HEADER_INTS * 4
 VERSION_OF_DTYPE = {np.dtype(np.uint16): 1, np.dtype(np.uint32): 2}
 DTYPE_OF_VERSION = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+CHAT_VERSION_OF_DTYPE = {np.dtype(np.uint16): 3, np.dtype(np.uint32): 4}  # conversation shards
+CHAT_DTYPE_OF_VERSION = {3: np.dtype("<u2"), 4: np.dtype("<u4")}
 SHARD_FILE = re.compile(r"^(?P<name>.+)_(?P<split>train|val)_(?P<index>\d{6})\.bin$")
 REBUILD_HINT = "re-run prepare_data.py to rebuild it"
 
@@ -163,17 +166,11 @@ def read_shard(path) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
 
 
-# A conversation shard (prepare_data.py --chat) holds whole conversations: the header [20240520,
-# version, num_tokens, num_conversations, 0, ...] (version 3: uint16 tokens, 4: uint32), then
-# num_conversations + 1 int32 offsets (conversation i is tokens[offsets[i]:offsets[i + 1]]), the
-# tokens, and one uint8 per token: 1 where the token is trained on (an assistant's answer and its
-# end of turn), else 0.
-CHAT_VERSION_OF_DTYPE = {np.dtype(np.uint16): 3, np.dtype(np.uint32): 4}
-CHAT_DTYPE_OF_VERSION = {3: np.dtype("<u2"), 4: np.dtype("<u4")}
-
-
 def write_conversation_shard(path, examples):
-    """Write conversations, (ids, supervised) arrays of equal lengths, as one shard, atomically."""
+    """Write conversations, (ids, supervised) arrays of equal lengths, as one shard, atomically: the
+    header [20240520, version, num_tokens, num_conversations, 0, ...] (version 3: uint16 tokens, 4:
+    uint32), num_conversations + 1 int32 offsets (conversation i: tokens[offsets[i]:offsets[i+1]]),
+    the tokens, and a uint8 per token: 1 where it is trained on (an answer and its end of turn)."""
     lengths = [len(ids) for ids, _ in examples]
     if sum(lengths) > np.iinfo(np.int32).max:
         raise ValueError(f"{path}: {sum(lengths):,} tokens do not fit the int32 token count of the "
@@ -255,12 +252,12 @@ def list_shards(data_dir, split) -> list:
 
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")  # what walk_directory takes
+BLOCK_CHARS = 1 << 16  # a plain text file is read this many characters at a time (bench_big_text)
 
 
 def stdlib_files():
-    """The .py files of the running Python's standard library minus its test suites (about 12 MB for
-    3.11), in a fixed shuffled order: the validation split is the start of the stream, and should be
-    a fair sample rather than the alphabetically first modules."""
+    """The standard library's .py files but its test suites (about 12 MB for 3.11), in a fixed
+    shuffled order: the validation split, the stream's start, is then a fair sample of modules."""
     root = sysconfig.get_paths()["stdlib"]
     paths = walk_directory(root, ".py", STDLIB_SKIP_DIRS)
     random.Random(0).shuffle(paths)
@@ -304,12 +301,7 @@ def walk_directory(root, suffixes=INPUT_SUFFIXES, skip_dirs=()):
 
 def open_text(path):
     # newline="" keeps \r\n and lone \r as they are: documents must come back byte for byte
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
-
-
-BLOCK_CHARS = 1 << 16  # a plain text file is read this many characters at a time (bench_big_text)
+    return (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8", newline="")
 
 
 def read_pieces(path, doc_sep=None, text_field="text"):
@@ -334,8 +326,8 @@ def read_pieces(path, doc_sep=None, text_field="text"):
 
 def read_text_pieces(f, doc_sep):
     """(text, ends_document) pieces of the documents `f.read().split(doc_sep)` (or the whole text),
-    less the empty ones, reading BLOCK_CHARS at a time, so that a document may be larger than
-    memory. A block's last characters that may begin a separator wait for the next."""
+    less the empty ones, read BLOCK_CHARS at a time (a document may outgrow memory); a block's last
+    characters that may begin a separator wait for the next."""
     held, carry = "", ""  # held: the current document's latest text, not yet known to be its last
     while True:
         block = f.read(BLOCK_CHARS)
@@ -450,8 +442,7 @@ def hub_offline_setting():
 
 
 def hub_unreachable(timeout=5.0):
-    """Why the Hugging Face hub's host cannot be reached, or None. Without the network `datasets`
-    retries for minutes, so callers check first."""
+    """Why the hub's host cannot be reached, or None: offline, `datasets` retries for minutes."""
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
     try:
@@ -477,8 +468,8 @@ def check_hub_reachable(name):
 # Where a long text may be cut, most permissive first: at line starts (before a line with visible
 # text) or before a single space between words. Our SentencePiece models and Llama-3-style
 # byte-level BPE never merge across either; GPT-2-style pre-tokenizers join runs of newlines and
-# indentation, so the second rule keeps to a newline between two visible characters.
-# choose_cut_rule() checks them on the data.
+# indentation, so the second rule keeps to a newline between two visible characters (checked on
+# the data: choose_cut_rule).
 CUT_RULES = (
     re.compile(r"(?<=\n)(?=[ \t]*\S)|(?<=\S)(?= \S)"),
     re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)"),
@@ -503,15 +494,14 @@ def split_text(text, max_chars, cut_rule=CUT_RULES[0]):
 
 
 def cut_pieces(pieces, max_chars, cut_rule):
-    """split_text over documents that arrive as (text, ends_document) pieces, holding about
-    max_chars and a piece rather than a whole document: yields (part, ends_document), a document's
-    parts being split_text(document, max_chars, cut_rule) (for max_chars >= 4: a cut's lookbehind
-    reaches two characters back, and the search starts max_chars // 2 into the part).
-    A cut is settled once the text reaches max_chars past the part's start, as split_text's first
-    search looks no further. When that search finds nothing, the fallback's first match in the text
-    so far is its first match in the whole document: a place whose lookahead runs off the end lies
-    in the blanks ([ \\t]) that end the text, after any match. With no match, the search resumes
-    there when more text has come."""
+    """split_text over documents that come as (text, ends_document) pieces, holding about max_chars
+    and a piece, not a document: yields (part, ends_document), a document's parts being split_text's
+    (for max_chars >= 4: a cut's lookbehind reaches two characters back, and the search starts
+    max_chars // 2 into the part). A cut is settled once the text reaches max_chars past the part's
+    start, as split_text's first search looks no further. When that search finds nothing, the
+    fallback's first match in the text so far is its first match in the whole document: a place
+    whose lookahead runs off the end lies in the blanks ([ \\t]) that end the text, after any
+    match. With no match, the search resumes there when more text has come."""
     buf, start, searched = "", 0, 0  # buf[start:]: the part so far; no cut in buf[start:searched]
     # waiting: text for buf, joined once it is as long as the part: linear time without cuts
     waiting, waiting_chars = [], 0
@@ -570,11 +560,8 @@ def encode_task(task, settings):
         texts += pieces
         ends += [False] * (len(pieces) - 1) + [ends_document]
     eot = [_worker["eot_id"]]
-    ids = []
-    for piece_ids, end in zip(_worker["encode"](texts), ends):
-        ids.append(piece_ids)
-        if end:
-            ids.append(eot)
+    ids = [part for piece_ids, end in zip(_worker["encode"](texts), ends)
+           for part in ([piece_ids, eot] if end else [piece_ids])]
     count = sum(map(len, ids))
     try:
         tokens = np.fromiter(chain.from_iterable(ids), dtype=_worker["dtype"], count=count)
@@ -599,10 +586,9 @@ def make_tasks(pieces, task_chars, cut_rule):
 
 
 def start_workers(workers):
-    """A pool of `workers` processes, started at once so that their start-up (about half a second
-    each) overlaps the sampling and tokenizer training; for one worker, none: all runs here. spawn:
-    the caller (train.py) may run threads (torch), and fork with threads can hang. Not
-    multiprocessing.Pool: a worker that cannot start is an error, not a restart loop."""
+    """`workers` processes, started now so that their start-up (half a second each) overlaps the
+    sampling and tokenizer training; for one, none: all runs here. spawn: fork can hang with the
+    threads (torch) a caller may run. concurrent.futures: a worker that cannot start is an error."""
     if workers == 1:
         return contextlib.nullcontext()
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
@@ -612,9 +598,8 @@ def start_workers(workers):
 
 
 def submit(pool, function, *args):
-    """pool.submit with SIGINT held back meanwhile, so that a worker it starts inherits SIGINT
-    blocked: Ctrl-C in a terminal, sent to every process of the group, then interrupts only this
-    one, which stops the workers, instead of each printing a traceback."""
+    """pool.submit with SIGINT blocked meanwhile, as a worker it starts inherits: Ctrl-C, sent to
+    the terminal's whole process group, then stops this process alone, which stops the workers."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         return pool.submit(function, *args)
@@ -832,15 +817,13 @@ def describe_input(inputs, source, source_split, text_field):
 
 def install_tokenizer(out_dir, source_file, tokenizer_bytes, sample, vocab_size, eos_id):
     """The path in out_dir of a copy of --tokenizer, or of a SentencePiece BPE trained on sample."""
+    tokenizer_path = os.path.join(out_dir, os.path.basename(source_file or "tokenizer.model"))
     if source_file is None:
         log(f"training a SentencePiece BPE tokenizer (vocab {vocab_size:,}) on a "
             f"{size_text(sum(len(doc.encode()) for doc in sample))} sample")
-        tokenizer_path = os.path.join(out_dir, "tokenizer.model")
-        write_file_atomically(tokenizer_path, train_sentencepiece(sample, vocab_size, eos_id))
-        return tokenizer_path
-    tokenizer_path = os.path.join(out_dir, os.path.basename(source_file))
+        tokenizer_bytes = train_sentencepiece(sample, vocab_size, eos_id)
     write_file_atomically(tokenizer_path, tokenizer_bytes)
-    if source_file.endswith(".json"):  # a chat template lives beside it, in either file
+    if source_file and source_file.endswith(".json"):  # a chat template beside it, in either file
         copy_tokenizer_files(os.path.dirname(source_file), out_dir,
                              ("tokenizer_config.json", "chat_template.jinja"))
     return tokenizer_path
@@ -867,11 +850,10 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
             eot_token=None, eos_id=2, sample_bytes=8_000_000, val_tokens=None,
             shard_tokens=100_000_000, max_tokens=None, dtype=None, workers=None, force=False):
     """Build out_dir from local files (inputs), a streamed data set (source) or by default the
-    Python standard library; returns the meta dict (meta.json). Problems raise ValueError, each
-    one found without reading all the text before out_dir is touched. Ctrl-C raises
-    KeyboardInterrupt (the workers ignore it), leaving out_dir unfinished for a rerun to rebuild.
-    Here the settings, and whether out_dir already holds them; then rebuild() makes the tokenizer
-    and the shards, and finish_rebuild() writes meta.json."""
+    Python standard library; returns the meta dict (meta.json). Problems raise ValueError, each one
+    found without reading all the text before out_dir is touched; Ctrl-C raises KeyboardInterrupt
+    (the workers ignore it), leaving out_dir for a rerun to rebuild. Here: the settings, and whether
+    out_dir already holds them."""
     check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens,
                    workers)
     workers = workers or available_cpus()
@@ -1040,8 +1022,7 @@ def read_conversations(inputs=None, source=None):
                          f"with --input") from None
     name, _, config = source.partition(":")
     local = os.path.exists(name) or hub_offline_setting()  # offline, datasets only reads its cache
-    reason = None if local else hub_unreachable()
-    if reason:
+    if not local and (reason := hub_unreachable()):
         raise ValueError(f"--source {source}: the data set needs the network: {reason}; give jsonl "
                          f"files with --input, or set HF_DATASETS_OFFLINE=1 to read the data set "
                          f"from the local cache")
@@ -1079,17 +1060,15 @@ def chat_splits(data, val_data, seed):
     return train_set, val_set, held_out
 
 
-RENDER_SEPARATOR = "\x00<|next rendering|>\x00"
-
-
 def render_many(chat_template, items):
     """render_chat of many (messages, add_generation_prompt) pairs in one call, the template in a
     loop binding both names for each (compiling it for each costs 1.5 ms, hours for smoltalk)."""
+    separator = "\x00<|next rendering|>\x00"
     loop = ("{% for messages, add_generation_prompt in messages %}" + chat_template["template"]
-            + RENDER_SEPARATOR + "{% endfor %}")
-    texts = render_chat({**chat_template, "template": loop}, items).split(RENDER_SEPARATOR)
+            + separator + "{% endfor %}")
+    texts = render_chat({**chat_template, "template": loop}, items).split(separator)
     if len(texts) != len(items) + 1:
-        raise ValueError(f"a conversation holds the text {RENDER_SEPARATOR!r}")
+        raise ValueError(f"a conversation holds the text {separator!r}")
     return texts[:-1]
 
 
@@ -1145,23 +1124,19 @@ def tokenize_conversations(conversations, tokenizer, chat_template):
 
 
 def write_conversation_shards(examples, out_dir, name, split, first_index, shard_tokens):
-    """Conversation shards of at most shard_tokens tokens each (a longer conversation gets one of
-    its own); returns [(filename, tokens)]."""
-    shards, group, group_tokens = [], [], 0
-
-    def flush():
-        filename = f"{name}_{split}_{first_index + len(shards):06d}.bin"
-        write_conversation_shard(os.path.join(out_dir, filename), group)
-        shards.append((filename, group_tokens))
-        group.clear()
-
+    """Shards of at most shard_tokens tokens (a longer conversation alone): [(filename, tokens)]."""
+    groups, size = [[]], 0
     for example in examples:
-        if group and group_tokens + len(example[0]) > shard_tokens:
-            flush()
-            group_tokens = 0
-        group.append(example)
-        group_tokens += len(example[0])
-    flush()
+        if groups[-1] and size + len(example[0]) > shard_tokens:
+            groups.append([])
+            size = 0
+        groups[-1].append(example)
+        size += len(example[0])
+    shards = []
+    for index, group in enumerate(groups, first_index):
+        filename = f"{name}_{split}_{index:06d}.bin"
+        write_conversation_shard(os.path.join(out_dir, filename), group)
+        shards.append((filename, sum(len(ids) for ids, _ in group)))
     return shards
 
 
@@ -1226,9 +1201,12 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading shards for training (train.py): ShardLoader a token stream, ConversationLoader
-# conversations; both give next_batch(micro_steps) -> (x, y) int64 arrays of this process's rows,
-# step_tokens, reset(), and a position (state_dict / load_state_dict) that checkpoints save.
+# Reading shards for training (train.py): ShardLoader and ConversationLoader give next_batch(steps)
+# -> (x, y) of this process's rows, step_tokens, reset(), a position (state_dict) for checkpoints.
+
+PAD_MULTIPLE = 16  # micro-batches of conversations are padded to a multiple of this many tokens
+BUCKET_MIN = 64  # with torch.compile: to a power of two of at least this many
+
 
 def check_token_ids(tokens, vocab_size, path):
     """Each token id of a shard fits a model of vocab_size; a ValueError naming the shard if not."""
@@ -1239,22 +1217,20 @@ def check_token_ids(tokens, vocab_size, path):
 
 
 class ShardLoader:
-    """Batches of sequences from memory-mapped shards, the same whatever the number of processes.
-    A shard is read as sequences of block_size + 1 tokens (inputs, and targets shifted by one)
-    starting at multiples of block_size, in an order fixed by (seed, epoch, shard), so a batch mixes
-    many documents even in a small corpus. Each call takes the next micro_steps * world_size rows of
-    batch_size sequences of that order; process `rank` gets rows rank, rank + world_size, ..., one
-    per micro-step. When the current shard has too few sequences left, the next one starts (after
-    the last, the first again: the next epoch). The position is three ints. step_tokens: the tokens
-    the last next_batch read, all processes together."""
+    """Batches of sequences from memory-mapped shards, the same whatever the number of processes: a
+    shard is read as sequences of block_size + 1 tokens (inputs, and targets shifted by one) at
+    multiples of block_size, in an order fixed by (seed, epoch, shard), so a batch mixes many
+    documents even in a small corpus. A call takes the next micro_steps * world_size rows of
+    batch_size sequences; process `rank` gets rows rank, rank + world_size, ..., one per micro-step.
+    A shard with too few sequences left gives way to the next (after the last, the first: the next
+    epoch). The position is three ints; step_tokens, the tokens of the last call, all processes."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
                  seed=0):
         self.paths = list_shards(data_dir, split)
         self.shards = [read_shard(path) for path in self.paths]
-        self.batch_size, self.block_size = batch_size, block_size
-        self.rank, self.world_size = rank, world_size
-        self.vocab_size, self.seed = vocab_size, seed
+        self.batch_size, self.block_size, self.vocab_size = batch_size, block_size, vocab_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.checked = set()  # the shards whose token ids are known to fit the vocabulary
         self.reset()
 
@@ -1305,17 +1281,15 @@ class ShardLoader:
 
 
 class ConversationLoader:
-    """Batches of conversations (SFT) from conversation shards, ShardLoader's interface.
-    Packing would let conversations attend to each other (our attention has no document mask), so
-    each is a row of its own, right-padded (which changes nothing before the padding: attention is
-    causal) and cut after block_size + 1 tokens; one left with no supervised target is dropped. The
-    conversations are an endless stream of epochs, each in its own order fixed by (seed, epoch). A
-    step takes the next micro_steps * world_size * batch_size of them, sorts them by length and
-    deals them out: micro-step m of process r gets rows (m * world_size + r) * batch_size onwards.
-    Sorting keeps the step's conversations, and so its loss (the mean over every supervised token of
-    the step), and makes each micro-batch's rows alike in length. x and y are lists of micro_steps
-    arrays (batch_size, padded_length of the longest row). The position is one int, saved with the
-    number of conversations."""
+    """Batches of conversations (SFT) from conversation shards, ShardLoader's interface. Packing
+    would let conversations attend to each other (our attention has no document mask), so each is
+    a row of its own, right-padded (causal attention: nothing before the padding changes) and cut
+    after block_size + 1 tokens; one left with no supervised target is dropped. The conversations
+    are an endless stream of epochs, each in an order fixed by (seed, epoch). A step takes the next
+    micro_steps * world_size * batch_size, sorts them by length (its loss, the mean over its
+    supervised tokens, is unchanged; a micro-batch's rows alike in length) and deals them out:
+    micro-step m of process r gets rows (m * world_size + r) * batch_size onwards. x, y: lists of
+    micro_steps arrays (batch_size, padded_length). The position: one int, saved with the count."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
                  seed=0, bucket=False):
@@ -1383,18 +1357,10 @@ class ConversationLoader:
         chosen = sorted(self.take(micro_steps * self.world_size * rows),
                         key=lambda i: self.lengths[i])
         self.step_tokens = int(self.lengths[chosen].sum())
-        xs, ys = [], []
-        for m in range(micro_steps):
-            start = (m * self.world_size + self.rank) * rows
-            x, y = collate([self.example(i) for i in chosen[start:start + rows]], self.block_size,
-                           bucket=self.bucket)
-            xs.append(x)
-            ys.append(y)
-        return xs, ys
-
-
-PAD_MULTIPLE = 16  # micro-batches of conversations are padded to a multiple of this many tokens
-BUCKET_MIN = 64  # with torch.compile: to a power of two of at least this many
+        starts = [(m * self.world_size + self.rank) * rows for m in range(micro_steps)]
+        batches = [collate([self.example(i) for i in chosen[start:start + rows]], self.block_size,
+                           bucket=self.bucket) for start in starts]
+        return [x for x, _ in batches], [y for _, y in batches]
 
 
 def padded_length(longest, block_size, bucket=False):
@@ -1457,26 +1423,24 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = parser.add_argument
-    add("--input", dest="inputs", nargs="+", metavar="PATH",
+    add = functools.partial(parser.add_argument, type=as_str)  # unless an option says otherwise
+    switch = dict(type=as_bool, nargs="?", const=True, default=False)  # --force, --force=False
+    add("--input", dest="inputs", nargs="+", metavar="PATH", type=str,
         help="local .txt (one document per file, or split on --doc_sep), .jsonl, .parquet files, "
              "directories or globs; default: the Python standard library's source")
-    add("--source", type=as_str,
-        help="stream a Hugging Face data set NAME or NAME:CONFIG (needs `datasets`)")
-    add("--source_split", type=as_str, default="train", help="split of --source to stream")
-    add("--text_field", type=as_str, default="text",
-        help="field holding the text in .jsonl, .parquet, --source")
+    add("--source", help="stream a Hugging Face data set NAME or NAME:CONFIG (needs `datasets`)")
+    add("--source_split", default="train", help="split of --source to stream")
+    add("--text_field", default="text", help="field holding the text in .jsonl, .parquet, --source")
     add("--doc_sep", type=as_separator, nargs="?", const="\n\n",
         help="split .txt files into documents on this string (escapes like \\n are read); "
              "bare: a blank line")
-    add("--out_dir", type=as_str, default=DEFAULT_DATA_DIR)
-    add("--name", type=as_str,
-        help="shard name prefix (default from the input: stdlib, the file name, ...)")
+    add("--out_dir", default=DEFAULT_DATA_DIR)
+    add("--name", help="shard name prefix (default from the input: stdlib, the file name, ...)")
     add("--vocab_size", type=as_int, default=32768,
         help="size of the SentencePiece vocabulary to train")
-    add("--tokenizer", type=as_str,
+    add("--tokenizer",
         help="reuse a SentencePiece .model, or a tokenizer.json (or a directory with one)")
-    add("--eot_token", type=as_str,
+    add("--eot_token",
         help="end-of-text token (default: eos of a .model; <|end_of_text|>, </s>, ...)")
     add("--eos_id", type=as_int, default=2,
         help="id of eos (end of text) in a trained tokenizer; unk is 0, bos 1")
@@ -1485,15 +1449,13 @@ def parse_args(argv=None):
         help="tokens in the validation split (default about 5%%, at most 10M)")
     add("--shard_tokens", type=as_int, default=100_000_000, help="tokens per shard file")
     add("--max_tokens", type=as_int, help="stop after the first document end past this many tokens")
-    add("--dtype", type=as_str, choices=["uint16", "uint32"],
+    add("--dtype", choices=["uint16", "uint32"],
         help="token dtype (default from the vocabulary size)")
     add("--workers", type=as_int, default=available_cpus(), help="tokenizer processes")
-    add("--force", type=as_bool, nargs="?", const=True, default=False,
-        help="rebuild even when out_dir already holds this exact preparation")
-    add("--chat", type=as_bool, nargs="?", const=True, default=False,
-        help="conversations ({\"messages\": [...]} jsonl, or a data set) -> chat tokenizer + "
-             "conversation shards")
-    add("--val_input", dest="val_inputs", nargs="+", metavar="PATH",
+    add("--force", **switch, help="rebuild even when out_dir already holds this exact preparation")
+    add("--chat", **switch, help="conversations ({\"messages\": [...]} jsonl, or a data set) -> "
+        "chat tokenizer + conversation shards")
+    add("--val_input", dest="val_inputs", nargs="+", metavar="PATH", type=str,
         help="--chat: validation conversations; default: the data set's test split, or 1 in 20 "
              "held out")
     add("--seed", type=as_int, default=1337, help="--chat: chooses the held-out conversations")
