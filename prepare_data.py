@@ -3,20 +3,16 @@ Turn raw text into what train.py reads: a tokenizer plus pre-tokenized binary sh
 
     python prepare_data.py         # offline: the running Python's stdlib source -> data/default/
     python prepare_data.py --input notes/ 'books/*.txt' --doc_sep='\\n\\n' --out_dir=data/books
-    python prepare_data.py --input corpus.jsonl --tokenizer=path/to/Doge-20M \\
-        --out_dir=data/continued
+    python prepare_data.py --input corpus.jsonl --tokenizer=Doge-20M/ --out_dir=data/continued
     python prepare_data.py --source=HuggingFaceTB/smollm-corpus:cosmopedia-v2 --max_tokens=4e9
     python prepare_data.py --chat --input=config/sft_doge_tiny.jsonl --tokenizer=out/doge-tiny \\
         --out_dir=data/sft-tiny
 
 What it writes in --out_dir (docs/data.md tells more; --chat writes conversation shards, see Chat):
-
-    tokenizer.model          SentencePiece BPE with byte fallback, trained on a bounded sample (or a
-                             copy of --tokenizer: a .model, or a Hugging Face tokenizer.json)
+    tokenizer.model          SentencePiece BPE, byte fallback, from a sample (or --tokenizer's copy)
     <name>_val_000000.bin    the first --val_tokens tokens of the stream: the validation split
     <name>_train_000001.bin  the rest, at most --shard_tokens per file
-    meta.json                tokenizer, vocab_size, bos/eos ids, token counts, source; "complete"
-                             once done
+    meta.json                tokenizer, vocab_size, bos/eos, token counts; "complete" once done
 
 Every document ends with the end-of-text token: the shards read in order and split on it give the
 documents back exactly. Top to bottom: the shard format; documents (files, directories, a hub data
@@ -33,6 +29,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import pathlib
 import platform
 import random
 import re
@@ -50,8 +47,8 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
-from common import (atomic_open, available_cpus, log, one_line, remove_temporary_files,
-                    size_text, write_file_atomically)
+from common import (atomic_open, atomic_write_text, available_cpus, log, one_line,
+                    remove_temporary_files, size_text, write_file_atomically)
 from configurator import parse_value
 from tokenizer import (END_OF_TURN_TOKENS, LOSSLESS_PROBE, TOKENIZER_FILES, chat_tokenizer,
                        copy_tokenizer_files, is_lossless, load_chat_template, load_tokenizer,
@@ -187,8 +184,7 @@ def write_conversation_shard(path, examples):
 
 
 def read_conversation_shard(path):
-    """(tokens, supervised uint8, offsets int64 (num_conversations + 1,)) of a conversation shard,
-    the first two memory-mapped read-only; checked like read_shard."""
+    """Memory-mapped tokens and supervised (uint8), and offsets (int64), checked like read_shard."""
     header, size = read_header(path)
     version, num_tokens, count = header[1], header[2], header[3]
     if version not in CHAT_DTYPE_OF_VERSION:
@@ -232,8 +228,7 @@ def list_shards(data_dir, split) -> list:
                          f"prepare_data.py")
     if meta is not None and "shards" in meta:
         paths = [os.path.join(data_dir, filename) for filename in meta["shards"][split]]
-        missing = [path for path in paths if not os.path.exists(path)]
-        if missing:
+        if missing := [path for path in paths if not os.path.exists(path)]:
             raise ValueError(f"{missing[0]}: listed in {META_FILE} but missing; re-run "
                              f"prepare_data.py")
     else:  # shards made by hand or by another tool: take what is there
@@ -274,8 +269,7 @@ def find_input_files(patterns):
             raise ValueError(f"--input {pattern}: no files match")
         for match in matches:
             if os.path.isdir(match):
-                found = walk_directory(match)
-                if not found:
+                if not (found := walk_directory(match)):
                     raise ValueError(f"{match}: no {', '.join(INPUT_SUFFIXES)} files in this "
                                      f"directory")
                 files += found
@@ -572,8 +566,7 @@ def encode_task(task, settings):
 
 
 def make_tasks(pieces, task_chars, cut_rule):
-    """The pieces in tasks of about task_chars, long documents cut (cut_pieces), so that every
-    worker gets work even when the input is one huge document."""
+    """The pieces in tasks of about task_chars, long documents cut: every worker gets work."""
     task, size = [], 0
     for part, ends_document in cut_pieces(pieces, task_chars, cut_rule):
         task.append((part, ends_document))
@@ -657,14 +650,12 @@ def write_shards(results, out_dir, name, dtype, val_tokens, shard_tokens, max_to
             shards[split].append((filename, total - shard_start))
 
         for tokens, documents_ended in results:
-            reached_max = max_tokens and total + len(tokens) >= max_tokens
-            if reached_max:  # keep up to the first end of text at or past max_tokens
-                first = max(0, max_tokens - total - 1)
-                ends = np.flatnonzero(tokens[first:] == eot_id)
-                reached_max = len(ends) > 0
-                if reached_max:
-                    tokens = tokens[:first + ends[0] + 1]
-                    documents_ended = int(np.count_nonzero(tokens == eot_id))
+            first = max(0, max_tokens - total - 1) if max_tokens else len(tokens)
+            ends = np.flatnonzero(tokens[first:] == eot_id)  # ends of text at or past max_tokens
+            reached_max = len(ends) > 0
+            if reached_max:  # keep up to the first
+                tokens = tokens[:first + ends[0] + 1]
+                documents_ended = int(np.count_nonzero(tokens == eot_id))
             documents += documents_ended
             while len(tokens):
                 if shard is None:
@@ -699,12 +690,6 @@ def default_val_tokens(input_bytes, max_tokens):
     """About 5% of the data (at a typical 4 bytes per token), at most 10M tokens."""
     estimates = [n for n in (input_bytes and input_bytes // 4, max_tokens) if n]
     return max(1, min([10_000_000] + [n // 20 for n in estimates]))
-
-
-def files_digest(files):
-    """Changes when any input file is added, removed or modified."""
-    stats = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
 def sample_files(files, read, sample_chars):
@@ -760,8 +745,7 @@ def up_to_date(out_dir, settings):
 
 
 def write_meta(out_dir, meta):
-    write_file_atomically(os.path.join(out_dir, META_FILE),
-                          (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_text(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=2) + "\n")
 
 
 def shard_lists(shards):
@@ -771,8 +755,7 @@ def shard_lists(shards):
 
 
 def start_rebuild(out_dir, settings):
-    """Mark out_dir as unfinished first (list_shards refuses it from then on), then remove what an
-    earlier run left: its shards and tokenizer."""
+    """Mark out_dir unfinished (list_shards refuses it); remove what left_by_earlier_run names."""
     os.makedirs(out_dir, exist_ok=True)
     write_meta(out_dir, dict(complete=False, settings=settings))
     for filename in os.listdir(out_dir):
@@ -786,8 +769,7 @@ def left_by_earlier_run(filename):
 
 
 def remove_interrupted_writes(out_dir):
-    """Remove, saying how many in one line, the temporary files of our atomic writes (shards,
-    tokenizer files, meta.json) that a run killed while writing left in out_dir."""
+    """Remove what our atomic writes left in out_dir when a run was killed, saying so in a line."""
     count, size = remove_temporary_files(
         out_dir, lambda name: left_by_earlier_run(name) or name == META_FILE)
     if count:
@@ -797,7 +779,7 @@ def remove_interrupted_writes(out_dir):
 
 def describe_input(inputs, source, source_split, text_field):
     """Where the text comes from, without reading it: (files or None for a stream, description,
-    default shard name, total input bytes or None, digest of the files)."""
+    default shard name, total input bytes or None, a digest that changes with any of the files)."""
     if source:
         description = f"--source {source} (split {source_split}, field {text_field!r})"
         return None, description, source.split("/")[-1].replace(":", "-"), None, None
@@ -811,8 +793,9 @@ def describe_input(inputs, source, source_split, text_field):
         description = (f"Python {platform.python_version()} standard library: {len(files)} .py "
                        f"files in {root}")
         name = "stdlib"
-    input_bytes = sum(os.path.getsize(path) for path in files)
-    return files, description, name, input_bytes, files_digest(files)
+    stats = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]
+    digest = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    return files, description, name, sum(size for _, size, _ in stats), digest
 
 
 def install_tokenizer(out_dir, source_file, tokenizer_bytes, sample, vocab_size, eos_id):
@@ -862,13 +845,10 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
     name = re.sub(r"[^A-Za-z0-9.-]+", "-", name or default_name).strip("-") or "data"
     val_tokens = default_val_tokens(input_bytes, max_tokens) if val_tokens is None else val_tokens
     source_tokenizer = tokenizer_file(tokenizer) if tokenizer else None
-    tokenizer_bytes = None
-    if tokenizer is None:
-        dtype_for_vocab(vocab_size, dtype)
-    else:
-        dtype_for_vocab(load_tokenizer(source_tokenizer, eot_token).vocab_size, dtype)
-        with open(source_tokenizer, "rb") as f:
-            tokenizer_bytes = f.read()  # now: it may lie in out_dir, cleaned before the copy
+    tokenizer_vocab = load_tokenizer(source_tokenizer, eot_token).vocab_size if tokenizer else None
+    dtype_for_vocab(tokenizer_vocab or vocab_size, dtype)
+    # read now: the tokenizer may lie in out_dir, cleaned before the copy
+    tokenizer_bytes = pathlib.Path(source_tokenizer).read_bytes() if tokenizer else None
 
     # Everything that decides the output: when none of it changed, the existing data is reused.
     settings = dict(
@@ -891,10 +871,7 @@ def rebuild(out_dir, settings, files, source, source_tokenizer, tokenizer_bytes,
     """prepare()'s run, every choice from settings: sample the input, put the tokenizer in out_dir,
     tokenize into shards. Returns write_shards()'s summary, the tokenizer, its path and dtype."""
     description, text_field = settings["source"], settings["text_field"]
-
-    def read(path):
-        return read_pieces(path, settings["doc_sep"], text_field)
-
+    read = functools.partial(read_pieces, doc_sep=settings["doc_sep"], text_field=text_field)
     stream = open_source(source, text_field, settings["source_split"]) if source else None
     with start_workers(workers) as pool:
         # with --tokenizer: enough to check cutting
@@ -924,9 +901,8 @@ def rebuild(out_dir, settings, files, source, source_tokenizer, tokenizer_bytes,
         log(f"tokenizing {description} with {workers} worker{'s' * (workers > 1)} into {out_dir}")
         cut_rule = None if cut_rule_index is None else CUT_RULES[cut_rule_index]
         tasks = make_tasks(pieces, TASK_CHARS, cut_rule)
-        settings_of_workers = (tokenizer_path, settings["eot_token"], token_dtype.name,
-                               cut_rule_index)
-        results = encode_in_order(tasks, pool, workers, settings_of_workers)
+        worker_settings = (tokenizer_path, settings["eot_token"], token_dtype.name, cut_rule_index)
+        results = encode_in_order(tasks, pool, workers, worker_settings)
         with contextlib.closing(results):
             written = write_shards(results, out_dir, settings["name"], token_dtype,
                                    settings["val_tokens"], settings["shard_tokens"],
@@ -936,8 +912,7 @@ def rebuild(out_dir, settings, files, source, source_tokenizer, tokenizer_bytes,
 
 def finish_rebuild(out_dir, settings, source_tokenizer, written, loaded, tokenizer_path,
                    token_dtype):
-    """prepare()'s end: refuse data that leaves nothing for training, write meta.json ("complete": a
-    finished preparation), say in one line what was written. Returns the meta dict."""
+    """prepare()'s end: refuse data with nothing for training, write meta.json, say so; the meta."""
     val_tokens = settings["val_tokens"]
     if written["tokens"] <= val_tokens:
         raise ValueError(f"only {written['tokens']:,} tokens in all, and the first "
@@ -1387,8 +1362,7 @@ def collate(examples, block_size, length=None, bucket=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: --key=value or --key value; values are Python literals or bare strings
-# (see docs/reference.md, Command-line values)
+# Command line: --key=value or --key value, a Python literal or a bare string (docs/reference.md)
 
 def as_int(text):
     value = parse_value(text)
