@@ -73,10 +73,8 @@ REBUILD_HINT = "re-run prepare_data.py to rebuild it"
 
 
 def dtype_for_vocab(vocab_size, dtype=None):
-    """uint16 for a vocabulary of up to 65536 tokens, else uint32; or dtype, if given and fits."""
-    if dtype is None:
-        dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
-    dtype = np.dtype(dtype)
+    """dtype, if given (the vocabulary must fit it), else uint16 up to 65536 tokens, else uint32."""
+    dtype = np.dtype(("uint16" if vocab_size <= 1 << 16 else "uint32") if dtype is None else dtype)
     if dtype not in VERSION_OF_DTYPE:
         raise ValueError(f"dtype must be uint16 or uint32, not {dtype}")
     if vocab_size > np.iinfo(dtype).max + 1:
@@ -86,7 +84,7 @@ def dtype_for_vocab(vocab_size, dtype=None):
 
 
 def shard_dtype(chunks):
-    """uint16, uint32 as given (the wider); other integers: uint16 if all fit, else uint32."""
+    """Keeps uint16/uint32 (the wider); other integers: uint16 if all values fit, else uint32."""
     dtypes = {chunk.dtype for chunk in chunks}
     if dtypes and dtypes <= set(VERSION_OF_DTYPE):
         return max(dtypes, key=lambda d: d.itemsize)
@@ -146,8 +144,7 @@ def check_size(path, size, expected, what):
 
 
 def read_shard(path) -> np.ndarray:
-    """Memory-map the tokens of a shard (read-only), after checking magic, version and that the file
-    size matches the token count. Any problem raises ValueError naming the file."""
+    """A shard's tokens, memory-mapped read-only once its magic, version and size are checked."""
     header, size = read_header(path)
     version, num_tokens = header[1], header[2]
     if version in CHAT_DTYPE_OF_VERSION:
@@ -436,7 +433,7 @@ def hub_offline_setting():
 
 
 def hub_unreachable(timeout=5.0):
-    """Why the hub's host cannot be reached, or None: offline, `datasets` retries for minutes."""
+    """Why the hub's host is unreachable, or None: asked first, as `datasets` retries minutes."""
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
     try:
@@ -591,8 +588,8 @@ def start_workers(workers):
 
 
 def submit(pool, function, *args):
-    """pool.submit with SIGINT blocked meanwhile, as a worker it starts inherits: Ctrl-C, sent to
-    the terminal's whole process group, then stops this process alone, which stops the workers."""
+    """pool.submit with SIGINT blocked, so that a worker it starts inherits it blocked: Ctrl-C, sent
+    to the terminal's whole process group, then stops only this process, which stops the workers."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         return pool.submit(function, *args)
@@ -601,8 +598,7 @@ def submit(pool, function, *args):
 
 
 def encode_in_order(tasks, pool, workers, settings):
-    """Yield encode_task(task, settings) for each task, in order, computed in the pool (or here when
-    pool is None) with a few tasks in flight, so memory stays bounded whatever the input size."""
+    """Each task's encode_task, in order, from the pool (or here), few in flight: bounded memory."""
     if pool is None:
         _worker.clear()  # the tokenizer file may be rebuilt under the same name between calls
         yield from (encode_task(task, settings) for task in tasks)
@@ -833,10 +829,9 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
             eot_token=None, eos_id=2, sample_bytes=8_000_000, val_tokens=None,
             shard_tokens=100_000_000, max_tokens=None, dtype=None, workers=None, force=False):
     """Build out_dir from local files (inputs), a streamed data set (source) or by default the
-    Python standard library; returns the meta dict (meta.json). Problems raise ValueError, each one
-    found without reading all the text before out_dir is touched; Ctrl-C raises KeyboardInterrupt
-    (the workers ignore it), leaving out_dir for a rerun to rebuild. Here: the settings, and whether
-    out_dir already holds them."""
+    Python standard library; returns the meta dict. Problems raise ValueError, each one found
+    without reading all the text before out_dir is touched; Ctrl-C (KeyboardInterrupt: workers
+    ignore it) leaves out_dir for a rerun. Here: the settings, and whether out_dir holds them."""
     check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens,
                    workers)
     workers = workers or available_cpus()
@@ -912,7 +907,7 @@ def rebuild(out_dir, settings, files, source, source_tokenizer, tokenizer_bytes,
 
 def finish_rebuild(out_dir, settings, source_tokenizer, written, loaded, tokenizer_path,
                    token_dtype):
-    """prepare()'s end: refuse data with nothing for training, write meta.json, say so; the meta."""
+    """prepare()'s end: refuse data leaving nothing to train on, write meta.json, log; the meta."""
     val_tokens = settings["val_tokens"]
     if written["tokens"] <= val_tokens:
         raise ValueError(f"only {written['tokens']:,} tokens in all, and the first "
@@ -1014,8 +1009,7 @@ def chat_splits(data, val_data, seed):
     """(training conversations, validation conversations, how the latter were chosen): val_data's
     ('test' or 'train'), else the data set's 'test' split, else 1 in 20 held out by the seed (at
     most 1000), else (fewer than 20) the training conversations themselves."""
-    train_set = data.get("train") or []
-    if not train_set:
+    if not (train_set := data.get("train")):
         raise ValueError("no training conversations in the input")
     if val_data is not None:
         val_set, held_out = val_data.get("test") or val_data.get("train") or [], "--val_input"
@@ -1048,10 +1042,9 @@ def render_many(chat_template, items):
 
 
 def assistant_spans(chat_template, conversations):
-    """Each conversation as text, with the character spans of the assistant's turns in it: a turn
-    starts where its prompt ends (the conversation before it plus the generation prompt, as
-    sample.py --chat gives it) and ends where the conversation through it ends: what is supervised
-    is exactly what the model has to write, the content and the template's end of turn."""
+    """Each conversation as text, with the spans of the assistant's turns in it: a turn runs from
+    where its prompt ends (the conversation before it and the generation prompt) to where the
+    conversation through it ends: what is supervised is what the model writes, end of turn too."""
     items = []
     for messages in conversations:
         items.append((messages, False))
