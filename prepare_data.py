@@ -2,63 +2,34 @@
 Turn raw text into what train.py reads: a tokenizer plus pre-tokenized binary shards.
 
     python prepare_data.py         # offline: the running Python's stdlib source -> data/default/
-    python prepare_data.py --input notes/ 'books/*.txt' --doc_sep='\\n\\n' --out_dir=data/books \\
-        --vocab_size=8192
-    python prepare_data.py --input corpus.jsonl --tokenizer=path/to/Doge-20M \\
-        --out_dir=data/continued
-    python prepare_data.py --source=HuggingFaceTB/smollm-corpus:cosmopedia-v2 \\
-        --max_tokens=4e9                                                    # datasets + network
+    python prepare_data.py --input notes/ 'books/*.txt' --doc_sep='\\n\\n' --out_dir=data/books
+    python prepare_data.py --input corpus.jsonl --tokenizer=Doge-20M/ --out_dir=data/continued
+    python prepare_data.py --source=HuggingFaceTB/smollm-corpus:cosmopedia-v2 --max_tokens=4e9
     python prepare_data.py --chat --input=config/sft_doge_tiny.jsonl --tokenizer=out/doge-tiny \\
         --out_dir=data/sft-tiny
 
-What it writes in --out_dir:
-
-    tokenizer.model          SentencePiece BPE with byte fallback, trained on a bounded sample (or a
-                             copy of --tokenizer: a .model, or a Hugging Face tokenizer.json)
+What it writes in --out_dir (docs/data.md tells more; --chat writes conversation shards, see Chat):
+    tokenizer.model          SentencePiece BPE, byte fallback, from a sample (or --tokenizer's copy)
     <name>_val_000000.bin    the first --val_tokens tokens of the stream: the validation split
     <name>_train_000001.bin  the rest, at most --shard_tokens per file
-    meta.json                tokenizer, vocab_size, bos/eos ids, token counts, source; "complete"
-                             once done
+    meta.json                tokenizer, vocab_size, bos/eos, token counts; "complete" once done
 
-Shards follow the llm.c convention: a header of 256 int32 [20240520, version, num_tokens, 0, ...],
-then the tokens, uint16 (version 1) or, for vocabularies above 65536, uint32 (version 2). Every
-document ends with the end-of-text (eos) token, so reading the shards in index order (val first) and
-splitting on it gives the documents back, exactly: the tokenizer is lossless (identity
-normalisation, byte fallback).
-
---chat turns conversations ({"messages": [{"role", "content"}, ...]} jsonl, or a data set) into what
-an SFT run reads: the chat tokenizer (the model's, with Doge's chat template and its special tokens
-if it has none) and conversation shards (tokens, which of them are trained on, where each
-conversation starts); see "Chat" below.
-
-Tokenizing runs in --workers processes. Long documents are cut into pieces of a few KB at line
-starts, where the tokenizer never merges across (checked on the data at start-up): because
-SentencePiece is several times slower on one multi-megabyte string and because one huge file should
-still keep every worker busy. Text files are read a block at a time and shards written as they fill,
-so memory holds a few blocks, the tasks in flight and the tokenizer's sample, whatever the size of a
-file or of a document in it.
-
-The file holds, top to bottom (tokenizers and chat templates live in tokenizer.py, the recall task's
-data in recall.py, the benchmarks in eval.py):
-
-    Shard format                    write, read, list token and conversation shards; read meta.json
-    Documents                       where the text comes from: files, directories, a hub data set
-    Cutting long documents          where tokenizers never merge across
-    Tokenizing in worker processes  and writing the shards as they fill
-    The whole preparation           prepare(): inputs -> tokenizer, shards, meta.json in --out_dir
-    Chat                            conversations -> the chat tokenizer and conversation shards
-    Reading shards for training     the loaders that read both kinds of shards for train.py
-    Command line                    prepare_data.py's arguments, and main()
+Every document ends with the end-of-text token: the shards read in order and split on it give the
+documents back exactly. Top to bottom: the shard format; documents (files, directories, a hub data
+set); cutting long documents where tokenizers never merge across; tokenizing in worker processes;
+prepare(); Chat (prepare_chat); the loaders that train.py reads shards with; the command line.
 """
 
 import argparse
 import contextlib
+import functools
 import glob
 import gzip
 import hashlib
 import json
 import multiprocessing
 import os
+import pathlib
 import platform
 import random
 import re
@@ -76,34 +47,34 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
-from common import (atomic_open, available_cpus, log, one_line, remove_temporary_files,
-                    size_text, write_file_atomically)
+from common import (atomic_open, atomic_write_text, available_cpus, log, one_line,
+                    remove_temporary_files, size_text, write_file_atomically)
 from configurator import parse_value
 from tokenizer import (END_OF_TURN_TOKENS, LOSSLESS_PROBE, TOKENIZER_FILES, chat_tokenizer,
-                       is_lossless, load_chat_template, load_tokenizer, render_chat,
-                       tokenizer_file, train_sentencepiece)
+                       copy_tokenizer_files, is_lossless, load_chat_template, load_tokenizer,
+                       render_chat, tokenizer_file, train_sentencepiece)
 
 DEFAULT_DATA_DIR = "data/default"
 META_FILE = "meta.json"
 
 # ----------------------------------------------------------------------------------------------
-# Shard format: shared with train.py (write_shard, read_shard, list_shards; conversation ones below)
+# Shard format, llm.c's: a header of 256 int32 [20240520, version, num_tokens, 0, ...], then the
+# tokens, uint16 (version 1) or, for vocabularies above 65536, uint32 (version 2)
 
 SHARD_MAGIC = 20240520
 HEADER_INTS = 256  # the header is 256 int32 = 1024 bytes
 HEADER_BYTES = HEADER_INTS * 4
 VERSION_OF_DTYPE = {np.dtype(np.uint16): 1, np.dtype(np.uint32): 2}
 DTYPE_OF_VERSION = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+CHAT_VERSION_OF_DTYPE = {np.dtype(np.uint16): 3, np.dtype(np.uint32): 4}  # conversation shards
+CHAT_DTYPE_OF_VERSION = {3: np.dtype("<u2"), 4: np.dtype("<u4")}
 SHARD_FILE = re.compile(r"^(?P<name>.+)_(?P<split>train|val)_(?P<index>\d{6})\.bin$")
 REBUILD_HINT = "re-run prepare_data.py to rebuild it"
 
 
 def dtype_for_vocab(vocab_size, dtype=None):
-    """Token dtype for a vocabulary: uint16 up to 65536 entries, else uint32 (or the dtype asked
-    for, if it fits)."""
-    if dtype is None:
-        dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
-    dtype = np.dtype(dtype)
+    """dtype, if given (the vocabulary must fit it), else uint16 up to 65536 tokens, else uint32."""
+    dtype = np.dtype(("uint16" if vocab_size <= 1 << 16 else "uint32") if dtype is None else dtype)
     if dtype not in VERSION_OF_DTYPE:
         raise ValueError(f"dtype must be uint16 or uint32, not {dtype}")
     if vocab_size > np.iinfo(dtype).max + 1:
@@ -113,8 +84,7 @@ def dtype_for_vocab(vocab_size, dtype=None):
 
 
 def shard_dtype(chunks):
-    """uint16 and uint32 arrays keep their dtype; other integers become uint16 when every value
-    fits, else uint32."""
+    """Keeps uint16/uint32 (the wider); other integers: uint16 if all values fit, else uint32."""
     dtypes = {chunk.dtype for chunk in chunks}
     if dtypes and dtypes <= set(VERSION_OF_DTYPE):
         return max(dtypes, key=lambda d: d.itemsize)
@@ -136,9 +106,7 @@ def shard_header(version, num_tokens, count=0) -> bytes:
 
 
 def write_shard(path, tokens: np.ndarray):
-    """Write one shard atomically: header [20240520, version, num_tokens, 0 ...] then the tokens.
-    uint16 tokens give version 1, uint32 version 2; other integer arrays are stored as uint16 when
-    they fit, else uint32."""
+    """Write one shard atomically: the header, then the tokens in the dtype shard_dtype chooses."""
     tokens = np.asarray(tokens).ravel()
     dtype = shard_dtype([tokens])
     if tokens.size > np.iinfo(np.int32).max:
@@ -176,8 +144,7 @@ def check_size(path, size, expected, what):
 
 
 def read_shard(path) -> np.ndarray:
-    """Memory-map the tokens of a shard (read-only), after checking magic, version and that the file
-    size matches the token count. Any problem raises ValueError naming the file."""
+    """A shard's tokens, memory-mapped read-only once its magic, version and size are checked."""
     header, size = read_header(path)
     version, num_tokens = header[1], header[2]
     if version in CHAT_DTYPE_OF_VERSION:
@@ -193,17 +160,11 @@ def read_shard(path) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
 
 
-# A conversation shard (prepare_data.py --chat) holds whole conversations: the header [20240520,
-# version, num_tokens, num_conversations, 0, ...] (version 3: uint16 tokens, 4: uint32), then
-# num_conversations + 1 int32 offsets (conversation i is tokens[offsets[i]:offsets[i + 1]]), the
-# tokens, and one uint8 per token: 1 where the token is trained on (an assistant's answer and its
-# end of turn), else 0.
-CHAT_VERSION_OF_DTYPE = {np.dtype(np.uint16): 3, np.dtype(np.uint32): 4}
-CHAT_DTYPE_OF_VERSION = {3: np.dtype("<u2"), 4: np.dtype("<u4")}
-
-
 def write_conversation_shard(path, examples):
-    """Write conversations, (ids, supervised) arrays of equal lengths, as one shard, atomically."""
+    """Write conversations, (ids, supervised) arrays of equal lengths, as one shard, atomically: the
+    header [20240520, version, num_tokens, num_conversations, 0, ...] (version 3: uint16 tokens, 4:
+    uint32), num_conversations + 1 int32 offsets (conversation i: tokens[offsets[i]:offsets[i+1]]),
+    the tokens, and a uint8 per token: 1 where it is trained on (an answer and its end of turn)."""
     lengths = [len(ids) for ids, _ in examples]
     if sum(lengths) > np.iinfo(np.int32).max:
         raise ValueError(f"{path}: {sum(lengths):,} tokens do not fit the int32 token count of the "
@@ -220,9 +181,7 @@ def write_conversation_shard(path, examples):
 
 
 def read_conversation_shard(path):
-    """(tokens, supervised, offsets) of a conversation shard: tokens and supervised (uint8)
-    memory-mapped read-only, offsets (num_conversations + 1,) int64. Checked like read_shard;
-    problems raise ValueError."""
+    """Memory-mapped tokens and supervised (uint8), and offsets (int64), checked like read_shard."""
     header, size = read_header(path)
     version, num_tokens, count = header[1], header[2], header[3]
     if version not in CHAT_DTYPE_OF_VERSION:
@@ -256,9 +215,8 @@ def read_meta(data_dir):
 
 
 def list_shards(data_dir, split) -> list:
-    """Paths of the `split` ('train' or 'val') shards of a data directory, in index order.
-    meta.json, when present, is the authority: an unfinished preparation or a missing shard is an
-    error, not a smaller dataset."""
+    """The paths of data_dir's `split` ('train' or 'val') shards, in index order. meta.json, if
+    there, is the authority: an unfinished run or a missing shard is an error, not less data."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     meta = read_meta(data_dir)
@@ -267,8 +225,7 @@ def list_shards(data_dir, split) -> list:
                          f"prepare_data.py")
     if meta is not None and "shards" in meta:
         paths = [os.path.join(data_dir, filename) for filename in meta["shards"][split]]
-        missing = [path for path in paths if not os.path.exists(path)]
-        if missing:
+        if missing := [path for path in paths if not os.path.exists(path)]:
             raise ValueError(f"{missing[0]}: listed in {META_FILE} but missing; re-run "
                              f"prepare_data.py")
     else:  # shards made by hand or by another tool: take what is there
@@ -287,25 +244,20 @@ def list_shards(data_dir, split) -> list:
 
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")  # what walk_directory takes
+BLOCK_CHARS = 1 << 16  # a plain text file is read this many characters at a time (bench_big_text)
 
 
 def stdlib_files():
-    """The .py files of the running Python's standard library minus its test suites (about 12 MB for
-    3.11), in a fixed shuffled order: the validation split is the start of the stream, and should be
-    a fair sample rather than the alphabetically first modules."""
+    """The standard library's .py files but its test suites (about 12 MB for 3.11), in a fixed
+    shuffled order: the validation split, the stream's start, is then a fair sample of modules."""
     root = sysconfig.get_paths()["stdlib"]
-    paths = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs
-                            if d not in STDLIB_SKIP_DIRS and not d.startswith("."))
-        paths += [os.path.join(directory, f) for f in sorted(files) if f.endswith(".py")]
+    paths = walk_directory(root, ".py", STDLIB_SKIP_DIRS)
     random.Random(0).shuffle(paths)
     return root, paths
 
 
 def find_input_files(patterns):
-    """Expand --input: files as given, globs, directories walked (sorted, picking
-    .txt/.jsonl/.parquet)."""
+    """Expand --input: files as given, globs, directories walked (walk_directory)."""
     files = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if re.search(r"[*?[]", pattern) \
@@ -314,8 +266,7 @@ def find_input_files(patterns):
             raise ValueError(f"--input {pattern}: no files match")
         for match in matches:
             if os.path.isdir(match):
-                found = walk_directory(match)
-                if not found:
+                if not (found := walk_directory(match)):
                     raise ValueError(f"{match}: no {', '.join(INPUT_SUFFIXES)} files in this "
                                      f"directory")
                 files += found
@@ -329,31 +280,25 @@ def find_input_files(patterns):
     return list(dict.fromkeys(files))  # a file named twice is read once
 
 
-def walk_directory(root):
+def walk_directory(root, suffixes=INPUT_SUFFIXES, skip_dirs=()):
+    """The files under root named *suffixes, sorted, leaving out hidden ones and skip_dirs."""
     found = []
     for directory, subdirs, filenames in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        subdirs[:] = sorted(d for d in subdirs if d not in skip_dirs and not d.startswith("."))
         found += [os.path.join(directory, f) for f in sorted(filenames)
-                  if f.endswith(INPUT_SUFFIXES) and not f.startswith(".")]
+                  if f.endswith(suffixes) and not f.startswith(".")]
     return found
 
 
 def open_text(path):
     # newline="" keeps \r\n and lone \r as they are: documents must come back byte for byte
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
-
-
-BLOCK_CHARS = 1 << 16  # a plain text file is read this many characters at a time (bench_big_text)
+    return (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8", newline="")
 
 
 def read_pieces(path, doc_sep=None, text_field="text"):
-    """The documents of one file as (text, ends_document) pieces, none empty, each document's last
-    one flagged: .jsonl (one per line, field text_field) and .parquet (column text_field) give every
-    document in one piece; anything else is plain text, one document per file or split on doc_sep,
-    read a block at a time so that a document may be larger than memory. Empty documents are
-    skipped."""
+    """The documents of one file as (text, ends_document) pieces, none empty: .jsonl (one per line,
+    field text_field) and .parquet (column text_field) give each document whole; anything else is
+    plain text, one document per file or split on doc_sep (read_text_pieces)."""
     name = path[:-3] if path.endswith(".gz") else path
     try:
         if name.endswith(".jsonl"):
@@ -372,8 +317,8 @@ def read_pieces(path, doc_sep=None, text_field="text"):
 
 def read_text_pieces(f, doc_sep):
     """(text, ends_document) pieces of the documents `f.read().split(doc_sep)` (or the whole text),
-    less the empty ones, reading BLOCK_CHARS at a time. A block's last characters that may begin a
-    separator wait for the next."""
+    less the empty ones, read BLOCK_CHARS at a time (a document may outgrow memory); a block's last
+    characters that may begin a separator wait for the next."""
     held, carry = "", ""  # held: the current document's latest text, not yet known to be its last
     while True:
         block = f.read(BLOCK_CHARS)
@@ -455,9 +400,8 @@ def read_parquet(path, text_field):
 
 
 def open_source(name, text_field="text", split="train"):
-    """Stream a Hugging Face data set, given as NAME or NAME:CONFIG, with the optional `datasets`
-    package. Everything that can fail without data fails here, at once: the package, the network,
-    the name."""
+    """Stream a Hugging Face data set NAME or NAME:CONFIG (the optional `datasets` package). What
+    can fail without data fails here, at once: the package, the network, the name."""
     try:
         import datasets
     except ImportError:
@@ -484,15 +428,12 @@ def source_documents(name, rows, text_field):
 
 def hub_offline_setting():
     """The HF_*_OFFLINE variable that is set (datasets then reads only its cache), or None."""
-    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(variable, "").lower() in ("1", "true", "yes", "on"):
-            return variable
-    return None
+    return next((variable for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                 if os.environ.get(variable, "").lower() in ("1", "true", "yes", "on")), None)
 
 
 def hub_unreachable(timeout=5.0):
-    """Why the Hugging Face hub's host cannot be reached, or None. Without the network `datasets`
-    retries for minutes, so callers check first."""
+    """Why the hub's host is unreachable, or None: asked first, as `datasets` retries minutes."""
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
     try:
@@ -504,12 +445,10 @@ def hub_unreachable(timeout=5.0):
 
 def check_hub_reachable(name):
     """Fail fast when --source cannot stream: offline, or no network."""
-    variable = hub_offline_setting()
-    if variable:
+    if variable := hub_offline_setting():
         raise ValueError(f"--source {name}: {variable} is set, so the hub cannot be reached; "
                          f"use --input with local files")
-    reason = hub_unreachable()
-    if reason:
+    if reason := hub_unreachable():
         raise ValueError(f"--source {name}: {reason}; --source needs network access, use --input "
                          f"for local files")
 
@@ -520,8 +459,8 @@ def check_hub_reachable(name):
 # Where a long text may be cut, most permissive first: at line starts (before a line with visible
 # text) or before a single space between words. Our SentencePiece models and Llama-3-style
 # byte-level BPE never merge across either; GPT-2-style pre-tokenizers join runs of newlines and
-# indentation, so the second rule keeps to a newline between two visible characters.
-# choose_cut_rule() checks them on the data.
+# indentation, so the second rule keeps to a newline between two visible characters (checked on
+# the data: choose_cut_rule).
 CUT_RULES = (
     re.compile(r"(?<=\n)(?=[ \t]*\S)|(?<=\S)(?= \S)"),
     re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)"),
@@ -546,16 +485,14 @@ def split_text(text, max_chars, cut_rule=CUT_RULES[0]):
 
 
 def cut_pieces(pieces, max_chars, cut_rule):
-    """split_text for documents that arrive in (text, ends_document) pieces, as read_pieces gives
-    them, holding about max_chars and a piece rather than a whole document: yields (part,
-    ends_document), where a document's parts are split_text(document, max_chars, cut_rule). (For
-    max_chars >= 4: a cut's lookbehind reaches two characters back, and the search starts
-    max_chars // 2 into the part.)
-    A cut is settled once the text reaches max_chars past the part's start, as split_text's first
-    search looks no further. When that search finds nothing, the fallback's first match in the text
-    so far is its first match in the whole document: a place whose lookahead runs off the end lies
-    in the blanks ([ \\t]) that end the text, after any match. With no match, the search resumes
-    there when more text has come."""
+    """split_text over documents that come as (text, ends_document) pieces, holding about max_chars
+    and a piece, not a document: yields (part, ends_document), a document's parts being split_text's
+    (for max_chars >= 4: a cut's lookbehind reaches two characters back, and the search starts
+    max_chars // 2 into the part). A cut is settled once the text reaches max_chars past the part's
+    start, as split_text's first search looks no further. When that search finds nothing, the
+    fallback's first match in the text so far is its first match in the whole document: a place
+    whose lookahead runs off the end lies in the blanks ([ \\t]) that end the text, after any
+    match. With no match, the search resumes there when more text has come."""
     buf, start, searched = "", 0, 0  # buf[start:]: the part so far; no cut in buf[start:searched]
     # waiting: text for buf, joined once it is as long as the part: linear time without cuts
     waiting, waiting_chars = [], 0
@@ -581,9 +518,8 @@ def cut_pieces(pieces, max_chars, cut_rule):
 
 
 def choose_cut_rule(tokenizer, sample):
-    """Index of the first of CUT_RULES that leaves the tokens of the data unchanged (whole text
-    against cut pieces), or None: then documents are encoded whole, e.g. for a model that adds a
-    dummy prefix."""
+    """Index of the first of CUT_RULES that leaves the data's tokens unchanged (whole text against
+    cut pieces), or None: documents are then encoded whole (a model that adds a dummy prefix)."""
     text = "".join(sample)[:1 << 16] + LOSSLESS_PROBE
     whole = list(tokenizer.encode([text])[0])
     for index, cut_rule in enumerate(CUT_RULES):
@@ -601,9 +537,8 @@ _worker = {}  # this process's tokenizer, loaded by its first task
 
 
 def encode_task(task, settings):
-    """task: a list of (text, ends_a_document); settings: (tokenizer path, eot_token, dtype, cut
-    rule index). Returns the tokens, with an end-of-text token after every document's last text, and
-    how many documents ended."""
+    """task: [(text, ends_a_document)]; settings: (tokenizer path, eot_token, dtype, cut rule).
+    Returns the tokens, an end-of-text after each document's end, and how many documents ended."""
     if _worker.get("settings") != settings:
         tokenizer_path, eot_token, dtype, cut_rule_index = settings
         tokenizer = load_tokenizer(tokenizer_path, eot_token)
@@ -616,11 +551,8 @@ def encode_task(task, settings):
         texts += pieces
         ends += [False] * (len(pieces) - 1) + [ends_document]
     eot = [_worker["eot_id"]]
-    ids = []
-    for piece_ids, end in zip(_worker["encode"](texts), ends):
-        ids.append(piece_ids)
-        if end:
-            ids.append(eot)
+    ids = [part for piece_ids, end in zip(_worker["encode"](texts), ends)
+           for part in ([piece_ids, eot] if end else [piece_ids])]
     count = sum(map(len, ids))
     try:
         tokens = np.fromiter(chain.from_iterable(ids), dtype=_worker["dtype"], count=count)
@@ -631,9 +563,7 @@ def encode_task(task, settings):
 
 
 def make_tasks(pieces, task_chars, cut_rule):
-    """Group the documents' (text, ends_document) pieces into tasks of about task_chars, cutting
-    long documents as split_text would, so that every worker gets work even when the input is one
-    huge document."""
+    """The pieces in tasks of about task_chars, long documents cut: every worker gets work."""
     task, size = [], 0
     for part, ends_document in cut_pieces(pieces, task_chars, cut_rule):
         task.append((part, ends_document))
@@ -646,12 +576,9 @@ def make_tasks(pieces, task_chars, cut_rule):
 
 
 def start_workers(workers):
-    """A pool of `workers` processes, started at once so that their start-up (an interpreter, numpy
-    and the tokenizer library each: about half a second) overlaps the sampling and tokenizer
-    training; for one worker, a stand-in: then everything runs in this process.
-    spawn, not fork: the caller (train.py) may have threads running (torch), and fork with threads
-    can hang. concurrent.futures, not multiprocessing.Pool: a worker that cannot start is an error,
-    not a restart loop."""
+    """`workers` processes, started now so that their start-up (half a second each) overlaps the
+    sampling and tokenizer training; for one, none: all runs here. spawn: fork can hang with the
+    threads (torch) a caller may run. concurrent.futures: a worker that cannot start is an error."""
     if workers == 1:
         return contextlib.nullcontext()
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
@@ -661,10 +588,8 @@ def start_workers(workers):
 
 
 def submit(pool, function, *args):
-    """pool.submit with SIGINT held back meanwhile, so that a worker process it starts inherits
-    SIGINT blocked (as multiprocessing's resource tracker does). Ctrl-C in a terminal, sent to every
-    process of the group, then interrupts only this one, which stops the workers, instead of each
-    printing a traceback. A Ctrl-C in the meantime arrives when the submission returns."""
+    """pool.submit with SIGINT blocked, so that a worker it starts inherits it blocked: Ctrl-C, sent
+    to the terminal's whole process group, then stops only this process, which stops the workers."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         return pool.submit(function, *args)
@@ -673,8 +598,7 @@ def submit(pool, function, *args):
 
 
 def encode_in_order(tasks, pool, workers, settings):
-    """Yield encode_task(task, settings) for each task, in order, computed in the pool (or here when
-    pool is None) with a few tasks in flight, so memory stays bounded whatever the input size."""
+    """Each task's encode_task, in order, from the pool (or here), few in flight: bounded memory."""
     if pool is None:
         _worker.clear()  # the tokenizer file may be rebuilt under the same name between calls
         yield from (encode_task(task, settings) for task in tasks)
@@ -706,11 +630,9 @@ def shard_end(position, val_tokens, shard_tokens):
 
 def write_shards(results, out_dir, name, dtype, val_tokens, shard_tokens, max_tokens=None,
                  eot_id=None):
-    """Cut the token stream into shards of `dtype` tokens: the first val_tokens tokens are
-    validation, the rest train. A shard may end inside a document; the next shard carries on. With
-    max_tokens, stop at the first document end past it. Each shard is written as its tokens come
-    (its header's count set when it is full), under a temporary name until then, so memory holds a
-    result, not a shard."""
+    """The token stream cut into shards of `dtype` tokens, the first val_tokens validation, the rest
+    train (a shard may end inside a document); with max_tokens, up to the first document end past
+    it. A shard is written as its tokens come (memory holds a result), its count when it is full."""
     shards = {"val": [], "train": []}
     total, documents, shard = 0, 0, None  # shard being written: (file, split, filename, its start)
     start = time.perf_counter()
@@ -724,14 +646,12 @@ def write_shards(results, out_dir, name, dtype, val_tokens, shard_tokens, max_to
             shards[split].append((filename, total - shard_start))
 
         for tokens, documents_ended in results:
-            reached_max = max_tokens and total + len(tokens) >= max_tokens
-            if reached_max:  # keep up to the first end of text at or past max_tokens
-                first = max(0, max_tokens - total - 1)
-                ends = np.flatnonzero(tokens[first:] == eot_id)
-                reached_max = len(ends) > 0
-                if reached_max:
-                    tokens = tokens[:first + ends[0] + 1]
-                    documents_ended = int(np.count_nonzero(tokens == eot_id))
+            first = max(0, max_tokens - total - 1) if max_tokens else len(tokens)
+            ends = np.flatnonzero(tokens[first:] == eot_id)  # ends of text at or past max_tokens
+            reached_max = len(ends) > 0
+            if reached_max:  # keep up to the first
+                tokens = tokens[:first + ends[0] + 1]
+                documents_ended = int(np.count_nonzero(tokens == eot_id))
             documents += documents_ended
             while len(tokens):
                 if shard is None:
@@ -768,17 +688,10 @@ def default_val_tokens(input_bytes, max_tokens):
     return max(1, min([10_000_000] + [n // 20 for n in estimates]))
 
 
-def files_digest(files):
-    """Changes when any input file is added, removed or modified."""
-    stats = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
-
-
 def sample_files(files, read, sample_chars):
-    """About sample_chars of text spread over all input files (each gives a share proportional to
-    its size), so that the tokenizer sees every kind of input, not only the first file: the start of
-    each document, `doc[:max(1, int(quota - taken))]`, until the file's quota is taken. read(path)
-    gives a file's pieces."""
+    """About sample_chars of text spread over all input files (shares proportional to their sizes),
+    so that the tokenizer sees every kind of input: the start of each document of a file read(path)
+    reads, `doc[:max(1, int(quota - taken))]`, until the file's quota is taken."""
     sizes = [os.path.getsize(path) for path in files]
     sample = []
     for path, size in zip(files, sizes):
@@ -828,8 +741,7 @@ def up_to_date(out_dir, settings):
 
 
 def write_meta(out_dir, meta):
-    write_file_atomically(os.path.join(out_dir, META_FILE),
-                          (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_text(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=2) + "\n")
 
 
 def shard_lists(shards):
@@ -839,8 +751,7 @@ def shard_lists(shards):
 
 
 def start_rebuild(out_dir, settings):
-    """Mark out_dir as unfinished first (list_shards refuses it from then on), then remove what an
-    earlier run left: its shards and tokenizer."""
+    """Mark out_dir unfinished (list_shards refuses it); remove what left_by_earlier_run names."""
     os.makedirs(out_dir, exist_ok=True)
     write_meta(out_dir, dict(complete=False, settings=settings))
     for filename in os.listdir(out_dir):
@@ -854,9 +765,7 @@ def left_by_earlier_run(filename):
 
 
 def remove_interrupted_writes(out_dir):
-    """Remove the temporary files that atomic writes of ours (shards, tokenizer files, meta.json)
-    left in out_dir: a run killed while writing never renames them. Says in one line how many and
-    how big."""
+    """Remove what our atomic writes left in out_dir when a run was killed, saying so in a line."""
     count, size = remove_temporary_files(
         out_dir, lambda name: left_by_earlier_run(name) or name == META_FILE)
     if count:
@@ -866,7 +775,7 @@ def remove_interrupted_writes(out_dir):
 
 def describe_input(inputs, source, source_split, text_field):
     """Where the text comes from, without reading it: (files or None for a stream, description,
-    default shard name, total input bytes or None, digest of the files)."""
+    default shard name, total input bytes or None, a digest that changes with any of the files)."""
     if source:
         description = f"--source {source} (split {source_split}, field {text_field!r})"
         return None, description, source.split("/")[-1].replace(":", "-"), None, None
@@ -880,27 +789,22 @@ def describe_input(inputs, source, source_split, text_field):
         description = (f"Python {platform.python_version()} standard library: {len(files)} .py "
                        f"files in {root}")
         name = "stdlib"
-    input_bytes = sum(os.path.getsize(path) for path in files)
-    return files, description, name, input_bytes, files_digest(files)
+    stats = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]
+    digest = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    return files, description, name, sum(size for _, size, _ in stats), digest
 
 
 def install_tokenizer(out_dir, source_file, tokenizer_bytes, sample, vocab_size, eos_id):
-    """Put the tokenizer into out_dir: a copy of --tokenizer, or a SentencePiece model trained on
-    the sample. Returns its path there."""
+    """The path in out_dir of a copy of --tokenizer, or of a SentencePiece BPE trained on sample."""
+    tokenizer_path = os.path.join(out_dir, os.path.basename(source_file or "tokenizer.model"))
     if source_file is None:
         log(f"training a SentencePiece BPE tokenizer (vocab {vocab_size:,}) on a "
             f"{size_text(sum(len(doc.encode()) for doc in sample))} sample")
-        tokenizer_path = os.path.join(out_dir, "tokenizer.model")
-        write_file_atomically(tokenizer_path, train_sentencepiece(sample, vocab_size, eos_id))
-        return tokenizer_path
-    tokenizer_path = os.path.join(out_dir, os.path.basename(source_file))
+        tokenizer_bytes = train_sentencepiece(sample, vocab_size, eos_id)
     write_file_atomically(tokenizer_path, tokenizer_bytes)
-    if source_file.endswith(".json"):  # a chat template lives beside it, in either file
-        for name in ("tokenizer_config.json", "chat_template.jinja"):
-            companion = os.path.join(os.path.dirname(source_file), name)
-            if os.path.isfile(companion):
-                with open(companion, "rb") as f:
-                    write_file_atomically(os.path.join(out_dir, name), f.read())
+    if source_file and source_file.endswith(".json"):  # a chat template beside it, in either file
+        copy_tokenizer_files(os.path.dirname(source_file), out_dir,
+                             ("tokenizer_config.json", "chat_template.jinja"))
     return tokenizer_path
 
 
@@ -925,12 +829,9 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
             eot_token=None, eos_id=2, sample_bytes=8_000_000, val_tokens=None,
             shard_tokens=100_000_000, max_tokens=None, dtype=None, workers=None, force=False):
     """Build out_dir from local files (inputs), a streamed data set (source) or by default the
-    Python standard library. Returns the meta dict, also written to out_dir/meta.json. Problems
-    raise ValueError, and every one that can be found without reading all the text is found before
-    out_dir is touched. Ctrl-C raises KeyboardInterrupt (the worker processes ignore it), leaving
-    out_dir unfinished for a rerun to rebuild.
-    Here the settings, and whether out_dir already holds them; then rebuild() makes the tokenizer
-    and the shards, and finish_rebuild() writes meta.json."""
+    Python standard library; returns the meta dict. Problems raise ValueError, each one found
+    without reading all the text before out_dir is touched; Ctrl-C (KeyboardInterrupt: workers
+    ignore it) leaves out_dir for a rerun. Here: the settings, and whether out_dir holds them."""
     check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens,
                    workers)
     workers = workers or available_cpus()
@@ -939,13 +840,10 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
     name = re.sub(r"[^A-Za-z0-9.-]+", "-", name or default_name).strip("-") or "data"
     val_tokens = default_val_tokens(input_bytes, max_tokens) if val_tokens is None else val_tokens
     source_tokenizer = tokenizer_file(tokenizer) if tokenizer else None
-    tokenizer_bytes = None
-    if tokenizer is None:
-        dtype_for_vocab(vocab_size, dtype)
-    else:
-        dtype_for_vocab(load_tokenizer(source_tokenizer, eot_token).vocab_size, dtype)
-        with open(source_tokenizer, "rb") as f:
-            tokenizer_bytes = f.read()  # now: it may lie in out_dir, cleaned before the copy
+    tokenizer_vocab = load_tokenizer(source_tokenizer, eot_token).vocab_size if tokenizer else None
+    dtype_for_vocab(tokenizer_vocab or vocab_size, dtype)
+    # read now: the tokenizer may lie in out_dir, cleaned before the copy
+    tokenizer_bytes = pathlib.Path(source_tokenizer).read_bytes() if tokenizer else None
 
     # Everything that decides the output: when none of it changed, the existing data is reused.
     settings = dict(
@@ -965,16 +863,10 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
 
 
 def rebuild(out_dir, settings, files, source, source_tokenizer, tokenizer_bytes, workers):
-    """prepare()'s run: sample the input (files, or the data set source), put the tokenizer into
-    out_dir (source_tokenizer's bytes, or one trained on the sample), and tokenize in the worker
-    processes into shards. Every choice comes from settings, which meta.json records. Returns
-    write_shards()'s summary, the tokenizer, its path in out_dir and the tokens' dtype."""
+    """prepare()'s run, every choice from settings: sample the input, put the tokenizer in out_dir,
+    tokenize into shards. Returns write_shards()'s summary, the tokenizer, its path and dtype."""
     description, text_field = settings["source"], settings["text_field"]
-
-    def read(path):
-        return read_pieces(path, settings["doc_sep"], text_field)
-
-    # fails at once if it must
+    read = functools.partial(read_pieces, doc_sep=settings["doc_sep"], text_field=text_field)
     stream = open_source(source, text_field, settings["source_split"]) if source else None
     with start_workers(workers) as pool:
         # with --tokenizer: enough to check cutting
@@ -1004,9 +896,8 @@ def rebuild(out_dir, settings, files, source, source_tokenizer, tokenizer_bytes,
         log(f"tokenizing {description} with {workers} worker{'s' * (workers > 1)} into {out_dir}")
         cut_rule = None if cut_rule_index is None else CUT_RULES[cut_rule_index]
         tasks = make_tasks(pieces, TASK_CHARS, cut_rule)
-        settings_of_workers = (tokenizer_path, settings["eot_token"], token_dtype.name,
-                               cut_rule_index)
-        results = encode_in_order(tasks, pool, workers, settings_of_workers)
+        worker_settings = (tokenizer_path, settings["eot_token"], token_dtype.name, cut_rule_index)
+        results = encode_in_order(tasks, pool, workers, worker_settings)
         with contextlib.closing(results):
             written = write_shards(results, out_dir, settings["name"], token_dtype,
                                    settings["val_tokens"], settings["shard_tokens"],
@@ -1016,8 +907,7 @@ def rebuild(out_dir, settings, files, source, source_tokenizer, tokenizer_bytes,
 
 def finish_rebuild(out_dir, settings, source_tokenizer, written, loaded, tokenizer_path,
                    token_dtype):
-    """prepare()'s end: refuse data that leaves nothing for training, write meta.json ("complete": a
-    finished preparation), say in one line what was written. Returns the meta dict."""
+    """prepare()'s end: refuse data leaving nothing to train on, write meta.json, log; the meta."""
     val_tokens = settings["val_tokens"]
     if written["tokens"] <= val_tokens:
         raise ValueError(f"only {written['tokens']:,} tokens in all, and the first "
@@ -1043,9 +933,8 @@ def finish_rebuild(out_dir, settings, source_tokenizer, written, loaded, tokeniz
 
 
 def ensure_prepared(data_dir, prepare_default=True):
-    """Refuse (ValueError, saying how to make it) a data directory without training shards, unless
-    it is the default one: the default corpus is then prepared there (if prepare_default; train.py's
-    first run)."""
+    """Refuse (ValueError, saying how to make it) a data_dir without training shards, unless it is
+    the default one: there the default corpus is made (if prepare_default: train.py's first run)."""
     try:
         list_shards(data_dir, "train")
         return
@@ -1064,9 +953,6 @@ def ensure_prepared(data_dir, prepare_default=True):
 
 # ----------------------------------------------------------------------------------------------
 # Chat: conversations -> the chat tokenizer and conversation shards (prepare_data.py --chat)
-#
-# Packing conversations into one row would let them attend to each other (Doge's attention has no
-# document mask), so they are kept whole and apart; train.py makes each one a row of its own.
 
 
 def check_messages(messages, where):
@@ -1094,8 +980,7 @@ def read_jsonl_conversations(path):
 
 def read_conversations(inputs=None, source=None):
     """{split: conversations} from jsonl files (inputs: paths, globs, directories; all 'train'), or
-    from a Hugging Face data set NAME[:CONFIG] (source; every split, read with the optional
-    `datasets` package)."""
+    every split of a Hugging Face data set NAME[:CONFIG] (source; the optional `datasets`)."""
     if inputs:
         return {"train": [c for path in find_input_files(inputs)
                           for c in read_jsonl_conversations(path)]}
@@ -1107,8 +992,7 @@ def read_conversations(inputs=None, source=None):
                          f"with --input") from None
     name, _, config = source.partition(":")
     local = os.path.exists(name) or hub_offline_setting()  # offline, datasets only reads its cache
-    reason = None if local else hub_unreachable()
-    if reason:
+    if not local and (reason := hub_unreachable()):
         raise ValueError(f"--source {source}: the data set needs the network: {reason}; give jsonl "
                          f"files with --input, or set HF_DATASETS_OFFLINE=1 to read the data set "
                          f"from the local cache")
@@ -1125,8 +1009,7 @@ def chat_splits(data, val_data, seed):
     """(training conversations, validation conversations, how the latter were chosen): val_data's
     ('test' or 'train'), else the data set's 'test' split, else 1 in 20 held out by the seed (at
     most 1000), else (fewer than 20) the training conversations themselves."""
-    train_set = data.get("train") or []
-    if not train_set:
+    if not (train_set := data.get("train")):
         raise ValueError("no training conversations in the input")
     if val_data is not None:
         val_set, held_out = val_data.get("test") or val_data.get("train") or [], "--val_input"
@@ -1146,27 +1029,22 @@ def chat_splits(data, val_data, seed):
     return train_set, val_set, held_out
 
 
-RENDER_SEPARATOR = "\x00<|next rendering|>\x00"
-
-
 def render_many(chat_template, items):
-    """render_chat of many (messages, add_generation_prompt) pairs in one call: the template runs in
-    a loop that binds both names for each pair (compiling the template anew for each costs 1.5 ms,
-    hours for smoltalk)."""
+    """render_chat of many (messages, add_generation_prompt) pairs in one call, the template in a
+    loop binding both names for each (compiling it for each costs 1.5 ms, hours for smoltalk)."""
+    separator = "\x00<|next rendering|>\x00"
     loop = ("{% for messages, add_generation_prompt in messages %}" + chat_template["template"]
-            + RENDER_SEPARATOR + "{% endfor %}")
-    texts = render_chat({**chat_template, "template": loop}, items).split(RENDER_SEPARATOR)
+            + separator + "{% endfor %}")
+    texts = render_chat({**chat_template, "template": loop}, items).split(separator)
     if len(texts) != len(items) + 1:
-        raise ValueError(f"a conversation holds the text {RENDER_SEPARATOR!r}")
+        raise ValueError(f"a conversation holds the text {separator!r}")
     return texts[:-1]
 
 
 def assistant_spans(chat_template, conversations):
-    """Each conversation as text, with the character spans of the assistant's turns in it. Found by
-    rendering prefix by prefix: a turn starts where its prompt ends (the conversation before it plus
-    the generation prompt: what sample.py --chat gives the model) and ends where the conversation up
-    to and including it ends. So what is supervised is exactly what the model has to write: the
-    content and the template's end of turn."""
+    """Each conversation as text, with the spans of the assistant's turns in it: a turn runs from
+    where its prompt ends (the conversation before it and the generation prompt) to where the
+    conversation through it ends: what is supervised is what the model writes, end of turn too."""
     items = []
     for messages in conversations:
         items.append((messages, False))
@@ -1214,23 +1092,19 @@ def tokenize_conversations(conversations, tokenizer, chat_template):
 
 
 def write_conversation_shards(examples, out_dir, name, split, first_index, shard_tokens):
-    """Conversation shards of at most shard_tokens tokens each (a longer conversation gets one of
-    its own); returns [(filename, tokens)]."""
-    shards, group, group_tokens = [], [], 0
-
-    def flush():
-        filename = f"{name}_{split}_{first_index + len(shards):06d}.bin"
-        write_conversation_shard(os.path.join(out_dir, filename), group)
-        shards.append((filename, group_tokens))
-        group.clear()
-
+    """Shards of at most shard_tokens tokens (a longer conversation alone): [(filename, tokens)]."""
+    groups, size = [[]], 0
     for example in examples:
-        if group and group_tokens + len(example[0]) > shard_tokens:
-            flush()
-            group_tokens = 0
-        group.append(example)
-        group_tokens += len(example[0])
-    flush()
+        if groups[-1] and size + len(example[0]) > shard_tokens:
+            groups.append([])
+            size = 0
+        groups[-1].append(example)
+        size += len(example[0])
+    shards = []
+    for index, group in enumerate(groups, first_index):
+        filename = f"{name}_{split}_{index:06d}.bin"
+        write_conversation_shard(os.path.join(out_dir, filename), group)
+        shards.append((filename, sum(len(ids) for ids, _ in group)))
     return shards
 
 
@@ -1238,8 +1112,7 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
                  seed=1337, shard_tokens=100_000_000):
     """Conversations (jsonl files, or a Hugging Face data set) -> out_dir: the chat tokenizer
     (tokenizer.json, tokenizer_config.json with the template) and conversation shards, val first.
-    Returns the meta dict, also written to out_dir/meta.json. Rebuilt at every call (about 10,000
-    conversations a second)."""
+    Returns the meta dict. Rebuilt at every call (about 10,000 conversations a second)."""
     if not tokenizer:
         raise ValueError("--chat needs --tokenizer: the directory of the model to fine-tune (its "
                          "tokenizer.json or tokenizer.model)")
@@ -1285,10 +1158,9 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
         eos_ids=list(dict.fromkeys(i for i in eos_ids if i is not None)),
         added_tokens={chat.id_to_token(i): i for i in added},
         chat_template=chat_template["template"],
-        conversations={split: counts[split]["conversations"] - counts[split]["dropped"]
-                       for split in shards},
-        tokens={split: counts[split]["tokens"] for split in shards},
-        supervised={split: counts[split]["supervised"] for split in shards},
+        conversations={split: n["conversations"] - n["dropped"] for split, n in counts.items()},
+        tokens={split: n["tokens"] for split, n in counts.items()},
+        supervised={split: n["supervised"] for split, n in counts.items()},
         **shard_lists(shards), python=platform.python_version())
     write_meta(out_dir, meta)
     log(f"wrote {sum(meta['conversations'].values()):,} conversations to {out_dir}; added to the "
@@ -1297,10 +1169,12 @@ def prepare_chat(out_dir, inputs=None, source=None, tokenizer=None, val_inputs=N
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading shards for training (train.py). ShardLoader reads a token stream, ConversationLoader
-# conversation shards; both give next_batch(micro_steps) -> (x, y) int64 arrays of this process's
-# rows, step_tokens, reset(), and a position (state_dict / load_state_dict) that checkpoints save.
-# Problems raise ValueError.
+# Reading shards for training (train.py): ShardLoader and ConversationLoader give next_batch(steps)
+# -> (x, y) of this process's rows, step_tokens, reset(), a position (state_dict) for checkpoints.
+
+PAD_MULTIPLE = 16  # micro-batches of conversations are padded to a multiple of this many tokens
+BUCKET_MIN = 64  # with torch.compile: to a power of two of at least this many
+
 
 def check_token_ids(tokens, vocab_size, path):
     """Each token id of a shard fits a model of vocab_size; a ValueError naming the shard if not."""
@@ -1311,25 +1185,20 @@ def check_token_ids(tokens, vocab_size, path):
 
 
 class ShardLoader:
-    """Batches of sequences from memory-mapped shards, in a shuffled order fixed by the seed and the
-    same whatever the number of processes.
-
-    A shard is read as sequences of block_size + 1 tokens (inputs, and targets shifted by one)
-    starting at multiples of block_size, in a random order fixed by (seed, epoch, shard), so a batch
-    mixes many documents even in a small corpus. Each call takes the next micro_steps * world_size
-    rows of batch_size sequences of that order; process `rank` gets rows rank,
-    rank + world_size, ..., one per micro-step. Shards are read in turn: when the current one has
-    too few sequences left, the next one starts (after the last, the first again, in a new order:
-    the next epoch). The position is three ints, saved in checkpoints. step_tokens: the tokens the
-    last next_batch read, all processes together."""
+    """Batches of sequences from memory-mapped shards, the same whatever the number of processes: a
+    shard is read as sequences of block_size + 1 tokens (inputs, and targets shifted by one) at
+    multiples of block_size, in an order fixed by (seed, epoch, shard), so a batch mixes many
+    documents even in a small corpus. A call takes the next micro_steps * world_size rows of
+    batch_size sequences; process `rank` gets rows rank, rank + world_size, ..., one per micro-step.
+    A shard with too few sequences left gives way to the next (after the last, the first: the next
+    epoch). The position is three ints; step_tokens, the tokens of the last call, all processes."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
                  seed=0):
         self.paths = list_shards(data_dir, split)
         self.shards = [read_shard(path) for path in self.paths]
-        self.batch_size, self.block_size = batch_size, block_size
-        self.rank, self.world_size = rank, world_size
-        self.vocab_size, self.seed = vocab_size, seed
+        self.batch_size, self.block_size, self.vocab_size = batch_size, block_size, vocab_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.checked = set()  # the shards whose token ids are known to fit the vocabulary
         self.reset()
 
@@ -1380,19 +1249,15 @@ class ShardLoader:
 
 
 class ConversationLoader:
-    """Batches of conversations (SFT) from conversation shards, one per row, in a shuffled order
-    fixed by the seed and the same whatever the number of processes: ShardLoader's interface.
-
-    Packing would let conversations attend to each other (our attention has no document mask), so
-    each is a row of its own, right-padded (which changes nothing before the padding: attention is
-    causal) and cut after block_size + 1 tokens; one left with no supervised target is dropped. The
-    conversations are an endless stream of epochs, each in its own order fixed by (seed, epoch). A
-    step takes the next micro_steps * world_size * batch_size of them, sorts them by length and
-    deals them out: micro-step m of process r gets rows (m * world_size + r) * batch_size onwards.
-    Sorting keeps the step's conversations, and so its loss (the mean over every supervised token of
-    the step), and makes each micro-batch's rows alike in length. A micro-batch is padded to
-    padded_length of its longest row, so x and y are lists of micro_steps arrays (batch_size,
-    length). The position is one int, saved in checkpoints with the number of conversations."""
+    """Batches of conversations (SFT) from conversation shards, ShardLoader's interface. Packing
+    would let conversations attend to each other (our attention has no document mask), so each is
+    a row of its own, right-padded (causal attention: nothing before the padding changes) and cut
+    after block_size + 1 tokens; one left with no supervised target is dropped. The conversations
+    are an endless stream of epochs, each in an order fixed by (seed, epoch). A step takes the next
+    micro_steps * world_size * batch_size, sorts them by length (its loss, the mean over its
+    supervised tokens, is unchanged; a micro-batch's rows alike in length) and deals them out:
+    micro-step m of process r gets rows (m * world_size + r) * batch_size onwards. x, y: lists of
+    micro_steps arrays (batch_size, padded_length). The position: one int, saved with the count."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
                  seed=0, bucket=False):
@@ -1460,25 +1325,16 @@ class ConversationLoader:
         chosen = sorted(self.take(micro_steps * self.world_size * rows),
                         key=lambda i: self.lengths[i])
         self.step_tokens = int(self.lengths[chosen].sum())
-        xs, ys = [], []
-        for m in range(micro_steps):
-            start = (m * self.world_size + self.rank) * rows
-            x, y = collate([self.example(i) for i in chosen[start:start + rows]], self.block_size,
-                           bucket=self.bucket)
-            xs.append(x)
-            ys.append(y)
-        return xs, ys
-
-
-PAD_MULTIPLE = 16  # micro-batches of conversations are padded to a multiple of this many tokens
-BUCKET_MIN = 64  # with torch.compile: to a power of two of at least this many
+        starts = [(m * self.world_size + self.rank) * rows for m in range(micro_steps)]
+        batches = [collate([self.example(i) for i in chosen[start:start + rows]], self.block_size,
+                           bucket=self.bucket) for start in starts]
+        return [x for x, _ in batches], [y for _, y in batches]
 
 
 def padded_length(longest, block_size, bucket=False):
-    """The length a micro-batch of conversations is padded to: its longest row rounded up to a
-    multiple of PAD_MULTIPLE, or, with bucket (torch.compile, which compiles one graph per length),
-    to a power of two of at least BUCKET_MIN, so a run meets a handful of lengths (8 up to
-    block_size 8192) instead of one per multiple of 16. Never more than block_size."""
+    """A micro-batch's length: its longest row rounded up to a multiple of PAD_MULTIPLE, or, with
+    bucket (torch.compile, which compiles one graph per length), to a power of two of at least
+    BUCKET_MIN: a handful of lengths (8 up to block_size 8192), not one per 16; <= block_size."""
     if bucket:
         return min(block_size, max(BUCKET_MIN, 1 << (longest - 1).bit_length()))
     return min(block_size, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
@@ -1499,8 +1355,7 @@ def collate(examples, block_size, length=None, bucket=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: --key=value or --key value; values are Python literals or bare strings
-# (see docs/reference.md, Command-line values)
+# Command line: --key=value or --key value, a Python literal or a bare string (docs/reference.md)
 
 def as_int(text):
     value = parse_value(text)
@@ -1517,8 +1372,7 @@ def as_str(text):
 
 
 def as_separator(text):
-    """--doc_sep='\\n\\n' arrives with a real backslash from the shell: read escapes as Python
-    would."""
+    """--doc_sep='\\n\\n' comes with a real backslash from the shell: read escapes as Python."""
     value = parse_value(text)
     if isinstance(value, str) and value != text:
         return value
@@ -1536,26 +1390,24 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = parser.add_argument
-    add("--input", dest="inputs", nargs="+", metavar="PATH",
+    add = functools.partial(parser.add_argument, type=as_str)  # unless an option says otherwise
+    switch = dict(type=as_bool, nargs="?", const=True, default=False)  # --force, --force=False
+    add("--input", dest="inputs", nargs="+", metavar="PATH", type=str,
         help="local .txt (one document per file, or split on --doc_sep), .jsonl, .parquet files, "
              "directories or globs; default: the Python standard library's source")
-    add("--source", type=as_str,
-        help="stream a Hugging Face data set NAME or NAME:CONFIG (needs `datasets`)")
-    add("--source_split", type=as_str, default="train", help="split of --source to stream")
-    add("--text_field", type=as_str, default="text",
-        help="field holding the text in .jsonl, .parquet, --source")
+    add("--source", help="stream a Hugging Face data set NAME or NAME:CONFIG (needs `datasets`)")
+    add("--source_split", default="train", help="split of --source to stream")
+    add("--text_field", default="text", help="field holding the text in .jsonl, .parquet, --source")
     add("--doc_sep", type=as_separator, nargs="?", const="\n\n",
         help="split .txt files into documents on this string (escapes like \\n are read); "
              "bare: a blank line")
-    add("--out_dir", type=as_str, default=DEFAULT_DATA_DIR)
-    add("--name", type=as_str,
-        help="shard name prefix (default from the input: stdlib, the file name, ...)")
+    add("--out_dir", default=DEFAULT_DATA_DIR)
+    add("--name", help="shard name prefix (default from the input: stdlib, the file name, ...)")
     add("--vocab_size", type=as_int, default=32768,
         help="size of the SentencePiece vocabulary to train")
-    add("--tokenizer", type=as_str,
+    add("--tokenizer",
         help="reuse a SentencePiece .model, or a tokenizer.json (or a directory with one)")
-    add("--eot_token", type=as_str,
+    add("--eot_token",
         help="end-of-text token (default: eos of a .model; <|end_of_text|>, </s>, ...)")
     add("--eos_id", type=as_int, default=2,
         help="id of eos (end of text) in a trained tokenizer; unk is 0, bos 1")
@@ -1564,15 +1416,13 @@ def parse_args(argv=None):
         help="tokens in the validation split (default about 5%%, at most 10M)")
     add("--shard_tokens", type=as_int, default=100_000_000, help="tokens per shard file")
     add("--max_tokens", type=as_int, help="stop after the first document end past this many tokens")
-    add("--dtype", type=as_str, choices=["uint16", "uint32"],
+    add("--dtype", choices=["uint16", "uint32"],
         help="token dtype (default from the vocabulary size)")
     add("--workers", type=as_int, default=available_cpus(), help="tokenizer processes")
-    add("--force", type=as_bool, nargs="?", const=True, default=False,
-        help="rebuild even when out_dir already holds this exact preparation")
-    add("--chat", type=as_bool, nargs="?", const=True, default=False,
-        help="conversations ({\"messages\": [...]} jsonl, or a data set) -> chat tokenizer + "
-             "conversation shards")
-    add("--val_input", dest="val_inputs", nargs="+", metavar="PATH",
+    add("--force", **switch, help="rebuild even when out_dir already holds this exact preparation")
+    add("--chat", **switch, help="conversations ({\"messages\": [...]} jsonl, or a data set) -> "
+        "chat tokenizer + conversation shards")
+    add("--val_input", dest="val_inputs", nargs="+", metavar="PATH", type=str,
         help="--chat: validation conversations; default: the data set's test split, or 1 in 20 "
              "held out")
     add("--seed", type=as_int, default=1337, help="--chat: chooses the held-out conversations")

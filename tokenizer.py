@@ -1,14 +1,11 @@
 """
 Tokenizers and chat templates: what turns text into a model's token ids and back, and a
-conversation into the text a chat model reads.
+conversation into the text a chat model reads. Top to bottom:
 
-    Tokenizers      train a SentencePiece BPE model (lossless: byte fallback, identity
-                    normalisation), or load one, or a Hugging Face tokenizer.json; both give the
-                    same small record (Tokenizer)
-    Chat templates  load a model's Jinja template, render a conversation, the text that ends a
-                    turn, the ids that stop generation; the chat tokenizer that --chat data needs
-    Export          a model directory's tokenizer files, our SentencePiece model written as the
-                    tokenizer.json that transformers loads
+    Tokenizers      train a lossless SentencePiece BPE, or load one or a Hugging Face
+                    tokenizer.json; both give one small record (Tokenizer)
+    Chat templates  load and render one, the text that ends a turn, stop ids, the chat tokenizer
+    Export          a model directory's tokenizer files; our SentencePiece model as a tokenizer.json
 """
 
 import contextlib
@@ -45,10 +42,9 @@ class Tokenizer:
     encode: Callable  # list of str -> list of lists of ids, no special tokens added
     decode: Callable  # ids -> str
     token_to_id: Callable  # token text -> id, or None when the vocabulary has no such token
-    # str -> the ids a prompt is given to the model as: for a tokenizer.json, what transformers'
-    # tokenizer(text) gives (its post-processor adds whatever special tokens it names, perhaps
-    # none); for our SentencePiece models, the end-of-text token first, as every document follows
-    # one in the shards.
+    # str -> the ids a prompt is given to the model as: transformers' tokenizer(text) for a
+    # tokenizer.json (with whatever special tokens its post-processor adds, perhaps none); for our
+    # SentencePiece models, the end-of-text token first, as every document follows one in shards.
     encode_prompt: Callable
 
 
@@ -130,9 +126,8 @@ def tokenizer_file(path):
 def load_tokenizer(path, eot_token=None, parse_special_tokens=False) -> Tokenizer:
     """A SentencePiece .model, or a Hugging Face tokenizer.json (or a model directory holding one).
     parse_special_tokens: text that spells a special token (a chat template's <|start_header_id|>)
-    is encoded as that token, as prompts need; off for data, where such text must stay text.
-    SentencePiece never parses its control pieces (<s>, </s>) from text, so there it changes
-    nothing."""
+    is encoded as that token, as prompts need; off for data, where such text stays text
+    (SentencePiece never parses its <s>, </s> from text)."""
     path = tokenizer_file(path)
     if not os.path.isfile(path):
         raise ValueError(f"--tokenizer {path}: no such file")
@@ -148,23 +143,19 @@ def load_sentencepiece(path, eot_token=None):
         processor = sentencepiece.SentencePieceProcessor(model_file=path)
     except (OSError, RuntimeError) as e:
         raise ValueError(f"--tokenizer {path}: not a SentencePiece model ({one_line(e)})") from None
-    if eot_token is not None:
-        eot_id = processor.piece_to_id(eot_token)
-        if eot_id == processor.unk_id() and eot_token != processor.id_to_piece(eot_id):
-            raise ValueError(f"--tokenizer {path}: no end-of-text token {eot_token!r} "
-                             f"(--eot_token)")
-    else:
-        eot_id = processor.eos_id()
-        if eot_id < 0:
-            raise ValueError(f"--tokenizer {path}: the model has no eos piece; name an end-of-text "
-                             f"piece with --eot_token")
-    bos_id = processor.bos_id() if processor.bos_id() >= 0 else None
 
     def token_to_id(piece):
         piece_id = processor.piece_to_id(piece)
         unknown = piece_id == processor.unk_id() and piece != processor.id_to_piece(piece_id)
         return None if unknown else piece_id
 
+    eot_id = processor.eos_id() if eot_token is None else token_to_id(eot_token)
+    if eot_id is None:
+        raise ValueError(f"--tokenizer {path}: no end-of-text token {eot_token!r} (--eot_token)")
+    if eot_id < 0:
+        raise ValueError(f"--tokenizer {path}: the model has no eos piece; name an end-of-text "
+                         f"piece with --eot_token")
+    bos_id = processor.bos_id() if processor.bos_id() >= 0 else None
     encode = sentencepiece_encoder(processor)
     return Tokenizer("sentencepiece", processor.get_piece_size(), eot_id, bos_id, encode,
                      lambda ids: processor.decode(np.asarray(ids).tolist()), token_to_id,
@@ -172,9 +163,8 @@ def load_sentencepiece(path, eot_token=None):
 
 
 def sentencepiece_encoder(processor):
-    """SentencePiece's encode, made lossless for text that contains "▁" itself: SentencePiece would
-    decode it as a space, so such text is encoded around it, and "▁" is spelled with its three UTF-8
-    byte pieces."""
+    """SentencePiece's encode, made lossless for text holding "▁" itself (SentencePiece would decode
+    it as a space): such text is encoded around it, "▁" spelled with its three UTF-8 byte pieces."""
     meta_symbol_ids = [processor.piece_to_id(f"<0x{byte:02X}>") for byte in META_SYMBOL.encode()]
     has_byte_pieces = all(processor.is_byte(i) for i in meta_symbol_ids)
 
@@ -211,13 +201,11 @@ def load_huggingface_tokenizer(path, eot_token=None, parse_special_tokens=False)
     with contextlib.suppress(AttributeError):  # tokenizers < 0.15 lacks the switch
         hf_tokenizer.encode_special_tokens = not parse_special_tokens
     candidates = [eot_token] if eot_token is not None else EOT_TOKENS
-    eot_id = next((hf_tokenizer.token_to_id(t) for t in candidates
-                   if hf_tokenizer.token_to_id(t) is not None), None)
+    eot_id = next((i for i in map(hf_tokenizer.token_to_id, candidates) if i is not None), None)
     if eot_id is None:
         raise ValueError(f"--tokenizer {path}: no end-of-text token ({', '.join(candidates)}); "
                          f"name one with --eot_token")
-    bos_id = next((hf_tokenizer.token_to_id(t) for t in BOS_TOKENS
-                   if hf_tokenizer.token_to_id(t) is not None), None)
+    bos_id = next((i for i in map(hf_tokenizer.token_to_id, BOS_TOKENS) if i is not None), None)
 
     def encode(texts):
         return [encoding.ids
@@ -234,20 +222,18 @@ def load_huggingface_tokenizer(path, eot_token=None, parse_special_tokens=False)
 
 
 def tokenizer_directory(path):
-    """Where a model's tokenizer lies: beside the weights (a model directory, or a checkpoint's
-    out_dir)."""
+    """Where a model's tokenizer lies: the model directory, or a checkpoint's directory."""
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
 def load_text_tokenizer(directory, vocab_size):
     """The tokenizer.json or tokenizer.model of a model directory, checked against the model's
     vocab_size, parsing special tokens in text (as prompts need). Problems raise ValueError."""
-    for name in ("tokenizer.json", "tokenizer.model"):
-        if os.path.exists(os.path.join(directory, name)):
-            tokenizer = load_tokenizer(os.path.join(directory, name), parse_special_tokens=True)
-            break
-    else:
+    found = next((name for name in ("tokenizer.json", "tokenizer.model")
+                  if os.path.exists(os.path.join(directory, name))), None)
+    if found is None:
         raise ValueError(f"no tokenizer.json or tokenizer.model in {directory}")
+    tokenizer = load_tokenizer(os.path.join(directory, found), parse_special_tokens=True)
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the "
                          f"model only {vocab_size}: they do not belong together")
@@ -255,12 +241,11 @@ def load_text_tokenizer(directory, vocab_size):
 
 
 def document_start(tokenizer):
-    """The token that scoring puts before a document (bits per byte) or an empty context: the one
-    every prompt starts with when there is one (end-of-text for our SentencePiece models and their
-    tokenizer.json export, begin-of-text for a tokenizer.json whose post-processor adds it), else a
-    tokenizer.json's begin-of-text (lm-evaluation-harness's prefix token), else end-of-text."""
-    prompt_start = tokenizer.encode_prompt("")
-    if prompt_start:
+    """The token scoring puts before a document (bits per byte) or an empty context: every prompt's
+    first, if any (end-of-text for our SentencePiece models; begin-of-text if a tokenizer.json's
+    post-processor adds it), else a tokenizer.json's begin-of-text (lm-eval-harness's prefix), else
+    end-of-text."""
+    if prompt_start := tokenizer.encode_prompt(""):
         return prompt_start[0]
     return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
 
@@ -347,9 +332,8 @@ def render_chat(chat_template, messages, add_generation_prompt=True):
 
 
 def end_of_turn_text(chat_template):
-    """The text the template puts after an assistant's reply, when rendering a conversation extends
-    the rendering of the one before it, turn by turn (so that each turn can feed the model only its
-    own text); None when the template does not."""
+    """The text the template puts after an assistant's reply, if each turn's rendering extends the
+    one before (so a turn can feed the model only its own text); else None."""
     user, reply = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
     asking = render_chat(chat_template, [user]) + reply["content"]
     answered = render_chat(chat_template, [user, reply], add_generation_prompt=False)
@@ -380,18 +364,16 @@ MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
 
 def sentencepiece_as_tokenizers(path):
     """Our SentencePiece BPE model (byte fallback, identity normalisation, no dummy prefix) as a
-    `tokenizers` BPE giving the same ids, so that transformers can load it: the vocabulary in id
-    order, and a merge for every split of a piece into two pieces, ranked by the piece's score
-    (SentencePiece BPE merges the adjacent pair whose union scores best). The pieces spell a space
-    as a space, not as SentencePiece's "▁": text that holds "▁" itself then finds no piece for it
-    and spells it with byte pieces, as load_tokenizer does."""
+    `tokenizers` BPE giving the same ids, for transformers: the vocabulary in id order, and a merge
+    for every split of a piece into two pieces, ranked by the piece's score (SentencePiece BPE
+    merges the adjacent pair whose union scores best). Pieces spell a space as a space, not "▁": a
+    "▁" in text finds no piece and gets byte pieces, as in load_tokenizer."""
     import sentencepiece
     from tokenizers import Tokenizer, decoders, models
 
     processor = sentencepiece.SentencePieceProcessor(model_file=path)
     pieces = [piece if processor.is_byte(i) else piece.replace(META_SYMBOL, " ")
-              for i, piece in enumerate(map(processor.id_to_piece,
-                                            range(processor.get_piece_size())))]
+              for i, piece in enumerate(map(processor.id_to_piece, range(len(processor))))]
     vocab = {piece: i for i, piece in enumerate(pieces)}
     plain = {piece for i, piece in enumerate(pieces)  # never made from text by merging
              if not (processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i)
@@ -406,11 +388,10 @@ def sentencepiece_as_tokenizers(path):
 
 
 def sentencepiece_export(path):
-    """Our SentencePiece tokenizer.model as files that transformers' AutoTokenizer loads with no
-    package but `tokenizers`: a tokenizer.json (sentencepiece_as_tokenizers, with unk, bos and eos
-    as special tokens and a post-processor that puts end-of-text first, so that tokenizer(text)
-    gives what load_tokenizer's encode_prompt gives) and its tokenizer_config.json, both as text.
-    split_special_tokens keeps text that spells "</s>" text, as SentencePiece does."""
+    """Our SentencePiece tokenizer.model as text files that AutoTokenizer loads with `tokenizers`
+    alone: a tokenizer.json (sentencepiece_as_tokenizers; unk, bos, eos special; end-of-text put
+    first, so that tokenizer(text) is load_tokenizer's encode_prompt) and its tokenizer_config.json,
+    whose split_special_tokens keeps text that spells "</s>" text, as SentencePiece does."""
     import sentencepiece
     from tokenizers import AddedToken, processors
 
@@ -432,12 +413,11 @@ def sentencepiece_export(path):
 
 
 def chat_tokenizer(path):
-    """The chat tokenizer made from a model's (path: its directory, or its tokenizer.json or
-    tokenizer.model): the tokenizer.json, or our SentencePiece tokenizer.model converted, and its
-    tokenizer_config.json. A tokenizer with a chat template keeps it; one without gets the Doge
-    template, with <|begin_of_text|> as bos, <|eot_id|> as eos, and the template's special tokens
-    that its vocabulary lacks (new ids after the last). Returns the `tokenizers.Tokenizer`, the
-    tokenizer_config dict and the ids of the added tokens."""
+    """The chat tokenizer of a model (path: its directory, tokenizer.json or tokenizer.model): the
+    tokenizer.json, or our tokenizer.model converted, and its tokenizer_config.json. One with a chat
+    template keeps it; one without gets the Doge template, <|begin_of_text|> as bos, <|eot_id|> as
+    eos, and the template's special tokens its vocabulary lacks (new ids after the last). Returns
+    the `tokenizers.Tokenizer`, the tokenizer_config dict and the added tokens' ids."""
     try:
         from tokenizers import AddedToken, Tokenizer
     except ImportError:
@@ -481,9 +461,8 @@ def copy_tokenizer_files(source_dir, target_dir, names=TOKENIZER_FILES):
 
 
 def write_tokenizer_files(tokenizer_dir, path):
-    """tokenizer_dir's tokenizer into path: a tokenizer.json and its company as they are; our
-    SentencePiece tokenizer.model, alone, as a tokenizer.json and tokenizer_config.json that
-    transformers' AutoTokenizer loads (it reads a lone tokenizer.model as a tiktoken file)."""
+    """tokenizer_dir's tokenizer files into path, a lone tokenizer.model of ours as a tokenizer.json
+    and its config (AutoTokenizer would read it as a tiktoken file)."""
     model_file = os.path.join(tokenizer_dir, "tokenizer.model")
     if os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")) or \
             not os.path.isfile(model_file):
