@@ -80,7 +80,8 @@ class Engine:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def send(*event):  # called by the engine's thread
-            self.ended += event[0] != "token"
+            if event[0] != "token":  # the request's last event
+                self.ended += 1
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         row = Row(messages, prompt, sampling, send, seed)
