@@ -12,7 +12,8 @@ Talk to a Doge: text continuation or chat, from a train.py run or a Hugging Face
 
 Generated text goes to stdout as it is produced; everything else (loading, tokens/s) to stderr.
 The chat keeps the model's state between turns (at most keep_window_size keys per layer), so a
-turn costs the same however long the conversation.
+turn costs the same however long the conversation. The generation and the chat's turns are
+engine.py's, the core serve.py stands on too.
 A Hugging Face directory needs config.json, the weights and tokenizer.json (read with the optional
 `tokenizers` package); a hub name (owner/name[@revision]) that is no local path is fetched into
 the hub's cache with the optional `huggingface_hub` package. Chat needs the model's chat template
