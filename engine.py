@@ -8,7 +8,8 @@ the same however long the conversation.
   stop ids, as a front end needs it); whatever fails is one line.
 - One sequence (generate_reply; sample.py): a loop over model.generate_stream, doge.py's
   one-call API. It fits one sequence exactly and is its fastest path: on CUDA its cache is
-  static and each decoding step (the model and the sampling) replays one captured CUDA graph.
+  static and each decoding step (the model and the sampling) replays one captured CUDA graph;
+  the prompt's forward pass and a chat's end of turn run uncaptured.
 - Many sequences (Batch; serve.py): rows that join and leave, each at its own position, in one
   ragged cache (doge.join_caches) that doge.decode_step advances by a token a row a step; each
   prompt is fed on its own, in chunks, through the model's forward pass. On CUDA nothing of it
