@@ -12,7 +12,8 @@ Talk to a Doge: text continuation or chat, from a train.py run or a Hugging Face
 
 Generated text goes to stdout as it is produced; everything else (loading, tokens/s) to stderr.
 The chat keeps the model's state between turns (at most keep_window_size keys per layer), so a
-turn costs the same however long the conversation.
+turn costs the same however long the conversation. The generation and the chat's turns are
+engine.py's, the core serve.py stands on too.
 A Hugging Face directory needs config.json, the weights and tokenizer.json (read with the optional
 `tokenizers` package); a hub name (owner/name[@revision]) that is no local path is fetched into
 the hub's cache with the optional `huggingface_hub` package. Chat needs the model's chat template
@@ -22,16 +23,15 @@ transformers is not needed.
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
-from common import atomic_write, busy_machine_note, size_text
+from common import atomic_write, busy_machine_note, device_and_dtype, log, size_text
 from configurator import apply_config
-from doge import Doge, local_model_path, model_fingerprint
-from tokenizer import (document_start, end_of_turn_text, load_chat_template, load_text_tokenizer,
-                       render_chat, stop_ids, tokenizer_directory)
+from doge import model_fingerprint
+from engine import (Chat, ReplyText, Sampling, Turns, generate_reply, load_for_generation,
+                    prompt_ids)
 
 
 @dataclass
@@ -53,24 +53,13 @@ class SampleConfig:
     # without init_from or out_dir, with the model that made it)
 
 
-def log(message):
-    print(message, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading
-
-
 def model_location(cfg):
-    """The local path of the model: --init_from (a hub name is fetched, see
-    doge.local_model_path), or else out_dir; with --chat_state alone, the model that made it."""
+    """Where the model is: --init_from (a hub name is fetched, see doge.local_model_path), or
+    else out_dir; with --chat_state alone, the model that made it."""
     if cfg.chat_state and not cfg.init_from and cfg.out_dir == SampleConfig.out_dir:
         cfg.init_from = read_chat_state(cfg.chat_state).get("model", {}).get("path", "")
     if cfg.init_from:
-        try:
-            return local_model_path(cfg.init_from)
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: --init_from={e}") from None
+        return cfg.init_from
     if not os.path.exists(cfg.out_dir):
         hint = ("train one with `python train.py config/doge_tiny.py`, or give "
                 "--init_from=DIR with a Hugging Face Doge directory or hub name")
@@ -78,99 +67,47 @@ def model_location(cfg):
     return cfg.out_dir
 
 
-def load_model(path, device, dtype):
-    try:
-        return Doge.from_pretrained(path, device=device, dtype=dtype).eval()
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
 # ----------------------------------------------------------------------------------------------
-# Generation with streaming
+# Printing as the reply comes
 
 
-def stream_reply(model, tokenizer, prompt_ids, cfg, stop, device, cache=None):
-    """Generate after prompt_ids (continuing cache when given), printing text as it comes.
-    Returns the new text, the tokens generated (a stop token included: the cache holds it) and
-    "N tokens, R tokens/s"."""
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    new_ids, printed = [], ""
-    start_time = time.perf_counter()
-    for token in model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                       cfg.top_p, cfg.repetition_penalty, stop, cache):
-        new_ids.append(token.item())
-        if new_ids[-1] in stop:
-            break
-        text = tokenizer.decode(new_ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
-    seconds = time.perf_counter() - start_time
-    text = tokenizer.decode([token for token in new_ids if token not in stop])
-    sys.stdout.write(text[len(printed):] + "\n")
-    sys.stdout.flush()
-    return text, new_ids, f"{len(new_ids)} tokens, {len(new_ids) / max(seconds, 1e-9):.1f} tokens/s"
+class Printer:
+    """A reply on stdout as it comes, whole characters at a time (engine.ReplyText)."""
+
+    def __init__(self, tokenizer):
+        self.text = ReplyText(tokenizer, [])
+
+    def show(self, token):
+        sys.stdout.write(self.text.add(token))
+        sys.stdout.flush()
+
+    def end(self, reply):
+        """Print the rest of reply (an engine.Reply) and a newline: "N tokens, R tokens/s"."""
+        sys.stdout.write(self.text.rest() + "\n")
+        sys.stdout.flush()
+        count = len(reply.tokens)
+        return f"{count} tokens, {count / max(reply.seconds, 1e-9):.1f} tokens/s"
 
 
 # ----------------------------------------------------------------------------------------------
 # Chat
 
 
-class Chat:
-    """A conversation and the model's state after it. Each turn feeds the model only its new
-    tokens (the template's text for the new user message and the assistant header) after the
-    state, so a turn costs the same however long the conversation. The reply stays in the state
-    as the tokens generated, then the template's end-of-turn tokens. For a template whose
-    rendering of a longer conversation does not extend the shorter one's, every turn re-encodes
-    the whole conversation instead."""
+class SavedChat(Chat):
+    """engine.Chat (a conversation and the model's state after it) that /save writes to a file
+    and --chat_state reads back, with the model that made it."""
 
-    def __init__(self, model, tokenizer, chat_template, cfg, stop, device):
-        self.model, self.tokenizer, self.template = model, tokenizer, chat_template
-        self.cfg, self.stop, self.device = cfg, stop, device
-        self.end_of_turn = end_of_turn_text(chat_template)
+    def __init__(self, model, turns, sampling, model_path):
+        super().__init__(model, turns, sampling)
+        self.model_path = model_path  # the model as given: --init_from, else out_dir
         self.fingerprint = None  # of the model, once a save or load needs it
-        if self.end_of_turn is None:
-            log("chat template: a longer conversation's text does not extend a shorter one's, "
-                "so each turn re-encodes the whole conversation")
-        self.reset()
-
-    def reset(self):
-        self.messages, self.cache = [], self.model.new_cache()
-
-    def held_text(self):
-        """The conversation so far as the template renders it: what the state holds."""
-        if not self.messages:
-            return ""
-        return render_chat(self.template, self.messages, add_generation_prompt=False)
-
-    def answer(self, question):
-        """Stream the reply to question, and keep both in the conversation and the state."""
-        held = self.held_text()
-        self.messages.append({"role": "user", "content": question})
-        text = render_chat(self.template, self.messages)
-        if self.end_of_turn is None or not text.startswith(held):  # start the state over
-            self.cache, held = self.model.new_cache(), ""
-        prompt_ids = self.tokenizer.encode([text[len(held):]])[0]
-        answer, new_ids, speed = stream_reply(self.model, self.tokenizer, prompt_ids, self.cfg,
-                                              self.stop, self.device, self.cache)
-        self.messages.append({"role": "assistant", "content": answer})
-        if self.end_of_turn:
-            end_ids = self.tokenizer.encode([self.end_of_turn])[0]
-            if new_ids and end_ids[:1] == new_ids[-1:]:  # the model ended its turn itself
-                end_ids = end_ids[1:]
-            if end_ids:
-                with torch.no_grad():
-                    self.model(torch.tensor([end_ids], device=self.device), cache=self.cache)
-        log(f"[{speed}; conversation {self.cache.length} tokens, state "
-            f"{size_text(self.cache.state_bytes())}]")
 
     def model_record(self):
-        """What made the conversation: the model as given (--init_from, else out_dir) and its
-        fingerprint (doge.model_fingerprint), computed once."""
+        """What made the conversation: the model as given and its fingerprint
+        (doge.model_fingerprint), computed once."""
         if self.fingerprint is None:
             self.fingerprint = model_fingerprint(self.model)
-        return {"path": self.cfg.init_from or self.cfg.out_dir, "fingerprint": self.fingerprint}
+        return {"path": self.model_path, "fingerprint": self.fingerprint}
 
     def save(self, path):
         """The conversation (messages and state) and the model that made it, as one file,
@@ -200,7 +137,7 @@ class Chat:
 
 
 def read_chat_state(path):
-    """What Chat.save wrote to path: messages, state and (since it records it) the model."""
+    """What SavedChat.save wrote to path: messages, state and (since it records it) the model."""
     if not os.path.isfile(path):
         raise ValueError(f"--chat_state={path}: no such file")
     try:
@@ -233,6 +170,14 @@ def user_lines():
             return
 
 
+def answer(chat, question):
+    """Stream the reply to question, then its figures on stderr."""
+    printer = Printer(chat.turns.tokenizer)
+    reply = chat.answer(question, printer.show)
+    log(f"[{printer.end(reply)}; conversation {chat.cache.length} tokens, state "
+        f"{size_text(chat.cache.state_bytes())}]")
+
+
 def save(chat, path):
     """/save FILE: a bad name costs a line on stderr, not the conversation."""
     if not path:
@@ -249,7 +194,7 @@ def save(chat, path):
 def chat_loop(chat, cfg):
     """One answer to --start, or a conversation from user_lines. An empty line is no message."""
     if cfg.start:
-        chat.answer(cfg.start)
+        answer(chat, cfg.start)
         return
     for line in user_lines():
         command, _, argument = line.strip().partition(" ")
@@ -261,27 +206,11 @@ def chat_loop(chat, cfg):
         elif command == "/save":
             save(chat, argument.strip())
         elif line.lstrip().startswith("//"):  # a message that starts with /
-            chat.answer(line.lstrip()[1:])
+            answer(chat, line.lstrip()[1:])
         elif command.startswith("/"):
             log(f"unknown command {command}: {COMMANDS}")
         elif line.strip():
-            chat.answer(line)
-
-
-def prompt_ids(tokenizer, text):
-    """The prompt as the model is given it (see Tokenizer.encode_prompt). An empty prompt of a
-    tokenizer.json that adds nothing starts from document_start (begin-of-text, or end-of-text)."""
-    return tokenizer.encode_prompt(text) or [document_start(tokenizer)]
-
-
-def resolve_device_dtype(cfg):
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if cfg.dtype == "auto":
-        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if cfg.dtype not in names:
-        raise SystemExit(f"error: dtype {cfg.dtype!r}: choose auto, {', '.join(names)}")
-    return device, names[cfg.dtype]
+            answer(chat, line)
 
 
 def read_prompt(start):
@@ -306,30 +235,41 @@ def sample(cfg):
     cfg.start = read_prompt(cfg.start)
     if busy := busy_machine_note():
         log(busy)
-    device, dtype = resolve_device_dtype(cfg)
+    device, dtype = device_and_dtype(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
-    path = model_location(cfg)
-    model = load_model(path, device, dtype)
-    directory = tokenizer_directory(path)
-    tokenizer = load_text_tokenizer(directory, model.config.vocab_size)
-    stop = stop_ids(model, tokenizer, directory)
-    log(f"loaded {path}: {model.num_params() / 1e6:.1f}M parameters on {device} ({dtype})")
+    loaded = load_for_generation(model_location(cfg), device, dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    log(f"loaded {loaded.path}: {model.num_params() / 1e6:.1f}M parameters on {device} ({dtype})")
+    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                        cfg.repetition_penalty)
     if cfg.chat or cfg.chat_state:
-        chat_template = load_chat_template(directory)
-        if chat_template is None:
-            raise SystemExit(f"error: {directory} has no chat template (tokenizer_config.json "
-                             f"'chat_template' or chat_template.jinja): --chat needs an Instruct model")
-        chat = Chat(model, tokenizer, chat_template, cfg, stop, device)
-        if cfg.chat_state:
-            chat.load(cfg.chat_state)
-        chat_loop(chat, cfg)
+        chat_loop(start_chat(loaded, sampling, cfg), cfg)
         return
     start_ids = prompt_ids(tokenizer, cfg.start)
     for _ in range(cfg.num_samples):
         sys.stdout.write(cfg.start)
-        log(f"[{stream_reply(model, tokenizer, start_ids, cfg, stop, device)[2]}]")
+        printer = Printer(tokenizer)
+        reply = generate_reply(model, tokenizer, start_ids, sampling, loaded.stop,
+                               show=printer.show)
+        log(f"[{printer.end(reply)}]")
         if cfg.num_samples > 1:
             print("---------------")
+
+
+def start_chat(loaded, sampling, cfg):
+    """The conversation: a new one, or --chat_state's."""
+    if loaded.chat_template is None:
+        raise SystemExit(f"error: {loaded.directory} has no chat template (tokenizer_config.json "
+                         f"'chat_template' or chat_template.jinja): --chat needs an Instruct "
+                         f"model")
+    turns = Turns(loaded.chat_template, loaded.tokenizer, loaded.stop)
+    if turns.end_of_turn is None:
+        log("chat template: a longer conversation's text does not extend a shorter one's, "
+            "so each turn re-encodes the whole conversation")
+    chat = SavedChat(loaded.model, turns, sampling, cfg.init_from or cfg.out_dir)
+    if cfg.chat_state:
+        chat.load(cfg.chat_state)
+    return chat
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ import pytest
 import torch
 
 import doge
+import engine
 import eval as eval_script
 import sample
 from helpers import write_bpe_tokenizer
 from oracle import randomize
-from tokenizer import copy_tokenizer_files
+from tokenizer import (copy_tokenizer_files, end_of_turn_text, load_chat_template,
+                       load_text_tokenizer, render_chat, stop_ids)
 
 tokenizers = pytest.importorskip("tokenizers")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,18 +79,18 @@ def run(capsys, *args):
 
 
 def test_chat_prompt_equals_the_template_string(model_dir):
-    template = sample.load_chat_template(str(model_dir))
+    template = load_chat_template(str(model_dir))
     messages = [{"role": "user", "content": "Hi"}]
     expected = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
                 "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert sample.render_chat(template, messages) == expected
+    assert render_chat(template, messages) == expected
     transformers = pytest.importorskip("transformers")
     reference = transformers.PreTrainedTokenizerFast(
         tokenizer_file=str(model_dir / "tokenizer.json"), chat_template=TEMPLATE,
         bos_token="<|begin_of_text|>")
     assert reference.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=True) == expected
-    tokenizer = sample.load_text_tokenizer(str(model_dir), 10 ** 6)
+    tokenizer = load_text_tokenizer(str(model_dir), 10 ** 6)
     ids = tokenizer.encode([expected])[0]
     assert ids[0] == tokenizer.token_to_id("<|begin_of_text|>")  # specials are parsed, not spelled
     assert tokenizer.token_to_id("<|eot_id|>") in ids
@@ -120,16 +122,16 @@ def test_prompt_and_greedy_continuation_equal_transformers(model_dir, capsys, tm
     reference_tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_file=str(directory / "tokenizer.json"))
     expected_ids = reference_tokenizer(prompt)["input_ids"]
-    tokenizer = sample.load_text_tokenizer(str(directory), 10 ** 6)
+    tokenizer = load_text_tokenizer(str(directory), 10 ** 6)
     bos = tokenizer.token_to_id("<|begin_of_text|>")
-    assert sample.prompt_ids(tokenizer, prompt) == expected_ids
+    assert engine.prompt_ids(tokenizer, prompt) == expected_ids
     assert (expected_ids[0] == bos) == bos_post_processor  # the two kinds really differ
-    assert sample.prompt_ids(tokenizer, "") == [bos]  # nothing to continue: a document's start
+    assert engine.prompt_ids(tokenizer, "") == [bos]  # nothing to continue: a document's start
     reference = reference_class().from_pretrained(directory).eval()
     with torch.no_grad():
         generated = reference.generate(torch.tensor([expected_ids]), max_new_tokens=20,
                                        do_sample=False)[0, len(expected_ids):].tolist()
-    stop = sample.stop_ids(doge.Doge.from_pretrained(directory), tokenizer, str(directory))
+    stop = stop_ids(doge.Doge.from_pretrained(directory), tokenizer, str(directory))
     new_ids = [token for token in generated[:next(
         (i for i, t in enumerate(generated) if t in stop), len(generated))]]
     out = run(capsys, f"--init_from={directory}", f"--start={prompt}", "--temperature=0",
@@ -142,8 +144,8 @@ def test_our_sentencepiece_prompt_follows_end_of_text(tmp_path):
     from prepare_data import load_tokenizer, train_sentencepiece
     (tmp_path / "tokenizer.model").write_bytes(train_sentencepiece(CORPUS, 300))
     tokenizer = load_tokenizer(str(tmp_path / "tokenizer.model"))
-    assert sample.prompt_ids(tokenizer, "the quick") == [2] + tokenizer.encode(["the quick"])[0]
-    assert sample.prompt_ids(tokenizer, "") == [2]  # documents follow end-of-text in the shards
+    assert engine.prompt_ids(tokenizer, "the quick") == [2] + tokenizer.encode(["the quick"])[0]
+    assert engine.prompt_ids(tokenizer, "") == [2]  # documents follow end-of-text in the shards
 
 
 def test_sampling_is_reproducible_under_a_seed(model_dir, capsys):
@@ -165,30 +167,30 @@ def test_prompt_from_file(model_dir, capsys, tmp_path):
 
 def test_chat_once_answers_from_the_rendered_prompt(model_dir, capsys, monkeypatch):
     prompts = []
-    original = sample.stream_reply
-    monkeypatch.setattr(sample, "stream_reply",
+    original = engine.generate_reply
+    monkeypatch.setattr(engine, "generate_reply",
                         lambda model, tok, ids, *rest: prompts.append(ids) or original(model, tok, ids, *rest))
     out = run(capsys, f"--init_from={model_dir}", "--chat", "--start=Hi", "--temperature=0",
               "--max_new_tokens=10")
-    tokenizer = sample.load_text_tokenizer(str(model_dir), 10 ** 6)
-    template = sample.load_chat_template(str(model_dir))
-    expected = tokenizer.encode([sample.render_chat(template, [{"role": "user", "content": "Hi"}])])
+    tokenizer = load_text_tokenizer(str(model_dir), 10 ** 6)
+    template = load_chat_template(str(model_dir))
+    expected = tokenizer.encode([render_chat(template, [{"role": "user", "content": "Hi"}])])
     assert prompts == expected
     assert out.out.endswith("\n") and "tokens/s" in out.err
 
 
 def recorded_turns(monkeypatch):
-    """The prompt ids and the answer of every stream_reply call from now on."""
+    """The prompt ids and the answer of every engine.generate_reply call from now on."""
     prompts, answers = [], []
-    original = sample.stream_reply
+    original = engine.generate_reply
 
     def recording(model, tokenizer, ids, *rest):
         prompts.append(ids)
         result = original(model, tokenizer, ids, *rest)
-        answers.append(result[0])
+        answers.append(result.text)
         return result
 
-    monkeypatch.setattr(sample, "stream_reply", recording)
+    monkeypatch.setattr(engine, "generate_reply", recording)
     return prompts, answers
 
 
@@ -207,15 +209,15 @@ def test_chat_turns_feed_only_their_own_text(chat_dir, capsys, monkeypatch):
     prompts, answers = recorded_turns(monkeypatch)
     out = piped_chat(capsys, monkeypatch, chat_dir, ["Hi", "", "And then?", "/reset", "Hi",
                                                        "/exit", "never read"])
-    template = sample.load_chat_template(str(chat_dir))
-    tokenizer = sample.load_text_tokenizer(str(chat_dir), 10 ** 6)
+    template = load_chat_template(str(chat_dir))
+    tokenizer = load_text_tokenizer(str(chat_dir), 10 ** 6)
     first = answers[0]
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
                 {"role": "user", "content": "And then?"}]
-    so_far = sample.render_chat(template, messages[:2], add_generation_prompt=False)
-    assert prompts == [tokenizer.encode([sample.render_chat(template, messages[:1])])[0],
-                       tokenizer.encode([sample.render_chat(template, messages)[len(so_far):]])[0],
-                       tokenizer.encode([sample.render_chat(template, messages[:1])])[0]]
+    so_far = render_chat(template, messages[:2], add_generation_prompt=False)
+    assert prompts == [tokenizer.encode([render_chat(template, messages[:1])])[0],
+                       tokenizer.encode([render_chat(template, messages)[len(so_far):]])[0],
+                       tokenizer.encode([render_chat(template, messages[:1])])[0]]
     assert so_far.endswith(first + "<|eot_id|>")  # its end-of-turn: fed after the reply
     stats = [line for line in out.err.splitlines() if "tokens/s" in line]
     assert len(stats) == 3 and all(line.startswith("[8 tokens, ") for line in stats)
@@ -230,10 +232,10 @@ def test_an_unknown_command_lists_the_commands_and_a_double_slash_sends_a_slash(
         chat_dir, capsys, monkeypatch):
     prompts, _ = recorded_turns(monkeypatch)
     out = piped_chat(capsys, monkeypatch, chat_dir, ["/bogus now", "//etc/hosts?", "/exit"])
-    template = sample.load_chat_template(str(chat_dir))
-    tokenizer = sample.load_text_tokenizer(str(chat_dir), 10 ** 6)
+    template = load_chat_template(str(chat_dir))
+    tokenizer = load_text_tokenizer(str(chat_dir), 10 ** 6)
     asked = [{"role": "user", "content": "/etc/hosts?"}]
-    assert prompts == [tokenizer.encode([sample.render_chat(template, asked)])[0]]
+    assert prompts == [tokenizer.encode([render_chat(template, asked)])[0]]
     unknown = [line for line in out.err.splitlines() if "/bogus" in line]
     assert unknown == [f"unknown command /bogus: {sample.COMMANDS}"]
     assert all(command in unknown[0] for command in ("/save FILE", "/reset", "/exit", "//text"))
@@ -358,13 +360,13 @@ def test_a_template_that_does_not_extend_re_encodes_each_turn(chat_dir, capsys, 
     prompts, answers = recorded_turns(monkeypatch)
     out = piped_chat(capsys, monkeypatch, directory, ["Hi", "And then?"])
     assert out.err.count("re-encodes the whole conversation") == 1
-    template = sample.load_chat_template(str(directory))
-    tokenizer = sample.load_text_tokenizer(str(directory), 10 ** 6)
+    template = load_chat_template(str(directory))
+    tokenizer = load_text_tokenizer(str(directory), 10 ** 6)
     messages = [{"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": answers[0]},
                 {"role": "user", "content": "And then?"}]
-    assert prompts[1] == tokenizer.encode([sample.render_chat(template, messages)])[0]
-    assert sample.end_of_turn_text(sample.load_chat_template(str(chat_dir))) == "<|eot_id|>"
+    assert prompts[1] == tokenizer.encode([render_chat(template, messages)])[0]
+    assert end_of_turn_text(load_chat_template(str(chat_dir))) == "<|eot_id|>"
 
 
 def test_chat_state_errors_are_one_line(chat_dir, tmp_path, capsys, monkeypatch):

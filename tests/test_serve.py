@@ -22,11 +22,13 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("tokenizers")
 
 import doge  # noqa: E402
+import engine as core  # noqa: E402  (as core: a test's `engine` is serve.py's Engine)
 import sample  # noqa: E402
 import serve  # noqa: E402
 from helpers import one_thread  # noqa: E402,F401
 # the tiny model with random weights, its tokenizer.json and a Llama-3 style chat template
 from test_sample import chat_dir, model_dir  # noqa: E402,F401
+from tokenizer import load_chat_template, load_text_tokenizer, render_chat, stop_ids  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "tiny-doge"
@@ -36,7 +38,7 @@ NAME = "tiny-doge"
 def live_server(directory, **settings):
     """serve.py's app for the model in directory, on a free port of 127.0.0.1: (url, engine)."""
     cfg = serve.ServeConfig(init_from=str(directory), model_name=NAME, **settings)
-    app = serve.make_app(cfg, *serve.load(cfg))
+    app = serve.make_app(cfg, serve.load(cfg))
     listening = serve.listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]})
@@ -125,13 +127,13 @@ def test_turns_continue_their_state_and_equal_sample_chat_and_a_forward_pass(
 
     # the last reply: its tokens are those after the last prompt, in what the state holds
     model = doge.Doge.from_pretrained(chat_dir).eval()
-    tokenizer = sample.load_text_tokenizer(str(chat_dir), 10 ** 6)
-    template = sample.load_chat_template(str(chat_dir))
+    tokenizer = load_text_tokenizer(str(chat_dir), 10 ** 6)
+    template = load_chat_template(str(chat_dir))
     messages = [{"role": role, "content": text} for question, reply in zip(QUESTIONS, replies)
                 for role, text in (("user", question), ("assistant", reply))]
     reply_ids = tokenizer.encode([replies[-1]])[0]
     conversation = list(held) + kept.pending[:1]
-    assert kept.text == sample.render_chat(template, messages, add_generation_prompt=False)
+    assert kept.text == render_chat(template, messages, add_generation_prompt=False)
     start = len(conversation) - 8  # max_tokens 8, no stop token: the last 8 are the reply
     assert tokenizer.decode(conversation[start:]) == replies[-1] and reply_ids
     with torch.no_grad():
@@ -162,10 +164,10 @@ def test_past_max_position_embeddings_the_state_goes_on_as_sample_chat(chat_dir,
         assert engine.states.hits == 2
         held, kept = max(engine.states.kept.items(), key=lambda item: len(item[0]))
     model = doge.Doge.from_pretrained(directory).eval()
-    tokenizer = sample.load_text_tokenizer(str(directory), 10 ** 6)
-    chat = sample.Chat(model, tokenizer, sample.load_chat_template(str(directory)),
-                       sample.SampleConfig(temperature=0, max_new_tokens=8),
-                       sample.stop_ids(model, tokenizer, str(directory)), "cpu")
+    tokenizer = load_text_tokenizer(str(directory), 10 ** 6)
+    stop = stop_ids(model, tokenizer, str(directory))
+    chat = core.Chat(model, core.Turns(load_chat_template(str(directory)), tokenizer, stop),
+                       core.Sampling(max_tokens=8, temperature=0))
     for question in QUESTIONS:
         chat.answer(question)
     assert [m["content"] for m in chat.messages[1::2]] == replies
@@ -187,8 +189,8 @@ def test_concurrent_streams_decode_together_as_each_would_alone(chat_dir, monkey
     with live_server(chat_dir) as (url, _):
         alone = [greedy_conversation(url, q, max_tokens=12) for q in questions]
     batch_sizes = []
-    step = serve.decode_step
-    monkeypatch.setattr(serve, "decode_step", lambda model, token, *rest: batch_sizes.append(
+    step = core.decode_step
+    monkeypatch.setattr(core, "decode_step", lambda model, token, *rest: batch_sizes.append(
         len(token)) or step(model, token, *rest))
     with live_server(chat_dir) as (url, _):
         together = [None] * len(questions)
@@ -214,9 +216,9 @@ def test_a_client_that_leaves_frees_its_row_and_keeps_its_state(chat_dir):
             events = [next(lines) for _ in range(6)]
         assert events[0].startswith("data: ")
         deadline = time.time() + 10
-        while (engine.in_flight() or engine.rows) and time.time() < deadline:
+        while (engine.in_flight() or engine.batch.rows) and time.time() < deadline:
             time.sleep(0.01)
-        assert engine.in_flight() == 0 and not engine.rows
+        assert engine.in_flight() == 0 and not engine.batch.rows
         (held, kept), = engine.states.kept.items()
         assert int(kept.state["length"]) == len(held) < 4000  # stopped long before max_tokens
         assert kept.text.endswith("<|eot_id|>") and len(kept.text) > len("Hi") + 60

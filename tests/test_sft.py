@@ -24,8 +24,9 @@ from helpers import one_thread, random_documents  # noqa: E402,F401 (an autouse 
 from oracle import assert_close_to_scale  # noqa: E402
 from prepare_data import (ConversationLoader, collate, prepare_chat,  # noqa: E402
                           read_conversation_shard, write_conversation_shard)
-from tokenizer import (CHAT_TOKENS, DOGE_CHAT_TEMPLATE, chat_tokenizer, load_tokenizer,  # noqa: E402
-                       sentencepiece_as_tokenizers, train_sentencepiece)
+from tokenizer import (CHAT_TOKENS, DOGE_CHAT_TEMPLATE, chat_tokenizer,  # noqa: E402
+                       load_chat_template, load_text_tokenizer, load_tokenizer, render_chat,
+                       sentencepiece_as_tokenizers, stop_ids, train_sentencepiece)
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
@@ -176,7 +177,7 @@ def test_a_tokenizer_json_gains_the_chat_tokens(tmp_path):
 
 def test_chat_tokenizer_adds_what_the_template_needs(base_dir, chat_dir, tmp_path):
     sp_size = load_tokenizer(str(base_dir / "tokenizer.model")).vocab_size
-    tokenizer = sample.load_text_tokenizer(str(chat_dir), 10 ** 6)
+    tokenizer = load_text_tokenizer(str(chat_dir), 10 ** 6)
     assert [tokenizer.token_to_id(t) for t in CHAT_TOKENS] == \
         list(range(sp_size, sp_size + 4))  # new ids after the SentencePiece vocabulary
     assert tokenizer.eot_id == 2  # </s>, the documents' separator in pretraining, still ends text
@@ -208,8 +209,8 @@ def test_new_token_rows_start_at_the_mean():
 
 
 def test_the_mask_covers_exactly_the_assistant_turns(chat_dir, tmp_path):
-    tokenizer = sample.load_text_tokenizer(str(chat_dir), 10 ** 6)
-    template = sample.load_chat_template(str(chat_dir))
+    tokenizer = load_text_tokenizer(str(chat_dir), 10 ** 6)
+    template = load_chat_template(str(chat_dir))
     messages = (messages_of("Hi!", "Hello there, friend!", system="Be brief.")
                 + messages_of("What is two plus two?", "Two plus two is four."))
     [(text, spans)] = prepare_data.assistant_spans(template, [messages])
@@ -228,7 +229,7 @@ def test_the_mask_covers_exactly_the_assistant_turns(chat_dir, tmp_path):
     assert [tokenizer.decode(run) for run in runs] == [text[a:b] for a, b in spans]
     # the prompt before each answer is what sample.py --chat feeds the model, token for token
     first_answer = int(np.argmax(supervised))
-    prompt = sample.render_chat(template, messages[:2])
+    prompt = render_chat(template, messages[:2])
     assert ids[:first_answer].tolist() == tokenizer.encode([prompt])[0]
     # targets: the next token where it is supervised, -1 elsewhere
     x, y = collate([(ids, supervised)], block_size=999)
@@ -270,12 +271,12 @@ def test_spans_follow_other_templates():
     [(text, spans), (other, [span])] = prepare_data.assistant_spans(chatml, [messages, messages[:2]])
     assert [text[a:b] for a, b in spans] == ["b<|im_end|>\n", "d<|im_end|>\n"]
     assert other[span[0]:span[1]] == "b<|im_end|>\n" and text.startswith(other)
-    assert text == sample.render_chat(chatml, messages)[:len(text)]  # the same as one at a time
+    assert text == render_chat(chatml, messages)[:len(text)]  # the same as one at a time
 
 
 def test_padding_does_not_change_the_loss(chat_dir):
-    tokenizer = sample.load_text_tokenizer(str(chat_dir), 10 ** 6)
-    template = sample.load_chat_template(str(chat_dir))
+    tokenizer = load_text_tokenizer(str(chat_dir), 10 ** 6)
+    template = load_chat_template(str(chat_dir))
     examples, _ = prepare_data.tokenize_conversations([messages_of(q, a) for q, a in TOY[:2]],
                                                       tokenizer, template)
     torch.manual_seed(0)
@@ -396,12 +397,12 @@ def test_the_export_loads_in_transformers_and_agrees(sft_run, base_run):
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
     messages = messages_of("Hi!", "Hello there, friend!", system="Be brief.") + \
         [{"role": "user", "content": "What is ▁ in 日本語 🙂 ñ?\n\tTwo  spaces, <s> text."}]
-    prompt = sample.render_chat(sample.load_chat_template(hf), messages)
+    prompt = render_chat(load_chat_template(hf), messages)
     assert tokenizer.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=True) == prompt
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    ours_tokenizer = sample.load_text_tokenizer(hf, ours.config.vocab_size)
+    ours_tokenizer = load_text_tokenizer(hf, ours.config.vocab_size)
     assert list(ids) == ours_tokenizer.encode([prompt])[0]
     assert tokenizer.decode(ids) == prompt
     assert set(tokenizer(prompt)) == {"input_ids", "attention_mask"}  # what generate() accepts
@@ -414,7 +415,7 @@ def test_the_export_loads_in_transformers_and_agrees(sft_run, base_run):
     assert "- Training data: --input " in card and "toy.jsonl" in card
     # generation stops at the end of the answer in both
     eot = ours_tokenizer.token_to_id("<|eot_id|>")
-    assert eot in sample.stop_ids(ours, ours_tokenizer, hf)
+    assert eot in stop_ids(ours, ours_tokenizer, hf)
     assert eot in theirs.generation_config.eos_token_id and tokenizer.eos_token == "<|eot_id|>"
 
 
