@@ -78,6 +78,9 @@ CASES = {
 # ----------------------------------------------------------------------------------------------
 # Shared set-up
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # the project's folder, with its programs
+WHICH = ("ours", "ref")
+
 
 def make_models(which, config_overrides=None, dtype=None):
     """A Doge-20M-shaped model with random weights, A randomised so the dynamic mask is not
@@ -100,38 +103,11 @@ def make_models(which, config_overrides=None, dtype=None):
         return model.to(device=device, dtype=dtype or default_dtype)
 
 
-def sync():
-    """Wait for the GPU's queued work (none where CUDA never started)."""
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def current_rss_mb(pid="self"):
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def process_tree_rss_mb(root):
-    """Resident memory of a process and all its descendants (its workers), summed (Linux /proc)."""
-    parents = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:  # it exited meanwhile
-            pass
-    tree = [root]
-    for pid in tree:  # grows as it goes: breadth first
-        tree += [child for child, parent in parents.items() if parent == pid]
-    total = 0
-    for pid in tree:
-        with contextlib.suppress(OSError):
-            total += current_rss_mb(pid)
-    return total
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def model_and_tokens(which, shape, config_overrides=None, train=False, dtype=None):
+    """make_models' model, training or not, and random tokens of that shape on its device."""
+    model = make_models(which, config_overrides, dtype).train(train)
+    return model, torch.randint(0, model.config.vocab_size, shape,
+                                device=model.lm_head.weight.device)
 
 
 def loss_of(model, which, idx):
@@ -141,24 +117,68 @@ def loss_of(model, which, idx):
     return model(idx, targets, keep_logits=False)[1]
 
 
-def best_time(function, repeats):
-    function()  # warm up
-    times = []
+def logits_of(model, which, idx):
+    """A forward pass with full logits, no gradient."""
+    with torch.no_grad():
+        return model(idx)[0] if which == "ours" else model(idx).logits
+
+
+def sync():
+    """Wait for the GPU's queued work (none where CUDA never started)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def current_rss_mb(pid="self"):
+    """A process's resident memory now; 0 once it has exited."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    return 0
+
+
+def process_tree_rss_mb(root):
+    """Resident memory of a process and all its descendants (its workers), summed (Linux /proc)."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:  # or it exited
+            parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    tree = [root]
+    for pid in tree:  # grows as it goes: breadth first
+        tree += [child for child, parent in parents.items() if parent == pid]
+    return sum(current_rss_mb(pid) for pid in tree)
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_server_mb(process):
+    """The server process's peak resident memory (VmHWM), in MB."""
+    with open(f"/proc/{process.pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def mean_time(function, repeats):
+    """Seconds per call over `repeats` calls in a row: the GPU works through them as a queue, as
+    in training, with one wait at the end."""
+    sync()
+    start = time.perf_counter()
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
         function()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def best_time(function, repeats):
+    """The fastest of `repeats` calls timed one by one, after one that warms up."""
+    function()
+    return min(mean_time(function, 1) for _ in range(repeats))
 
 
 # ----------------------------------------------------------------------------------------------
 # Cases: each returns a dict of numbers. Speed-only cases hold both models and run them in turns
 # (returning {"ours": ..., "ref": ...}): a shared machine's speed drifts within seconds to
 # minutes, and taking turns exposes both to the same drift.
-
-WHICH = ("ours", "ref")
 
 
 def in_turns(measures, rounds):
@@ -188,32 +208,26 @@ def training_step(model, which, idx, autocast=None, **adamw):
 
 def case_train(batch, length):
     def timed_step(which):
-        model = make_models(which).train()
-        idx = torch.randint(0, 32768, (batch, length), device=model.lm_head.weight.device)
+        model, idx = model_and_tokens(which, (batch, length), train=True)
         step = training_step(model, which, idx)
         # each round warms up with one step (the other model has just run), then times one
         return lambda: {"seconds": best_time(step, 1)}
 
     best = in_turns({which: timed_step(which) for which in WHICH}, rounds=10)
-    return {which: {"tokens_per_sec": batch * length / best[which]["seconds"]}
-            for which in WHICH}
+    return {which: {"tokens_per_sec": batch * length / best[which]["seconds"]} for which in WHICH}
 
 
 def case_long(which, mode):
     """T=8192, keep_window_size 2048: a forward pass with full logits, or forward+backward."""
-    model = make_models(which).train(mode == "train")
-    idx = torch.randint(0, 32768, (1, 8192), device=model.lm_head.weight.device)
+    model, idx = model_and_tokens(which, (1, 8192), train=mode == "train")
     before = current_rss_mb()
     start = time.perf_counter()
     if mode == "train":
         loss_of(model, which, idx).backward()
     else:
-        with torch.no_grad():
-            logits = model(idx)[0] if which == "ours" else model(idx).logits
-            del logits
+        logits_of(model, which, idx)
     sync()
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mb": peak_rss_mb() - before}
+    return {"seconds": time.perf_counter() - start, "peak_mb": peak_rss_mb() - before}
 
 
 def generate_timestamps(model, which, prompt, new_tokens):
@@ -236,24 +250,26 @@ def generate_timestamps(model, which, prompt, new_tokens):
     return stamps
 
 
-def case_decode():
-    models = {which: make_models(which).eval() for which in WHICH}
+def decoding_in_turns(new_tokens, rounds, figures, config_overrides=None):
+    """Both models, eval mode, and each key's best of figures(timestamps) over `rounds` rounds in
+    turns, each round decoding `new_tokens` greedily after the same 8-token prompt."""
+    models = {which: make_models(which, config_overrides).eval() for which in WHICH}
     prompt = torch.randint(0, 32768, (1, 8), device=models["ours"].lm_head.weight.device)
 
     def decoding(which):
-        stamps = generate_timestamps(models[which], which, prompt, 257)
-        return {"seconds": stamps[-1] - stamps[0]}
+        return figures(generate_timestamps(models[which], which, prompt, new_tokens))
 
-    best = in_turns({which: lambda which=which: decoding(which) for which in WHICH}, rounds=5)
+    return models, in_turns({which: lambda which=which: decoding(which) for which in WHICH}, rounds)
+
+
+def case_decode():
+    models, best = decoding_in_turns(257, 5, lambda stamps: {"seconds": stamps[-1] - stamps[0]})
     weight_bytes = sum(p.numel() * p.element_size() for p in models["ours"].parameters())
     copy_gb_per_sec = memory_bandwidth()
-    results = {}
-    for which in WHICH:
-        tokens_per_sec = 256 / best[which]["seconds"]
-        results[which] = {"tokens_per_sec": tokens_per_sec, "weight_mb": weight_bytes / 2 ** 20,
-                          "weight_gb_per_sec": weight_bytes * tokens_per_sec / 1e9,
-                          "copy_gb_per_sec": copy_gb_per_sec}
-    return results
+    tokens_per_sec = {which: 256 / best[which]["seconds"] for which in WHICH}
+    return {which: {"tokens_per_sec": tokens_per_sec[which], "weight_mb": weight_bytes / 2 ** 20,
+                    "weight_gb_per_sec": weight_bytes * tokens_per_sec[which] / 1e9,
+                    "copy_gb_per_sec": copy_gb_per_sec} for which in WHICH}
 
 
 def memory_bandwidth():
@@ -265,23 +281,17 @@ def memory_bandwidth():
 
 
 def case_window():
-    models = {which: make_models(which, {"keep_window_size": 1024}).eval() for which in WHICH}
-    prompt = torch.randint(0, 32768, (1, 8), device=models["ours"].lm_head.weight.device)
-
-    def generation(which):  # seconds per token over each span of 1000 tokens
-        stamps = generate_timestamps(models[which], which, prompt, 4001)
+    def spans(stamps):  # seconds per token over each span of 1000 tokens
         return {span: (stamps[span + 1000] - stamps[span]) / 1000 for span in range(0, 4000, 1000)}
 
-    # Each 1000-token span keeps its best round. Taking the best of the whole 3000-token stretch
-    # instead would judge it by a longer window than the first 1000 tokens, more likely to
-    # include one of this machine's slow spells, and so would overstate later/first.
-    best = in_turns({which: lambda which=which: generation(which) for which in WHICH}, rounds=3)
-    results = {}
-    for which in WHICH:
-        first, later = best[which][0], sum(best[which][span] for span in (1000, 2000, 3000)) / 3
-        results[which] = {"ms_first_1000": first * 1e3, "ms_1000_to_4000": later * 1e3,
-                          "later/first": later / first}  # 1.0 means flat: the cache stopped growing
-    return results
+    # Each span keeps its best round: the best 3000-token stretch would be more likely to include
+    # one of this machine's slow spells than the first 1000 tokens, overstating later/first.
+    best = decoding_in_turns(4001, 3, spans, {"keep_window_size": 1024})[1]
+    first = {which: best[which][0] for which in WHICH}
+    later = {which: sum(best[which][span] for span in (1000, 2000, 3000)) / 3 for which in WHICH}
+    return {which: {"ms_first_1000": first[which] * 1e3, "ms_1000_to_4000": later[which] * 1e3,
+                    "later/first": later[which] / first[which]}  # 1.0: the cache stopped growing
+            for which in WHICH}
 
 
 # A conversation (--cases=chat): 200 turns of a 40-token user prompt and a 30-token greedy reply
@@ -471,12 +481,6 @@ def served_tokens_per_sec(client, model, conversations):
     for thread in threads:
         thread.join()
     return sum(counts) / (time.perf_counter() - start)
-
-
-def peak_server_mb(process):
-    """The server process's peak resident memory (VmHWM), in MB."""
-    with open(f"/proc/{process.pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def case_serve(which, turns=SERVE_TURNS):
@@ -677,17 +681,6 @@ def bench_big_text(sizes_mb=(200, 2000), workers=2):
 # and at whatever sizes they are given, which is how the tests check them.
 
 
-def mean_time(function, repeats):
-    """Seconds per call over `repeats` calls in a row: the GPU works through them as a queue, as
-    in training, with one wait at the end."""
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        function()
-    sync()
-    return (time.perf_counter() - start) / repeats
-
-
 def time_and_gpu_peak(function, repeats, device):
     """(mean_time of function, {"peak_mb": the most GPU memory it allocated}, {} off CUDA)."""
     if device.type != "cuda":
@@ -717,9 +710,9 @@ def case_gpu_train(which, batch, length, steps=10, compiled=True, config_overrid
     """One training step as train.py takes it on a GPU: float32 weights, bf16 autocast, the model
     compiled, fused AdamW. tokens/s over `steps` steps in a row, peak GPU memory, and the host
     syncs of one step (ours should make none)."""
-    device = common.device_and_dtype()[0]
-    model = make_models(which, config_overrides, dtype=torch.float32).train()
-    idx = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
+    model, idx = model_and_tokens(which, (batch, length), config_overrides, train=True,
+                                  dtype=torch.float32)
+    device = idx.device
     step = training_step(torch.compile(model) if compiled else model, which, idx,
                          torch.autocast(device.type, dtype=torch.bfloat16),
                          fused=device.type == "cuda")
@@ -829,14 +822,12 @@ def case_gpu_long_train(which, length, steps=3, config_overrides=None):
     2048 (Doge-20M): bf16 weights, the models uncompiled (our lifetime path past the window
     compiles its FlexAttention call itself). Seconds per step and peak GPU memory, or
     out_of_memory where the model cannot take the length."""
-    device = common.device_and_dtype()[0]
-    model = make_models(which, config_overrides).train()
-    step = training_step(model, which, torch.randint(0, model.config.vocab_size, (1, length),
-                                                     device=device))
+    model, idx = model_and_tokens(which, (1, length), config_overrides, train=True)
+    step = training_step(model, which, idx)
     try:
         for _ in range(2):  # compiles, then warms up
             step()
-        seconds, peak = time_and_gpu_peak(step, steps, device)
+        seconds, peak = time_and_gpu_peak(step, steps, idx.device)
     except torch.cuda.OutOfMemoryError:
         return {"out_of_memory": 1}
     return {"seconds": seconds, **peak}
@@ -845,17 +836,9 @@ def case_gpu_long_train(which, length, steps=3, config_overrides=None):
 def case_gpu_long_forward(which, length, repeats=3, config_overrides=None):
     """Forward at B=1 and `length` tokens with full logits, no gradient (bf16 weights,
     uncompiled): seconds and peak GPU memory."""
-    device = common.device_and_dtype()[0]
-    model = make_models(which, config_overrides).eval()
-    idx = torch.randint(0, model.config.vocab_size, (1, length), device=device)
-
-    def forward():
-        with torch.no_grad():
-            logits = model(idx)[0] if which == "ours" else model(idx).logits
-            del logits
-
-    forward()  # compiles
-    seconds, peak = time_and_gpu_peak(forward, repeats, device)
+    model, idx = model_and_tokens(which, (1, length), config_overrides)
+    logits_of(model, which, idx)  # compiles
+    seconds, peak = time_and_gpu_peak(lambda: logits_of(model, which, idx), repeats, idx.device)
     return {"seconds": seconds, **peak}
 
 
@@ -863,9 +846,7 @@ def case_gpu_decode(which, batch, new_tokens=256, rounds=2, config_overrides=Non
     """Greedy decoding after an 8-token prompt (ours graph-captured on CUDA): tokens/s over
     `new_tokens` steps, counted from the third token (ours records its graph at the second),
     best of `rounds` runs."""
-    device = common.device_and_dtype()[0]
-    model = make_models(which, config_overrides).eval()
-    prompt = torch.randint(0, model.config.vocab_size, (batch, 8), device=device)
+    model, prompt = model_and_tokens(which, (batch, 8), config_overrides)
     generate_timestamps(model, which, prompt, 4)  # warms up
     seconds = min(stamps[-1] - stamps[2] for stamps in
                   (generate_timestamps(model, which, prompt, new_tokens + 3)
