@@ -1,7 +1,6 @@
-"""
-Side-by-side benchmarks: our Doge against transformers' DogeForCausalLM (sdpa) on the same weights
-and shapes, reported as ratios (CASES below says what each case measures). CPU float32 here; on a
-CUDA machine the model cases run in bfloat16 on the GPU. docs/performance.md has the figures.
+"""Side-by-side benchmarks: our Doge against transformers' DogeForCausalLM (sdpa) on the same
+weights and shapes, reported as ratios (CASES says what each case measures). CPU float32 here;
+on a CUDA machine the model cases run in bfloat16 on the GPU. docs/performance.md has the figures.
 
     python bench.py                      # every case (several minutes on 2 CPU cores)
     python bench.py --cases=train,decode # some groups of them
@@ -10,14 +9,14 @@ CUDA machine the model cases run in bfloat16 on the GPU. docs/performance.md has
     python bench.py --cases=tokenize --big_text_mb=20,200   # big .txt files (default 200,2000)
 
 Without CUDA, --cases=gpu prints one line and exits with status 2. A case that fails prints its
-error and the others still run; the exit status is then 1.
-"""
+error and the others still run; the exit status is then 1."""
 
 import contextlib
 import inspect
 import json
 import multiprocessing
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -71,19 +70,20 @@ CASES = {
         ("gpu_forward_t8192", "apart", lambda which: case_gpu_long_forward(which, 8192)),
         ("gpu_decode_b1", "apart", lambda which: case_gpu_decode(which, 1)),  # greedy tokens/s
         ("gpu_decode_b64", "apart", lambda which: case_gpu_decode(which, 64))],
-    "tiny": [("tiny", "here", lambda cfg: bench_tiny_training())],  # train.py on the CPU demo
+    "tiny": [("tiny", "here", lambda cfg: train_py_figures(TINY_RUN))],  # train.py, CPU demo
     "tokenize": [("tokenize", "here", lambda cfg: bench_tokenize_group(cfg.big_text_mb))],
 }
 
 # ----------------------------------------------------------------------------------------------
 # Shared set-up
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # the project's folder, with its programs
+WHICH = ("ours", "ref")
+
 
 def make_models(which, config_overrides=None, dtype=None):
-    """A Doge-20M-shaped model with random weights, A randomised so the dynamic mask is not
-    constant, saved and loaded as a program loads one: ours with engine.load_model, "ref" as
-    transformers' DogeForCausalLM (sdpa), from the same files. dtype: the weights' (default: the
-    device rule's, common.device_and_dtype)."""
+    """Doge-20M, random weights (A too: the mask is not constant), saved and loaded as programs do:
+    ours by engine.load_model, "ref" as DogeForCausalLM (sdpa); dtype None: the device rule's."""
     device, default_dtype = common.device_and_dtype()
     config = doge.DogeConfig.from_preset("doge-20m", **(config_overrides or {}))
     torch.manual_seed(0)
@@ -100,38 +100,11 @@ def make_models(which, config_overrides=None, dtype=None):
         return model.to(device=device, dtype=dtype or default_dtype)
 
 
-def sync():
-    """Wait for the GPU's queued work (none where CUDA never started)."""
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def current_rss_mb(pid="self"):
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def process_tree_rss_mb(root):
-    """Resident memory of a process and all its descendants (its workers), summed (Linux /proc)."""
-    parents = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:  # it exited meanwhile
-            pass
-    tree = [root]
-    for pid in tree:  # grows as it goes: breadth first
-        tree += [child for child, parent in parents.items() if parent == pid]
-    total = 0
-    for pid in tree:
-        with contextlib.suppress(OSError):
-            total += current_rss_mb(pid)
-    return total
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def model_and_tokens(which, shape, config_overrides=None, train=False, dtype=None):
+    """make_models' model, training or not, and random tokens of that shape on its device."""
+    model = make_models(which, config_overrides, dtype).train(train)
+    return model, torch.randint(0, model.config.vocab_size, shape,
+                                device=model.lm_head.weight.device)
 
 
 def loss_of(model, which, idx):
@@ -141,29 +114,64 @@ def loss_of(model, which, idx):
     return model(idx, targets, keep_logits=False)[1]
 
 
-def best_time(function, repeats):
-    function()  # warm up
-    times = []
+def logits_of(model, which, idx):
+    """A forward pass with full logits, no gradient."""
+    with torch.no_grad():
+        return model(idx)[0] if which == "ours" else model(idx).logits
+
+
+def sync():
+    """Wait for the GPU's queued work (none where CUDA never started)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def current_rss_mb(pid="self"):
+    """A process's resident memory now; 0 once it has exited."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    return 0
+
+
+def process_tree_rss_mb(root):
+    """Resident memory of a process and all its descendants (its workers), summed (Linux /proc)."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:  # or it exited
+            parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    tree = [root]
+    for pid in tree:  # grows as it goes: breadth first
+        tree += [child for child, parent in parents.items() if parent == pid]
+    return sum(current_rss_mb(pid) for pid in tree)
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def mean_time(function, repeats):
+    """Seconds per call of `repeats` calls in a row (a GPU queues them as in training; one wait)."""
+    sync()
+    start = time.perf_counter()
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
         function()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def best_time(function, repeats):
+    """The fastest of `repeats` calls timed one by one, after one that warms up."""
+    function()
+    return min(mean_time(function, 1) for _ in range(repeats))
 
 
 # ----------------------------------------------------------------------------------------------
-# Cases: each returns a dict of numbers. Speed-only cases hold both models and run them in turns
-# (returning {"ours": ..., "ref": ...}): a shared machine's speed drifts within seconds to
-# minutes, and taking turns exposes both to the same drift.
-
-WHICH = ("ours", "ref")
+# Cases: each returns a dict of numbers (see CASES)
 
 
 def in_turns(measures, rounds):
-    """Call each model's measure() in turns, `rounds` times; keep each key's smallest value (the
-    keys are times: other work on the machine only ever slows a run down)."""
+    """Call each model's measure() in turns (a shared machine's speed drifts: both see the same),
+    `rounds` times; keep each key's smallest value (times: other work only ever slows a run)."""
     best = {which: {} for which in measures}
     for _ in range(rounds):
         for which, measure in measures.items():
@@ -173,8 +181,7 @@ def in_turns(measures, rounds):
 
 
 def training_step(model, which, idx, autocast=None, **adamw):
-    """A function that takes one training step of model on idx: forward (under autocast),
-    backward, AdamW (with the options adamw)."""
+    """A function taking one step on idx: forward (under autocast), backward, AdamW(**adamw)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **adamw)
 
     def step():
@@ -188,31 +195,23 @@ def training_step(model, which, idx, autocast=None, **adamw):
 
 def case_train(batch, length):
     def timed_step(which):
-        model = make_models(which).train()
-        idx = torch.randint(0, 32768, (batch, length), device=model.lm_head.weight.device)
+        model, idx = model_and_tokens(which, (batch, length), train=True)
         step = training_step(model, which, idx)
         # each round warms up with one step (the other model has just run), then times one
         return lambda: {"seconds": best_time(step, 1)}
 
     best = in_turns({which: timed_step(which) for which in WHICH}, rounds=10)
-    return {which: {"tokens_per_sec": batch * length / best[which]["seconds"]}
-            for which in WHICH}
+    return {which: {"tokens_per_sec": batch * length / best[which]["seconds"]} for which in WHICH}
 
 
 def case_long(which, mode):
     """T=8192, keep_window_size 2048: a forward pass with full logits, or forward+backward."""
-    model = make_models(which).train(mode == "train")
-    idx = torch.randint(0, 32768, (1, 8192), device=model.lm_head.weight.device)
+    model, idx = model_and_tokens(which, (1, 8192), train=mode == "train")
     before = current_rss_mb()
-    start = time.perf_counter()
     if mode == "train":
-        loss_of(model, which, idx).backward()
+        seconds = mean_time(lambda: loss_of(model, which, idx).backward(), 1)
     else:
-        with torch.no_grad():
-            logits = model(idx)[0] if which == "ours" else model(idx).logits
-            del logits
-    sync()
-    seconds = time.perf_counter() - start
+        seconds = mean_time(lambda: logits_of(model, which, idx), 1)
     return {"seconds": seconds, "peak_mb": peak_rss_mb() - before}
 
 
@@ -236,52 +235,37 @@ def generate_timestamps(model, which, prompt, new_tokens):
     return stamps
 
 
-def case_decode():
-    models = {which: make_models(which).eval() for which in WHICH}
+def decoding_in_turns(new_tokens, rounds, figures, config_overrides=None):
+    """Both models, and in_turns' best of figures(timestamps) of greedy decoding after 8 tokens."""
+    models = {which: make_models(which, config_overrides).eval() for which in WHICH}
     prompt = torch.randint(0, 32768, (1, 8), device=models["ours"].lm_head.weight.device)
+    return models, in_turns({which: lambda which=which: figures(generate_timestamps(
+        models[which], which, prompt, new_tokens)) for which in WHICH}, rounds)
 
-    def decoding(which):
-        stamps = generate_timestamps(models[which], which, prompt, 257)
-        return {"seconds": stamps[-1] - stamps[0]}
 
-    best = in_turns({which: lambda which=which: decoding(which) for which in WHICH}, rounds=5)
+def case_decode():
+    models, best = decoding_in_turns(257, 5, lambda stamps: {"seconds": stamps[-1] - stamps[0]})
     weight_bytes = sum(p.numel() * p.element_size() for p in models["ours"].parameters())
-    copy_gb_per_sec = memory_bandwidth()
-    results = {}
-    for which in WHICH:
-        tokens_per_sec = 256 / best[which]["seconds"]
-        results[which] = {"tokens_per_sec": tokens_per_sec, "weight_mb": weight_bytes / 2 ** 20,
-                          "weight_gb_per_sec": weight_bytes * tokens_per_sec / 1e9,
-                          "copy_gb_per_sec": copy_gb_per_sec}
-    return results
-
-
-def memory_bandwidth():
-    """GB/s a large copy moves (bytes read + bytes written), the ceiling for decoding."""
-    source = torch.ones(64 * 2 ** 20)  # 256 MB
-    target = torch.empty_like(source)
-    seconds = best_time(lambda: target.copy_(source), 5)
-    return 2 * source.numel() * 4 / seconds / 1e9
+    # the ceiling for decoding: GB/s a large copy moves (bytes read + bytes written)
+    source, target = torch.ones(64 * 2 ** 20), torch.empty(64 * 2 ** 20)  # 256 MB each
+    copy_gb_per_sec = 2 * source.numel() * 4 / best_time(lambda: target.copy_(source), 5) / 1e9
+    tokens_per_sec = {which: 256 / best[which]["seconds"] for which in WHICH}
+    return {which: {"tokens_per_sec": tokens_per_sec[which], "weight_mb": weight_bytes / 2 ** 20,
+                    "weight_gb_per_sec": weight_bytes * tokens_per_sec[which] / 1e9,
+                    "copy_gb_per_sec": copy_gb_per_sec} for which in WHICH}
 
 
 def case_window():
-    models = {which: make_models(which, {"keep_window_size": 1024}).eval() for which in WHICH}
-    prompt = torch.randint(0, 32768, (1, 8), device=models["ours"].lm_head.weight.device)
-
-    def generation(which):  # seconds per token over each span of 1000 tokens
-        stamps = generate_timestamps(models[which], which, prompt, 4001)
+    def spans(stamps):  # seconds per token over each span of 1000 tokens
         return {span: (stamps[span + 1000] - stamps[span]) / 1000 for span in range(0, 4000, 1000)}
 
-    # Each 1000-token span keeps its best round. Taking the best of the whole 3000-token stretch
-    # instead would judge it by a longer window than the first 1000 tokens, more likely to
-    # include one of this machine's slow spells, and so would overstate later/first.
-    best = in_turns({which: lambda which=which: generation(which) for which in WHICH}, rounds=3)
-    results = {}
-    for which in WHICH:
-        first, later = best[which][0], sum(best[which][span] for span in (1000, 2000, 3000)) / 3
-        results[which] = {"ms_first_1000": first * 1e3, "ms_1000_to_4000": later * 1e3,
-                          "later/first": later / first}  # 1.0 means flat: the cache stopped growing
-    return results
+    # Each span keeps its best round: the best 3000-token stretch would be more likely to include
+    # one of this machine's slow spells than the first 1000 tokens, overstating later/first.
+    best = decoding_in_turns(4001, 3, spans, {"keep_window_size": 1024})[1]
+    later = {which: sum(best[which][span] for span in (1000, 2000, 3000)) / 3 for which in WHICH}
+    return {which: {"ms_first_1000": best[which][0] * 1e3, "ms_1000_to_4000": later[which] * 1e3,
+                    "later/first": later[which] / best[which][0]}  # 1.0: the cache stopped growing
+            for which in WHICH}
 
 
 # A conversation (--cases=chat): 200 turns of a 40-token user prompt and a 30-token greedy reply
@@ -291,9 +275,8 @@ CHAT_MEDIAN_OF = 5  # a continued turn's time: the median of turns t-4..t (the s
 
 
 def continued_turns(model, which, prompt, reply):
-    """Yield the seconds of each turn of an endless conversation on one continued state: our
-    cache, or the reference's own cache carried across turns (generate feeds it only what it does
-    not hold yet). The prompts are random tokens: a turn's cost depends on lengths, not words."""
+    """Yield the seconds of each turn of an endless conversation on one continued state: our cache,
+    or the reference's carried across turns. Random tokens: the cost depends on lengths alone."""
     generator = torch.Generator().manual_seed(0)
     device = model.lm_head.weight.device
     if which == "ours":
@@ -301,6 +284,9 @@ def continued_turns(model, which, prompt, reply):
     else:
         from transformers import DynamicCache
         cache, history = DynamicCache(config=model.config), torch.empty(1, 0, dtype=torch.long)
+        # a cache to continue goes in as `cache` where forward takes it (and warns at the old name)
+        takes_cache = "cache" in inspect.signature(type(model).forward).parameters
+        continued = {"cache" if takes_cache else "past_key_values": cache}
     while True:
         new = torch.randint(0, model.config.vocab_size, (1, prompt), generator=generator)
         start = time.perf_counter()
@@ -308,40 +294,28 @@ def continued_turns(model, which, prompt, reply):
             for _ in model.generate_stream(new.to(device), reply, temperature=0, cache=cache):
                 pass
         else:
-            history = model.generate(torch.cat((history, new), dim=1).to(device),
-                                     **{cache_argument(model): cache}, max_new_tokens=reply,
-                                     min_new_tokens=reply, do_sample=False).cpu()
+            history = model.generate(torch.cat((history, new), dim=1).to(device), **continued,
+                                     max_new_tokens=reply, min_new_tokens=reply,
+                                     do_sample=False).cpu()
         sync()
         yield time.perf_counter() - start
 
 
-def cache_argument(model):
-    """The name transformers' generate gives a cache to continue: `cache` where the model's
-    forward takes it (later releases, which warn at the older name), else `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters \
-        else "past_key_values"
-
-
 def reencoded_turn_seconds(model, turn, prompt, reply):
-    """Seconds of turn `turn` when the reference re-encodes the whole history: a forward pass
-    over every earlier prompt and reply and the new prompt, then the reply. The cost depends on
-    the history's length alone, so the history is random tokens of that length."""
+    """Seconds of turn `turn` when the reference re-encodes the whole history (random tokens of
+    its length: every earlier prompt and reply, and the new prompt), then replies."""
     length = (turn - 1) * (prompt + reply) + prompt
     history = torch.randint(0, model.config.vocab_size, (1, length),
                             generator=torch.Generator().manual_seed(turn))
-    start = time.perf_counter()
-    model.generate(history.to(model.lm_head.weight.device), max_new_tokens=reply,
-                   min_new_tokens=reply, do_sample=False)
-    sync()
-    return time.perf_counter() - start
+    return mean_time(lambda: model.generate(history.to(model.lm_head.weight.device),
+                                            max_new_tokens=reply, min_new_tokens=reply,
+                                            do_sample=False), 1)
 
 
 def case_chat(which, reference_mode, prompt=CHAT_PROMPT, reply=CHAT_REPLY,
               reported=CHAT_REPORTED, config_overrides=None):
-    """Milliseconds per turn of a conversation at the reported turns, and peak memory: ours on
-    one continued state; the reference with its cache carried ("cache") or re-encoding the
-    history each turn ("reencode", measured at the reported turns only). For a continued state
-    also the growth of the process's memory from the second reported turn to the last."""
+    """ms per turn at the reported turns, peak memory and, on a continued state, its growth from
+    the second to the last: ours, or the reference with its cache ("cache") or re-encoding."""
     model = make_models(which, config_overrides).eval()
     before = current_rss_mb()
     if which == "ref" and reference_mode == "reencode":
@@ -354,18 +328,16 @@ def case_chat(which, reference_mode, prompt=CHAT_PROMPT, reply=CHAT_REPLY,
         seconds.append(turn_seconds)
         if turn in reported:
             rss[turn] = current_rss_mb()
-    ms = {turn: 1e3 * float(np.median(seconds[max(0, turn - CHAT_MEDIAN_OF):turn]))
+    ms = {f"ms_turn_{turn}": 1e3 * float(np.median(seconds[max(0, turn - CHAT_MEDIAN_OF):turn]))
           for turn in reported}
     first, last = reported[1], reported[-1]
-    return {**{f"ms_turn_{turn}": ms[turn] for turn in reported},
-            f"turn{last}/turn{first}": ms[last] / ms[first], "peak_mb": peak_rss_mb() - before,
-            f"rss_growth_{first}_{last}": rss[last] - rss[first]}
+    return {**ms, f"turn{last}/turn{first}": ms[f"ms_turn_{last}"] / ms[f"ms_turn_{first}"],
+            "peak_mb": peak_rss_mb() - before, f"rss_growth_{first}_{last}": rss[last] - rss[first]}
 
 
 # Serving (--cases=serve): our serve.py and `transformers serve` on the same exported Doge-20M,
 # driven by the openai client as chat clients drive them: the whole history sent every turn
-SERVE_TURNS = 100  # of SERVE_PROMPT-token user turns and SERVE_REPLY-token greedy replies
-SERVE_PROMPT, SERVE_REPLY = 40, 30
+SERVE_TURNS, SERVE_PROMPT, SERVE_REPLY = 100, 40, 30  # turns, words a prompt, tokens a reply
 SERVE_CONCURRENT, SERVE_CONCURRENT_TURNS = 8, 4  # conversations at once, turns each
 SERVE_ROUNDS = 2  # tokens/s of 1 and of SERVE_CONCURRENT conversations, measured in turns
 SERVE_BUDGET = 900  # seconds the long conversation may take; a slower server stops there
@@ -374,11 +346,9 @@ SERVE_WORDS = ("the quick brown fox jumps over the lazy dog while a small langua
 
 
 def export_chat_model(directory):
-    """The Doge-20M shape (random weights, as make_models) with a small byte-level BPE
-    tokenizer.json and the Doge chat template, saved so that transformers loads it. The rows of
-    the (tied) embedding past the tokenizer's tokens, and of its special tokens, are zero: their
-    logits are 0 while the others' largest is above it, so greedy replies are words that the
-    tokenizer spells, and they never end early."""
+    """make_models' Doge-20M with a small byte-level BPE tokenizer.json and the Doge chat template.
+    The tied embedding's rows of special tokens and past the tokenizer's are zero: their logits, 0,
+    lie below the others' largest, so greedy replies are words, and never end early."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     special = ["<|end_of_text|>", *CHAT_TOKENS]
     tokenizer = Tokenizer(models.BPE())
@@ -401,14 +371,6 @@ def export_chat_model(directory):
     model.save_pretrained(directory)
 
 
-def server_command(which, directory, port):
-    if which == "ours":
-        return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                "serve.py"), f"--init_from={directory}", f"--port={port}", "--model_name=doge"]
-    return ["transformers", "serve", directory, "--port", str(port), "--device", "cpu",
-            "--host", "127.0.0.1"]
-
-
 @contextlib.contextmanager
 def running_server(which, directory, threads):
     """The server's process, answering on a free local port: (process, base url, model name)."""
@@ -416,8 +378,12 @@ def running_server(which, directory, threads):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    process = subprocess.Popen(server_command(which, directory, port), env=env,
+    command = [sys.executable, os.path.join(HERE, "serve.py"), f"--init_from={directory}",
+               f"--port={port}", "--model_name=doge"]
+    if which == "ref":
+        command = ["transformers", "serve", directory, "--port", str(port), "--device", "cpu",
+                   "--host", "127.0.0.1"]
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -434,11 +400,10 @@ def running_server(which, directory, threads):
         yield process, url + "/v1", "doge" if which == "ours" else directory
     finally:
         process.terminate()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.kill()  # if it is still there
+        process.wait()
 
 
 def serve_turn(client, model, messages, rng):
@@ -455,36 +420,23 @@ def serve_turn(client, model, messages, rng):
 
 def served_tokens_per_sec(client, model, conversations):
     """Reply tokens per second of `conversations` clients at once, SERVE_CONCURRENT_TURNS each."""
-    import random
-    import threading
-    counts = [0] * conversations
+    from concurrent.futures import ThreadPoolExecutor
 
-    def talk(i):
+    def talk(i):  # one client's reply tokens
         messages, rng = [], random.Random(1000 + i)
-        for _ in range(SERVE_CONCURRENT_TURNS):
-            counts[i] += serve_turn(client, model, messages, rng)[1]
+        return sum(serve_turn(client, model, messages, rng)[1]
+                   for _ in range(SERVE_CONCURRENT_TURNS))
 
-    threads = [threading.Thread(target=talk, args=(i,)) for i in range(conversations)]
     start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(counts) / (time.perf_counter() - start)
-
-
-def peak_server_mb(process):
-    """The server process's peak resident memory (VmHWM), in MB."""
-    with open(f"/proc/{process.pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    with ThreadPoolExecutor(conversations) as pool:
+        tokens = sum(pool.map(talk, range(conversations)))
+    return tokens / (time.perf_counter() - start)
 
 
 def case_serve(which, turns=SERVE_TURNS):
-    """Seconds per turn at turns 10, 50 and 100 of one conversation (the median of the five
-    turns ending there), the turn at which the server stopped answering or the turns it served
-    in SERVE_BUDGET seconds (if fewer than all), its peak memory, and reply tokens/s for 1 and
-    SERVE_CONCURRENT conversations at once."""
-    import random
+    """docs/serving.md's figures: ms per turn at turns 10, 50 and 100 of one conversation, where
+    the server stopped or the turns it served in SERVE_BUDGET s, its peak memory, and reply
+    tokens/s of 1 and SERVE_CONCURRENT conversations at once."""
     try:
         import httpx  # noqa: F401
         import openai
@@ -509,7 +461,7 @@ def case_serve(which, turns=SERVE_TURNS):
                 except openai.APIStatusError as e:  # the reference past its positions
                     stopped = {"stopped_at_turn": turn, "stopped_status": e.status_code}
                     break
-                print(f"turn {turn}: {seconds[-1]:.2f} s", file=sys.stderr, flush=True)
+                common.log(f"turn {turn}: {seconds[-1]:.2f} s")
             figures = {f"ms_turn_{t}": 1e3 * float(np.median(seconds[t - 5:t]))
                        for t in (10, 50, 100) if t <= len(seconds)}
             if "ms_turn_100" in figures:
@@ -518,7 +470,9 @@ def case_serve(which, turns=SERVE_TURNS):
             for _ in range(SERVE_ROUNDS):  # in turns: the best of each, on a shared machine
                 single = max(single, served_tokens_per_sec(client, model, 1))
                 together = max(together, served_tokens_per_sec(client, model, SERVE_CONCURRENT))
-            return {**figures, **stopped, "peak_mb": peak_server_mb(process),
+            with open(f"/proc/{process.pid}/status") as f:  # the server's peak resident memory
+                peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+            return {**figures, **stopped, "peak_mb": peak_kb / 1024,
                     "tokens_per_sec_1": single, f"tokens_per_sec_{SERVE_CONCURRENT}": together,
                     f"x{SERVE_CONCURRENT}/x1": together / single}
 
@@ -544,21 +498,16 @@ def case_moe(which):
         (out[0] if isinstance(out, tuple) else out).square().mean().backward()
 
     before = current_rss_mb()
-    seconds = best_time(step, 3)
-    return {"seconds": seconds, "peak_mb": peak_rss_mb() - before}
+    return {"seconds": best_time(step, 3), "peak_mb": peak_rss_mb() - before}
 
 
-_bare_processor = None  # the SentencePiece model of a baseline worker process
-
-
-def _bare_init(model_path):
-    global _bare_processor
+def _bare_init(model_path):  # a baseline worker process: its SentencePiece model
     import sentencepiece
-    _bare_processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+    _bare_encode.processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
 
 
 def _bare_encode(lines):  # a count: the ids stay in the worker
-    return sum(map(len, _bare_processor.encode(lines, num_threads=1)))
+    return sum(map(len, _bare_encode.processor.encode(lines, num_threads=1)))
 
 
 def bench_tokenize_group(big_text_mb):
@@ -572,16 +521,9 @@ def bench_tokenize_group(big_text_mb):
 
 
 def bench_tokenize(target_mb=36, workers=None, vocab_size=32768, rounds=3):
-    """End-to-end prepare_data tokenization throughput against bare SentencePieceProcessor.encode
-    over the same text's lines, with the same number of processes.
-
-    The text is the standard library's source repeated to about target_mb, given to prepare_data
-    twice: as a .jsonl of many documents, and as one huge .txt document (the case that needs
-    cutting). The end-to-end time is all of prepare_data.main with a ready tokenizer: listing and
-    reading files, the start-up checks, starting the worker processes, encoding, writing shards
-    and meta.json. The baseline gets its processes started and the model loaded before its clock
-    starts, and keeps the ids in the workers. Each measurement runs `rounds` times, interleaved,
-    and the best time counts, since other work on the machine only ever slows a run down."""
+    """All of prepare_data.main against bare SentencePiece encode in as many processes (see
+    docs/data.md, Fast) on the standard library's source repeated to about target_mb, as a .jsonl
+    of many documents and as one huge .txt (which needs cutting); best of `rounds` in turns."""
     workers = workers or common.available_cpus()
     _, files = prepare_data.stdlib_files()
     documents = [doc for path in files for doc in prepare_data.read_documents(path)]
@@ -591,18 +533,15 @@ def bench_tokenize(target_mb=36, workers=None, vocab_size=32768, rounds=3):
     lines = text.splitlines(keepends=True)
     chunks = [lines[i * len(lines) // workers:(i + 1) * len(lines) // workers]
               for i in range(workers)]
+    common.log(f"bench_tokenize: training a {vocab_size}-token tokenizer on the standard library")
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"bench_tokenize: training a {vocab_size}-token tokenizer on the standard library",
-              file=sys.stderr)
         prepare_data.main([f"--out_dir={tmp}/tok", f"--vocab_size={vocab_size}", "--workers=1",
                            "--max_tokens=1000", "--val_tokens=100"])
         model = os.path.join(tmp, "tok", "tokenizer.model")
         inputs = {"jsonl": f"{tmp}/docs.jsonl", "one_doc": f"{tmp}/one.txt"}
-        with open(inputs["jsonl"], "w", encoding="utf-8") as f:  # many documents
-            f.writelines(json.dumps({"text": doc}) + "\n" for doc in documents)
-        with open(inputs["one_doc"], "w", encoding="utf-8", newline="") as f:  # one huge document
-            f.write(text)
-
+        common.atomic_write_text(inputs["jsonl"],  # many documents
+                                 "".join(json.dumps({"text": doc}) + "\n" for doc in documents))
+        common.atomic_write_text(inputs["one_doc"], text)  # one huge document
         best = {}  # what -> best seconds
         with multiprocessing.get_context("spawn").Pool(workers, _bare_init, (model,)) as pool:
             pool.map(_bare_encode, [["warm up"]] * workers)
@@ -619,7 +558,6 @@ def bench_tokenize(target_mb=36, workers=None, vocab_size=32768, rounds=3):
                     # minus the end-of-text tokens; cutting never changes the tokens
                     tokens = meta["tokens"]["val"] + meta["tokens"]["train"] - meta["documents"]
                     assert tokens == bare_tokens, (key, tokens, bare_tokens)
-
     result = {"megabytes": megabytes, "bare_mb_per_sec": megabytes / best["bare"]}
     for key in inputs:
         result[f"{key}_mb_per_sec"] = megabytes / best[key]
@@ -627,38 +565,28 @@ def bench_tokenize(target_mb=36, workers=None, vocab_size=32768, rounds=3):
     return result
 
 
-def write_big_text(path, megabytes):
-    """One .txt document of `megabytes` MB (to a line): the standard library's source, repeated."""
-    _, files = prepare_data.stdlib_files()
-    text = "".join(doc for source in files for doc in prepare_data.read_documents(source)).encode()
-    with open(path, "wb") as f:
-        for start in range(0, int(megabytes * 1e6), len(text)):
-            part = text[:int(megabytes * 1e6) - start]
-            f.write(part if len(part) == len(text) else part[:part.rfind(b"\n") + 1])
-
-
 def bench_big_text(sizes_mb=(200, 2000), workers=2):
-    """prepare_data.py at its default settings (a 32768-token tokenizer trained on an 8 MB sample)
-    with 2 workers on one big .txt file of each size: MB/s end to end, and the peak resident
-    memory of prepare_data.py and its worker processes summed (sampled every 50 ms). Streaming
-    keeps the peak the same whatever the file's size."""
+    """prepare_data.py at its default settings with 2 workers on one big .txt of each size: MB/s
+    end to end, and the peak memory of it and its workers summed (sampled every 50 ms)."""
     result = {}
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
+    files = prepare_data.stdlib_files()[1]
+    text = "".join(doc for source in files for doc in prepare_data.read_documents(source)).encode()
     with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "big.txt")
         for megabytes in sizes_mb:
-            path = os.path.join(tmp, "big.txt")
-            write_big_text(path, megabytes)
-            print(f"bench_big_text: prepare_data.py on {os.path.getsize(path) / 1e6:,.0f} MB",
-                  file=sys.stderr)
-            command = [sys.executable, script, "--input", path, f"--out_dir={tmp}/out",
-                       f"--workers={workers}", "--force"]
+            with open(path, "wb") as f:  # the standard library's source repeated, to a line
+                for start in range(0, int(megabytes * 1e6), len(text)):
+                    part = text[:int(megabytes * 1e6) - start]
+                    f.write(part if len(part) == len(text) else part[:part.rfind(b"\n") + 1])
+            common.log(f"bench_big_text: prepare_data.py on {os.path.getsize(path) / 1e6:,.0f} MB")
+            command = [sys.executable, os.path.join(HERE, "prepare_data.py"), "--input", path,
+                       f"--out_dir={tmp}/out", f"--workers={workers}", "--force"]
             peak, start = 0.0, time.perf_counter()
-            # its stderr to a file: a full pipe would stop it
-            with open(os.path.join(tmp, "stderr"), "w+") as stderr:
-                with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr) as run:
-                    while run.poll() is None:
-                        peak = max(peak, process_tree_rss_mb(run.pid))
-                        time.sleep(0.05)
+            with (open(os.path.join(tmp, "stderr"), "w+") as stderr,  # a full pipe would stop it
+                  subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr) as run):
+                while run.poll() is None:
+                    peak = max(peak, process_tree_rss_mb(run.pid))
+                    time.sleep(0.05)
                 seconds = time.perf_counter() - start
                 if run.returncode:
                     stderr.seek(0)
@@ -673,35 +601,25 @@ def bench_big_text(sizes_mb=(200, 2000), workers=2):
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU cases (--cases=gpu): CUDA only, each in a process of its own. They run on a CPU too, slowly
-# and at whatever sizes they are given, which is how the tests check them.
+# GPU cases (--cases=gpu, CUDA only); the tests run them on a CPU at tiny sizes
 
 
-def mean_time(function, repeats):
-    """Seconds per call over `repeats` calls in a row: the GPU works through them as a queue, as
-    in training, with one wait at the end."""
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
+def time_and_gpu_peak(function, repeats, device, warmups=0):
+    """{"seconds": mean_time after `warmups` calls (the first compiles), "peak_mb": CUDA's peak}."""
+    for _ in range(warmups):
         function()
-    sync()
-    return (time.perf_counter() - start) / repeats
-
-
-def time_and_gpu_peak(function, repeats, device):
-    """(mean_time of function, {"peak_mb": the most GPU memory it allocated}, {} off CUDA)."""
     if device.type != "cuda":
-        return mean_time(function, repeats), {}
+        return {"seconds": mean_time(function, repeats)}
     torch.cuda.reset_peak_memory_stats()
     seconds = mean_time(function, repeats)
-    return seconds, {"peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
+    return {"seconds": seconds, "peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
 
 
 def host_syncs(function, device):
     """How often function makes the host wait for the GPU, as torch.cuda's sync debug mode sees it
-    (.item(), copies to the host, nonzero, ...); None off CUDA."""
+    (.item(), copies to the host, nonzero, ...): {"host_syncs": count}, {} off CUDA."""
     if device.type != "cuda":
-        return None
+        return {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -710,46 +628,27 @@ def host_syncs(function, device):
             sync()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(warning.message) for warning in caught)
+    return {"host_syncs": sum("synchroniz" in str(warning.message) for warning in caught)}
 
 
 def case_gpu_train(which, batch, length, steps=10, compiled=True, config_overrides=None):
-    """One training step as train.py takes it on a GPU: float32 weights, bf16 autocast, the model
-    compiled, fused AdamW. tokens/s over `steps` steps in a row, peak GPU memory, and the host
-    syncs of one step (ours should make none)."""
-    device = common.device_and_dtype()[0]
-    model = make_models(which, config_overrides, dtype=torch.float32).train()
-    idx = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
+    """A training step as train.py takes it on a GPU (float32 weights, bf16 autocast, compiled,
+    fused AdamW): tokens/s over `steps` in a row, peak memory, one step's host syncs."""
+    model, idx = model_and_tokens(which, (batch, length), config_overrides, train=True,
+                                  dtype=torch.float32)
+    device = idx.device
     step = training_step(torch.compile(model) if compiled else model, which, idx,
-                         torch.autocast(device.type, dtype=torch.bfloat16),
-                         fused=device.type == "cuda")
-    for _ in range(3):  # compiles, then warms up
-        step()
-    syncs = host_syncs(step, device)
-    seconds, peak = time_and_gpu_peak(step, steps, device)
-    return {"tokens_per_sec": batch * length / seconds, **peak,
-            **({"host_syncs": syncs} if syncs is not None else {})}
-
-
-def attention_reference(q, k, v, dt, scale):
-    """The T <= W attention in float32 by its definition (doge.attention_by_definition with a
-    window of T: every visible key kept), the oracle of the paths."""
-    return doge.attention_by_definition(q.float(), k.float(), v.float(), dt.float(), q.shape[2],
-                                        scale)
-
-
-def flash_without_bias(q, k, v, dt, scale):
-    """Plain causal SDPA, the dynamic bias left out: not exact, the floor to measure against."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+                         common.autocast(device, torch.bfloat16), fused=device.type == "cuda")
+    figures = time_and_gpu_peak(step, steps, device, warmups=3)
+    return {"tokens_per_sec": batch * length / figures.pop("seconds"), **figures,
+            **host_syncs(step, device)}
 
 
 def case_gpu_attention(batch, length, heads=2, bias_heads=1, head_dim=128, repeats=20,
                        compiled=True):
-    """Doge's exact T <= keep_window_size attention (doge.attend_short: the bias folded into q and
-    k) beside plain causal flash without the bias (the floor), forward+backward of one layer at
-    Doge-20M's shapes, each compiled on its own: ms per call, and the largest error of the output
-    and of every gradient against the float32 oracle (max |a - b| / max |b|)."""
+    """doge.attend_short (T <= keep_window_size, the bias folded into q and k) beside causal flash
+    without the bias, forward+backward of one layer, each compiled: ms per call, and the largest
+    error of the output and every gradient against the float32 oracle (max |a - b| / max |b|)."""
     device, dtype = common.device_and_dtype()
     torch.manual_seed(0)
     q = torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
@@ -760,48 +659,51 @@ def case_gpu_attention(batch, length, heads=2, bias_heads=1, head_dim=128, repea
     grad_out = torch.randn_like(q)
     scale = head_dim ** -0.5
 
-    def outputs_and_grads(attend):
+    def outputs_and_grads(attend):  # flash has no gradient for dt: None
         out = attend(*inputs, scale)
-        out.backward(grad_out)
-        results = [out.detach(), *(t.grad for t in inputs)]
-        for t in inputs:
-            t.grad = None
-        return results
+        return [out.detach(), *torch.autograd.grad(out, inputs, grad_out, allow_unused=True)]
 
-    expected = outputs_and_grads(attention_reference)
+    # the oracle: the definition in float32 with a window of T (every visible key kept)
+    expected = outputs_and_grads(lambda q, k, v, dt, scale: doge.attention_by_definition(
+        q.float(), k.float(), v.float(), dt.float(), length, scale))
+    paths = {"folded": doge.attend_short,
+             # the floor: plain causal SDPA, the dynamic bias left out (not exact)
+             "flash_no_bias": lambda q, k, v, dt, scale: F.scaled_dot_product_attention(
+                 q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])}
     result = {}
-    for name, attend in {"folded": doge.attend_short, "flash_no_bias": flash_without_bias}.items():
+    for name, attend in paths.items():
         attend = torch.compile(attend) if compiled else attend
         actual = outputs_and_grads(attend)  # compiles, and the error
         outputs_and_grads(attend)
         result[f"{name}_ms"] = mean_time(lambda: outputs_and_grads(attend), repeats) * 1e3
-        result[f"{name}_error"] = max(  # flash has no gradient for dt
+        result[f"{name}_error"] = max(
             ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-            for a, b in zip(actual, expected) if b is not None and a is not None)
+            for a, b in zip(actual, expected) if a is not None)
     return result
 
 
 def write_synthetic_data(directory, vocab_size, train_tokens=2 ** 21 + 1, val_tokens=2 ** 16 + 1,
                          seed=0):
-    """A data directory train.py reads: uniform random tokens in one train and one val shard,
-    and a meta.json that names them (speed does not depend on what the tokens say)."""
+    """A data directory train.py reads: one train and one val shard of random tokens, meta.json."""
     rng = np.random.default_rng(seed)
     shards = {"train": ["synthetic_train_000001.bin"], "val": ["synthetic_val_000000.bin"]}
     counts = {"train": train_tokens, "val": val_tokens}
     for split, count in counts.items():
-        tokens = rng.integers(0, vocab_size, count).astype(np.uint16 if vocab_size <= 2 ** 16
-                                                           else np.uint32)
+        tokens = rng.integers(0, vocab_size, count).astype(prepare_data.dtype_for_vocab(vocab_size))
         prepare_data.write_shard(os.path.join(directory, shards[split][0]), tokens)
     prepare_data.write_meta(directory, {"complete": True, "vocab_size": vocab_size,
                                         "shards": shards, "tokens": counts})
 
 
+TINY_RUN = ["config/doge_tiny.py", "--max_iters=30", "--log_interval=10"]  # the CPU demo's
+
+
 def train_py_figures(args):
-    """train.py's tokens/s and MFU in the last log window of a run with these arguments."""
+    """tokens/s and MFU of train.py's last log window, run with args (evaluating at the end)."""
     with tempfile.TemporaryDirectory() as out_dir:
-        command = [sys.executable, "train.py", *args, f"--out_dir={out_dir}"]
-        result = subprocess.run(command, capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)))
+        command = [sys.executable, "train.py", *args, "--eval_interval=0", "--eval_iters=1",
+                   f"--out_dir={out_dir}"]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
         if result.returncode != 0:
             raise SystemExit(f"train.py failed:\n{result.stderr[-2000:]}")
         return last_log_window(out_dir)
@@ -820,63 +722,33 @@ def case_gpu_train_py(iters, vocab_size=32768, args=("config/doge_20m.py",)):
     with tempfile.TemporaryDirectory() as data_dir:
         write_synthetic_data(data_dir, vocab_size)
         return train_py_figures([*args, f"--data_dir={data_dir}", f"--max_iters={iters}",
-                                 f"--log_interval={max(1, iters // 3)}", "--eval_interval=0",
-                                 "--eval_iters=1", "--save_interval=0"])
+                                 f"--log_interval={max(1, iters // 3)}", "--save_interval=0"])
 
 
 def case_gpu_long_train(which, length, steps=3, config_overrides=None):
-    """A training step (forward, backward, AdamW) at B=1 and `length` tokens, keep_window_size
-    2048 (Doge-20M): bf16 weights, the models uncompiled (our lifetime path past the window
-    compiles its FlexAttention call itself). Seconds per step and peak GPU memory, or
-    out_of_memory where the model cannot take the length."""
-    device = common.device_and_dtype()[0]
-    model = make_models(which, config_overrides).train()
-    step = training_step(model, which, torch.randint(0, model.config.vocab_size, (1, length),
-                                                     device=device))
+    """A training step at B=1 and `length` tokens, bf16 weights, uncompiled (past the window ours
+    compiles its FlexAttention call itself): seconds, peak memory, or out_of_memory."""
+    model, idx = model_and_tokens(which, (1, length), config_overrides, train=True)
     try:
-        for _ in range(2):  # compiles, then warms up
-            step()
-        seconds, peak = time_and_gpu_peak(step, steps, device)
+        return time_and_gpu_peak(training_step(model, which, idx), steps, idx.device, warmups=2)
     except torch.cuda.OutOfMemoryError:
         return {"out_of_memory": 1}
-    return {"seconds": seconds, **peak}
 
 
 def case_gpu_long_forward(which, length, repeats=3, config_overrides=None):
-    """Forward at B=1 and `length` tokens with full logits, no gradient (bf16 weights,
-    uncompiled): seconds and peak GPU memory."""
-    device = common.device_and_dtype()[0]
-    model = make_models(which, config_overrides).eval()
-    idx = torch.randint(0, model.config.vocab_size, (1, length), device=device)
-
-    def forward():
-        with torch.no_grad():
-            logits = model(idx)[0] if which == "ours" else model(idx).logits
-            del logits
-
-    forward()  # compiles
-    seconds, peak = time_and_gpu_peak(forward, repeats, device)
-    return {"seconds": seconds, **peak}
+    """Forward at B=1 and `length` tokens with full logits (bf16, uncompiled): seconds, peak."""
+    model, idx = model_and_tokens(which, (1, length), config_overrides)
+    return time_and_gpu_peak(lambda: logits_of(model, which, idx), repeats, idx.device, warmups=1)
 
 
 def case_gpu_decode(which, batch, new_tokens=256, rounds=2, config_overrides=None):
-    """Greedy decoding after an 8-token prompt (ours graph-captured on CUDA): tokens/s over
-    `new_tokens` steps, counted from the third token (ours records its graph at the second),
-    best of `rounds` runs."""
-    device = common.device_and_dtype()[0]
-    model = make_models(which, config_overrides).eval()
-    prompt = torch.randint(0, model.config.vocab_size, (batch, 8), device=device)
+    """Greedy decoding after an 8-token prompt: tokens/s over `new_tokens` from the third token
+    (ours captures its CUDA graph at the second), best of `rounds` runs."""
+    model, prompt = model_and_tokens(which, (batch, 8), config_overrides)
     generate_timestamps(model, which, prompt, 4)  # warms up
-    seconds = min(stamps[-1] - stamps[2] for stamps in
-                  (generate_timestamps(model, which, prompt, new_tokens + 3)
-                   for _ in range(rounds)))
+    runs = [generate_timestamps(model, which, prompt, new_tokens + 3) for _ in range(rounds)]
+    seconds = min(stamps[-1] - stamps[2] for stamps in runs)
     return {"tokens_per_sec": batch * new_tokens / seconds}
-
-
-def bench_tiny_training():
-    """train.py's own figures for the CPU demo (config/doge_tiny.py), 30 steps."""
-    return train_py_figures(["config/doge_tiny.py", "--max_iters=30", "--eval_interval=0",
-                             "--eval_iters=1", "--log_interval=10"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -888,8 +760,7 @@ class CaseFailed(Exception):
 
 
 def run_worker(name, which, threads):
-    """Run one case in a fresh process and return its numbers. If it fails, its error's tail goes
-    to stderr and CaseFailed is raised."""
+    """One case's numbers from a fresh process; if it fails, its error's tail and CaseFailed."""
     command = [sys.executable, __file__, f"--worker={name}", f"--which={which}",
                f"--threads={threads}"]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -928,32 +799,20 @@ def case_numbers(name, mode, measure, cfg):
 
 
 def ratio_rows(name, ours, ref):
+    """(name, key, ours, ref, ratio) for each of ours' keys, with a ratio where both report a rate,
+    a time or a size; then what only the reference reports (out_of_memory where ours ran)."""
     rows = []
-    for key in ours:
-        comparable = any(unit in key for unit in ("per_sec", "seconds", "ms_", "_mb"))
-        if comparable and key in ref and ref[key]:
-            higher_is_better = "per_sec" in key
-            ratio = ours[key] / ref[key] if higher_is_better else ref[key] / ours[key]
-            rows.append((name, key, ours[key], ref[key], ratio))
+    for key, value in ours.items():
+        if ref.get(key) and any(unit in key for unit in ("per_sec", "seconds", "ms_", "_mb")):
+            ratio = value / ref[key] if "per_sec" in key else ref[key] / value
+            rows.append((name, key, value, ref[key], ratio))
         else:
-            rows.append((name, key, ours[key], None, None))
-    # what only the reference reports (out_of_memory where ours ran)
-    rows += [(name, key, None, value, None) for key, value in ref.items() if key not in ours]
-    return rows
-
-
-def print_row(name, key, ours, ref=None, ratio=None):
-    def text(value):
-        return f"{value:>10}" if isinstance(value, str) else f"{'n/a':>10}" if value is None \
-            else f"{value:>10.4g}"
-    ref_text = text(ref) if ref is not None else f"{'':>10}"
-    ratio_text = f"{ratio:>6.2f}x" if ratio is not None else ""
-    print(f"{name:<16} {key:<18} {text(ours)} {ref_text} {ratio_text}".rstrip(), flush=True)
+            rows.append((name, key, value, None, None))
+    return rows + [(name, key, None, value, None) for key, value in ref.items() if key not in ours]
 
 
 def run_group(cases, cfg):
-    """Run the cases and print their rows; a case that fails prints one line and the next one
-    runs. Returns the number that failed."""
+    """Run the cases and print their rows (a case that fails, one line); return how many failed."""
     failed = 0
     for name, mode, measure in cases:
         try:
@@ -962,8 +821,11 @@ def run_group(cases, cfg):
             print(f"{name:<16} failed: {e}", flush=True)
             failed += 1
             continue
-        for row in ratio_rows(name, ours, ref):
-            print_row(*row)
+        for _, key, ours_value, ref_value, ratio in ratio_rows(name, ours, ref):
+            ours_text = f"{'n/a':>10}" if ours_value is None else f"{ours_value:>10.4g}"
+            ref_text = f"{'':>10}" if ref_value is None else f"{ref_value:>10.4g}"
+            ratio_text = "" if ratio is None else f"{ratio:>6.2f}x"
+            print(f"{name:<16} {key:<18} {ours_text} {ref_text} {ratio_text}".rstrip(), flush=True)
     return failed
 
 
