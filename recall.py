@@ -68,15 +68,15 @@ class RecallConfig:
 # The sequences
 #
 #     position   0  1  2  3 ...  2P-2 2P-1 | 2P ...                                  seq_len-1
-#     token      k1 v1 k2 v2 ...  kP   vP  | filler, and each key k once more followed by its value v
+#     token      k1 v1 k2 v2 ...  kP   vP  | filler, and each key k once more, then its value v
 #                                          |              ^ query        ^ trained on
 #
 # The pairing is drawn afresh for every sequence, so only recall from the context can answer.
 
 
 def mqar_layout(vocab_size):
-    """The token ids of each kind, as half-open ranges [start, end): a quarter of the vocabulary is filler,
-    the rest split evenly between keys and values."""
+    """The token ids of each kind, as half-open ranges [start, end): a quarter of the vocabulary
+    is filler, the rest split evenly between keys and values."""
     filler = vocab_size // 4
     kinds = (vocab_size - filler) // 2
     return {"keys": [0, kinds], "values": [kinds, 2 * kinds], "filler": [2 * kinds, vocab_size]}
@@ -90,23 +90,27 @@ def check_mqar_settings(num_kv_pairs, seq_len, vocab_size, train_examples, val_e
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"--{key} must be a positive integer, not {value!r}")
     if 4 * num_kv_pairs > seq_len:
-        raise ValueError(f"--seq_len {seq_len} cannot hold --num_kv_pairs {num_kv_pairs}: the pairs and then "
-                         f"each key again with its value take 4 x {num_kv_pairs} = {4 * num_kv_pairs} tokens")
+        raise ValueError(f"--seq_len {seq_len} cannot hold --num_kv_pairs {num_kv_pairs}: the "
+                         f"pairs and then each key again with its value take 4 x {num_kv_pairs} "
+                         f"= {4 * num_kv_pairs} tokens")
     if vocab_size > 65536:
-        raise ValueError(f"--vocab_size {vocab_size} is more than MQAR needs (at most 65536, uint16 tokens)")
+        raise ValueError(f"--vocab_size {vocab_size} is more than MQAR needs (at most 65536, "
+                         f"uint16 tokens)")
     layout = mqar_layout(vocab_size)
     start, end = layout["keys"]
     if end - start < num_kv_pairs or layout["filler"][0] == layout["filler"][1]:
-        smallest = next(size for size in range(4, 65537) if mqar_layout(size)["keys"][1] >= num_kv_pairs)
-        raise ValueError(f"--vocab_size {vocab_size} holds {end - start} keys and as many values (3/8 of it each), "
-                         f"fewer than the {num_kv_pairs} distinct ones a sequence needs, or no filler: give "
-                         f"--vocab_size >= {smallest}")
+        smallest = next(size for size in range(4, 65537)
+                        if mqar_layout(size)["keys"][1] >= num_kv_pairs)
+        raise ValueError(f"--vocab_size {vocab_size} holds {end - start} keys and as many values "
+                         f"(3/8 of it each), fewer than the {num_kv_pairs} distinct ones a "
+                         f"sequence needs, or no filler: give --vocab_size >= {smallest}")
 
 
 def mqar_sequences(count, num_kv_pairs, seq_len, layout, rng):
-    """count MQAR sequences: tokens (count, seq_len) uint16 and supervised (count, seq_len) uint8, 1 at the
-    value after each query. Keys are distinct within a sequence, and so are values; the queries come in a
-    random order at random places after the pairs, filler (random filler ids) everywhere else."""
+    """count MQAR sequences: tokens (count, seq_len) uint16 and supervised (count, seq_len) uint8,
+    1 at the value after each query. Keys are distinct within a sequence, and so are values; the
+    queries come in a random order at random places after the pairs, filler (random filler ids)
+    everywhere else."""
     pairs = num_kv_pairs
     (key_start, key_end), (value_start, value_end), (filler_start, filler_end) = (
         layout["keys"], layout["values"], layout["filler"])
@@ -135,33 +139,37 @@ def mqar_sequences(count, num_kv_pairs, seq_len, layout, rng):
 
 
 def mqar_split(count, settings, layout, seed, avoid=frozenset(), max_rounds=100):
-    """count sequences drawn with the generator seeded by seed, none of them in avoid (a set of row bytes):
-    a clash is drawn again. Returns tokens and supervised."""
+    """count sequences drawn with the generator seeded by seed, none of them in avoid (a set of
+    row bytes): a clash is drawn again. Returns tokens and supervised."""
     rng = np.random.default_rng(seed)
     tokens, supervised, have = [], [], 0
     for _ in range(max_rounds):
-        new_tokens, new_supervised = mqar_sequences(count - have, settings["num_kv_pairs"], settings["seq_len"],
-                                                    layout, rng)
+        new_tokens, new_supervised = mqar_sequences(count - have, settings["num_kv_pairs"],
+                                                    settings["seq_len"], layout, rng)
         keep = np.array([row.tobytes() not in avoid for row in new_tokens], dtype=bool)
         tokens.append(new_tokens[keep])
         supervised.append(new_supervised[keep])
         have += int(keep.sum())
         if have == count:
             return np.concatenate(tokens), np.concatenate(supervised)
-    raise ValueError(f"these settings allow too few distinct sequences to keep {count:,} training ones apart "
-                     f"from the validation ones: give a larger --seq_len or --vocab_size, or fewer examples")
+    raise ValueError(f"these settings allow too few distinct sequences to keep {count:,} training "
+                     f"ones apart from the validation ones: give a larger --seq_len or "
+                     f"--vocab_size, or fewer examples")
 
 
 def prepare_mqar(out_dir, num_kv_pairs=8, seq_len=40, vocab_size=128, train_examples=100_000,
                  val_examples=1024, seed=1337, shard_tokens=100_000_000):
-    """MQAR sequences -> out_dir: conversation shards (val first) and meta.json with every setting and the token
-    layout. The validation sequences come from the generator seeded by (seed, 1), the training ones from
-    (seed, 0), and no validation sequence is among the training ones. No tokenizer: the ids are the tokens."""
+    """MQAR sequences -> out_dir: conversation shards (val first) and meta.json with every setting
+    and the token layout. The validation sequences come from the generator seeded by (seed, 1), the
+    training ones from (seed, 0), and no validation sequence is among the training ones. No
+    tokenizer: the ids are the tokens."""
     check_mqar_settings(num_kv_pairs, seq_len, vocab_size, train_examples, val_examples)
     if not isinstance(shard_tokens, int) or not 1 <= shard_tokens <= np.iinfo(np.int32).max:
-        raise ValueError(f"--shard_tokens must be a positive integer that fits int32, not {shard_tokens!r}")
+        raise ValueError(f"--shard_tokens must be a positive integer that fits int32, not "
+                         f"{shard_tokens!r}")
     settings = dict(task="mqar", num_kv_pairs=num_kv_pairs, seq_len=seq_len, vocab_size=vocab_size,
-                    train_examples=train_examples, val_examples=val_examples, seed=seed, shard_tokens=shard_tokens)
+                    train_examples=train_examples, val_examples=val_examples, seed=seed,
+                    shard_tokens=shard_tokens)
     layout = mqar_layout(vocab_size)
     remove_interrupted_writes(out_dir)
     start_rebuild(out_dir, settings)
@@ -171,33 +179,36 @@ def prepare_mqar(out_dir, num_kv_pairs=8, seq_len=40, vocab_size=128, train_exam
     shards = {}
     for split, tokens, supervised in (("val", val_tokens, val_supervised),
                                       ("train", train_tokens, train_supervised)):
-        shards[split] = write_conversation_shards(list(zip(tokens, supervised)), out_dir, "mqar", split,
-                                                  len(shards.get("val", [])), shard_tokens)
-    description = f"MQAR: {num_kv_pairs} key-value pairs in {seq_len} tokens, vocabulary {vocab_size}"
+        shards[split] = write_conversation_shards(list(zip(tokens, supervised)), out_dir, "mqar",
+                                                  split, len(shards.get("val", [])), shard_tokens)
+    description = (f"MQAR: {num_kv_pairs} key-value pairs in {seq_len} tokens, vocabulary "
+                   f"{vocab_size}")
     meta = dict(
         complete=True, kind="conversations", task="mqar", source=description, settings=settings,
-        layout=dict(**layout, pairs=f"positions 0..{2 * num_kv_pairs - 1}: key, value, key, value, ...",
-                    queries="after the pairs: each key once more, followed by its value (trained on), "
-                            "filler elsewhere"),
+        layout=dict(**layout,
+                    pairs=f"positions 0..{2 * num_kv_pairs - 1}: key, value, key, value, ...",
+                    queries="after the pairs: each key once more, followed by its value (trained "
+                            "on), filler elsewhere"),
         tokenizer=None, vocab_size=vocab_size, bos_id=None, eos_id=None,
         conversations={"val": val_examples, "train": train_examples},
         tokens={"val": val_tokens.size, "train": train_tokens.size},
         supervised={"val": int(val_supervised.sum()), "train": int(train_supervised.sum())},
         **shard_lists(shards), python=platform.python_version())
     write_meta(out_dir, meta)
-    log(f"wrote {train_examples:,} training and {val_examples:,} validation MQAR sequences to {out_dir} "
-        f"({description})")
+    log(f"wrote {train_examples:,} training and {val_examples:,} validation MQAR sequences to "
+        f"{out_dir} ({description})")
     return meta
 
 
 def read_mqar(data_dir, split="val"):
-    """The MQAR sequences of a data directory: (meta, tokens (N, seq_len) int64, supervised (N, seq_len) bool).
-    A directory that does not hold MQAR data is a ValueError."""
+    """The MQAR sequences of a data directory: (meta, tokens (N, seq_len) int64, supervised
+    (N, seq_len) bool). A directory that does not hold MQAR data is a ValueError."""
     meta = read_meta(data_dir)
     if not meta or meta.get("task") != "mqar":
-        raise ValueError(f"{data_dir} holds no MQAR data (make it with `python recall.py --task=data "
-                         f"--out_dir={data_dir}`)")
-    tokens, supervised = zip(*(read_conversation_shard(path)[:2] for path in list_shards(data_dir, split)))
+        raise ValueError(f"{data_dir} holds no MQAR data (make it with `python recall.py "
+                         f"--task=data --out_dir={data_dir}`)")
+    tokens, supervised = zip(*(read_conversation_shard(path)[:2]
+                               for path in list_shards(data_dir, split)))
     seq_len = meta["settings"]["seq_len"]
     return (meta, np.concatenate(tokens).astype(np.int64).reshape(-1, seq_len),
             np.concatenate(supervised).astype(bool).reshape(-1, seq_len))
