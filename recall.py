@@ -31,7 +31,7 @@ import torch
 
 from common import atomic_write, autocast, device_and_dtype, log
 from configurator import apply_config
-from doge import key_deaths_by_definition
+from doge import key_deaths_by_definition, train_checkpoint
 from engine import load_model
 from prepare_data import (list_shards, read_conversation_shard, read_meta,
                           remove_interrupted_writes, shard_lists, start_rebuild,
@@ -53,8 +53,11 @@ class RecallConfig:
     # --task=score and --task=mask
     init_from: str = "out/mqar"  # a run (out_dir or checkpoint); score: several, comma-separated
     # or a glob (out/mqar-*)
-    data_dir: str = "data/mqar"  # the sequences scored (their validation split)
-    plot: str = ""  # score: a .png of accuracy against keep_window_size, a point per run
+    data_dir: str = "data/mqar"  # the sequences scored (their validation split); score: several,
+    # comma-separated (data/mqar,data/mqar-128: each run at each length)
+    keep_window_size: int = 0  # the keys each query keeps, set at load time; 0: the checkpoint's
+    dynamic_mask: bool = True  # False: every A held at 0 at load time, a sliding window
+    plot: str = ""  # score: a .png of accuracy by distance, a line per mask kind, window, length
     text: str = ""  # mask: draw this text's mask instead of an MQAR sequence (at most 96 tokens)
     example: int = 0  # mask: the validation sequence drawn
     out: str = "mask.png"  # mask: the picture
@@ -244,9 +247,8 @@ def mqar_recall(model, tokens, supervised, num_kv_pairs, batch_size, autocast):
     return predictions[rows, query_at] == tokens[rows, query_at + 1], query_at - key_at
 
 
-def distance_bins(seq_len, count=5):
-    """count ranges of equal width [low, high] covering distances 1 .. seq_len - 1."""
-    width = -(-(seq_len - 1) // count)
+def distance_bins(seq_len, width=8):
+    """Ranges [low, high] of distances, width wide, covering 1 .. seq_len - 1."""
     return [(low, low + width - 1) for low in range(1, seq_len, width)]
 
 
@@ -258,56 +260,86 @@ def mask_kind(model, seq_len):
     return "sliding" if all((layer.self_attn.A == 0).all() for layer in model.layers) else "dynamic"
 
 
-def score_mqar(model, path, tokens, supervised, meta, cfg, autocast):
-    """One run's result: accuracy over every query, by distance, with its window and mask kind."""
-    settings = meta["settings"]
-    right, distance = mqar_recall(model, tokens, supervised, settings["num_kv_pairs"],
+def score_mqar(model, path, tokens, supervised, meta, cfg, autocast, trained):
+    """One run's result: accuracy over every query, by distance and within the window, with the
+    mask kind, the window and length scored at and those trained at (trained). The in-window
+    ceiling is the share of queries whose pair lies at most keep_window_size tokens back
+    (distance <= W): the pairs that the latest W keys hold, all a sliding window reaches."""
+    seq_len, window = meta["settings"]["seq_len"], model.config.keep_window_size
+    right, distance = mqar_recall(model, tokens, supervised, meta["settings"]["num_kv_pairs"],
                                   cfg.batch_size, autocast)
     by_distance = {f"{low}-{high}": float(right[(distance >= low) & (distance <= high)].mean())
-                   for low, high in distance_bins(settings["seq_len"])
+                   for low, high in distance_bins(seq_len)
                    if ((distance >= low) & (distance <= high)).any()}
+    in_window = distance <= window
     return {"task": "mqar", "init_from": path, "n": len(right), "acc": float(right.mean()),
-            "keep_window_size": model.config.keep_window_size,
-            "mask": mask_kind(model, settings["seq_len"]), "acc_by_distance": by_distance}
+            "keep_window_size": window, "mask": mask_kind(model, seq_len),
+            "acc_by_distance": by_distance, "seq_len": seq_len,
+            "trained_seq_len": trained["seq_len"],
+            "trained_keep_window_size": trained["keep_window_size"],
+            "in_window": float(in_window.mean()),
+            "acc_in_window": float(right[in_window].mean()) if in_window.any() else None}
 
 
 def recall_groups(results):
-    """Runs grouped by (mask, keep_window_size), each group's accuracies, in table order."""
+    """Runs grouped by (mask, keep_window_size, seq_len) scored at, each group's results, in
+    table order."""
     groups = {}
-    for result in results:
-        groups.setdefault((result["mask"], result["keep_window_size"]), []).append(result["acc"])
+    for r in results:
+        groups.setdefault((r["mask"], r["keep_window_size"], r["seq_len"]), []).append(r)
     order = {"full": 0, "dynamic": 1, "sliding": 2}
-    return sorted(groups.items(), key=lambda item: (-item[0][1], order[item[0][0]]))
+    return sorted(groups.items(), key=lambda item: (-item[0][1], order[item[0][0]], item[0][2]))
 
 
 def print_recall_table(results):
-    """Each run's accuracy by distance, then the runs grouped by window and mask: mean and range."""
-    bins = list(results[0]["acc_by_distance"])
-    log(f"{'run':<28} {'mask':<8} {'W':>5} {'queries':>8} {'acc':>7}  by distance " +
-        " ".join(f"{b:>7}" for b in bins))
+    """Each run's accuracy by distance, then the runs grouped by mask, window and length: mean
+    and range, overall and on the pairs within the window (beside the in-window ceiling)."""
+    bins = max((list(r["acc_by_distance"]) for r in results), key=len)
+    log(f"{'run':<28} {'mask':<8} {'W':>5} {'queries':>8} {'acc':>7}  {'T':>4} {'trained':>7} "
+        f"{'ceiling':>7} {'in-W acc':>8}  by distance " + " ".join(f"{b:>7}" for b in bins))
     for r in results:
         by_distance = " ".join(f"{r['acc_by_distance'].get(b, math.nan):>7.3f}" for b in bins)
+        trained = f"{r['trained_seq_len'] or '?'}/{r['trained_keep_window_size']}"
         log(f"{r['init_from'][-28:]:<28} {r['mask']:<8} {r['keep_window_size']:>5} {r['n']:>8} "
-            f"{r['acc']:>7.4f}  {'':11} {by_distance}")
-    log(f"\n{'mask':<8} {'W':>5} {'runs':>5} {'mean acc':>9} {'min':>7} {'max':>7}")
-    for (kind, window), accs in recall_groups(results):
-        log(f"{kind:<8} {window:>5} {len(accs):>5} {np.mean(accs):>9.4f} {min(accs):>7.4f} "
-            f"{max(accs):>7.4f}")
+            f"{r['acc']:>7.4f}  {r['seq_len']:>4} {trained:>7} {r['in_window']:>7.3f} "
+            f"{nan_if_none(r['acc_in_window']):>8.4f}  {'':11} {by_distance}")
+    log(f"\n{'mask':<8} {'W':>5} {'T':>4} {'runs':>5} {'mean acc':>9} {'min':>7} {'max':>7} "
+        f"{'ceiling':>8} {'in-W mean':>9} {'min':>7} {'max':>7}")
+    for (kind, window, seq_len), group in recall_groups(results):
+        accs = [r["acc"] for r in group]
+        in_window = [nan_if_none(r["acc_in_window"]) for r in group]
+        log(f"{kind:<8} {window:>5} {seq_len:>4} {len(accs):>5} {np.mean(accs):>9.4f} "
+            f"{min(accs):>7.4f} {max(accs):>7.4f} {group[0]['in_window']:>8.3f} "
+            f"{np.mean(in_window):>9.4f} {min(in_window):>7.4f} {max(in_window):>7.4f}")
 
 
-def plot_recall(results, path, seq_len):
-    """Accuracy against keep_window_size, one point per run, a colour per mask kind (plain
-    attention drawn at the sequence length)."""
+def nan_if_none(value):
+    return math.nan if value is None else value
+
+
+def plot_recall(results, path):
+    """Accuracy by distance, a line per mask kind, window and length scored at (the mean over its
+    runs, their range shaded), and the edge of each window with its in-window ceiling."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, colour in (("full", "black"), ("dynamic", "tab:blue"), ("sliding", "tab:orange")):
-        points = [(min(r["keep_window_size"], seq_len), r["acc"]) for r in results
-                  if r["mask"] == kind]
-        if points:
-            ax.scatter(*zip(*points), label=kind, color=colour, alpha=0.7)
-    ax.set(xlabel="keep_window_size", ylabel="recall accuracy", ylim=(-0.02, 1.02),
-           title="MQAR: accuracy against the window (one point per run)")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    edges = {}
+    for (kind, window, seq_len), group in recall_groups(results):
+        bins = list(group[0]["acc_by_distance"])  # the runs of a group share their data
+        centres = [np.mean([int(end) for end in b.split("-")]) for b in bins]
+        accs = np.array([[r["acc_by_distance"][b] for b in bins] for r in group])  # (runs, bins)
+        line, = ax.plot(centres, accs.mean(axis=0), marker="o", markersize=3,
+                        label=f"{kind}, W={window}, T={seq_len} ({len(group)} runs)")
+        ax.fill_between(centres, accs.min(axis=0), accs.max(axis=0), color=line.get_color(),
+                        alpha=0.15)
+        if window < seq_len:
+            edges[window, seq_len] = group[0]["in_window"]
+    for (window, seq_len), ceiling in edges.items():
+        ax.axvline(window, color="gray", linestyle=":",
+                   label=f"W={window}: {ceiling:.1%} of the queries at T={seq_len} lie within "
+                         f"(the in-window ceiling)")
+    ax.set(xlabel="distance: query position - key position", ylabel="recall accuracy",
+           ylim=(-0.02, 1.02), title="MQAR: accuracy by distance (mean and range over runs)")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
@@ -481,32 +513,52 @@ def run_paths(init_from):
     return paths
 
 
+def load_masked(init_from, cfg, device):
+    """(model, path, trained) of a run, with --keep_window_size and --dynamic_mask applied to the
+    loaded model (the checkpoint is left as it is), and what it was trained at: {"seq_len": the
+    train.py run's block_size (None for other formats), "keep_window_size"}."""
+    model, path = load_model(init_from, device)
+    _, checkpoint = train_checkpoint(path)
+    trained = {"seq_len": checkpoint and checkpoint.get("train_config", {}).get("block_size"),
+               "keep_window_size": model.config.keep_window_size}
+    window = cfg.keep_window_size or model.config.keep_window_size
+    model.config.keep_window_size = window
+    for layer in model.layers:
+        layer.self_attn.keep_window_size = window
+        if not cfg.dynamic_mask:  # dt = exp(0) = 1: every key ties, the latest W are kept
+            layer.self_attn.A.data.zero_()
+    return model, path, trained
+
+
 def run_score(cfg, device, autocast):
-    """--task=score: each --init_from run scored on the MQAR validation sequences, a JSON line
-    each, then the table (and --plot)."""
-    meta, tokens, supervised = mqar_data(cfg.data_dir)
-    if cfg.limit:
-        tokens, supervised = tokens[:cfg.limit], supervised[:cfg.limit]
+    """--task=score: each --init_from run scored on the MQAR validation sequences of each
+    --data_dir, a JSON line each, then the table (and --plot)."""
     results = []
-    for init_from in run_paths(cfg.init_from):
-        model, path = load_model(init_from, device)
-        check_mqar_vocabulary(model, init_from, meta, cfg.data_dir)
-        result = score_mqar(model, init_from, tokens, supervised, meta, cfg, autocast)
-        print(json.dumps(result), flush=True)
-        results.append(result)
+    for data_dir in filter(None, cfg.data_dir.split(",")):
+        meta, tokens, supervised = mqar_data(data_dir)
+        if cfg.limit:
+            tokens, supervised = tokens[:cfg.limit], supervised[:cfg.limit]
+        for init_from in run_paths(cfg.init_from):
+            model, _, trained = load_masked(init_from, cfg, device)
+            check_mqar_vocabulary(model, init_from, meta, data_dir)
+            result = score_mqar(model, init_from, tokens, supervised, meta, cfg, autocast,
+                                trained)
+            print(json.dumps(result), flush=True)
+            results.append(result)
     print_recall_table(results)
     if cfg.plot:
-        plot_recall(results, cfg.plot, meta["settings"]["seq_len"])
+        plot_recall(results, cfg.plot)
     return results
 
 
 MASK_TOKENS = 96  # text drawn at most: wider pictures are unreadable
 
 
-def run_mask(cfg, model, path, device):
-    """--task=mask: the picture of what the mask keeps, for --text or an MQAR sequence
-    (--data_dir, --example); for MQAR also the shares of kept keys at the query positions over the
-    first --limit validation sequences (256 by default)."""
+def run_mask(cfg, device):
+    """--task=mask: the picture of what the mask keeps (at --keep_window_size, --dynamic_mask),
+    for --text or an MQAR sequence (--data_dir, --example); for MQAR also the shares of kept keys
+    at the query positions over the first --limit validation sequences (256 by default)."""
+    model, path, trained = load_masked(cfg.init_from, cfg, device)
     if not cfg.text:
         meta, tokens, supervised = mqar_data(cfg.data_dir)
         if not 0 <= cfg.example < len(tokens):
@@ -527,7 +579,8 @@ def run_mask(cfg, model, path, device):
         title = f"{path}: {len(ids)} tokens of --text"
     kept = kept_keys(model, torch.from_numpy(ids[None]).to(device))
     draw_mask([layer[0] for layer in kept], labels, kinds, cfg.out,
-              f"{title} (keep_window_size {model.config.keep_window_size})")
+              f"{title} (keep_window_size {model.config.keep_window_size}, trained at "
+              f"{trained['keep_window_size']} on {trained['seq_len'] or '?'} tokens)")
 
 
 def main(argv=None):
@@ -541,11 +594,13 @@ def main(argv=None):
             raise SystemExit(f"error: {e}") from None
     if cfg.task not in ("score", "mask"):
         raise SystemExit(f"error: unknown task {cfg.task!r}; choose data, score or mask")
+    if cfg.keep_window_size < 0:
+        raise SystemExit(f"error: --keep_window_size={cfg.keep_window_size}: give the keys each "
+                         f"query keeps, or 0 for the checkpoint's")
     device, dtype = device_and_dtype(cfg.device, cfg.dtype)
     if cfg.task == "score":
         return run_score(cfg, device, autocast(device, dtype))
-    model, path = load_model(cfg.init_from, device)
-    return run_mask(cfg, model, path, device)
+    return run_mask(cfg, device)
 
 
 # ----------------------------------------------------------------------------------------------
