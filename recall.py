@@ -437,7 +437,7 @@ def draw_mask(kept, labels, kinds, path, title):
     names = list(MQAR_KINDS) if kinds is not None else ["kept"]
     colours = ["white", "#e6e6e6"] + [MQAR_COLOURS[name] for name in names]
     layers, heads, length = len(kept), kept[0].shape[0], len(labels)
-    size = max(4.0, 0.16 * length)
+    size = min(max(4.0, 0.16 * length), 12.0)  # inches a picture; 128 tokens at 9 pixels a cell
     fig, axes = plt.subplots(layers, heads, figsize=(size * heads, size * layers), squeeze=False)
     key_colour = 2 + (kinds if kinds is not None else np.zeros(length, dtype=np.int64))
     visible = np.tril(np.ones((length, length), dtype=bool))

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import doge
 import engine
@@ -291,8 +292,7 @@ def train_run(mqar_dir, out_dir, *args):
                 "--total_batch_size=256", "--max_iters=6", "--warmup_iters=1", "--decay_iters=2",
                 "--learning_rate=1e-2", "--eval_interval=3", "--eval_iters=4", "--log_interval=3",
                 "--save_interval=0", "--device=cpu", *args])
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return read_log(out_dir)
 
 
 def test_train_eval_end_to_end(mqar_dir, tmp_path, capsys):
@@ -371,6 +371,33 @@ def test_scoring_refuses_data_that_is_not_mqar(tmp_path, mqar_dir):
     with pytest.raises(SystemExit, match="matches nothing"):
         recall.main(["--task=score", f"--init_from={tmp_path}/nothing-*",
                            f"--data_dir={mqar_dir}"])
+
+
+def test_the_window_recipe_starts_at_the_source_models_loss(mqar_dir, tmp_path):
+    """config/mqar_window.py starts from a trained run: its loss at step 0 is the source's, with
+    the recipe's window set at load time (recall.load_masked, scored by hand)."""
+    train_run(mqar_dir, tmp_path / "source", "--keep_window_size=8")
+    train.main(["config/mqar_window.py", f"--data_dir={mqar_dir}",
+                f"--out_dir={tmp_path / 'window'}", f"--init_from={tmp_path / 'source'}",
+                "--keep_window_size=5", "--batch_size=16", "--block_size=16",
+                "--total_batch_size=256", "--max_iters=1", "--eval_iters=4", "--device=cpu"])
+    records = read_log(tmp_path / "window")
+    meta, tokens, supervised = all_sequences(mqar_dir, "val")
+    losses = {}
+    for window in (5, 8):
+        model, _, _ = recall.load_masked(str(tmp_path / "source"),
+                                         recall.RecallConfig(keep_window_size=window), "cpu")
+        logits = model_logits(model, tokens)[:, :-1][supervised[:, 1:]]  # (Q, V)
+        answers = torch.from_numpy(tokens[:, 1:][supervised[:, 1:]])  # (Q,)
+        losses[window] = F.cross_entropy(logits, answers)
+    assert records[0]["step"] == 0
+    assert records[0]["val_loss"] == pytest.approx(losses[5].item(), rel=1e-5)
+    assert abs(losses[5] - losses[8]) > 10 * 1e-5 * losses[5]  # the window counts
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def test_resuming_with_the_other_mask_is_refused_in_one_line(mqar_dir, tmp_path):
