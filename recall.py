@@ -31,7 +31,7 @@ import torch
 
 from common import atomic_write, autocast, device_and_dtype, log
 from configurator import apply_config
-from doge import key_deaths_by_definition
+from doge import key_deaths_by_definition, train_checkpoint
 from engine import load_model
 from prepare_data import (list_shards, read_conversation_shard, read_meta,
                           remove_interrupted_writes, shard_lists, start_rebuild,
@@ -53,8 +53,11 @@ class RecallConfig:
     # --task=score and --task=mask
     init_from: str = "out/mqar"  # a run (out_dir or checkpoint); score: several, comma-separated
     # or a glob (out/mqar-*)
-    data_dir: str = "data/mqar"  # the sequences scored (their validation split)
-    plot: str = ""  # score: a .png of accuracy against keep_window_size, a point per run
+    data_dir: str = "data/mqar"  # the sequences scored (their validation split); score: several,
+    # comma-separated (data/mqar,data/mqar-128: each run at each length)
+    keep_window_size: int = 0  # the keys each query keeps, set at load time; 0: the checkpoint's
+    dynamic_mask: bool = True  # False: every A held at 0 at load time, a sliding window
+    plot: str = ""  # score: a .png of accuracy by distance, a line per mask kind, window, length
     text: str = ""  # mask: draw this text's mask instead of an MQAR sequence (at most 96 tokens)
     example: int = 0  # mask: the validation sequence drawn
     out: str = "mask.png"  # mask: the picture
@@ -68,15 +71,15 @@ class RecallConfig:
 # The sequences
 #
 #     position   0  1  2  3 ...  2P-2 2P-1 | 2P ...                                  seq_len-1
-#     token      k1 v1 k2 v2 ...  kP   vP  | filler, and each key k once more followed by its value v
+#     token      k1 v1 k2 v2 ...  kP   vP  | filler, and each key k once more, then its value v
 #                                          |              ^ query        ^ trained on
 #
 # The pairing is drawn afresh for every sequence, so only recall from the context can answer.
 
 
 def mqar_layout(vocab_size):
-    """The token ids of each kind, as half-open ranges [start, end): a quarter of the vocabulary is filler,
-    the rest split evenly between keys and values."""
+    """The token ids of each kind, as half-open ranges [start, end): a quarter of the vocabulary
+    is filler, the rest split evenly between keys and values."""
     filler = vocab_size // 4
     kinds = (vocab_size - filler) // 2
     return {"keys": [0, kinds], "values": [kinds, 2 * kinds], "filler": [2 * kinds, vocab_size]}
@@ -90,23 +93,27 @@ def check_mqar_settings(num_kv_pairs, seq_len, vocab_size, train_examples, val_e
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"--{key} must be a positive integer, not {value!r}")
     if 4 * num_kv_pairs > seq_len:
-        raise ValueError(f"--seq_len {seq_len} cannot hold --num_kv_pairs {num_kv_pairs}: the pairs and then "
-                         f"each key again with its value take 4 x {num_kv_pairs} = {4 * num_kv_pairs} tokens")
+        raise ValueError(f"--seq_len {seq_len} cannot hold --num_kv_pairs {num_kv_pairs}: the "
+                         f"pairs and then each key again with its value take 4 x {num_kv_pairs} "
+                         f"= {4 * num_kv_pairs} tokens")
     if vocab_size > 65536:
-        raise ValueError(f"--vocab_size {vocab_size} is more than MQAR needs (at most 65536, uint16 tokens)")
+        raise ValueError(f"--vocab_size {vocab_size} is more than MQAR needs (at most 65536, "
+                         f"uint16 tokens)")
     layout = mqar_layout(vocab_size)
     start, end = layout["keys"]
     if end - start < num_kv_pairs or layout["filler"][0] == layout["filler"][1]:
-        smallest = next(size for size in range(4, 65537) if mqar_layout(size)["keys"][1] >= num_kv_pairs)
-        raise ValueError(f"--vocab_size {vocab_size} holds {end - start} keys and as many values (3/8 of it each), "
-                         f"fewer than the {num_kv_pairs} distinct ones a sequence needs, or no filler: give "
-                         f"--vocab_size >= {smallest}")
+        smallest = next(size for size in range(4, 65537)
+                        if mqar_layout(size)["keys"][1] >= num_kv_pairs)
+        raise ValueError(f"--vocab_size {vocab_size} holds {end - start} keys and as many values "
+                         f"(3/8 of it each), fewer than the {num_kv_pairs} distinct ones a "
+                         f"sequence needs, or no filler: give --vocab_size >= {smallest}")
 
 
 def mqar_sequences(count, num_kv_pairs, seq_len, layout, rng):
-    """count MQAR sequences: tokens (count, seq_len) uint16 and supervised (count, seq_len) uint8, 1 at the
-    value after each query. Keys are distinct within a sequence, and so are values; the queries come in a
-    random order at random places after the pairs, filler (random filler ids) everywhere else."""
+    """count MQAR sequences: tokens (count, seq_len) uint16 and supervised (count, seq_len) uint8,
+    1 at the value after each query. Keys are distinct within a sequence, and so are values; the
+    queries come in a random order at random places after the pairs, filler (random filler ids)
+    everywhere else."""
     pairs = num_kv_pairs
     (key_start, key_end), (value_start, value_end), (filler_start, filler_end) = (
         layout["keys"], layout["values"], layout["filler"])
@@ -135,33 +142,37 @@ def mqar_sequences(count, num_kv_pairs, seq_len, layout, rng):
 
 
 def mqar_split(count, settings, layout, seed, avoid=frozenset(), max_rounds=100):
-    """count sequences drawn with the generator seeded by seed, none of them in avoid (a set of row bytes):
-    a clash is drawn again. Returns tokens and supervised."""
+    """count sequences drawn with the generator seeded by seed, none of them in avoid (a set of
+    row bytes): a clash is drawn again. Returns tokens and supervised."""
     rng = np.random.default_rng(seed)
     tokens, supervised, have = [], [], 0
     for _ in range(max_rounds):
-        new_tokens, new_supervised = mqar_sequences(count - have, settings["num_kv_pairs"], settings["seq_len"],
-                                                    layout, rng)
+        new_tokens, new_supervised = mqar_sequences(count - have, settings["num_kv_pairs"],
+                                                    settings["seq_len"], layout, rng)
         keep = np.array([row.tobytes() not in avoid for row in new_tokens], dtype=bool)
         tokens.append(new_tokens[keep])
         supervised.append(new_supervised[keep])
         have += int(keep.sum())
         if have == count:
             return np.concatenate(tokens), np.concatenate(supervised)
-    raise ValueError(f"these settings allow too few distinct sequences to keep {count:,} training ones apart "
-                     f"from the validation ones: give a larger --seq_len or --vocab_size, or fewer examples")
+    raise ValueError(f"these settings allow too few distinct sequences to keep {count:,} training "
+                     f"ones apart from the validation ones: give a larger --seq_len or "
+                     f"--vocab_size, or fewer examples")
 
 
 def prepare_mqar(out_dir, num_kv_pairs=8, seq_len=40, vocab_size=128, train_examples=100_000,
                  val_examples=1024, seed=1337, shard_tokens=100_000_000):
-    """MQAR sequences -> out_dir: conversation shards (val first) and meta.json with every setting and the token
-    layout. The validation sequences come from the generator seeded by (seed, 1), the training ones from
-    (seed, 0), and no validation sequence is among the training ones. No tokenizer: the ids are the tokens."""
+    """MQAR sequences -> out_dir: conversation shards (val first) and meta.json with every setting
+    and the token layout. The validation sequences come from the generator seeded by (seed, 1), the
+    training ones from (seed, 0), and no validation sequence is among the training ones. No
+    tokenizer: the ids are the tokens."""
     check_mqar_settings(num_kv_pairs, seq_len, vocab_size, train_examples, val_examples)
     if not isinstance(shard_tokens, int) or not 1 <= shard_tokens <= np.iinfo(np.int32).max:
-        raise ValueError(f"--shard_tokens must be a positive integer that fits int32, not {shard_tokens!r}")
+        raise ValueError(f"--shard_tokens must be a positive integer that fits int32, not "
+                         f"{shard_tokens!r}")
     settings = dict(task="mqar", num_kv_pairs=num_kv_pairs, seq_len=seq_len, vocab_size=vocab_size,
-                    train_examples=train_examples, val_examples=val_examples, seed=seed, shard_tokens=shard_tokens)
+                    train_examples=train_examples, val_examples=val_examples, seed=seed,
+                    shard_tokens=shard_tokens)
     layout = mqar_layout(vocab_size)
     remove_interrupted_writes(out_dir)
     start_rebuild(out_dir, settings)
@@ -171,33 +182,36 @@ def prepare_mqar(out_dir, num_kv_pairs=8, seq_len=40, vocab_size=128, train_exam
     shards = {}
     for split, tokens, supervised in (("val", val_tokens, val_supervised),
                                       ("train", train_tokens, train_supervised)):
-        shards[split] = write_conversation_shards(list(zip(tokens, supervised)), out_dir, "mqar", split,
-                                                  len(shards.get("val", [])), shard_tokens)
-    description = f"MQAR: {num_kv_pairs} key-value pairs in {seq_len} tokens, vocabulary {vocab_size}"
+        shards[split] = write_conversation_shards(list(zip(tokens, supervised)), out_dir, "mqar",
+                                                  split, len(shards.get("val", [])), shard_tokens)
+    description = (f"MQAR: {num_kv_pairs} key-value pairs in {seq_len} tokens, vocabulary "
+                   f"{vocab_size}")
     meta = dict(
         complete=True, kind="conversations", task="mqar", source=description, settings=settings,
-        layout=dict(**layout, pairs=f"positions 0..{2 * num_kv_pairs - 1}: key, value, key, value, ...",
-                    queries="after the pairs: each key once more, followed by its value (trained on), "
-                            "filler elsewhere"),
+        layout=dict(**layout,
+                    pairs=f"positions 0..{2 * num_kv_pairs - 1}: key, value, key, value, ...",
+                    queries="after the pairs: each key once more, followed by its value (trained "
+                            "on), filler elsewhere"),
         tokenizer=None, vocab_size=vocab_size, bos_id=None, eos_id=None,
         conversations={"val": val_examples, "train": train_examples},
         tokens={"val": val_tokens.size, "train": train_tokens.size},
         supervised={"val": int(val_supervised.sum()), "train": int(train_supervised.sum())},
         **shard_lists(shards), python=platform.python_version())
     write_meta(out_dir, meta)
-    log(f"wrote {train_examples:,} training and {val_examples:,} validation MQAR sequences to {out_dir} "
-        f"({description})")
+    log(f"wrote {train_examples:,} training and {val_examples:,} validation MQAR sequences to "
+        f"{out_dir} ({description})")
     return meta
 
 
 def read_mqar(data_dir, split="val"):
-    """The MQAR sequences of a data directory: (meta, tokens (N, seq_len) int64, supervised (N, seq_len) bool).
-    A directory that does not hold MQAR data is a ValueError."""
+    """The MQAR sequences of a data directory: (meta, tokens (N, seq_len) int64, supervised
+    (N, seq_len) bool). A directory that does not hold MQAR data is a ValueError."""
     meta = read_meta(data_dir)
     if not meta or meta.get("task") != "mqar":
-        raise ValueError(f"{data_dir} holds no MQAR data (make it with `python recall.py --task=data "
-                         f"--out_dir={data_dir}`)")
-    tokens, supervised = zip(*(read_conversation_shard(path)[:2] for path in list_shards(data_dir, split)))
+        raise ValueError(f"{data_dir} holds no MQAR data (make it with `python recall.py "
+                         f"--task=data --out_dir={data_dir}`)")
+    tokens, supervised = zip(*(read_conversation_shard(path)[:2]
+                               for path in list_shards(data_dir, split)))
     seq_len = meta["settings"]["seq_len"]
     return (meta, np.concatenate(tokens).astype(np.int64).reshape(-1, seq_len),
             np.concatenate(supervised).astype(bool).reshape(-1, seq_len))
@@ -233,9 +247,8 @@ def mqar_recall(model, tokens, supervised, num_kv_pairs, batch_size, autocast):
     return predictions[rows, query_at] == tokens[rows, query_at + 1], query_at - key_at
 
 
-def distance_bins(seq_len, count=5):
-    """count ranges of equal width [low, high] covering distances 1 .. seq_len - 1."""
-    width = -(-(seq_len - 1) // count)
+def distance_bins(seq_len, width=8):
+    """Ranges [low, high] of distances, width wide, covering 1 .. seq_len - 1."""
     return [(low, low + width - 1) for low in range(1, seq_len, width)]
 
 
@@ -247,56 +260,86 @@ def mask_kind(model, seq_len):
     return "sliding" if all((layer.self_attn.A == 0).all() for layer in model.layers) else "dynamic"
 
 
-def score_mqar(model, path, tokens, supervised, meta, cfg, autocast):
-    """One run's result: accuracy over every query, by distance, with its window and mask kind."""
-    settings = meta["settings"]
-    right, distance = mqar_recall(model, tokens, supervised, settings["num_kv_pairs"],
+def score_mqar(model, path, tokens, supervised, meta, cfg, autocast, trained):
+    """One run's result: accuracy over every query, by distance and within the window, with the
+    mask kind, the window and length scored at and those trained at (trained). The in-window
+    ceiling is the share of queries whose pair lies at most keep_window_size tokens back
+    (distance <= W): the pairs that the latest W keys hold, all a sliding window reaches."""
+    seq_len, window = meta["settings"]["seq_len"], model.config.keep_window_size
+    right, distance = mqar_recall(model, tokens, supervised, meta["settings"]["num_kv_pairs"],
                                   cfg.batch_size, autocast)
     by_distance = {f"{low}-{high}": float(right[(distance >= low) & (distance <= high)].mean())
-                   for low, high in distance_bins(settings["seq_len"])
+                   for low, high in distance_bins(seq_len)
                    if ((distance >= low) & (distance <= high)).any()}
+    in_window = distance <= window
     return {"task": "mqar", "init_from": path, "n": len(right), "acc": float(right.mean()),
-            "keep_window_size": model.config.keep_window_size,
-            "mask": mask_kind(model, settings["seq_len"]), "acc_by_distance": by_distance}
+            "keep_window_size": window, "mask": mask_kind(model, seq_len),
+            "acc_by_distance": by_distance, "seq_len": seq_len,
+            "trained_seq_len": trained["seq_len"],
+            "trained_keep_window_size": trained["keep_window_size"],
+            "in_window": float(in_window.mean()),
+            "acc_in_window": float(right[in_window].mean()) if in_window.any() else None}
 
 
 def recall_groups(results):
-    """Runs grouped by (mask, keep_window_size), each group's accuracies, in table order."""
+    """Runs grouped by (mask, keep_window_size, seq_len) scored at, each group's results, in
+    table order."""
     groups = {}
-    for result in results:
-        groups.setdefault((result["mask"], result["keep_window_size"]), []).append(result["acc"])
+    for r in results:
+        groups.setdefault((r["mask"], r["keep_window_size"], r["seq_len"]), []).append(r)
     order = {"full": 0, "dynamic": 1, "sliding": 2}
-    return sorted(groups.items(), key=lambda item: (-item[0][1], order[item[0][0]]))
+    return sorted(groups.items(), key=lambda item: (-item[0][1], order[item[0][0]], item[0][2]))
 
 
 def print_recall_table(results):
-    """Each run's accuracy by distance, then the runs grouped by window and mask: mean and range."""
-    bins = list(results[0]["acc_by_distance"])
-    log(f"{'run':<28} {'mask':<8} {'W':>5} {'queries':>8} {'acc':>7}  by distance " +
-        " ".join(f"{b:>7}" for b in bins))
+    """Each run's accuracy by distance, then the runs grouped by mask, window and length: mean
+    and range, overall and on the pairs within the window (beside the in-window ceiling)."""
+    bins = max((list(r["acc_by_distance"]) for r in results), key=len)
+    log(f"{'run':<28} {'mask':<8} {'W':>5} {'queries':>8} {'acc':>7}  {'T':>4} {'trained':>7} "
+        f"{'ceiling':>7} {'in-W acc':>8}  by distance " + " ".join(f"{b:>7}" for b in bins))
     for r in results:
         by_distance = " ".join(f"{r['acc_by_distance'].get(b, math.nan):>7.3f}" for b in bins)
+        trained = f"{r['trained_seq_len'] or '?'}/{r['trained_keep_window_size']}"
         log(f"{r['init_from'][-28:]:<28} {r['mask']:<8} {r['keep_window_size']:>5} {r['n']:>8} "
-            f"{r['acc']:>7.4f}  {'':11} {by_distance}")
-    log(f"\n{'mask':<8} {'W':>5} {'runs':>5} {'mean acc':>9} {'min':>7} {'max':>7}")
-    for (kind, window), accs in recall_groups(results):
-        log(f"{kind:<8} {window:>5} {len(accs):>5} {np.mean(accs):>9.4f} {min(accs):>7.4f} "
-            f"{max(accs):>7.4f}")
+            f"{r['acc']:>7.4f}  {r['seq_len']:>4} {trained:>7} {r['in_window']:>7.3f} "
+            f"{nan_if_none(r['acc_in_window']):>8.4f}  {'':11} {by_distance}")
+    log(f"\n{'mask':<8} {'W':>5} {'T':>4} {'runs':>5} {'mean acc':>9} {'min':>7} {'max':>7} "
+        f"{'ceiling':>8} {'in-W mean':>9} {'min':>7} {'max':>7}")
+    for (kind, window, seq_len), group in recall_groups(results):
+        accs = [r["acc"] for r in group]
+        in_window = [nan_if_none(r["acc_in_window"]) for r in group]
+        log(f"{kind:<8} {window:>5} {seq_len:>4} {len(accs):>5} {np.mean(accs):>9.4f} "
+            f"{min(accs):>7.4f} {max(accs):>7.4f} {group[0]['in_window']:>8.3f} "
+            f"{np.mean(in_window):>9.4f} {min(in_window):>7.4f} {max(in_window):>7.4f}")
 
 
-def plot_recall(results, path, seq_len):
-    """Accuracy against keep_window_size, one point per run, a colour per mask kind (plain
-    attention drawn at the sequence length)."""
+def nan_if_none(value):
+    return math.nan if value is None else value
+
+
+def plot_recall(results, path):
+    """Accuracy by distance, a line per mask kind, window and length scored at (the mean over its
+    runs, their range shaded), and the edge of each window with its in-window ceiling."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, colour in (("full", "black"), ("dynamic", "tab:blue"), ("sliding", "tab:orange")):
-        points = [(min(r["keep_window_size"], seq_len), r["acc"]) for r in results
-                  if r["mask"] == kind]
-        if points:
-            ax.scatter(*zip(*points), label=kind, color=colour, alpha=0.7)
-    ax.set(xlabel="keep_window_size", ylabel="recall accuracy", ylim=(-0.02, 1.02),
-           title="MQAR: accuracy against the window (one point per run)")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    edges = {}
+    for (kind, window, seq_len), group in recall_groups(results):
+        bins = list(group[0]["acc_by_distance"])  # the runs of a group share their data
+        centres = [np.mean([int(end) for end in b.split("-")]) for b in bins]
+        accs = np.array([[r["acc_by_distance"][b] for b in bins] for r in group])  # (runs, bins)
+        line, = ax.plot(centres, accs.mean(axis=0), marker="o", markersize=3,
+                        label=f"{kind}, W={window}, T={seq_len} ({len(group)} runs)")
+        ax.fill_between(centres, accs.min(axis=0), accs.max(axis=0), color=line.get_color(),
+                        alpha=0.15)
+        if window < seq_len:
+            edges[window, seq_len] = group[0]["in_window"]
+    for (window, seq_len), ceiling in edges.items():
+        ax.axvline(window, color="gray", linestyle=":",
+                   label=f"W={window}: {ceiling:.1%} of the queries at T={seq_len} lie within "
+                         f"(the in-window ceiling)")
+    ax.set(xlabel="distance: query position - key position", ylabel="recall accuracy",
+           ylim=(-0.02, 1.02), title="MQAR: accuracy by distance (mean and range over runs)")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
@@ -394,7 +437,7 @@ def draw_mask(kept, labels, kinds, path, title):
     names = list(MQAR_KINDS) if kinds is not None else ["kept"]
     colours = ["white", "#e6e6e6"] + [MQAR_COLOURS[name] for name in names]
     layers, heads, length = len(kept), kept[0].shape[0], len(labels)
-    size = max(4.0, 0.16 * length)
+    size = min(max(4.0, 0.16 * length), 12.0)  # inches a picture; 128 tokens at 9 pixels a cell
     fig, axes = plt.subplots(layers, heads, figsize=(size * heads, size * layers), squeeze=False)
     key_colour = 2 + (kinds if kinds is not None else np.zeros(length, dtype=np.int64))
     visible = np.tril(np.ones((length, length), dtype=bool))
@@ -470,32 +513,52 @@ def run_paths(init_from):
     return paths
 
 
+def load_masked(init_from, cfg, device):
+    """(model, path, trained) of a run, with --keep_window_size and --dynamic_mask applied to the
+    loaded model (the checkpoint is left as it is), and what it was trained at: {"seq_len": the
+    train.py run's block_size (None for other formats), "keep_window_size"}."""
+    model, path = load_model(init_from, device)
+    _, checkpoint = train_checkpoint(path)
+    trained = {"seq_len": checkpoint and checkpoint.get("train_config", {}).get("block_size"),
+               "keep_window_size": model.config.keep_window_size}
+    window = cfg.keep_window_size or model.config.keep_window_size
+    model.config.keep_window_size = window
+    for layer in model.layers:
+        layer.self_attn.keep_window_size = window
+        if not cfg.dynamic_mask:  # dt = exp(0) = 1: every key ties, the latest W are kept
+            layer.self_attn.A.data.zero_()
+    return model, path, trained
+
+
 def run_score(cfg, device, autocast):
-    """--task=score: each --init_from run scored on the MQAR validation sequences, a JSON line
-    each, then the table (and --plot)."""
-    meta, tokens, supervised = mqar_data(cfg.data_dir)
-    if cfg.limit:
-        tokens, supervised = tokens[:cfg.limit], supervised[:cfg.limit]
+    """--task=score: each --init_from run scored on the MQAR validation sequences of each
+    --data_dir, a JSON line each, then the table (and --plot)."""
     results = []
-    for init_from in run_paths(cfg.init_from):
-        model, path = load_model(init_from, device)
-        check_mqar_vocabulary(model, init_from, meta, cfg.data_dir)
-        result = score_mqar(model, init_from, tokens, supervised, meta, cfg, autocast)
-        print(json.dumps(result), flush=True)
-        results.append(result)
+    for data_dir in filter(None, cfg.data_dir.split(",")):
+        meta, tokens, supervised = mqar_data(data_dir)
+        if cfg.limit:
+            tokens, supervised = tokens[:cfg.limit], supervised[:cfg.limit]
+        for init_from in run_paths(cfg.init_from):
+            model, _, trained = load_masked(init_from, cfg, device)
+            check_mqar_vocabulary(model, init_from, meta, data_dir)
+            result = score_mqar(model, init_from, tokens, supervised, meta, cfg, autocast,
+                                trained)
+            print(json.dumps(result), flush=True)
+            results.append(result)
     print_recall_table(results)
     if cfg.plot:
-        plot_recall(results, cfg.plot, meta["settings"]["seq_len"])
+        plot_recall(results, cfg.plot)
     return results
 
 
 MASK_TOKENS = 96  # text drawn at most: wider pictures are unreadable
 
 
-def run_mask(cfg, model, path, device):
-    """--task=mask: the picture of what the mask keeps, for --text or an MQAR sequence
-    (--data_dir, --example); for MQAR also the shares of kept keys at the query positions over the
-    first --limit validation sequences (256 by default)."""
+def run_mask(cfg, device):
+    """--task=mask: the picture of what the mask keeps (at --keep_window_size, --dynamic_mask),
+    for --text or an MQAR sequence (--data_dir, --example); for MQAR also the shares of kept keys
+    at the query positions over the first --limit validation sequences (256 by default)."""
+    model, path, trained = load_masked(cfg.init_from, cfg, device)
     if not cfg.text:
         meta, tokens, supervised = mqar_data(cfg.data_dir)
         if not 0 <= cfg.example < len(tokens):
@@ -516,7 +579,8 @@ def run_mask(cfg, model, path, device):
         title = f"{path}: {len(ids)} tokens of --text"
     kept = kept_keys(model, torch.from_numpy(ids[None]).to(device))
     draw_mask([layer[0] for layer in kept], labels, kinds, cfg.out,
-              f"{title} (keep_window_size {model.config.keep_window_size})")
+              f"{title} (keep_window_size {model.config.keep_window_size}, trained at "
+              f"{trained['keep_window_size']} on {trained['seq_len'] or '?'} tokens)")
 
 
 def main(argv=None):
@@ -530,11 +594,13 @@ def main(argv=None):
             raise SystemExit(f"error: {e}") from None
     if cfg.task not in ("score", "mask"):
         raise SystemExit(f"error: unknown task {cfg.task!r}; choose data, score or mask")
+    if cfg.keep_window_size < 0:
+        raise SystemExit(f"error: --keep_window_size={cfg.keep_window_size}: give the keys each "
+                         f"query keeps, or 0 for the checkpoint's")
     device, dtype = device_and_dtype(cfg.device, cfg.dtype)
     if cfg.task == "score":
         return run_score(cfg, device, autocast(device, dtype))
-    model, path = load_model(cfg.init_from, device)
-    return run_mask(cfg, model, path, device)
+    return run_mask(cfg, device)
 
 
 # ----------------------------------------------------------------------------------------------

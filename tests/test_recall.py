@@ -2,6 +2,7 @@
 (val_acc, the sliding window of dynamic_mask=False), the recall scores and the mask's picture and
 statistics."""
 
+import dataclasses
 import json
 import os
 from types import SimpleNamespace
@@ -9,8 +10,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import doge
+import engine
 import prepare_data
 import recall
 import train
@@ -128,6 +131,7 @@ class Recaller(torch.nn.Module):
         self.pairs, self.vocab, self.reach = (meta["settings"]["num_kv_pairs"],
                                               meta["vocab_size"], reach)
         self.wrong = meta["layout"]["values"][0]
+        self.config, self.layers = SimpleNamespace(keep_window_size=reach), []  # what scoring reads
 
     def forward(self, idx):
         logits = torch.zeros(*idx.shape, self.vocab)
@@ -157,6 +161,27 @@ def test_recall_accuracy_and_distances_match_a_hand_count(mqar_dir):
     assert 0 < right.mean() < 1  # the hand-made model is right near and wrong far
 
 
+def test_the_in_window_ceiling_and_accuracy_match_a_hand_count(mqar_dir):
+    """The ceiling is the share of queries whose pair lies at most W tokens back; a model that
+    recalls exactly those pairs scores 1 within the window."""
+    meta, tokens, supervised = all_sequences(mqar_dir, "val")
+    window = 5
+    result = recall.score_mqar(Recaller(meta, reach=window), "hand", tokens, supervised, meta,
+                               recall.RecallConfig(batch_size=16),
+                               torch.autocast("cpu", enabled=False),
+                               {"seq_len": 16, "keep_window_size": window})
+    within = queries = 0
+    for row, marks in zip(tokens.tolist(), supervised):
+        for answer in np.flatnonzero(marks):
+            key_at = row.index(row[answer - 1])  # the key's first place: its pair
+            within += answer - 1 - key_at <= window
+            queries += 1
+    assert result["n"] == queries and result["in_window"] == within / queries
+    assert 0 < result["in_window"] < 1
+    assert result["acc_in_window"] == 1.0 and result["acc"] < 1.0
+    assert (result["seq_len"], result["keep_window_size"], result["mask"]) == (16, 5, "sliding")
+
+
 def tiny_model(meta, keep_window_size, seed=0):
     torch.manual_seed(seed)
     config = doge.DogeConfig(vocab_size=meta["vocab_size"], hidden_size=32, intermediate_size=64,
@@ -178,6 +203,62 @@ def test_kept_keys_at_a_held_a_is_the_sliding_window(mqar_dir):
         model.layers[1].self_attn.A.fill_(-1.0)
     assert recall.mask_kind(model, 16) == "dynamic"
     assert recall.mask_kind(tiny_model(meta, keep_window_size=16), 16) == "full"
+
+
+def model_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens))[0]
+
+
+def test_a_window_set_at_load_time_scores_as_a_checkpoint_saved_with_it(mqar_dir, tmp_path,
+                                                                          capsys):
+    meta, tokens, _ = all_sequences(mqar_dir, "val")
+    model = tiny_model(meta, keep_window_size=8)
+    with torch.no_grad():  # a mask of its own: A and dt_proj away from their initialisation
+        for layer in model.layers:
+            layer.self_attn.A.normal_(0, 2)
+            layer.self_attn.dt_proj.weight.normal_(0, 1)
+    model.save_pretrained(str(tmp_path / "w8"))
+    resaved = doge.Doge(dataclasses.replace(model.config, keep_window_size=5))
+    resaved.load_state_dict(model.state_dict())
+    resaved.save_pretrained(str(tmp_path / "w5"))
+    with torch.no_grad():
+        for layer in resaved.layers:
+            layer.self_attn.A.zero_()
+    resaved.save_pretrained(str(tmp_path / "w5-sliding"))
+    for dynamic, saved in ((True, "w5"), (False, "w5-sliding")):
+        cfg = recall.RecallConfig(keep_window_size=5, dynamic_mask=dynamic)
+        overridden, _, trained = recall.load_masked(str(tmp_path / "w8"), cfg, "cpu")
+        reference, _ = engine.load_model(str(tmp_path / saved))
+        assert trained["keep_window_size"] == 8
+        assert torch.equal(model_logits(overridden, tokens), model_logits(reference, tokens))
+    assert not torch.allclose(model_logits(model, tokens), model_logits(overridden, tokens))
+    results = []
+    for run, args in (("w8", ["--keep_window_size=5", "--dynamic_mask=False"]),
+                      ("w5-sliding", [])):
+        capsys.readouterr()
+        recall.main(["--task=score", f"--init_from={tmp_path / run}", f"--data_dir={mqar_dir}",
+                     *args])
+        results.append(json.loads(capsys.readouterr().out.splitlines()[0]))
+    for result in results:
+        assert (result["keep_window_size"], result["mask"], result["seq_len"]) == (5, "sliding", 16)
+        del result["init_from"], result["trained_keep_window_size"]
+    assert results[0] == results[1]
+
+
+def test_a_length_past_max_position_embeddings_scores(tmp_path, capsys):
+    """Positions past max_position_embeddings (64) take dynamic RoPE, as the model defines them."""
+    prepare(tmp_path / "long", seq_len=80, train_examples=4, val_examples=8)
+    meta = prepare_data.read_meta(str(tmp_path / "long"))
+    tiny_model(meta, keep_window_size=6).save_pretrained(str(tmp_path / "model"))
+    recall.main(["--task=score", f"--init_from={tmp_path / 'model'}",
+                 f"--data_dir={tmp_path / 'long'}", "--keep_window_size=12"])
+    out, err = capsys.readouterr()
+    result = json.loads(out.splitlines()[0])
+    assert (result["seq_len"], result["keep_window_size"], result["n"]) == (80, 12, 8 * 3)
+    assert result["trained_seq_len"] is None and result["trained_keep_window_size"] == 6
+    assert list(result["acc_by_distance"])[-1] == "73-80"
+    assert "/6" in err  # the table names the window trained at
 
 
 def test_mask_shares_on_a_hand_made_dt():
@@ -211,8 +292,7 @@ def train_run(mqar_dir, out_dir, *args):
                 "--total_batch_size=256", "--max_iters=6", "--warmup_iters=1", "--decay_iters=2",
                 "--learning_rate=1e-2", "--eval_interval=3", "--eval_iters=4", "--log_interval=3",
                 "--save_interval=0", "--device=cpu", *args])
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return read_log(out_dir)
 
 
 def test_train_eval_end_to_end(mqar_dir, tmp_path, capsys):
@@ -291,6 +371,33 @@ def test_scoring_refuses_data_that_is_not_mqar(tmp_path, mqar_dir):
     with pytest.raises(SystemExit, match="matches nothing"):
         recall.main(["--task=score", f"--init_from={tmp_path}/nothing-*",
                            f"--data_dir={mqar_dir}"])
+
+
+def test_the_window_recipe_starts_at_the_source_models_loss(mqar_dir, tmp_path):
+    """config/mqar_window.py starts from a trained run: its loss at step 0 is the source's, with
+    the recipe's window set at load time (recall.load_masked, scored by hand)."""
+    train_run(mqar_dir, tmp_path / "source", "--keep_window_size=8")
+    train.main(["config/mqar_window.py", f"--data_dir={mqar_dir}",
+                f"--out_dir={tmp_path / 'window'}", f"--init_from={tmp_path / 'source'}",
+                "--keep_window_size=5", "--batch_size=16", "--block_size=16",
+                "--total_batch_size=256", "--max_iters=1", "--eval_iters=4", "--device=cpu"])
+    records = read_log(tmp_path / "window")
+    meta, tokens, supervised = all_sequences(mqar_dir, "val")
+    losses = {}
+    for window in (5, 8):
+        model, _, _ = recall.load_masked(str(tmp_path / "source"),
+                                         recall.RecallConfig(keep_window_size=window), "cpu")
+        logits = model_logits(model, tokens)[:, :-1][supervised[:, 1:]]  # (Q, V)
+        answers = torch.from_numpy(tokens[:, 1:][supervised[:, 1:]])  # (Q,)
+        losses[window] = F.cross_entropy(logits, answers)
+    assert records[0]["step"] == 0
+    assert records[0]["val_loss"] == pytest.approx(losses[5].item(), rel=1e-5)
+    assert abs(losses[5] - losses[8]) > 10 * 1e-5 * losses[5]  # the window counts
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def test_resuming_with_the_other_mask_is_refused_in_one_line(mqar_dir, tmp_path):
