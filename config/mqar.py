@@ -3,9 +3,8 @@
 # parameters learns it on a CPU in a few minutes (docs/recall.md).
 #     python recall.py --task=data --out_dir=data/mqar   # seconds: 100,000 + 1,024 sequences
 #     python train.py config/mqar.py                      # plain attention (keep_window_size 40)
-#     python train.py config/mqar.py --keep_window_size=20 --out_dir=out/mqar-w20
-#     python train.py config/mqar.py --keep_window_size=20 --dynamic_mask=False --out_dir=out/mqar-w20-sliding
 #     python recall.py --task=score --init_from=out/mqar
+# Windowed models start from this one: config/mqar_window.py.
 # The data are conversation shards: the loss is on the value after each query alone, one sequence
 # a row, and val_acc (logged at each evaluation) is the share of those values the model gets right.
 
