@@ -10,13 +10,8 @@ Tasks: hellaswag, arc_easy, arc_challenge, piqa, openbookqa, winogrande. Each ta
 from --data_dir/<task>.jsonl (or .jsonl.gz, .parquet) in the public data set's own layout (the
 Hugging Face data set's fields), or else from the hub with the optional `datasets` package and a
 network. Each choice is scored by the summed log-probability of its tokens after the prompt;
-acc takes the best sum, acc_norm the best sum per character of the choice.
-
-The benchmarks live here, in the order a reader needs them: each task's row format and prompt,
-how its rows are read, the context/continuation split into tokens and the grading (exactly how
-prompts are made and split), then the documents that bits per byte is measured on. train.py's
-eval_tasks imports them to score the same tasks while training. The program follows: its
-settings, loading the model, scoring, the table.
+acc takes the best sum, acc_norm the best sum per character of the choice. train.py imports the
+benchmarks to score the same tasks while training.
 
 A progress bar per task goes to stderr as it goes, then a table: task, n, acc, acc_norm for the
 benchmarks, and under a header of its own task, bytes, tokens, bpb for bits per byte. stdout gets
@@ -52,8 +47,7 @@ from tokenizer import (LOSSLESS_PROBE, document_start, load_text_tokenizer, load
 
 @dataclass
 class Question:
-    contexts: list  # the text before each choice: one prompt for all, or (Winogrande) one per
-    # choice
+    contexts: list  # the text before each choice: one for all, or one per choice (Winogrande)
     choices: list  # each choice's text, scored as the continuation of its context after a space
     gold: int  # the index of the right choice
 
@@ -104,8 +98,7 @@ def winogrande_question(row):
 class Benchmark:
     question: Callable  # a row in the data set's own layout -> Question
     hub: tuple  # (data set, config, split) on the Hugging Face hub: the split the harness evaluates
-    acc_norm: bool = True  # whether the harness reports acc_norm (Winogrande's choices are all
-    # the same text)
+    acc_norm: bool = True  # whether the harness reports it (Winogrande's choices are all one text)
 
 
 BENCHMARKS = {
@@ -291,8 +284,7 @@ class EvalConfig:
     # a Hugging Face Doge directory (either layout) or hub name; its tokenizer beside the weights
     tasks: str = ",".join(BENCHMARKS)  # comma-separated benchmark names, and/or bpb
     task: str = ""  # one task, instead of tasks (--task=bpb --data=FILE)
-    data_dir: str = "data/eval"  # benchmarks: <task>.jsonl, .jsonl.gz or .parquet (missing: from
-    # the hub)
+    data_dir: str = "data/eval"  # benchmarks: <task>.jsonl, .jsonl.gz or .parquet, else the hub
     data: str = ""  # bpb: a text file (.txt, .jsonl, .parquet, .gz) or one of our .bin shards
     limit: int = 0  # > 0: only the first limit questions of each task (bpb: documents)
     output: str = ""  # a .json file for every question's per-choice log-likelihoods

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import atomic_write, autocast, device_and_dtype, log
+from common import atomic_write, autocast, device_and_dtype, log, pyplot
 from configurator import apply_config
 from doge import key_deaths_by_definition, train_checkpoint
 from engine import load_model
@@ -51,10 +51,8 @@ class RecallConfig:
     val_examples: int = 1024
     seed: int = 1337  # draws the sequences: train from (seed, 0), val from (seed, 1)
     # --task=score and --task=mask
-    init_from: str = "out/mqar"  # a run (out_dir or checkpoint); score: several, comma-separated
-    # or a glob (out/mqar-*)
-    data_dir: str = "data/mqar"  # the sequences scored (their validation split); score: several,
-    # comma-separated (data/mqar,data/mqar-128: each run at each length)
+    init_from: str = "out/mqar"  # a run (out_dir or checkpoint); score: several, a,b or a glob
+    data_dir: str = "data/mqar"  # the sequences scored; score: several, a,b (each run on each)
     keep_window_size: int = 0  # the keys each query keeps, set at load time; 0: the checkpoint's
     dynamic_mask: bool = True  # False: every A held at 0 at load time, a sliding window
     plot: str = ""  # score: a .png of accuracy by distance, a line per mask kind, window, length
@@ -282,8 +280,7 @@ def score_mqar(model, path, tokens, supervised, meta, cfg, autocast, trained):
 
 
 def recall_groups(results):
-    """Runs grouped by (mask, keep_window_size, seq_len) scored at, each group's results, in
-    table order."""
+    """The results grouped by the (mask, keep_window_size, seq_len) scored at, in table order."""
     groups = {}
     for r in results:
         groups.setdefault((r["mask"], r["keep_window_size"], r["seq_len"]), []).append(r)
@@ -349,10 +346,7 @@ def plot_recall(results, path):
 # ----------------------------------------------------------------------------------------------
 # What the mask keeps: from the dt the model computes and the mask's definition
 
-
 MQAR_KINDS = ("key", "value", "query", "answer", "filler")  # what a position of a sequence holds
-
-
 MQAR_COLOURS = {"key": "tab:blue", "value": "tab:red", "query": "tab:cyan", "answer": "tab:orange",
                 "filler": "tab:gray", "kept": "tab:blue"}
 
@@ -457,11 +451,15 @@ def draw_mask(kept, labels, kinds, path, title):
     # the title, then the legend in rows of 3 under it, above the grid (sizes in inches)
     height, legend_rows = size * layers, math.ceil(len(handles) / 3)
     fig.suptitle(title, y=1 - 0.1 / height, va="top")
-    fig.legend(handles=handles, loc="upper center", ncol=3,
-               bbox_to_anchor=(0.5, 1 - 0.45 / height))
+    fig.legend(handles=handles, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 1 - 0.45 / height))
     fig.tight_layout(rect=(0, 0, 1, 1 - (0.55 + 0.3 * legend_rows) / height))
     save_figure(fig, path)
     plt.close(fig)
+
+
+def save_figure(fig, path):
+    atomic_write(path, lambda temp: fig.savefig(temp, format="png", dpi=100))
+    log(f"wrote {path}")
 
 
 def mqar_labels(tokens, meta):
@@ -541,8 +539,7 @@ def run_score(cfg, device, autocast):
         for init_from in run_paths(cfg.init_from):
             model, _, trained = load_masked(init_from, cfg, device)
             check_mqar_vocabulary(model, init_from, meta, data_dir)
-            result = score_mqar(model, init_from, tokens, supervised, meta, cfg, autocast,
-                                trained)
+            result = score_mqar(model, init_from, tokens, supervised, meta, cfg, autocast, trained)
             print(json.dumps(result), flush=True)
             results.append(result)
     print_recall_table(results)
@@ -601,26 +598,6 @@ def main(argv=None):
     if cfg.task == "score":
         return run_score(cfg, device, autocast(device, dtype))
     return run_mask(cfg, device)
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers
-
-
-def pyplot():
-    """matplotlib's pyplot (an optional package), drawing to files."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("error: pictures need matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path):
-    atomic_write(path, lambda temp: fig.savefig(temp, format="png", dpi=100))
-    log(f"wrote {path}")
 
 
 if __name__ == "__main__":
