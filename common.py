@@ -13,9 +13,7 @@ import sys
 # ----------------------------------------------------------------------------------------------
 # Files written atomically: a file that exists under its real name is complete
 
-
-# atomic_path's <name>.<random>.tmp
-TEMPORARY_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+TEMPORARY_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # atomic_path's temporary files
 
 
 @contextlib.contextmanager
@@ -43,8 +41,7 @@ def atomic_path(path):
 
 @contextlib.contextmanager
 def atomic_open(path):
-    """path open for binary writing through atomic_path: a file that exists under its real name is
-    complete."""
+    """path open for binary writing through atomic_path."""
     with atomic_path(path) as temp_path, open(temp_path, "wb") as f:
         yield f
 

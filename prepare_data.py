@@ -461,10 +461,8 @@ def check_hub_reachable(name):
 # byte-level BPE never merge across either; GPT-2-style pre-tokenizers join runs of newlines and
 # indentation, so the second rule keeps to a newline between two visible characters (checked on
 # the data: choose_cut_rule).
-CUT_RULES = (
-    re.compile(r"(?<=\n)(?=[ \t]*\S)|(?<=\S)(?= \S)"),
-    re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)"),
-)
+CUT_RULES = (re.compile(r"(?<=\n)(?=[ \t]*\S)|(?<=\S)(?= \S)"),
+             re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)"))
 
 
 def split_text(text, max_chars, cut_rule=CUT_RULES[0]):
@@ -1185,13 +1183,12 @@ def check_token_ids(tokens, vocab_size, path):
 
 
 class ShardLoader:
-    """Batches of sequences from memory-mapped shards, the same whatever the number of processes: a
-    shard is read as sequences of block_size + 1 tokens (inputs, and targets shifted by one) at
-    multiples of block_size, in an order fixed by (seed, epoch, shard), so a batch mixes many
-    documents even in a small corpus. A call takes the next micro_steps * world_size rows of
-    batch_size sequences; process `rank` gets rows rank, rank + world_size, ..., one per micro-step.
-    A shard with too few sequences left gives way to the next (after the last, the first: the next
-    epoch). The position is three ints; step_tokens, the tokens of the last call, all processes."""
+    """Batches of sequences from memory-mapped shards, the same whatever the number of processes:
+    sequences of block_size + 1 tokens at multiples of block_size, in an order fixed by (seed,
+    epoch, shard), so a batch mixes many documents even in a small corpus. A call takes the next
+    micro_steps * world_size rows of batch_size sequences, process `rank` rows rank, rank +
+    world_size, ...; a shard with too few left gives way to the next (after the last, the first:
+    the next epoch). The position is three ints; step_tokens counts all processes' tokens."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
                  seed=0):

@@ -27,7 +27,6 @@ from common import atomic_write, atomic_write_text, available_cpus, one_line
 # ----------------------------------------------------------------------------------------------
 # Tokenizers: train SentencePiece BPE, or load a .model or a tokenizer.json; both give one record
 
-
 # a tokenizer directory's tokenizer files: prepare_data.py's out_dir and a model directory alike
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "chat_template.jinja")
@@ -261,7 +260,6 @@ def is_lossless(tokenizer):
 
 # ----------------------------------------------------------------------------------------------
 # Chat templates: a conversation as the text a chat model reads, and the chat tokenizer
-
 
 # Doge's chat format (Llama-3 style), for tokenizers that bring no template of their own
 DOGE_CHAT_TEMPLATE = (
