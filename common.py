@@ -97,8 +97,8 @@ def available_cpus():
 def busy_machine_note(load=None, cores=None):
     """One line when the CPU is oversubscribed: the 1-minute load average (processes running or
     waiting to run) more than half as high again as the cores this process may use, as when several
-    programs each take every core. None on a quiet machine, or where the load average cannot be
-    read. Timings in the docs are from a quiet machine; this says why a run is slower."""
+    programs each take every core: why a run is slower than the docs' figures. None on a quiet
+    machine, or where the load average cannot be read."""
     try:
         load = os.getloadavg()[0] if load is None else load
     except (AttributeError, OSError):  # no load average (Windows)

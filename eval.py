@@ -13,10 +13,8 @@ network. Each choice is scored by the summed log-probability of its tokens after
 acc takes the best sum, acc_norm the best sum per character of the choice. train.py imports the
 benchmarks to score the same tasks while training.
 
-A progress bar per task goes to stderr as it goes, then a table: task, n, acc, acc_norm for the
-benchmarks, and under a header of its own task, bytes, tokens, bpb for bits per byte. stdout gets
-one JSON line per task, {"task", "n", "acc", "acc_norm"} ({"task": "bpb", "bpb", ...} for bits
-per byte), and --output=FILE.json also keeps every question's per-choice log-likelihoods.
+A progress bar per task goes to stderr, then a table; stdout gets one JSON line per task, and
+--output=FILE.json also keeps every question's per-choice log-likelihoods.
 """
 
 import json
@@ -53,8 +51,7 @@ class Question:
 
 
 def hellaswag_text(text):
-    """HellaSwag's WikiHow rows carry markers in brackets: " [title]" ends a sentence, the
-    others go."""
+    """HellaSwag's WikiHow markers in brackets: " [title]" ends a sentence, the others go."""
     text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
     return text.replace("  ", " ")
 

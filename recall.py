@@ -161,9 +161,8 @@ def mqar_split(count, settings, layout, seed, avoid=frozenset(), max_rounds=100)
 def prepare_mqar(out_dir, num_kv_pairs=8, seq_len=40, vocab_size=128, train_examples=100_000,
                  val_examples=1024, seed=1337, shard_tokens=100_000_000):
     """MQAR sequences -> out_dir: conversation shards (val first) and meta.json with every setting
-    and the token layout. The validation sequences come from the generator seeded by (seed, 1), the
-    training ones from (seed, 0), and no validation sequence is among the training ones. No
-    tokenizer: the ids are the tokens."""
+    and the token layout. Validation drawn from (seed, 1), training from (seed, 0), none of it a
+    validation sequence. No tokenizer: the ids are the tokens."""
     check_mqar_settings(num_kv_pairs, seq_len, vocab_size, train_examples, val_examples)
     if not isinstance(shard_tokens, int) or not 1 <= shard_tokens <= np.iinfo(np.int32).max:
         raise ValueError(f"--shard_tokens must be a positive integer that fits int32, not "
@@ -245,11 +244,6 @@ def mqar_recall(model, tokens, supervised, num_kv_pairs, batch_size, autocast):
     return predictions[rows, query_at] == tokens[rows, query_at + 1], query_at - key_at
 
 
-def distance_bins(seq_len, width=8):
-    """Ranges [low, high] of distances, width wide, covering 1 .. seq_len - 1."""
-    return [(low, low + width - 1) for low in range(1, seq_len, width)]
-
-
 def mask_kind(model, seq_len):
     """'full' when every query keeps every key it sees (keep_window_size >= seq_len), 'sliding'
     when every A is 0 (every key ties: the latest keep_window_size keys), else 'dynamic'."""
@@ -266,9 +260,11 @@ def score_mqar(model, path, tokens, supervised, meta, cfg, autocast, trained):
     seq_len, window = meta["settings"]["seq_len"], model.config.keep_window_size
     right, distance = mqar_recall(model, tokens, supervised, meta["settings"]["num_kv_pairs"],
                                   cfg.batch_size, autocast)
-    by_distance = {f"{low}-{high}": float(right[(distance >= low) & (distance <= high)].mean())
-                   for low, high in distance_bins(seq_len)
-                   if ((distance >= low) & (distance <= high)).any()}
+    by_distance = {}
+    for low in range(1, seq_len, 8):  # bins of 8 distances: 1-8, 9-16, ..., up to seq_len - 1
+        in_bin = (distance >= low) & (distance <= low + 7)
+        if in_bin.any():
+            by_distance[f"{low}-{low + 7}"] = float(right[in_bin].mean())
     in_window = distance <= window
     return {"task": "mqar", "init_from": path, "n": len(right), "acc": float(right.mean()),
             "keep_window_size": window, "mask": mask_kind(model, seq_len),

@@ -1,11 +1,6 @@
 """
 Tokenizers and chat templates: what turns text into a model's token ids and back, and a
-conversation into the text a chat model reads. Top to bottom:
-
-    Tokenizers      train a lossless SentencePiece BPE, or load one or a Hugging Face
-                    tokenizer.json; both give one small record (Tokenizer)
-    Chat templates  load and render one, the text that ends a turn, stop ids, the chat tokenizer
-    Export          a model directory's tokenizer files; our SentencePiece model as a tokenizer.json
+conversation into the text a chat model reads; then a model directory's tokenizer files.
 """
 
 import contextlib
@@ -213,11 +208,9 @@ def load_huggingface_tokenizer(path, eot_token=None, parse_special_tokens=False)
     def decode(ids):
         return hf_tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
 
-    def encode_prompt(text):
-        return hf_tokenizer.encode(text, add_special_tokens=True).ids
-
     return Tokenizer("huggingface", hf_tokenizer.get_vocab_size(with_added_tokens=True), eot_id,
-                     bos_id, encode, decode, hf_tokenizer.token_to_id, encode_prompt)
+                     bos_id, encode, decode, hf_tokenizer.token_to_id,
+                     lambda text: hf_tokenizer.encode(text, add_special_tokens=True).ids)
 
 
 def tokenizer_directory(path):
