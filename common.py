@@ -20,9 +20,8 @@ TEMPORARY_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # atomic_path
 def atomic_path(path):
     """The one atomic writer: a temporary path in path's directory (<name>.<random>.tmp) for the
     block to write; when it completes, the file is synced to disk and renamed to path, so a crash
-    (even a power loss) never leaves a partial file under the real name. On failure the temporary
-    file is removed. The file gets the mode open() would give (0o666 less the umask), not mkstemp's
-    private 0o600."""
+    (even a power loss) never leaves a partial file under the real name; on failure it is removed.
+    The file gets open()'s mode (0o666 less the umask), not mkstemp's private 0o600."""
     temp_path = f"{os.path.abspath(path)}.{secrets.token_hex(4)}.tmp"
     try:  # created inside the try: a Ctrl-C that lands just after the file is made still removes it
         os.close(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

@@ -198,9 +198,8 @@ def encode_pairs(tokenizer, pairs):
     """Token ids of (context, continuation) text pairs, split as lm-evaluation-harness splits them:
     the context's trailing whitespace moves to the start of the continuation (where BPE tokens carry
     their spaces); the continuation's ids are those of context + continuation past as many ids as
-    the context alone has, so a token merged across the boundary counts for the continuation. No
-    special tokens are added; an empty context becomes the document-start token, so every
-    continuation token is predicted."""
+    the context alone has, so a token merged across the boundary counts for the continuation. An
+    empty context becomes the document-start token, so every continuation token is predicted."""
     moved = [(context.rstrip(), context[len(context.rstrip()):] + continuation)
              for context, continuation in pairs]
     contexts = tokenizer.encode([context for context, _ in moved])
@@ -232,8 +231,7 @@ def grade(questions, loglikelihoods):
 def bpb_documents(path, tokenizer, limit=0):
     """(token ids, UTF-8 bytes) of each document of a file, for bits per byte: one of our .bin
     shards (split at the end-of-text token, which counts no bytes; a document cut by the shard's
-    end counts as it is), or text read as prepare_data.py reads its --input (.txt, .jsonl,
-    .parquet, .gz)."""
+    end counts as it is), or text read as prepare_data.py reads its --input."""
     if path.endswith(".bin"):
         tokens = np.asarray(read_shard(path))
         check_shard_tokenizer(path, tokens, tokenizer)

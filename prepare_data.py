@@ -820,8 +820,7 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
             shard_tokens=100_000_000, max_tokens=None, dtype=None, workers=None, force=False):
     """Build out_dir from local files (inputs), a streamed data set (source) or by default the
     Python standard library; returns the meta dict. Problems raise ValueError, each one found
-    without reading all the text before out_dir is touched; Ctrl-C (KeyboardInterrupt: workers
-    ignore it) leaves out_dir for a rerun. Here: the settings, and whether out_dir holds them."""
+    without reading all the text before out_dir is touched; Ctrl-C leaves out_dir for a rerun."""
     check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens,
                    workers)
     workers = workers or available_cpus()

@@ -110,8 +110,7 @@ def check_mqar_settings(num_kv_pairs, seq_len, vocab_size, train_examples, val_e
 def mqar_sequences(count, num_kv_pairs, seq_len, layout, rng):
     """count MQAR sequences: tokens (count, seq_len) uint16 and supervised (count, seq_len) uint8,
     1 at the value after each query. Keys are distinct within a sequence, and so are values; the
-    queries come in a random order at random places after the pairs, filler (random filler ids)
-    everywhere else."""
+    queries come in a random order at random places after the pairs, random filler elsewhere."""
     pairs = num_kv_pairs
     (key_start, key_end), (value_start, value_end), (filler_start, filler_end) = (
         layout["keys"], layout["values"], layout["filler"])
@@ -255,8 +254,8 @@ def mask_kind(model, seq_len):
 def score_mqar(model, path, tokens, supervised, meta, cfg, autocast, trained):
     """One run's result: accuracy over every query, by distance and within the window, with the
     mask kind, the window and length scored at and those trained at (trained). The in-window
-    ceiling is the share of queries whose pair lies at most keep_window_size tokens back
-    (distance <= W): the pairs that the latest W keys hold, all a sliding window reaches."""
+    ceiling: the share of queries whose pair lies at most W tokens back, all a sliding window
+    reaches."""
     seq_len, window = meta["settings"]["seq_len"], model.config.keep_window_size
     right, distance = mqar_recall(model, tokens, supervised, meta["settings"]["num_kv_pairs"],
                                   cfg.batch_size, autocast)

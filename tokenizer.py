@@ -234,9 +234,8 @@ def load_text_tokenizer(directory, vocab_size):
 
 def document_start(tokenizer):
     """The token scoring puts before a document (bits per byte) or an empty context: every prompt's
-    first, if any (end-of-text for our SentencePiece models; begin-of-text if a tokenizer.json's
-    post-processor adds it), else a tokenizer.json's begin-of-text (lm-eval-harness's prefix), else
-    end-of-text."""
+    first, if any (end-of-text for our SentencePiece models), else a tokenizer.json's begin-of-text
+    (lm-eval-harness's prefix), else end-of-text."""
     if prompt_start := tokenizer.encode_prompt(""):
         return prompt_start[0]
     return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
