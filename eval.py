@@ -252,9 +252,8 @@ def bpb_documents(path, tokenizer, limit=0):
 
 
 def check_shard_tokenizer(path, tokens, tokenizer):
-    """A shard's ids mean the model's tokens only if the model's tokenizer made them: an id
-    past its vocabulary, or a tokenizer recorded beside the shard (meta.json) that encodes
-    text otherwise, is a ValueError naming both."""
+    """A shard's ids mean the model's tokens only if the model's tokenizer made them: an id past
+    its vocabulary, or another tokenizer recorded beside the shard (meta.json), is a ValueError."""
     largest = int(tokens.max()) if len(tokens) else 0
     if largest >= tokenizer.vocab_size:
         raise ValueError(f"{path} holds token id {largest}, past the model's tokenizer of "

@@ -680,8 +680,8 @@ def write_shards(results, out_dir, name, dtype, val_tokens, shard_tokens, max_to
 
 def sample_files(files, read, sample_chars):
     """About sample_chars of text spread over all input files (shares proportional to their sizes),
-    so that the tokenizer sees every kind of input: the start of each document of a file read(path)
-    reads, `doc[:max(1, int(quota - taken))]`, until the file's quota is taken."""
+    so that the tokenizer sees every kind of input: the start of each document, until the file's
+    quota is taken."""
     sizes = [os.path.getsize(path) for path in files]
     sample = []
     for path, size in zip(files, sizes):

@@ -76,8 +76,7 @@ class RecallConfig:
 
 
 def mqar_layout(vocab_size):
-    """The token ids of each kind, as half-open ranges [start, end): a quarter of the vocabulary
-    is filler, the rest split evenly between keys and values."""
+    """The ids of each kind as [start, end): 1/4 of the vocabulary filler, 3/8 keys, 3/8 values."""
     filler = vocab_size // 4
     kinds = (vocab_size - filler) // 2
     return {"keys": [0, kinds], "values": [kinds, 2 * kinds], "filler": [2 * kinds, vocab_size]}
@@ -160,8 +159,8 @@ def mqar_split(count, settings, layout, seed, avoid=frozenset(), max_rounds=100)
 def prepare_mqar(out_dir, num_kv_pairs=8, seq_len=40, vocab_size=128, train_examples=100_000,
                  val_examples=1024, seed=1337, shard_tokens=100_000_000):
     """MQAR sequences -> out_dir: conversation shards (val first) and meta.json with every setting
-    and the token layout. Validation drawn from (seed, 1), training from (seed, 0), none of it a
-    validation sequence. No tokenizer: the ids are the tokens."""
+    and the token layout. Validation sequences are drawn from (seed, 1), training ones from
+    (seed, 0) leaving out any validation sequence. No tokenizer: the ids are the tokens."""
     check_mqar_settings(num_kv_pairs, seq_len, vocab_size, train_examples, val_examples)
     if not isinstance(shard_tokens, int) or not 1 <= shard_tokens <= np.iinfo(np.int32).max:
         raise ValueError(f"--shard_tokens must be a positive integer that fits int32, not "
@@ -253,9 +252,8 @@ def mask_kind(model, seq_len):
 
 def score_mqar(model, path, tokens, supervised, meta, cfg, autocast, trained):
     """One run's result: accuracy over every query, by distance and within the window, with the
-    mask kind, the window and length scored at and those trained at (trained). The in-window
-    ceiling: the share of queries whose pair lies at most W tokens back, all a sliding window
-    reaches."""
+    mask kind, the window and length scored at and those trained at. The in-window ceiling: the
+    share of queries whose pair lies at most W tokens back, all that a sliding window reaches."""
     seq_len, window = meta["settings"]["seq_len"], model.config.keep_window_size
     right, distance = mqar_recall(model, tokens, supervised, meta["settings"]["num_kv_pairs"],
                                   cfg.batch_size, autocast)
@@ -347,9 +345,8 @@ MQAR_COLOURS = {"key": "tab:blue", "value": "tab:red", "query": "tab:cyan", "ans
 
 
 def mqar_kinds(tokens, meta):
-    """What each position of MQAR sequences tokens (N, T) holds, as indices into MQAR_KINDS
-    (N, T): the pairs (key, value, ...) first, then queries (a key again), answers (the value
-    after a query) and filler, read from the token layout in meta.json."""
+    """What each position of MQAR sequences tokens (N, T) holds, as indices into MQAR_KINDS (N, T):
+    the pairs (key, value), then queries, answers and filler by meta.json's token layout."""
     pairs = meta["settings"]["num_kv_pairs"]
     layout = meta["layout"]
     kinds = np.full(tokens.shape, MQAR_KINDS.index("filler"))
@@ -398,8 +395,7 @@ def mask_shares(kept, kinds, rows, query_at, value_at):
 
 
 def print_mask_shares(model, tokens, supervised, meta, device):
-    """The shares of kept keys of each kind at the query positions, per layer and bias head, and
-    how often the queried value is kept."""
+    """mask_shares as a table: a row per layer and bias head, and one for any head's kept keys."""
     rows, query_at, key_at = mqar_queries(tokens, supervised, meta["settings"]["num_kv_pairs"])
     kept = kept_keys(model, torch.from_numpy(tokens).to(device))
     kinds = mqar_kinds(tokens, meta)

@@ -119,9 +119,8 @@ def tokenizer_file(path):
 
 def load_tokenizer(path, eot_token=None, parse_special_tokens=False) -> Tokenizer:
     """A SentencePiece .model, or a Hugging Face tokenizer.json (or a model directory holding one).
-    parse_special_tokens: text that spells a special token (a chat template's <|start_header_id|>)
-    is encoded as that token, as prompts need; off for data, where such text stays text
-    (SentencePiece never parses its <s>, </s> from text)."""
+    parse_special_tokens: text that spells a special token (<|start_header_id|>) is encoded as that
+    token, as prompts need; off for data, where such text stays text, as SentencePiece keeps it."""
     path = tokenizer_file(path)
     if not os.path.isfile(path):
         raise ValueError(f"--tokenizer {path}: no such file")
