@@ -13,18 +13,15 @@ import sys
 # ----------------------------------------------------------------------------------------------
 # Files written atomically: a file that exists under its real name is complete
 
-
-# atomic_path's <name>.<random>.tmp
-TEMPORARY_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+TEMPORARY_FILE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # atomic_path's temporary files
 
 
 @contextlib.contextmanager
 def atomic_path(path):
     """The one atomic writer: a temporary path in path's directory (<name>.<random>.tmp) for the
     block to write; when it completes, the file is synced to disk and renamed to path, so a crash
-    (even a power loss) never leaves a partial file under the real name. On failure the temporary
-    file is removed. The file gets the mode open() would give (0o666 less the umask), not mkstemp's
-    private 0o600."""
+    (even a power loss) never leaves a partial file under the real name; on failure it is removed.
+    The file gets open()'s mode (0o666 less the umask), not mkstemp's private 0o600."""
     temp_path = f"{os.path.abspath(path)}.{secrets.token_hex(4)}.tmp"
     try:  # created inside the try: a Ctrl-C that lands just after the file is made still removes it
         os.close(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -43,8 +40,7 @@ def atomic_path(path):
 
 @contextlib.contextmanager
 def atomic_open(path):
-    """path open for binary writing through atomic_path: a file that exists under its real name is
-    complete."""
+    """path open for binary writing through atomic_path."""
     with atomic_path(path) as temp_path, open(temp_path, "wb") as f:
         yield f
 
@@ -100,8 +96,8 @@ def available_cpus():
 def busy_machine_note(load=None, cores=None):
     """One line when the CPU is oversubscribed: the 1-minute load average (processes running or
     waiting to run) more than half as high again as the cores this process may use, as when several
-    programs each take every core. None on a quiet machine, or where the load average cannot be
-    read. Timings in the docs are from a quiet machine; this says why a run is slower."""
+    programs each take every core: why a run is slower than the docs' figures. None on a quiet
+    machine, or where the load average cannot be read."""
     try:
         load = os.getloadavg()[0] if load is None else load
     except (AttributeError, OSError):  # no load average (Windows)

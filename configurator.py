@@ -3,20 +3,11 @@ Settings from the command line: an optional config file, then --key=value overri
 
     python train.py config/doge_tiny.py --max_iters=200 --learning_rate=3e-3 --compile
 
-- A config file is a Python file of plain assignments (`max_iters = 8000`). It runs in its own
-  namespace; names starting with an underscore, modules, functions and classes are left out, and
-  every other name must be a known setting.
-- `--key=value` is parsed as a Python literal (`--betas=(0.9, 0.95)`, `--eos_token_id=None`);
-  anything that is not a literal is taken as a bare string (`--out_dir=out/run1`). A bare
-  `--flag` means `--flag=True`.
-- Every value is checked against the setting's type (the dataclass annotation where there is
-  one, else the type of the default). An int is accepted for a float.
-- Any mistake exits with a one-line message (SystemExit), never a traceback; a misspelled key
-  is answered with the closest valid ones. --help lists every setting with the value it would
-  take: the default, or what the config files and overrides before it set.
-
-Unlike nanoGPT's configurator, nothing is exec'd into the caller's globals: the defaults come in
-as a dataclass instance or dict, and a new one comes back.
+A config file is plain assignments (`max_iters = 8000`); `--key=value` is a Python literal, else
+a bare string, and a bare `--flag` is True. Every value is checked against the setting's type; a
+mistake exits with one line (docs/reference.md has the rules). Unlike nanoGPT's configurator,
+nothing is exec'd into the caller's globals: the defaults come in as a dataclass instance or
+dict, and a new one comes back.
 """
 
 import ast

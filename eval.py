@@ -10,18 +10,11 @@ Tasks: hellaswag, arc_easy, arc_challenge, piqa, openbookqa, winogrande. Each ta
 from --data_dir/<task>.jsonl (or .jsonl.gz, .parquet) in the public data set's own layout (the
 Hugging Face data set's fields), or else from the hub with the optional `datasets` package and a
 network. Each choice is scored by the summed log-probability of its tokens after the prompt;
-acc takes the best sum, acc_norm the best sum per character of the choice.
+acc takes the best sum, acc_norm the best sum per character of the choice. train.py imports the
+benchmarks to score the same tasks while training.
 
-The benchmarks live here, in the order a reader needs them: each task's row format and prompt,
-how its rows are read, the context/continuation split into tokens and the grading (exactly how
-prompts are made and split), then the documents that bits per byte is measured on. train.py's
-eval_tasks imports them to score the same tasks while training. The program follows: its
-settings, loading the model, scoring, the table.
-
-A progress bar per task goes to stderr as it goes, then a table: task, n, acc, acc_norm for the
-benchmarks, and under a header of its own task, bytes, tokens, bpb for bits per byte. stdout gets
-one JSON line per task, {"task", "n", "acc", "acc_norm"} ({"task": "bpb", "bpb", ...} for bits
-per byte), and --output=FILE.json also keeps every question's per-choice log-likelihoods.
+A progress bar per task goes to stderr, then a table; stdout gets one JSON line per task, and
+--output=FILE.json also keeps every question's per-choice log-likelihoods.
 """
 
 import json
@@ -52,15 +45,13 @@ from tokenizer import (LOSSLESS_PROBE, document_start, load_text_tokenizer, load
 
 @dataclass
 class Question:
-    contexts: list  # the text before each choice: one prompt for all, or (Winogrande) one per
-    # choice
+    contexts: list  # the text before each choice: one for all, or one per choice (Winogrande)
     choices: list  # each choice's text, scored as the continuation of its context after a space
     gold: int  # the index of the right choice
 
 
 def hellaswag_text(text):
-    """HellaSwag's WikiHow rows carry markers in brackets: " [title]" ends a sentence, the
-    others go."""
+    """HellaSwag's WikiHow markers in brackets: " [title]" ends a sentence, the others go."""
     text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
     return text.replace("  ", " ")
 
@@ -104,8 +95,7 @@ def winogrande_question(row):
 class Benchmark:
     question: Callable  # a row in the data set's own layout -> Question
     hub: tuple  # (data set, config, split) on the Hugging Face hub: the split the harness evaluates
-    acc_norm: bool = True  # whether the harness reports acc_norm (Winogrande's choices are all
-    # the same text)
+    acc_norm: bool = True  # whether the harness reports it (Winogrande's choices are all one text)
 
 
 BENCHMARKS = {
@@ -208,9 +198,8 @@ def encode_pairs(tokenizer, pairs):
     """Token ids of (context, continuation) text pairs, split as lm-evaluation-harness splits them:
     the context's trailing whitespace moves to the start of the continuation (where BPE tokens carry
     their spaces); the continuation's ids are those of context + continuation past as many ids as
-    the context alone has, so a token merged across the boundary counts for the continuation. No
-    special tokens are added; an empty context becomes the document-start token, so every
-    continuation token is predicted."""
+    the context alone has, so a token merged across the boundary counts for the continuation. An
+    empty context becomes the document-start token, so every continuation token is predicted."""
     moved = [(context.rstrip(), context[len(context.rstrip()):] + continuation)
              for context, continuation in pairs]
     contexts = tokenizer.encode([context for context, _ in moved])
@@ -242,8 +231,7 @@ def grade(questions, loglikelihoods):
 def bpb_documents(path, tokenizer, limit=0):
     """(token ids, UTF-8 bytes) of each document of a file, for bits per byte: one of our .bin
     shards (split at the end-of-text token, which counts no bytes; a document cut by the shard's
-    end counts as it is), or text read as prepare_data.py reads its --input (.txt, .jsonl,
-    .parquet, .gz)."""
+    end counts as it is), or text read as prepare_data.py reads its --input."""
     if path.endswith(".bin"):
         tokens = np.asarray(read_shard(path))
         check_shard_tokenizer(path, tokens, tokenizer)
@@ -264,9 +252,8 @@ def bpb_documents(path, tokenizer, limit=0):
 
 
 def check_shard_tokenizer(path, tokens, tokenizer):
-    """A shard's ids mean the model's tokens only if the model's tokenizer made them: an id
-    past its vocabulary, or a tokenizer recorded beside the shard (meta.json) that encodes
-    text otherwise, is a ValueError naming both."""
+    """A shard's ids mean the model's tokens only if the model's tokenizer made them: an id past
+    its vocabulary, or another tokenizer recorded beside the shard (meta.json), is a ValueError."""
     largest = int(tokens.max()) if len(tokens) else 0
     if largest >= tokenizer.vocab_size:
         raise ValueError(f"{path} holds token id {largest}, past the model's tokenizer of "
@@ -291,8 +278,7 @@ class EvalConfig:
     # a Hugging Face Doge directory (either layout) or hub name; its tokenizer beside the weights
     tasks: str = ",".join(BENCHMARKS)  # comma-separated benchmark names, and/or bpb
     task: str = ""  # one task, instead of tasks (--task=bpb --data=FILE)
-    data_dir: str = "data/eval"  # benchmarks: <task>.jsonl, .jsonl.gz or .parquet (missing: from
-    # the hub)
+    data_dir: str = "data/eval"  # benchmarks: <task>.jsonl, .jsonl.gz or .parquet, else the hub
     data: str = ""  # bpb: a text file (.txt, .jsonl, .parquet, .gz) or one of our .bin shards
     limit: int = 0  # > 0: only the first limit questions of each task (bpb: documents)
     output: str = ""  # a .json file for every question's per-choice log-likelihoods

@@ -15,9 +15,7 @@ What it writes in --out_dir (docs/data.md tells more; --chat writes conversation
     meta.json                tokenizer, vocab_size, bos/eos, token counts; "complete" once done
 
 Every document ends with the end-of-text token: the shards read in order and split on it give the
-documents back exactly. Top to bottom: the shard format; documents (files, directories, a hub data
-set); cutting long documents where tokenizers never merge across; tokenizing in worker processes;
-prepare(); Chat (prepare_chat); the loaders that train.py reads shards with; the command line.
+documents back exactly.
 """
 
 import argparse
@@ -461,10 +459,8 @@ def check_hub_reachable(name):
 # byte-level BPE never merge across either; GPT-2-style pre-tokenizers join runs of newlines and
 # indentation, so the second rule keeps to a newline between two visible characters (checked on
 # the data: choose_cut_rule).
-CUT_RULES = (
-    re.compile(r"(?<=\n)(?=[ \t]*\S)|(?<=\S)(?= \S)"),
-    re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)"),
-)
+CUT_RULES = (re.compile(r"(?<=\n)(?=[ \t]*\S)|(?<=\S)(?= \S)"),
+             re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)"))
 
 
 def split_text(text, max_chars, cut_rule=CUT_RULES[0]):
@@ -682,16 +678,10 @@ def write_shards(results, out_dir, name, dtype, val_tokens, shard_tokens, max_to
 # The whole preparation
 
 
-def default_val_tokens(input_bytes, max_tokens):
-    """About 5% of the data (at a typical 4 bytes per token), at most 10M tokens."""
-    estimates = [n for n in (input_bytes and input_bytes // 4, max_tokens) if n]
-    return max(1, min([10_000_000] + [n // 20 for n in estimates]))
-
-
 def sample_files(files, read, sample_chars):
     """About sample_chars of text spread over all input files (shares proportional to their sizes),
-    so that the tokenizer sees every kind of input: the start of each document of a file read(path)
-    reads, `doc[:max(1, int(quota - taken))]`, until the file's quota is taken."""
+    so that the tokenizer sees every kind of input: the start of each document, until the file's
+    quota is taken."""
     sizes = [os.path.getsize(path) for path in files]
     sample = []
     for path, size in zip(files, sizes):
@@ -830,15 +820,16 @@ def prepare(out_dir=DEFAULT_DATA_DIR, inputs=None, source=None, source_split="tr
             shard_tokens=100_000_000, max_tokens=None, dtype=None, workers=None, force=False):
     """Build out_dir from local files (inputs), a streamed data set (source) or by default the
     Python standard library; returns the meta dict. Problems raise ValueError, each one found
-    without reading all the text before out_dir is touched; Ctrl-C (KeyboardInterrupt: workers
-    ignore it) leaves out_dir for a rerun. Here: the settings, and whether out_dir holds them."""
+    without reading all the text before out_dir is touched; Ctrl-C leaves out_dir for a rerun."""
     check_settings(inputs, source, vocab_size, sample_bytes, val_tokens, shard_tokens, max_tokens,
                    workers)
     workers = workers or available_cpus()
     files, description, default_name, input_bytes, inputs_digest = describe_input(
         inputs, source, source_split, text_field)
     name = re.sub(r"[^A-Za-z0-9.-]+", "-", name or default_name).strip("-") or "data"
-    val_tokens = default_val_tokens(input_bytes, max_tokens) if val_tokens is None else val_tokens
+    if val_tokens is None:  # about 5% of the data (at a typical 4 bytes a token), at most 10M
+        estimates = [n for n in (input_bytes and input_bytes // 4, max_tokens) if n]
+        val_tokens = max(1, min([10_000_000] + [n // 20 for n in estimates]))
     source_tokenizer = tokenizer_file(tokenizer) if tokenizer else None
     tokenizer_vocab = load_tokenizer(source_tokenizer, eot_token).vocab_size if tokenizer else None
     dtype_for_vocab(tokenizer_vocab or vocab_size, dtype)
@@ -1185,13 +1176,12 @@ def check_token_ids(tokens, vocab_size, path):
 
 
 class ShardLoader:
-    """Batches of sequences from memory-mapped shards, the same whatever the number of processes: a
-    shard is read as sequences of block_size + 1 tokens (inputs, and targets shifted by one) at
-    multiples of block_size, in an order fixed by (seed, epoch, shard), so a batch mixes many
-    documents even in a small corpus. A call takes the next micro_steps * world_size rows of
-    batch_size sequences; process `rank` gets rows rank, rank + world_size, ..., one per micro-step.
-    A shard with too few sequences left gives way to the next (after the last, the first: the next
-    epoch). The position is three ints; step_tokens, the tokens of the last call, all processes."""
+    """Batches of sequences from memory-mapped shards, the same whatever the number of processes:
+    sequences of block_size + 1 tokens at multiples of block_size, in an order fixed by (seed,
+    epoch, shard), so a batch mixes many documents even in a small corpus. A call takes the next
+    micro_steps * world_size rows of batch_size sequences, process `rank` rows rank, rank +
+    world_size, ...; a shard with too few left gives way to the next (after the last, the first:
+    the next epoch). The position is three ints; step_tokens counts all processes' tokens."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,
                  seed=0):
@@ -1253,10 +1243,9 @@ class ConversationLoader:
     would let conversations attend to each other (our attention has no document mask), so each is
     a row of its own, right-padded (causal attention: nothing before the padding changes) and cut
     after block_size + 1 tokens; one left with no supervised target is dropped. The conversations
-    are an endless stream of epochs, each in an order fixed by (seed, epoch). A step takes the next
-    micro_steps * world_size * batch_size, sorts them by length (its loss, the mean over its
-    supervised tokens, is unchanged; a micro-batch's rows alike in length) and deals them out:
-    micro-step m of process r gets rows (m * world_size + r) * batch_size onwards. x, y: lists of
+    are an endless stream of epochs, each in an order fixed by (seed, epoch). A step's conversations
+    are sorted by length (its loss, the mean over its supervised tokens, is unchanged; a
+    micro-batch's rows alike in length) and dealt out as ShardLoader's rows. x, y: lists of
     micro_steps arrays (batch_size, padded_length). The position: one int, saved with the count."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank, world_size, vocab_size,

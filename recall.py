@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import atomic_write, autocast, device_and_dtype, log
+from common import atomic_write, autocast, device_and_dtype, log, pyplot
 from configurator import apply_config
 from doge import key_deaths_by_definition, train_checkpoint
 from engine import load_model
@@ -51,10 +51,8 @@ class RecallConfig:
     val_examples: int = 1024
     seed: int = 1337  # draws the sequences: train from (seed, 0), val from (seed, 1)
     # --task=score and --task=mask
-    init_from: str = "out/mqar"  # a run (out_dir or checkpoint); score: several, comma-separated
-    # or a glob (out/mqar-*)
-    data_dir: str = "data/mqar"  # the sequences scored (their validation split); score: several,
-    # comma-separated (data/mqar,data/mqar-128: each run at each length)
+    init_from: str = "out/mqar"  # a run (out_dir or checkpoint); score: several, a,b or a glob
+    data_dir: str = "data/mqar"  # the sequences scored; score: several, a,b (each run on each)
     keep_window_size: int = 0  # the keys each query keeps, set at load time; 0: the checkpoint's
     dynamic_mask: bool = True  # False: every A held at 0 at load time, a sliding window
     plot: str = ""  # score: a .png of accuracy by distance, a line per mask kind, window, length
@@ -78,8 +76,7 @@ class RecallConfig:
 
 
 def mqar_layout(vocab_size):
-    """The token ids of each kind, as half-open ranges [start, end): a quarter of the vocabulary
-    is filler, the rest split evenly between keys and values."""
+    """The ids of each kind as [start, end): 1/4 of the vocabulary filler, 3/8 keys, 3/8 values."""
     filler = vocab_size // 4
     kinds = (vocab_size - filler) // 2
     return {"keys": [0, kinds], "values": [kinds, 2 * kinds], "filler": [2 * kinds, vocab_size]}
@@ -112,8 +109,7 @@ def check_mqar_settings(num_kv_pairs, seq_len, vocab_size, train_examples, val_e
 def mqar_sequences(count, num_kv_pairs, seq_len, layout, rng):
     """count MQAR sequences: tokens (count, seq_len) uint16 and supervised (count, seq_len) uint8,
     1 at the value after each query. Keys are distinct within a sequence, and so are values; the
-    queries come in a random order at random places after the pairs, filler (random filler ids)
-    everywhere else."""
+    queries come in a random order at random places after the pairs, random filler elsewhere."""
     pairs = num_kv_pairs
     (key_start, key_end), (value_start, value_end), (filler_start, filler_end) = (
         layout["keys"], layout["values"], layout["filler"])
@@ -163,9 +159,8 @@ def mqar_split(count, settings, layout, seed, avoid=frozenset(), max_rounds=100)
 def prepare_mqar(out_dir, num_kv_pairs=8, seq_len=40, vocab_size=128, train_examples=100_000,
                  val_examples=1024, seed=1337, shard_tokens=100_000_000):
     """MQAR sequences -> out_dir: conversation shards (val first) and meta.json with every setting
-    and the token layout. The validation sequences come from the generator seeded by (seed, 1), the
-    training ones from (seed, 0), and no validation sequence is among the training ones. No
-    tokenizer: the ids are the tokens."""
+    and the token layout. Validation sequences are drawn from (seed, 1), training ones from
+    (seed, 0) leaving out any validation sequence. No tokenizer: the ids are the tokens."""
     check_mqar_settings(num_kv_pairs, seq_len, vocab_size, train_examples, val_examples)
     if not isinstance(shard_tokens, int) or not 1 <= shard_tokens <= np.iinfo(np.int32).max:
         raise ValueError(f"--shard_tokens must be a positive integer that fits int32, not "
@@ -247,11 +242,6 @@ def mqar_recall(model, tokens, supervised, num_kv_pairs, batch_size, autocast):
     return predictions[rows, query_at] == tokens[rows, query_at + 1], query_at - key_at
 
 
-def distance_bins(seq_len, width=8):
-    """Ranges [low, high] of distances, width wide, covering 1 .. seq_len - 1."""
-    return [(low, low + width - 1) for low in range(1, seq_len, width)]
-
-
 def mask_kind(model, seq_len):
     """'full' when every query keeps every key it sees (keep_window_size >= seq_len), 'sliding'
     when every A is 0 (every key ties: the latest keep_window_size keys), else 'dynamic'."""
@@ -262,15 +252,16 @@ def mask_kind(model, seq_len):
 
 def score_mqar(model, path, tokens, supervised, meta, cfg, autocast, trained):
     """One run's result: accuracy over every query, by distance and within the window, with the
-    mask kind, the window and length scored at and those trained at (trained). The in-window
-    ceiling is the share of queries whose pair lies at most keep_window_size tokens back
-    (distance <= W): the pairs that the latest W keys hold, all a sliding window reaches."""
+    mask kind, the window and length scored at and those trained at. The in-window ceiling: the
+    share of queries whose pair lies at most W tokens back, all that a sliding window reaches."""
     seq_len, window = meta["settings"]["seq_len"], model.config.keep_window_size
     right, distance = mqar_recall(model, tokens, supervised, meta["settings"]["num_kv_pairs"],
                                   cfg.batch_size, autocast)
-    by_distance = {f"{low}-{high}": float(right[(distance >= low) & (distance <= high)].mean())
-                   for low, high in distance_bins(seq_len)
-                   if ((distance >= low) & (distance <= high)).any()}
+    by_distance = {}
+    for low in range(1, seq_len, 8):  # bins of 8 distances: 1-8, 9-16, ..., up to seq_len - 1
+        in_bin = (distance >= low) & (distance <= low + 7)
+        if in_bin.any():
+            by_distance[f"{low}-{low + 7}"] = float(right[in_bin].mean())
     in_window = distance <= window
     return {"task": "mqar", "init_from": path, "n": len(right), "acc": float(right.mean()),
             "keep_window_size": window, "mask": mask_kind(model, seq_len),
@@ -282,8 +273,7 @@ def score_mqar(model, path, tokens, supervised, meta, cfg, autocast, trained):
 
 
 def recall_groups(results):
-    """Runs grouped by (mask, keep_window_size, seq_len) scored at, each group's results, in
-    table order."""
+    """The results grouped by the (mask, keep_window_size, seq_len) scored at, in table order."""
     groups = {}
     for r in results:
         groups.setdefault((r["mask"], r["keep_window_size"], r["seq_len"]), []).append(r)
@@ -349,18 +339,14 @@ def plot_recall(results, path):
 # ----------------------------------------------------------------------------------------------
 # What the mask keeps: from the dt the model computes and the mask's definition
 
-
 MQAR_KINDS = ("key", "value", "query", "answer", "filler")  # what a position of a sequence holds
-
-
 MQAR_COLOURS = {"key": "tab:blue", "value": "tab:red", "query": "tab:cyan", "answer": "tab:orange",
                 "filler": "tab:gray", "kept": "tab:blue"}
 
 
 def mqar_kinds(tokens, meta):
-    """What each position of MQAR sequences tokens (N, T) holds, as indices into MQAR_KINDS
-    (N, T): the pairs (key, value, ...) first, then queries (a key again), answers (the value
-    after a query) and filler, read from the token layout in meta.json."""
+    """What each position of MQAR sequences tokens (N, T) holds, as indices into MQAR_KINDS (N, T):
+    the pairs (key, value), then queries, answers and filler by meta.json's token layout."""
     pairs = meta["settings"]["num_kv_pairs"]
     layout = meta["layout"]
     kinds = np.full(tokens.shape, MQAR_KINDS.index("filler"))
@@ -409,8 +395,7 @@ def mask_shares(kept, kinds, rows, query_at, value_at):
 
 
 def print_mask_shares(model, tokens, supervised, meta, device):
-    """The shares of kept keys of each kind at the query positions, per layer and bias head, and
-    how often the queried value is kept."""
+    """mask_shares as a table: a row per layer and bias head, and one for any head's kept keys."""
     rows, query_at, key_at = mqar_queries(tokens, supervised, meta["settings"]["num_kv_pairs"])
     kept = kept_keys(model, torch.from_numpy(tokens).to(device))
     kinds = mqar_kinds(tokens, meta)
@@ -457,11 +442,15 @@ def draw_mask(kept, labels, kinds, path, title):
     # the title, then the legend in rows of 3 under it, above the grid (sizes in inches)
     height, legend_rows = size * layers, math.ceil(len(handles) / 3)
     fig.suptitle(title, y=1 - 0.1 / height, va="top")
-    fig.legend(handles=handles, loc="upper center", ncol=3,
-               bbox_to_anchor=(0.5, 1 - 0.45 / height))
+    fig.legend(handles=handles, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 1 - 0.45 / height))
     fig.tight_layout(rect=(0, 0, 1, 1 - (0.55 + 0.3 * legend_rows) / height))
     save_figure(fig, path)
     plt.close(fig)
+
+
+def save_figure(fig, path):
+    atomic_write(path, lambda temp: fig.savefig(temp, format="png", dpi=100))
+    log(f"wrote {path}")
 
 
 def mqar_labels(tokens, meta):
@@ -541,8 +530,7 @@ def run_score(cfg, device, autocast):
         for init_from in run_paths(cfg.init_from):
             model, _, trained = load_masked(init_from, cfg, device)
             check_mqar_vocabulary(model, init_from, meta, data_dir)
-            result = score_mqar(model, init_from, tokens, supervised, meta, cfg, autocast,
-                                trained)
+            result = score_mqar(model, init_from, tokens, supervised, meta, cfg, autocast, trained)
             print(json.dumps(result), flush=True)
             results.append(result)
     print_recall_table(results)
@@ -601,26 +589,6 @@ def main(argv=None):
     if cfg.task == "score":
         return run_score(cfg, device, autocast(device, dtype))
     return run_mask(cfg, device)
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers
-
-
-def pyplot():
-    """matplotlib's pyplot (an optional package), drawing to files."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("error: pictures need matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path):
-    atomic_write(path, lambda temp: fig.savefig(temp, format="png", dpi=100))
-    log(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,6 @@
 """
 Tokenizers and chat templates: what turns text into a model's token ids and back, and a
-conversation into the text a chat model reads. Top to bottom:
-
-    Tokenizers      train a lossless SentencePiece BPE, or load one or a Hugging Face
-                    tokenizer.json; both give one small record (Tokenizer)
-    Chat templates  load and render one, the text that ends a turn, stop ids, the chat tokenizer
-    Export          a model directory's tokenizer files; our SentencePiece model as a tokenizer.json
+conversation into the text a chat model reads; then a model directory's tokenizer files.
 """
 
 import contextlib
@@ -26,7 +21,6 @@ from common import atomic_write, atomic_write_text, available_cpus, one_line
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizers: train SentencePiece BPE, or load a .model or a tokenizer.json; both give one record
-
 
 # a tokenizer directory's tokenizer files: prepare_data.py's out_dir and a model directory alike
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -125,9 +119,8 @@ def tokenizer_file(path):
 
 def load_tokenizer(path, eot_token=None, parse_special_tokens=False) -> Tokenizer:
     """A SentencePiece .model, or a Hugging Face tokenizer.json (or a model directory holding one).
-    parse_special_tokens: text that spells a special token (a chat template's <|start_header_id|>)
-    is encoded as that token, as prompts need; off for data, where such text stays text
-    (SentencePiece never parses its <s>, </s> from text)."""
+    parse_special_tokens: text that spells a special token (<|start_header_id|>) is encoded as that
+    token, as prompts need; off for data, where such text stays text, as SentencePiece keeps it."""
     path = tokenizer_file(path)
     if not os.path.isfile(path):
         raise ValueError(f"--tokenizer {path}: no such file")
@@ -214,11 +207,9 @@ def load_huggingface_tokenizer(path, eot_token=None, parse_special_tokens=False)
     def decode(ids):
         return hf_tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
 
-    def encode_prompt(text):
-        return hf_tokenizer.encode(text, add_special_tokens=True).ids
-
     return Tokenizer("huggingface", hf_tokenizer.get_vocab_size(with_added_tokens=True), eot_id,
-                     bos_id, encode, decode, hf_tokenizer.token_to_id, encode_prompt)
+                     bos_id, encode, decode, hf_tokenizer.token_to_id,
+                     lambda text: hf_tokenizer.encode(text, add_special_tokens=True).ids)
 
 
 def tokenizer_directory(path):
@@ -242,9 +233,8 @@ def load_text_tokenizer(directory, vocab_size):
 
 def document_start(tokenizer):
     """The token scoring puts before a document (bits per byte) or an empty context: every prompt's
-    first, if any (end-of-text for our SentencePiece models; begin-of-text if a tokenizer.json's
-    post-processor adds it), else a tokenizer.json's begin-of-text (lm-eval-harness's prefix), else
-    end-of-text."""
+    first, if any (end-of-text for our SentencePiece models), else a tokenizer.json's begin-of-text
+    (lm-eval-harness's prefix), else end-of-text."""
     if prompt_start := tokenizer.encode_prompt(""):
         return prompt_start[0]
     return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
@@ -261,7 +251,6 @@ def is_lossless(tokenizer):
 
 # ----------------------------------------------------------------------------------------------
 # Chat templates: a conversation as the text a chat model reads, and the chat tokenizer
-
 
 # Doge's chat format (Llama-3 style), for tokenizers that bring no template of their own
 DOGE_CHAT_TEMPLATE = (
