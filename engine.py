@@ -1,8 +1,7 @@
 """
 The model loaded for a program, and the generation core that sample.py and serve.py are front
-ends on (settings, printing, the wire format): what they generate is decided here, once. Every
-state is a DogeCache of at most keep_window_size keys a layer, so a turn costs the same however
-long the conversation. docs/sampling.md and docs/serving.md tell the whole story.
+ends on: what they generate is decided here, once. Every state is a DogeCache of at most
+keep_window_size keys a layer, so a turn costs the same however long the conversation.
 """
 
 import time
@@ -24,9 +23,8 @@ from tokenizer import (Tokenizer, document_start, end_of_turn_text, load_chat_te
 
 def load_model(init_from, device="cpu", dtype=None, setting="--init_from="):
     """(the model in eval mode, its local path) of init_from: a Hugging Face Doge directory or hub
-    name (fetched: doge.local_model_path), a train.py out_dir (its newest checkpoint) or
-    checkpoint file, on device in dtype (None: as saved). A path that is not there is named after
-    `setting`."""
+    name (fetched: doge.local_model_path), a train.py out_dir (its newest checkpoint) or checkpoint
+    file, on device in dtype (None: as saved). A path that is not there is named after `setting`."""
     try:
         path = local_model_path(init_from)
     except FileNotFoundError as e:
@@ -107,8 +105,7 @@ def generate_reply(model, tokenizer, prompt, sampling, stop, cache=None, show=No
             break
         if show is not None:
             show(tokens[-1])
-    seconds = time.perf_counter() - start
-    return Reply(reply_text(tokenizer, tokens, stop), tokens, seconds)
+    return Reply(reply_text(tokenizer, tokens, stop), tokens, time.perf_counter() - start)
 
 
 class ReplyText:
@@ -162,10 +159,6 @@ class Turns:
         self.end_of_turn = end_of_turn_text(chat_template)
         self.end_ids = tokenizer.encode([self.end_of_turn])[0] if self.end_of_turn else []
 
-    def asking(self, messages):
-        """The text of messages up to where the assistant's answer begins."""
-        return render_chat(self.template, messages)
-
     def held(self, messages):
         """The text of the finished conversation messages: what the state after it holds."""
         return render_chat(self.template, messages, add_generation_prompt=False) if messages else ""
@@ -174,7 +167,7 @@ class Turns:
         """What messages' turn feeds after a state that holds the text held: (its new text,
         True), or (the whole conversation, False: a new state) where the rendering of messages
         does not extend held."""
-        text = self.asking(messages)
+        text = render_chat(self.template, messages)  # up to where the answer begins
         if self.end_of_turn is None or not text.startswith(held):
             return text, False
         return text[len(held):], True
@@ -218,7 +211,9 @@ class Chat:
 
 
 # ----------------------------------------------------------------------------------------------
-# Kept states: the state after each reply, keyed by the tokens it holds
+# Many sequences (serve.py): rows that join and leave one ragged cache (doge.join_caches), a
+# token a row a step (doge.decode_step); not captured on CUDA: its shapes change with the rows.
+# The state each row leaves is kept (States) for the request that continues it.
 
 
 @dataclass
@@ -274,11 +269,6 @@ class States:
                 "hits": self.hits, "misses": self.misses}
 
 
-# ----------------------------------------------------------------------------------------------
-# Many sequences (serve.py): rows that join and leave one ragged cache (doge.join_caches), a
-# token a row a step (doge.decode_step); not captured on CUDA: its shapes change with the rows
-
-
 @dataclass
 class Row:
     """A sequence that a Batch generates: a chat (messages, rendered by the template) or a text
@@ -324,7 +314,7 @@ class Batch:
         ValueError refuses it (a prompt too long, messages the template cannot render)."""
         if row.messages is not None:
             try:
-                text = self.turns.asking(row.messages)
+                text = render_chat(self.turns.template, row.messages)
             except Exception as e:  # jinja2's errors too: the template refuses these messages
                 raise ValueError(f"the chat template cannot render these messages: {e}") from None
             found = None if self.turns.end_of_turn is None else self.states.continued(text=text)
