@@ -5,14 +5,12 @@ Talk to a Doge: text continuation or chat, from a train.py run or a Hugging Face
     python sample.py --out_dir=out/doge-20m --start="def fib(n):" --num_samples=3
     python sample.py --init_from=models/Doge-20M --start=FILE:prompt.txt --temperature=0
     python sample.py --init_from=models/Doge-20M-Instruct --chat          # interactive
-    python sample.py --init_from=models/Doge-20M-Instruct --chat --start="Hi, who are you?"
     python sample.py --init_from=models/Doge-20M-Instruct --chat < questions.txt   # piped
     python sample.py --chat_state=talk.pt      # after /save: goes on with the model that made it
 
 Generated text goes to stdout as it is produced; everything else (loading, tokens/s) to stderr.
-The generation and the chat's turns (at constant cost: the state keeps at most keep_window_size
-keys a layer) are engine.py's, the core serve.py stands on too. docs/sampling.md tells the rest:
-hub names (owner/name[@revision]), the optional packages, /save and --chat_state.
+The generation and the chat's turns, at constant cost, are engine.py's, the core serve.py stands
+on too. docs/sampling.md tells the rest: hub names, the optional packages, /save, --chat_state.
 """
 
 import os
@@ -78,8 +76,7 @@ class Printer(ReplyText):
 
 
 class SavedChat(Chat):
-    """engine.Chat (a conversation and the model's state after it) that /save writes to a file
-    and --chat_state reads back, with the model that made it."""
+    """engine.Chat that /save writes to a file and --chat_state reads back, with its model."""
 
     def __init__(self, model, turns, sampling, model_path):
         super().__init__(model, turns, sampling)
@@ -91,10 +88,18 @@ class SavedChat(Chat):
         return {"path": self.model_path, "fingerprint": model_fingerprint(self.model)}
 
     def save(self, path):
-        """The conversation (messages and state) and the model that made it, as one file."""
+        """/save FILE: the conversation (messages and state) and the model that made it, as one
+        file; a bad name costs a line on stderr, not the conversation."""
+        if not path:
+            log("/save needs a file name: /save FILE")
+            return
         saved = {"messages": self.messages, "state": self.cache.state_dict(),
                  "model": self.model_record}
-        atomic_write(path, lambda temp_path: torch.save(saved, temp_path))
+        try:
+            atomic_write(path, lambda temp_path: torch.save(saved, temp_path))
+            log(f"(conversation saved to {path})")
+        except OSError as e:
+            log(f"/save {path}: {e.strerror}")
 
     def load(self, path):
         """Continue the conversation that save wrote to path, if this model made it."""
@@ -158,18 +163,6 @@ def answer(chat, question):
         f"{size_text(chat.cache.state_bytes())}]")
 
 
-def save(chat, path):
-    """/save FILE: a bad name costs a line on stderr, not the conversation."""
-    if not path:
-        log("/save needs a file name: /save FILE")
-        return
-    try:
-        chat.save(path)
-        log(f"(conversation saved to {path})")
-    except OSError as e:
-        log(f"/save {path}: {e.strerror}")
-
-
 def chat_loop(chat, cfg):
     """One answer to --start, or a conversation from user_lines. An empty line is no message."""
     if cfg.start:
@@ -183,7 +176,7 @@ def chat_loop(chat, cfg):
             chat.reset()
             log("(conversation cleared)")
         elif command == "/save":
-            save(chat, argument.strip())
+            chat.save(argument.strip())
         elif line.lstrip().startswith("//"):  # a message that starts with /
             answer(chat, line.lstrip()[1:])
         elif command.startswith("/"):
@@ -239,8 +232,7 @@ def start_chat(loaded, sampling, cfg):
     """The conversation: a new one, or --chat_state's."""
     if loaded.chat_template is None:
         raise SystemExit(f"error: {loaded.directory} has no chat template (tokenizer_config.json "
-                         f"'chat_template' or chat_template.jinja): --chat needs an Instruct "
-                         f"model")
+                         f"'chat_template' or chat_template.jinja): --chat needs an Instruct model")
     turns = Turns(loaded.chat_template, loaded.tokenizer, loaded.stop)
     if turns.end_of_turn is None:
         log("chat template: a longer conversation's text does not extend a shorter one's, "
