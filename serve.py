@@ -5,10 +5,9 @@ An OpenAI-compatible server for a Doge: each conversation continues from its fix
     python serve.py --init_from=SmallDoge/Doge-20M-Instruct --port=8000 --api_key=secret
 
 Routes: POST /v1/chat/completions and POST /v1/completions (streamed as server-sent events, or
-not), GET /v1/models, GET /health (the state cache's figures). A client sends the whole
-conversation every turn; the server continues the state it kept (at most keep_window_size keys a
-layer, so turn 200 costs what turn 2 costs) and decodes the requests in flight together: what
-they generate is engine.py's. See docs/serving.md. Needs the optional fastapi and uvicorn.
+not), GET /v1/models, GET /health. A client sends the whole conversation every turn; the server
+continues the state it kept, so turn 200 costs what turn 2 costs, and decodes the requests in
+flight together (engine.Batch). docs/serving.md tells the rest. Needs fastapi and uvicorn.
 """
 
 import asyncio
@@ -59,8 +58,7 @@ class ServeConfig:
 
 
 class Engine:
-    """The thread that owns the model: it adds queued requests to an engine.Batch while it has
-    room, and runs it a step at a time."""
+    """Adds queued requests to an engine.Batch while it has room, and runs it a step at a time."""
 
     def __init__(self, batch, max_batch):
         self.batch, self.max_batch, self.states = batch, max_batch, batch.states
@@ -180,8 +178,7 @@ def make_app(cfg, loaded):
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, "states": engine.states.figures(),
-                "requests": {"in_flight": engine.in_flight(),
-                             "decoding": len(engine.batch.rows)}}
+                "requests": {"in_flight": engine.in_flight(), "decoding": len(engine.batch.rows)}}
 
     @app.get("/v1/models")
     async def models():
