@@ -92,9 +92,8 @@ def reply_text(tokenizer, tokens, stop):
 
 
 def generate_reply(model, tokenizer, prompt, sampling, stop, cache=None, show=None):
-    """The Reply after the ids prompt (continuing cache, when given, which then holds the prompt
-    and the reply) until a stop token or max_tokens: one sequence, on model.generate_stream.
-    show(id) is called with each id but a stop token, as it comes."""
+    """The Reply after the ids prompt (continuing cache, when given, which then holds both) until
+    a stop token or max_tokens; show(id) sees each id but a stop token as it comes."""
     idx = torch.tensor([prompt], dtype=torch.long, device=model.lm_head.weight.device)
     tokens, start = [], time.perf_counter()
     for token in model.generate_stream(idx, sampling.max_tokens, sampling.temperature,
@@ -291,9 +290,8 @@ class Row:
 
 
 class Batch:
-    """The sequences generated together, each a Row at its own position. A row continues the
-    kept state its prompt extends, feeds the rest on its own, prefill_chunk tokens a step, then
-    joins the decoding rows; when it ends its state is kept for the request that continues it."""
+    """The sequences generated together: a Row continues the kept state its prompt extends,
+    feeds the rest on its own, prefill_chunk tokens a step, then decodes with the others."""
 
     def __init__(self, model, tokenizer, stop, turns=None, state_memory=2e9, prefill_chunk=512,
                  max_prompt_tokens=65536):
@@ -359,8 +357,7 @@ class Batch:
     def pieces(self, length, pending, new):
         """The pieces that feed pending, then new, prefill_chunk tokens at most, to a state that
         ends at length. Past max_position_embeddings dynamic RoPE's base follows the length fed
-        so far: there the pieces are those Chat feeds (the reply's last token, the end of turn,
-        the new text), so that the two agree there too."""
+        so far: there the pieces are Chat's (the reply's last token, the end of turn, the text)."""
         config = self.model.config
         pieces = [pending + new]
         if (config.rope_scaling or {}).get("rope_type") == "dynamic" and \
