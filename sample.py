@@ -42,8 +42,7 @@ class SampleConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     chat: bool = False  # chat with an Instruct model using its chat template
-    chat_state: str = ""  # continue the conversation that /save wrote to this file (implies chat;
-    # without init_from or out_dir, with the model that made it)
+    chat_state: str = ""  # a /save file to continue (implies chat; alone: with the model it names)
 
 
 def model_location(cfg):
