@@ -1,23 +1,7 @@
 """
-The model loaded for a program, and the generation core that sample.py and serve.py stand on:
-they are front ends (settings, printing, the wire format), and what they generate is decided
-here, once. Every state is a DogeCache: at most keep_window_size keys a layer, so a turn costs
-the same however long the conversation.
-
-- Loading: load_model, and load_for_generation (the model with its tokenizer, chat template and
-  stop ids, as a front end needs it); whatever fails is one line.
-- One sequence (generate_reply; sample.py): a loop over model.generate_stream, doge.py's
-  one-call API. It fits one sequence exactly and is its fastest path: on CUDA its cache is
-  static and each decoding step (the model and the sampling) replays one captured CUDA graph;
-  the prompt's forward pass and a chat's end of turn run uncaptured.
-- Many sequences (Batch; serve.py): rows that join and leave, each at its own position, in one
-  ragged cache (doge.join_caches) that doge.decode_step advances by a token a row a step; each
-  prompt is fed on its own, in chunks, through the model's forward pass. On CUDA nothing of it
-  is captured: its shapes change whenever a row joins, leaves or grows past the others.
-- A chat's turn (Turns, Chat): the new message rendered after the text the state holds, the
-  reply, then the template's end of turn after it (the end-of-turn rule: Turns.after_reply).
-- Kept states (States): the state after each reply, least recently used dropped within a byte
-  limit; a request continues the longest one that its rendered text (or its tokens) extends.
+The model loaded for a program, and the generation core that sample.py and serve.py are front
+ends on: what they generate is decided here, once. Every state is a DogeCache of at most
+keep_window_size keys a layer, so a turn costs the same however long the conversation.
 """
 
 import time
@@ -34,14 +18,13 @@ from tokenizer import (Tokenizer, document_start, end_of_turn_text, load_chat_te
                        load_text_tokenizer, render_chat, stop_ids, tokenizer_directory)
 
 # ----------------------------------------------------------------------------------------------
-# Loading
+# Loading: whatever fails is one line (SystemExit)
 
 
 def load_model(init_from, device="cpu", dtype=None, setting="--init_from="):
     """(the model in eval mode, its local path) of init_from: a Hugging Face Doge directory or hub
-    name (fetched: doge.local_model_path), a train.py out_dir (its newest checkpoint) or
-    checkpoint file, on device in dtype (None: as saved). Whatever fails is one line (SystemExit)
-    that names it, after `setting` for a path that is not there."""
+    name (fetched: doge.local_model_path), a train.py out_dir (its newest checkpoint) or checkpoint
+    file, on device in dtype (None: as saved). A path that is not there is named after `setting`."""
     try:
         path = local_model_path(init_from)
     except FileNotFoundError as e:
@@ -66,8 +49,7 @@ class Loaded:
 
 
 def load_for_generation(init_from, device="cpu", dtype=None, setting="--init_from="):
-    """init_from's model (see load_model) with its tokenizer, chat template and stop ids; whatever
-    fails is one line (SystemExit)."""
+    """init_from's model (see load_model) with its tokenizer, chat template and stop ids."""
     model, path = load_model(init_from, device, dtype, setting)
     directory = tokenizer_directory(path)
     try:
@@ -79,7 +61,7 @@ def load_for_generation(init_from, device="cpu", dtype=None, setting="--init_fro
 
 
 # ----------------------------------------------------------------------------------------------
-# One sequence: a prompt, a reply
+# One sequence (sample.py): model.generate_stream, on CUDA one captured CUDA graph a step
 
 
 @dataclass
@@ -110,9 +92,8 @@ def reply_text(tokenizer, tokens, stop):
 
 
 def generate_reply(model, tokenizer, prompt, sampling, stop, cache=None, show=None):
-    """The Reply after the ids prompt (continuing cache, when given, which then holds the prompt
-    and the reply) until a stop token or max_tokens: one sequence, on model.generate_stream.
-    show(id) is called with each id but a stop token, as it comes."""
+    """The Reply after the ids prompt (continuing cache, when given, which then holds both) until
+    a stop token or max_tokens; show(id) sees each id but a stop token as it comes."""
     idx = torch.tensor([prompt], dtype=torch.long, device=model.lm_head.weight.device)
     tokens, start = [], time.perf_counter()
     for token in model.generate_stream(idx, sampling.max_tokens, sampling.temperature,
@@ -123,15 +104,14 @@ def generate_reply(model, tokenizer, prompt, sampling, stop, cache=None, show=No
             break
         if show is not None:
             show(tokens[-1])
-    seconds = time.perf_counter() - start
-    return Reply(reply_text(tokenizer, tokens, stop), tokens, seconds)
+    return Reply(reply_text(tokenizer, tokens, stop), tokens, time.perf_counter() - start)
 
 
 class ReplyText:
     """The text a front end shows of a reply's ids as they come: decoded as whole characters,
     cut before the first of stop_strings (and holding back what could begin one)."""
 
-    def __init__(self, tokenizer, stop_strings):
+    def __init__(self, tokenizer, stop_strings=()):
         self.tokenizer, self.stop_strings = tokenizer, stop_strings
         self.ids, self.sent, self.stopped = [], 0, False
 
@@ -164,36 +144,29 @@ def feed(model, tokens, cache):
 
 
 # ----------------------------------------------------------------------------------------------
-# A chat's turn
+# A chat's turn: the new message's text after what the state holds, the reply, then the
+# template's end of turn (the end-of-turn rule: Turns.after_reply)
 
 
 class Turns:
-    """A chat template as turns over one state. A turn feeds the model only its new text (the
-    template's text for the new message and the assistant header) after the text the state
-    holds; after the reply, the template's end of turn; so the turns together are the template's
-    rendering of the whole conversation. For a template whose rendering of a longer conversation
-    does not extend the shorter one's (end_of_turn None), each turn is the whole conversation."""
+    """A chat template as turns over one state, which together are the template's rendering of
+    the whole conversation. For a template whose rendering of a longer conversation does not
+    extend the shorter one's (end_of_turn None), each turn is the whole conversation."""
 
     def __init__(self, chat_template, tokenizer, stop):
         self.template, self.tokenizer, self.stop = chat_template, tokenizer, stop
         self.end_of_turn = end_of_turn_text(chat_template)
         self.end_ids = tokenizer.encode([self.end_of_turn])[0] if self.end_of_turn else []
 
-    def asking(self, messages):
-        """The text of messages up to where the assistant's answer begins."""
-        return render_chat(self.template, messages)
-
     def held(self, messages):
         """The text of the finished conversation messages: what the state after it holds."""
-        if not messages:
-            return ""
-        return render_chat(self.template, messages, add_generation_prompt=False)
+        return render_chat(self.template, messages, add_generation_prompt=False) if messages else ""
 
     def prompt(self, messages, held):
         """What messages' turn feeds after a state that holds the text held: (its new text,
         True), or (the whole conversation, False: a new state) where the rendering of messages
         does not extend held."""
-        text = self.asking(messages)
+        text = render_chat(self.template, messages)  # up to where the answer begins
         if self.end_of_turn is None or not text.startswith(held):
             return text, False
         return text[len(held):], True
@@ -203,18 +176,15 @@ class Turns:
         return {"role": "assistant", "content": reply_text(self.tokenizer, tokens, self.stop)}
 
     def after_reply(self, tokens):
-        """The ids that follow a reply of ids tokens (its last one included) in the state: the
-        template's end of turn, less its first id when the reply ends with it (the model ended
-        its turn itself)."""
+        """The ids that follow the reply tokens (its last one included) in the state: the end of
+        turn, less its first id when the reply ends with it (the model ended its turn itself)."""
         if tokens and self.end_ids[:1] == tokens[-1:]:
             return self.end_ids[1:]
         return self.end_ids
 
 
 class Chat:
-    """A conversation and the model's state after it (sample.py's chat): each turn feeds only
-    its new text after the state (see Turns), and the state keeps the reply (the tokens
-    generated) and then the template's end of turn."""
+    """A conversation and the model's state after it, turn by turn (sample.py's chat)."""
 
     def __init__(self, model, turns, sampling):
         self.model, self.turns, self.sampling = model, turns, sampling
@@ -240,7 +210,9 @@ class Chat:
 
 
 # ----------------------------------------------------------------------------------------------
-# Kept states: the model's state after a conversation, keyed by the tokens it holds
+# Many sequences (serve.py): rows that join and leave one ragged cache (doge.join_caches), a
+# token a row a step (doge.decode_step); not captured on CUDA: its shapes change with the rows.
+# The state each row leaves is kept (States) for the request that continues it.
 
 
 @dataclass
@@ -252,9 +224,8 @@ class Kept:
 
 
 class States:
-    """Kept states, least recently used first, at most limit bytes. A request continues the
-    longest one whose tokens (held, then pending) begin its own: a chat's by its rendered text,
-    a completion's by its tokens. One thread uses it."""
+    """Kept states, least recently used first, at most limit bytes; a request continues the
+    longest one that its rendered text (a chat) or its tokens extend. One thread uses it."""
 
     def __init__(self, limit):
         self.limit, self.kept, self.bytes = limit, OrderedDict(), 0
@@ -297,10 +268,6 @@ class States:
                 "hits": self.hits, "misses": self.misses}
 
 
-# ----------------------------------------------------------------------------------------------
-# Many sequences: rows that join and leave one batch
-
-
 @dataclass
 class Row:
     """A sequence that a Batch generates: a chat (messages, rendered by the template) or a text
@@ -323,12 +290,8 @@ class Row:
 
 
 class Batch:
-    """The sequences generated together (serve.py's requests in flight). A row that is added
-    continues the kept state its prompt extends, and its prompt is fed on its own,
-    prefill_chunk tokens a step; then it joins the decoding rows: one ragged cache
-    (doge.join_caches), one row per sequence at its own position, one token a row a step
-    (doge.decode_step). A row that ends (a stop token, max_tokens, cancelled) leaves, and its
-    state is kept (States) for the request that continues it."""
+    """The sequences generated together: a Row continues the kept state its prompt extends,
+    feeds the rest on its own, prefill_chunk tokens a step, then decodes with the others."""
 
     def __init__(self, model, tokenizer, stop, turns=None, state_memory=2e9, prefill_chunk=512,
                  max_prompt_tokens=65536):
@@ -349,11 +312,10 @@ class Batch:
         ValueError refuses it (a prompt too long, messages the template cannot render)."""
         if row.messages is not None:
             try:
-                text = self.turns.asking(row.messages)
+                text = render_chat(self.turns.template, row.messages)
             except Exception as e:  # jinja2's errors too: the template refuses these messages
                 raise ValueError(f"the chat template cannot render these messages: {e}") from None
-            found = self.states.continued(text=text) if self.turns.end_of_turn is not None \
-                else None
+            found = None if self.turns.end_of_turn is None else self.states.continued(text=text)
             new = self.tokenizer.encode([text[len(found[1].text):] if found else text])[0]
         else:
             tokens = prompt_ids(self.tokenizer, row.prompt)
@@ -395,8 +357,7 @@ class Batch:
     def pieces(self, length, pending, new):
         """The pieces that feed pending, then new, prefill_chunk tokens at most, to a state that
         ends at length. Past max_position_embeddings dynamic RoPE's base follows the length fed
-        so far: there the pieces are those Chat feeds (the reply's last token, the end of turn,
-        the new text), so that the two agree there too."""
+        so far: there the pieces are Chat's (the reply's last token, the end of turn, the text)."""
         config = self.model.config
         pieces = [pending + new]
         if (config.rope_scaling or {}).get("rope_type") == "dynamic" and \
@@ -432,8 +393,7 @@ class Batch:
 
     def finished(self, row):
         """End row if it is done (a stop token, max_tokens, or cancelled): True."""
-        last = row.generated[-1] if row.generated else None
-        if last in self.stop or row.cancelled:
+        if row.generated[-1] in self.stop or row.cancelled:  # a row here has its first token
             self.end(row, "stop")
         elif len(row.generated) >= row.sampling.max_tokens:
             self.end(row, "length")

@@ -5,25 +5,18 @@ Talk to a Doge: text continuation or chat, from a train.py run or a Hugging Face
     python sample.py --out_dir=out/doge-20m --start="def fib(n):" --num_samples=3
     python sample.py --init_from=models/Doge-20M --start=FILE:prompt.txt --temperature=0
     python sample.py --init_from=models/Doge-20M-Instruct --chat          # interactive
-    python sample.py --init_from=SmallDoge/Doge-20M-Instruct --chat       # fetched from the hub
-    python sample.py --init_from=models/Doge-20M-Instruct --chat --start="Hi, who are you?"
     python sample.py --init_from=models/Doge-20M-Instruct --chat < questions.txt   # piped
     python sample.py --chat_state=talk.pt      # after /save: goes on with the model that made it
 
 Generated text goes to stdout as it is produced; everything else (loading, tokens/s) to stderr.
-The chat keeps the model's state between turns (at most keep_window_size keys per layer), so a
-turn costs the same however long the conversation. The generation and the chat's turns are
-engine.py's, the core serve.py stands on too.
-A Hugging Face directory needs config.json, the weights and tokenizer.json (read with the optional
-`tokenizers` package); a hub name (owner/name[@revision]) that is no local path is fetched into
-the hub's cache with the optional `huggingface_hub` package. Chat needs the model's chat template
-(tokenizer_config.json or chat_template.jinja, rendered with the optional `jinja2` package).
-transformers is not needed.
+The generation and the chat's turns, at constant cost, are engine.py's, the core serve.py stands
+on too. docs/sampling.md tells the rest: hub names, the optional packages, /save, --chat_state.
 """
 
 import os
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -49,8 +42,7 @@ class SampleConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     chat: bool = False  # chat with an Instruct model using its chat template
-    chat_state: str = ""  # continue the conversation that /save wrote to this file (implies chat;
-    # without init_from or out_dir, with the model that made it)
+    chat_state: str = ""  # a /save file to continue (implies chat; alone: with the model it names)
 
 
 def model_location(cfg):
@@ -67,58 +59,50 @@ def model_location(cfg):
     return cfg.out_dir
 
 
-# ----------------------------------------------------------------------------------------------
-# Printing as the reply comes
-
-
-class Printer:
-    """A reply on stdout as it comes, whole characters at a time (engine.ReplyText)."""
-
-    def __init__(self, tokenizer):
-        self.text = ReplyText(tokenizer, [])
+class Printer(ReplyText):
+    """A reply on stdout as it comes, whole characters at a time."""
 
     def show(self, token):
-        sys.stdout.write(self.text.add(token))
+        sys.stdout.write(self.add(token))
         sys.stdout.flush()
 
     def end(self, reply):
         """Print the rest of reply (an engine.Reply) and a newline: "N tokens, R tokens/s"."""
-        sys.stdout.write(self.text.rest() + "\n")
+        sys.stdout.write(self.rest() + "\n")
         sys.stdout.flush()
         count = len(reply.tokens)
         return f"{count} tokens, {count / max(reply.seconds, 1e-9):.1f} tokens/s"
 
 
-# ----------------------------------------------------------------------------------------------
-# Chat
-
-
 class SavedChat(Chat):
-    """engine.Chat (a conversation and the model's state after it) that /save writes to a file
-    and --chat_state reads back, with the model that made it."""
+    """engine.Chat that /save writes to a file and --chat_state reads back, with its model."""
 
     def __init__(self, model, turns, sampling, model_path):
         super().__init__(model, turns, sampling)
         self.model_path = model_path  # the model as given: --init_from, else out_dir
-        self.fingerprint = None  # of the model, once a save or load needs it
 
+    @cached_property
     def model_record(self):
-        """What made the conversation: the model as given and its fingerprint
-        (doge.model_fingerprint), computed once."""
-        if self.fingerprint is None:
-            self.fingerprint = model_fingerprint(self.model)
-        return {"path": self.model_path, "fingerprint": self.fingerprint}
+        """What made the conversation: the model as given and its fingerprint, once needed."""
+        return {"path": self.model_path, "fingerprint": model_fingerprint(self.model)}
 
     def save(self, path):
-        """The conversation (messages and state) and the model that made it, as one file,
-        written atomically."""
+        """/save FILE: the conversation (messages and state) and the model that made it, as one
+        file; a bad name costs a line on stderr, not the conversation."""
+        if not path:
+            log("/save needs a file name: /save FILE")
+            return
         saved = {"messages": self.messages, "state": self.cache.state_dict(),
-                 "model": self.model_record()}
-        atomic_write(path, lambda temp_path: torch.save(saved, temp_path))
+                 "model": self.model_record}
+        try:
+            atomic_write(path, lambda temp_path: torch.save(saved, temp_path))
+            log(f"(conversation saved to {path})")
+        except OSError as e:
+            log(f"/save {path}: {e.strerror}")
 
     def load(self, path):
         """Continue the conversation that save wrote to path, if this model made it."""
-        saved, ours = read_chat_state(path), self.model_record()
+        saved, ours = read_chat_state(path), self.model_record
         theirs = saved.get("model", ours)  # a file from before the record: the shape decides
         if theirs["fingerprint"] != ours["fingerprint"]:
             made_by = f"{theirs['path']} (fingerprint {theirs['fingerprint']})"
@@ -178,19 +162,6 @@ def answer(chat, question):
         f"{size_text(chat.cache.state_bytes())}]")
 
 
-def save(chat, path):
-    """/save FILE: a bad name costs a line on stderr, not the conversation."""
-    if not path:
-        log("/save needs a file name: /save FILE")
-        return
-    try:
-        chat.save(path)
-    except OSError as e:
-        log(f"/save {path}: {e.strerror}")
-        return
-    log(f"(conversation saved to {path})")
-
-
 def chat_loop(chat, cfg):
     """One answer to --start, or a conversation from user_lines. An empty line is no message."""
     if cfg.start:
@@ -204,7 +175,7 @@ def chat_loop(chat, cfg):
             chat.reset()
             log("(conversation cleared)")
         elif command == "/save":
-            save(chat, argument.strip())
+            chat.save(argument.strip())
         elif line.lstrip().startswith("//"):  # a message that starts with /
             answer(chat, line.lstrip()[1:])
         elif command.startswith("/"):
@@ -260,8 +231,7 @@ def start_chat(loaded, sampling, cfg):
     """The conversation: a new one, or --chat_state's."""
     if loaded.chat_template is None:
         raise SystemExit(f"error: {loaded.directory} has no chat template (tokenizer_config.json "
-                         f"'chat_template' or chat_template.jinja): --chat needs an Instruct "
-                         f"model")
+                         f"'chat_template' or chat_template.jinja): --chat needs an Instruct model")
     turns = Turns(loaded.chat_template, loaded.tokenizer, loaded.stop)
     if turns.end_of_turn is None:
         log("chat template: a longer conversation's text does not extend a shorter one's, "

@@ -5,11 +5,9 @@ An OpenAI-compatible server for a Doge: each conversation continues from its fix
     python serve.py --init_from=SmallDoge/Doge-20M-Instruct --port=8000 --api_key=secret
 
 Routes: POST /v1/chat/completions and POST /v1/completions (streamed as server-sent events, or
-not), GET /v1/models, GET /health (the state cache's figures). The API is stateless: a client
-sends the whole conversation every turn; the server keeps each conversation's state, at most
-keep_window_size keys a layer, so that turn 200 costs what turn 2 costs, and decodes the
-requests in flight together (engine.Batch: the generation, the chat's turns and the kept
-states). See docs/serving.md. Needs the optional fastapi and uvicorn packages.
+not), GET /v1/models, GET /health. A client sends the whole conversation every turn; the server
+continues the state it kept, so turn 200 costs what turn 2 costs, and decodes the requests in
+flight together (engine.Batch). docs/serving.md tells the rest. Needs fastapi and uvicorn.
 """
 
 import asyncio
@@ -60,9 +58,7 @@ class ServeConfig:
 
 
 class Engine:
-    """The thread that owns the model: it takes the queued requests while the batch (an
-    engine.Batch: the decoding, the chats' turns, the kept states) has room, and runs the batch
-    a step at a time."""
+    """Adds queued requests to an engine.Batch while it has room, and runs it a step at a time."""
 
     def __init__(self, batch, max_batch):
         self.batch, self.max_batch, self.states = batch, max_batch, batch.states
@@ -94,8 +90,7 @@ class Engine:
         self.thread.join()
 
     def run(self):
-        """Add queued requests to the batch while it has room (waiting for one only when it has
-        none) and run it a step at a time, until closed."""
+        """Until closed (waiting for a request only when the batch has none)."""
         while True:
             try:
                 while len(self.batch) < self.max_batch:
@@ -183,8 +178,7 @@ def make_app(cfg, loaded):
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, "states": engine.states.figures(),
-                "requests": {"in_flight": engine.in_flight(),
-                             "decoding": len(engine.batch.rows)}}
+                "requests": {"in_flight": engine.in_flight(), "decoding": len(engine.batch.rows)}}
 
     @app.get("/v1/models")
     async def models():
