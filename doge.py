@@ -1,11 +1,9 @@
 """
 Doge: a small language model with Dynamic Mask Attention and Cross-Domain Mixture of Experts.
 
-This one file is the whole model, written to be read top to bottom, in three parts: part 1 is
-what the model computes (a reader who stops there has read the whole architecture, DMAttn's
-definition as plain code included), part 2 computes the same faster (the attention paths, the
-chunked loss, the decoding caches, CUDA graphs), part 3 is checkpoints and the plumbing of
-generation. Doge is a decoder-only transformer that differs from a GPT in three places:
+The whole model in one file, read top to bottom: part 1 what it computes, part 2 the same
+faster, part 3 checkpoints and the plumbing of generation. Doge is a decoder-only transformer that
+differs from a GPT in three places:
 
 1. Learnable residuals. Each block scales its residual stream by a learned vector before adding
    the sublayer output: h = input_residual * h + attn(norm(h)), and the same around the MLP.
@@ -50,17 +48,12 @@ from common import atomic_write, atomic_write_text  # files written whole or not
 # ==============================================================================================
 # PART 1 - THE MODEL: what it computes. Config, RMSNorm, RoPE, Dynamic Mask Attention (its
 # definition as plain code first), the MLP and CDMoE, the block, the language model and the
-# sequence classifier. A reader who stops at the end of this part has read the whole
-# architecture; parts 2 and 3 compute the same things faster and move them in and out of files.
+# sequence classifier: a reader who stops at the end of this part has the whole architecture.
 # ==============================================================================================
 
 
 # ----------------------------------------------------------------------------------------------
 # Config
-
-
-def default_rope_scaling():
-    return {"rope_type": "dynamic", "factor": 4.0}
 
 
 @dataclass
@@ -79,7 +72,8 @@ class DogeConfig:
     tie_word_embeddings: bool = True  # lm_head shares embed_tokens' weight
     max_position_embeddings: int = 2048  # dynamic RoPE starts stretching past this length
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = field(default_factory=default_rope_scaling)  # None or dynamic NTK
+    rope_scaling: dict | None = field(  # None, or dynamic NTK
+        default_factory=lambda: {"rope_type": "dynamic", "factor": 4.0})
     keep_window_size: int = 2048  # W: each query attends to at most this many keys
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -115,7 +109,8 @@ class DogeConfig:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "dynamic"):
-            raise ValueError(f"rope_type {rope_type!r} is not supported (use 'default' or 'dynamic')")
+            raise ValueError(f"rope_type {rope_type!r} is not supported "
+                             f"(use 'default' or 'dynamic')")
         if self.is_moe:
             if math.isqrt(self.num_experts) ** 2 != self.num_experts:
                 raise ValueError(f"num_experts {self.num_experts} must be a perfect square")
@@ -313,15 +308,14 @@ class DynamicMaskAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def qk_norm_weight(self):
-        """The per-head RMSNorm weights of the stacked heads (H + Hkv, d), or None (older layout)."""
+        """The stacked heads' per-head RMSNorm weights (H + Hkv, d), or None (older layout)."""
         if not hasattr(self, "q_norm"):
             return None
         return torch.cat((self.q_norm.weight.expand(self.heads, -1),
                           self.k_norm.weight.expand(self.kv_heads, -1)))
 
     def dynamic_bias(self, dt_logits):
-        """The dynamic mask's bias of each key, dt = exp(A * softplus(dt_proj(v))): a
-        zero-order-hold step size per bias head, from dt_proj's output (..., Hb)."""
+        """Each key's bias dt (..., Hb) from dt_proj's output: a zero-order-hold step size."""
         return torch.exp(self.A * F.softplus(dt_logits))
 
     def to_bias_heads(self, keys):
@@ -380,7 +374,8 @@ class CDMoE(MLP):
         col_scores, cols = scores[:, 1].topk(per_axis, dim=-1)
         pair_scores = (row_scores.unsqueeze(-1) + col_scores.unsqueeze(-2)).flatten(1)  # (N, k*k)
         top_scores, pairs = pair_scores.topk(self.top_k, dim=-1)  # (N, top_k)
-        experts = rows.gather(1, pairs // per_axis) * self.num_keys + cols.gather(1, pairs % per_axis)
+        experts = (rows.gather(1, pairs // per_axis) * self.num_keys
+                   + cols.gather(1, pairs % per_axis))  # (N, top_k)
         weights = top_scores.softmax(dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -459,11 +454,11 @@ class Doge(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """
-        | tensor                                             | init                         |
-        |----------------------------------------------------|------------------------------|
-        | every nn.Linear weight, embed_tokens, down/up_embed | normal(0, initializer_range) |
-        | every bias, A                                      | zeros (A = 0: dt = 1, no mask preference) |
-        | RMSNorm weights, input/post_attention_residual     | ones                         |
+        | tensor                                              | init                            |
+        |-----------------------------------------------------|---------------------------------|
+        | every nn.Linear weight, embed_tokens, down/up_embed | normal(0, initializer_range)    |
+        | every bias, A                                       | zeros (A = 0: all keys' dt = 1) |
+        | RMSNorm weights, input/post_attention_residual      | ones                            |
         """
         std = self.config.initializer_range
         for module in self.modules():
@@ -502,7 +497,8 @@ class Doge(nn.Module):
         """The final normalised hidden states (B, T, D) of tokens idx (B, T), which continue the
         cached sequence when a cache is given."""
         if idx.dim() != 2 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be a (B, T) int64 tensor, got {tuple(idx.shape)} {idx.dtype}")
+            raise ValueError(f"idx must be a (B, T) int64 tensor, got {tuple(idx.shape)} "
+                             f"{idx.dtype}")
         start = cache.length if cache is not None else 0
         x = self.embed_tokens(idx)  # (B, T, D)
         positions = torch.arange(start, start + idx.shape[1], device=idx.device)
@@ -525,7 +521,8 @@ class Doge(nn.Module):
         if targets is None:
             return self.lm_head(hidden), None
         if targets.shape != idx.shape:
-            raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+            raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape "
+                             f"{tuple(idx.shape)}")
         loss, logits = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight,
                                             targets.flatten(), keep_logits)
         if router_stats:
@@ -542,17 +539,16 @@ class Doge(nn.Module):
         return load_pretrained(path, device, dtype)
 
     def save_pretrained(self, path, tokenizer_dir=None):
-        """Write a Hugging Face format directory that transformers loads (same layout as ours)
-        and the hub takes: the tokenizer of tokenizer_dir (e.g. a train.py out_dir) when given,
-        and a model card from that run's records (see the module function save_pretrained)."""
+        """Write a Hugging Face format directory that transformers loads and the hub takes (see
+        the module function save_pretrained)."""
         save_pretrained(self, path, tokenizer_dir)
 
     # ------------------------------------------------------------------------------------------
     # Scoring and generation: the work is done in parts 2 and 3
 
     def loglikelihoods(self, requests, batch_size=32):
-        """The summed log-probability of each request's (context_ids, continuation_ids)
-        continuation after its context, floats in request order (see loglikelihoods, part 3)."""
+        """Each (context_ids, continuation_ids) request's summed log-probability of its
+        continuation after its context (see loglikelihoods, part 3)."""
         return loglikelihoods(self, requests, batch_size)
 
     def new_cache(self, batch_size=1):
@@ -671,9 +667,8 @@ class DogeForSequenceClassification(nn.Module):
 
 
 # ==============================================================================================
-# PART 2 - MAKING IT FAST: the attention paths, the chunked loss, the decoding caches, the fused
-# decoding step and CUDA graph capture. Each computes exactly what part 1 defines, and each
-# section opens with where it wins and the bench.py case that shows it.
+# PART 2 - MAKING IT FAST: attention paths, the chunked loss, decoding caches, the fused step and
+# CUDA graphs. Each computes exactly what part 1 defines; each section says where it wins.
 # ==============================================================================================
 
 
@@ -682,14 +677,12 @@ class DogeForSequenceClassification(nn.Module):
 #
 # Every attention path below computes attention_by_definition (part 1). They differ only in cost:
 #   short    T <= W, no cache: one fused causal SDPA, the bias folded into q and k.
-#   blocked  anything longer on CPU, or appending to a cache: queries in blocks; a block's
-#            candidates are the best W keys before it (the "state") plus its own keys. Memory
-#            O(T * W).
-#   lifetime T > W on CUDA, no cache: one FlexAttention call whose mask is each key's lifetime
-#            (key_lifetimes), with the bias as a score_mod. Memory O(T) a head.
-#   decode   generate's one-token step (decode_step): the new key takes a free slot of the
-#            cache or, once W are kept, the slot of the worst key, in place. On CUDA the cache
-#            is static (fixed shapes) and the whole step replays as a CUDA graph.
+#   blocked  longer on CPU, or appending to a cache: blocks of queries, each over the best W keys
+#            before it (the "state") and its own. Memory O(T * W).
+#   lifetime T > W on CUDA, no cache: one FlexAttention call masked by each key's lifetime, the
+#            bias a score_mod. Memory O(T) a head.
+#   decode   generate's one-token step (decode_step): the new key takes a free slot or the worst
+#            key's, in place; on CUDA the cache is static and the step replays as a CUDA graph.
 
 
 def attend(q, k, v, dt, keep_window_size, scale, cache=None, start=0):
@@ -707,8 +700,7 @@ def attend(q, k, v, dt, keep_window_size, scale, cache=None, start=0):
 
 
 def product_dtype(tensor):
-    """The dtype tensor's products run in: autocast's when it is on for tensor's device, else
-    tensor's own."""
+    """The dtype tensor's products run in: autocast's when it is on for its device, else its own."""
     device = tensor.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
@@ -830,7 +822,6 @@ def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
 
 def attend_block(q, k, v, dt, positions, state, keep_window_size, scale):
     """Queries at `positions` attend to the cached state plus their own keys.
-
     q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T); positions (T,);
     state: (k, v, dt, pos) of the best <= W earlier keys, shapes (B, Hb, n, ...).
     Returns out (B, H, T, d) and the new state: the best W of state and block together."""
@@ -866,7 +857,7 @@ def attend_block(q, k, v, dt, positions, state, keep_window_size, scale):
 
 def uses_lifetime_path(device):
     """Whether attention past the window without a cache takes the lifetime path: on CUDA, where
-    one masked call runs faster than many small blocks. On CPU the blocks are faster."""
+    one masked call beats many small blocks (on CPU the blocks win)."""
     return torch.device(device).type == "cuda"
 
 
@@ -941,15 +932,13 @@ def attend_lifetimes(q, k, v, dt, keep_window_size, scale, flex_attention=None):
 # ----------------------------------------------------------------------------------------------
 # Chunked loss: wins at a large vocabulary (bench.py --cases=train; gpu_train_b16 in --cases=gpu)
 #
-# The output projection and cross-entropy, a chunk of rows at a time. At vocabulary 32768 the
-# logits dominate a small model's activations: (B*T, V) floats, then a log-softmax copy, then a
-# gradient of the same size. Here each chunk of rows goes through logits -> loss ->
-# d(loss)/d(logits) -> gradients of hidden and weight before the next chunk, so no full-size
-# logits gradient ever exists (and full logits only when asked for).
+# The output projection and cross-entropy, a chunk of rows at a time: at vocabulary 32768 the
+# logits, their log-softmax and their gradient, (B*T, V) floats each, dominate a small model's
+# activations. Each chunk goes logits -> loss -> d(loss)/d(logits) -> gradients of hidden and
+# weight before the next, so no full-size logits gradient exists (full logits only if asked).
 
 
-# logits per chunk: 64 MB of float32. Smaller chunks make less efficient products.
-LOSS_CHUNK_ELEMENTS = 2 ** 24
+LOSS_CHUNK_ELEMENTS = 2 ** 24  # logits per chunk: 64 MB of float32 (smaller: slower products)
 
 
 def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
@@ -962,8 +951,7 @@ def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
     safe_targets = targets.clamp(min=0)
     chunk = max(1, LOSS_CHUNK_ELEMENTS // vocab)
     # The products write into tensors kept across chunks (out=, addmm_): on CPU a fresh 64 MB
-    # tensor per chunk costs page faults. Autocast skips such calls, so the products' dtype is
-    # chosen here: autocast's when it is on, else hidden's.
+    # tensor per chunk costs page faults. Autocast skips such calls: product_dtype says theirs.
     dtype = product_dtype(hidden)
     product_weight = weight.to(dtype)  # (V, D)
     logits_buffer = hidden.new_empty(min(chunk, rows), vocab, dtype=dtype)
@@ -1006,18 +994,15 @@ def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
 
 
 # On CUDA the loss runs chunks of about this many logits (8192 rows at V=32768) through one
-# compiled function (loss_chunk): a CPU-style loop of small kernels per chunk is launch-bound on
-# a GPU; compiled, inductor fuses the log-sum-exp and the gradient into a few kernels that keep
-# the chunk's logits in the products' dtype (no float32 copy).
+# compiled loss_chunk: a loop of small kernels is launch-bound on a GPU, while inductor fuses the
+# log-sum-exp and the gradient into a few kernels on logits in the products' dtype (no float32).
 COMPILED_LOSS_CHUNK_ELEMENTS = 2 ** 28
 
 
 def loss_chunk(h, weight, targets, row_scale, keep_logits, compute_grads):
-    """One chunk of the loss, written for torch.compile. h (n, D) and weight (V, D) in the
-    products' dtype; targets (n,), none -1; row_scale (n,) float32: 1 / count for a supervised
-    row, 0 for an ignored one. Returns the chunk's share of the mean loss, its logits (n, V) or
-    None, and the gradients of the mean loss wrt h (n, D, products' dtype) and wrt weight (V, D,
-    float32), or None, None."""
+    """One chunk of cross_entropy_chunks, written for torch.compile: the same results, the
+    gradient wrt h in the products' dtype, wrt weight in float32. h (n, D) and weight (V, D) in
+    the products' dtype; targets (n,), none -1; row_scale (n,): 1 / count, or 0 (ignored row)."""
     logits = h @ weight.t()  # (n, V)
     logits32 = logits.float()
     log_norm = logits32.logsumexp(dim=-1)  # (n,)
@@ -1035,9 +1020,8 @@ def loss_chunk(h, weight, targets, row_scale, keep_logits, compute_grads):
 
 @functools.cache
 def compiled_loss_chunk():
-    """loss_chunk compiled, once per process (compiling is deferred to the first CUDA loss).
-    Whatever train.py's compile setting; TORCHDYNAMO_DISABLE=1 runs it uncompiled (a GPU that
-    triton does not support)."""
+    """loss_chunk compiled, once per process, at the first CUDA loss, whatever train.py's compile
+    setting; TORCHDYNAMO_DISABLE=1 runs it uncompiled (a GPU that triton does not support)."""
     return torch.compile(loss_chunk)
 
 
@@ -1138,13 +1122,12 @@ FIRST_CACHE_SLOTS = 64  # a cache's slots at first; it doubles them as it fills,
 
 class LayerCache:
     """The best <= W keys (with values, dt and positions) one attention layer has seen, one row
-    per (sequence, bias head).
+    per (sequence, bias head); values transposed, one row per channel, for attend_cached.
 
     Buffers hold S + 1 slots; slot S is a discard slot, so a decode step writes unconditionally:
     into the next free slot, into the slot of the key it evicts, or (when the new key is itself
     the worst) into the discard slot, which attention never reads. S starts small and doubles
-    as keys come, up to W: a short text's state costs what it holds, not the window. Values are
-    kept transposed, one row per channel, for attend_cached.
+    as keys come, up to W: a short text's state costs what it holds, not the window.
 
     A static cache (for a CUDA graph) gives a decode step the same shapes every time: attention
     reads all W slots, the empty ones holding dt = -inf (weight 0) and position -1, so the
@@ -1192,9 +1175,8 @@ class LayerCache:
         self.dt[:, :slots], self.pos[:, :slots] = old[2][:, :slots], old[3][:, :slots]
 
     def kept(self):
-        """The cached keys (R, n, d), values transposed (R, d, n) and dt (R, n), as attend_cached
-        takes them: views, no copies (a static cache: all W slots; a ragged one: the slots of
-        its longest row)."""
+        """The cached keys (R, n, d), values transposed (R, d, n) and dt (R, n) for attend_cached:
+        views (a static cache: all W slots; a ragged one: the slots of its longest row)."""
         size = self.window if self.static else self.size
         return self.k[:, :size], self.values_t[..., :size], self.dt[:, :size]
 
@@ -1245,17 +1227,10 @@ class LayerCache:
         self.pos.scatter_(1, slot, position)
 
 
-def cache_shape(config):
-    """What a cache's tensors depend on: two models that agree on these can share a state."""
-    return {"num_hidden_layers": config.num_hidden_layers, "bias_heads": config.bias_heads,
-            "head_dim": config.head_dim, "keep_window_size": config.keep_window_size}
-
-
 class DogeCache:
     """Everything generation keeps between steps: one LayerCache per layer and the length so far
-    (the position the next token takes). It is the whole state of a sequence: at most W keys a
-    layer, so its size stops growing once the window is full. Model.new_cache makes one,
-    generate continues it, save writes it and Model.load_cache reads it back.
+    (the position the next token takes): the whole state of a sequence, at most W keys a layer.
+    Model.new_cache makes one, generate continues it, save writes it, Model.load_cache reads it.
 
     A static cache (see LayerCache) also counts the length on the device, in `position`, which
     its decode steps read and advance (a replayed CUDA graph runs no Python: `length` falls
@@ -1270,7 +1245,10 @@ class DogeCache:
 
     @torch.inference_mode(False)
     def __init__(self, config, batch, device, dtype, static=False, ragged=False):
-        self.shape = cache_shape(config)
+        # what the tensors depend on: two models that agree on these can share a state
+        self.shape = {"num_hidden_layers": config.num_hidden_layers,
+                      "bias_heads": config.bias_heads, "head_dim": config.head_dim,
+                      "keep_window_size": config.keep_window_size}
         self.batch = batch
         self.length = 0
         self.static = static
@@ -1303,8 +1281,7 @@ class DogeCache:
     def state_dict(self, row=None):
         """The state as plain CPU tensors (copies): the kept keys, values, dt and positions of
         every layer, each (layers, B, Hb, n, ...) with n = min(W, length), the length and the
-        model shape. row: that sequence alone, as a cache of one sequence holding it would
-        give (a ragged cache's rows are at different lengths)."""
+        model shape. row: that sequence alone, as a cache of it alone would give."""
         self.catch_up()
         rows = slice(None) if row is None else slice(row, row + 1)
         length = self.length if row is None else self.row_length(row)
@@ -1351,10 +1328,10 @@ class DogeCache:
 
 
 def join_caches(model, sequences):
-    """A ragged cache whose rows continue the given sequences, each at its own length, so that
-    decode_step decodes them together (serve.py's batch of conversations). sequences: (cache,
-    row) pairs, a cache of one sequence (row 0) or a row of another ragged cache; each is copied
-    once. state_dict(row) takes a row back out."""
+    """A ragged cache whose rows continue the given sequences, each at its own length, for
+    decode_step to decode together (serve.py's batch). sequences: (cache, row) pairs, a cache of
+    one sequence (row 0) or a row of another ragged cache, each copied once. state_dict(row)
+    takes a row back out."""
     weight = model.lm_head.weight
     joined = DogeCache(model.config, len(sequences), weight.device, weight.dtype, ragged=True)
     lengths = []
@@ -1457,9 +1434,8 @@ def decode_step(model, token, cache, step_weights):
 
 def rope_matrix(cos, sin):
     """apply_rope at one position as a (d, d) matrix R, x @ R == apply_rope(x, cos, sin), from
-    that position's cos and sin (d,): R[j, j] = cos[j] and R[(j + d/2) % d, j] = sin[j]. Decoding
-    builds it once per step and rotates every layer's queries and keys with one product.
-    cos, sin (1, d) give one R (d, d); (B, d), rows at different positions, one R per row."""
+    its cos and sin (1, d): R[j, j] = cos[j] and R[(j + d/2) % d, j] = sin[j]; from (B, d), rows
+    at different positions, one R per row. Built once per step for every layer's q and k."""
     rotation = torch.diag_embed(cos) + torch.diag_embed(sin).roll(cos.shape[-1] // 2, dims=-2)
     return rotation[0] if rotation.shape[0] == 1 else rotation  # (d, d) or (B, d, d)
 
@@ -1482,8 +1458,7 @@ def fuse_linears(linears, norm_weight=None):
     return matrix.contiguous(), None if biases[0] is None else torch.cat(biases)
 
 
-def fused_linear(x, matrix, bias):
-    """x (B, in) @ matrix (in, out) + bias, as one operation."""
+def fused_linear(x, matrix, bias):  # x (B, in) @ matrix (in, out) + bias, one operation
     return x @ matrix if bias is None else torch.addmm(bias, x, matrix)
 
 
@@ -1501,7 +1476,7 @@ def output_logits(h, output_blocks, vocab_size):
 
 def uses_static_decoding(device):
     """Whether generation decodes with a static cache and a captured step: on CUDA, where a step
-    of a small model is launch-bound. On CPU the step reads only the filled part of the cache."""
+    is launch-bound (on CPU it reads only the filled part of the cache)."""
     return torch.device(device).type == "cuda"
 
 
@@ -1595,8 +1570,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
         raise ValueError(f"idx {tuple(idx.shape)} must continue the cache's {cache.batch} "
                          f"sequences with at least one token each")
     if not continued:
-        cache = DogeCache(model.config, batch, idx.device, model.lm_head.weight.dtype,
-                          static=uses_static_decoding(idx.device))
+        cache = model.new_cache(batch)
     finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
     seen = None  # (B, V): which tokens the repetition penalty applies to
     if repetition_penalty != 1.0:
@@ -1749,13 +1723,12 @@ def config_json(config):
 
 
 def hf_name(name):
-    """Our parameter name -> the checkpoint's (the body's tensors sit under "model.", the heads
-    lm_head and score do not)."""
+    """Our parameter name -> the checkpoint's: the body's tensors sit under "model."."""
     return name if name.startswith(("lm_head.", "score.")) else "model." + name
 
 
 def read_weights(path):
-    """All tensors of a model directory: model.safetensors (possibly sharded) or pytorch_model.bin."""
+    """All tensors of a model directory: model.safetensors (maybe sharded) or pytorch_model.bin."""
     safetensors_path = os.path.join(path, "model.safetensors")
     index_path = os.path.join(path, "model.safetensors.index.json")
     bin_path = os.path.join(path, "pytorch_model.bin")
@@ -1787,8 +1760,7 @@ def latest_checkpoint(out_dir):
 
 
 def read_checkpoint(path):
-    """A train.py checkpoint as saved; ValueError in one line if it cannot be read (truncated,
-    empty, damaged) or is not one."""
+    """A train.py checkpoint as saved; a one-line ValueError if it is damaged or not one."""
     checkpoint, problem = checkpoint_or_problem(path)
     if problem:
         raise ValueError(f"{path}: {problem}")
@@ -1850,7 +1822,7 @@ HUB_NAME = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"
 
 # what a Doge needs of a hub repository: safetensors weights (one file, or shards and their index)
 # or else pytorch_model.bin, never both; not its remote code, training state or other formats; and
-# the tokenizer's files (tokenizer.py's TOKENIZER_FILES, named here: doge.py imports nothing of ours)
+# the tokenizer's files (tokenizer.py's TOKENIZER_FILES: doge.py imports nothing of ours)
 HUB_FILES = ("config.json", "generation_config.json", "model.safetensors",
              "model.safetensors.index.json", "model-*-of-*.safetensors", "tokenizer.json",
              "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
@@ -1859,12 +1831,13 @@ HUB_FILES = ("config.json", "generation_config.json", "model.safetensors",
 def local_model_path(path):
     """path itself when it exists; else a hub name, whose files a Doge needs are fetched with the
     optional huggingface_hub package into its usual cache (or found there, offline): the local
-    directory of that snapshot. A name that can only be a local path (looks_local) is never sent
-    to the hub. Anything else is a FileNotFoundError of one line."""
+    directory of that snapshot. Anything else is a FileNotFoundError of one line."""
     path = os.fspath(path)
     if os.path.exists(os.path.expanduser(path)):
         return os.path.expanduser(path)
-    if looks_local(path):  # a typo of a local path is no hub name: say what is there instead
+    # a name that can only be a local path (./, /, ~, out/...): never sent to the hub, and a typo
+    # of one is told what is there instead
+    if path.startswith((".", "/", "~")) or os.path.isdir(path.split("/")[0]):
         raise FileNotFoundError(f"{path}: no such file or directory{nearest_names(path)}")
     hub = HUB_NAME.fullmatch(path)
     if hub is None or re.search(r"\.\.|--|[.-]$", hub["repo"]):
@@ -1874,12 +1847,6 @@ def local_model_path(path):
     if not any(name.endswith(".safetensors") for name in os.listdir(directory)):
         directory = hub_snapshot(hub["repo"], hub["revision"], ("pytorch_model.bin",))
     return directory
-
-
-def looks_local(path):
-    """Whether path can only mean a local one: it starts with '.', '/' or '~', or its first part
-    is a directory here (out/..., data/...)."""
-    return path.startswith((".", "/", "~")) or os.path.isdir(path.split("/")[0])
 
 
 def nearest_names(path):
@@ -1946,7 +1913,8 @@ def read_hf_directory(path):
     layout = {"num_key_value_heads": kv_heads,
               "qk_norm": "layers.0.self_attn.q_norm.weight" in weights,
               "dt_per_query_head": first_A is not None and first_A.numel() == heads != kv_heads,
-              "tie_word_embeddings": raw.get("tie_word_embeddings", "lm_head.weight" not in weights)}
+              "tie_word_embeddings": raw.get("tie_word_embeddings",
+                                             "lm_head.weight" not in weights)}
     return raw, DogeConfig.from_dict({**raw, **layout}), weights
 
 
@@ -1968,8 +1936,7 @@ def load_weights(model, weights, path, fresh=()):
 
 
 def load_pretrained(path, device="cpu", dtype=None):
-    """A Hugging Face directory or hub name, a train.py checkpoint file, or an out_dir (its
-    newest one)."""
+    """Doge.from_pretrained."""
     path = local_model_path(path)
     checkpoint_path, checkpoint = train_checkpoint(path)
     if checkpoint_path:
@@ -1984,8 +1951,7 @@ def load_pretrained(path, device="cpu", dtype=None):
 
 
 def load_classifier(path, num_labels=2, id2label=None, device="cpu", dtype=None):
-    """A DogeForSequenceClassification from a directory of one (its labels from config.json), or
-    from a causal LM's weights with a fresh score head (see its from_pretrained)."""
+    """DogeForSequenceClassification.from_pretrained."""
     path = local_model_path(path)
     checkpoint_path, checkpoint = train_checkpoint(path)
     if checkpoint_path:
