@@ -9,11 +9,10 @@ differs from a GPT in three places:
    the sublayer output: h = input_residual * h + attn(norm(h)), and the same around the MLP.
 2. Dynamic Mask Attention (DMAttn). Every key gets an additive bias computed from its *value*
    vector, dt = exp(A * softplus(dt_proj(v))), the same for every query (a zero-order-hold step
-   of a state space model, read as an attention bias). When a query sees more than
-   keep_window_size keys, it keeps only the keep_window_size keys with the largest bias. Because
-   the bias does not depend on the query, the kept sets are nested as the sequence grows, so
-   generation needs at most keep_window_size cached keys per layer: constant memory and time
-   per token, like a state space model, with the quality of attention.
+   of a state space model, read as an attention bias). A query that sees more than
+   keep_window_size (W) keys keeps only the W with the largest bias. The bias does not depend on
+   the query, so the kept sets are nested as the sequence grows, and generation needs at most W
+   cached keys per layer: constant memory and time per token, with the quality of attention.
 3. Cross-Domain Mixture of Experts (CDMoE, optional). A dense SwiGLU "shared expert" plus many
    tiny experts (one down vector and one up vector each), chosen per token by product-key
    routing. A dense checkpoint upcycles into a CDMoE one without changing its function.
@@ -22,10 +21,9 @@ Papers: "Wonderful Matrices" (Shi et al., 2024, the Doge architecture), "Trainab
 Sparse Attention" (DMAttn), Mixture of a Million Experts / product keys (He 2024, Lample et al.
 2019), Switch Transformers (the load-balancing loss), WSD schedules (Hu et al., MiniCPM).
 
-The reference implementation is `DogeForCausalLM` in Hugging Face transformers; parameter names
-here follow its checkpoints, so loading and saving are a rename plus shape checks. Two things
-differ on purpose: ties in the top-keep_window_size choice are broken deterministically (larger
-bias first, then the later key), and CDMoE routes each token by its own router scores.
+The reference is transformers' `DogeForCausalLM`; our names follow its checkpoints (loading and
+saving are a rename plus shape checks). On purpose, top-W ties break deterministically (larger
+bias, then the later key), and CDMoE routes each token by its own router scores.
 """
 
 import difflib
@@ -548,7 +546,7 @@ class Doge(nn.Module):
 
     def loglikelihoods(self, requests, batch_size=32):
         """Each (context_ids, continuation_ids) request's summed log-probability of its
-        continuation after its context (see loglikelihoods, part 3)."""
+        continuation after its context, floats in request order (see loglikelihoods, part 3)."""
         return loglikelihoods(self, requests, batch_size)
 
     def new_cache(self, batch_size=1):
@@ -667,8 +665,7 @@ class DogeForSequenceClassification(nn.Module):
 
 
 # ==============================================================================================
-# PART 2 - MAKING IT FAST: attention paths, the chunked loss, decoding caches, the fused step and
-# CUDA graphs. Each computes exactly what part 1 defines; each section says where it wins.
+# PART 2 - MAKING IT FAST: each section computes exactly what part 1 defines, and where it wins.
 # ==============================================================================================
 
 
@@ -706,9 +703,8 @@ def product_dtype(tensor):
 
 
 def in_product_dtype(*tensors):
-    """The tensors in the dtype their products run in (product_dtype of the first). Under
-    autocast SDPA would cast its inputs anyway: casting first is exact and moves fewer bytes
-    through the folding (and FlexAttention, not autocast's, needs one dtype)."""
+    """The tensors in product_dtype of the first: under autocast SDPA would cast them anyway, and
+    first is exact with fewer bytes to fold (and FlexAttention, not autocast's, needs one dtype)."""
     dtype = product_dtype(tensors[0])
     return tuple(t.to(dtype) for t in tensors)
 
@@ -718,8 +714,7 @@ def in_product_dtype(*tensors):
 
 
 def rank_keys(dt, positions):
-    """Order keys best first: larger dt first, the later position first among equal dt.
-    dt, positions: (B, Hb, C). Returns the permutation (B, Hb, C)."""
+    """The permutation (B, Hb, C) that puts keys best first (better_than), of dt, positions."""
     latest_first = positions.argsort(dim=-1, descending=True)
     by_dt = dt.gather(-1, latest_first).argsort(dim=-1, descending=True, stable=True)
     return latest_first.gather(-1, by_dt)
@@ -732,7 +727,6 @@ LIFETIME_CHUNK = (256, 2048)  # keys per step of key_lifetimes: W, within these 
 def key_lifetimes(dt, keep_window_size):
     """death (B, Hb, T): key j is kept by the queries j <= i < death[j] (death[j] == j: by none,
     death[j] == T: to the end). dt (B, Hb, T), the biases of keys 0..T-1.
-
     death[j] is the W-th smallest position among the keys better than j (but at least j). Walking
     the keys best first, only the W smallest positions met so far can be that W-th smallest, so
     each chunk of C keys (in rank order) merges its positions into a sorted list of W: work
@@ -821,10 +815,9 @@ def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
 
 
 def attend_block(q, k, v, dt, positions, state, keep_window_size, scale):
-    """Queries at `positions` attend to the cached state plus their own keys.
-    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T); positions (T,);
-    state: (k, v, dt, pos) of the best <= W earlier keys, shapes (B, Hb, n, ...).
-    Returns out (B, H, T, d) and the new state: the best W of state and block together."""
+    """Queries at `positions` (T,) attend to the cached state, (k, v, dt, pos) of the best <= W
+    earlier keys (B, Hb, n, ...), plus their own keys: q (B, H, T, d); k, v (B, Hb, T, d); dt
+    (B, Hb, T). Returns out (B, H, T, d) and the new state: the best W of state and block."""
     batch, heads, length, head_dim = q.shape
     bias_heads = k.shape[1]
     groups = heads // bias_heads
@@ -856,8 +849,7 @@ def attend_block(q, k, v, dt, positions, state, keep_window_size, scale):
 
 
 def uses_lifetime_path(device):
-    """Whether attention past the window without a cache takes the lifetime path: on CUDA, where
-    one masked call beats many small blocks (on CPU the blocks win)."""
+    """Whether uncached attention past the window takes the lifetime path (on CPU blocks win)."""
     return torch.device(device).type == "cuda"
 
 
@@ -942,9 +934,8 @@ LOSS_CHUNK_ELEMENTS = 2 ** 24  # logits per chunk: 64 MB of float32 (smaller: sl
 
 
 def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
-    """hidden (N, D), weight (V, D), targets (N,) with -1 ignored.
-    Returns mean loss, logits (N, V) or None, and the gradients of the mean loss wrt hidden and
-    weight (None unless compute_grads)."""
+    """hidden (N, D), weight (V, D), targets (N,) with -1 ignored -> mean loss, logits (N, V) or
+    None, and the gradients of the mean loss wrt hidden and weight (None unless compute_grads)."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     kept = targets != -1
     count = kept.sum().clamp(min=1)
@@ -1026,10 +1017,9 @@ def compiled_loss_chunk():
 
 
 def compiled_cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
-    """cross_entropy_chunks (same arguments and results) as a loop over compiled_loss_chunk. The
-    chunks have the same number of rows, the last one padded with ignored rows, so one compiled
-    graph serves every input of at least a chunk's rows (SFT's micro-batches vary in length);
-    a smaller input is one chunk of its own size."""
+    """cross_entropy_chunks as a loop over compiled_loss_chunk, on chunks of equal rows (the last
+    padded with ignored rows): one compiled graph serves every input of a chunk's rows or more
+    (SFT's micro-batches vary in length); a smaller input is one chunk of its own size."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     chunk = min(rows, max(1, COMPILED_LOSS_CHUNK_ELEMENTS // vocab))
     kept = targets != -1
@@ -1103,11 +1093,11 @@ def linear_cross_entropy(hidden, weight, targets, keep_logits=True):
 
 def attend_cached(q, k, values_t, dt, scale):
     """One new query per head against cached keys that are all visible and all kept.
-    q (B, H, d); k (R, n, d), values_t (R, d, n) (the values transposed) and dt (R, n), with one
-    row per (sequence, bias head): R = B * Hb. Returns the heads' outputs (B, H*d).
-    Both products multiply the contiguous cache by a few columns, each column contiguous: the
-    layout the BLAS kernels read fastest. Past the window, reading W keys and values per layer
-    is the only cost a step adds, so this read sets how flat time per token stays."""
+    q (B, H, d); k (R, n, d), values_t (R, d, n) (transposed) and dt (R, n), one row per
+    (sequence, bias head): R = B * Hb. Returns (B, H*d). Both products multiply the contiguous
+    cache by a few columns, each column contiguous: the layout the BLAS kernels read fastest. Past
+    the window, reading W keys and values per layer is the only cost a step adds, so this read
+    sets how flat time per token stays."""
     batch, heads, head_dim = q.shape
     rows = dt.shape[0]
     q_columns = q.reshape(rows, -1, head_dim).transpose(1, 2)  # (R, d, G): G heads share a row
@@ -1132,18 +1122,15 @@ class LayerCache:
     A static cache (for a CUDA graph) gives a decode step the same shapes every time: attention
     reads all W slots, the empty ones holding dt = -inf (weight 0) and position -1, so the
     eviction rule alone finds the next free slot (the worst, the oldest among equals), and the
-    kept keys always fill the first slots. Its decode steps leave `size` behind (a replayed graph
-    runs no Python); DogeCache.catch_up sets it again before a forward or a save reads it.
+    kept keys always fill the first slots. Its decode steps leave `size` behind (catch_up).
 
-    A ragged cache (join_caches) holds sequences of different lengths, one per row, and decodes
-    them together: empty slots as in a static cache, so that each row fills its own next free
-    slot, and `size` the most any row holds: attention reads that many slots, a shorter row's
-    empty ones with weight 0."""
+    A ragged cache (join_caches) decodes sequences of different lengths together, one per row:
+    empty slots marked as in a static cache, so each row fills its own next free slot, and `size`
+    the most any row holds, the slots attention reads (a shorter row's empty ones weigh 0)."""
 
     def __init__(self, batch, bias_heads, window, head_dim, device, dtype, static=False,
                  ragged=False):
-        self.window = window
-        self.size = 0
+        self.window, self.size = window, 0
         self.static, self.ragged = static, ragged
         self.heads_shape = (batch, bias_heads)
         slots = window if static else min(window, FIRST_CACHE_SLOTS)
@@ -1232,16 +1219,14 @@ class DogeCache:
     (the position the next token takes): the whole state of a sequence, at most W keys a layer.
     Model.new_cache makes one, generate continues it, save writes it, Model.load_cache reads it.
 
-    A static cache (see LayerCache) also counts the length on the device, in `position`, which
-    its decode steps read and advance (a replayed CUDA graph runs no Python: `length` falls
-    behind until catch_up). A ragged one (join_caches) counts each row's length, in
-    `row_lengths` (B,) on the device; `length` is then the longest row's.
+    A static cache also counts the length on the device, in `position`, which its decode steps
+    read and advance (`length` falls behind until catch_up). A ragged one (join_caches) counts
+    each row's length, in `row_lengths` (B,) on the device; `length` is the longest row's.
 
-    A cache outlives the call that grew it, and callers use it in any grad mode: generation runs
-    in inference mode, a chat feeds its end of turn under no_grad, a user's code may do either.
-    So its tensors are always made as ordinary tensors (inference_mode(False)), never as
-    inference tensors, which nothing outside inference mode may write; and it keeps what it is
-    given detached (a state, not part of a graph)."""
+    A cache outlives the call that grew it, and callers use it in any grad mode (generation in
+    inference mode, a chat's end of turn under no_grad, a user's code either). So its tensors are
+    ordinary ones (inference_mode(False)), never inference tensors, which nothing outside
+    inference mode may write; and it keeps what it is given detached (a state, not a graph)."""
 
     @torch.inference_mode(False)
     def __init__(self, config, batch, device, dtype, static=False, ragged=False):
@@ -1249,9 +1234,7 @@ class DogeCache:
         self.shape = {"num_hidden_layers": config.num_hidden_layers,
                       "bias_heads": config.bias_heads, "head_dim": config.head_dim,
                       "keep_window_size": config.keep_window_size}
-        self.batch = batch
-        self.length = 0
-        self.static = static
+        self.batch, self.length, self.static = batch, 0, static
         self.position = torch.zeros(1, dtype=torch.long, device=device) if static else None
         self.row_lengths = torch.zeros(batch, dtype=torch.long, device=device) if ragged else None
         self.layers = [LayerCache(batch, config.bias_heads, config.keep_window_size,
@@ -1270,8 +1253,8 @@ class DogeCache:
         return self.length if self.row_lengths is None else int(self.row_lengths[row])
 
     def catch_up(self):
-        """Bring a static cache's host-side counts up to its decode steps: every token added one
-        key to each layer, so each holds min(W, length) (one host sync, between calls)."""
+        """Bring a static cache's host-side counts up to its decode steps, which a replayed CUDA
+        graph runs without Python: each layer holds min(W, length) (one host sync)."""
         if self.static:
             self.length = int(self.position.item())
             for layer in self.layers:
@@ -1328,10 +1311,9 @@ class DogeCache:
 
 
 def join_caches(model, sequences):
-    """A ragged cache whose rows continue the given sequences, each at its own length, for
-    decode_step to decode together (serve.py's batch). sequences: (cache, row) pairs, a cache of
-    one sequence (row 0) or a row of another ragged cache, each copied once. state_dict(row)
-    takes a row back out."""
+    """A ragged cache continuing sequences, each at its own length, for decode_step to decode
+    together (serve.py's batch): (cache, row) pairs, a cache of one sequence (row 0) or a ragged
+    cache's row, each copied once. state_dict(row) takes a row back out."""
     weight = model.lm_head.weight
     joined = DogeCache(model.config, len(sequences), weight.device, weight.dtype, ragged=True)
     lengths = []
@@ -1387,9 +1369,8 @@ def decoding_weights(model):
 
 
 def decode_step(model, token, cache, step_weights):
-    """Logits (B, V) after one more token (B,) of the cached sequence: what forward computes
-    for it, with decoding_weights' matrices and the fewest small operations per layer (each
-    has a fixed cost, large beside a small model's products)."""
+    """Logits (B, V) after one more token (B,) of the cached sequence, as forward computes them,
+    with decoding_weights' matrices and the fewest small operations (each has a fixed cost)."""
     config, (layer_weights, output_blocks) = model.config, step_weights
     heads, kv_heads, head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                  config.head_dim)
@@ -1475,15 +1456,15 @@ def output_logits(h, output_blocks, vocab_size):
 
 
 def uses_static_decoding(device):
-    """Whether generation decodes with a static cache and a captured step: on CUDA, where a step
-    is launch-bound (on CPU it reads only the filled part of the cache)."""
+    """Whether decoding takes a static cache and a CUDA graph: on CUDA (on CPU, a step that reads
+    only the filled slots wins)."""
     return torch.device(device).type == "cuda"
 
 
 def capture_step(step):
-    """step, a function token (B,) -> next token (B,) with static shapes and no host sync, as a
-    CUDA graph on CUDA: the first call runs eagerly (warming up what capture cannot), records
-    the graph, and later calls replay it (one launch for the whole step). Elsewhere: step."""
+    """step (token (B,) -> next token (B,), static shapes, no host sync) as a CUDA graph on CUDA:
+    the first call runs eagerly (warming up what capture cannot) and records it; later calls
+    replay it (one launch for the whole step). Elsewhere: step."""
     graph, token_in, token_out = None, None, None
 
     def replay(token):
@@ -1524,9 +1505,8 @@ def capture_step(step):
 
 
 def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, generator=None):
-    """Pick the next token (B,) from logits (B, V); seen (B, V) marks the tokens so far (for
-    the repetition penalty; None without one); generator: the random draws' own (else torch's
-    global one). No host sync: a CUDA graph can hold it."""
+    """The next token (B,) from logits (B, V); seen (B, V): the tokens so far, for the repetition
+    penalty (or None); generator: else torch's global one. No host sync: a CUDA graph holds it."""
     logits = logits.float()
     if repetition_penalty != 1.0:  # make seen tokens less likely, whatever the logit's sign
         penalised = torch.where(logits < 0, logits * repetition_penalty,
@@ -1553,14 +1533,12 @@ def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, gen
 @torch.no_grad()
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                     repetition_penalty=1.0, eos_token_id=None, cache=None):
-    """Yield the next tokens (B, 1) one step at a time (see generate). Decoding keeps at most
-    keep_window_size keys per layer, so each step costs the same however long the text.
-
-    cache: a DogeCache (new_cache, load_cache) that this call continues: idx (B, T >= 1)
-    follows the tokens the cache holds, and once the call ends (max_new_tokens, eos, or the
-    caller stopping or closing the iteration) the cache holds idx and every token yielded,
-    so the next call continues right after them. The repetition penalty sees only this
-    call's tokens. None: a cache of this call's own."""
+    """Doge.generate_stream: at most keep_window_size keys per layer, so each step costs the same
+    however long the text. cache: a DogeCache (new_cache, load_cache) that this call continues:
+    idx (B, T >= 1) follows the tokens it holds, and once the call ends (max_new_tokens, eos, or
+    the caller stopping or closing the iteration) it holds idx and every token yielded, so the
+    next call continues right after them. The repetition penalty sees only this call's tokens.
+    None: a cache of this call's own."""
     eos_ids = torch.tensor([] if eos_token_id is None else
                            [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id,
                            dtype=torch.long, device=idx.device)
@@ -1576,9 +1554,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     if repetition_penalty != 1.0:
         seen = torch.zeros(batch, vocab, dtype=torch.bool, device=idx.device)
         seen.scatter_(1, idx, True)
-    # The model runs in inference mode, which skips the bookkeeping no_grad still does (version
-    # counters, view tracking). Tokens are sampled outside it, so callers get ordinary tensors
-    # that they may use in training.
+    # The model runs in inference mode, which skips no_grad's bookkeeping (version counters, view
+    # tracking); tokens are sampled outside it, so callers get ordinary tensors, fit for training.
     with torch.inference_mode():
         step_weights = decoding_weights(model)
         logits = output_logits(model.hidden_states(idx, cache)[:, -1], step_weights[-1],
@@ -1626,9 +1603,8 @@ def read_cache_state(path):
 
 @torch.no_grad()
 def model_fingerprint(model):
-    """16 hex digits that tell one model from another: a hash of its config and its weights, the
-    weights rounded to bfloat16 so that one model has one fingerprint in float32 or bfloat16, on
-    any device. A saved conversation records it: its state means nothing to another model."""
+    """16 hex digits, a hash of the config and the weights rounded to bfloat16 (one model, one
+    fingerprint in any dtype, on any device): a saved conversation's state fits only its model."""
     digest = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
@@ -1642,18 +1618,16 @@ def model_fingerprint(model):
 
 @torch.inference_mode()
 def loglikelihoods(model, requests, batch_size=32):
-    """The summed log-probability of each request's continuation after its context.
-    requests: (context_ids, continuation_ids) pairs of token id lists, the context not empty,
-    the continuation at most max_position_embeddings tokens; a longer pair loses the start
-    of its context. The pairs are sorted by length and padded on the right into batches of
-    batch_size rows: causal attention makes padding invisible to the tokens before it, and
-    neighbours in length waste little on it. Returns floats in request order."""
+    """Doge.loglikelihoods. requests: (context_ids, continuation_ids) pairs of token id lists,
+    the context not empty, the continuation at most max_position_embeddings tokens (a longer pair
+    loses the start of its context). The pairs are sorted by length and padded on the right into
+    batches of batch_size rows: causal attention makes padding invisible to the tokens before it,
+    and neighbours in length waste little on it."""
     limit = model.config.max_position_embeddings
     for i, (context, continuation) in enumerate(requests):
         if not context or len(continuation) > limit:
-            raise ValueError(f"request {i}: {len(context)} context tokens (1 or more "
-                             f"needed), {len(continuation)} continuation tokens (at most "
-                             f"{limit})")
+            raise ValueError(f"request {i}: {len(context)} context tokens (1 or more needed), "
+                             f"{len(continuation)} continuation tokens (at most {limit})")
     sequences = [(list(context) + list(continuation))[-(limit + 1):]
                  for context, continuation in requests]
     order = sorted((i for i in range(len(requests)) if requests[i][1]),  # empty: 0.0
@@ -1779,11 +1753,10 @@ def checkpoint_or_problem(path):
 
 
 def newest_checkpoint(out_dir, say=None, set_aside=False):
-    """(path, checkpoint) of the newest checkpoint in out_dir that can be read, or (None, None)
-    when it holds none. A damaged one (a disk error, a truncated copy) costs one warning line and
-    the one before it is tried; only the writer (train.py's resume) passes set_aside, which
-    renames it to <name>.damaged so that nothing picks it again. When every one is damaged, a
-    ValueError of one line says so."""
+    """(path, checkpoint) of the newest readable checkpoint in out_dir, or (None, None) when it
+    holds none. A damaged one costs a warning line and the one before it is tried; only the writer
+    (train.py's resume) passes set_aside, which renames it to <name>.damaged so that nothing picks
+    it again. When every one is damaged, a one-line ValueError says so."""
     say = say or (lambda message: print(message, file=sys.stderr))
     found = sorted(list_checkpoints(out_dir).items(), reverse=True)
     for index, (_, path) in enumerate(found):
@@ -1807,9 +1780,8 @@ def newest_checkpoint(out_dir, say=None, set_aside=False):
     raise ValueError(f"{out_dir}: {damaged}{kept}")
 
 
-def load_checkpoint(path, device="cpu", dtype=None, checkpoint=None):
-    """The model of a train.py checkpoint file (model_config plus the uncompiled state dict)."""
-    checkpoint = checkpoint or read_checkpoint(path)
+def load_checkpoint(checkpoint, device="cpu", dtype=None):
+    """The model of a train.py checkpoint (model_config plus the uncompiled state dict)."""
     model = Doge(DogeConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
     return model.to(device=device, dtype=dtype)
@@ -1835,8 +1807,7 @@ def local_model_path(path):
     path = os.fspath(path)
     if os.path.exists(os.path.expanduser(path)):
         return os.path.expanduser(path)
-    # a name that can only be a local path (./, /, ~, out/...): never sent to the hub, and a typo
-    # of one is told what is there instead
+    # a name that can only be local (./, /, ~, out/...) never goes to the hub; a typo gets hints
     if path.startswith((".", "/", "~")) or os.path.isdir(path.split("/")[0]):
         raise FileNotFoundError(f"{path}: no such file or directory{nearest_names(path)}")
     hub = HUB_NAME.fullmatch(path)
@@ -1865,9 +1836,8 @@ def nearest_names(path):
 
 
 def hub_snapshot(repo_id, revision, patterns):
-    """huggingface_hub's snapshot_download of the files of repo_id matching patterns: their
-    directory in the hub's cache. Without the package, offline without a cached copy, or when the
-    hub refuses, a FileNotFoundError of one line that says how to get the files by hand."""
+    """The hub cache's directory of repo_id's files matching patterns (huggingface_hub). No
+    package, offline and uncached, or refused: a one-line FileNotFoundError on fetching by hand."""
     at_revision = f" --revision {revision}" if revision else ""
     by_hand = (f"download it yourself (hf download {repo_id}{at_revision} --local-dir DIR) and "
                f"give DIR")
@@ -1886,9 +1856,8 @@ def hub_snapshot(repo_id, revision, patterns):
 
 
 def train_checkpoint(path):
-    """(path, checkpoint) of the train.py checkpoint that path names: the file itself, or the
-    newest readable one of an out_dir (a directory without config.json; damaged ones are
-    skipped); (None, None) for anything else. Read once: the caller builds the model from it."""
+    """(path, checkpoint) of the train.py checkpoint that path names: the file, or an out_dir's
+    (a directory without config.json) newest readable one; else (None, None). Read once."""
     if os.path.isfile(path):
         return path, read_checkpoint(path)
     if os.path.exists(os.path.join(path, "config.json")):
@@ -1940,7 +1909,7 @@ def load_pretrained(path, device="cpu", dtype=None):
     path = local_model_path(path)
     checkpoint_path, checkpoint = train_checkpoint(path)
     if checkpoint_path:
-        return load_checkpoint(checkpoint_path, device, dtype, checkpoint)
+        return load_checkpoint(checkpoint, device, dtype)
     _, config, weights = read_hf_directory(path)
     if "score.weight" in weights:
         raise ValueError(f"{path} holds a sequence classifier (score.weight, no lm_head): load it "
@@ -1955,7 +1924,7 @@ def load_classifier(path, num_labels=2, id2label=None, device="cpu", dtype=None)
     path = local_model_path(path)
     checkpoint_path, checkpoint = train_checkpoint(path)
     if checkpoint_path:
-        causal_lm = load_checkpoint(checkpoint_path, checkpoint=checkpoint)
+        causal_lm = load_checkpoint(checkpoint)
         raw, config, weights = {}, causal_lm.config, causal_lm.state_dict()
     else:
         raw, config, weights = read_hf_directory(path)
@@ -1975,10 +1944,9 @@ def load_classifier(path, num_labels=2, id2label=None, device="cpu", dtype=None)
 
 def save_pretrained(model, path, tokenizer_dir=None):
     """The one export, of a Doge or a DogeForSequenceClassification, with what `hf upload` needs:
-    model.safetensors, config.json (a classifier's with its labels), for a Doge
-    generation_config.json (bos, and the eos ids that end generation), the tokenizer of
-    tokenizer_dir (e.g. a train.py out_dir, see write_tokenizer_files) and a model card README.md
-    naming the base model and the training data of the run recorded in tokenizer_dir/runs."""
+    model.safetensors, config.json (a classifier's with its labels), a Doge's generation_config.json
+    (bos, and the eos ids that end generation), the tokenizer of tokenizer_dir (e.g. a train.py
+    out_dir) and a model card README.md naming the base model and data of the run recorded there."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     tied = model.config.tie_word_embeddings
@@ -2017,9 +1985,8 @@ def run_records(run_dir):
 
 
 def provenance(run_dir):
-    """What the run recorded in run_dir says of the model: the card's metadata lines and its
-    bullets. The base model is the init_from of the newest launch that did not resume (or what
-    the first launch resumed); the data is the last launch's."""
+    """The model card's metadata lines and bullets from run_dir's records: the base model is the
+    newest non-resuming launch's init_from (or what the first resumed), the data the last's."""
     records = run_records(run_dir)
     if not records:
         return [], ["- Base model and training data: not recorded (the export was given no "
@@ -2066,9 +2033,8 @@ def model_card(model, path, run_dir):
 
 
 def upcycle_to_moe(model, num_experts, num_experts_per_tok, **config_overrides):
-    """A CDMoE Doge that computes exactly the dense model's function: the dense MLPs become the
-    shared experts, the router and down vectors are random, and the up vectors are zero, so the
-    routed experts add nothing until training moves them."""
+    """A CDMoE Doge computing exactly the dense model's function: the MLPs become the shared
+    experts, the router and down vectors random, the up vectors zero (nothing added, at first)."""
     config = DogeConfig(**{**asdict(model.config), "is_moe": True, "num_experts": num_experts,
                            "num_experts_per_tok": num_experts_per_tok, **config_overrides})
     weight = model.lm_head.weight
@@ -2083,10 +2049,9 @@ def upcycle_to_moe(model, num_experts, num_experts_per_tok, **config_overrides):
 
 
 def grow_vocabulary(model, vocab_size, new_ids):
-    """The model with an embedding (and lm_head) of at least vocab_size rows, where the rows of
-    the new token ids (e.g. a chat template's special tokens) hold the mean of the other rows: a
-    token the model knows nothing of starts as an average token (and, tied, with an average
-    logit), not as noise unlike anything. Every other token's logits are unchanged."""
+    """The model with an embedding (and lm_head) of at least vocab_size rows, the rows of the new
+    token ids (e.g. a chat template's special tokens) the mean of the others: an unknown token
+    starts as an average one (tied: an average logit), not as noise. Other logits are unchanged."""
     config = DogeConfig(**{**asdict(model.config),
                            "vocab_size": max(vocab_size, model.config.vocab_size)})
     state = model.state_dict()
