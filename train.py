@@ -154,11 +154,11 @@ def check_config(cfg):
 def wsd_lr(step, cfg):
     """Learning rate of optimizer step `step` (0-based), warmup-stable-decay: linear warmup to
     learning_rate over the first warmup_iters steps (step 0 takes learning_rate / warmup_iters),
-    constant, then linear decay over the last decay_iters steps
-    before max_iters: learning_rate at step max_iters - decay_iters, min_lr_ratio * learning_rate
-    at max_iters (a decay longer than the run starts at step 0; where warmup and decay overlap,
-    the lower rate wins). A pure function of the step and the settings, so a resumed run follows
-    the same schedule, and a run resumed with new max_iters/decay_iters branches a decay."""
+    constant, then linear decay over the last decay_iters steps before max_iters: learning_rate at
+    step max_iters - decay_iters, min_lr_ratio * learning_rate at max_iters (a decay longer than the
+    run starts at step 0; where warmup and decay overlap, the lower rate wins). A pure function of
+    the step and the settings: a resumed run follows the same schedule, one resumed with new
+    max_iters/decay_iters branches a decay."""
     multiplier = 1.0
     if step < cfg.warmup_iters:
         multiplier = (step + 1) / cfg.warmup_iters
@@ -229,9 +229,8 @@ SUPERVISED_CHUNK = 4096  # targets whose logits are made at once in supervised_s
 
 
 def supervised_scores(model, x, y):
-    """The summed cross-entropy, the right guesses (the most likely token is the target) and the
-    count of the supervised targets (not -1) of one micro-batch of conversations, from the logits
-    of those targets alone, a few thousand at a time."""
+    """One micro-batch's summed cross-entropy, right guesses (top token = target) and count of its
+    supervised targets (not -1), from those targets' logits alone, a few thousand at a time."""
     hidden, targets = model.hidden_states(x)[y != -1], y[y != -1]  # (N, D), (N,)
     nats, right = torch.zeros((), device=y.device), torch.zeros((), device=y.device)
     for h, t in zip(hidden.split(SUPERVISED_CHUNK), targets.split(SUPERVISED_CHUNK)):
@@ -670,9 +669,8 @@ def build_model(config_dict, overrides, state=None, source=""):
 
 
 def load_model(cfg, overrides, meta, run):
-    """The model, from scratch, resumed (with its checkpoint) or initialised from saved weights,
-    then made to fit the data: upcycled to a CDMoE if asked, its vocabulary grown by the tokens
-    that conversation data added. Returns (model, checkpoint or None)."""
+    """(model, checkpoint or None): from scratch, resumed or from saved weights, made to fit the
+    data (upcycled to a CDMoE if asked, its vocabulary grown by the chat data's added tokens)."""
     chat = meta.get("kind") == "conversations"
     torch.manual_seed(cfg.seed)
     checkpoint = None
