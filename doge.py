@@ -1,21 +1,18 @@
 """
 Doge: a small language model with Dynamic Mask Attention and Cross-Domain Mixture of Experts.
 
-This one file is the whole model, written to be read top to bottom, in three parts: part 1 is
-what the model computes (a reader who stops there has read the whole architecture, DMAttn's
-definition as plain code included), part 2 computes the same faster (the attention paths, the
-chunked loss, the decoding caches, CUDA graphs), part 3 is checkpoints and the plumbing of
-generation. Doge is a decoder-only transformer that differs from a GPT in three places:
+The whole model in one file, read top to bottom: part 1 what it computes, part 2 the same
+faster, part 3 checkpoints and the plumbing of generation. Doge is a decoder-only transformer that
+differs from a GPT in three places:
 
 1. Learnable residuals. Each block scales its residual stream by a learned vector before adding
    the sublayer output: h = input_residual * h + attn(norm(h)), and the same around the MLP.
 2. Dynamic Mask Attention (DMAttn). Every key gets an additive bias computed from its *value*
    vector, dt = exp(A * softplus(dt_proj(v))), the same for every query (a zero-order-hold step
-   of a state space model, read as an attention bias). When a query sees more than
-   keep_window_size keys, it keeps only the keep_window_size keys with the largest bias. Because
-   the bias does not depend on the query, the kept sets are nested as the sequence grows, so
-   generation needs at most keep_window_size cached keys per layer: constant memory and time
-   per token, like a state space model, with the quality of attention.
+   of a state space model, read as an attention bias). A query that sees more than
+   keep_window_size (W) keys keeps only the W with the largest bias. The bias does not depend on
+   the query, so the kept sets are nested as the sequence grows, and generation needs at most W
+   cached keys per layer: constant memory and time per token, with the quality of attention.
 3. Cross-Domain Mixture of Experts (CDMoE, optional). A dense SwiGLU "shared expert" plus many
    tiny experts (one down vector and one up vector each), chosen per token by product-key
    routing. A dense checkpoint upcycles into a CDMoE one without changing its function.
@@ -24,10 +21,9 @@ Papers: "Wonderful Matrices" (Shi et al., 2024, the Doge architecture), "Trainab
 Sparse Attention" (DMAttn), Mixture of a Million Experts / product keys (He 2024, Lample et al.
 2019), Switch Transformers (the load-balancing loss), WSD schedules (Hu et al., MiniCPM).
 
-The reference implementation is `DogeForCausalLM` in Hugging Face transformers; parameter names
-here follow its checkpoints, so loading and saving are a rename plus shape checks. Two things
-differ on purpose: ties in the top-keep_window_size choice are broken deterministically (larger
-bias first, then the later key), and CDMoE routes each token by its own router scores.
+The reference is transformers' `DogeForCausalLM`; our names follow its checkpoints (loading and
+saving are a rename plus shape checks). On purpose, top-W ties break deterministically (larger
+bias, then the later key), and CDMoE routes each token by its own router scores.
 """
 
 import difflib
@@ -50,17 +46,12 @@ from common import atomic_write, atomic_write_text  # files written whole or not
 # ==============================================================================================
 # PART 1 - THE MODEL: what it computes. Config, RMSNorm, RoPE, Dynamic Mask Attention (its
 # definition as plain code first), the MLP and CDMoE, the block, the language model and the
-# sequence classifier. A reader who stops at the end of this part has read the whole
-# architecture; parts 2 and 3 compute the same things faster and move them in and out of files.
+# sequence classifier: a reader who stops at the end of this part has the whole architecture.
 # ==============================================================================================
 
 
 # ----------------------------------------------------------------------------------------------
 # Config
-
-
-def default_rope_scaling():
-    return {"rope_type": "dynamic", "factor": 4.0}
 
 
 @dataclass
@@ -79,7 +70,8 @@ class DogeConfig:
     tie_word_embeddings: bool = True  # lm_head shares embed_tokens' weight
     max_position_embeddings: int = 2048  # dynamic RoPE starts stretching past this length
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = field(default_factory=default_rope_scaling)  # None or dynamic NTK
+    rope_scaling: dict | None = field(  # None, or dynamic NTK
+        default_factory=lambda: {"rope_type": "dynamic", "factor": 4.0})
     keep_window_size: int = 2048  # W: each query attends to at most this many keys
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -115,7 +107,8 @@ class DogeConfig:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "dynamic"):
-            raise ValueError(f"rope_type {rope_type!r} is not supported (use 'default' or 'dynamic')")
+            raise ValueError(f"rope_type {rope_type!r} is not supported "
+                             f"(use 'default' or 'dynamic')")
         if self.is_moe:
             if math.isqrt(self.num_experts) ** 2 != self.num_experts:
                 raise ValueError(f"num_experts {self.num_experts} must be a perfect square")
@@ -313,15 +306,14 @@ class DynamicMaskAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def qk_norm_weight(self):
-        """The per-head RMSNorm weights of the stacked heads (H + Hkv, d), or None (older layout)."""
+        """The stacked heads' per-head RMSNorm weights (H + Hkv, d), or None (older layout)."""
         if not hasattr(self, "q_norm"):
             return None
         return torch.cat((self.q_norm.weight.expand(self.heads, -1),
                           self.k_norm.weight.expand(self.kv_heads, -1)))
 
     def dynamic_bias(self, dt_logits):
-        """The dynamic mask's bias of each key, dt = exp(A * softplus(dt_proj(v))): a
-        zero-order-hold step size per bias head, from dt_proj's output (..., Hb)."""
+        """Each key's bias dt (..., Hb) from dt_proj's output: a zero-order-hold step size."""
         return torch.exp(self.A * F.softplus(dt_logits))
 
     def to_bias_heads(self, keys):
@@ -380,7 +372,8 @@ class CDMoE(MLP):
         col_scores, cols = scores[:, 1].topk(per_axis, dim=-1)
         pair_scores = (row_scores.unsqueeze(-1) + col_scores.unsqueeze(-2)).flatten(1)  # (N, k*k)
         top_scores, pairs = pair_scores.topk(self.top_k, dim=-1)  # (N, top_k)
-        experts = rows.gather(1, pairs // per_axis) * self.num_keys + cols.gather(1, pairs % per_axis)
+        experts = (rows.gather(1, pairs // per_axis) * self.num_keys
+                   + cols.gather(1, pairs % per_axis))  # (N, top_k)
         weights = top_scores.softmax(dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -459,11 +452,11 @@ class Doge(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """
-        | tensor                                             | init                         |
-        |----------------------------------------------------|------------------------------|
-        | every nn.Linear weight, embed_tokens, down/up_embed | normal(0, initializer_range) |
-        | every bias, A                                      | zeros (A = 0: dt = 1, no mask preference) |
-        | RMSNorm weights, input/post_attention_residual     | ones                         |
+        | tensor                                              | init                            |
+        |-----------------------------------------------------|---------------------------------|
+        | every nn.Linear weight, embed_tokens, down/up_embed | normal(0, initializer_range)    |
+        | every bias, A                                       | zeros (A = 0: all keys' dt = 1) |
+        | RMSNorm weights, input/post_attention_residual      | ones                            |
         """
         std = self.config.initializer_range
         for module in self.modules():
@@ -502,7 +495,8 @@ class Doge(nn.Module):
         """The final normalised hidden states (B, T, D) of tokens idx (B, T), which continue the
         cached sequence when a cache is given."""
         if idx.dim() != 2 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be a (B, T) int64 tensor, got {tuple(idx.shape)} {idx.dtype}")
+            raise ValueError(f"idx must be a (B, T) int64 tensor, got {tuple(idx.shape)} "
+                             f"{idx.dtype}")
         start = cache.length if cache is not None else 0
         x = self.embed_tokens(idx)  # (B, T, D)
         positions = torch.arange(start, start + idx.shape[1], device=idx.device)
@@ -525,7 +519,8 @@ class Doge(nn.Module):
         if targets is None:
             return self.lm_head(hidden), None
         if targets.shape != idx.shape:
-            raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+            raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape "
+                             f"{tuple(idx.shape)}")
         loss, logits = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight,
                                             targets.flatten(), keep_logits)
         if router_stats:
@@ -542,16 +537,15 @@ class Doge(nn.Module):
         return load_pretrained(path, device, dtype)
 
     def save_pretrained(self, path, tokenizer_dir=None):
-        """Write a Hugging Face format directory that transformers loads (same layout as ours)
-        and the hub takes: the tokenizer of tokenizer_dir (e.g. a train.py out_dir) when given,
-        and a model card from that run's records (see the module function save_pretrained)."""
+        """Write a Hugging Face format directory that transformers loads and the hub takes (see
+        the module function save_pretrained)."""
         save_pretrained(self, path, tokenizer_dir)
 
     # ------------------------------------------------------------------------------------------
     # Scoring and generation: the work is done in parts 2 and 3
 
     def loglikelihoods(self, requests, batch_size=32):
-        """The summed log-probability of each request's (context_ids, continuation_ids)
+        """Each (context_ids, continuation_ids) request's summed log-probability of its
         continuation after its context, floats in request order (see loglikelihoods, part 3)."""
         return loglikelihoods(self, requests, batch_size)
 
@@ -671,9 +665,7 @@ class DogeForSequenceClassification(nn.Module):
 
 
 # ==============================================================================================
-# PART 2 - MAKING IT FAST: the attention paths, the chunked loss, the decoding caches, the fused
-# decoding step and CUDA graph capture. Each computes exactly what part 1 defines, and each
-# section opens with where it wins and the bench.py case that shows it.
+# PART 2 - MAKING IT FAST: each section computes exactly what part 1 defines, and where it wins.
 # ==============================================================================================
 
 
@@ -682,14 +674,12 @@ class DogeForSequenceClassification(nn.Module):
 #
 # Every attention path below computes attention_by_definition (part 1). They differ only in cost:
 #   short    T <= W, no cache: one fused causal SDPA, the bias folded into q and k.
-#   blocked  anything longer on CPU, or appending to a cache: queries in blocks; a block's
-#            candidates are the best W keys before it (the "state") plus its own keys. Memory
-#            O(T * W).
-#   lifetime T > W on CUDA, no cache: one FlexAttention call whose mask is each key's lifetime
-#            (key_lifetimes), with the bias as a score_mod. Memory O(T) a head.
-#   decode   generate's one-token step (decode_step): the new key takes a free slot of the
-#            cache or, once W are kept, the slot of the worst key, in place. On CUDA the cache
-#            is static (fixed shapes) and the whole step replays as a CUDA graph.
+#   blocked  longer on CPU, or appending to a cache: blocks of queries, each over the best W keys
+#            before it (the "state") and its own. Memory O(T * W).
+#   lifetime T > W on CUDA, no cache: one FlexAttention call masked by each key's lifetime, the
+#            bias a score_mod. Memory O(T) a head.
+#   decode   generate's one-token step (decode_step): the new key takes a free slot or the worst
+#            key's, in place; on CUDA the cache is static and the step replays as a CUDA graph.
 
 
 def attend(q, k, v, dt, keep_window_size, scale, cache=None, start=0):
@@ -707,16 +697,14 @@ def attend(q, k, v, dt, keep_window_size, scale, cache=None, start=0):
 
 
 def product_dtype(tensor):
-    """The dtype tensor's products run in: autocast's when it is on for tensor's device, else
-    tensor's own."""
+    """The dtype tensor's products run in: autocast's when it is on for its device, else its own."""
     device = tensor.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
 
 def in_product_dtype(*tensors):
-    """The tensors in the dtype their products run in (product_dtype of the first). Under
-    autocast SDPA would cast its inputs anyway: casting first is exact and moves fewer bytes
-    through the folding (and FlexAttention, not autocast's, needs one dtype)."""
+    """The tensors in product_dtype of the first: under autocast SDPA would cast them anyway, and
+    first is exact with fewer bytes to fold (and FlexAttention, not autocast's, needs one dtype)."""
     dtype = product_dtype(tensors[0])
     return tuple(t.to(dtype) for t in tensors)
 
@@ -726,8 +714,7 @@ def in_product_dtype(*tensors):
 
 
 def rank_keys(dt, positions):
-    """Order keys best first: larger dt first, the later position first among equal dt.
-    dt, positions: (B, Hb, C). Returns the permutation (B, Hb, C)."""
+    """The permutation (B, Hb, C) that puts keys best first (better_than), of dt, positions."""
     latest_first = positions.argsort(dim=-1, descending=True)
     by_dt = dt.gather(-1, latest_first).argsort(dim=-1, descending=True, stable=True)
     return latest_first.gather(-1, by_dt)
@@ -740,7 +727,6 @@ LIFETIME_CHUNK = (256, 2048)  # keys per step of key_lifetimes: W, within these 
 def key_lifetimes(dt, keep_window_size):
     """death (B, Hb, T): key j is kept by the queries j <= i < death[j] (death[j] == j: by none,
     death[j] == T: to the end). dt (B, Hb, T), the biases of keys 0..T-1.
-
     death[j] is the W-th smallest position among the keys better than j (but at least j). Walking
     the keys best first, only the W smallest positions met so far can be that W-th smallest, so
     each chunk of C keys (in rank order) merges its positions into a sorted list of W: work
@@ -829,11 +815,9 @@ def dynamic_mask_attention(q, k, v, dt, start, state, keep_window_size, scale):
 
 
 def attend_block(q, k, v, dt, positions, state, keep_window_size, scale):
-    """Queries at `positions` attend to the cached state plus their own keys.
-
-    q (B, H, T, d); k, v (B, Hb, T, d); dt (B, Hb, T); positions (T,);
-    state: (k, v, dt, pos) of the best <= W earlier keys, shapes (B, Hb, n, ...).
-    Returns out (B, H, T, d) and the new state: the best W of state and block together."""
+    """Queries at `positions` (T,) attend to the cached state, (k, v, dt, pos) of the best <= W
+    earlier keys (B, Hb, n, ...), plus their own keys: q (B, H, T, d); k, v (B, Hb, T, d); dt
+    (B, Hb, T). Returns out (B, H, T, d) and the new state: the best W of state and block."""
     batch, heads, length, head_dim = q.shape
     bias_heads = k.shape[1]
     groups = heads // bias_heads
@@ -865,8 +849,7 @@ def attend_block(q, k, v, dt, positions, state, keep_window_size, scale):
 
 
 def uses_lifetime_path(device):
-    """Whether attention past the window without a cache takes the lifetime path: on CUDA, where
-    one masked call runs faster than many small blocks. On CPU the blocks are faster."""
+    """Whether uncached attention past the window takes the lifetime path (on CPU blocks win)."""
     return torch.device(device).type == "cuda"
 
 
@@ -941,29 +924,25 @@ def attend_lifetimes(q, k, v, dt, keep_window_size, scale, flex_attention=None):
 # ----------------------------------------------------------------------------------------------
 # Chunked loss: wins at a large vocabulary (bench.py --cases=train; gpu_train_b16 in --cases=gpu)
 #
-# The output projection and cross-entropy, a chunk of rows at a time. At vocabulary 32768 the
-# logits dominate a small model's activations: (B*T, V) floats, then a log-softmax copy, then a
-# gradient of the same size. Here each chunk of rows goes through logits -> loss ->
-# d(loss)/d(logits) -> gradients of hidden and weight before the next chunk, so no full-size
-# logits gradient ever exists (and full logits only when asked for).
+# The output projection and cross-entropy, a chunk of rows at a time: at vocabulary 32768 the
+# logits, their log-softmax and their gradient, (B*T, V) floats each, dominate a small model's
+# activations. Each chunk goes logits -> loss -> d(loss)/d(logits) -> gradients of hidden and
+# weight before the next, so no full-size logits gradient exists (full logits only if asked).
 
 
-# logits per chunk: 64 MB of float32. Smaller chunks make less efficient products.
-LOSS_CHUNK_ELEMENTS = 2 ** 24
+LOSS_CHUNK_ELEMENTS = 2 ** 24  # logits per chunk: 64 MB of float32 (smaller: slower products)
 
 
 def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
-    """hidden (N, D), weight (V, D), targets (N,) with -1 ignored.
-    Returns mean loss, logits (N, V) or None, and the gradients of the mean loss wrt hidden and
-    weight (None unless compute_grads)."""
+    """hidden (N, D), weight (V, D), targets (N,) with -1 ignored -> mean loss, logits (N, V) or
+    None, and the gradients of the mean loss wrt hidden and weight (None unless compute_grads)."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     kept = targets != -1
     count = kept.sum().clamp(min=1)
     safe_targets = targets.clamp(min=0)
     chunk = max(1, LOSS_CHUNK_ELEMENTS // vocab)
     # The products write into tensors kept across chunks (out=, addmm_): on CPU a fresh 64 MB
-    # tensor per chunk costs page faults. Autocast skips such calls, so the products' dtype is
-    # chosen here: autocast's when it is on, else hidden's.
+    # tensor per chunk costs page faults. Autocast skips such calls: product_dtype says theirs.
     dtype = product_dtype(hidden)
     product_weight = weight.to(dtype)  # (V, D)
     logits_buffer = hidden.new_empty(min(chunk, rows), vocab, dtype=dtype)
@@ -1006,18 +985,15 @@ def cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
 
 
 # On CUDA the loss runs chunks of about this many logits (8192 rows at V=32768) through one
-# compiled function (loss_chunk): a CPU-style loop of small kernels per chunk is launch-bound on
-# a GPU; compiled, inductor fuses the log-sum-exp and the gradient into a few kernels that keep
-# the chunk's logits in the products' dtype (no float32 copy).
+# compiled loss_chunk: a loop of small kernels is launch-bound on a GPU, while inductor fuses the
+# log-sum-exp and the gradient into a few kernels on logits in the products' dtype (no float32).
 COMPILED_LOSS_CHUNK_ELEMENTS = 2 ** 28
 
 
 def loss_chunk(h, weight, targets, row_scale, keep_logits, compute_grads):
-    """One chunk of the loss, written for torch.compile. h (n, D) and weight (V, D) in the
-    products' dtype; targets (n,), none -1; row_scale (n,) float32: 1 / count for a supervised
-    row, 0 for an ignored one. Returns the chunk's share of the mean loss, its logits (n, V) or
-    None, and the gradients of the mean loss wrt h (n, D, products' dtype) and wrt weight (V, D,
-    float32), or None, None."""
+    """One chunk of cross_entropy_chunks, written for torch.compile: the same results, the
+    gradient wrt h in the products' dtype, wrt weight in float32. h (n, D) and weight (V, D) in
+    the products' dtype; targets (n,), none -1; row_scale (n,): 1 / count, or 0 (ignored row)."""
     logits = h @ weight.t()  # (n, V)
     logits32 = logits.float()
     log_norm = logits32.logsumexp(dim=-1)  # (n,)
@@ -1035,17 +1011,15 @@ def loss_chunk(h, weight, targets, row_scale, keep_logits, compute_grads):
 
 @functools.cache
 def compiled_loss_chunk():
-    """loss_chunk compiled, once per process (compiling is deferred to the first CUDA loss).
-    Whatever train.py's compile setting; TORCHDYNAMO_DISABLE=1 runs it uncompiled (a GPU that
-    triton does not support)."""
+    """loss_chunk compiled, once per process, at the first CUDA loss, whatever train.py's compile
+    setting; TORCHDYNAMO_DISABLE=1 runs it uncompiled (a GPU that triton does not support)."""
     return torch.compile(loss_chunk)
 
 
 def compiled_cross_entropy_chunks(hidden, weight, targets, keep_logits, compute_grads):
-    """cross_entropy_chunks (same arguments and results) as a loop over compiled_loss_chunk. The
-    chunks have the same number of rows, the last one padded with ignored rows, so one compiled
-    graph serves every input of at least a chunk's rows (SFT's micro-batches vary in length);
-    a smaller input is one chunk of its own size."""
+    """cross_entropy_chunks as a loop over compiled_loss_chunk, on chunks of equal rows (the last
+    padded with ignored rows): one compiled graph serves every input of a chunk's rows or more
+    (SFT's micro-batches vary in length); a smaller input is one chunk of its own size."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     chunk = min(rows, max(1, COMPILED_LOSS_CHUNK_ELEMENTS // vocab))
     kept = targets != -1
@@ -1119,11 +1093,11 @@ def linear_cross_entropy(hidden, weight, targets, keep_logits=True):
 
 def attend_cached(q, k, values_t, dt, scale):
     """One new query per head against cached keys that are all visible and all kept.
-    q (B, H, d); k (R, n, d), values_t (R, d, n) (the values transposed) and dt (R, n), with one
-    row per (sequence, bias head): R = B * Hb. Returns the heads' outputs (B, H*d).
-    Both products multiply the contiguous cache by a few columns, each column contiguous: the
-    layout the BLAS kernels read fastest. Past the window, reading W keys and values per layer
-    is the only cost a step adds, so this read sets how flat time per token stays."""
+    q (B, H, d); k (R, n, d), values_t (R, d, n) (transposed) and dt (R, n), one row per
+    (sequence, bias head): R = B * Hb. Returns (B, H*d). Both products multiply the contiguous
+    cache by a few columns, each column contiguous: the layout the BLAS kernels read fastest. Past
+    the window, reading W keys and values per layer is the only cost a step adds, so this read
+    sets how flat time per token stays."""
     batch, heads, head_dim = q.shape
     rows = dt.shape[0]
     q_columns = q.reshape(rows, -1, head_dim).transpose(1, 2)  # (R, d, G): G heads share a row
@@ -1138,29 +1112,25 @@ FIRST_CACHE_SLOTS = 64  # a cache's slots at first; it doubles them as it fills,
 
 class LayerCache:
     """The best <= W keys (with values, dt and positions) one attention layer has seen, one row
-    per (sequence, bias head).
+    per (sequence, bias head); values transposed, one row per channel, for attend_cached.
 
     Buffers hold S + 1 slots; slot S is a discard slot, so a decode step writes unconditionally:
     into the next free slot, into the slot of the key it evicts, or (when the new key is itself
     the worst) into the discard slot, which attention never reads. S starts small and doubles
-    as keys come, up to W: a short text's state costs what it holds, not the window. Values are
-    kept transposed, one row per channel, for attend_cached.
+    as keys come, up to W: a short text's state costs what it holds, not the window.
 
     A static cache (for a CUDA graph) gives a decode step the same shapes every time: attention
     reads all W slots, the empty ones holding dt = -inf (weight 0) and position -1, so the
     eviction rule alone finds the next free slot (the worst, the oldest among equals), and the
-    kept keys always fill the first slots. Its decode steps leave `size` behind (a replayed graph
-    runs no Python); DogeCache.catch_up sets it again before a forward or a save reads it.
+    kept keys always fill the first slots. Its decode steps leave `size` behind (catch_up).
 
-    A ragged cache (join_caches) holds sequences of different lengths, one per row, and decodes
-    them together: empty slots as in a static cache, so that each row fills its own next free
-    slot, and `size` the most any row holds: attention reads that many slots, a shorter row's
-    empty ones with weight 0."""
+    A ragged cache (join_caches) decodes sequences of different lengths together, one per row:
+    empty slots marked as in a static cache, so each row fills its own next free slot, and `size`
+    the most any row holds, the slots attention reads (a shorter row's empty ones weigh 0)."""
 
     def __init__(self, batch, bias_heads, window, head_dim, device, dtype, static=False,
                  ragged=False):
-        self.window = window
-        self.size = 0
+        self.window, self.size = window, 0
         self.static, self.ragged = static, ragged
         self.heads_shape = (batch, bias_heads)
         slots = window if static else min(window, FIRST_CACHE_SLOTS)
@@ -1192,9 +1162,8 @@ class LayerCache:
         self.dt[:, :slots], self.pos[:, :slots] = old[2][:, :slots], old[3][:, :slots]
 
     def kept(self):
-        """The cached keys (R, n, d), values transposed (R, d, n) and dt (R, n), as attend_cached
-        takes them: views, no copies (a static cache: all W slots; a ragged one: the slots of
-        its longest row)."""
+        """The cached keys (R, n, d), values transposed (R, d, n) and dt (R, n) for attend_cached:
+        views (a static cache: all W slots; a ragged one: the slots of its longest row)."""
         size = self.window if self.static else self.size
         return self.k[:, :size], self.values_t[..., :size], self.dt[:, :size]
 
@@ -1245,35 +1214,27 @@ class LayerCache:
         self.pos.scatter_(1, slot, position)
 
 
-def cache_shape(config):
-    """What a cache's tensors depend on: two models that agree on these can share a state."""
-    return {"num_hidden_layers": config.num_hidden_layers, "bias_heads": config.bias_heads,
-            "head_dim": config.head_dim, "keep_window_size": config.keep_window_size}
-
-
 class DogeCache:
     """Everything generation keeps between steps: one LayerCache per layer and the length so far
-    (the position the next token takes). It is the whole state of a sequence: at most W keys a
-    layer, so its size stops growing once the window is full. Model.new_cache makes one,
-    generate continues it, save writes it and Model.load_cache reads it back.
+    (the position the next token takes): the whole state of a sequence, at most W keys a layer.
+    Model.new_cache makes one, generate continues it, save writes it, Model.load_cache reads it.
 
-    A static cache (see LayerCache) also counts the length on the device, in `position`, which
-    its decode steps read and advance (a replayed CUDA graph runs no Python: `length` falls
-    behind until catch_up). A ragged one (join_caches) counts each row's length, in
-    `row_lengths` (B,) on the device; `length` is then the longest row's.
+    A static cache also counts the length on the device, in `position`, which its decode steps
+    read and advance (`length` falls behind until catch_up). A ragged one (join_caches) counts
+    each row's length, in `row_lengths` (B,) on the device; `length` is the longest row's.
 
-    A cache outlives the call that grew it, and callers use it in any grad mode: generation runs
-    in inference mode, a chat feeds its end of turn under no_grad, a user's code may do either.
-    So its tensors are always made as ordinary tensors (inference_mode(False)), never as
-    inference tensors, which nothing outside inference mode may write; and it keeps what it is
-    given detached (a state, not part of a graph)."""
+    A cache outlives the call that grew it, and callers use it in any grad mode (generation in
+    inference mode, a chat's end of turn under no_grad, a user's code either). So its tensors are
+    ordinary ones (inference_mode(False)), never inference tensors, which nothing outside
+    inference mode may write; and it keeps what it is given detached (a state, not a graph)."""
 
     @torch.inference_mode(False)
     def __init__(self, config, batch, device, dtype, static=False, ragged=False):
-        self.shape = cache_shape(config)
-        self.batch = batch
-        self.length = 0
-        self.static = static
+        # what the tensors depend on: two models that agree on these can share a state
+        self.shape = {"num_hidden_layers": config.num_hidden_layers,
+                      "bias_heads": config.bias_heads, "head_dim": config.head_dim,
+                      "keep_window_size": config.keep_window_size}
+        self.batch, self.length, self.static = batch, 0, static
         self.position = torch.zeros(1, dtype=torch.long, device=device) if static else None
         self.row_lengths = torch.zeros(batch, dtype=torch.long, device=device) if ragged else None
         self.layers = [LayerCache(batch, config.bias_heads, config.keep_window_size,
@@ -1292,8 +1253,8 @@ class DogeCache:
         return self.length if self.row_lengths is None else int(self.row_lengths[row])
 
     def catch_up(self):
-        """Bring a static cache's host-side counts up to its decode steps: every token added one
-        key to each layer, so each holds min(W, length) (one host sync, between calls)."""
+        """Bring a static cache's host-side counts up to its decode steps, which a replayed CUDA
+        graph runs without Python: each layer holds min(W, length) (one host sync)."""
         if self.static:
             self.length = int(self.position.item())
             for layer in self.layers:
@@ -1303,8 +1264,7 @@ class DogeCache:
     def state_dict(self, row=None):
         """The state as plain CPU tensors (copies): the kept keys, values, dt and positions of
         every layer, each (layers, B, Hb, n, ...) with n = min(W, length), the length and the
-        model shape. row: that sequence alone, as a cache of one sequence holding it would
-        give (a ragged cache's rows are at different lengths)."""
+        model shape. row: that sequence alone, as a cache of it alone would give."""
         self.catch_up()
         rows = slice(None) if row is None else slice(row, row + 1)
         length = self.length if row is None else self.row_length(row)
@@ -1351,10 +1311,9 @@ class DogeCache:
 
 
 def join_caches(model, sequences):
-    """A ragged cache whose rows continue the given sequences, each at its own length, so that
-    decode_step decodes them together (serve.py's batch of conversations). sequences: (cache,
-    row) pairs, a cache of one sequence (row 0) or a row of another ragged cache; each is copied
-    once. state_dict(row) takes a row back out."""
+    """A ragged cache continuing sequences, each at its own length, for decode_step to decode
+    together (serve.py's batch): (cache, row) pairs, a cache of one sequence (row 0) or a ragged
+    cache's row, each copied once. state_dict(row) takes a row back out."""
     weight = model.lm_head.weight
     joined = DogeCache(model.config, len(sequences), weight.device, weight.dtype, ragged=True)
     lengths = []
@@ -1410,9 +1369,8 @@ def decoding_weights(model):
 
 
 def decode_step(model, token, cache, step_weights):
-    """Logits (B, V) after one more token (B,) of the cached sequence: what forward computes
-    for it, with decoding_weights' matrices and the fewest small operations per layer (each
-    has a fixed cost, large beside a small model's products)."""
+    """Logits (B, V) after one more token (B,) of the cached sequence, as forward computes them,
+    with decoding_weights' matrices and the fewest small operations (each has a fixed cost)."""
     config, (layer_weights, output_blocks) = model.config, step_weights
     heads, kv_heads, head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                  config.head_dim)
@@ -1457,9 +1415,8 @@ def decode_step(model, token, cache, step_weights):
 
 def rope_matrix(cos, sin):
     """apply_rope at one position as a (d, d) matrix R, x @ R == apply_rope(x, cos, sin), from
-    that position's cos and sin (d,): R[j, j] = cos[j] and R[(j + d/2) % d, j] = sin[j]. Decoding
-    builds it once per step and rotates every layer's queries and keys with one product.
-    cos, sin (1, d) give one R (d, d); (B, d), rows at different positions, one R per row."""
+    its cos and sin (1, d): R[j, j] = cos[j] and R[(j + d/2) % d, j] = sin[j]; from (B, d), rows
+    at different positions, one R per row. Built once per step for every layer's q and k."""
     rotation = torch.diag_embed(cos) + torch.diag_embed(sin).roll(cos.shape[-1] // 2, dims=-2)
     return rotation[0] if rotation.shape[0] == 1 else rotation  # (d, d) or (B, d, d)
 
@@ -1482,8 +1439,7 @@ def fuse_linears(linears, norm_weight=None):
     return matrix.contiguous(), None if biases[0] is None else torch.cat(biases)
 
 
-def fused_linear(x, matrix, bias):
-    """x (B, in) @ matrix (in, out) + bias, as one operation."""
+def fused_linear(x, matrix, bias):  # x (B, in) @ matrix (in, out) + bias, one operation
     return x @ matrix if bias is None else torch.addmm(bias, x, matrix)
 
 
@@ -1500,15 +1456,15 @@ def output_logits(h, output_blocks, vocab_size):
 
 
 def uses_static_decoding(device):
-    """Whether generation decodes with a static cache and a captured step: on CUDA, where a step
-    of a small model is launch-bound. On CPU the step reads only the filled part of the cache."""
+    """Whether decoding takes a static cache and a CUDA graph: on CUDA (on CPU, a step that reads
+    only the filled slots wins)."""
     return torch.device(device).type == "cuda"
 
 
 def capture_step(step):
-    """step, a function token (B,) -> next token (B,) with static shapes and no host sync, as a
-    CUDA graph on CUDA: the first call runs eagerly (warming up what capture cannot), records
-    the graph, and later calls replay it (one launch for the whole step). Elsewhere: step."""
+    """step (token (B,) -> next token (B,), static shapes, no host sync) as a CUDA graph on CUDA:
+    the first call runs eagerly (warming up what capture cannot) and records it; later calls
+    replay it (one launch for the whole step). Elsewhere: step."""
     graph, token_in, token_out = None, None, None
 
     def replay(token):
@@ -1549,9 +1505,8 @@ def capture_step(step):
 
 
 def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, generator=None):
-    """Pick the next token (B,) from logits (B, V); seen (B, V) marks the tokens so far (for
-    the repetition penalty; None without one); generator: the random draws' own (else torch's
-    global one). No host sync: a CUDA graph can hold it."""
+    """The next token (B,) from logits (B, V); seen (B, V): the tokens so far, for the repetition
+    penalty (or None); generator: else torch's global one. No host sync: a CUDA graph holds it."""
     logits = logits.float()
     if repetition_penalty != 1.0:  # make seen tokens less likely, whatever the logit's sign
         penalised = torch.where(logits < 0, logits * repetition_penalty,
@@ -1578,14 +1533,12 @@ def sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, gen
 @torch.no_grad()
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                     repetition_penalty=1.0, eos_token_id=None, cache=None):
-    """Yield the next tokens (B, 1) one step at a time (see generate). Decoding keeps at most
-    keep_window_size keys per layer, so each step costs the same however long the text.
-
-    cache: a DogeCache (new_cache, load_cache) that this call continues: idx (B, T >= 1)
-    follows the tokens the cache holds, and once the call ends (max_new_tokens, eos, or the
-    caller stopping or closing the iteration) the cache holds idx and every token yielded,
-    so the next call continues right after them. The repetition penalty sees only this
-    call's tokens. None: a cache of this call's own."""
+    """Doge.generate_stream: at most keep_window_size keys per layer, so each step costs the same
+    however long the text. cache: a DogeCache (new_cache, load_cache) that this call continues:
+    idx (B, T >= 1) follows the tokens it holds, and once the call ends (max_new_tokens, eos, or
+    the caller stopping or closing the iteration) it holds idx and every token yielded, so the
+    next call continues right after them. The repetition penalty sees only this call's tokens.
+    None: a cache of this call's own."""
     eos_ids = torch.tensor([] if eos_token_id is None else
                            [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id,
                            dtype=torch.long, device=idx.device)
@@ -1595,16 +1548,14 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
         raise ValueError(f"idx {tuple(idx.shape)} must continue the cache's {cache.batch} "
                          f"sequences with at least one token each")
     if not continued:
-        cache = DogeCache(model.config, batch, idx.device, model.lm_head.weight.dtype,
-                          static=uses_static_decoding(idx.device))
+        cache = model.new_cache(batch)
     finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
     seen = None  # (B, V): which tokens the repetition penalty applies to
     if repetition_penalty != 1.0:
         seen = torch.zeros(batch, vocab, dtype=torch.bool, device=idx.device)
         seen.scatter_(1, idx, True)
-    # The model runs in inference mode, which skips the bookkeeping no_grad still does (version
-    # counters, view tracking). Tokens are sampled outside it, so callers get ordinary tensors
-    # that they may use in training.
+    # The model runs in inference mode, which skips no_grad's bookkeeping (version counters, view
+    # tracking); tokens are sampled outside it, so callers get ordinary tensors, fit for training.
     with torch.inference_mode():
         step_weights = decoding_weights(model)
         logits = output_logits(model.hidden_states(idx, cache)[:, -1], step_weights[-1],
@@ -1652,9 +1603,8 @@ def read_cache_state(path):
 
 @torch.no_grad()
 def model_fingerprint(model):
-    """16 hex digits that tell one model from another: a hash of its config and its weights, the
-    weights rounded to bfloat16 so that one model has one fingerprint in float32 or bfloat16, on
-    any device. A saved conversation records it: its state means nothing to another model."""
+    """16 hex digits, a hash of the config and the weights rounded to bfloat16 (one model, one
+    fingerprint in any dtype, on any device): a saved conversation's state fits only its model."""
     digest = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
@@ -1668,18 +1618,16 @@ def model_fingerprint(model):
 
 @torch.inference_mode()
 def loglikelihoods(model, requests, batch_size=32):
-    """The summed log-probability of each request's continuation after its context.
-    requests: (context_ids, continuation_ids) pairs of token id lists, the context not empty,
-    the continuation at most max_position_embeddings tokens; a longer pair loses the start
-    of its context. The pairs are sorted by length and padded on the right into batches of
-    batch_size rows: causal attention makes padding invisible to the tokens before it, and
-    neighbours in length waste little on it. Returns floats in request order."""
+    """Doge.loglikelihoods. requests: (context_ids, continuation_ids) pairs of token id lists,
+    the context not empty, the continuation at most max_position_embeddings tokens (a longer pair
+    loses the start of its context). The pairs are sorted by length and padded on the right into
+    batches of batch_size rows: causal attention makes padding invisible to the tokens before it,
+    and neighbours in length waste little on it."""
     limit = model.config.max_position_embeddings
     for i, (context, continuation) in enumerate(requests):
         if not context or len(continuation) > limit:
-            raise ValueError(f"request {i}: {len(context)} context tokens (1 or more "
-                             f"needed), {len(continuation)} continuation tokens (at most "
-                             f"{limit})")
+            raise ValueError(f"request {i}: {len(context)} context tokens (1 or more needed), "
+                             f"{len(continuation)} continuation tokens (at most {limit})")
     sequences = [(list(context) + list(continuation))[-(limit + 1):]
                  for context, continuation in requests]
     order = sorted((i for i in range(len(requests)) if requests[i][1]),  # empty: 0.0
@@ -1749,13 +1697,12 @@ def config_json(config):
 
 
 def hf_name(name):
-    """Our parameter name -> the checkpoint's (the body's tensors sit under "model.", the heads
-    lm_head and score do not)."""
+    """Our parameter name -> the checkpoint's: the body's tensors sit under "model."."""
     return name if name.startswith(("lm_head.", "score.")) else "model." + name
 
 
 def read_weights(path):
-    """All tensors of a model directory: model.safetensors (possibly sharded) or pytorch_model.bin."""
+    """All tensors of a model directory: model.safetensors (maybe sharded) or pytorch_model.bin."""
     safetensors_path = os.path.join(path, "model.safetensors")
     index_path = os.path.join(path, "model.safetensors.index.json")
     bin_path = os.path.join(path, "pytorch_model.bin")
@@ -1787,8 +1734,7 @@ def latest_checkpoint(out_dir):
 
 
 def read_checkpoint(path):
-    """A train.py checkpoint as saved; ValueError in one line if it cannot be read (truncated,
-    empty, damaged) or is not one."""
+    """A train.py checkpoint as saved; a one-line ValueError if it is damaged or not one."""
     checkpoint, problem = checkpoint_or_problem(path)
     if problem:
         raise ValueError(f"{path}: {problem}")
@@ -1807,11 +1753,10 @@ def checkpoint_or_problem(path):
 
 
 def newest_checkpoint(out_dir, say=None, set_aside=False):
-    """(path, checkpoint) of the newest checkpoint in out_dir that can be read, or (None, None)
-    when it holds none. A damaged one (a disk error, a truncated copy) costs one warning line and
-    the one before it is tried; only the writer (train.py's resume) passes set_aside, which
-    renames it to <name>.damaged so that nothing picks it again. When every one is damaged, a
-    ValueError of one line says so."""
+    """(path, checkpoint) of the newest readable checkpoint in out_dir, or (None, None) when it
+    holds none. A damaged one costs a warning line and the one before it is tried; only the writer
+    (train.py's resume) passes set_aside, which renames it to <name>.damaged so that nothing picks
+    it again. When every one is damaged, a one-line ValueError says so."""
     say = say or (lambda message: print(message, file=sys.stderr))
     found = sorted(list_checkpoints(out_dir).items(), reverse=True)
     for index, (_, path) in enumerate(found):
@@ -1835,9 +1780,8 @@ def newest_checkpoint(out_dir, say=None, set_aside=False):
     raise ValueError(f"{out_dir}: {damaged}{kept}")
 
 
-def load_checkpoint(path, device="cpu", dtype=None, checkpoint=None):
-    """The model of a train.py checkpoint file (model_config plus the uncompiled state dict)."""
-    checkpoint = checkpoint or read_checkpoint(path)
+def load_checkpoint(checkpoint, device="cpu", dtype=None):
+    """The model of a train.py checkpoint (model_config plus the uncompiled state dict)."""
     model = Doge(DogeConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
     return model.to(device=device, dtype=dtype)
@@ -1850,7 +1794,7 @@ HUB_NAME = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"
 
 # what a Doge needs of a hub repository: safetensors weights (one file, or shards and their index)
 # or else pytorch_model.bin, never both; not its remote code, training state or other formats; and
-# the tokenizer's files (tokenizer.py's TOKENIZER_FILES, named here: doge.py imports nothing of ours)
+# the tokenizer's files (tokenizer.py's TOKENIZER_FILES: doge.py imports nothing of ours)
 HUB_FILES = ("config.json", "generation_config.json", "model.safetensors",
              "model.safetensors.index.json", "model-*-of-*.safetensors", "tokenizer.json",
              "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
@@ -1859,12 +1803,12 @@ HUB_FILES = ("config.json", "generation_config.json", "model.safetensors",
 def local_model_path(path):
     """path itself when it exists; else a hub name, whose files a Doge needs are fetched with the
     optional huggingface_hub package into its usual cache (or found there, offline): the local
-    directory of that snapshot. A name that can only be a local path (looks_local) is never sent
-    to the hub. Anything else is a FileNotFoundError of one line."""
+    directory of that snapshot. Anything else is a FileNotFoundError of one line."""
     path = os.fspath(path)
     if os.path.exists(os.path.expanduser(path)):
         return os.path.expanduser(path)
-    if looks_local(path):  # a typo of a local path is no hub name: say what is there instead
+    # a name that can only be local (./, /, ~, out/...) never goes to the hub; a typo gets hints
+    if path.startswith((".", "/", "~")) or os.path.isdir(path.split("/")[0]):
         raise FileNotFoundError(f"{path}: no such file or directory{nearest_names(path)}")
     hub = HUB_NAME.fullmatch(path)
     if hub is None or re.search(r"\.\.|--|[.-]$", hub["repo"]):
@@ -1874,12 +1818,6 @@ def local_model_path(path):
     if not any(name.endswith(".safetensors") for name in os.listdir(directory)):
         directory = hub_snapshot(hub["repo"], hub["revision"], ("pytorch_model.bin",))
     return directory
-
-
-def looks_local(path):
-    """Whether path can only mean a local one: it starts with '.', '/' or '~', or its first part
-    is a directory here (out/..., data/...)."""
-    return path.startswith((".", "/", "~")) or os.path.isdir(path.split("/")[0])
 
 
 def nearest_names(path):
@@ -1898,9 +1836,8 @@ def nearest_names(path):
 
 
 def hub_snapshot(repo_id, revision, patterns):
-    """huggingface_hub's snapshot_download of the files of repo_id matching patterns: their
-    directory in the hub's cache. Without the package, offline without a cached copy, or when the
-    hub refuses, a FileNotFoundError of one line that says how to get the files by hand."""
+    """The hub cache's directory of repo_id's files matching patterns (huggingface_hub). No
+    package, offline and uncached, or refused: a one-line FileNotFoundError on fetching by hand."""
     at_revision = f" --revision {revision}" if revision else ""
     by_hand = (f"download it yourself (hf download {repo_id}{at_revision} --local-dir DIR) and "
                f"give DIR")
@@ -1919,9 +1856,8 @@ def hub_snapshot(repo_id, revision, patterns):
 
 
 def train_checkpoint(path):
-    """(path, checkpoint) of the train.py checkpoint that path names: the file itself, or the
-    newest readable one of an out_dir (a directory without config.json; damaged ones are
-    skipped); (None, None) for anything else. Read once: the caller builds the model from it."""
+    """(path, checkpoint) of the train.py checkpoint that path names: the file, or an out_dir's
+    (a directory without config.json) newest readable one; else (None, None). Read once."""
     if os.path.isfile(path):
         return path, read_checkpoint(path)
     if os.path.exists(os.path.join(path, "config.json")):
@@ -1946,7 +1882,8 @@ def read_hf_directory(path):
     layout = {"num_key_value_heads": kv_heads,
               "qk_norm": "layers.0.self_attn.q_norm.weight" in weights,
               "dt_per_query_head": first_A is not None and first_A.numel() == heads != kv_heads,
-              "tie_word_embeddings": raw.get("tie_word_embeddings", "lm_head.weight" not in weights)}
+              "tie_word_embeddings": raw.get("tie_word_embeddings",
+                                             "lm_head.weight" not in weights)}
     return raw, DogeConfig.from_dict({**raw, **layout}), weights
 
 
@@ -1968,12 +1905,11 @@ def load_weights(model, weights, path, fresh=()):
 
 
 def load_pretrained(path, device="cpu", dtype=None):
-    """A Hugging Face directory or hub name, a train.py checkpoint file, or an out_dir (its
-    newest one)."""
+    """Doge.from_pretrained."""
     path = local_model_path(path)
     checkpoint_path, checkpoint = train_checkpoint(path)
     if checkpoint_path:
-        return load_checkpoint(checkpoint_path, device, dtype, checkpoint)
+        return load_checkpoint(checkpoint, device, dtype)
     _, config, weights = read_hf_directory(path)
     if "score.weight" in weights:
         raise ValueError(f"{path} holds a sequence classifier (score.weight, no lm_head): load it "
@@ -1984,12 +1920,11 @@ def load_pretrained(path, device="cpu", dtype=None):
 
 
 def load_classifier(path, num_labels=2, id2label=None, device="cpu", dtype=None):
-    """A DogeForSequenceClassification from a directory of one (its labels from config.json), or
-    from a causal LM's weights with a fresh score head (see its from_pretrained)."""
+    """DogeForSequenceClassification.from_pretrained."""
     path = local_model_path(path)
     checkpoint_path, checkpoint = train_checkpoint(path)
     if checkpoint_path:
-        causal_lm = load_checkpoint(checkpoint_path, checkpoint=checkpoint)
+        causal_lm = load_checkpoint(checkpoint)
         raw, config, weights = {}, causal_lm.config, causal_lm.state_dict()
     else:
         raw, config, weights = read_hf_directory(path)
@@ -2009,10 +1944,9 @@ def load_classifier(path, num_labels=2, id2label=None, device="cpu", dtype=None)
 
 def save_pretrained(model, path, tokenizer_dir=None):
     """The one export, of a Doge or a DogeForSequenceClassification, with what `hf upload` needs:
-    model.safetensors, config.json (a classifier's with its labels), for a Doge
-    generation_config.json (bos, and the eos ids that end generation), the tokenizer of
-    tokenizer_dir (e.g. a train.py out_dir, see write_tokenizer_files) and a model card README.md
-    naming the base model and the training data of the run recorded in tokenizer_dir/runs."""
+    model.safetensors, config.json (a classifier's with its labels), a Doge's generation_config.json
+    (bos, and the eos ids that end generation), the tokenizer of tokenizer_dir (e.g. a train.py
+    out_dir) and a model card README.md naming the base model and data of the run recorded there."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     tied = model.config.tie_word_embeddings
@@ -2051,9 +1985,8 @@ def run_records(run_dir):
 
 
 def provenance(run_dir):
-    """What the run recorded in run_dir says of the model: the card's metadata lines and its
-    bullets. The base model is the init_from of the newest launch that did not resume (or what
-    the first launch resumed); the data is the last launch's."""
+    """The model card's metadata lines and bullets from run_dir's records: the base model is the
+    newest non-resuming launch's init_from (or what the first resumed), the data the last's."""
     records = run_records(run_dir)
     if not records:
         return [], ["- Base model and training data: not recorded (the export was given no "
@@ -2100,9 +2033,8 @@ def model_card(model, path, run_dir):
 
 
 def upcycle_to_moe(model, num_experts, num_experts_per_tok, **config_overrides):
-    """A CDMoE Doge that computes exactly the dense model's function: the dense MLPs become the
-    shared experts, the router and down vectors are random, and the up vectors are zero, so the
-    routed experts add nothing until training moves them."""
+    """A CDMoE Doge computing exactly the dense model's function: the MLPs become the shared
+    experts, the router and down vectors random, the up vectors zero (nothing added, at first)."""
     config = DogeConfig(**{**asdict(model.config), "is_moe": True, "num_experts": num_experts,
                            "num_experts_per_tok": num_experts_per_tok, **config_overrides})
     weight = model.lm_head.weight
@@ -2117,10 +2049,9 @@ def upcycle_to_moe(model, num_experts, num_experts_per_tok, **config_overrides):
 
 
 def grow_vocabulary(model, vocab_size, new_ids):
-    """The model with an embedding (and lm_head) of at least vocab_size rows, where the rows of
-    the new token ids (e.g. a chat template's special tokens) hold the mean of the other rows: a
-    token the model knows nothing of starts as an average token (and, tied, with an average
-    logit), not as noise unlike anything. Every other token's logits are unchanged."""
+    """The model with an embedding (and lm_head) of at least vocab_size rows, the rows of the new
+    token ids (e.g. a chat template's special tokens) the mean of the others: an unknown token
+    starts as an average one (tied: an average logit), not as noise. Other logits are unchanged."""
     config = DogeConfig(**{**asdict(model.config),
                            "vocab_size": max(vocab_size, model.config.vocab_size)})
     state = model.state_dict()

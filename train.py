@@ -10,12 +10,10 @@ Train a Doge: on a CPU, on one GPU, or on several with DDP; pretraining or instr
                                                                 # branch a WSD decay at step 4000
     python train.py config/sft_doge_tiny.py              # SFT: conversation shards in data_dir
 
-Settings are the fields of TrainConfig below plus every DogeConfig field, given flat
-(--hidden_size=128), from a config file and then --key=value overrides (configurator.py). The data
-arrives prepared by prepare_data.py: a token stream (pretraining) or conversations (its --chat,
-for supervised fine-tuning), read through one loader interface. main() reads in phases: set-up, the
-model and its optimizer, the data, what the run writes (README.md lists out_dir's files), the
-loop, the end.
+Settings: TrainConfig's fields and every DogeConfig field, flat (--hidden_size=128), from a config
+file, then --key=value overrides (configurator.py). The data arrives prepared by prepare_data.py: a
+token stream (pretraining) or conversations (its --chat, for fine-tuning). train() reads in phases:
+set-up, the model, the data, what the run writes (README.md lists out_dir's files), loop, end.
 """
 
 import contextlib
@@ -68,9 +66,8 @@ class TrainConfig:
     model: str | None = "doge-20m"  # a name from doge.PRESETS; None: DogeConfig's own defaults
     upcycle_experts: int = 0  # > 0: make the loaded dense model a CDMoE with this many experts
     upcycle_experts_per_tok: int = 8  # experts each token uses in the upcycled CDMoE
-    dynamic_mask: bool = True  # False: hold every A at 0 and out of the optimizer, so every key's
-    # bias is 1, every key ties, and the tie rule keeps the latest keep_window_size keys: a
-    # sliding window of keep_window_size (the baseline DMAttn is compared with)
+    dynamic_mask: bool = True  # False: every A held at 0, out of the optimizer: every key's bias
+    # is 1, all tie, and the tie rule keeps the latest W: a sliding window (DMAttn's baseline)
     # batch: gradient accumulation = total_batch_size / (batch_size * block_size * processes)
     batch_size: int = 16  # micro-batch: sequences per forward pass on each process
     block_size: int = 2048  # tokens per sequence
@@ -120,8 +117,7 @@ def need(ok, message):
 
 @contextlib.contextmanager
 def refused(prefix=""):
-    """The data side's ValueErrors (a damaged shard, data that does not fit the settings or the
-    model) as one line, not a traceback."""
+    """The data side's ValueErrors (a damaged shard, data unfit for the model) in one line."""
     try:
         yield
     except ValueError as e:
@@ -138,10 +134,9 @@ def check_config(cfg):
     for key in ("batch_size", "block_size", "total_batch_size", "eval_iters", "log_interval"):
         need(getattr(cfg, key) >= 1, f"{key} must be at least 1, got {getattr(cfg, key)}")
     for key in ("max_iters", "warmup_iters", "decay_iters", "eval_interval", "save_interval",
-                "upcycle_experts", "eval_tasks_limit"):
+                "upcycle_experts", "eval_tasks_limit", "sft_epochs"):
         need(getattr(cfg, key) >= 0, f"{key} must not be negative, got {getattr(cfg, key)}")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    need(cfg.sft_epochs >= 0, f"sft_epochs must not be negative, got {cfg.sft_epochs}")
     need(cfg.resume_ckpt is None or cfg.init_from == "resume",
          "resume_ckpt needs init_from='resume' (to start from a checkpoint's weights alone, give "
          "it as init_from=PATH)")
@@ -157,13 +152,13 @@ def check_config(cfg):
 
 
 def wsd_lr(step, cfg):
-    """Learning rate of optimizer step `step` (0-based), warmup-stable-decay:
-    linear warmup to learning_rate over the first warmup_iters steps (step 0 takes
-    learning_rate / warmup_iters), constant, then linear decay over the last decay_iters steps
-    before max_iters: learning_rate at step max_iters - decay_iters, min_lr_ratio * learning_rate
-    at max_iters (a decay longer than the run starts at step 0; where warmup and decay overlap,
-    the lower rate wins). A pure function of the step and the settings, so a resumed run follows
-    the same schedule, and a run resumed with new max_iters/decay_iters branches a decay."""
+    """Learning rate of optimizer step `step` (0-based), warmup-stable-decay: linear warmup to
+    learning_rate over the first warmup_iters steps (step 0 takes learning_rate / warmup_iters),
+    constant, then linear decay over the last decay_iters steps before max_iters: learning_rate at
+    step max_iters - decay_iters, min_lr_ratio * learning_rate at max_iters (a decay longer than the
+    run starts at step 0; where warmup and decay overlap, the lower rate wins). A pure function of
+    the step and the settings: a resumed run follows the same schedule, one resumed with new
+    max_iters/decay_iters branches a decay."""
     multiplier = 1.0
     if step < cfg.warmup_iters:
         multiplier = (step + 1) / cfg.warmup_iters
@@ -175,9 +170,8 @@ def wsd_lr(step, cfg):
 
 
 def configure_optimizer(model, cfg, device_type):
-    """AdamW with weight decay on the matrices and embeddings (every tensor of 2 or more dims)
-    and none on vectors: RMSNorm weights, the residual scales, A and biases. model.parameters()
-    lists the tied lm_head / embed_tokens weight once. Fused kernels on CUDA."""
+    """AdamW, fused on CUDA, with weight decay on the matrices and embeddings (2 or more dims)
+    and none on vectors: RMSNorm weights, residual scales, A, biases (a tied weight counts once)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -217,14 +211,12 @@ def read_batch(loader, micro_steps, device):
 
 
 def fetch(loader, run):
-    """The next step: x and y (its micro-batches, on their way to the device), the weights, and
-    the tokens read (all processes, padding left out).
-
-    A micro-step's mean loss is multiplied by its weight before backward: its supervised targets
-    (not -1) over those of the whole step, all micro-steps and processes, times world_size (DDP
-    averages gradients over processes). The step's gradient is then that of the mean loss over
-    every supervised target of the step, however they fall into micro-batches (1 / grad_accum
-    each in pretraining, where every target counts)."""
+    """The next step: x and y (its micro-batches, on their way to the device), the weights, and the
+    tokens read (all processes, padding left out). A micro-step's mean loss is multiplied by its
+    weight before backward: its supervised targets (not -1) over those of the whole step, all
+    micro-steps and processes, times world_size (DDP averages gradients over processes). The step's
+    gradient is then that of the mean loss over every supervised target of the step, however they
+    fall into micro-batches (1 / grad_accum each in pretraining, where every target counts)."""
     x, y = read_batch(loader, run.grad_accum, run.device)
     counts = torch.stack([(targets != -1).sum() for targets in y]).float()  # (micro_steps,)
     total = counts.sum()
@@ -237,9 +229,8 @@ SUPERVISED_CHUNK = 4096  # targets whose logits are made at once in supervised_s
 
 
 def supervised_scores(model, x, y):
-    """The summed cross-entropy, the right guesses (the most likely token is the target) and the
-    count of the supervised targets (not -1) of one micro-batch of conversations, from the logits
-    of those targets alone, a few thousand at a time."""
+    """One micro-batch's summed cross-entropy, right guesses (top token = target) and count of its
+    supervised targets (not -1), from those targets' logits alone, a few thousand at a time."""
     hidden, targets = model.hidden_states(x)[y != -1], y[y != -1]  # (N, D), (N,)
     nats, right = torch.zeros((), device=y.device), torch.zeros((), device=y.device)
     for h, t in zip(hidden.split(SUPERVISED_CHUNK), targets.split(SUPERVISED_CHUNK)):
@@ -250,13 +241,12 @@ def supervised_scores(model, x, y):
 
 
 def evaluator(cfg, model, eval_model, val_loader, run, chat):
-    """A function that evaluates: {"val_loss": ..., "hellaswag_acc": ..., "hellaswag_acc_norm":
-    ..., ...}. The validation loss is the mean per supervised target over eval_iters micro-batches
-    on every process, all of them together, read from the start of the split each time so that
-    evaluations compare. On conversations, val_acc is the share of those targets that the model's
-    most likely token gets right (a synthetic task's accuracy). eval_tasks are made ready here,
-    once (rows read and tokenized); each process scores every world_size-th question and the
-    counts are all-reduced: the numbers one process would get."""
+    """A function that evaluates: {"val_loss", "val_acc" (conversations), "hellaswag_acc",
+    "hellaswag_acc_norm", ...}. val_loss is the mean per supervised target over eval_iters
+    micro-batches on every process, read from the start of the split each time so that evaluations
+    compare; val_acc the share of those targets that the most likely token gets right. eval_tasks
+    are made ready once, here; each process scores every world_size-th question, and the counts
+    are all-reduced: the numbers one process would get."""
     names = [task for task in cfg.eval_tasks.split(",") if task]
     tasks = {}
     with refused("eval_tasks: "):
@@ -349,16 +339,9 @@ def save_checkpoint(path, model, optimizer, step, cfg, data_position, run, **ext
                          f"MB free there; the earlier checkpoints are intact") from None
 
 
-def finite_weights(model):
-    """1.0 when every parameter is finite, else nan (one host sync)."""
-    finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
-    return 1.0 if finite.item() else math.nan
-
-
 def stop_if_diverged(step, cfg, **values):
     """A run whose loss, gradient norm or weights became nan or inf stops with one line naming the
-    step, the value, the newest checkpoint (checkpoints are only written with finite weights) and
-    what to try, instead of training on and saving nan weights."""
+    step, the value, the newest checkpoint (all have finite weights) and what to try."""
     bad = {name: value for name, value in values.items() if not math.isfinite(value)}
     if not bad:
         return
@@ -495,9 +478,8 @@ class RunLog:
             self.watch_throughput(record["tokens_per_sec"])
 
     def watch_throughput(self, tokens_per_sec):
-        """One line when throughput falls under half of this run's best so far (the device's
-        usual figure, as this run measured it on this machine), with the load when the CPU is
-        busy; said once until throughput recovers."""
+        """One line when throughput falls under half of this run's best so far on this machine,
+        with the load when the CPU is busy; said once until throughput recovers."""
         slow = tokens_per_sec < self.best_tokens_per_sec / 2
         if slow and not self.said_slow:
             busy = busy_machine_note()
@@ -567,7 +549,7 @@ def write_run_record(cfg, model_config, argv, world_size, device, meta):
 
 
 # ----------------------------------------------------------------------------------------------
-# The run, in phases: set-up, the model, the data, what it writes, the loop (main), the end
+# The run, in phases: set-up, the model, the data, what it writes, the loop (train), the end
 
 
 @dataclass
@@ -638,18 +620,9 @@ def logged_steps(log_path):
         return sum('"loss"' in line for line in f)
 
 
-def check_out_dir(cfg):
-    """A new run (not 'resume') never mixes with an earlier one in out_dir: refused at once unless
-    overwrite=True, which deletes it only when the run is ready to begin (clear_out_dir)."""
-    need(cfg.init_from == "resume" or cfg.overwrite or not earlier_run(cfg.out_dir),
-         f"{cfg.out_dir} already holds a run (checkpoints or log.jsonl): continue it with "
-         f"init_from='resume', choose another out_dir, or give overwrite=True to delete it")
-
-
 def clear_out_dir(cfg, run, start_step):
-    """Make out_dir ready for this run's files, now that every setting, the data and the model
-    have been checked: a new run deletes an earlier one (overwrite) or a log that holds no step; a
-    resumed run forgets what was logged after its checkpoint."""
+    """out_dir made ready, everything checked: a new run deletes an earlier one (overwrite) or a
+    log that holds no step; a resumed run forgets what was logged after its checkpoint."""
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if run.ddp:
         dist.barrier()  # every process has looked before the master deletes
@@ -696,17 +669,15 @@ def build_model(config_dict, overrides, state=None, source=""):
 
 
 def load_model(cfg, overrides, meta, run):
-    """The model, from scratch, resumed (with its checkpoint) or initialised from saved weights,
-    then made to fit the data: upcycled to a CDMoE if asked, its vocabulary grown by the tokens
-    that conversation data added. Returns (model, checkpoint or None)."""
+    """(model, checkpoint or None): from scratch, resumed or from saved weights, made to fit the
+    data (upcycled to a CDMoE if asked, its vocabulary grown by the chat data's added tokens)."""
     chat = meta.get("kind") == "conversations"
     torch.manual_seed(cfg.seed)
     checkpoint = None
     if cfg.init_from == "scratch":  # conversations in a model's tokenizer are there to tune it
         need(not (chat and meta.get("tokenizer")), f"{cfg.data_dir} holds conversations, to "
-             f"fine-tune a trained model: give "
-             f"init_from=PATH (one of our checkpoints or out_dirs, or a Hugging Face Doge "
-             f"directory), or 'resume'")
+             f"fine-tune a trained model: give init_from=PATH (one of our checkpoints or "
+             f"out_dirs, or a Hugging Face Doge directory), or 'resume'")
         need(cfg.model is None or cfg.model in PRESETS, f"unknown model preset {cfg.model!r}; "
              f"choose one of {', '.join(sorted(PRESETS))}, or model=None")
         config = dict(PRESETS[cfg.model]) if cfg.model else {}
@@ -745,21 +716,15 @@ def load_model(cfg, overrides, meta, run):
                 f"{model.config.vocab_size}")
     if chat and "eos_ids" in meta:  # what the chat tokenizer begins and ends with (the export)
         model.config.bos_token_id, model.config.eos_token_id = meta["bos_id"], meta["eos_ids"]
-    if not cfg.dynamic_mask:
-        hold_mask_bias_at_zero(model)
+    if not cfg.dynamic_mask:  # a sliding window (see TrainConfig.dynamic_mask)
+        for layer in model.layers:
+            with torch.no_grad():
+                layer.self_attn.A.zero_()
+            layer.self_attn.A.requires_grad_(False)
     need(meta.get("vocab_size", 0) <= model.config.vocab_size, f"the data's vocabulary "
          f"({meta.get('vocab_size')} tokens, {cfg.data_dir}/meta.json) does not fit the model's "
          f"vocab_size {model.config.vocab_size}")
     return model, checkpoint
-
-
-def hold_mask_bias_at_zero(model):
-    """dynamic_mask=False: every layer's A set to 0 and frozen (configure_optimizer leaves it
-    out), so dt = exp(0) = 1 for every key: DMAttn becomes a sliding window."""
-    for layer in model.layers:
-        with torch.no_grad():
-            layer.self_attn.A.zero_()
-        layer.self_attn.A.requires_grad_(False)
 
 
 def compiled(model, cfg):
@@ -773,9 +738,9 @@ def compiled(model, cfg):
 
 
 def restore(cfg, run, checkpoint, optimizer, train_loader):
-    """Resuming: the optimizer and the data position as they were (the log is cut back to the
-    checkpoint in clear_out_dir, the RNG states come back last, in seed_processes); refused where the checkpoint and these
-    settings do not belong together. Returns the step and the tokens trained on."""
+    """Resuming: the optimizer and the data position as they were (the log is cut back in
+    clear_out_dir, the RNG states come back in seed_processes); refused where the checkpoint and
+    these settings do not belong together. Returns the step and the tokens trained on."""
     start_step, before = checkpoint["step"], checkpoint["train_config"]
     need(start_step <= cfg.max_iters,
          f"the checkpoint is at step {start_step}, past max_iters {cfg.max_iters}")
@@ -835,7 +800,10 @@ def train(cfg, overrides, argv):
     run = set_up(cfg)
     if busy := busy_machine_note():
         run.say(busy)
-    check_out_dir(cfg)
+    # a new run never mixes with an earlier one; overwrite deletes it once ready (clear_out_dir)
+    need(cfg.init_from == "resume" or cfg.overwrite or not earlier_run(cfg.out_dir),
+         f"{cfg.out_dir} already holds a run (checkpoints or log.jsonl): continue it with "
+         f"init_from='resume', choose another out_dir, or give overwrite=True to delete it")
     if run.master:
         clean_temporary_files(cfg, run)
     with refused():  # the default corpus is made if it is missing (by the master; others wait)
@@ -944,8 +912,9 @@ def train(cfg, overrides, argv):
                 stop_if_diverged(step, cfg, loss=record["loss"], grad_norm=record["grad_norm"])
             saved = cfg.save_interval and step % cfg.save_interval == 0 or last or stopped
             if saved:  # never a checkpoint of non-finite weights, logged step or not
+                finite = torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all()
                 stop_if_diverged(step, cfg, grad_norm=grad_norm.item(),
-                                 a_weight=finite_weights(raw_model))
+                                 a_weight=1.0 if finite.item() else math.nan)
                 path = os.path.join(cfg.out_dir, f"ckpt_{step:06d}.pt")
                 save_checkpoint(path, raw_model, optimizer, step, cfg, data_position, run,
                                 tokens=tokens, val_loss=record.get("val_loss"))
