@@ -3,8 +3,8 @@
 # bf16, one 24 GB RTX 4090.
 #     hf download SmallDoge/Doge-20M --local-dir models/Doge-20M
 #     pip install datasets                            # smoltalk comes from the hub
-#     python prepare_data.py --chat --source=HuggingFaceTB/smoltalk:all --tokenizer=models/Doge-20M \
-#         --out_dir=data/smoltalk                     # the chat tokenizer, conversation shards
+#     python prepare_data.py --chat --source=HuggingFaceTB/smoltalk:all \
+#         --tokenizer=models/Doge-20M --out_dir=data/smoltalk  # chat tokenizer, conversation shards
 #     python train.py config/sft_doge_20m.py
 #     python sample.py --init_from=out/doge-20m-instruct/hf --chat
 # Where we differ from the recipe, and why:
