@@ -531,9 +531,8 @@ class Doge(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None):
         """Load a Hugging Face format Doge directory (either layout) or hub name (owner/name, or
-        owner/name@revision, fetched with the optional huggingface_hub package when no such
-        local path exists), a train.py checkpoint file, or a train.py out_dir (its newest
-        checkpoint)."""
+        owner/name@revision, fetched with the optional huggingface_hub package when no such local
+        path exists), a train.py checkpoint file, or a train.py out_dir (its newest checkpoint)."""
         return load_pretrained(path, device, dtype)
 
     def save_pretrained(self, path, tokenizer_dir=None):
@@ -567,10 +566,9 @@ class Doge(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  repetition_penalty=1.0, eos_token_id=None, cache=None):
-        """idx (B, T) -> (B, T + new) token ids. temperature 0 is greedy. A row that emits an
-        eos id is finished and is padded with that id; generation stops when all are. With a
-        cache (new_cache), idx holds only the tokens after what the cache holds (see
-        generate_stream)."""
+        """idx (B, T) -> (B, T + new) token ids. temperature 0 is greedy. A row that emits an eos id
+        is finished and is padded with that id; generation stops when all are. With a cache
+        (new_cache), idx holds only the tokens after what the cache holds (see generate_stream)."""
         new_tokens = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
                                                repetition_penalty, eos_token_id, cache))
         return torch.cat([idx, *new_tokens], dim=1)
@@ -2030,6 +2028,14 @@ def model_card(model, path, run_dir):
         f"vocabulary {config.vocab_size}, keep_window_size {config.keep_window_size}.", "",
         *bullets, "", f"Loads with transformers (`{loader}.from_pretrained`) and with doge.py.",
         ""])
+
+
+def hold_mask_bias_at_zero(model):
+    """DMAttn as a sliding window: every A frozen at 0 (dt = 1: all keys tie, the latest W kept)."""
+    for layer in model.layers:
+        with torch.no_grad():
+            layer.self_attn.A.zero_()
+        layer.self_attn.A.requires_grad_(False)
 
 
 def upcycle_to_moe(model, num_experts, num_experts_per_tok, **config_overrides):

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import atomic_write, autocast, device_and_dtype, log, pyplot
+import common
+from common import autocast, device_and_dtype, log, pyplot
 from configurator import apply_config
-from doge import key_deaths_by_definition, train_checkpoint
+from doge import hold_mask_bias_at_zero, key_deaths_by_definition, train_checkpoint
 from engine import load_model
 from prepare_data import (list_shards, read_conversation_shard, read_meta,
                           remove_interrupted_writes, shard_lists, start_rebuild,
@@ -449,7 +450,7 @@ def draw_mask(kept, labels, kinds, path, title):
 
 
 def save_figure(fig, path):
-    atomic_write(path, lambda temp: fig.savefig(temp, format="png", dpi=100))
+    common.save_figure(fig, path)
     log(f"wrote {path}")
 
 
@@ -514,8 +515,8 @@ def load_masked(init_from, cfg, device):
     model.config.keep_window_size = window
     for layer in model.layers:
         layer.self_attn.keep_window_size = window
-        if not cfg.dynamic_mask:  # dt = exp(0) = 1: every key ties, the latest W are kept
-            layer.self_attn.A.data.zero_()
+    if not cfg.dynamic_mask:
+        hold_mask_bias_at_zero(model)
     return model, path, trained
 
 

@@ -43,8 +43,9 @@ import engine
 from common import (atomic_write, atomic_write_text, autocast, busy_machine_note,
                     device_and_dtype, one_line, pyplot, remove_temporary_files, save_figure)
 from configurator import apply_config
-from doge import (PRESETS, Doge, DogeConfig, grow_vocabulary, latest_checkpoint, list_checkpoints,
-                  newest_checkpoint, read_checkpoint, upcycle_to_moe)
+from doge import (PRESETS, Doge, DogeConfig, grow_vocabulary, hold_mask_bias_at_zero,
+                  latest_checkpoint, list_checkpoints, newest_checkpoint, read_checkpoint,
+                  upcycle_to_moe)
 from eval import BENCHMARKS, benchmark_requests, grade, read_benchmark
 from prepare_data import (DEFAULT_DATA_DIR, ConversationLoader, ShardLoader, ensure_prepared,
                           padded_length, read_meta)
@@ -716,11 +717,8 @@ def load_model(cfg, overrides, meta, run):
                 f"{model.config.vocab_size}")
     if chat and "eos_ids" in meta:  # what the chat tokenizer begins and ends with (the export)
         model.config.bos_token_id, model.config.eos_token_id = meta["bos_id"], meta["eos_ids"]
-    if not cfg.dynamic_mask:  # a sliding window (see TrainConfig.dynamic_mask)
-        for layer in model.layers:
-            with torch.no_grad():
-                layer.self_attn.A.zero_()
-            layer.self_attn.A.requires_grad_(False)
+    if not cfg.dynamic_mask:  # configure_optimizer leaves the frozen A out
+        hold_mask_bias_at_zero(model)
     need(meta.get("vocab_size", 0) <= model.config.vocab_size, f"the data's vocabulary "
          f"({meta.get('vocab_size')} tokens, {cfg.data_dir}/meta.json) does not fit the model's "
          f"vocab_size {model.config.vocab_size}")
