@@ -83,6 +83,13 @@ WEIGHTS = {  # the repository's weight files -> the ones fetched
 }
 
 
+def test_every_tokenizer_file_is_fetched_with_the_model():
+    """doge.py names the tokenizer's files itself (it imports nothing of ours): every file that
+    tokenizer.py reads or exports must be among those a hub name fetches."""
+    import tokenizer
+    assert set(tokenizer.TOKENIZER_FILES) <= set(doge.HUB_FILES)
+
+
 @pytest.mark.parametrize("case", WEIGHTS)
 def test_only_what_a_doge_needs_is_fetched(tmp_path, hub, case):
     pytest.importorskip("tokenizers")
